@@ -1,0 +1,542 @@
+"""data.py -- datasets and prompts for the three pipelines (SPEC sections 3 and 5).
+
+  1. manifest I/O    read_manifest() validates a JSONL manifest, write_jsonl() writes one
+  2. shapes world    a deterministic synthetic data set of coloured shapes (the default data)
+  3. prompts, text   prompt templates, answer formatting, scene descriptions ("CoTs")
+  4. converters      from the original dataset layouts (Emotion6, LISA, COCO, ...)
+  5. command line    python data.py shapes --out DIR [--n-train N] [--n-test M] [--seed S]
+Only the standard library, numpy and Pillow are used, so any function can be copied alone.
+"""
+import argparse
+import json
+import math
+import sys
+import zlib
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+
+# ============================================================================ 1. manifest I/O
+# A manifest is a JSONL file, one record per line; image paths are relative to its folder.
+# Extra fields are allowed and kept. "cls" covers soft and one-hot classification.
+REQUIRED = {
+    "cls": ("id", "image", "classes", "probs"),
+    "det": ("id", "image", "target", "boxes"),
+    "seg": ("id", "image", "instruction"),            # optional: "mask", "box"
+    "vqa": ("id", "image", "question", "answer"),     # optional: "box"
+}
+
+
+class ManifestError(ValueError):
+    """A bad manifest record; the message starts with "<path>:<line>: "."""
+
+    def __init__(self, path, line, reason):
+        super().__init__(f"{path}:{line}: {reason}")
+        self.path, self.line, self.reason = str(path), line, reason
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _nonempty_str(x):
+    return isinstance(x, str) and x.strip() != ""
+
+
+def box_problem(box):
+    """What is wrong with a pixel box [x1, y1, x2, y2], or None if nothing is."""
+    if not isinstance(box, (list, tuple)) or len(box) != 4 or not all(map(_is_number, box)):
+        return f"box {box!r} is not 4 numbers"
+    if not all(math.isfinite(v) for v in box):
+        return f"box {box!r} has a non-finite number"
+    if min(box) < 0:
+        return f"box {box!r} has a negative coordinate"
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return f"box {box!r} is degenerate (needs x2 > x1 and y2 > y1)"
+    return None
+
+
+def _record_problem(rec, task, base, seen_ids):
+    """What is wrong with one parsed record, or None. Cheap checks first, the image last."""
+    if not isinstance(rec, dict):
+        return "record is not a JSON object"
+    missing = [k for k in REQUIRED[task] if k not in rec]
+    if missing:
+        return "missing field(s): " + ", ".join(missing)
+    if not isinstance(rec["id"], (str, int)) or isinstance(rec["id"], bool):
+        return f"id {rec['id']!r} is not a string or an integer"
+    if rec["id"] in seen_ids:
+        return f"duplicate id {rec['id']!r} (first on line {seen_ids[rec['id']]})"
+    if not _nonempty_str(rec["image"]):
+        return "image is not a non-empty path"
+    if task == "cls":
+        classes, probs = rec["classes"], rec["probs"]
+        if not isinstance(classes, list) or not classes or not all(map(_nonempty_str, classes)):
+            return "classes is not a non-empty list of names"
+        if len(set(classes)) != len(classes):
+            return "classes has duplicate names"
+        if not isinstance(probs, list) or not all(map(_is_number, probs)):
+            return "probs is not a list of numbers"
+        if len(probs) != len(classes):
+            return f"{len(classes)} classes but {len(probs)} probs"
+        if not all(math.isfinite(p) for p in probs):
+            return "probs has a non-finite value"
+        if min(probs) < 0:
+            return f"negative probability {min(probs)}"
+        if abs(sum(probs) - 1.0) > 1e-2:
+            return f"probs sum to {sum(probs):.4f}, not 1"
+    elif task == "det":
+        if not _nonempty_str(rec["target"]):
+            return "target is not a non-empty string"
+        if not isinstance(rec["boxes"], list) or not rec["boxes"]:
+            return "boxes is not a non-empty list of boxes"
+        problems = [box_problem(b) for b in rec["boxes"] if box_problem(b)]
+        if problems:
+            return problems[0]
+    else:
+        for key in REQUIRED[task][2:]:
+            if not _nonempty_str(rec[key]):
+                return f"{key} is not a non-empty string"
+        if rec.get("box") is not None and box_problem(rec["box"]):
+            return box_problem(rec["box"])
+        if task == "seg" and rec.get("mask") is not None:
+            if not _nonempty_str(rec["mask"]):
+                return "mask is not a path"
+            if not (base / rec["mask"]).is_file():
+                return f"mask file not found: {base / rec['mask']}"
+    image = base / rec["image"]
+    if not image.is_file():
+        return f"image file not found: {image}"
+    try:
+        with Image.open(image) as im:
+            im.verify()        # reads headers/chunks only, no full decode
+    except Exception as e:     # PIL raises many types for broken files
+        return f"unreadable image {image}: {type(e).__name__}: {e}"
+    return None
+
+
+def read_manifest(path, task, skip_bad=False):
+    """Read and validate a manifest. Returns (records, n_skipped).
+
+    task: "cls" | "det" | "seg" | "vqa". Each record comes back with its original fields plus
+    "image_path" (absolute) and, for a segmentation record with a mask, "mask_path".
+    A bad record raises ManifestError naming file:line, or, with skip_bad=True, is skipped
+    with a warning on stderr and counted. Blank lines are not records and are ignored.
+    """
+    if task not in REQUIRED:
+        raise ValueError(f"task must be one of {sorted(REQUIRED)}, not {task!r}")
+    path = Path(path)
+    base = path.parent.resolve()
+    records, seen_ids, n_skipped = [], {}, 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                why = _record_problem(rec, task, base, seen_ids)
+            except json.JSONDecodeError as e:
+                why = f"invalid JSON ({e.msg}, column {e.colno})"
+            if why is not None:
+                if not skip_bad:
+                    raise ManifestError(path, lineno, why)
+                print(f"warning: skipped {path}:{lineno}: {why}", file=sys.stderr)
+                n_skipped += 1
+                continue
+            seen_ids[rec["id"]] = lineno
+            rec = dict(rec, image_path=str(base / rec["image"]))
+            if task == "seg" and rec.get("mask") is not None:
+                rec["mask_path"] = str(base / rec["mask"])
+            records.append(rec)
+    if n_skipped:
+        print(f"warning: {path}: skipped {n_skipped} bad record(s), kept {len(records)}",
+              file=sys.stderr)
+    return records, n_skipped
+
+
+def write_jsonl(path, records):
+    """Write records one per line, fields in their given order, UTF-8 kept as is."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", encoding="utf-8", newline="\n") as f:
+        for rec in records:
+            f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+
+
+# ============================================================================ 2. shapes world
+# Small images of coloured circles, squares and triangles on a plain light-grey background.
+# A shape is {"color", "shape", "box": [x1, y1, x2, y2]} with x2 = x1 + size (integers).
+# Boxes are half-open: the shape's pixels are columns x1..x2-1 and rows y1..y2-1, so the
+# box is the shape's exact extent (as for a box computed from a mask). Shapes are drawn
+# without antialiasing, so a mask is exactly the pixels of the shape's colour.
+IMAGE_SIZE = 112
+COLORS = {"red": (220, 40, 40), "green": (40, 170, 60), "blue": (40, 80, 220),
+          "yellow": (230, 200, 30)}
+SHAPES = ["circle", "square", "triangle"]
+PLURAL = {"circle": "circles", "square": "squares", "triangle": "triangles"}
+SHAPE_TASKS = ["soft_cls", "onehot_cls", "det", "multi_det", "seg", "vqa"]
+GAP = 2   # minimum empty pixels between two shapes' boxes
+
+
+def _draw_shape(draw, shape, fill):
+    x1, y1, x2, y2 = shape["box"]
+    x2, y2 = x2 - 1, y2 - 1                      # PIL includes the last pixel
+    if shape["shape"] == "circle":
+        draw.ellipse((x1, y1, x2, y2), fill=fill)
+    elif shape["shape"] == "square":
+        draw.rectangle((x1, y1, x2, y2), fill=fill)
+    else:
+        draw.polygon([(x1, y2), (x2, y2), ((x1 + x2) / 2, y1)], fill=fill)
+
+
+def render(scene, background):
+    """The RGB image of a scene on a grey background level (0..255)."""
+    image = Image.new("RGB", (IMAGE_SIZE, IMAGE_SIZE), (background,) * 3)
+    draw = ImageDraw.Draw(image)
+    for shape in scene:
+        _draw_shape(draw, shape, COLORS[shape["color"]])
+    return image
+
+
+def shape_mask(shape):
+    """Boolean HxW mask of one shape: the same drawing on an "L" image."""
+    image = Image.new("L", (IMAGE_SIZE, IMAGE_SIZE), 0)
+    _draw_shape(ImageDraw.Draw(image), shape, 255)
+    return np.asarray(image) > 0
+
+
+def _rng(seed, task, split):
+    # A stable seed from (seed, task, split); Python's hash() of a str changes per process.
+    return np.random.default_rng([seed, zlib.crc32(task.encode()), zlib.crc32(split.encode())])
+
+
+def _pick(rng, items):
+    return items[int(rng.integers(len(items)))]
+
+
+def _apart(a, b):
+    return (a[2] + GAP <= b[0] or b[2] + GAP <= a[0] or
+            a[3] + GAP <= b[1] or b[3] + GAP <= a[1])
+
+
+def _scene(rng, specs, tries=200):
+    """Place shapes given as (color, kind, min_size, max_size) without overlap.
+
+    Rejection sampling, biggest first; if a shape does not fit after `tries` positions,
+    all sizes are drawn again. Returns the scene in the order of `specs`.
+    """
+    while True:
+        sizes = [int(rng.integers(lo, hi + 1)) for _, _, lo, hi in specs]
+        boxes = [None] * len(specs)
+        for i in sorted(range(len(specs)), key=lambda i: -sizes[i]):
+            s = sizes[i]
+            for _ in range(tries):
+                x, y = (int(v) for v in rng.integers(0, IMAGE_SIZE - s + 1, size=2))
+                box = [x, y, x + s, y + s]
+                if all(b is None or _apart(box, b) for b in boxes):
+                    boxes[i] = box
+                    break
+            else:
+                break
+        else:
+            return [{"color": c, "shape": k, "box": b} for (c, k, _, _), b in zip(specs, boxes)]
+
+
+def _round_probs(weights):
+    """Normalise, round to 2 decimals, and fix the largest so the hundredths sum to 100."""
+    total = sum(weights)
+    cents = [round(100 * w / total) for w in weights]
+    cents[max(range(len(cents)), key=cents.__getitem__)] += 100 - sum(cents)
+    return [c / 100 for c in cents]
+
+
+# Each generator returns (scene, task fields in record order, mask array or None).
+def _gen_soft_cls(rng):
+    n = int(rng.integers(2, 5))
+    scene = _scene(rng, [(_pick(rng, list(COLORS)), _pick(rng, SHAPES), 14, 44) for _ in range(n)])
+    area = dict.fromkeys(COLORS, 0)
+    for shape in scene:
+        area[shape["color"]] += int(shape_mask(shape).sum())
+    return scene, {"classes": list(COLORS), "probs": _round_probs(list(area.values()))}, None
+
+
+def _gen_onehot_cls(rng):
+    big = _pick(rng, SHAPES)
+    others = [k for k in SHAPES if k != big]
+    n_small = int(rng.integers(1, 3))
+    specs = [(_pick(rng, list(COLORS)), big, 40, 56)]
+    specs += [(_pick(rng, list(COLORS)), _pick(rng, others), 12, 20) for _ in range(n_small)]
+    probs = [1.0 if k == big else 0.0 for k in SHAPES]
+    return _scene(rng, specs), {"classes": list(SHAPES), "probs": probs}, None
+
+
+def _unique_target_scene(rng, lo, hi):
+    """A target (colour, kind) that occurs once, plus 1-3 distractors with distinct pairs."""
+    pairs = [(c, k) for c in COLORS for k in SHAPES]
+    n = 1 + int(rng.integers(1, 4))
+    chosen = rng.choice(len(pairs), size=n, replace=False)
+    scene = _scene(rng, [(*pairs[i], lo, hi) for i in chosen])
+    return scene, scene[int(rng.integers(n))]
+
+
+def _gen_det(rng):
+    scene, t = _unique_target_scene(rng, 16, 40)
+    return scene, {"target": f"the {t['color']} {t['shape']}", "boxes": [t["box"]]}, None
+
+
+def _gen_multi_det(rng):
+    kind = _pick(rng, SHAPES)
+    others = [k for k in SHAPES if k != kind]
+    n_kind, n_other = int(rng.integers(1, 4)), int(rng.integers(1, 3))
+    kinds = [kind] * n_kind + [_pick(rng, others) for _ in range(n_other)]
+    kinds = [kinds[i] for i in rng.permutation(len(kinds))]
+    scene = _scene(rng, [(_pick(rng, list(COLORS)), k, 14, 32) for k in kinds])
+    boxes = sorted((s["box"] for s in scene if s["shape"] == kind), key=lambda b: (b[1], b[0]))
+    return scene, {"target": PLURAL[kind], "boxes": boxes}, None
+
+
+def _gen_seg(rng):
+    scene, t = _unique_target_scene(rng, 16, 40)
+    fields = {"instruction": f"the {t['color']} {t['shape']}", "mask": None, "box": t["box"]}
+    return scene, fields, shape_mask(t)
+
+
+def _gen_vqa(rng):
+    half, scene = IMAGE_SIZE // 2, []
+    for qy, qx in [(0, 0), (0, 1), (1, 0), (1, 1)]:     # top-left, top-right, bottom-left, ...
+        s = int(rng.integers(12, 23))
+        x = int(rng.integers(qx * half + GAP, (qx + 1) * half - GAP - s + 1))
+        y = int(rng.integers(qy * half + GAP, (qy + 1) * half - GAP - s + 1))
+        scene.append({"color": _pick(rng, list(COLORS)), "shape": _pick(rng, SHAPES),
+                      "box": [x, y, x + s, y + s]})
+    shape = scene[int(rng.integers(4))]
+    where = position_word(shape["box"], grid=2)
+    if rng.integers(2) == 0:
+        question, answer = f"What colour is the shape in the {where}?", shape["color"]
+    else:
+        question, answer = f"What shape is in the {where}?", shape["shape"]
+    return scene, {"question": question, "answer": answer, "box": shape["box"]}, None
+
+
+GENERATORS = {"soft_cls": _gen_soft_cls, "onehot_cls": _gen_onehot_cls, "det": _gen_det,
+              "multi_det": _gen_multi_det, "seg": _gen_seg, "vqa": _gen_vqa}
+MANIFEST_TASK = {"soft_cls": "cls", "onehot_cls": "cls", "det": "det", "multi_det": "det",
+                 "seg": "seg", "vqa": "vqa"}   # the read_manifest task of each shapes task
+
+
+def make_shapes_world(out, n_train=64, n_test=32, seed=0):
+    """Write OUT/<task>/{train,test}.jsonl, images/ (and masks/ for seg) for every task.
+
+    Deterministic: the same arguments give byte-identical files. Returns
+    {task: {"train": manifest path, "test": manifest path}}.
+    """
+    out, paths = Path(out), {}
+    for task in SHAPE_TASKS:
+        folder = out / task
+        (folder / "images").mkdir(parents=True, exist_ok=True)
+        if task == "seg":
+            (folder / "masks").mkdir(exist_ok=True)
+        paths[task] = {}
+        for split, n in (("train", n_train), ("test", n_test)):
+            rng, records = _rng(seed, task, split), []
+            for i in range(n):
+                background = int(rng.integers(200, 246))
+                scene, fields, mask = GENERATORS[task](rng)
+                name = f"{split}_{i:05d}.png"
+                render(scene, background).save(folder / "images" / name)
+                if mask is not None:
+                    Image.fromarray(mask.astype(np.uint8) * 255).save(folder / "masks" / name)
+                    fields["mask"] = f"masks/{name}"
+                records.append({"id": f"{task}-{split}-{i:05d}", "image": f"images/{name}",
+                                **fields, "scene": scene})
+            paths[task][split] = folder / f"{split}.jsonl"
+            write_jsonl(paths[task][split], records)
+    return paths
+
+
+# ============================================================================ 3. prompts, text
+# The exact texts the tiny model is pretrained on; change them only together with vlm.py.
+COT_PROMPT_CLS = ("The answer is {annotation}. Describe the image so that someone could infer "
+                  "this answer from your description alone. Do not write any numbers{no_names}.")
+NO_NAMES = " or class names"
+COT_PROMPT_DET = ("The {target} is at {annotation}. Describe where it is and what is around it "
+                  "so that someone could find it from your description alone. "
+                  "Do not write any numbers or coordinates.")
+COT_PROMPT_MULTI_DET = ("The {target} are at {annotation}. Describe where they are and what is "
+                        "around them so that someone could find them from your description "
+                        "alone. Do not write any numbers or coordinates.")
+REC_PROMPT_CLS = ("Description: {cot}\nUsing the image and the description, give the probability "
+                  "of each class in {class_list} as JSON.")
+REC_PROMPT_DET = ("Description: {cot}\nUsing the image and the description, give the box of "
+                  "{target} as [x1,y1,x2,y2].")
+REC_PROMPT_MULTI_DET = ("Description: {cot}\nUsing the image and the description, give the boxes "
+                        "of all {target} as [[x1,y1,x2,y2], ...].")
+R1_PROMPT_CLS = ("Give the probability of each class in {class_list}. Think in <think></think>, "
+                 "then answer in <answer></answer> with JSON.")
+R1_PROMPT_DET = ("Find {target}. Think in <think></think>, then answer in <answer></answer> "
+                 "with [x1,y1,x2,y2].")
+R1_PROMPT_MULTI_DET = ("Find {target}. Think in <think></think>, then answer in <answer></answer> "
+                       "with [[x1,y1,x2,y2], ...].")
+PLAIN_PROMPT_CLS = "Give the probability of each class in {class_list} as JSON."
+PLAIN_PROMPT_DET = "Give the box of {target} as [x1,y1,x2,y2]."
+PLAIN_PROMPT_MULTI_DET = "Give the boxes of all {target} as [[x1,y1,x2,y2], ...]."
+SEG_PROMPT = ('Find {instruction}. Think in <think></think>, then answer in <answer></answer> '
+              'with JSON {{"bbox": [x1,y1,x2,y2], "points": [[x,y],[x,y]]}}.')
+SEG_PROMPT_NO_COT = ('Find {instruction}. Answer in <answer></answer> with JSON '
+                     '{{"bbox": [x1,y1,x2,y2], "points": [[x,y],[x,y]]}}.')
+VISRL_BOX_PROMPT = ("{question} Please first give the box of the region that helps answer the "
+                    "question as [x1,y1,x2,y2] in 0..1.")
+VISRL_ANSWER_PROMPT = ("This is the region you chose. Now answer the question in one word: "
+                       "{question}")
+CRITIC_BOX_PROMPT = ('Question: {question} Reference answer: {answer}. Does this image show what '
+                     'is needed to give the reference answer? Reply with JSON {{"score": x}}, '
+                     'x between 0 and 1.')
+CRITIC_ANSWER_PROMPT = ('Question: {question} Reference answer: {reference} Candidate answer: '
+                        '{answer}. How close is the candidate to the reference? Reply with JSON '
+                        '{{"score": x}}, x between 0 and 1.')
+
+
+def class_list(classes):
+    return ", ".join(classes)
+
+
+def format_probs(classes, probs):
+    """'{"red": 0.50, "green": 0.00, ...}' with 2 decimals, in class order."""
+    items = (f"{json.dumps(c, ensure_ascii=False)}: {float(p) + 0.0:.2f}"
+             for c, p in zip(classes, probs))
+    return "{" + ", ".join(items) + "}"
+
+
+def format_box(box):
+    return "[" + ",".join(str(int(round(v))) for v in box) + "]"
+
+
+def format_boxes(boxes):
+    return "[" + ",".join(format_box(b) for b in boxes) + "]"
+
+
+def format_norm_box(box, width, height):
+    """A pixel box as VisRL's normalised '[0.12,0.30,0.56,0.78]' (2 decimals, 0..1)."""
+    scale = (width, height, width, height)
+    return "[" + ",".join(f"{min(max(v / s, 0.0), 1.0):.2f}" for v, s in zip(box, scale)) + "]"
+
+
+def cot_prompt_cls(classes, probs, mask_names=True):
+    return COT_PROMPT_CLS.format(annotation=format_probs(classes, probs),
+                                 no_names=NO_NAMES if mask_names else "")
+
+
+def cot_prompt_det(target, boxes, multi=False):
+    """COT_PROMPT_DET starts with "The {target}", so a leading "the " is dropped from target."""
+    if target.lower().startswith("the "):
+        target = target[4:]
+    if multi:
+        return COT_PROMPT_MULTI_DET.format(target=target, annotation=format_boxes(boxes))
+    return COT_PROMPT_DET.format(target=target, annotation=format_box(boxes[0]))
+
+
+def position_word(box, size=IMAGE_SIZE, grid=3):
+    """Where a box's centre is: 3x3 grid -> "top-left", "top", ..., "centre", ..., "bottom-right";
+    grid=2 -> the quadrants "top-left", "top-right", "bottom-left", "bottom-right"."""
+    col = min(int((box[0] + box[2]) / 2 * grid / size), grid - 1)
+    row = min(int((box[1] + box[3]) / 2 * grid / size), grid - 1)
+    if grid == 2:
+        return ["top", "bottom"][row] + "-" + ["left", "right"][col]
+    r, c = ["top", "middle", "bottom"][row], ["left", "centre", "right"][col]
+    if r == "middle":
+        return c
+    return r if c == "centre" else f"{r}-{c}"
+
+
+MASKED_KIND = {"circle": "round shape", "square": "boxy shape", "triangle": "pointed shape"}
+
+
+def size_word(box):
+    """"small" (< 22 px), "" (medium) or "large" (>= 34 px)."""
+    side = max(box[2] - box[0], box[3] - box[1])
+    return "small" if side < 22 else "large" if side >= 34 else ""
+
+
+def _noun(shape, with_names):
+    kind = f"{shape['color']} {shape['shape']}" if with_names else MASKED_KIND[shape["shape"]]
+    return " ".join(w for w in (size_word(shape["box"]), kind) if w)
+
+
+def _where(box):
+    word = position_word(box)
+    return {"centre": "in the centre", "left": "on the left",
+            "right": "on the right"}.get(word, f"at the {word}")
+
+
+def _centre(box):
+    return (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+
+
+def _relation(a, b):   # where box a is relative to box b
+    (ax, ay), (bx, by) = _centre(a), _centre(b)
+    if abs(ax - bx) >= abs(ay - by):
+        return "to the left of" if ax < bx else "to the right of"
+    return "above" if ay < by else "below"
+
+
+INVERSE = {"to the left of": "to the right of", "to the right of": "to the left of",
+           "above": "below", "below": "above"}
+
+
+def describe_scene(scene, rng, with_names=True, target=None):
+    """A short description without digits or number words (the "chain of thought" the tiny
+    model learns). with_names=False hides colours and kind names ("a large round shape").
+    With a target shape, says where it is in the image and relative to its nearest neighbour.
+    Deterministic given rng (a numpy Generator)."""
+    if target is None:
+        shapes = sorted(scene, key=lambda s: -(s["box"][2] - s["box"][0]))   # biggest first
+        parts = [f"a {_noun(s, with_names)} {_where(s['box'])}" for s in shapes]
+        listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+        opener = _pick(rng, ["The image shows {}.", "There is {}.", "I can see {}.",
+                             "On a grey background there is {}."])
+        return opener.format(listing)
+    others = [s for s in scene if s != target]
+    name = _noun(target, with_names)
+    sentences = [_pick(rng, ["The {n} is {w} of the image.", "The {n} sits {w}.",
+                             "You can find the {n} {w}."]).format(n=name, w=_where(target["box"]))]
+    if others:
+        tc = _centre(target["box"])
+        near = min(others, key=lambda s: math.dist(tc, _centre(s["box"])))
+        rel, other = _relation(target["box"], near["box"]), _noun(near, with_names)
+        if rng.integers(2) == 0:
+            sentences.append(f"It is {rel} a {other}.")
+        else:
+            sentences.append(f"A {other} lies {INVERSE[rel]} it.")
+        rest = [s for s in others if s != near][:2]
+        if rest:
+            sentences.append("There is also " + " and ".join(
+                f"a {_noun(s, with_names)} {_where(s['box'])}" for s in rest) + ".")
+    return " ".join(sentences)
+
+
+# ============================================================================ 4. converters
+# (Emotion6, LISA/ReasonSeg, COCO, ImageNet-style folders, RefCOCO, VisCoT: added later.)
+
+
+# ============================================================================ 5. command line
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Data sets for the RISE / VisRL pipelines.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    shapes = sub.add_parser("shapes", help="write the synthetic shapes world")
+    shapes.add_argument("--out", required=True, help="output folder")
+    shapes.add_argument("--n-train", type=int, default=64, help="training images per task")
+    shapes.add_argument("--n-test", type=int, default=32, help="test images per task")
+    shapes.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    if args.command == "shapes":
+        if min(args.n_train, args.n_test, args.seed) < 0:
+            parser.error("--n-train, --n-test and --seed must be >= 0")
+        paths = make_shapes_world(args.out, args.n_train, args.n_test, args.seed)
+        for task, splits in paths.items():
+            print(f"{task:>10}: {splits['train']}, {splits['test']}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,255 @@
+"""GRPO: group-relative advantages and the clipped policy-gradient loss (SPEC 4.2).
+
+For one prompt q we sample a group of G completions o_1..o_G and score them r_1..r_G.
+Each completion's advantage is its reward relative to the group, shared by all its
+tokens; the loss is PPO's clipped surrogate with a k3 KL penalty to a frozen reference.
+
+Every function here imports only torch, so each can be copied alone.
+Everything is computed in float32, whatever dtype (bf16 on GPU) the inputs come in.
+"""
+
+import torch
+
+
+def group_advantages(rewards, group_size, scale=True, eps=1e-4):
+    """A_i = (r_i - mean(r_group)) / (std(r_group) + eps)   (scale=False: A_i = r_i - mean).
+
+    rewards: [B*G], the G completions of each prompt stored contiguously
+    ([p0o0, p0o1, .., p0o(G-1), p1o0, ..]). Returns advantages [B*G], float32.
+
+    std is the *unbiased* (Bessel-corrected, divide by G-1) sample std, torch's default
+    and what TRL's GRPOTrainer uses, so our numbers match that reference implementation.
+    With G = 2 and rewards {0, 1} this gives A = +-0.7071 (population std would give
+    +-1). Hence group_size must be >= 2 (a group of one has no relative signal anyway).
+    A group whose rewards are all equal gets A = 0 exactly: no learning signal
+    (see zero_std_fraction, which should be logged).
+    """
+    if group_size < 2:
+        raise ValueError(f"GRPO needs group_size >= 2, got {group_size}")
+    if rewards.numel() % group_size != 0:
+        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
+    grouped = rewards.detach().to(torch.float32).reshape(-1, group_size)  # [B, G]
+    centred = grouped - grouped.mean(dim=1, keepdim=True)  # [B, G]
+    if scale:
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)  # unbiased std
+    return centred.reshape(-1)  # [B*G]
+
+
+def zero_std_fraction(rewards, group_size, atol=1e-6):
+    """Fraction of groups whose rewards are all equal (max - min <= atol).
+
+    Such a group has advantage 0 for every member, so it contributes no policy gradient
+    (only the KL term). If this fraction is high, the task is too easy or too hard for
+    the current policy: log it rather than let it silently waste the batch.
+    rewards: [B*G] grouped contiguously. Returns a python float in [0, 1].
+    """
+    grouped = rewards.detach().to(torch.float32).reshape(-1, group_size)  # [B, G]
+    spread = grouped.max(dim=1).values - grouped.min(dim=1).values  # [B]
+    return (spread <= atol).float().mean().item()
+
+
+def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04,
+              eps_low=0.2, eps_high=0.2, norm="seq", max_len=None):
+    """loss = -J,  J = norm_{i,t}[ min(rho_t A_i, clip(rho_t, 1-eps_low, 1+eps_high) A_i) - beta KL_t ]
+
+    rho_t = exp(logp_t - old_logp_t);  KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1  (k3, >= 0).
+    Both log-ratios are clamped to [-20, 20] before exp, so +-1e4 cannot overflow.
+    Shapes: logp/old_logp/ref_logp/mask [N, T]; advantages [N]. ref_logp may be None iff beta == 0.
+    Masked positions may hold anything (even -inf): they are replaced before any arithmetic.
+    norm (how per-token terms are averaged; |o_i| = valid tokens of row i):
+      "seq"   (GRPO): mean over each row's tokens, then over the N rows. A token weighs
+              1/(N |o_i|): long completions get less per-token gradient, so long wrong
+              answers are penalised less and short right ones rewarded more (Dr. GRPO's
+              length bias). Rows with no valid token count as 0 in the mean.
+      "token" (DAPO): sum over all valid tokens / their number. Every token weighs the same
+              within a batch, but the scale changes with the batch's total token count.
+      "fixed" (Dr. GRPO): sum / (N * max_len), max_len defaults to T. A constant per-token
+              weight: no length bias; short batches simply give smaller gradients.
+    """
+    valid = mask.bool()  # [N, T]
+    m = valid.to(torch.float32)
+    adv = advantages.detach().to(torch.float32).unsqueeze(1)  # [N, 1], same A for every token
+    # Zero the log-ratio at padding so garbage there cannot turn into inf/NaN (also in backward).
+    log_ratio = torch.where(valid, logp.float() - old_logp.detach().float(), 0.0).clamp(-20, 20)
+    ratio = log_ratio.exp()  # [N, T]
+    per_token = torch.min(ratio * adv, ratio.clamp(1 - eps_low, 1 + eps_high) * adv)  # [N, T]
+    kl = torch.zeros_like(per_token)
+    if beta != 0:
+        if ref_logp is None:
+            raise ValueError("beta != 0 needs ref_logp")
+        ref_ratio = torch.where(valid, ref_logp.detach().float() - logp.float(), 0.0).clamp(-20, 20)
+        kl = ref_ratio.exp() - ref_ratio - 1  # [N, T], k3 estimator: unbiased and >= 0
+        per_token = per_token - beta * kl
+    per_token = torch.where(valid, per_token, 0.0)
+    if norm == "seq":
+        objective = (per_token.sum(1) / m.sum(1).clamp(min=1)).mean()
+    elif norm == "token":
+        objective = per_token.sum() / m.sum().clamp(min=1)
+    elif norm == "fixed":
+        objective = per_token.sum() / (logp.shape[0] * (logp.shape[1] if max_len is None else max_len))
+    else:
+        raise ValueError(f"norm must be 'seq', 'token' or 'fixed', got {norm!r}")
+    # Clipping is active where min() chose the clipped term and it differs (its gradient is 0).
+    with torch.no_grad():
+        n_valid = m.sum().clamp(min=1)
+        low = valid & (adv < 0) & (ratio < 1 - eps_low)
+        high = valid & (adv > 0) & (ratio > 1 + eps_high)
+        stats = {"clip_fraction": ((low | high).sum() / n_valid).item(),
+                 "low_clip_fraction": (low.sum() / n_valid).item(),
+                 "high_clip_fraction": (high.sum() / n_valid).item(),
+                 "kl": ((kl * m).sum() / n_valid).item(),
+                 "ratio_mean": ((ratio * m).sum() / n_valid).item(),
+                 "num_tokens": m.sum().item()}
+    return -objective, stats
+
+
+# ---- rollout -> reward -> update step (added by the lead) ----
+# The losses above need only torch; the step below drives the model through vlm.py.
+import math  # noqa: E402
+
+import vlm  # noqa: E402
+
+
+def apply_update(model, optimizer, loss, max_grad_norm=1.0):
+    """Backward + optimizer step for a DeepSpeed engine (optimizer=None) or a plain module."""
+    if optimizer is None:                     # DeepSpeed: it scales, accumulates, clips and steps
+        model.backward(loss)
+        model.step()
+        return
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def reward_tensor(results):
+    """reward_fn results (floats, or dicts with "reward" and components) -> ([N] tensor, component means)."""
+    if results and isinstance(results[0], dict):
+        totals = torch.tensor([float(r["reward"]) for r in results])
+        parts = {f"reward_{k}": sum(float(r[k]) for r in results) / len(results)
+                 for k in results[0] if k != "reward" and isinstance(results[0][k], (int, float, bool))}
+        return totals, parts
+    return torch.tensor([float(r) for r in results]), {}
+
+
+def grpo_step(model, processor, conversations, images, reward_fn, optimizer=None, ref_model=None,
+              group_size=8, max_new_tokens=64, temperature=1.0, beta=0.04, eps_low=0.2, eps_high=0.2,
+              norm="seq", scale_rewards=True, max_prompt_len=None):
+    """One GRPO step: rollout -> reward -> loss -> update. Returns (stats, rollout, rewards).
+
+    model: the policy (a DeepSpeed engine when optimizer is None, else a plain module).
+    conversations/images: B prompts (see vlm.chat_inputs). reward_fn(texts, prompt_index) gets
+    the B*G decoded completions (prompt-major: text i answers prompt i // G) and returns one
+    float, or one dict with "reward" and its components, per text.
+    One batch is used once (num_iterations = 1), so old_logp = logp.detach() and the ratio is 1
+    in value: the clipping only matters with several updates per rollout.
+    """
+    module = getattr(model, "module", model)
+    batch = vlm.chat_inputs(processor, conversations, images, max_prompt_len=max_prompt_len)
+    with vlm.generation_mode(module):          # full weights under ZeRO-3, no grad checkpointing
+        rollout = vlm.sample(module, processor, batch, group_size, max_new_tokens, temperature)
+    n = len(rollout["texts"])
+    rewards, parts = reward_tensor(reward_fn(rollout["texts"], [i // group_size for i in range(n)]))
+    advantages = group_advantages(rewards, group_size, scale=scale_rewards)
+    device = rollout["completion_ids"].device
+    suppress = vlm.suppressed_ids(processor)
+    args = (rollout["prompt"], rollout["completion_ids"], rollout["completion_mask"], temperature, suppress)
+    logp = vlm.completion_logprobs(model, *args)
+    ref_logp = None
+    if beta != 0:
+        with torch.no_grad():
+            ref_logp = vlm.completion_logprobs(ref_model, *args)
+    mask = rollout["completion_mask"]
+    loss, stats = grpo_loss(logp, logp.detach(), ref_logp, advantages.to(device), mask, beta=beta,
+                            eps_low=eps_low, eps_high=eps_high, norm=norm)
+    stats["skipped"] = not math.isfinite(loss.item())
+    if not stats["skipped"]:                   # a non-finite loss never reaches the weights
+        apply_update(model, optimizer, loss)
+    grouped = rewards.view(-1, group_size)
+    stats.update(loss=loss.item(), reward=rewards.mean().item(), reward_std=grouped.std(1).mean().item(),
+                 zero_std_fraction=zero_std_fraction(rewards, group_size),
+                 completion_len=mask.sum(1).float().mean().item(),
+                 entropy=(-(logp.detach() * mask).sum() / mask.sum().clamp(min=1)).item(), **parts)
+    return stats, rollout, rewards
+
+
+# ---- a complete, minimal GRPO run: learn to name the colour of an image --------------------
+def colour_task(rng, n):
+    """n (image, colour) pairs: a plain image of one shapes-world colour, shade jittered."""
+    from PIL import Image
+    import data
+    names = list(data.COLORS)
+    out = []
+    for _ in range(n):
+        name = names[rng.randrange(len(names))]
+        rgb = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in data.COLORS[name])
+        out.append((Image.new("RGB", (56, 56), rgb), name))
+    return out
+
+
+def colour_reward(texts, prompt_index, colours):
+    """1 when the first word is the image's colour; 0.5 for its first letter only (a stepping
+    stone: a random policy almost never says a whole colour word, but often starts with r/g/b/y)."""
+    rewards = []
+    for text, i in zip(texts, prompt_index):
+        words = text.strip().lower().split()
+        first = words[0].strip(".,!:;\"'") if words else ""
+        rewards.append(1.0 if first == colours[i] else 0.5 if first[:1] == colours[i][0] else 0.0)
+    return rewards
+
+
+def main(argv=None):
+    import argparse
+    import json
+    import os
+    import random
+    from pathlib import Path
+    parser = argparse.ArgumentParser(description="GRPO demo: learn to name an image's colour from reward alone")
+    parser.add_argument("--model", default=None, help="model dir (default: a fresh random tiny model)")
+    parser.add_argument("--out", default="runs/grpo_colour")
+    parser.add_argument("--max-steps", type=int, default=60)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--num-generations", type=int, default=8)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--beta", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deepspeed", default=None, help="ZeRO config JSON (default ds_zero2.json)")
+    parser.add_argument("--dump-rank-state", action="store_true", help="write OUT/rank{r}.json (tests)")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    rank, world = vlm.init_distributed(force=True)
+    random.seed(args.seed + rank)                  # each rank samples its own prompts
+    torch.manual_seed(args.seed + rank)            # ... and its own completions
+    out = Path(args.out)
+    model_dir = args.model
+    if model_dir is None:
+        model_dir = out / "random-tiny"
+        if rank == 0 and not (model_dir / "config.json").exists():
+            vlm.build_tiny(model_dir, seed=args.seed, pretrain=False)
+        vlm.barrier()
+    model, processor = vlm.load_model(model_dir)
+    cfg = vlm.deepspeed_config(args.deepspeed or Path(__file__).with_name("ds_zero2.json"), lr=args.lr,
+                               weight_decay=0.0, micro_batch=args.batch_size)
+    engine = vlm.deepspeed_engine(model, cfg)
+    rng = random.Random(args.seed + rank)
+    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    for step in range(args.max_steps):
+        pairs = colour_task(rng, args.batch_size)
+        colours = [c for _, c in pairs]
+        stats, rollout, _ = grpo_step(engine, processor, [[vlm.user_turn("What colour is this image?")]] * len(pairs),
+                                      [[im] for im, _ in pairs], lambda t, i: colour_reward(t, i, colours),
+                                      group_size=args.num_generations, max_new_tokens=3, beta=args.beta)
+        if log:
+            log.write(json.dumps({"step": step, **stats}) + "\n")
+            log.flush()
+            print(f"step {step} reward {stats['reward']:.3f} zero-std {stats['zero_std_fraction']:.2f}")
+    if args.dump_rank_state:
+        with vlm.gathered(engine.module):
+            checksum = sum(p.detach().double().sum().item() for p in engine.module.parameters())
+        (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world": world, "checksum": checksum,
+                                                         "texts": rollout["texts"]}))
+
+
+if __name__ == "__main__":
+    main()

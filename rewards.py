@@ -1,0 +1,524 @@
+"""Rewards and metrics for RISE (annotation), Seg-RISE (segmentation) and VisRL.
+
+Everything here reads untrusted model output, so every parser is total: it returns a
+value (or None) for any string and never raises, and is parsed with json /
+ast.literal_eval (guarded) / regex only, never eval or exec.  Only torch, numpy, scipy
+and the standard library are imported, so any function can be copied alone.
+
+Boxes are [x1, y1, x2, y2] in pixels, x1 < x2 and y1 < y2.
+"""
+import ast
+import json
+import math
+import re
+from collections import defaultdict
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from scipy.special import rel_entr
+
+LN2 = math.log(2.0)
+MAX_BOXES = 100          # an answer listing more boxes is garbage (and spamming boxes is a hack)
+MAX_LITERAL_CHARS = 2000  # longest dict literal we hand to ast.literal_eval
+MAX_JSON_TRIES = 20       # at most this many '{' positions are tried as JSON starts
+MIN_NARRATIVE_WORDS = 3   # a RISE-CoT chain of thought needs at least this many words
+NUM = r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"   # a plain decimal number
+TAGS = ("<think>", "</think>", "<answer>", "</answer>")
+
+
+# ----------------------------------------------------------------------------- parsing
+def parse_think_answer(text):
+    """`<think>c</think><answer>a</answer>` -> (c, a) stripped, else None. Exactly one of
+    each tag, in order, only whitespace around and between. Counting tags (not one regex)
+    stays linear on 10k-char outputs and rejects duplicated tags."""
+    if not isinstance(text, str) or any(text.count(t) != 1 for t in TAGS):
+        return None
+    i0, i1, i2, i3 = (text.index(t) for t in TAGS)
+    if not i0 < i1 < i2 < i3:
+        return None
+    outside = text[:i0] + text[i1 + len("</think>"):i2] + text[i3 + len("</answer>"):]
+    if outside.strip():
+        return None
+    return text[i0 + len("<think>"):i1].strip(), text[i2 + len("<answer>"):i3].strip()
+
+
+def answer_text(text):
+    """The content of the single `<answer>...</answer>` block of `text`, else None
+    (no block, several blocks or stray tags are all ambiguous)."""
+    if not isinstance(text, str) or text.count("<answer>") != 1 or text.count("</answer>") != 1:
+        return None
+    start, end = text.index("<answer>") + len("<answer>"), text.index("</answer>")
+    return text[start:end].strip() if start <= end else None
+
+
+def _number(v):
+    """v as a float if it is a finite int/float (not a bool; a 400-digit int is not), else None."""
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not -1e308 < v < 1e308:
+        return None  # NaN fails the comparison too
+    return float(v)
+
+
+def _json_objects(text):
+    """Yield the JSON values starting at the first few '{' of text (prose, fences skipped)."""
+    decoder = json.JSONDecoder()  # it accepts NaN/Infinity: callers check finiteness
+    start = text.find("{")
+    for _ in range(MAX_JSON_TRIES):
+        if start < 0:
+            return
+        try:
+            obj, _ = decoder.raw_decode(text, start)
+            yield obj
+        except (ValueError, RecursionError):
+            pass
+        start = text.find("{", start + 1)
+
+
+_LITERAL_NODES = (ast.Expression, ast.Dict, ast.List, ast.Constant, ast.UnaryOp,
+                  ast.USub, ast.UAdd, ast.Load)
+
+
+def _safe_literal(src):
+    """ast.literal_eval restricted to dict/list/number/str literals of bounded size."""
+    if len(src) > MAX_LITERAL_CHARS:
+        return None
+    try:
+        tree = ast.parse(src, mode="eval")
+        for node in ast.walk(tree):
+            if not isinstance(node, _LITERAL_NODES):
+                return None
+            if isinstance(node, ast.Constant) and not isinstance(node.value, (str, int, float)):
+                return None  # no bytes, None, complex ...
+        return ast.literal_eval(tree)
+    except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError, OverflowError):
+        return None
+
+
+def _class_dict(obj):
+    """obj as {class: prob} if it is a non-empty mapping str -> finite number >= 0."""
+    if not isinstance(obj, dict) or not obj:
+        return None
+    out = {}
+    for k, v in obj.items():
+        v = _number(v)
+        if not isinstance(k, str) or not k.strip() or v is None or v < 0:
+            return None
+        out[k.strip()] = v
+    return out
+
+
+def parse_class_probs(text):
+    """The first flat {...} in text that is a class -> probability mapping, as JSON or a
+    Python dict literal ({'red': 0.5, "blue": .5}), prose/code fences around it allowed ->
+    dict, else None. Values must be finite and >= 0; they need not sum to 1 (the
+    similarity penalises that with exp(-|sum q - 1|))."""
+    if not isinstance(text, str):
+        return None
+    for cand in re.findall(r"\{[^{}]*\}", text)[:MAX_JSON_TRIES]:
+        obj = next(_json_objects(cand), None)  # JSON first, then a Python dict literal
+        probs = _class_dict(obj) or _class_dict(_safe_literal(cand))
+        if probs:
+            return probs
+    return None
+
+
+_BOX_RE = re.compile(  # [x1, y1, x2, y2]  or Qwen2-VL's  (x1,y1),(x2,y2)
+    r"\[\s*({n})\s*,\s*({n})\s*,\s*({n})\s*,\s*({n})\s*\]"
+    r"|\(\s*({n})\s*,\s*({n})\s*\)\s*,?\s*\(\s*({n})\s*,\s*({n})\s*\)".format(n=NUM))
+
+
+def valid_box(b):
+    """b as a tuple of 4 finite floats with x1 < x2 and y1 < y2, else None."""
+    if isinstance(b, (str, bytes, dict)):
+        return None
+    try:
+        x1, y1, x2, y2 = (float(v) for v in b)
+    except (TypeError, ValueError, OverflowError):
+        return None
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x1 >= x2 or y1 >= y2:
+        return None
+    return x1, y1, x2, y2
+
+
+def parse_boxes(text):
+    """Every "[x1,y1,x2,y2]" (or Qwen2-VL "(x1,y1),(x2,y2)") in text -> list of boxes.
+    None if there is none, more than MAX_BOXES, or any is non-finite, inverted or empty:
+    an answer with a broken box is not well-formatted."""
+    if not isinstance(text, str):
+        return None
+    boxes = []
+    for m in _BOX_RE.finditer(text):
+        box = valid_box([float(g) for g in m.groups() if g is not None])
+        if box is None or len(boxes) == MAX_BOXES:
+            return None
+        boxes.append(list(box))
+    return boxes or None
+
+
+def parse_seg_answer(text):
+    """Seg-RISE answer JSON {"bbox": [x1,y1,x2,y2], "points": [[x,y],[x,y]]} (text around
+    it allowed) -> (bbox, points) of finite floats, else None. Image bounds: seg_format_reward."""
+    if not isinstance(text, str):
+        return None
+    for obj in _json_objects(text):
+        box, pts = (obj.get("bbox"), obj.get("points")) if isinstance(obj, dict) else (None, None)
+        if (isinstance(box, list) and len(box) == 4 and isinstance(pts, list) and len(pts) == 2
+                and all(isinstance(p, list) and len(p) == 2 for p in pts)):
+            box, pts = [_number(v) for v in box], [[_number(v) for v in p] for p in pts]
+            if None not in box + pts[0] + pts[1]:
+                return box, pts
+    return None
+
+
+def parse_score(text):
+    """VisRL critic output {"score": x} (text around it allowed) -> x clamped to [0, 1].
+    Unparsable, NaN or infinite -> 0.0 (SPEC 5.4: an unparsable score is 0)."""
+    if not isinstance(text, str):
+        return 0.0
+    m = re.search(r"""["']?\bscore\b["']?\s*[:=]\s*["']?({})""".format(NUM), text, re.I)
+    if not m:
+        return 0.0
+    x = float(m.group(1))
+    return min(max(x, 0.0), 1.0) if math.isfinite(x) else 0.0
+
+
+# ------------------------------------------------------------------------ similarities
+def cls_similarity(pred, gt):
+    """RISE Sim_cls (SPEC 5.1), in [0, 1]:
+
+        Sim = exp(-0.5 KL(p || q) - 0.5 MSE(p_raw, q_raw)) * exp(-|sum(q_raw) - 1|)
+
+    p = ground truth, q = prediction over the ground truth's classes (matched case- and
+    whitespace-insensitively; missing classes count 0). KL uses p and q clipped at 1e-10
+    and renormalised; MSE = mean over classes of the unclipped values. sum(q_raw) runs
+    over *all* predicted values, so probability mass on made-up classes is not free.
+    Non-numeric, NaN, inf or negative values, or a prediction with no mass on any true
+    class (clip+renormalise would turn it into a uniform guess), give 0."""
+    try:
+        p_raw = np.array([float(v) for v in gt.values()])
+        q_raw = np.array(probs_vector(pred, list(gt)), dtype=float)
+        values = np.array([float(v) for v in pred.values()])
+    except (AttributeError, TypeError, ValueError, OverflowError):
+        return 0.0
+    with np.errstate(all="ignore"):
+        total = values.sum()
+        if not (np.isfinite(p_raw).all() and np.isfinite(values).all() and np.isfinite(total)):
+            return 0.0
+        if (p_raw < 0).any() or (values < 0).any() or p_raw.sum() <= 0 or q_raw.sum() <= 0:
+            return 0.0
+        p = np.clip(p_raw, 1e-10, None); p = p / p.sum()
+        q = np.clip(q_raw, 1e-10, None); q = q / q.sum()
+        kl = float(np.sum(p * np.log(p / q)))
+        mse = float(np.mean((p_raw - q_raw) * (p_raw - q_raw)))
+        sim = math.exp(-0.5 * kl - 0.5 * mse) * math.exp(-abs(total - 1.0))
+    return min(max(sim, 0.0), 1.0) if math.isfinite(sim) else 0.0
+
+
+def box_iou(a, b):
+    """Intersection over union of two boxes; 0 for invalid/degenerate/non-finite boxes."""
+    a, b = valid_box(a), valid_box(b)
+    if a is None or b is None:
+        return 0.0
+    iw, ih = min(a[2], b[2]) - max(a[0], b[0]), min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(0.0, iw) * max(0.0, ih)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    iou = inter / union if union > 0 else 0.0  # huge coordinates can make union inf/NaN
+    return min(max(iou, 0.0), 1.0) if math.isfinite(iou) else 0.0
+
+
+def det_similarity(pred_boxes, gt_boxes, penalize_extra=False):
+    """RISE Sim_det (SPEC 5.1, paper eq. 6): Hungarian matching maximising IoU,
+
+        Sim = (sum of matched IoUs) / N_gt          (unmatched GT boxes add 0)
+
+    Invalid predicted boxes have IoU 0. No GT boxes: 1.0 if nothing is predicted, else 0.
+    Note: with the paper's denominator extra predicted boxes cost nothing, so listing many
+    boxes is never punished; penalize_extra=True divides by max(N_gt, N_pred) instead."""
+    as_list = lambda boxes: list(boxes) if isinstance(boxes, (list, tuple, np.ndarray)) else []
+    gt, pred = as_list(gt_boxes), as_list(pred_boxes)
+    if not gt:
+        return 1.0 if not pred else 0.0
+    if not pred:
+        return 0.0
+    iou = np.array([[box_iou(p, g) for p in pred] for g in gt])
+    rows, cols = linear_sum_assignment(iou, maximize=True)
+    denom = max(len(gt), len(pred)) if penalize_extra else len(gt)
+    return float(iou[rows, cols].sum() / denom)
+
+
+# ---------------------------------------------------------------------- leak / format
+_DIGIT_WORD = r"(?:zero|one|two|three|four|five|six|seven|eight|nine)"
+_NUMBER_WORD = (r"(?:zero|one|two|three|four|five|six|seven|eight|nine|ten|eleven|twelve|"
+                r"thirteen|fourteen|fifteen|sixteen|seventeen|eighteen|nineteen|twenty|thirty|"
+                r"forty|fifty|sixty|seventy|eighty|ninety|hundred|a\s+hundred)")
+_CLS_LEAKS = [
+    re.compile(r"(?<![\w.])\d+(?:\.\d+)?\s*(?:%|percent\b|per\s*cent\b)", re.I),       # 30%
+    re.compile(r"\b{w}(?:[\s-]+(?:{w}|and)){{0,5}}\s*(?:%|percent\b|per\s*cent\b)"  # thirty percent
+               .format(w=_NUMBER_WORD), re.I),
+    re.compile(r"\b(?:(?:zero|nought|oh|one)\s+)?point\s+{d}\b".format(d=_DIGIT_WORD), re.I),
+]
+_DECIMAL = re.compile(r"(?<![\w.])\d*\.\d+")                    # 0.3, .25, 1.0, 2.5
+_FRACTION = re.compile(r"(?<![\w.])(\d{1,9})\s*/\s*(\d{1,9})(?![\w.])")  # 3/10
+_DET_LEAKS = [
+    re.compile(r"(?<![\w.]){n}(?:\s*[,;:]\s*|\s+|\s*[x×]\s*){n}".format(n=NUM)),  # 12, 40 / 120x80
+    re.compile(r"\b[xy][12]?\s*[=:]\s*{n}".format(n=NUM), re.I),                     # x1 = 30
+    re.compile(r"(?<![\w.]){n}\s*(?:px|pixels?)\b".format(n=NUM), re.I),              # 40 pixels
+]
+
+
+def leaks(cot, task, class_names=None):
+    """Does a RISE-CoT chain of thought leak the annotation? (SPEC 5.1 step 3)
+
+    task "cls": any number that could be a probability -- a decimal in [0, 1] ("0.3",
+      ".25", "1.0"), any percentage ("30%", "30 percent"), a fraction a/b <= 1 ("3/10"),
+      and the common spelled-out forms ("thirty percent", "zero point three", "point
+      two five"). Plain integers ("two dogs") and word fractions ("half", "a third") are
+      allowed: they are ordinary visual description. With class_names, naming a class
+      (whole word, optional plural s/es, any case) also counts as a leak.
+    task "det": a coordinate-like group of two or more numbers ("12, 40", "[10 20 30 40]",
+      "120x80"), "x1=30"-style coordinates, or a pixel measure ("40 px"). A lone integer
+      ("3 cars") is allowed. Thousands separators ("1,000") are a known false positive."""
+    if task not in ("cls", "det"):
+        raise ValueError("task must be 'cls' or 'det', got %r" % (task,))
+    if not isinstance(cot, str):
+        return False
+    if task == "det":
+        return any(r.search(cot) for r in _DET_LEAKS)
+    names = [re.escape(n.strip()) for n in class_names or [] if n.strip()]
+    return (any(r.search(cot) for r in _CLS_LEAKS)
+            or any(float(m) <= 1.0 for m in _DECIMAL.findall(cot))
+            or any(0 < int(b) and int(a) <= int(b) for a, b in _FRACTION.findall(cot))
+            or any(re.search(r"\b%s(?:s|es)?\b" % n, cot, re.I) for n in names))
+
+
+def is_narrative(cot):
+    """A RISE-CoT CoT is format-ok if it is prose: at least MIN_NARRATIVE_WORDS words and
+    no <think>/<answer> tags (the CoT must not smuggle in an answer block)."""
+    if not isinstance(cot, str) or re.search(r"</?\s*(?:think|answer)\s*>", cot, re.I):
+        return False
+    return len(re.findall(r"[^\W\d_]+", cot)) >= MIN_NARRATIVE_WORDS
+
+
+def parse_and_score(text, gt, task):
+    """(a_hat, Sim(a_hat, a)) for task "cls" (class->prob dict) or "det" (list of boxes);
+    a_hat is None and Sim 0 when text does not parse in the task format."""
+    if task == "cls":
+        pred = parse_class_probs(text)
+        return pred, (cls_similarity(pred, gt) if pred is not None else 0.0)
+    pred = parse_boxes(text)
+    return pred, (det_similarity(pred, gt) if pred is not None else 0.0)
+
+
+# ---------------------------------------------------------------------------- rewards
+def rise_cot_reward(cot, reconstruction, gt, task, forbid_class_names=True):
+    """RISE-CoT consistency reward (SPEC 5.1 step 3, paper eq. 1), in [0, 1]:
+
+        R_CoT = 1[no leak(c)] * 1[format ok(c, a_hat)] * Sim(a_hat, a)
+
+    cot: the chain of thought c; reconstruction: the text a_hat is parsed from; gt: {class:
+    prob} ("cls") or a list of boxes ("det"). forbid_class_names (cls, on by default as in
+    SPEC 5.1 step 1): naming a GT class in c is a leak. Returns reward and components."""
+    names = list(gt) if task == "cls" and forbid_class_names else None
+    leak = leaks(cot, task, class_names=names)
+    pred, sim = parse_and_score(reconstruction, gt, task)
+    fmt = is_narrative(cot) and pred is not None
+    return {"reward": float((not leak) * fmt * sim), "leak": leak, "format": fmt, "similarity": sim}
+
+
+def rise_r1_reward(text, gt, task):
+    """RISE-R1 GRPO reward (SPEC 5.2 step 3, paper eq. 9), in [0, 2]:
+
+        R = Sim(a_hat, a) + R_fmt
+
+    a_hat is parsed from the single <answer> block. R_fmt = 1 if the whole output is
+    exactly <think>c</think><answer>a</answer> with a non-empty c and a parsable a
+    (classification: times exp(-|sum q - 1|)), else 0."""
+    pred, sim = parse_and_score(answer_text(text), gt, task)
+    parts = parse_think_answer(text)
+    fmt = 0.0
+    if parts is not None and parts[0] and pred is not None:
+        fmt = 1.0 if task == "det" else math.exp(-min(abs(sum(pred.values()) - 1.0), 700.0))
+    return {"reward": sim + fmt, "similarity": sim, "format": fmt}
+
+
+def think_reward(text):
+    """Seg-RISE R_think (SPEC 5.3): 1 if the output is <think>...</think>\\s*<answer>...</answer>
+    (one of each, non-empty, nothing else around them), else 0."""
+    parts = parse_think_answer(text)
+    return 1.0 if parts is not None and parts[0] and parts[1] else 0.0
+
+
+def seg_format_reward(text, width, height):
+    """Seg-RISE R_seg (SPEC 5.3): 1 if the answer is valid JSON with a 4-number box,
+    0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height, and two 2-number (finite) points;
+    else 0. Point positions are not checked: point accuracy is never rewarded. The answer
+    is the <answer> block, or the whole text when it has no <answer> tag (--no-cot)."""
+    ans = answer_text(text) if isinstance(text, str) and "<answer>" in text else text
+    parsed = parse_seg_answer(ans)
+    if parsed is None:
+        return 0.0
+    x1, y1, x2, y2 = parsed[0]
+    return 1.0 if 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height else 0.0
+
+
+def crop_box(image, box):
+    """PIL crop of a pixel box, rounded outwards to whole pixels and clipped to the image;
+    None if the box is invalid or has no pixel inside the image."""
+    box = valid_box(box)
+    if box is None:
+        return None
+    w, h = image.size
+    x1, y1 = max(0, math.floor(box[0])), max(0, math.floor(box[1]))
+    x2, y2 = min(w, math.ceil(box[2])), min(h, math.ceil(box[3]))
+    return image.crop((x1, y1, x2, y2)) if x1 < x2 and y1 < y2 else None
+
+
+def clip_semantic_reward(model, preprocess, tokenizer, image, boxes, instruction, text_cache=None):
+    """Seg-RISE R_sem (SPEC 5.3): for each box, max(0, cos(CLIP_img(crop), CLIP_txt(instr))).
+
+    model/preprocess/tokenizer: an open_clip model, its image transform and tokenizer.
+    boxes: one box (original-image pixels) or None per completion of the group. All valid
+    crops are embedded in ONE batch; invalid/None boxes get 0 without being embedded. The
+    text embedding is computed once per instruction and stored in text_cache (a dict
+    keyed by instruction) when one is given.
+    Why max(0, .): an invalid box scores 0, so a valid box must never score below it,
+    otherwise breaking the format would be the better move for a poorly matching crop."""
+    rewards = [0.0] * len(boxes)
+    crops = [(i, crop_box(image, b)) for i, b in enumerate(boxes)]
+    crops = [(i, c) for i, c in crops if c is not None]
+    if not crops:
+        return rewards
+    param = next(model.parameters())
+    with torch.no_grad():
+        cache = text_cache if text_cache is not None else {}
+        if instruction not in cache:
+            txt = model.encode_text(tokenizer([instruction]).to(param.device)).float()
+            cache[instruction] = txt / txt.norm(dim=-1, keepdim=True)
+        txt = cache[instruction]
+        batch = torch.stack([preprocess(c) for _, c in crops]).to(param.device, param.dtype)
+        img = model.encode_image(batch).float()
+        cos = (img / img.norm(dim=-1, keepdim=True)) @ txt[0]
+    for (i, _), c in zip(crops, cos.tolist()):
+        rewards[i] = max(0.0, min(1.0, c)) if math.isfinite(c) else 0.0
+    return rewards
+
+
+# ---------------------------------------------------------------------------- metrics
+def jsd(p, q):
+    """Jensen-Shannon divergence, natural log, in [0, ln 2] (RISE evaluation, SPEC 5.2):
+
+        JSD = 0.5 KL(p || m) + 0.5 KL(q || m),  m = (p + q) / 2
+
+    p and q are renormalised to sum 1 first (as scipy's jensenshannon does; equals its
+    square). Empty, negative, non-finite or all-zero input is the worst case, ln 2."""
+    p, q = np.asarray(p, dtype=float).ravel(), np.asarray(q, dtype=float).ravel()
+    if p.shape != q.shape:
+        raise ValueError("jsd: p and q have different lengths")
+    if p.size == 0 or not (np.isfinite(p).all() and np.isfinite(q).all()):
+        return LN2
+    if (p < 0).any() or (q < 0).any() or p.max() <= 0 or q.max() <= 0:
+        return LN2
+    p, q = p / p.max(), q / q.max()  # first scale by the max: summing 1e308s would overflow
+    p, q = p / p.sum(), q / q.sum()
+    m = 0.5 * (p + q)
+    d = 0.5 * rel_entr(p, m).sum() + 0.5 * rel_entr(q, m).sum()
+    return float(min(max(d, 0.0), LN2))
+
+
+def probs_vector(pred, classes):
+    """{class: prob} -> list aligned with classes. Names match case- and whitespace-
+    insensitively (duplicates after that are summed); missing classes are 0."""
+    merged = defaultdict(float)
+    for k, v in (pred or {}).items():
+        merged[k.strip().lower()] += v
+    return [merged.get(c.strip().lower(), 0.0) for c in classes]
+
+
+def win_rate(baseline_jsds, our_jsds):
+    """WR (RISE eval): fraction of samples where the baseline's JSD is strictly lower than
+    ours (ties are not baseline wins). Lower is better for us. Empty -> 0.0."""
+    if len(baseline_jsds) != len(our_jsds):
+        raise ValueError("win_rate: lists differ in length")
+    wins = sum(b < o for b, o in zip(baseline_jsds, our_jsds))
+    return wins / len(our_jsds) if our_jsds else 0.0
+
+
+def accuracy(pred_labels, gt_labels):
+    """Fraction of exact matches; a None (unparsable) prediction is wrong. Empty -> 0.0."""
+    if len(pred_labels) != len(gt_labels):
+        raise ValueError("accuracy: lists differ in length")
+    hits = sum(p is not None and p == g for p, g in zip(pred_labels, gt_labels))
+    return hits / len(gt_labels) if gt_labels else 0.0
+
+
+def _average_precision(dets, gts_by_img, iou_thresh):
+    """COCO AP of one class: dets = [(score, image, box)] in output order."""
+    n_gt = sum(len(b) for b in gts_by_img.values())
+    used = {img: [False] * len(b) for img, b in gts_by_img.items()}
+    tp = []
+    for score, img, box in sorted(dets, key=lambda d: -d[0]):  # stable: ties keep order
+        best, best_iou = -1, min(iou_thresh, 1 - 1e-10)
+        for j, g in enumerate(gts_by_img.get(img, [])):
+            iou = box_iou(box, g)
+            if not used[img][j] and iou >= best_iou:  # >=: ties go to the later GT (pycocotools)
+                best, best_iou = j, iou
+        if best >= 0:
+            used[img][best] = True
+        tp.append(best >= 0)
+    tp = np.array(tp, dtype=bool)
+    tp_sum, fp_sum = np.cumsum(tp).astype(float), np.cumsum(~tp).astype(float)
+    recall = tp_sum / n_gt
+    precision = tp_sum / (tp_sum + fp_sum + np.spacing(1))
+    precision = np.maximum.accumulate(precision[::-1])[::-1]  # precision envelope
+    idx = np.searchsorted(recall, np.linspace(0.0, 1.0, 101), side="left")
+    return float(np.mean([precision[i] if i < len(precision) else 0.0 for i in idx]))
+
+
+def map50(predictions, ground_truths, iou_thresh=0.5):
+    """mAP@0.5, COCO style (SPEC 5.2 step 6), agreeing with pycocotools COCOeval:
+    per class, detections of all images sorted by score (stable), greedily matched to the
+    best unmatched GT of their image with IoU >= 0.5; AP = mean of the interpolated
+    precision at the 101 recall points 0, 0.01, ..., 1; mAP = mean over classes present
+    in the ground truth (classes only predicted are ignored, as in COCO).
+
+    One dict per image: {"boxes": [[x1,y1,x2,y2], ...], "labels": [...], "scores": [...]}.
+    Predictions may omit "scores" (1.0 each, so output order decides) or be None."""
+    if len(predictions) != len(ground_truths):
+        raise ValueError("map50: one prediction dict per ground-truth image")
+    gts = defaultdict(lambda: defaultdict(list))
+    for i, g in enumerate(ground_truths):
+        for box, label in zip(g["boxes"], g["labels"]):
+            gts[label][i].append(box)
+    dets = defaultdict(list)
+    for i, p in enumerate(predictions):
+        p = p if isinstance(p, dict) else {}
+        boxes, labels = p.get("boxes") or [], p.get("labels") or []
+        scores = p.get("scores") or [1.0] * len(boxes)
+        if not len(boxes) == len(labels) == len(scores):
+            raise ValueError("map50: image %d has %d boxes, %d labels, %d scores"
+                             % (i, len(boxes), len(labels), len(scores)))
+        for box, label, s in zip(boxes, labels, scores):
+            s = _number(s)
+            dets[label].append((-math.inf if s is None else s, i, box))
+    aps = [_average_precision(dets.get(c, []), gts[c], iou_thresh) for c in gts]
+    return float(np.mean(aps)) if aps else 0.0
+
+
+def mask_iou_stats(pred_masks, gt_masks):
+    """Seg-RISE metrics (SPEC 5.3): gIoU = mean over samples of |P & G| / |P | G|, cIoU =
+    sum |P & G| / sum |P | G|. None prediction = empty mask. Empty vs empty is a perfect
+    answer: IoU 1.0 (cIoU 1.0 when every union is empty). No samples -> (0.0, 0.0)."""
+    if len(pred_masks) != len(gt_masks):
+        raise ValueError("mask_iou_stats: lists differ in length")
+    ious, inter_sum, union_sum = [], 0, 0
+    for p, g in zip(pred_masks, gt_masks):
+        g = np.asarray(g, dtype=bool)
+        p = np.zeros_like(g) if p is None else np.asarray(p, dtype=bool)
+        if p.shape != g.shape:
+            raise ValueError("mask_iou_stats: mask shapes differ %s vs %s" % (p.shape, g.shape))
+        inter, union = int(np.logical_and(p, g).sum()), int(np.logical_or(p, g).sum())
+        ious.append(inter / union if union else 1.0)
+        inter_sum, union_sum = inter_sum + inter, union_sum + union
+    if not ious:
+        return 0.0, 0.0
+    return float(np.mean(ious)), (inter_sum / union_sum if union_sum else 1.0)

@@ -1,0 +1,1600 @@
+"""The test suite: every test runs offline on CPU, on a tiny model the tests build themselves.
+
+    python -m pytest -q test_all.py
+
+Expected values are independent of the code under test: worked out by hand in the comments,
+computed by scipy / pycocotools on the same inputs, or a sample run alone vs in a batch.
+"""
+import contextlib
+import hashlib
+import io
+import itertools
+import json
+import math
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings, strategies as st
+from PIL import Image
+
+import data
+import grpo
+import rewards as R
+import vlm
+from dpo import dpo_loss, sequence_logp, step_dpo_loss
+from grpo import group_advantages, grpo_loss, zero_std_fraction
+
+ROOT = Path(__file__).resolve().parent
+LN2 = math.log(2.0)
+
+
+# ====================================================================================================
+# vlm.py: model I/O, sampling, log-probs, DeepSpeed (issue: foundation)
+# ====================================================================================================
+@pytest.fixture(scope="session")
+def tiny_dir(tmp_path_factory):
+    """A random (not pretrained) tiny model, built by the tests themselves: nothing downloaded."""
+    vlm.CACHE = tmp_path_factory.mktemp("cache")          # keep the user's cache out of the tests
+    return vlm.build_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0, pretrain=False)
+
+
+@pytest.fixture(scope="session")
+def tiny(tiny_dir):
+    model, processor = vlm.load_model(tiny_dir)
+    return model, processor
+
+
+def solid(rgb, size=56):
+    return Image.new("RGB", (size, size), rgb)
+
+
+def test_tiny_model_is_real_qwen2vl_and_tokenizer_keeps_tags(tiny):
+    model, processor = tiny
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert type(processor).__name__ == "Qwen2VLProcessor"
+    tok = processor.tokenizer
+    for tag in vlm.TAG_TOKENS + vlm.SPECIAL_TOKENS:        # every tag and special token is ONE token
+        assert len(tok.encode(tag, add_special_tokens=False)) == 1, tag
+    ids = tok.encode("<think>a red circle</think><answer>[1,2,3,4]</answer><|im_end|>", add_special_tokens=False)
+    assert tok.decode(ids, skip_special_tokens=True) == "<think>a red circle</think><answer>[1,2,3,4]</answer>"
+    # Qwen2's pre-tokenizer splits digits one by one: "1000" is 4 tokens
+    assert len(tok.encode("1000", add_special_tokens=False)) == 4
+
+
+def test_padded_batch_logprobs_equal_each_sample_alone(tiny):
+    model, processor = tiny
+    convs = [[vlm.user_turn("What colour is this image?")],
+             [vlm.user_turn("Give the box of the red circle as [x1,y1,x2,y2]. Think first, then answer.")]]
+    images = [[solid((220, 40, 40))], [solid((40, 80, 220), 84)]]
+    batch = vlm.chat_inputs(processor, convs, images)
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths[0] < lengths[1] and batch["attention_mask"][0, 0] == 0      # sample 0 is left-padded
+    torch.manual_seed(0)
+    roll = vlm.sample(model, processor, batch, num_generations=2, max_new_tokens=10)
+    together = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"])
+    for i in range(4):
+        alone_batch = vlm.chat_inputs(processor, [convs[i // 2]], [images[i // 2]])
+        n = int(roll["completion_mask"][i].sum())
+        alone = vlm.completion_logprobs(model, dict(alone_batch), roll["completion_ids"][i:i + 1, :n],
+                                        roll["completion_mask"][i:i + 1, :n])
+        torch.testing.assert_close(together[i, :n], alone[0], atol=1e-5, rtol=0)
+
+
+def test_logprobs_equal_the_scores_generate_sampled_with(tiny):
+    model, processor = tiny
+    batch = vlm.chat_inputs(processor, [[vlm.user_turn("Describe the image.")]], [[solid((40, 170, 60))]])
+    torch.manual_seed(1)
+    roll = vlm.sample(model, processor, batch, num_generations=4, max_new_tokens=12, temperature=0.7,
+                      return_scores=True)
+    ours = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
+                                   temperature=0.7, suppress=vlm.suppressed_ids(processor))
+    mask = roll["completion_mask"].bool()
+    torch.testing.assert_close(ours[mask], roll["sampled_logp"][mask], atol=1e-4, rtol=0)
+    # and the temperature matters: at T=1 the same tokens get other log-probs
+    at_one = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
+                                     temperature=1.0, suppress=vlm.suppressed_ids(processor))
+    assert (at_one[mask] - roll["sampled_logp"][mask]).abs().max() > 1e-3
+
+
+def test_batch2_group3_each_completion_is_scored_under_its_own_image(tiny):
+    model, processor = tiny
+    red, blue = solid((220, 40, 40)), solid((40, 80, 220))
+    convs = [[vlm.user_turn("What colour is this image?")]] * 2
+    batch = vlm.chat_inputs(processor, convs, [[red], [blue]])
+    torch.manual_seed(2)
+    roll = vlm.sample(model, processor, batch, num_generations=3, max_new_tokens=8, return_scores=True)
+    ids, mask = roll["completion_ids"], roll["completion_mask"]
+    # prompt-major order: rows 0-2 answer the red image, rows 3-5 the blue one
+    rows = batch["image_grid_thw"][0].prod().item()
+    expanded = roll["prompt"]["pixel_values"]
+    for i in range(6):
+        own = batch["pixel_values"][:rows] if i < 3 else batch["pixel_values"][rows:]
+        torch.testing.assert_close(expanded[i * rows:(i + 1) * rows], own)
+    suppress = vlm.suppressed_ids(processor)
+    own_logp = vlm.completion_logprobs(model, roll["prompt"], ids, mask, suppress=suppress)
+    torch.testing.assert_close(own_logp[mask.bool()], roll["sampled_logp"][mask.bool()], atol=1e-4, rtol=0)
+    # the same completions scored with the images swapped: every row changes
+    swapped = vlm.repeat_batch(vlm.chat_inputs(processor, convs, [[blue], [red]]), 3,
+                               processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+    other_logp = vlm.completion_logprobs(model, swapped, ids, mask, suppress=suppress)
+    per_row_diff = ((own_logp - other_logp).abs() * mask).sum(1)
+    assert (per_row_diff > 1e-4).all(), per_row_diff
+    # the bug this guards against: repeating pixel_values wholesale gives rows 1, 2 the wrong image
+    wholesale = batch["pixel_values"].repeat(3, 1)
+    assert not torch.equal(wholesale[rows:2 * rows], expanded[rows:2 * rows])
+
+
+def test_image_pad_token_is_never_sampled(tiny_dir):
+    model, processor = vlm.load_model(tiny_dir)
+    with torch.no_grad():                    # a uniform policy: every token equally likely
+        model.lm_head.weight.zero_()
+    batch = vlm.chat_inputs(processor, [[vlm.user_turn("Say anything.")]] * 2, [[solid((0, 0, 0))]] * 2)
+    vision = torch.tensor(vlm.suppressed_ids(processor))
+    torch.manual_seed(3)
+    roll = vlm.sample(model, processor, batch, num_generations=8, max_new_tokens=64)
+    sampled = roll["completion_ids"][roll["completion_mask"].bool()]
+    assert sampled.numel() > 500
+    assert not torch.isin(sampled, vision).any()
+    # control: without the suppression the same uniform policy does emit vision tokens
+    expanded = vlm.repeat_batch(batch, 8, processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+    torch.manual_seed(3)
+    raw = model.generate(**expanded, max_new_tokens=64, do_sample=True, top_k=0, top_p=1.0, eos_token_id=[])
+    assert torch.isin(raw[:, expanded["input_ids"].shape[1]:], vision).any()
+
+
+def test_too_long_prompt_is_rejected_not_cut_inside_image_tokens(tiny):
+    _, processor = tiny
+    conv = [[vlm.user_turn("a long question " * 40)]]
+    full = vlm.chat_inputs(processor, conv, [[solid((1, 2, 3))]])
+    n = int(full["attention_mask"].sum())
+    with pytest.raises(vlm.PromptTooLong, match=f"{n} tokens"):
+        vlm.chat_inputs(processor, conv, [[solid((1, 2, 3))]], max_prompt_len=n - 1)
+    assert vlm.chat_inputs(processor, conv, [[solid((1, 2, 3))]], max_prompt_len=n)["input_ids"].shape[1] == n
+
+
+def test_completion_mask_stops_after_first_eos():
+    eos = [7]
+    ids = torch.tensor([[5, 7, 9, 7], [1, 2, 3, 4], [7, 0, 0, 0]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])   # EOS itself is kept
+    assert torch.equal(vlm.completion_mask_from_ids(ids, eos), expected)
+
+
+def test_save_load_gives_identical_outputs(tiny, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    again, processor2 = vlm.load_model(tmp_path)
+    batch = vlm.chat_inputs(processor2, [[vlm.user_turn("Describe the image.")]], [[solid((9, 99, 199))]])
+    assert torch.equal(batch["input_ids"], vlm.chat_inputs(processor, [[vlm.user_turn("Describe the image.")]],
+                                                           [[solid((9, 99, 199))]])["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, again(**batch).logits, atol=0, rtol=0)
+
+
+def test_sft_loss_counts_only_assistant_tokens(tiny):
+    model, processor = tiny
+    conv = [vlm.user_turn("What colour is this image?"), vlm.assistant_turn("red")]
+    batch = vlm.chat_inputs(processor, [conv], [[solid((220, 40, 40))]], add_generation_prompt=False)
+    mask = vlm.assistant_mask(batch["input_ids"], processor)[0]
+    tok = processor.tokenizer
+    # the target is exactly "red<|im_end|>"
+    assert tok.decode(batch["input_ids"][0][mask.bool()]) == "red<|im_end|>"
+    # independent computation: cross-entropy of the two target tokens from the logits
+    with torch.no_grad():
+        logits = model(**batch).logits[0]
+        positions = mask.nonzero().squeeze(1)
+        manual = torch.stack([-logits[p - 1].log_softmax(-1)[batch["input_ids"][0, p]] for p in positions]).mean()
+        torch.testing.assert_close(vlm.sft_loss(model, processor, [conv], [[solid((220, 40, 40))]]), manual)
+    # a different prompt with the same answer changes the loss (conditioning) but not the target
+    conv2 = [vlm.user_turn("Name the colour of the picture, please."), vlm.assistant_turn("red")]
+    b2 = vlm.chat_inputs(processor, [conv2], [[solid((220, 40, 40))]], add_generation_prompt=False)
+    assert tok.decode(b2["input_ids"][0][vlm.assistant_mask(b2["input_ids"], processor)[0].bool()]) == "red<|im_end|>"
+
+
+def test_two_assistant_turns_are_both_targets(tiny):
+    _, processor = tiny
+    conv = [vlm.user_turn("Q?"), vlm.assistant_turn("[0.1,0.2,0.3,0.4]"),
+            vlm.user_turn("Now answer."), vlm.assistant_turn("blue")]
+    batch = vlm.chat_inputs(processor, [conv], [[solid((1, 1, 1)), solid((2, 2, 2))]], add_generation_prompt=False)
+    mask = vlm.assistant_mask(batch["input_ids"], processor)[0]
+    assert processor.tokenizer.decode(batch["input_ids"][0][mask.bool()]) == "[0.1,0.2,0.3,0.4]<|im_end|>blue<|im_end|>"
+
+
+def test_box_frames_both_ways_for_both_model_families(tiny):
+    _, processor = tiny
+    # Qwen2-VL: 0..1000 of the original image. A 200x100 image: x*5, y*10.
+    assert vlm.to_model_frame([20, 10, 100, 50], "qwen2_vl", (200, 100)) == [100, 100, 500, 500]
+    assert vlm.from_model_frame([100, 100, 500, 500], "qwen2_vl", (200, 100)) == [20, 10, 100, 50]
+    # Qwen2.5-VL: pixels of the resized input. The tiny processor (patch 14 x merge 2 = 28,
+    # max 224*224 pixels) resizes 280x140 to 280x140 (both multiples of 28, 39200 <= 50176): scale 1.
+    assert vlm.to_model_frame([28, 14, 140, 70], "qwen2_5_vl", (280, 140), processor) == [28, 14, 140, 70]
+    # 560x280 has 156800 > 50176 pixels: beta = sqrt(156800/50176) = 1.7678; 560/1.7678 = 316.8 -> floor
+    # to a multiple of 28: 308; 280/1.7678 = 158.4 -> 140. So x scales by 308/560 = 0.55, y by 140/280 = 0.5.
+    assert vlm.to_model_frame([100, 100, 200, 200], "qwen2_5_vl", (560, 280), processor) == [55, 50, 110, 100]
+    back = vlm.from_model_frame([55, 50, 110, 100], "qwen2_5_vl", (560, 280), processor)
+    assert back == pytest.approx([100, 100, 200, 200])
+
+
+# ============================================================================ two ranks, ZeRO-3, CPU
+def test_two_rank_zero3_step_on_cpu(tiny_dir, tmp_path):
+    """`deepspeed --num_gpus 2` on CPU (gloo): one GRPO step under ZeRO-3 leaves the same
+    parameters on both ranks (gradients were all-reduced) while each rank sampled its own
+    completions (per-rank seeds)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29533", str(ROOT / "grpo.py"), "--model", str(tiny_dir),
+           "--out", str(tmp_path), "--max-steps", "1", "--num-generations", "8", "--deepspeed",
+           str(ROOT / "ds_zero3.json"), "--dump-rank-state", "--lr", "1e-2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    assert ranks[0]["texts"] != ranks[1]["texts"]
+    model, _ = vlm.load_model(tiny_dir)
+    initial = sum(p.detach().double().sum().item() for p in model.parameters())
+    assert abs(initial - ranks[0]["checksum"]) > 1e-3           # the step really changed the weights
+
+
+# ====================================================================================================
+# data.py: manifests, shapes world, prompts
+# ====================================================================================================
+N_TRAIN, N_TEST = 10, 5
+
+
+def _hashes(root):
+    root = Path(root)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    data.make_shapes_world(out, n_train=N_TRAIN, n_test=N_TEST, seed=0)
+    return out
+
+
+def _records(world, task, split="train"):
+    recs, skipped = data.read_manifest(world / task / f"{split}.jsonl", data.MANIFEST_TASK[task])
+    assert skipped == 0
+    return recs
+
+
+def _pixels(rec):
+    return np.asarray(Image.open(rec["image_path"]).convert("RGB"))
+
+
+def _colour_mask(img, name):
+    return np.all(img == np.array(data.COLORS[name], dtype=np.uint8), axis=-1)
+
+
+# ------------------------------------------------------------------ shapes world: files
+def test_same_seed_same_bytes_different_seed_differs(world, tmp_path):
+    first = _hashes(world)
+    n_images = N_TRAIN + N_TEST
+    assert len(first) == len(data.SHAPE_TASKS) * (2 + n_images) + n_images   # + seg masks
+    data.make_shapes_world(tmp_path / "again", N_TRAIN, N_TEST, seed=0)
+    assert _hashes(tmp_path / "again") == first
+    data.make_shapes_world(tmp_path / "other", N_TRAIN, N_TEST, seed=1)
+    other = _hashes(tmp_path / "other")
+    assert set(other) == set(first)
+    assert sum(other[k] != first[k] for k in first) > len(first) // 2
+    for task in data.SHAPE_TASKS:                   # train and test are different streams
+        assert first[f"{task}/images/train_00000.png"] != first[f"{task}/images/test_00000.png"]
+
+
+def test_cli_matches_function(tmp_path):
+    cmd = [sys.executable, str(ROOT / "data.py"), "shapes", "--out", str(tmp_path / "cli"),
+           "--n-train", "3", "--n-test", "2", "--seed", "7"]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path)
+    data.make_shapes_world(tmp_path / "fn", 3, 2, 7)
+    assert _hashes(tmp_path / "cli") == _hashes(tmp_path / "fn")
+
+
+@pytest.mark.parametrize("task", data.SHAPE_TASKS)
+def test_every_manifest_is_valid_and_scenes_are_sane(world, task):
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        recs = _records(world, task, split)
+        assert [r["id"] for r in recs] == [f"{task}-{split}-{i:05d}" for i in range(n)]
+        for r in recs:
+            img = Image.open(r["image_path"])
+            assert img.mode == "RGB" and img.size == (data.IMAGE_SIZE, data.IMAGE_SIZE)
+            px = np.asarray(img)
+            bg = px[~np.any(np.stack([_colour_mask(px, c) for c in data.COLORS]), axis=0)]
+            assert (bg == bg[0]).all() and 200 <= bg[0, 0] <= 245 and len(set(bg[0])) == 1
+            boxes = [s["box"] for s in r["scene"]]
+            for b in boxes:
+                assert data.box_problem(b) is None and max(b) <= data.IMAGE_SIZE
+                assert b[2] - b[0] == b[3] - b[1] and all(isinstance(v, int) for v in b)
+            for i in range(len(boxes)):
+                for j in range(i):
+                    assert data._apart(boxes[i], boxes[j])
+
+
+# ------------------------------------------------------------------ shapes world: labels
+def test_soft_cls_probs_match_pixel_areas(world):
+    for r in _records(world, "soft_cls") + _records(world, "soft_cls", "test"):
+        assert r["classes"] == ["red", "green", "blue", "yellow"]
+        img = _pixels(r)
+        areas = np.array([_colour_mask(img, c).sum() for c in r["classes"]], dtype=float)
+        shape_pixels = (~((img[..., 0] == img[..., 1]) & (img[..., 1] == img[..., 2]))).sum()
+        assert areas.sum() == shape_pixels > 0          # every non-grey pixel is a class colour
+        probs = np.array(r["probs"])
+        assert all(isinstance(p, float) for p in r["probs"])
+        assert abs(probs.sum() - 1) < 1e-9 and np.allclose(probs * 100, np.round(probs * 100))
+        err = np.abs(probs - areas / areas.sum())
+        assert err.max() <= 0.02 + 1e-9 and (err > 0.005 + 1e-9).sum() <= 1
+        assert 2 <= len(r["scene"]) <= 4
+
+
+def test_onehot_cls_names_the_big_shape(world):
+    for r in _records(world, "onehot_cls"):
+        big = max(r["scene"], key=lambda s: s["box"][2] - s["box"][0])
+        assert r["classes"] == data.SHAPES
+        assert r["probs"] == [1.0 if k == big["shape"] else 0.0 for k in data.SHAPES]
+        assert 40 <= big["box"][2] - big["box"][0] <= 56
+        small = [s for s in r["scene"] if s is not big]
+        assert 1 <= len(small) <= 2
+        assert all(s["shape"] != big["shape"] and s["box"][2] - s["box"][0] <= 20 for s in small)
+
+
+def test_det_target_is_unique(world):
+    for r in _records(world, "det"):
+        colour, kind = re.fullmatch(r"the (\w+) (\w+)", r["target"]).groups()
+        pairs = [(s["color"], s["shape"]) for s in r["scene"]]
+        assert len(set(pairs)) == len(pairs) and 2 <= len(pairs) <= 4
+        match = [s for s in r["scene"] if (s["color"], s["shape"]) == (colour, kind)]
+        assert len(match) == 1 and r["boxes"] == [match[0]["box"]]
+        x1, y1, x2, y2 = match[0]["box"]
+        assert _colour_mask(_pixels(r)[y1:y2, x1:x2], colour).any()
+
+
+def test_multi_det_boxes_are_all_of_the_kind(world):
+    plural = {v: k for k, v in data.PLURAL.items()}
+    for r in _records(world, "multi_det"):
+        kind = plural[r["target"]]
+        of_kind = [s["box"] for s in r["scene"] if s["shape"] == kind]
+        assert sorted(r["boxes"]) == sorted(of_kind) and 1 <= len(of_kind) <= 3
+        assert 1 <= len(r["scene"]) - len(of_kind) <= 2
+
+
+def test_seg_mask_is_exactly_the_target_pixels(world):
+    for r in _records(world, "seg") + _records(world, "seg", "test"):
+        colour, kind = re.fullmatch(r"the (\w+) (\w+)", r["instruction"]).groups()
+        assert sum((s["color"], s["shape"]) == (colour, kind) for s in r["scene"]) == 1
+        mask_img = Image.open(r["mask_path"])
+        assert mask_img.mode == "L" and r["mask"].startswith("masks/")
+        mask = np.asarray(mask_img)
+        assert set(np.unique(mask)) <= {0, 255}
+        x1, y1, x2, y2 = r["box"]
+        expected = np.zeros(mask.shape, bool)
+        expected[y1:y2, x1:x2] = _colour_mask(_pixels(r)[y1:y2, x1:x2], colour)
+        assert expected.any() and np.array_equal(mask > 0, expected)
+        ys, xs = np.nonzero(mask)                    # the box is the mask's tight extent
+        assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == [x1, y1, x2, y2]
+
+
+def test_vqa_answer_matches_the_quadrant_shape(world):
+    half = data.IMAGE_SIZE // 2
+    for r in _records(world, "vqa") + _records(world, "vqa", "test"):
+        m = re.fullmatch(r"What (colour is the shape|shape is) in the (top|bottom)-(left|right)\?",
+                         r["question"])
+        assert m, r["question"]
+        row, col = m.group(2) == "bottom", m.group(3) == "right"
+        quads = [((s["box"][1] >= half), (s["box"][0] >= half)) for s in r["scene"]]
+        assert sorted(quads) == [(False, False), (False, True), (True, False), (True, True)]
+        shape = r["scene"][quads.index((row, col))]
+        assert r["box"] == shape["box"]
+        x1, y1, x2, y2 = shape["box"]
+        inside = _pixels(r)[y1:y2, x1:x2]
+        if m.group(1).startswith("colour"):
+            assert r["answer"] == shape["color"] and _colour_mask(inside, r["answer"]).any()
+        else:
+            assert r["answer"] == shape["shape"]
+
+
+# ------------------------------------------------------------------ manifest validation
+GOOD_CLS = {"id": "ok", "image": "ok.png", "classes": ["a", "b"], "probs": [0.5, 0.5]}
+GOOD_DET = {"id": "ok", "image": "ok.png", "target": "the cat", "boxes": [[1, 2, 30, 40]]}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    Image.new("RGB", (50, 50), (9, 9, 9)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_text("this is not a picture")
+    return tmp_path
+
+
+def _write(folder, lines, name="m.jsonl"):
+    path = folder / name
+    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
+    return path
+
+
+BAD = [  # (task, bad line, words the message must contain)
+    ("cls", '{"id": "x", "image": ', "invalid JSON"),
+    ("cls", '["not", "an", "object"]', "not a JSON object"),
+    ("cls", {"id": "x", "image": "ok.png", "classes": ["a"]}, "missing field(s): probs"),
+    ("cls", dict(GOOD_CLS, id="x", image="nowhere.png"), "image file not found"),
+    ("cls", dict(GOOD_CLS, id="x", image="broken.png"), "unreadable image"),
+    ("cls", dict(GOOD_CLS, id="x", probs=[1.2, -0.2]), "negative probability"),
+    ("cls", dict(GOOD_CLS, id="x", probs=[0.5, 0.6]), "sum to 1.1000"),
+    ("cls", dict(GOOD_CLS, id="x", probs=[0.5, 0.3, 0.2]), "2 classes but 3 probs"),
+    ("cls", '{"id": "x", "image": "ok.png", "classes": ["a", "b"], "probs": [NaN, 1]}',
+     "non-finite"),
+    ("cls", GOOD_CLS, "duplicate id 'ok' (first on line 1)"),
+    ("det", dict(GOOD_DET, id="x", boxes=[[10, 10, 10, 20]]), "degenerate"),
+    ("det", dict(GOOD_DET, id="x", boxes=[[10, 10, 5, 20]]), "degenerate"),
+    ("det", dict(GOOD_DET, id="x", boxes=[[-1, 10, 5, 20]]), "negative coordinate"),
+    ("det", dict(GOOD_DET, id="x", boxes=[[1, 2, 3]]), "not 4 numbers"),
+    ("det", dict(GOOD_DET, id="x", boxes=[[1, 2, "3", 4]]), "not 4 numbers"),
+    ("det", dict(GOOD_DET, id="x", boxes=[]), "non-empty list"),
+    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "no.png"},
+     "mask file not found"),
+    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "box": [5, 5, 5, 9]},
+     "degenerate"),
+    ("vqa", {"id": "x", "image": "ok.png", "question": "What?"}, "missing field(s): answer"),
+    ("vqa", {"id": "x", "image": "ok.png", "question": "What?", "answer": ""}, "answer"),
+]
+GOOD = {"cls": GOOD_CLS, "det": GOOD_DET,
+        "seg": {"id": "ok", "image": "ok.png", "instruction": "it"},
+        "vqa": {"id": "ok", "image": "ok.png", "question": "What?", "answer": "red"}}
+
+
+@pytest.mark.parametrize("task,line,words", BAD, ids=[b[2] for b in BAD])
+def test_bad_record_names_file_and_line(folder, task, line, words):
+    path = _write(folder, [GOOD[task], "", line])          # blank line 2: the bad one is line 3
+    with pytest.raises(data.ManifestError) as info:
+        data.read_manifest(path, task)
+    assert isinstance(info.value, ValueError) and info.value.line == 3
+    assert str(info.value).startswith(f"{path}:3: ") and words in str(info.value)
+
+
+@pytest.mark.parametrize("task", ["cls", "det", "seg", "vqa"])
+def test_skip_bad_skips_counts_and_warns(folder, task, capsys):
+    bad = [line for t, line, _ in BAD if t == task]
+    last_good = dict(GOOD[task], id="last")
+    path = _write(folder, [GOOD[task]] + bad + [last_good])
+    recs, skipped = data.read_manifest(path, task, skip_bad=True)
+    assert [r["id"] for r in recs] == ["ok", "last"] and skipped == len(bad)
+    err = capsys.readouterr().err
+    for lineno in range(2, 2 + len(bad)):
+        assert f"{path}:{lineno}: " in err
+    assert f"skipped {len(bad)} bad record(s)" in err
+
+
+def test_read_manifest_keeps_fields_and_adds_absolute_paths(folder):
+    Image.new("L", (50, 50)).save(folder / "m.png")
+    rec = {"id": 3, "image": "ok.png", "instruction": "the ünïcode thing", "mask": "m.png",
+           "extra": {"k": [1]}}
+    path = folder / "sub" / "x.jsonl"
+    (folder / "sub").mkdir()
+    data.write_jsonl(path, [dict(rec, image="../ok.png", mask="../m.png")])
+    assert "ünïcode" in path.read_text(encoding="utf-8") and path.read_text().count("\n") == 1
+    assert list(json.loads(path.read_text())) == ["id", "image", "instruction", "mask", "extra"]
+    (out,), skipped = data.read_manifest(path, "seg")
+    assert skipped == 0 and out["extra"] == {"k": [1]} and out["image"] == "../ok.png"
+    assert Path(out["image_path"]).is_absolute() and Path(out["image_path"]).is_file()
+    assert Path(out["mask_path"]).is_file()
+    with pytest.raises(ValueError):
+        data.read_manifest(path, "soft_cls")
+
+
+# ------------------------------------------------------------------ prompts and text
+def test_formatting_helpers():
+    classes = ["red", "green", "blue", "yellow"]
+    assert data.format_probs(classes, [0.5, 0.0, 0.25, 0.25]) == \
+        '{"red": 0.50, "green": 0.00, "blue": 0.25, "yellow": 0.25}'
+    assert data.format_probs(["a"], [-0.0]) == '{"a": 0.00}'
+    assert data.format_box([12, 40.2, 56, 90]) == "[12,40,56,90]"
+    assert data.format_boxes([[12, 40, 56, 90], [1, 2, 3, 4]]) == "[[12,40,56,90],[1,2,3,4]]"
+    assert data.format_norm_box([0, 28, 56, 112], 112, 112) == "[0.00,0.25,0.50,1.00]"
+    assert data.class_list(classes) == "red, green, blue, yellow"
+    assert data.cot_prompt_cls(["a", "b"], [1, 0]).endswith(
+        "Do not write any numbers or class names.")
+    assert data.cot_prompt_cls(["a", "b"], [1, 0], mask_names=False).startswith(
+        'The answer is {"a": 1.00, "b": 0.00}. Describe the image')
+    assert data.cot_prompt_det("the red circle", [[1, 2, 3, 4]]).startswith(
+        "The red circle is at [1,2,3,4]. Describe where it is")
+    assert data.cot_prompt_det("circles", [[1, 2, 3, 4]], multi=True).startswith(
+        "The circles are at [[1,2,3,4]].")
+    assert data.SEG_PROMPT.format(instruction="the red circle").endswith(
+        'with JSON {"bbox": [x1,y1,x2,y2], "points": [[x,y],[x,y]]}.')
+    assert data.CRITIC_BOX_PROMPT.format(question="Q?", answer="red").endswith(
+        'Reply with JSON {"score": x}, x between 0 and 1.')
+    assert data.REC_PROMPT_MULTI_DET.format(cot="c", target="circles").endswith(
+        "give the boxes of all circles as [[x1,y1,x2,y2], ...].")
+
+
+def test_position_word():
+    s = data.IMAGE_SIZE
+    assert data.position_word([0, 0, 10, 10]) == "top-left"
+    assert data.position_word([50, 50, 60, 60]) == "centre"
+    assert data.position_word([50, 0, 60, 10]) == "top"
+    assert data.position_word([0, 50, 10, 60]) == "left"
+    assert data.position_word([s - 10, s - 10, s, s]) == "bottom-right"
+    assert data.position_word([50, 0, 60, 10], grid=2) == "top-left"
+    assert data.position_word([60, 60, 70, 70], grid=2) == "bottom-right"
+
+
+NUMBER_WORDS = re.compile(r"\b(zero|one|two|three|four|five|six|seven|eight|nine|ten|half|"
+                          r"quarter|third|percent|hundred|dozen|single|pair|twice)\b", re.I)
+NAMES = re.compile(r"\b(" + "|".join(list(data.COLORS) + data.SHAPES) + r")s?\b", re.I)
+
+
+@settings(max_examples=25, deadline=None, database=None)
+@given(seed=st.integers(0, 2**32 - 1), task=st.sampled_from(data.SHAPE_TASKS),
+       with_names=st.booleans(), use_target=st.booleans())
+def test_describe_scene_has_no_numbers(seed, task, with_names, use_target):
+    scene = data.GENERATORS[task](np.random.default_rng(seed))[0]
+    target = scene[seed % len(scene)] if use_target else None
+    text = data.describe_scene(scene, np.random.default_rng(seed), with_names, target)
+    assert text == data.describe_scene(scene, np.random.default_rng(seed), with_names, target)
+    assert not re.search(r"\d", text) and not NUMBER_WORDS.search(text), text
+    assert len(text.split()) <= 45 and text.endswith("."), text
+    if with_names:
+        assert all(s["color"] in text and s["shape"] in text
+                   for s in ([target] if target else scene)), text
+    else:
+        assert not NAMES.search(text), text
+    if target is not None:
+        assert data.position_word(target["box"]) in text
+
+
+# ====================================================================================================
+# grpo.py / dpo.py: losses
+# ====================================================================================================
+def t(x, grad=False):
+    return torch.tensor(x, dtype=torch.float32, requires_grad=grad)
+
+
+def close(a, b, tol=1e-5):
+    a, b = (x.detach() if torch.is_tensor(x) else x for x in (a, b))
+    return abs(float(a) - float(b)) < tol
+
+
+# --------------------------------------------------------------------------- group_advantages
+
+def test_group_advantages_two_groups_of_four():
+    # group 1 = [1,0,0,1]: mean 0.5, deviations +-0.5,
+    #   unbiased var = (4 * 0.25) / (4 - 1) = 1/3, std = sqrt(1/3) = 0.57735
+    #   A = +-0.5 / (0.57735 + 1e-4) = +-0.86588   (population std 0.5 would give +-0.9998)
+    # group 2 = [2,2,2,2]: every deviation is 0 -> A = 0 / (0 + 1e-4) = 0
+    a = group_advantages(t([1, 0, 0, 1, 2, 2, 2, 2]), group_size=4)
+    g1 = 0.5 / (math.sqrt(1 / 3) + 1e-4)
+    assert torch.allclose(a, t([g1, -g1, -g1, g1, 0, 0, 0, 0]), atol=1e-6)
+    assert close(g1, 0.86588, 1e-5)
+
+
+def test_group_advantages_pairs_and_triples():
+    # G=2, [0,1 | 3,1]: group [0,1]: mean .5, unbiased std = sqrt((.25+.25)/1) = 0.70711
+    #   A = -+0.5/(0.70711+1e-4) = -+0.70701 ; group [3,1]: mean 2, std = sqrt((1+1)/1) = 1.41421
+    #   A = +-1/(1.41421+1e-4) = +-0.70706
+    a = group_advantages(t([0, 1, 3, 1]), group_size=2)
+    p, q = 0.5 / (math.sqrt(0.5) + 1e-4), 1 / (math.sqrt(2) + 1e-4)
+    assert torch.allclose(a, t([-p, p, q, -q]), atol=1e-6)
+    # G=3, [0,1,2]: mean 1, unbiased var = (1+0+1)/2 = 1 -> A = [-1, 0, 1] / 1.0001
+    a = group_advantages(t([0, 1, 2]), group_size=3)
+    assert torch.allclose(a, t([-1 / 1.0001, 0, 1 / 1.0001]), atol=1e-6)
+
+
+def test_group_advantages_unscaled():
+    # scale=False: r - mean. [1,0,0,1] -> [.5,-.5,-.5,.5]; [2,2,2,2] -> 0; [0,4] -> [-2,2]
+    a = group_advantages(t([1, 0, 0, 1, 2, 2, 2, 2]), group_size=4, scale=False)
+    assert torch.allclose(a, t([.5, -.5, -.5, .5, 0, 0, 0, 0]))
+    assert torch.allclose(group_advantages(t([0, 4]), 2, scale=False), t([-2, 2]))
+
+
+def test_group_advantages_bad_input_and_dtype():
+    with pytest.raises(ValueError):
+        group_advantages(t([1, 2, 3]), group_size=2)
+    with pytest.raises(ValueError):
+        group_advantages(t([1, 2]), group_size=1)
+    a = group_advantages(torch.tensor([0, 1], dtype=torch.bfloat16), 2)
+    assert a.dtype == torch.float32
+
+
+def test_zero_std_fraction():
+    # groups [1,0,0,1] (varies) and [2,2,2,2] (constant) -> 1 of 2 = 0.5
+    assert zero_std_fraction(t([1, 0, 0, 1, 2, 2, 2, 2]), 4) == 0.5
+    # [.3,.3,.3] constant, [0,0,1] varies, [1,1,1] constant -> 2 of 3
+    assert close(zero_std_fraction(t([.3, .3, .3, 0, 0, 1, 1, 1, 1]), 3), 2 / 3)
+    assert zero_std_fraction(t([0, 1, 2, 3]), 2) == 0.0
+
+
+# --------------------------------------------------------------------------- grpo_loss
+
+def _two_by_three():
+    """The 2x3 hand example. old_logp = 0, so logp = log(rho) and the ratios are explicit.
+    row 0: A = +1, rho = [1.0, 1.5, 0.5], mask [1,1,1]
+    row 1: A = -1, rho = [1.1, 0.5, pad], mask [1,1,0]   (pad holds NaN: must be ignored)
+    """
+    logp = t([[0.0, math.log(1.5), math.log(0.5)],
+              [math.log(1.1), math.log(0.5), float("nan")]], grad=True)
+    old = torch.zeros(2, 3)
+    adv = t([1.0, -1.0])
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    return logp, old, adv, mask
+
+
+def test_grpo_loss_hand_example_all_norms():
+    # eps = 0.2 -> clip range [0.8, 1.2]; beta = 0 (no KL).
+    # row 0 (A=+1): min(1*1, 1*1) = 1 ; min(1.5, 1.2) = 1.2 (high clip) ; min(0.5, 0.8) = 0.5
+    #               sum 2.7 over 3 tokens
+    # row 1 (A=-1): min(-1.1, -1.1) = -1.1 ; min(-0.5, -0.8) = -0.8 (low clip) ; pad ignored
+    #               sum -1.9 over 2 tokens
+    # seq   : (2.7/3 + -1.9/2)/2 = (0.9 - 0.95)/2 = -0.025  -> loss  0.025
+    # token : (2.7 - 1.9)/5 = 0.16                          -> loss -0.16
+    # fixed : 0.8/(2*3) = 0.13333 -> loss -0.13333 ; max_len=4: 0.8/(2*4) = 0.1 -> loss -0.1
+    expected = {"seq": 0.025, "token": -0.16, "fixed": -0.8 / 6}
+    for norm, want in expected.items():
+        logp, old, adv, mask = _two_by_three()
+        loss, stats = grpo_loss(logp, old, None, adv, mask, beta=0.0, norm=norm)
+        assert close(loss, want), (norm, loss.item(), want)
+        loss.backward()
+        assert torch.isfinite(logp.grad).all() and logp.grad[1, 2] == 0
+    logp, old, adv, mask = _two_by_three()
+    loss, stats = grpo_loss(logp, old, None, adv, mask, beta=0.0, norm="fixed", max_len=4)
+    assert close(loss, -0.1)
+    # stats: clipped tokens = row0 t1 (high) and row1 t1 (low) -> 2/5 valid tokens = 0.4
+    # ratio_mean = (1 + 1.5 + 0.5 + 1.1 + 0.5)/5 = 4.6/5 = 0.92 ; kl = 0 (beta = 0)
+    assert close(stats["clip_fraction"], 0.4)
+    assert close(stats["low_clip_fraction"], 0.2) and close(stats["high_clip_fraction"], 0.2)
+    assert close(stats["ratio_mean"], 0.92)
+    assert stats["kl"] == 0.0 and stats["num_tokens"] == 5
+    assert all(isinstance(v, float) for v in stats.values())
+
+
+def test_grpo_loss_with_kl_by_hand():
+    # One row, 3 tokens, rho = 1 everywhere, A = 0.5 -> surrogate 0.5 per token.
+    # x = ref - logp = [0, ln2, -ln2]; k3 = e^x - x - 1:
+    #   x=0: 1-0-1 = 0 ; x=ln2: 2 - 0.693147 - 1 = 0.306853 ; x=-ln2: 0.5 + 0.693147 - 1 = 0.193147
+    #   sum = 0.5 exactly, mean = 1/6
+    # beta = 0.1: objective = 0.5 - 0.1 * 1/6 = 0.483333 -> loss -0.483333 (one full row:
+    # seq, token and fixed agree)
+    logp = t([[-1.0, -2.0, -0.5]])
+    ref = logp + t([[0.0, LN2, -LN2]])
+    for norm in ("seq", "token", "fixed"):
+        loss, stats = grpo_loss(logp, logp, ref, t([0.5]), torch.ones(1, 3), beta=0.1, norm=norm)
+        assert close(loss, -(0.5 - 0.1 / 6)), norm
+        assert close(stats["kl"], 1 / 6)
+        assert stats["clip_fraction"] == 0.0 and close(stats["ratio_mean"], 1.0)
+
+
+def test_grpo_loss_normalisations_length_bias():
+    # row 0: A=+1, 1 valid token ; row 1: A=-1, 3 valid tokens ; T=4 ; rho=1 -> term = A per token
+    # seq  : (1/1 + -3/3)/2 = 0          -> loss 0     ; dL/dlogp: row0 -1/(2*1) = -0.5,
+    #        row1 +1/(2*3) = +0.1667 each: the long wrong answer's tokens are penalised less
+    # token: (1 - 3)/4 = -0.5            -> loss 0.5   ; every token's grad magnitude 1/4
+    # fixed: (1 - 3)/(2*4) = -0.25       -> loss 0.25  ; every token's grad magnitude 1/8
+    mask = t([[1, 0, 0, 0], [1, 1, 1, 0]])
+    adv = t([1.0, -1.0])
+    cases = {"seq": (0.0, -0.5, 1 / 6), "token": (0.5, -0.25, 0.25), "fixed": (0.25, -0.125, 0.125)}
+    for norm, (want, g0, g1) in cases.items():
+        logp = torch.full((2, 4), -1.0, requires_grad=True)
+        loss, _ = grpo_loss(logp, logp.detach(), None, adv, mask, beta=0.0, norm=norm)
+        loss.backward()
+        assert close(loss, want), norm
+        assert close(logp.grad[0, 0], g0) and torch.allclose(logp.grad[1, :3], torch.full((3,), g1))
+        assert (logp.grad[mask == 0] == 0).all()
+
+
+def _single_token_grad(rho, adv):
+    logp = t([[math.log(rho)]], grad=True)
+    loss, stats = grpo_loss(logp, torch.zeros(1, 1), None, t([adv]), torch.ones(1, 1), beta=0.0)
+    loss.backward()
+    return logp.grad.item(), stats
+
+
+def test_grpo_gradient_sign_follows_advantage():
+    # rho = 1 (on-policy): loss = -rho*A -> dL/dlogp = -rho*A = -A.
+    # Gradient descent moves logp by -grad = +A: up for A>0, down for A<0.
+    g, _ = _single_token_grad(1.0, 2.0)
+    assert close(g, -2.0) and g < 0
+    g, _ = _single_token_grad(1.0, -0.5)
+    assert close(g, 0.5) and g > 0
+    # batched: the same sign per row
+    logp = torch.zeros(2, 3, requires_grad=True)
+    loss, _ = grpo_loss(logp, logp.detach(), logp.detach(), t([1.0, -1.0]), torch.ones(2, 3))
+    loss.backward()
+    assert (logp.grad[0] < 0).all() and (logp.grad[1] > 0).all()
+
+
+def test_grpo_clipping_stops_gradient_only_in_the_right_direction():
+    # eps 0.2 -> [0.8, 1.2]; single token, loss = -min(rho A, clip(rho) A), dL/dlogp = -rho A if
+    # the unclipped term is chosen, else 0.
+    # A>0, rho=1.5 > 1.2: min(1.5, 1.2) -> clipped constant -> grad 0 (stop pushing up)
+    g, s = _single_token_grad(1.5, 1.0)
+    assert g == 0.0 and s["high_clip_fraction"] == 1.0 and s["clip_fraction"] == 1.0
+    # A>0, rho=0.5 < 0.8: min(0.5, 0.8) -> unclipped -> grad = -0.5*1 = -0.5 (still pushed up)
+    g, s = _single_token_grad(0.5, 1.0)
+    assert close(g, -0.5) and s["clip_fraction"] == 0.0
+    # A<0, rho=0.5 < 0.8: min(-0.5, -0.8) = -0.8 clipped -> grad 0 (stop pushing down)
+    g, s = _single_token_grad(0.5, -1.0)
+    assert g == 0.0 and s["low_clip_fraction"] == 1.0
+    # A<0, rho=1.5 > 1.2: min(-1.5, -1.2) = -1.5 unclipped -> grad = -1.5*(-1) = +1.5
+    g, s = _single_token_grad(1.5, -1.0)
+    assert close(g, 1.5) and s["clip_fraction"] == 0.0
+    # asymmetric eps (DAPO clip-higher): eps_high=0.6 lets rho=1.5 through for A>0
+    logp = t([[math.log(1.5)]], grad=True)
+    loss, _ = grpo_loss(logp, torch.zeros(1, 1), None, t([1.0]), torch.ones(1, 1), beta=0.0,
+                        eps_low=0.2, eps_high=0.6)
+    loss.backward()
+    assert close(loss, -1.5) and close(logp.grad, -1.5)
+
+
+def test_grpo_kl_zero_at_reference_positive_elsewhere_and_pulls_back():
+    logp = t([[-1.0, -2.0, -3.0]], grad=True)
+    _, s = grpo_loss(logp, logp.detach(), logp.detach(), t([0.0]), torch.ones(1, 3), beta=0.04)
+    assert s["kl"] == 0.0
+    ref = t([[-0.5, -2.5, -3.0]])
+    loss, s = grpo_loss(logp, logp.detach(), ref, t([0.0]), torch.ones(1, 3), beta=0.04)
+    assert s["kl"] > 0 and loss.item() > 0  # A = 0: the loss is beta * KL only
+    loss.backward()
+    # d k3 / d logp = 1 - e^(ref - logp): ref above logp -> negative grad -> logp moves up to ref
+    assert logp.grad[0, 0] < 0 and logp.grad[0, 1] > 0 and logp.grad[0, 2] == 0
+
+
+def test_grpo_beta_zero_needs_no_reference():
+    logp = torch.zeros(2, 2, requires_grad=True)
+    loss, s = grpo_loss(logp, logp.detach(), None, t([1.0, -1.0]), torch.ones(2, 2), beta=0.0)
+    loss.backward()
+    assert s["kl"] == 0.0 and torch.isfinite(logp.grad).all()
+    with pytest.raises(ValueError):
+        grpo_loss(logp, logp.detach(), None, t([1.0, -1.0]), torch.ones(2, 2), beta=0.04)
+    with pytest.raises(ValueError):
+        grpo_loss(logp, logp.detach(), None, t([1.0, -1.0]), torch.ones(2, 2), beta=0.0, norm="x")
+
+
+def test_grpo_extreme_log_ratios_and_empty_rows_are_finite():
+    # log-ratios of +-1e4 against both old and ref policy; row 2 has an all-zero mask.
+    logp = t([[1e4, -1e4, 0.0], [-1e4, 1e4, 5.0], [1e4, -1e4, float("-inf")]], grad=True)
+    old = torch.zeros(3, 3)
+    ref = t([[-1e4, 1e4, 0.0], [1e4, -1e4, 0.0], [0.0, 0.0, 0.0]])
+    mask = t([[1, 1, 1], [1, 1, 1], [0, 0, 0]])
+    for adv in ([1.0, -1.0, 1.0], [-1.0, 1.0, 0.0]):
+        for norm in ("seq", "token", "fixed"):
+            logp.grad = None
+            loss, stats = grpo_loss(logp, old, ref, t(adv), mask, beta=0.04, norm=norm)
+            loss.backward()
+            assert torch.isfinite(loss) and torch.isfinite(logp.grad).all(), (adv, norm)
+            assert all(math.isfinite(v) for v in stats.values())
+    # a batch with no valid token at all: loss 0, no NaN
+    loss, stats = grpo_loss(logp, old, ref, t([1.0, 1.0, 1.0]), torch.zeros(3, 3))
+    assert loss.item() == 0.0 and stats["clip_fraction"] == 0.0
+
+
+def test_grpo_bf16_inputs_computed_in_fp32():
+    logp = torch.zeros(1, 2, dtype=torch.bfloat16, requires_grad=True)
+    loss, _ = grpo_loss(logp, logp.detach(), logp.detach(), t([1.0]), torch.ones(1, 2))
+    assert loss.dtype == torch.float32 and close(loss, -1.0)
+    loss.backward()
+    assert logp.grad.dtype == torch.bfloat16
+
+
+# --------------------------------------------------------------------------- dpo
+
+def test_sequence_logp():
+    # [-1,-2,(-3)] with mask [1,1,0] -> -3 ; [-0.5,(-inf),(nan)] with mask [1,0,0] -> -0.5
+    tok = t([[-1.0, -2.0, -3.0], [-0.5, float("-inf"), float("nan")]])
+    out = sequence_logp(tok, t([[1, 1, 0], [1, 0, 0]]))
+    assert torch.allclose(out, t([-3.0, -0.5]))
+    # all-zero mask -> 0 ; bf16 in -> fp32 out
+    out = sequence_logp(tok.bfloat16(), torch.zeros(2, 3, dtype=torch.bool))
+    assert out.dtype == torch.float32 and (out == 0).all()
+
+
+def test_dpo_loss_single_pair_by_hand():
+    # w: logp -1, ref -2 -> reward 0.1*( 1) =  0.1
+    # l: logp -3, ref -2 -> reward 0.1*(-1) = -0.1 ; margin = 0.2
+    # loss = -log sigmoid(0.2) = log(1 + e^-0.2) = log(1 + 0.818731) = log(1.818731) = 0.598139
+    loss, s = dpo_loss(t([-1.0]), t([-3.0]), t([-2.0]), t([-2.0]), beta=0.1)
+    assert close(loss, 0.598139) and close(loss, math.log(1 + math.exp(-0.2)))
+    assert s["reward_accuracy"] == 1.0 and close(s["margin"], 0.2)
+    assert close(s["chosen_reward"], 0.1) and close(s["rejected_reward"], -0.1)
+
+
+def test_dpo_loss_two_pairs_by_hand():
+    # beta 0.5.
+    # pair 1: w -1 vs ref -2 -> 0.5 ; l -3 vs ref -2 -> -0.5 ; margin 1.0
+    #         loss = log(1 + e^-1) = log(1.367879) = 0.313262
+    # pair 2: w -5 vs ref -4 -> -0.5 ; l -1 vs ref -3 -> 1.0 ; margin -1.5
+    #         loss = log(1 + e^1.5) = log(1 + 4.481689) = 1.701413
+    # mean loss = (0.313262 + 1.701413)/2 = 1.007337 ; accuracy 1/2 ; margin (1 - 1.5)/2 = -0.25
+    # chosen reward (0.5 - 0.5)/2 = 0 ; rejected reward (-0.5 + 1)/2 = 0.25
+    loss, s = dpo_loss(t([-1.0, -5.0]), t([-3.0, -1.0]), t([-2.0, -4.0]), t([-2.0, -3.0]), beta=0.5)
+    assert close(loss, 1.007337)
+    assert s["reward_accuracy"] == 0.5 and close(s["margin"], -0.25)
+    assert close(s["chosen_reward"], 0.0) and close(s["rejected_reward"], 0.25)
+    # margin exactly 0 -> loss log 2 = 0.693147, and it does not count as "accurate"
+    loss, s = dpo_loss(t([-1.0]), t([-1.0]), t([-1.0]), t([-1.0]))
+    assert close(loss, LN2) and s["reward_accuracy"] == 0.0
+
+
+def test_dpo_gradient_raises_chosen_lowers_rejected():
+    # dL/dlogp_w = -beta * sigmoid(-margin) ; at margin 0, beta 0.1, N=1: -0.1 * 0.5 = -0.05
+    # dL/dlogp_l = +0.05. Descent moves chosen up and rejected down.
+    w, l = t([-1.0], grad=True), t([-1.0], grad=True)
+    loss, _ = dpo_loss(w, l, t([-1.0]), t([-1.0]), beta=0.1)
+    loss.backward()
+    assert close(w.grad, -0.05) and close(l.grad, 0.05)
+
+
+def test_dpo_large_margins_are_stable():
+    # margin = 0.1 * (-1e5) = -1e4: log(sigmoid) would be log(0) = -inf; logsigmoid gives 1e4.
+    w, l = t([-1e5, 1e5], grad=True), t([0.0, 0.0], grad=True)
+    loss, _ = dpo_loss(w, l, t([0.0, 0.0]), t([0.0, 0.0]), beta=0.1)
+    loss.backward()
+    # pair 1 loss 1e4, pair 2 loss ~0 -> mean 5000
+    assert close(loss, 5000.0, 1e-2) and torch.isfinite(w.grad).all() and torch.isfinite(l.grad).all()
+
+
+def test_step_dpo_weighted_sum_by_hand():
+    box = (t([-1.0]), t([-3.0]), t([-2.0]), t([-2.0]))    # margin 0.2 -> 0.598139
+    answer = (t([-1.0]), t([-1.0]), t([-1.0]), t([-1.0]))  # margin 0   -> log 2 = 0.693147
+    # 0.5*0.598139 + 0.5*0.693147 = 0.645643 ; 0.25*0.598139 + 0.75*0.693147 = 0.669395
+    loss, s = step_dpo_loss(box, answer)
+    assert close(loss, 0.645643)
+    loss, s = step_dpo_loss(box, answer, box_weight=0.25)
+    assert close(loss, 0.669395)
+    assert close(s["box_loss"], 0.598139) and close(s["answer_loss"], LN2)
+    assert s["box_reward_accuracy"] == 1.0 and s["answer_reward_accuracy"] == 0.0
+    assert close(s["box_margin"], 0.2) and "answer_chosen_reward" in s
+    # equals the weighted sum of two dpo_loss calls, random inputs and beta
+    g = torch.Generator().manual_seed(0)
+    box = tuple(torch.randn(5, generator=g) for _ in range(4))
+    answer = tuple(torch.randn(5, generator=g) for _ in range(4))
+    loss, _ = step_dpo_loss(box, answer, beta=0.3, box_weight=0.7)
+    want = 0.7 * dpo_loss(*box, beta=0.3)[0] + 0.3 * dpo_loss(*answer, beta=0.3)[0]
+    assert torch.allclose(loss, want)
+
+
+def test_step_dpo_box_weight_one_ignores_answer():
+    box = (t([-1.0]), t([-3.0]), t([-2.0]), t([-2.0]))
+    nan = (t([float("nan")]),) * 4
+    for answer in (None, nan):
+        loss, s = step_dpo_loss(box, answer, box_weight=1.0)
+        assert close(loss, 0.598139) and not any(k.startswith("answer_") for k in s)
+    loss, s = step_dpo_loss(nan, box, box_weight=0.0)  # and the mirror image
+    assert close(loss, 0.598139) and not any(k.startswith("box_") for k in s)
+    with pytest.raises(ValueError):
+        step_dpo_loss(box, box, box_weight=1.5)
+
+
+# --------------------------------------------------------------------------- hypothesis
+
+finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
+
+
+@settings(max_examples=40, deadline=None, database=None)
+@given(st.data())
+def test_grpo_loss_never_nan(data):
+    n, tt = data.draw(st.integers(1, 4)), data.draw(st.integers(1, 6))
+    grid = lambda: t(data.draw(st.lists(finite, min_size=n * tt, max_size=n * tt))).view(n, tt)
+    logp = grid().requires_grad_(True)
+    old, ref = grid(), grid()
+    mask = t(data.draw(st.lists(st.booleans(), min_size=n * tt, max_size=n * tt))).view(n, tt)
+    adv = t(data.draw(st.lists(st.floats(-10, 10, width=32), min_size=n, max_size=n)))
+    beta = data.draw(st.sampled_from([0.0, 0.04]))
+    norm = data.draw(st.sampled_from(["seq", "token", "fixed"]))
+    loss, stats = grpo_loss(logp, old, ref if beta else None, adv, mask, beta=beta, norm=norm)
+    loss.backward()
+    assert torch.isfinite(loss) and torch.isfinite(logp.grad).all()
+    assert all(math.isfinite(v) for v in stats.values())
+    assert 0.0 <= stats["clip_fraction"] <= 1.0 and stats["kl"] >= 0.0
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(st.integers(1, 4), st.integers(2, 5), st.data())
+def test_group_advantages_finite_and_centred(b, g, data):
+    r = t(data.draw(st.lists(st.floats(-1e3, 1e3, width=32), min_size=b * g, max_size=b * g)))
+    for scale in (True, False):
+        a = group_advantages(r, g, scale=scale)
+        assert a.shape == r.shape and torch.isfinite(a).all()
+        assert torch.allclose(a.view(b, g).mean(1), torch.zeros(b), atol=1e-2)
+    assert 0.0 <= zero_std_fraction(r, g) <= 1.0
+
+
+@settings(max_examples=30, deadline=None, database=None)
+@given(st.integers(1, 5), st.data())
+def test_dpo_losses_never_nan(n, data):
+    vec = lambda: t(data.draw(st.lists(finite, min_size=n, max_size=n)))
+    logps = [vec().requires_grad_(True) for _ in range(2)] + [vec(), vec()]
+    beta = data.draw(st.floats(0.01, 1.0))
+    loss, stats = step_dpo_loss(logps, [vec(), vec(), vec(), vec()], beta=beta)
+    loss.backward()
+    assert torch.isfinite(loss) and loss.item() >= 0
+    assert all(torch.isfinite(x.grad).all() for x in logps[:2])
+    assert all(math.isfinite(v) for v in stats.values())
+
+
+# ====================================================================================================
+# rewards.py: parsers, rewards, metrics
+# ====================================================================================================
+approx = pytest.approx
+
+
+# ------------------------------------------------------------------ parse_think_answer
+def test_parse_think_answer_ok():
+    assert R.parse_think_answer("<think>a b</think><answer>x</answer>") == ("a b", "x")
+    # whitespace around and between the blocks is allowed, contents are stripped
+    assert R.parse_think_answer("  <think> a </think>\n\n<answer> x </answer>\n") == ("a", "x")
+    assert R.parse_think_answer("<think></think><answer></answer>") == ("", "")
+
+
+@pytest.mark.parametrize("text", [
+    "<think>a</think><answer>x</answer><answer>y</answer>",   # duplicated answer
+    "<think>a<answer>x</answer></think><answer>y</answer>",   # answer hidden in think
+    "<think><think>a</think><answer>x</answer>",              # duplicated think
+    "hello <think>a</think><answer>x</answer>",               # text before
+    "<think>a</think> so <answer>x</answer>",                 # text between
+    "<think>a</think><answer>x</answer> bye",                 # text after
+    "<answer>x</answer><think>a</think>",                     # wrong order
+    "<think>a</think>", "", None, 42,
+])
+def test_parse_think_answer_rejects(text):
+    assert R.parse_think_answer(text) is None
+
+
+def test_answer_text():
+    assert R.answer_text("blah <answer> [1,2,3,4] </answer>") == "[1,2,3,4]"
+    assert R.answer_text("<answer>a</answer><answer>b</answer>") is None  # ambiguous
+    assert R.answer_text("no tags") is None
+    assert R.answer_text("</answer>x<answer>") is None                  # wrong order
+    assert R.answer_text("<answer>a</answer></answer>") is None          # stray tag
+
+
+# ------------------------------------------------------------------ class-prob parsing
+def test_parse_class_probs():
+    assert R.parse_class_probs('{"red": 0.5, "blue": 0.5}') == {"red": 0.5, "blue": 0.5}
+    # Python literal with mixed quotes and a leading-dot number, inside a code fence
+    text = "Here you go:\n```json\n{'red': 0.5, \"blue\": .5}\n```\nDone."
+    assert R.parse_class_probs(text) == {"red": 0.5, "blue": 0.5}
+    # integers are numbers too; keys are stripped
+    assert R.parse_class_probs('{" joy ": 1, "fear": 0}') == {"joy": 1.0, "fear": 0.0}
+    # the first parsable dict wins, garbage dicts before it are skipped
+    assert R.parse_class_probs('{oops} then {"a": 0.2, "b": 0.8}') == {"a": 0.2, "b": 0.8}
+
+
+@pytest.mark.parametrize("text", [
+    '{"red": NaN}', '{"red": Infinity}', '{"red": 1e400}', "{'red': float('nan')}",
+    '{"red": "high"}', '{}', '{"red": -0.1}', '{"red": true}', "{'red': True}",
+    "{'a': __import__('os').getcwd()}", "{'a': 1+2j}", "{1: 0.5}", '{"": 1}',
+    "{'a': None}", "red: 0.5", "", "{'a': " + "9" * 5000 + "}", None,
+])
+def test_parse_class_probs_rejects(text):
+    assert R.parse_class_probs(text) is None
+
+
+def test_parsers_fast_on_10k_garbage():
+    garbage = ["{" * 10000, "[" * 10000, "1" * 10000, "{'a': " + "1," * 5000,
+               "<think>" * 1500, "[1,2,3," * 1500, "one " * 2500, "0." * 5000,
+               "9" * 10000 + " px", "(1,2)," * 1600]
+    t0 = time.time()
+    for g in garbage:
+        R.parse_class_probs(g); R.parse_boxes(g); R.parse_seg_answer(g); R.parse_score(g)
+        R.parse_think_answer(g); R.leaks(g, "cls"); R.leaks(g, "det"); R.is_narrative(g)
+    assert time.time() - t0 < 2.0
+
+
+# ------------------------------------------------------------------------ box parsing
+def test_parse_boxes():
+    assert R.parse_boxes("[1, 2, 3, 4]") == [[1.0, 2.0, 3.0, 4.0]]
+    assert R.parse_boxes("boxes: [[1,2,3,4], [5.5, 6, 7, 8e1]]") == [[1, 2, 3, 4], [5.5, 6, 7, 80]]
+    # Qwen2-VL's (x1,y1),(x2,y2) notation
+    assert R.parse_boxes("<|box_start|>(10,20),(30,40)<|box_end|>") == [[10, 20, 30, 40]]
+
+
+@pytest.mark.parametrize("text", [
+    "[3, 2, 1, 4]",           # inverted x
+    "[1, 2, 3, 2]",           # zero height
+    "[1, 2, 3]",              # three numbers
+    "[1e400, 0, 1e401, 1]",   # non-finite
+    "[NaN, 0, 1, 1]", "no box here", "", None,
+    "[1,2,3,4] and [4,3,2,1]",  # one broken box spoils the answer
+    "[0,0,1,1]" * 101,         # more than MAX_BOXES boxes
+])
+def test_parse_boxes_rejects(text):
+    assert R.parse_boxes(text) is None
+
+
+# ------------------------------------------------------------------------ seg parsing
+def test_parse_seg_answer():
+    ok = '{"bbox": [1, 2, 30, 40], "points": [[5, 6], [7.5, 8]]}'
+    assert R.parse_seg_answer(ok) == ([1, 2, 30, 40], [[5, 6], [7.5, 8]])
+    assert R.parse_seg_answer("sure ```json\n" + ok + "\n``` done") == ([1, 2, 30, 40], [[5, 6], [7.5, 8]])
+
+
+@pytest.mark.parametrize("text", [
+    '{"bbox": [1, 2, 30], "points": [[5, 6], [7, 8]]}',
+    '{"bbox": [1, 2, 30, 40], "points": [[5, 6]]}',
+    '{"bbox": [1, 2, 30, 40], "points": [[5, 6, 7], [7, 8]]}',
+    '{"bbox": [NaN, 2, 30, 40], "points": [[5, 6], [7, 8]]}',
+    '{"bbox": [1e400, 2, 30, 40], "points": [[5, 6], [7, 8]]}',
+    '{"bbox": ["1", 2, 30, 40], "points": [[5, 6], [7, 8]]}',
+    '{"bbox": [1, 2, 30, 40]}', "[1,2,3,4]", "", None,
+])
+def test_parse_seg_answer_rejects(text):
+    assert R.parse_seg_answer(text) is None
+
+
+# ------------------------------------------------------------------------ parse_score
+@pytest.mark.parametrize("text,expected", [
+    ('{"score": 0.7}', 0.7),
+    ("The crop shows the sign. {'score': 0.25} ", 0.25),
+    ('{"score": 1.5}', 1.0),     # clamped to [0, 1]
+    ('{"score": -2}', 0.0),      # clamped
+    ('{"score": "0.4"}', 0.4),   # quoted number tolerated
+    ('{"score": NaN}', 0.0), ('{"score": 1e400}', 0.0),  # non-finite -> 0
+    ("I cannot judge this.", 0.0), ("", 0.0), (None, 0.0),
+])
+def test_parse_score(text, expected):
+    assert R.parse_score(text) == approx(expected)
+
+
+# ------------------------------------------------------------------------ cls_similarity
+def test_cls_similarity_hand_values():
+    # identical: KL = 0, MSE = 0, sum = 1 -> exp(0) * exp(0) = 1
+    assert R.cls_similarity({"a": 0.5, "b": 0.5}, {"a": 0.5, "b": 0.5}) == approx(1.0)
+    # p = [1, 0] (clipped to ~[1, 1e-10]), q = [.5, .5]:
+    # KL ~= 1*ln(1/.5) = ln 2; MSE = ((1-.5)^2 + (0-.5)^2)/2 = 0.25; sum = 1
+    # Sim = exp(-.5 ln2 - .5*.25) = 2**-.5 * e**-.125 = 0.707107 * 0.882497 = 0.624018
+    assert R.cls_similarity({"a": 0.5, "b": 0.5}, {"a": 1.0, "b": 0.0}) == approx(0.624018, abs=1e-5)
+    # missing class counts as 0: p = [.5, .5], q_raw = [1, 0] -> q ~= [1, 1e-10]
+    # KL = .5 ln(.5/1) + .5 ln(.5/1e-10) = .5(-0.693147) + .5(22.332704) = 10.819778
+    # MSE = (.25 + .25)/2 = .25 ; Sim = exp(-5.409889 - .125) = exp(-5.534889) = 0.0039467
+    assert R.cls_similarity({"a": 1.0}, {"a": 0.5, "b": 0.5}) == approx(0.0039467, rel=1e-3)
+    # class names match case- and whitespace-insensitively
+    assert R.cls_similarity({"Joy": 0.5, " SAD ": 0.5}, {"joy": 0.5, "sad": 0.5}) == approx(1.0)
+
+
+def test_cls_similarity_hacks():
+    # Hack: every class at probability 1.0. gt = [1, 0, 0], q_raw = [1, 1, 1]:
+    # q = [1/3]*3, KL ~= ln 3 = 1.098612, MSE = (0 + 1 + 1)/3 = 2/3, sum = 3 -> exp(-|3-1|) = e^-2
+    # Sim = exp(-.549306 - .333333) * e^-2 = 0.413725 * 0.135335 = 0.055992
+    sim = R.cls_similarity({"a": 1, "b": 1, "c": 1}, {"a": 1.0, "b": 0.0, "c": 0.0})
+    assert sim == approx(0.055992, abs=1e-5)
+    # Hack on a uniform target: gt [.5, .5], q_raw [1, 1] -> q = [.5, .5], KL = 0,
+    # MSE = (.25+.25)/2 = .25, sum = 2 -> Sim = exp(-.125) * exp(-1) = exp(-1.125) = 0.324652
+    assert R.cls_similarity({"a": 1, "b": 1}, {"a": 0.5, "b": 0.5}) == approx(0.324652, abs=1e-6)
+    # Hack: right answer plus mass on a made-up class. Over gt's class KL = MSE = 0 but the
+    # sum over all predicted values is 2 -> exp(-1) = 0.367879
+    assert R.cls_similarity({"a": 1, "junk": 1}, {"a": 1.0}) == approx(0.367879, abs=1e-6)
+
+
+@pytest.mark.parametrize("pred", [
+    {}, {"a": float("nan")}, {"a": float("inf")}, {"a": -0.5, "b": 1.5}, {"a": "x"},
+    {"b": 1.0},   # no mass on any true class
+    {"a": 0.0},   # likewise
+    None, "a", {1: 0.5},
+])
+def test_cls_similarity_invalid_is_zero(pred):
+    assert R.cls_similarity(pred, {"a": 1.0, "z": 0.0}) == 0.0
+
+
+# ------------------------------------------------------------------------ box_iou
+def test_box_iou_hand_values():
+    # inter 5x5 = 25, union 100 + 100 - 25 = 175 -> 1/7
+    assert R.box_iou([0, 0, 10, 10], [5, 5, 15, 15]) == approx(1 / 7)
+    # inter 1x2 = 2, union 4 + 4 - 2 = 6 -> 1/3
+    assert R.box_iou([0, 0, 2, 2], [1, 0, 3, 2]) == approx(1 / 3)
+    assert R.box_iou((1, 1, 4, 4), np.array([1, 1, 4, 4])) == approx(1.0)
+    assert R.box_iou([0, 0, 1, 1], [1, 0, 2, 1]) == 0.0       # touching edges
+    assert R.box_iou([0, 0, 1, 1], [5, 5, 6, 6]) == 0.0       # disjoint
+
+
+@pytest.mark.parametrize("bad", [
+    [10, 0, 0, 10], [0, 0, 0, 10], [0, 0, float("nan"), 10], [0, 0, float("inf"), 10],
+    [0, 0, 10], "0000", None, {"a": 1}, ["a", "b", "c", "d"],
+])
+def test_box_iou_invalid(bad):
+    assert R.box_iou(bad, [0, 0, 10, 10]) == 0.0
+    assert R.box_iou([0, 0, 10, 10], bad) == 0.0
+
+
+# ------------------------------------------------------------------------ det_similarity
+def test_det_similarity_hand_values():
+    assert R.det_similarity([[0, 0, 10, 10]], [[0, 0, 10, 10]]) == approx(1.0)
+    # order of predictions does not matter; gt1 <-> [0,0,10,5]: IoU 50/100 = .5, gt2 exact: 1
+    # -> (0.5 + 1) / 2 = 0.75
+    gt = [[0, 0, 10, 10], [20, 20, 30, 30]]
+    assert R.det_similarity([[20, 20, 30, 30], [0, 0, 10, 5]], gt) == approx(0.75)
+    # one GT found out of two -> 1/2; an invalid prediction scores 0 but does not break it
+    assert R.det_similarity([[20, 20, 30, 30], [5, 5, 1, 1]], gt) == approx(0.5)
+    # no GT: predicting nothing is right (1), predicting something is wrong (0)
+    assert R.det_similarity([], []) == 1.0 and R.det_similarity([[0, 0, 1, 1]], []) == 0.0
+    assert R.det_similarity(None, gt) == 0.0 and R.det_similarity([], gt) == 0.0
+
+
+def test_det_similarity_hacks():
+    # Hack: a box covering the whole 100x100 image for a 10x10 target.
+    # IoU = 100 / 10000 = 0.01 -> similarity 0.01
+    assert R.det_similarity([[0, 0, 100, 100]], [[10, 10, 20, 20]]) == approx(0.01)
+    # Hack: spamming extra boxes is free under the paper's /N_gt (1.0), but costs with
+    # penalize_extra: (1 + 0) / max(1, 2) = 0.5
+    preds = [[0, 0, 10, 10], [50, 50, 60, 60]]
+    assert R.det_similarity(preds, [[0, 0, 10, 10]]) == approx(1.0)
+    assert R.det_similarity(preds, [[0, 0, 10, 10]], penalize_extra=True) == approx(0.5)
+
+
+def _random_box(rng, size=20.0):
+    x1, y1 = rng.uniform(0, size, 2)
+    return [x1, y1, x1 + rng.uniform(1, size / 2), y1 + rng.uniform(1, size / 2)]
+
+
+def test_det_similarity_matches_brute_force():
+    # Hungarian == best assignment over all permutations (square-padded with IoU 0)
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        gt = [_random_box(rng) for _ in range(rng.integers(1, 6))]
+        pred = [_random_box(rng) for _ in range(rng.integers(0, 6))]
+        k = max(len(gt), len(pred))
+        iou = np.zeros((k, k))
+        for i, g in enumerate(gt):
+            for j, p in enumerate(pred):
+                iou[i, j] = R.box_iou(p, g)
+        best = max(sum(iou[i, perm[i]] for i in range(k)) for perm in itertools.permutations(range(k)))
+        assert R.det_similarity(pred, gt) == approx(best / len(gt), abs=1e-12)
+
+
+# ------------------------------------------------------------------------ leaks
+@pytest.mark.parametrize("cot", [
+    "The joy is 0.3 here.", "about 30% of the faces", "roughly .25 of it", "it is 1.0 sure",
+    "maybe 30 percent", "3/10 of the people smile",
+    # spelled-out forms are caught (SPEC intent: probabilities must not leak)
+    "zero point three of the mood is calm", "thirty percent sadness",
+    "twenty-five per cent fear", "point two five joy", "one hundred percent certain",
+])
+def test_leaks_cls_positive(cot):
+    assert R.leaks(cot, "cls")
+
+
+@pytest.mark.parametrize("cot", [
+    "Two children are smiling at a birthday party.", "There are 3 dogs and 12 balloons.",
+    "The version 2.5 sign is blurry.",    # a decimal above 1 is not a probability
+    "The left half of the scene is dark.",  # word fractions are ordinary description
+    "At this point the sky turns grey.", "",
+])
+def test_leaks_cls_negative(cot):
+    assert not R.leaks(cot, "cls")
+
+
+def test_leaks_class_names():
+    assert R.leaks("The faces show clear joy.", "cls", class_names=["joy", "fear"])
+    assert R.leaks("Several Circles overlap.", "cls", class_names=["circle"])  # plural, any case
+    assert not R.leaks("The faces are enjoying it.", "cls", class_names=["joy"])  # whole words only
+
+
+@pytest.mark.parametrize("cot", [
+    "The dog is at 12, 40 near the fence.", "box [10 20 30 40]", "around (120, 80)",
+    "a 120x80 region", "x1 = 30 and y1 = 5", "about 40 pixels from the left", "at 0.1, 0.2",
+])
+def test_leaks_det_positive(cot):
+    assert R.leaks(cot, "det")
+
+
+@pytest.mark.parametrize("cot", [
+    "The red circle sits in the upper left corner.", "There are 3 cars parked.",
+    "The second of 2 dogs wears a coat.", "",
+])
+def test_leaks_det_negative(cot):
+    assert not R.leaks(cot, "det")
+
+
+def test_leaks_bad_task():
+    with pytest.raises(ValueError):
+        R.leaks("text", "seg")
+
+
+# ------------------------------------------------------------------------ jsd
+def test_jsd_hand_values():
+    # disjoint: m = [.5, .5], KL(p||m) = KL(q||m) = ln 2 -> JSD = ln 2
+    assert R.jsd([1, 0], [0, 1]) == approx(LN2)
+    assert R.jsd([0.2, 0.8], [0.2, 0.8]) == approx(0.0, abs=1e-15)
+    # p = [1, 0], q = [.5, .5], m = [.75, .25]
+    # KL(p||m) = ln(1/.75) = 0.287682 ; KL(q||m) = .5 ln(.5/.75) + .5 ln(.5/.25) = 0.143841
+    # JSD = .5 (0.287682 + 0.143841) = 0.215762; unnormalised inputs are renormalised first
+    assert R.jsd([1, 0], [0.5, 0.5]) == approx(0.215762, abs=1e-6)
+    assert R.jsd([2, 0], [3, 3]) == approx(0.215762, abs=1e-6)
+    # invalid input -> the worst value, ln 2
+    assert R.jsd([0, 0], [1, 0]) == approx(LN2) and R.jsd([float("nan"), 1], [1, 0]) == approx(LN2)
+    assert R.jsd([-1, 2], [1, 0]) == approx(LN2) and R.jsd([], []) == approx(LN2)
+    # huge but finite values are fine: [9e307, 9e307] is [.5, .5]; vs [1, 0] -> 0.215762
+    assert R.jsd([1, 0], [9e307, 9e307]) == approx(0.215762, abs=1e-6)
+    with pytest.raises(ValueError):
+        R.jsd([1, 0], [1, 0, 0])
+
+
+def test_jsd_matches_scipy():
+    from scipy.spatial.distance import jensenshannon
+    rng = np.random.default_rng(1)
+    for _ in range(200):
+        k = rng.integers(2, 9)
+        p, q = rng.random(k), rng.random(k)
+        p[rng.random(k) < 0.3] = 0.0  # zeros exercise the 0 log 0 convention
+        p[0] += 0.1
+        assert R.jsd(p, q) == approx(jensenshannon(p, q) ** 2, abs=1e-12)
+        assert 0.0 <= R.jsd(p, q) <= LN2
+
+
+# ------------------------------------------------------------------------ win rate, accuracy
+def test_win_rate_and_accuracy():
+    # baseline lower only on sample 1 (0.1 < 0.2); tie on sample 2 is not a win -> 1/3
+    assert R.win_rate([0.1, 0.2, 0.3], [0.2, 0.2, 0.1]) == approx(1 / 3)
+    assert R.win_rate([0.0, 0.0], [0.5, 0.5]) == 1.0 and R.win_rate([], []) == 0.0
+    # matches: a==a only; None (unparsable) is wrong -> 1/3
+    assert R.accuracy(["a", "b", None], ["a", "c", "c"]) == approx(1 / 3)
+    assert R.accuracy([1, 2], [1, 2]) == 1.0 and R.accuracy([], []) == 0.0
+
+
+def test_probs_vector():
+    assert R.probs_vector({"Joy": 0.7, "x": 0.3}, ["joy", "fear"]) == [0.7, 0.0]
+    assert R.probs_vector(None, ["a"]) == [0.0]
+
+
+# ------------------------------------------------------------------------ map50
+def test_map50_hand_values():
+    gt = [{"boxes": [[0, 0, 10, 10]], "labels": ["a"]}]
+    # one perfect detection -> precision 1 at every recall -> AP 1
+    assert R.map50([{"boxes": [[0, 0, 10, 10]], "labels": ["a"], "scores": [0.9]}], gt) == approx(1.0)
+    # a false positive (score .9) ranked above the true positive (.8):
+    # tp = [0, 1] -> recall [0, 1], precision [0, .5] -> envelope [.5, .5] -> AP = .5
+    pred = {"boxes": [[50, 50, 60, 60], [0, 0, 10, 10]], "labels": ["a", "a"], "scores": [0.9, 0.8]}
+    assert R.map50([pred], gt) == approx(0.5)
+    # no scores: output order decides. Same order as above -> 0.5; reversed -> the TP comes
+    # first: precision [1, .5], recall [1, 1] -> every threshold hits index 0 -> AP 1
+    assert R.map50([{"boxes": pred["boxes"], "labels": ["a", "a"]}], gt) == approx(0.5)
+    assert R.map50([{"boxes": pred["boxes"][::-1], "labels": ["a", "a"]}], gt) == approx(1.0)
+
+
+def test_map50_classes_and_recall():
+    # two GT boxes, one found: recall .5 with precision 1 -> the 51 thresholds 0..0.5 get 1,
+    # the other 50 get 0 -> AP = 51/101 = 0.504950
+    gt = [{"boxes": [[0, 0, 10, 10], [20, 20, 30, 30]], "labels": [1, 1]}]
+    assert R.map50([{"boxes": [[0, 0, 10, 10]], "labels": [1]}], gt) == approx(51 / 101)
+    # class a perfect (1), class b in GT but never predicted (0), class c only predicted
+    # (ignored) -> mean over {a, b} = 0.5; an unparsable (None) image adds no detections
+    gt = [{"boxes": [[0, 0, 10, 10], [20, 20, 30, 30]], "labels": ["a", "b"]}, {"boxes": [], "labels": []}]
+    pred = [{"boxes": [[0, 0, 10, 10], [40, 40, 50, 50]], "labels": ["a", "c"]}, None]
+    assert R.map50(pred, gt) == approx(0.5)
+    assert R.map50([None], [{"boxes": [], "labels": []}]) == 0.0  # no GT class at all
+    with pytest.raises(ValueError):  # a label or score per box, or it is a bug upstream
+        R.map50([{"boxes": [[0, 0, 1, 1]], "labels": []}], [{"boxes": [], "labels": []}])
+
+
+def _coco_map50(predictions, ground_truths):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    labels = sorted({l for g in ground_truths for l in g["labels"]} |
+                    {l for p in predictions for l in p["labels"]})
+    cat = {l: i + 1 for i, l in enumerate(labels)}
+    xywh = lambda b: [b[0], b[1], b[2] - b[0], b[3] - b[1]]
+    anns = []
+    for i, g in enumerate(ground_truths):
+        for b, l in zip(g["boxes"], g["labels"]):
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat[l], "bbox": xywh(b),
+                         "area": (b[2] - b[0]) * (b[3] - b[1]), "iscrowd": 0})
+    dets = [{"image_id": i + 1, "category_id": cat[l], "bbox": xywh(b), "score": s}
+            for i, p in enumerate(predictions) for b, l, s in zip(p["boxes"], p["labels"], p["scores"])]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = {"images": [{"id": i + 1} for i in range(len(ground_truths))],
+                        "annotations": anns, "categories": [{"id": c} for c in cat.values()]}
+        coco.createIndex()
+        if not dets:
+            return 0.0
+        ev = COCOeval(coco, coco.loadRes(dets), "bbox")
+        ev.params.maxDets = [1, 10, 100]
+        ev.evaluate(); ev.accumulate(); ev.summarize()
+    return max(float(ev.stats[1]), 0.0)
+
+
+def test_map50_matches_pycocotools():
+    rng = np.random.default_rng(2)
+    for case in range(40):
+        n_img, classes = rng.integers(1, 5), ["cat", "dog", "car"][: rng.integers(1, 4)]
+        gts, preds = [], []
+        for _ in range(n_img):
+            gb = [_random_box(rng, 40) for _ in range(rng.integers(0, 5))]
+            gl = [str(rng.choice(classes)) for _ in gb]
+            # detections: jittered GT boxes (some hits, some misses) plus random boxes
+            pb = [list(np.add(b, rng.normal(0, 1, 4))) for b in gb if rng.random() < 0.8]
+            pl = [l if rng.random() < 0.8 else str(rng.choice(classes)) for l in gl][: len(pb)]
+            pb += [_random_box(rng, 40) for _ in range(rng.integers(0, 4))]
+            pl += [str(rng.choice(classes)) for _ in range(len(pb) - len(pl))]
+            pb = [[b[0], b[1], max(b[2], b[0] + 0.5), max(b[3], b[1] + 0.5)] for b in pb]
+            # half the cases use coarse scores, so ties (kept in output order) happen
+            scores = rng.random(len(pb)) if case % 2 else np.round(rng.random(len(pb)), 1)
+            gts.append({"boxes": gb, "labels": gl})
+            preds.append({"boxes": pb, "labels": pl, "scores": [float(s) for s in scores]})
+        if not any(g["boxes"] for g in gts):
+            gts[0] = {"boxes": [[0, 0, 5, 5]], "labels": [classes[0]]}
+        assert R.map50(preds, gts) == approx(_coco_map50(preds, gts), abs=1e-9), case
+
+
+# ------------------------------------------------------------------------ mask_iou_stats
+def test_mask_iou_stats_hand_values():
+    g1 = np.zeros((2, 3), bool); g1[0, :2] = True            # 2 px
+    p1 = np.zeros((2, 3), bool); p1[0, 1:] = True            # 2 px, 1 shared -> 1/3
+    g2 = np.ones((2, 2), bool)                                 # 4 px, predicted exactly -> 1
+    # gIoU = (1/3 + 1)/2 = 2/3 ; cIoU = (1 + 4)/(3 + 4) = 5/7
+    giou, ciou = R.mask_iou_stats([p1, g2.copy()], [g1, g2])
+    assert giou == approx(2 / 3) and ciou == approx(5 / 7)
+    # empty vs empty is perfect (1.0); None prediction = empty mask vs 2 px GT -> 0
+    # gIoU = (1 + 0)/2 = .5 ; cIoU = 0 / 2 = 0
+    empty = np.zeros((2, 3), bool)
+    assert R.mask_iou_stats([empty, None], [empty, g1]) == (approx(0.5), approx(0.0))
+    assert R.mask_iou_stats([empty], [empty]) == (1.0, 1.0)
+    assert R.mask_iou_stats([], []) == (0.0, 0.0)
+    with pytest.raises(ValueError):
+        R.mask_iou_stats([np.zeros((2, 2), bool)], [empty])
+
+
+# ------------------------------------------------------------------------ RISE-CoT reward
+GT_CLS = {"red": 0.5, "blue": 0.5}
+GOOD_COT = "The image shows a warm bright area and an equally large cool calm area."
+
+
+def test_rise_cot_reward_cls():
+    out = R.rise_cot_reward(GOOD_COT, '{"red": 0.5, "blue": 0.5}', GT_CLS, "cls")
+    assert out == {"reward": 1.0, "leak": False, "format": True, "similarity": approx(1.0)}
+    # leak: a probability in the CoT zeroes the reward, similarity is still logged
+    out = R.rise_cot_reward("About 0.5 of it is warm and the rest cool.", '{"red": .5, "blue": .5}', GT_CLS, "cls")
+    assert out["leak"] and out["reward"] == 0.0 and out["similarity"] == approx(1.0)
+    # naming a class is a leak by default, allowed with forbid_class_names=False
+    cot = "A red patch dominates the left side of the picture."
+    assert R.rise_cot_reward(cot, '{"red": .5, "blue": .5}', GT_CLS, "cls")["leak"]
+    assert R.rise_cot_reward(cot, '{"red": .5, "blue": .5}', GT_CLS, "cls", forbid_class_names=False)["reward"] == 1.0
+    # imperfect reconstruction {"red":1,"blue":1}: Sim = exp(-1.125) = 0.324652 (see cls hacks)
+    assert R.rise_cot_reward(GOOD_COT, '{"red": 1, "blue": 1}', GT_CLS, "cls")["reward"] == approx(0.324652, abs=1e-6)
+
+
+def test_rise_cot_reward_det_and_format():
+    gt = [[0, 0, 10, 10]]
+    cot = "The dog sits in the top left corner of the scene."
+    # [0,0,10,5] vs [0,0,10,10]: IoU 50/100 = 0.5
+    assert R.rise_cot_reward(cot, "[0, 0, 10, 5]", gt, "det")["reward"] == approx(0.5)
+    assert R.rise_cot_reward("The dog is at 0, 0 up there.", "[0,0,10,10]", gt, "det")["leak"]
+    # Hack: empty answer -> format fails, similarity 0
+    out = R.rise_cot_reward(cot, "<answer></answer>", gt, "det")
+    assert out == {"reward": 0.0, "leak": False, "format": False, "similarity": 0.0}
+    # CoT smuggling an answer block, or not a narrative -> format 0
+    assert not R.rise_cot_reward(cot + " <answer>[0,0,10,10]</answer>", "[0,0,10,10]", gt, "det")["format"]
+    assert R.rise_cot_reward("   ", "[0,0,10,10]", gt, "det")["reward"] == 0.0
+    assert R.rise_cot_reward("dog.", "[0,0,10,10]", gt, "det")["reward"] == 0.0   # < 3 words
+
+
+# ------------------------------------------------------------------------ RISE-R1 reward
+def test_rise_r1_reward():
+    good = '<think>Warm and cool areas are equal.</think><answer>{"red": 0.5, "blue": 0.5}</answer>'
+    assert R.rise_r1_reward(good, GT_CLS, "cls") == {"reward": approx(2.0), "similarity": approx(1.0), "format": 1.0}
+    # Hack: empty answer -> 0 similarity and 0 format
+    assert R.rise_r1_reward("<think>a b c</think><answer></answer>", GT_CLS, "cls")["reward"] == 0.0
+    # Hack: every class at 1.0. Sim = exp(-1.125) = 0.324652; R_fmt = exp(-|2-1|) = 0.367879
+    # total = 0.692531
+    out = R.rise_r1_reward('<think>x</think><answer>{"red": 1, "blue": 1}</answer>', GT_CLS, "cls")
+    assert out["format"] == approx(0.367879, abs=1e-6) and out["reward"] == approx(0.692531, abs=1e-6)
+    # answer without think block: similarity 1, format 0 -> 1
+    assert R.rise_r1_reward("<answer>[0,0,10,10]</answer>", [[0, 0, 10, 10]], "det")["reward"] == approx(1.0)
+    # Hack: whole-image box for a small target: IoU 0.01 + format 1 = 1.01
+    out = R.rise_r1_reward("<think>it is there</think><answer>[0,0,100,100]</answer>", [[10, 10, 20, 20]], "det")
+    assert out["reward"] == approx(1.01)
+    # duplicated answer tags: nothing parses -> 0
+    assert R.rise_r1_reward("<think>a</think><answer>[0,0,1,1]</answer><answer>[0,0,1,1]</answer>",
+                            [[0, 0, 1, 1]], "det")["reward"] == 0.0
+
+
+# ------------------------------------------------------------------------ Seg-RISE format
+SEG = '{"bbox": [10, 20, 60, 80], "points": [[30, 40], [35, 50]]}'
+
+
+def test_think_reward():
+    assert R.think_reward("<think>look left</think>\n<answer>" + SEG + "</answer>") == 1.0
+    assert R.think_reward("<answer>" + SEG + "</answer>") == 0.0                   # no think
+    assert R.think_reward("<think></think><answer>x</answer>") == 0.0              # empty think
+    assert R.think_reward("<think>a</think><answer>x</answer><answer>y</answer>") == 0.0
+
+
+def test_seg_format_reward():
+    wrap = lambda s: "<think>ok</think><answer>" + s + "</answer>"
+    assert R.seg_format_reward(wrap(SEG), 100, 100) == 1.0
+    assert R.seg_format_reward(SEG, 100, 100) == 1.0                # --no-cot: bare JSON
+    assert R.seg_format_reward(wrap(SEG), 50, 100) == 0.0           # x2 = 60 > width 50
+    assert R.seg_format_reward(wrap(SEG.replace("10, 20, 60", "70, 20, 60")), 100, 100) == 0.0  # inverted
+    assert R.seg_format_reward(wrap(SEG.replace("[10, 20", "[-1, 20")), 100, 100) == 0.0         # outside
+    assert R.seg_format_reward(wrap(SEG.replace("[35, 50]", "[35, 50, 1]")), 100, 100) == 0.0
+    assert R.seg_format_reward(wrap(""), 100, 100) == 0.0           # empty answer
+    # points outside the box still pass: point accuracy is never rewarded
+    assert R.seg_format_reward(wrap(SEG.replace("[35, 50]", "[99, 99]")), 100, 100) == 1.0
+
+
+# ------------------------------------------------------------------------ CLIP reward
+class MeanColourModel(torch.nn.Module):
+    """Stub CLIP: image embedding = mean (R, G) of the crop; text embedding fixed."""
+
+    def __init__(self, text_vec):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.text_vec = torch.tensor([text_vec], dtype=torch.float32)
+        self.image_calls = self.text_calls = 0
+
+    def encode_image(self, x):
+        self.image_calls += 1
+        return x[:, :2].mean(dim=(2, 3))
+
+    def encode_text(self, tokens):
+        self.text_calls += 1
+        return self.text_vec.repeat(len(tokens), 1)
+
+
+def to_tensor(img):
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+def stub_preprocess(img):  # nearest-neighbour resize keeps a half/half crop exactly half/half
+    return to_tensor(img.resize((10, 10), Image.NEAREST))
+
+
+def two_colour_image():
+    a = np.zeros((40, 60, 3), np.uint8)
+    a[:, :30, 0] = 255   # left half red
+    a[:, 30:, 1] = 255   # right half green
+    return Image.fromarray(a)
+
+
+def test_clip_reward_hand_values():
+    img, tok = two_colour_image(), lambda texts: torch.zeros(len(texts), 4, dtype=torch.long)
+    model = MeanColourModel([1.0, 0.0])
+    boxes = [[0, 0, 30, 40],      # pure red: emb (1, 0) vs text (1, 0) -> cos 1
+             [20, 0, 40, 40],     # half red half green: (.5, .5) -> cos = .5/(.7071) = 0.707107
+             [30, 0, 60, 40],     # pure green: (0, 1) -> cos 0
+             None, [5, 5, 1, 1], [100, 100, 120, 120], [0, 0, float("nan"), 3]]  # invalid -> 0
+    out = R.clip_semantic_reward(model, stub_preprocess, tok, img, boxes, "a red thing")
+    assert out == approx([1.0, 0.707107, 0.0, 0.0, 0.0, 0.0, 0.0], abs=1e-6)
+    assert model.image_calls == 1 and model.text_calls == 1      # one batch, one text pass
+    # negative cosine is clamped to 0: text (-1, 0) vs red (1, 0) -> cos -1 -> 0
+    out = R.clip_semantic_reward(MeanColourModel([-1.0, 0.0]), stub_preprocess, tok, img, [[0, 0, 30, 40]], "x")
+    assert out == [0.0]
+    # nothing valid: no embedding at all
+    model = MeanColourModel([1.0, 0.0])
+    assert R.clip_semantic_reward(model, stub_preprocess, tok, img, [None, [3, 3, 3, 3]], "x") == [0.0, 0.0]
+    assert model.image_calls == 0 and model.text_calls == 0
+
+
+def test_clip_reward_crop_coordinates():
+    rng = np.random.default_rng(3)
+    img = Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8))
+    seen = []
+    recording = lambda im: (seen.append(np.asarray(im).copy()), to_tensor(im.resize((8, 8))))[1]
+    model, tok = MeanColourModel([1.0, 1.0]), lambda t: torch.zeros(len(t), 4, dtype=torch.long)
+    boxes = [[3, 5, 20, 17],            # integer box: exactly these pixels
+             [3.2, 5.7, 19.1, 16.5],    # fractional: rounded outwards -> (3, 5, 20, 17)
+             [-5, -5, 10, 10],          # partly outside: clipped -> (0, 0, 10, 10)
+             [60, 40, 80, 90]]          # clipped -> (60, 40, 64, 48)
+    R.clip_semantic_reward(model, recording, tok, img, boxes, "x")
+    expected = [(3, 5, 20, 17), (3, 5, 20, 17), (0, 0, 10, 10), (60, 40, 64, 48)]
+    assert len(seen) == 4
+    for got, box in zip(seen, expected):
+        np.testing.assert_array_equal(got, np.asarray(img.crop(box)))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip():
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(
+        embed_dim=32, vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=8, head_width=32),
+        text_cfg=dict(context_length=16, vocab_size=64, width=32, heads=2, layers=1)).eval()
+
+    def tokenizer(texts):  # char-level: ids 1..62, padded with 0; 63 = end of text (argmax pool)
+        rows = [[1 + ord(c) % 62 for c in t[:15]] + [63] for t in texts]
+        return torch.tensor([r + [0] * (16 - len(r)) for r in rows])
+
+    preprocess = lambda im: to_tensor(im.resize((32, 32)))
+    return model, preprocess, tokenizer
+
+
+def test_clip_reward_real_model_batch_equals_single(tiny_clip):
+    model, preprocess, tokenizer = tiny_clip
+    img = Image.fromarray(np.random.default_rng(4).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    boxes = [[0, 0, 30, 30], [10, 5, 60, 45], None, [20, 20, 25, 40]]
+    batch = R.clip_semantic_reward(model, preprocess, tokenizer, img, boxes, "a thing")
+    single = [R.clip_semantic_reward(model, preprocess, tokenizer, img, [b], "a thing")[0] for b in boxes]
+    assert batch == approx(single, abs=1e-5) and batch[2] == 0.0
+    assert all(0.0 <= r <= 1.0 for r in batch)
+    # the value is max(0, cosine) of the normalised embeddings
+    with torch.no_grad():
+        t = model.encode_text(tokenizer(["a thing"]))[0]
+        i = model.encode_image(preprocess(img.crop((10, 5, 60, 45)))[None])[0]
+    assert batch[1] == approx(max(0.0, torch.cosine_similarity(i, t, dim=0).item()), abs=1e-5)
+
+
+def test_clip_reward_text_embedded_once_per_instruction(tiny_clip):
+    model, preprocess, tokenizer = tiny_clip
+    calls = []
+    counting_tok = lambda texts: (calls.append(list(texts)), tokenizer(texts))[1]
+    img, cache = Image.new("RGB", (40, 40), (200, 30, 30)), {}
+    first = R.clip_semantic_reward(model, preprocess, counting_tok, img, [[0, 0, 20, 20]] * 8, "red square", cache)
+    again = R.clip_semantic_reward(model, preprocess, counting_tok, img, [[5, 5, 30, 30]], "red square", cache)
+    assert calls == [["red square"]] and "red square" in cache
+    R.clip_semantic_reward(model, preprocess, counting_tok, img, [[0, 0, 20, 20]], "green circle", cache)
+    assert calls == [["red square"], ["green circle"]]
+    assert len(set(first)) == 1 and len(again) == 1   # 8 identical crops, identical rewards
+
+
+# ------------------------------------------------------------------------ fuzzing
+FRAGMENTS = ["<think>", "</think>", "<answer>", "</answer>", "{", "}", "[", "]", "(", ")", ",",
+             ":", '"', "'", " ", "\n", "NaN", "nan", "Infinity", "inf", "1e400", "-1e400", "1e308",
+             "0", "0.5", ".25", "1.0", "-3", "99999", "30%", "percent", "zero point three",
+             '"bbox"', '"points"', '"score"', '"red"', "'blue'", "[10, 20, 5, 2]", "[0,0,100,100]",
+             '{"red": 0.5, "blue": 0.5}', '{"bbox": [1,2,3,4], "points": [[1,1],[2,2]]}',
+             "```json", "True", "None", "__import__('os')", "x" * 50]
+fuzz_text = st.one_of(
+    st.text(max_size=200),
+    st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=5)), max_size=40).map("".join),
+    st.tuples(st.sampled_from(FRAGMENTS), st.integers(1, 10000)).map(lambda t: (t[0] * t[1])[:10000]),
+)
+# derandomize: the same examples every run (reproducible CI); database=None: no .hypothesis dir
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+floats = st.floats(allow_nan=True, allow_infinity=True) | st.floats(-1e6, 1e6)
+
+
+@FUZZ
+@given(fuzz_text)
+def test_fuzz_parsers_and_rewards(text):
+    assert R.parse_think_answer(text) is None or all(isinstance(s, str) for s in R.parse_think_answer(text))
+    probs = R.parse_class_probs(text)
+    assert probs is None or all(math.isfinite(v) and v >= 0 for v in probs.values())
+    boxes = R.parse_boxes(text)
+    assert boxes is None or all(R.box_iou(b, b) == 1.0 for b in boxes)
+    seg = R.parse_seg_answer(text)
+    assert seg is None or all(math.isfinite(v) for v in seg[0] + seg[1][0] + seg[1][1])
+    assert 0.0 <= R.parse_score(text) <= 1.0
+    assert R.leaks(text, "cls") in (True, False) and R.leaks(text, "det") in (True, False)
+    assert R.think_reward(text) in (0.0, 1.0)
+    assert R.seg_format_reward(text, 64, 48) in (0.0, 1.0)
+    for task, gt in (("cls", GT_CLS), ("det", [[0, 0, 10, 10], [5, 5, 20, 20]])):
+        out = R.rise_cot_reward(text, text, gt, task)
+        assert 0.0 <= out["reward"] <= 1.0 and 0.0 <= out["similarity"] <= 1.0
+        out = R.rise_r1_reward(text, gt, task)
+        assert 0.0 <= out["reward"] <= 2.0 and 0.0 <= out["format"] <= 1.0
+
+
+@FUZZ
+@given(st.dictionaries(st.text(max_size=3), floats, max_size=5),
+       st.dictionaries(st.text(min_size=1, max_size=3), floats, min_size=1, max_size=5))
+def test_fuzz_cls_similarity(pred, gt):
+    sim = R.cls_similarity(pred, gt)
+    assert 0.0 <= sim <= 1.0
+
+
+@FUZZ
+@given(st.lists(st.lists(floats, min_size=4, max_size=4), max_size=4),
+       st.lists(st.lists(floats, min_size=4, max_size=4), min_size=1, max_size=4))
+def test_fuzz_boxes(pred, gt):
+    assert 0.0 <= R.det_similarity(pred, gt) <= 1.0
+    assert 0.0 <= R.box_iou(pred[0] if pred else None, gt[0]) <= 1.0
+
+
+@FUZZ
+@given(st.lists(st.tuples(floats, floats), min_size=1, max_size=6))
+def test_fuzz_jsd(pairs):
+    p, q = zip(*pairs)
+    assert 0.0 <= R.jsd(p, q) <= LN2 + 1e-12
+
+
+@FUZZ
+@given(st.lists(st.one_of(st.none(), st.lists(floats, min_size=4, max_size=4)), max_size=6))
+def test_fuzz_clip_boxes(boxes):
+    out = R.clip_semantic_reward(MeanColourModel([1.0, 0.5]), stub_preprocess,
+                                 lambda t: torch.zeros(len(t), 4, dtype=torch.long),
+                                 two_colour_image(), boxes, "thing")
+    assert len(out) == len(boxes) and all(0.0 <= r <= 1.0 for r in out)
