@@ -132,17 +132,53 @@ def reward_tensor(results):
     return torch.tensor([float(r) for r in results]), {}
 
 
+def grpo_update(model, segments, rewards, group_size, optimizer=None, ref_model=None, beta=0.04,
+                eps_low=0.2, eps_high=0.2, norm="seq", scale_rewards=True, suppress=None):
+    """Advantages -> GRPO loss -> one optimizer step, for completions made of one or more segments.
+
+    segments: list of dicts {prompt, completion_ids [N, T_k], completion_mask [N, T_k], temperature};
+    one segment for a plain prompt -> answer rollout, two for RISE-CoT's trajectory (the CoT,
+    then its reconstruction from a second prompt). Their tokens are concatenated along T, so
+    every token of completion i shares advantage A_i and "seq" normalises over the whole trajectory.
+    One batch is used once (num_iterations = 1): old_logp = logp.detach(), so the ratio is 1 in
+    value and the clipping only matters with several updates per rollout.
+    Returns the loss statistics, with "skipped" set when the loss was not finite (no update).
+    """
+    advantages = group_advantages(rewards, group_size, scale=scale_rewards)
+    logp = torch.cat([vlm.completion_logprobs(model, s["prompt"], s["completion_ids"], s["completion_mask"],
+                                              s["temperature"], suppress) for s in segments], 1)
+    ref_logp = None
+    if beta != 0:
+        with torch.no_grad():
+            ref_logp = torch.cat([vlm.completion_logprobs(ref_model, s["prompt"], s["completion_ids"],
+                                                          s["completion_mask"], s["temperature"], suppress)
+                                  for s in segments], 1)
+    mask = torch.cat([s["completion_mask"] for s in segments], 1)
+    loss, stats = grpo_loss(logp, logp.detach(), ref_logp, advantages.to(logp.device), mask, beta=beta,
+                            eps_low=eps_low, eps_high=eps_high, norm=norm)
+    stats["skipped"] = not math.isfinite(loss.item())
+    if not stats["skipped"]:                   # a non-finite loss never reaches the weights
+        apply_update(model, optimizer, loss)
+    stats.update(loss=loss.item(), completion_len=mask.sum(1).float().mean().item(),
+                 entropy=(-(logp.detach() * mask).sum() / mask.sum().clamp(min=1)).item())
+    return stats
+
+
+def reward_stats(rewards, group_size):
+    """Mean reward, mean within-group std and the fraction of groups with no signal."""
+    return {"reward": rewards.mean().item(), "reward_std": rewards.view(-1, group_size).std(1).mean().item(),
+            "zero_std_fraction": zero_std_fraction(rewards, group_size)}
+
+
 def grpo_step(model, processor, conversations, images, reward_fn, optimizer=None, ref_model=None,
-              group_size=8, max_new_tokens=64, temperature=1.0, beta=0.04, eps_low=0.2, eps_high=0.2,
-              norm="seq", scale_rewards=True, max_prompt_len=None):
+              group_size=8, max_new_tokens=64, temperature=1.0, max_prompt_len=None, **loss_args):
     """One GRPO step: rollout -> reward -> loss -> update. Returns (stats, rollout, rewards).
 
     model: the policy (a DeepSpeed engine when optimizer is None, else a plain module).
     conversations/images: B prompts (see vlm.chat_inputs). reward_fn(texts, prompt_index) gets
     the B*G decoded completions (prompt-major: text i answers prompt i // G) and returns one
     float, or one dict with "reward" and its components, per text.
-    One batch is used once (num_iterations = 1), so old_logp = logp.detach() and the ratio is 1
-    in value: the clipping only matters with several updates per rollout.
+    loss_args: beta, eps_low, eps_high, norm, scale_rewards (see grpo_update).
     """
     module = getattr(model, "module", model)
     batch = vlm.chat_inputs(processor, conversations, images, max_prompt_len=max_prompt_len)
@@ -150,26 +186,10 @@ def grpo_step(model, processor, conversations, images, reward_fn, optimizer=None
         rollout = vlm.sample(module, processor, batch, group_size, max_new_tokens, temperature)
     n = len(rollout["texts"])
     rewards, parts = reward_tensor(reward_fn(rollout["texts"], [i // group_size for i in range(n)]))
-    advantages = group_advantages(rewards, group_size, scale=scale_rewards)
-    device = rollout["completion_ids"].device
-    suppress = vlm.suppressed_ids(processor)
-    args = (rollout["prompt"], rollout["completion_ids"], rollout["completion_mask"], temperature, suppress)
-    logp = vlm.completion_logprobs(model, *args)
-    ref_logp = None
-    if beta != 0:
-        with torch.no_grad():
-            ref_logp = vlm.completion_logprobs(ref_model, *args)
-    mask = rollout["completion_mask"]
-    loss, stats = grpo_loss(logp, logp.detach(), ref_logp, advantages.to(device), mask, beta=beta,
-                            eps_low=eps_low, eps_high=eps_high, norm=norm)
-    stats["skipped"] = not math.isfinite(loss.item())
-    if not stats["skipped"]:                   # a non-finite loss never reaches the weights
-        apply_update(model, optimizer, loss)
-    grouped = rewards.view(-1, group_size)
-    stats.update(loss=loss.item(), reward=rewards.mean().item(), reward_std=grouped.std(1).mean().item(),
-                 zero_std_fraction=zero_std_fraction(rewards, group_size),
-                 completion_len=mask.sum(1).float().mean().item(),
-                 entropy=(-(logp.detach() * mask).sum() / mask.sum().clamp(min=1)).item(), **parts)
+    segment = dict(rollout, temperature=temperature)
+    stats = grpo_update(model, [segment], rewards, group_size, optimizer, ref_model,
+                        suppress=vlm.suppressed_ids(processor), **loss_args)
+    stats.update(reward_stats(rewards, group_size), **parts)
     return stats, rollout, rewards
 
 

@@ -12,6 +12,7 @@ import itertools
 import json
 import math
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -23,6 +24,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
+from pycocotools import mask as coco_api
 
 import data
 import grpo
@@ -1598,3 +1600,562 @@ def test_fuzz_clip_boxes(boxes):
                                  lambda t: torch.zeros(len(t), 4, dtype=torch.long),
                                  two_colour_image(), boxes, "thing")
     assert len(out) == len(boxes) and all(0.0 <= r <= 1.0 for r in out)
+
+
+# ====================================================================================================
+# data.py: converters from the original dataset layouts
+# ====================================================================================================
+# pycocotools (used here only as the independent reference) warns under numpy 2.
+pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
+
+
+def _image(path, size=(8, 8), value=128):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (value, value, value)).save(path)   # format from the suffix
+    return path
+
+
+def _hashes(folder):
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
+
+
+def _ids(path):
+    return [json.loads(line)["id"] for line in Path(path).read_text().splitlines()]
+
+
+# ------------------------------------------------------------------------------- Emotion6
+EMO_HEADER = ("[image_filename]\t[valence]\t[arousal]\t[prob. anger]\t[prob. disgust]\t"
+              "[prob. fear]\t[prob. joy]\t[prob. sadness]\t[prob. surprise]\t[prob. neutral]")
+ODD = [0.4, 0.1, 0.1, 0.2, 0.095, 0.05, 0.05]          # sums to 0.995: renormalised
+
+
+def _emotion6(root, extra_lines=()):
+    lines = [EMO_HEADER]
+    for k, emotion in enumerate(data.EMOTION6_CLASSES):
+        for n in range(1, 11):
+            _image(root / "images" / emotion / f"{n}.jpg")
+            probs = ODD if (emotion, n) == ("joy", 3) else [float(i == k) for i in range(7)]
+            lines.append("\t".join([f"{emotion}/{n}.jpg", "5.5", "4.25", *map(str, probs)]))
+    (root / "ground_truth.txt").write_text("\n".join([*lines, *extra_lines]) + "\n")
+    return root
+
+
+def test_emotion6_probs_stratified_split_and_determinism(tmp_path):
+    root = _emotion6(tmp_path / "Emotion6")
+    paths, skipped = data.convert_emotion6(root, tmp_path / "a", seed=0)
+    assert skipped == 0
+    train, _ = data.read_manifest(paths["train"], "cls")
+    test, _ = data.read_manifest(paths["test"], "cls")
+    assert (len(train), len(test)) == (49, 21)           # 10 per folder -> 7 train / 3 test
+    for emotion in data.EMOTION6_CLASSES:
+        assert sum(r["id"].startswith(f"emotion6-{emotion}-") for r in test) == 3
+    assert not {r["id"] for r in train} & {r["id"] for r in test}
+    rec = {r["id"]: r for r in train + test}
+    assert rec["emotion6-joy-3"]["probs"] == pytest.approx([p / 0.995 for p in ODD], abs=1e-12)
+    assert rec["emotion6-fear-1"]["probs"] == [0, 0, 1, 0, 0, 0, 0]
+    assert rec["emotion6-fear-1"]["classes"] == data.EMOTION6_CLASSES
+    assert (rec["emotion6-fear-1"]["valence"], rec["emotion6-fear-1"]["arousal"]) == (5.5, 4.25)
+    assert rec["emotion6-anger-2"]["image"] == "../Emotion6/images/anger/2.jpg"   # relative
+    data.convert_emotion6(root, tmp_path / "b", seed=0)
+    assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
+    data.convert_emotion6(root, tmp_path / "c", seed=1)
+    assert _ids(tmp_path / "c" / "test.jsonl") != _ids(paths["test"])
+
+
+@pytest.mark.parametrize("line, why", [
+    ("anger/1.jpg\t5\t5\t0.5\t0.3\t0\t0\t0\t0\t0", "sum to 0.8000"),
+    ("anger/2.jpg\t5\t5\t1.1\t-0.1\t0\t0\t0\t0\t0", ">= 0"),
+    ("anger/3.jpg\t5\t5\tx\t1\t0\t0\t0\t0\t0", "not a number"),
+    ("anger/99.jpg\t5\t5\t1\t0\t0\t0\t0\t0\t0", "image file not found"),
+    ("anger/4.jpg\t5\t5\t1\t0\t0\t0\t0\t0", "9 tab-separated fields"),
+])
+def test_emotion6_bad_lines(tmp_path, line, why):
+    root = tmp_path / "E6"
+    _emotion6(root)
+    text = (root / "ground_truth.txt").read_text().splitlines()
+    text[1] = line                                    # replaces anger/1.jpg, on line 2
+    (root / "ground_truth.txt").write_text("\n".join(text) + "\n")
+    with pytest.raises(data.ManifestError, match=rf"ground_truth\.txt:2: .*{why}"):
+        data.convert_emotion6(root, tmp_path / "out")
+    paths, skipped = data.convert_emotion6(root, tmp_path / "out", skip_bad=True)
+    assert skipped == 1
+    assert sum(len(_ids(p)) for p in paths.values()) == 69
+
+
+def test_emotion6_cli(tmp_path, capsys):
+    root = _emotion6(tmp_path / "E6")
+    data.main(["emotion6", "--root", str(root), "--out", str(tmp_path / "o"), "--seed", "3"])
+    assert "49 records" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="ground_truth.txt"):
+        data.main(["emotion6", "--root", str(tmp_path), "--out", str(tmp_path / "o")])
+
+
+# ----------------------------------------------------------------------- LISA / ReasonSeg
+def _rect(x1, y1, x2, y2, label="target"):
+    return {"label": label, "points": [[x1, y1], [x2, y1], [x2, y2], [x1, y2]],
+            "shape_type": "polygon"}
+
+
+def _reasonseg(src):
+    _image(src / "a.jpg", (64, 48))
+    # target: columns 10..30, rows 10..20 (points truncated, boundary included); a smaller
+    # "ignore" shape drawn after it carves out columns 26..30.
+    a = {"text": ["what holds the soup?", "the bowl"], "is_sentence": True,
+         "shapes": [_rect(10.7, 10.2, 30.9, 20.5), _rect(26, 8, 35, 22, "ignore")]}
+    _image(src / "b.jpg", (64, 48))
+    # two targets -> one box around both; a larger ignore shape is drawn first, so the targets
+    # win over it; a "flag" shape is dropped.
+    b = {"text": ["the two cups"], "is_sentence": False,
+         "shapes": [_rect(0, 0, 20, 20, "ignore"), _rect(5, 5, 9, 9), _rect(40, 30, 50, 40),
+                    _rect(0, 0, 63, 47, "flag")]}
+    for name, ann in (("a", a), ("b", b)):
+        (src / f"{name}.json").write_text(json.dumps(ann))
+    expected = {"a": np.zeros((48, 64), bool), "b": np.zeros((48, 64), bool)}
+    expected["a"][10:21, 10:26] = True
+    expected["b"][5:10, 5:10] = True
+    expected["b"][30:41, 40:51] = True
+    return expected
+
+
+def test_reasonseg_det_and_seg(tmp_path):
+    src = tmp_path / "ReasonSeg" / "val"
+    expected = _reasonseg(src)
+    paths, skipped = data.convert_reasonseg(src, tmp_path / "out")
+    assert skipped == 0
+    det, _ = data.read_manifest(paths["det"], "det")
+    seg, _ = data.read_manifest(paths["seg"], "seg")
+    assert [(r["id"], r["target"], r["boxes"]) for r in det] == [
+        ("a", "what holds the soup?", [[10, 10, 26, 21]]), ("b", "the two cups", [[5, 5, 51, 41]])]
+    assert [(r["id"], r["instruction"], r["box"]) for r in seg] == [
+        ("a-0", "what holds the soup?", [10, 10, 26, 21]), ("a-1", "the bowl", [10, 10, 26, 21]),
+        ("b-0", "the two cups", [5, 5, 51, 41])]
+    assert det[0]["is_sentence"] is True and seg[2]["is_sentence"] is False
+    for rec in seg:
+        mask = np.asarray(Image.open(rec["mask_path"]))
+        assert set(np.unique(mask)) <= {0, 255}
+        assert np.array_equal(mask == 255, expected[rec["id"][0]])
+    assert det[0]["image"] == "../ReasonSeg/val/a.jpg"
+
+
+@pytest.mark.parametrize("name, content, has_image, where", [
+    ("c", {"text": ["x"], "shapes": [_rect(1, 1, 9, 9, "ignore")]}, True,
+     r"c\.json:shapes: no target pixels"),
+    ("d", {"text": ["y"], "shapes": [_rect(1, 1, 9, 9)]}, False,
+     r"d\.json:image: image file not found"),
+    ("e", '{"text": ["z"],\n "shapes": [}', True, r"e\.json:2: invalid JSON"),
+    ("f", {"text": ["w"], "shapes": [{"label": "t", "points": [[1, 2]]}]}, True,
+     r"f\.json:shapes\[0\]: points is not"),
+    ("g", {"text": [], "shapes": [_rect(1, 1, 9, 9)]}, True, r"g\.json:text: "),
+])
+def test_reasonseg_bad_file(tmp_path, name, content, has_image, where):
+    src = tmp_path / "val"
+    _reasonseg(src)
+    if has_image:
+        _image(src / f"{name}.jpg", (64, 48))
+    (src / f"{name}.json").write_text(content if isinstance(content, str) else json.dumps(content))
+    with pytest.raises(data.ManifestError, match=where):
+        data.convert_reasonseg(src, tmp_path / "out")
+    with pytest.raises(SystemExit, match=where):
+        data.main(["reasonseg", "--src", str(src), "--out", str(tmp_path / "out")])
+    paths, skipped = data.convert_reasonseg(src, tmp_path / "out", skip_bad=True)
+    assert skipped == 1 and _ids(paths["det"]) == ["a", "b"]
+
+
+# ------------------------------------------------------------------------------- COCO-Sub
+CATS = {1: "cat", 2: "dog", 3: "traffic light"}
+
+
+def _coco(root, bad_annotation=False):
+    """20 images; cat in images 1-16 (two boxes in image 1), dog in 5-20 plus a crowd region
+    in image 1, traffic light in 1-10. Returns the JSON path and {(image, cat): boxes}."""
+    images, anns, expected = [], [], {}
+
+    def add(image_id, cat, bbox, crowd=0):
+        anns.append({"id": 100 + len(anns), "image_id": image_id, "category_id": cat,
+                     "bbox": bbox, "iscrowd": crowd, "area": 1.0})
+        if not crowd:
+            x, y, w, h = bbox
+            expected.setdefault((image_id, cat), []).append([x, y, x + w, y + h])
+
+    for i in range(1, 21):
+        name = f"{i:012d}.jpg"
+        _image(root / "images" / name, (40, 30))
+        images.append({"id": i, "file_name": name, "width": 40, "height": 30})
+        if i <= 16:
+            add(i, 1, [1.5, 2.25, 10, 5])
+        if i >= 5:
+            add(i, 2, [i, 1, 20, 20.5])
+        if i <= 10:
+            add(i, 3, [30, 20, 4, 6])
+    add(1, 1, [20, 10, 3, 3])
+    add(1, 2, [0, 0, 40, 30], crowd=1)
+    if bad_annotation:
+        anns.append({"id": 999, "image_id": 2, "category_id": 1, "bbox": [5, 5, 0, 4],
+                     "iscrowd": 0})
+    path = root / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [
+        {"id": k, "name": v, "supercategory": "x"} for k, v in CATS.items()]}))
+    return path, expected
+
+
+def test_coco_sub_sampling_and_boxes(tmp_path):
+    inst, expected = _coco(tmp_path / "coco")
+    out = tmp_path / "sub"
+    paths, skipped = data.convert_coco(inst, tmp_path / "coco" / "images", out, n_train=3,
+                                       n_test=2, seed=0)
+    assert skipped == 0
+    train, _ = data.read_manifest(paths["train"], "det")
+    test, _ = data.read_manifest(paths["test"], "det")
+    for cat, name in CATS.items():
+        assert sum(r["target"] == name for r in train) == 3
+        assert sum(r["target"] == name for r in test) == 2
+    images_of = lambda recs: {r["id"].split("-")[1] for r in recs}   # noqa: E731
+    assert not images_of(train) & images_of(test)       # no image in both splits
+    for rec in train + test:
+        image_id = int(rec["id"].split("-")[1])
+        assert rec["boxes"] == expected[image_id, rec["category_id"]]
+        assert CATS[rec["category_id"]] == rec["target"]
+        assert rec["image"] == f"../coco/images/{image_id:012d}.jpg"
+    assert not any(r["id"] == "coco-1-2" for r in train + test)   # crowd only: not a dog image
+    data.convert_coco(inst, tmp_path / "coco" / "images", tmp_path / "again", n_train=3,
+                      n_test=2, seed=0)
+    assert _hashes(out) == _hashes(tmp_path / "again")
+    picks = set()
+    for seed in range(4):
+        p, _ = data.convert_coco(inst, tmp_path / "coco" / "images", tmp_path / f"s{seed}",
+                                 n_train=3, n_test=2, seed=seed)
+        picks.add(tuple(_ids(p["test"])))
+    assert len(picks) > 1
+
+
+def test_coco_sub_classes_and_bad_input(tmp_path):
+    inst, _ = _coco(tmp_path / "coco", bad_annotation=True)
+    images = tmp_path / "coco" / "images"
+    with pytest.raises(data.ManifestError, match=r"instances\.json:annotations\[\d+\] \(id 999\)"
+                                                 r": .*degenerate"):
+        data.convert_coco(inst, images, tmp_path / "o", n_train=3, n_test=2)
+    paths, skipped = data.convert_coco(inst, images, tmp_path / "o", classes=["traffic light"],
+                                       n_train=3, n_test=2, skip_bad=True)
+    assert skipped == 1
+    assert {json.loads(x)["target"] for x in paths["train"].read_text().splitlines()} == {
+        "traffic light"}
+    with pytest.raises(ValueError, match="'horse'"):
+        data.convert_coco(inst, images, tmp_path / "o", classes=["horse"], skip_bad=True)
+    good, _ = _coco(tmp_path / "good")
+    with pytest.raises(data.ManifestError, match="category 'traffic light': 10 images"):
+        data.convert_coco(good, tmp_path / "good" / "images", tmp_path / "o", n_train=9,
+                          n_test=2)
+    (images / f"{4:012d}.jpg").write_bytes(b"not a jpeg")
+    paths, skipped = data.convert_coco(inst, images, tmp_path / "o2", n_train=4, n_test=2,
+                                       skip_bad=True)
+    assert skipped >= 2                                  # bad annotation + image 4's records
+    for p in paths.values():
+        assert all("-4-" not in i for i in _ids(p))
+        data.read_manifest(p, "det")
+    data.main(["coco", "--instances", str(inst), "--images", str(images), "--out",
+               str(tmp_path / "cli"), "--n-train", "3", "--n-test", "2", "--classes",
+               "cat,traffic light", "--skip-bad"])
+    assert len(_ids(tmp_path / "cli" / "test.jsonl")) == 4
+
+
+# --------------------------------------------------------------------------- ImageNet-Sub
+def _imagenet(root, per_class=4):
+    for k in range(5):
+        for n in range(per_class):
+            _image(root / f"n0000000{k}" / f"n0000000{k}_{n}.JPEG", value=10 * k + n)
+    names = root.parent / "LOC_synset_mapping.txt"
+    names.write_text("n00000000 tench, Tinca tinca\nn00000001 goldfish\nn00000002 crane\n"
+                     "n00000003 crane\nn00000004 great white shark, white shark\n")
+    return names
+
+
+def test_imagenet_sub(tmp_path):
+    root = tmp_path / "train"
+    names = _imagenet(root)
+    kw = dict(n_classes=3, n_train=2, n_test=1, seed=0)
+    paths, skipped = data.convert_imagenet(root, tmp_path / "a", names=names, **kw)
+    assert skipped == 0
+    train, _ = data.read_manifest(paths["train"], "cls")
+    test, _ = data.read_manifest(paths["test"], "cls")
+    classes = train[0]["classes"]
+    assert len(classes) == 3 and (len(train), len(test)) == (6, 3)
+    assert set(classes) <= {"tench", "goldfish", "crane (n00000002)", "crane (n00000003)",
+                            "great white shark"}
+    for rec in train + test:
+        assert rec["classes"] == classes and sorted(rec["probs"]) == [0.0, 0.0, 1.0]
+        folder = rec["id"].rsplit("-", 1)[0]
+        assert rec["image"].startswith(f"../train/{folder}/")
+        named = {"n00000000": "tench", "n00000001": "goldfish", "n00000004": "great white shark"}
+        assert classes[rec["probs"].index(1.0)] == named.get(folder, f"crane ({folder})")
+    assert not {r["id"] for r in train} & {r["id"] for r in test}
+    data.convert_imagenet(root, tmp_path / "b", names=names, **kw)
+    assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
+    chosen = {tuple(json.loads(data.convert_imagenet(root, tmp_path / f"s{s}", **dict(
+        kw, seed=s))[0]["test"].read_text().splitlines()[0])["classes"]) for s in range(5)}
+    assert len(chosen) > 1                               # the class choice follows the seed
+    paths, _ = data.convert_imagenet(root, tmp_path / "seg", names=names, as_seg=True,
+                                     classes=["goldfish", "n00000004"], n_train=3, n_test=1)
+    seg, _ = data.read_manifest(paths["train"], "seg")
+    assert len(seg) == 6 and {r["instruction"] for r in seg} == {"goldfish", "great white shark"}
+    assert all("mask" not in r for r in seg)
+
+
+def test_imagenet_bad_input(tmp_path):
+    root = tmp_path / "train"
+    _imagenet(root, per_class=3)
+    (root / "n00000001" / "n00000001_0.JPEG").write_bytes(b"\xff\xd8 broken")
+    with pytest.raises(data.ManifestError, match=r"n00000001:n00000001_0\.JPEG: unreadable"):
+        data.convert_imagenet(root, tmp_path / "o", classes=["n00000001"], n_train=2, n_test=1)
+    paths, skipped = data.convert_imagenet(root, tmp_path / "o", classes=["n00000001"],
+                                           n_train=2, n_test=1, skip_bad=True)
+    assert skipped == 1 and len(_ids(paths["train"])) + len(_ids(paths["test"])) == 2
+    with pytest.raises(data.ManifestError, match=r"train:class n00000000: 3 images"):
+        data.convert_imagenet(root, tmp_path / "o", n_train=3, n_test=1)
+    data.main(["imagenet", "--root", str(root), "--out", str(tmp_path / "cli"), "--n-classes",
+               "2", "--n-train", "1", "--n-test", "1", "--skip-bad", "--as-seg"])
+    assert len(_ids(tmp_path / "cli" / "train.jsonl")) >= 1
+
+
+# ---------------------------------------------------------------- RefCOCO and COCO masks
+def _blob_mask(h, w, seed):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    m = np.zeros((h, w), bool)
+    for _ in range(4):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(1, max(2, min(h, w) / 3))
+        m ^= (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+    return m
+
+
+def _runs(mask):
+    """Uncompressed COCO RLE counts, computed directly: column-major runs, zeros first."""
+    flat = mask.T.ravel().astype(np.int8)
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return [0] + runs if flat[0] else runs
+
+
+def test_rle_decode_matches_pycocotools():
+    for seed in range(30):
+        h, w = [(5, 7), (64, 48), (300, 200)][seed % 3]
+        m = _blob_mask(h, w, seed)
+        m[0, 0] = bool(seed % 2)                          # runs starting with 1s as well
+        rle = coco_api.encode(np.asfortranarray(m.astype(np.uint8)))
+        assert np.array_equal(data.rle_decode(rle), m)    # counts as bytes
+        as_json = {"size": rle["size"], "counts": rle["counts"].decode()}
+        assert np.array_equal(data.rle_decode(as_json), coco_api.decode(rle).astype(bool))
+        assert np.array_equal(data.rle_decode({"size": [h, w], "counts": _runs(m)}), m)
+    with pytest.raises(ValueError):
+        data.rle_decode({"size": [4, 4], "counts": [3, 2]})
+
+
+def test_polygon_mask_matches_pycocotools():
+    rng = np.random.default_rng(0)
+    for trial in range(150):
+        h, w = (int(v) for v in rng.integers(5, 90, 2))
+        k = int(rng.integers(3, 25))
+        if trial % 2:     # star-shaped, like real outlines, partly outside the image
+            ang = np.sort(rng.uniform(0, 2 * np.pi, k))
+            c, r = rng.uniform(0, [w, h]), rng.uniform(1, 40, k)
+            poly = np.stack([c[0] + r * np.cos(ang), c[1] + r * np.sin(ang)], 1).round(2)
+        else:             # arbitrary, self-intersecting, some integer vertices
+            poly = rng.uniform(-0.1, 1.1, (k, 2)) * [w, h]
+            poly[::3] = poly[::3].round()
+        ref = coco_api.decode(coco_api.frPyObjects([poly.ravel().tolist()], h, w))[:, :, 0]
+        assert np.array_equal(data.coco_polygon_mask(poly.ravel(), h, w), ref.astype(bool))
+    square = data.coco_polygon_mask([10, 10, 30, 10, 30, 20, 10, 20], 40, 50)
+    assert data.mask_box(square) == [10, 10, 30, 20] and square.sum() == 200
+
+
+def _refcoco(root, refs=None):
+    img_dir = root / "train2014"
+    _image(img_dir / "COCO_train2014_000000000001.jpg", (50, 40))
+    _image(img_dir / "COCO_train2014_000000000002.jpg", (60, 45))
+    poly = [[5.5, 4.0, 30.2, 6.0, 25.0, 30.7, 8.0, 25.0], [40, 30, 48, 30, 44, 38]]
+    blob = _blob_mask(45, 60, 7)
+    rle = coco_api.encode(np.asfortranarray(blob.astype(np.uint8)))
+    anns = [{"id": 10, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [5.5, 4, 42.5, 34],
+             "segmentation": poly},
+            {"id": 11, "image_id": 2, "category_id": 1, "iscrowd": 0, "bbox": [1, 2, 50, 40],
+             "segmentation": {"size": [45, 60], "counts": rle["counts"].decode()}},
+            {"id": 12, "image_id": 2, "category_id": 1, "iscrowd": 1, "bbox": [3, 3, 9, 9],
+             "segmentation": {"size": [45, 60], "counts": _runs(~blob)}}]
+    images = [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "width": 50, "height": 40},
+              {"id": 2, "file_name": "COCO_train2014_000000000002.jpg", "width": 60, "height": 45}]
+    inst = root / "refcoco" / "instances.json"
+    inst.parent.mkdir(parents=True)
+    inst.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": 1, "name": "person"}]}))
+    sents = lambda *s: [{"sent": x, "raw": x, "tokens": x.split(), "sent_id": i}   # noqa: E731
+                        for i, x in enumerate(s)]
+    refs = refs if refs is not None else [
+        {"ref_id": 100, "ann_id": 10, "image_id": 1, "split": "val", "category_id": 1,
+         "file_name": "COCO_train2014_000000000001_10.jpg", "sent_ids": [0, 1],
+         "sentences": sents("man on the left", "left guy")},
+        {"ref_id": 101, "ann_id": 11, "image_id": 2, "split": "val", "category_id": 1,
+         "file_name": "x", "sentences": sents("blobs")},
+        {"ref_id": 102, "ann_id": 12, "image_id": 2, "split": "val", "category_id": 1,
+         "file_name": "x", "sentences": sents("the background")},
+        {"ref_id": 103, "ann_id": 10, "image_id": 1, "split": "train", "category_id": 1,
+         "file_name": "x", "sentences": sents("a man")}]
+    refs_path = root / "refcoco" / "refs(unc).p"
+    with open(refs_path, "wb") as f:
+        pickle.dump(refs, f, protocol=2)                  # as the Python 2 originals
+    polys = coco_api.decode(coco_api.merge(coco_api.frPyObjects(poly, 40, 50))).astype(bool)
+    return refs_path, inst, img_dir, {10: polys, 11: blob, 12: ~blob}
+
+
+def test_refcoco_records_and_masks(tmp_path):
+    refs, inst, img_dir, masks = _refcoco(tmp_path)
+    paths, skipped = data.convert_refcoco(refs, inst, img_dir, tmp_path / "out", split="val")
+    assert skipped == 0
+    recs, _ = data.read_manifest(paths["val"], "seg")
+    assert [(r["id"], r["instruction"], r["ann_id"]) for r in recs] == [
+        ("100-0", "man on the left", 10), ("100-1", "left guy", 10), ("101-0", "blobs", 11),
+        ("102-0", "the background", 12)]
+    assert recs[0]["box"] == [5.5, 4, 48, 38] and recs[0]["mask"] == "masks/10.png"
+    assert recs[0]["image"] == "../train2014/COCO_train2014_000000000001.jpg"
+    for rec in recs:
+        png = np.asarray(Image.open(rec["mask_path"]))
+        assert np.array_equal(png == 255, masks[rec["ann_id"]]) and set(np.unique(png)) <= {0, 255}
+    paths, _ = data.convert_refcoco(refs, inst, img_dir, tmp_path / "out", split="train")
+    assert _ids(paths["train"]) == ["103-0"]
+    a, _ = data.convert_refcoco(refs, inst, img_dir, tmp_path / "s1", split="val", sample=2)
+    b, _ = data.convert_refcoco(refs, inst, img_dir, tmp_path / "s2", split="val", sample=2)
+    assert len(_ids(a["val"])) == 2 and a["val"].read_bytes() == b["val"].read_bytes()
+    data.main(["refcoco", "--refs", str(refs), "--instances", str(inst), "--images",
+               str(img_dir), "--out", str(tmp_path / "cli"), "--split", "testA"])
+    assert _ids(tmp_path / "cli" / "testA.jsonl") == []
+
+
+def test_refcoco_bad_refs(tmp_path):
+    refs, inst, img_dir, _ = _refcoco(tmp_path)
+    good = data.load_refs(refs)
+    bad = good + [dict(good[0], ref_id=104, ann_id=77), dict(good[1], ref_id=105,
+                                                            sentences=[{"sent": " "}])]
+    refs, inst, img_dir, _ = _refcoco(tmp_path / "b", refs=bad)
+    with pytest.raises(data.ManifestError, match=r"refs\(unc\)\.p:refs\[5\] \(ref_id 105\) "
+                                                 r"sentence 0: needs a non-empty \"sent\""):
+        data.convert_refcoco(refs, inst, img_dir, tmp_path / "o")
+    refs, inst, img_dir, _ = _refcoco(tmp_path / "c", refs=bad[:5])
+    with pytest.raises(data.ManifestError, match=r"refs\(unc\)\.p:refs\[4\] \(ref_id 104\): "
+                                                 r"ann_id 77 is not an annotation"):
+        data.convert_refcoco(refs, inst, img_dir, tmp_path / "o")
+    refs, inst, img_dir, _ = _refcoco(tmp_path / "d", refs=bad)
+    paths, skipped = data.convert_refcoco(refs, inst, img_dir, tmp_path / "o", skip_bad=True)
+    assert skipped == 3 and len(_ids(paths["val"])) == 4   # ref 104's 2 sentences + ref 105's
+
+
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):          # unpickling this would run: touch <marker>
+        return os.system, (f"touch '{self.marker}'",)
+
+
+def test_refs_unpickler_refuses_code(tmp_path):
+    marker = tmp_path / "pwned"
+    evil = tmp_path / "refs(unc).p"
+    evil.write_bytes(pickle.dumps([{"ref_id": 1, "x": _Evil(marker)}], protocol=2))
+    assert b"system" in evil.read_bytes()
+    with pytest.raises(data.ManifestError, match=r"refs\(unc\)\.p:pickle: .*refused to load "
+                                                 r"(posix|os|nt)\.system"):
+        data.load_refs(evil)
+    inst = tmp_path / "instances.json"
+    inst.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
+    with pytest.raises(data.ManifestError, match="refused"):
+        data.convert_refcoco(evil, inst, tmp_path, tmp_path / "o")
+    for protocol in range(pickle.HIGHEST_PROTOCOL + 1):     # every protocol's way to a callable
+        evil.write_bytes(pickle.dumps(_Evil(marker), protocol=protocol))
+        with pytest.raises(data.ManifestError, match="refused"):
+            data.load_refs(evil)
+    assert not marker.exists()
+    with open(evil, "rb") as f, pytest.raises(pickle.UnpicklingError):
+        data.RefsUnpickler(f).load()
+    # A refs file as refer's Python 2 code wrote it (protocol 0, byte strings) still loads.
+    evil.write_bytes(b"(lp0\n(dp1\nS'ref_id'\np2\nI7\nsS'sentences'\np3\n(lp4\n(dp5\n"
+                     b"S'sent'\np6\nS'the man'\np7\nsasa.")
+    assert data.load_refs(evil) == [{"ref_id": 7, "sentences": [{"sent": "the man"}]}]
+    evil.write_bytes(pickle.dumps({"not": "a list"}))
+    with pytest.raises(data.ManifestError, match="not a list"):
+        data.load_refs(evil)
+
+
+# ------------------------------------------------------------------------------- VisCoT
+PROMPT = (" Please provide the bounding box coordinate of the region that can help you answer "
+          "the question better.")
+
+
+def _turns(question, box, answer):
+    return [{"from": "human", "value": "<image>\n" + question + PROMPT},
+            {"from": "gpt", "value": box}, {"from": "human", "value": "<image>"},
+            {"from": "gpt", "value": answer}]
+
+
+def _viscot(root):
+    _image(root / "cot" / "gqa" / "wide.jpg", (200, 100))
+    _image(root / "cot" / "gqa" / "tall.jpg", (100, 200))
+    _image(root / "flat" / "c.png", (64, 64))
+    items = [
+        {"question_id": 0, "dataset": "gqa", "image": [
+            "cot/gqa/wide.jpg", "cot/gqa/wide.jpg###[21, 31, 99, 69]"],
+         "conversations": _turns("What is on the table?", "[0.100, 0.400, 0.500, 0.600]", "A cup")},
+        {"question_id": 1, "image": "cot/gqa/wide.jpg",
+         "conversations": _turns("Which colour is the car?", "[0.100, 0.400, 0.500, 0.600]",
+                                 "red")},
+        {"question_id": 2, "image": ["cot/gqa/tall.jpg"],
+         "conversations": _turns("Who is there?", "[0.35, 0.1, 0.6, 0.5]", "a man")},
+        {"id": "flat-3", "image": "flat/c.png", "question": "What shape?", "answer": "round",
+         "bbox": [1, 2, 30, 40]},
+        {"id": "flat-4", "image": "flat/c.png", "question": "What colour?", "answer": "grey"},
+    ]
+    path = root / "viscot_363k.json"
+    path.write_text(json.dumps(items))
+    return path, items
+
+
+def test_viscot_both_forms(tmp_path):
+    path, _ = _viscot(tmp_path / "data")
+    paths, skipped = data.convert_viscot(path, tmp_path / "data", tmp_path / "out")
+    assert skipped == 0
+    recs, _ = data.read_manifest(paths["viscot_363k"], "vqa")
+    got = {r["id"]: (r["question"], r["answer"], r.get("box")) for r in recs}
+    assert got == {
+        0: ("What is on the table?", "A cup", [21, 31, 99, 69]),     # exact pixels from "###"
+        # 200x100 padded to 200x200 (50 px above): [0.1*200, 0.4*200-50, 0.5*200, 0.6*200-50]
+        1: ("Which colour is the car?", "red", [20, 30, 100, 70]),
+        # 100x200 padded to 200x200 (50 px on the left): [0.35*200-50, 20, 0.6*200-50, 100]
+        2: ("Who is there?", "a man", [20, 20, 70, 100]),
+        "flat-3": ("What shape?", "round", [1, 2, 30, 40]),
+        "flat-4": ("What colour?", "grey", None)}
+    assert recs[0]["dataset"] == "gqa" and recs[0]["image"] == "../data/cot/gqa/wide.jpg"
+    paths, _ = data.convert_viscot(path, tmp_path / "data", tmp_path / "img", norm="image")
+    recs, _ = data.read_manifest(paths["viscot_363k"], "vqa")
+    assert recs[1]["box"] == [20, 40, 100, 60]            # plain x * width, y * height
+    assert data.viscot_box_to_pixels([0, 0, 1, 1], 300, 100) == [0, 0, 300, 100]
+
+
+def test_viscot_jsonl_and_bad_entries(tmp_path):
+    path, items = _viscot(tmp_path)
+    items[3]["image"] = "flat/missing.png"
+    items[4]["answer"] = ""
+    items.append(dict(items[0]))                          # duplicate question_id 0
+    items[1]["conversations"][1]["value"] = "[12, 40, 100, 60]"
+    path.write_text(json.dumps(items))
+    with pytest.raises(data.ManifestError, match=r"viscot_363k\.json:entry 1: box turn"):
+        data.convert_viscot(path, tmp_path, tmp_path / "out")
+    paths, skipped = data.convert_viscot(path, tmp_path, tmp_path / "out", skip_bad=True)
+    assert skipped == 4 and _ids(paths["viscot_363k"]) == [0, 2]
+    meta = tmp_path / "gqa_cot_train.jsonl"
+    meta.write_text(json.dumps({"question": "Where?", "answer": "there", "image": "flat/c.png",
+                                "bboxs": [[1, 2, 10, 12], [5, 1, 20, 8]], "dataset": "gqa"})
+                    + "\n\n{oops\n")
+    with pytest.raises(data.ManifestError, match=r"gqa_cot_train\.jsonl:3: invalid JSON"):
+        data.convert_viscot(meta, tmp_path, tmp_path / "out")
+    data.main(["viscot", "--json", str(meta), "--images", str(tmp_path), "--out",
+               str(tmp_path / "out"), "--skip-bad"])
+    recs, _ = data.read_manifest(tmp_path / "out" / "gqa_cot_train.jsonl", "vqa")
+    assert [(r["id"], r["box"]) for r in recs] == [(1, [1, 1, 20, 12])]   # union of the boxes

@@ -365,6 +365,22 @@ def deepspeed_engine(model, cfg):
     return engine
 
 
+def reference_model(name, cfg, device=None, max_pixels=None):
+    """The frozen reference policy for the KL term (SPEC 4.4).
+
+    Under ZeRO-3 it is wrapped as an optimizer-less DeepSpeed engine, so it is sharded like the
+    policy; otherwise each rank keeps a full frozen copy.
+    """
+    model, _ = load_model(name, device=device, max_pixels=max_pixels)
+    model.requires_grad_(False).eval()
+    if cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+        import deepspeed
+        inference_cfg = {k: v for k, v in cfg.items() if k not in ("optimizer", "scheduler")}
+        model = deepspeed.initialize(model=model, config=inference_cfg)[0]
+        model.eval()
+    return model
+
+
 @contextlib.contextmanager
 def gathered(model):
     """Full parameters for generation under ZeRO-3; a no-op otherwise.

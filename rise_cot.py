@@ -1,0 +1,228 @@
+"""rise_cot.py -- RISE stage 1, "Reason" (RISE-CoT): closed-loop CoT generation trained with GRPO.
+
+Paper: ../shared/papers/rise-annotation.txt, section "RISE-CoT"; SPEC 5.1.
+
+For every training sample (image I, annotation a):
+  1. reasoning generation     the policy sees I and a and writes G chains of thought c_1..c_G
+                               that justify a without stating it (no probabilities, no coordinates,
+                               optionally no class names)                        -> cot_prompt()
+  2. annotation reconstruction the same policy sees only I and c_i and rebuilds a_hat_i
+                                                                                 -> rec_prompt()
+  3. consistency reward        R_CoT = 1[no leak(c)] * 1[format ok(c, a_hat)] * Sim(a_hat, a)
+                                                                     -> rewards.rise_cot_reward
+  4. GRPO on the trajectory (c_i, a_hat_i): the loss covers the CoT and reconstruction tokens
+     (--train-on cot|rec|both; the authors' released code trains on the reconstruction only)
+                                                                          -> grpo.grpo_update
+  5. cots.jsonl: per training sample the best CoT seen, from a final harvest pass with the
+     trained policy and the best seen during training (the paper's D_CoT).
+
+    deepspeed rise_cot.py                                   # tiny base + shapes world, CPU, ~10 min
+    deepspeed --num_gpus 8 rise_cot.py --model Qwen/Qwen2-VL-2B-Instruct --data emotion6/train.jsonl \\
+        --deepspeed ds_zero3.json                           # the paper's setting (defaults below)
+"""
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+import data
+import grpo
+import rewards
+import run
+import vlm
+
+# Paper defaults (Qwen2-VL-2B, 8 GPUs) and the tiny-base defaults (one CPU, ~10 minutes).
+PAPER = dict(lr=2e-6, max_steps=200, num_generations=8, batch_size=1, grad_accum=2, max_pixels=401408,
+             max_new_tokens=256, rec_max_new_tokens=128)
+TINY = dict(lr=2e-4, max_steps=40, num_generations=6, batch_size=2, grad_accum=1, max_pixels=None,
+            max_new_tokens=56, rec_max_new_tokens=40, save_every=10)
+
+
+def parse_args(argv=None):
+    p = run.common_args("rise_cot", __doc__.split("\n")[0])
+    p.add_argument("--train-on", default="both", choices=["cot", "rec", "both"],
+                   help="which tokens of the trajectory get the GRPO loss")
+    p.add_argument("--rec-temperature", type=float, default=0.7, help="0 = greedy reconstruction")
+    p.add_argument("--rec-max-new-tokens", type=int, default=None)
+    p.add_argument("--no-mask-class-names", dest="mask_class_names", action="store_false",
+                   help="allow class names in classification CoTs (masked by default)")
+    p.add_argument("--harvest-generations", type=int, default=None, help="G of the harvest pass (default G)")
+    p.add_argument("--preset", default="auto", choices=["auto", "paper", "tiny"],
+                   help="defaults for unset options: tiny for the tiny base (auto), else the paper's")
+    for key in PAPER:                       # None = "take the preset"
+        p.set_defaults(**{key: None})
+    p.set_defaults(save_every=None)
+    args = p.parse_args(argv)
+    tiny = args.preset == "tiny" or (args.preset == "auto" and args.model == vlm.TINY_BASE)
+    preset = TINY if tiny else PAPER
+    for key, value in preset.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.save_every = args.save_every or 50
+    return args
+
+
+# ---------------------------------------------------------------------------- prompts and rewards
+def task_of(record):
+    """cls / det / multi_det from the record's fields."""
+    if "probs" in record:
+        return "cls"
+    return "multi_det" if len(record["boxes"]) > 1 or record.get("multi") else "det"
+
+
+def ground_truth(record, image, model_type, processor):
+    """The annotation a in the frame the model writes: {class: prob}, or boxes in the model frame."""
+    if "probs" in record:
+        return dict(zip(record["classes"], record["probs"]))
+    return [vlm.to_model_frame(b, model_type, image.size, processor) for b in record["boxes"]]
+
+
+def cot_prompt(record, gt, mask_names):
+    if "probs" in record:
+        return data.cot_prompt_cls(record["classes"], record["probs"], mask_names=mask_names)
+    return data.cot_prompt_det(record["target"], gt, multi=task_of(record) == "multi_det")
+
+
+def rec_prompt(record, cot):
+    if "probs" in record:
+        return data.REC_PROMPT_CLS.format(cot=cot, class_list=data.class_list(record["classes"]))
+    template = data.REC_PROMPT_MULTI_DET if task_of(record) == "multi_det" else data.REC_PROMPT_DET
+    return template.format(cot=cot, target=record["target"])
+
+
+def closed_loop(model, processor, records, images, gts, args, group_size):
+    """Steps 1-3 for a batch: G CoTs per sample, one reconstruction per CoT, their rewards.
+
+    Returns (cot_rollout, rec_rollout, reward dicts). Both rollouts come from one batched
+    generate() call each; rollout rows are prompt-major (sample i owns rows i*G .. i*G+G-1).
+    """
+    cot_batch = vlm.chat_inputs(processor, [[vlm.user_turn(cot_prompt(r, g, args.mask_class_names))]
+                                            for r, g in zip(records, gts)], [[im] for im in images],
+                                max_prompt_len=args.max_prompt_len)
+    with vlm.generation_mode(model):
+        cots = vlm.sample(model, processor, cot_batch, group_size, args.max_new_tokens, args.temperature)
+        owner = [i // group_size for i in range(len(cots["texts"]))]
+        rec_batch = vlm.chat_inputs(processor, [[vlm.user_turn(rec_prompt(records[i], c))]
+                                                for i, c in zip(owner, cots["texts"])],
+                                    [[images[i]] for i in owner], max_prompt_len=args.max_prompt_len)
+        greedy = args.rec_temperature == 0
+        recs = vlm.sample(model, processor, rec_batch, 1, args.rec_max_new_tokens,
+                          args.rec_temperature or 1.0, do_sample=not greedy)
+    task = lambda r: "cls" if "probs" in r else "det"  # noqa: E731
+    scored = [rewards.rise_cot_reward(c, a, gts[i], task(records[i]), forbid_class_names=args.mask_class_names)
+              for i, c, a in zip(owner, cots["texts"], recs["texts"])]
+    return cots, recs, scored
+
+
+def best_per_sample(records, cots, recs, scored, group_size, source):
+    """The highest-reward (CoT, reconstruction) of each sample's group."""
+    best = []
+    for i, rec in enumerate(records):
+        rows = range(i * group_size, (i + 1) * group_size)
+        j = max(rows, key=lambda k: scored[k]["reward"])
+        best.append({"id": rec["id"], "cot": cots["texts"][j], "reconstruction": recs["texts"][j],
+                     "reward": scored[j]["reward"], "source": source})
+    return best
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, out = run.start(args)
+
+    # ---- data
+    manifest = Path(args.data) if args.data and Path(args.data).suffix == ".jsonl" else \
+        vlm.default_shapes_world(args.seed) / (args.data or "soft_cls") / "train.jsonl"
+    task = "cls" if "probs" in open(manifest).readline() else "det"
+    records, skipped = data.read_manifest(manifest, task, skip_bad=args.skip_bad)
+    if rank == 0:
+        print(f"[rise_cot] {len(records)} training samples from {manifest} ({skipped} skipped), "
+              f"{world} rank(s), lr {args.lr}, G {args.num_generations}, {args.max_steps} steps")
+
+    # ---- models
+    model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = vlm.deepspeed_config(args.deepspeed or Path(__file__).with_name("ds_zero2.json"), lr=args.lr,
+                               weight_decay=args.weight_decay, grad_accum=args.grad_accum)
+    engine = vlm.deepspeed_engine(model, cfg)
+    ref = vlm.reference_model(args.model, cfg, device=engine.device, max_pixels=args.max_pixels) \
+        if args.beta else None
+    model_type = model.config.model_type
+    state = (run.load_checkpoint(engine, out) if args.resume else None) or {"step": 0}
+    best = {r["id"]: r for r in run.read_jsonl(out / "seen.jsonl")} if args.resume else {}
+    if not args.resume and rank == 0:
+        for stale in ("metrics.jsonl", "seen.jsonl", "cots.jsonl"):
+            (out / stale).unlink(missing_ok=True)
+    vlm.barrier()
+
+    # ---- GRPO loop
+    G, guard = args.num_generations, run.NonFiniteGuard()
+    per_step = args.batch_size * world
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    bar = tqdm(range(state["step"], args.max_steps), desc="rise_cot", disable=rank != 0)
+    for step in bar:
+        t0 = time.time()
+        idx = [order[(step * per_step + k) % len(order)] for k in range(per_step)]
+        batch = [records[i] for i in run.shard(idx, rank, world)]
+        images = [Image.open(r["image_path"]).convert("RGB") for r in batch]
+        gts = [ground_truth(r, im, model_type, processor) for r, im in zip(batch, images)]
+        cots, recs, scored = closed_loop(engine.module, processor, batch, images, gts, args, G)
+        reward = torch.tensor([s["reward"] for s in scored])
+        segments = []
+        if args.train_on in ("cot", "both"):
+            segments.append(dict(cots, temperature=args.temperature))
+        if args.train_on in ("rec", "both"):
+            segments.append(dict(recs, temperature=args.rec_temperature or 1.0))
+        stats = grpo.grpo_update(engine, segments, reward, G, ref_model=ref, beta=args.beta,
+                                 norm=args.loss_norm, scale_rewards=args.scale_rewards == "group",
+                                 suppress=vlm.suppressed_ids(processor))
+        guard.check(stats["skipped"], step)
+        # best (CoT, reconstruction) seen so far per sample, kept on disk for --resume
+        for rec in run.gather_records(best_per_sample(batch, cots, recs, scored, G, "training")):
+            if rec["reward"] > best.get(rec["id"], {"reward": -1})["reward"]:
+                best[rec["id"]] = rec
+                if rank == 0:
+                    run.append_jsonl(out / "seen.jsonl", rec)
+        stats.update(grpo.reward_stats(reward, G), step=step, seconds=round(time.time() - t0, 2),
+                     no_leak=sum(not s["leak"] for s in scored) / len(scored),
+                     format_ok=sum(s["format"] for s in scored) / len(scored),
+                     similarity=sum(s["similarity"] for s in scored) / len(scored))
+        run.log(out, rank, stats)
+        bar.set_postfix(reward=f"{stats['reward']:.3f}", kl=f"{stats['kl']:.4f}")
+        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
+            run.save_checkpoint(engine, out, step + 1, {})
+
+    # ---- harvest: G CoTs per training sample with the trained policy; keep the best per sample
+    done = run.done_ids(out / "cots.jsonl")
+    todo = [r for r in records if r["id"] not in done]
+    HG = args.harvest_generations or G
+    # every rank walks the same number of batches (all_gather needs all ranks), some maybe empty
+    per_chunk = max(args.batch_size, 8) * world      # bigger batches than training: no backward here
+    chunks = [todo[k:k + per_chunk] for k in range(0, len(todo), per_chunk)]
+    for chunk in tqdm(chunks, desc="harvest", disable=rank != 0):
+        mine = run.shard(chunk, rank, world)
+        found = []
+        if mine:
+            images = [Image.open(r["image_path"]).convert("RGB") for r in mine]
+            gts = [ground_truth(r, im, model_type, processor) for r, im in zip(mine, images)]
+            cots, recs, scored = closed_loop(engine.module, processor, mine, images, gts, args, HG)
+            found = best_per_sample(mine, cots, recs, scored, HG, "harvest")
+        for rec in run.gather_records(found):
+            seen = best.get(rec["id"])
+            if rank == 0:
+                run.append_jsonl(out / "cots.jsonl", seen if seen and seen["reward"] > rec["reward"] else rec)
+
+    # ---- save
+    run.save_final(engine, processor, out)
+    if rank == 0:
+        cots = run.read_jsonl(out / "cots.jsonl")
+        rewards_ = [c["reward"] for c in cots]
+        print(f"[rise_cot] cots.jsonl: {len(cots)} samples, mean reward {sum(rewards_) / max(len(rewards_), 1):.3f}; "
+              f"model in {out / 'final'}")
+        run.plot(out)
+
+
+if __name__ == "__main__":
+    main()
