@@ -1,29 +1,25 @@
 """bench.py -- time and peak memory of one GRPO step and one DPO step, ours vs TRL (SPEC 6).
 
-  python bench.py --quick --json    # CPU, tiny model: under 3 minutes
-  python bench.py                   # tiny model, bigger batch, more repetitions
-  python bench.py --full-size       # GPU only: Qwen2-VL-2B architecture, random weights, bf16,
-                                    # 8 prompts x G 8, 256 new tokens, ~400k-pixel images
-  python bench.py --full-size --deepspeed ds_zero3.json    # the same under ZeRO-3 (one GPU)
+  python bench.py --quick --json       # CPU, tiny model: well under 3 minutes
+  python bench.py --vocab 151936       # tiny model with Qwen's vocabulary: the LM head weighs as at full size
+  python bench.py --full-size          # GPU: Qwen2-VL-2B architecture, random weights, bf16, 8 prompts x G 8,
+                                       # 256 new tokens, ~400k-pixel images  (add --deepspeed ds_zero3.json)
 
-Every trainer gets its own copy of the model loaded from one directory (identical weights), the
-same prompts and images, G, max new tokens, beta, dtype, device, optimizer (AdamW, constant lr,
-clip 1.0) and gradient checkpointing. What one "step" is:
-  ours GRPO  one call of grpo.grpo_step: chat template + processor, one generate() for all B*G
-             completions, policy and reference log-probs, rewards, loss, backward, clip, AdamW step.
-  TRL GRPO   one iteration of GRPOTrainer's training loop (batch fetch, _generate_and_score_completions,
-             compute_loss, backward, clip, optimizer step): from one on_step_end callback to the next.
-  ours DPO   chat inputs for B pairs, one forward over chosen+rejected (2B rows), one reference forward,
-             dpo.dpo_loss, update.       TRL DPO: one iteration of DPOTrainer's loop, timed the same way.
-Phases: gen = model.generate; logp = the log-prob forward passes (policy and reference); update =
-backward + clip + optimizer step; other = the rest (templates, image processing, rewards, bookkeeping).
-samples/s: completions per second (B*G per step) for GRPO, pairs per second for DPO. Median over
---reps steps after --warmup steps.
-Peak memory: what one side holds (weights, reference model, gradients, optimizer state) plus the
-step's activations, i.e. the peak during a step minus the memory in use before that side loaded its
-models. GPU: torch.cuda.max_memory_allocated. CPU: the process RSS (/proc/self/statm, sampled every
-millisecond by a thread; tracemalloc does not see torch's allocations), with freed memory returned to
-the OS (malloc_trim) before each side starts: approximate to a few MB.
+Both sides get their own copy of the model loaded from one directory (identical weights), the same prompts
+and images, G, new tokens, beta, dtype, device, AdamW (constant lr, clip 1.0), gradient checkpointing.
+  ours GRPO: one grpo.grpo_step (template + processor, one generate() for all B*G completions, policy and
+             reference log-probs, rewards, loss, backward, clip, AdamW).  ours DPO: dpo_step() below.
+  TRL:       one iteration of GRPOTrainer's / DPOTrainer's training loop (batch fetch and collation,
+             generation and scoring, loss, backward, clip, optimizer step), on_step_end to on_step_end.
+Phases: gen = model.generate; logp = the log-prob forwards (policy + reference; TRL DPO: compute_loss);
+update = backward + clip + optimizer step; other = the rest. samples/s = completions/s (B*G per step) for
+GRPO, pairs/s for DPO. Median over --reps steps after --warmup steps.
+Clock: wall time on GPU. On CPU, the CPU time of the main thread with torch on one thread (--threads 1):
+on a shared CPU, wall time mostly measures the neighbours (--wall-clock to use it anyway).
+Peak memory, GPU: max_memory_allocated during the step minus memory_allocated before the side loaded its
+models (so weights, reference, gradients, optimizer state and activations). CPU (tracemalloc does not see
+torch): bytes of weights + optimizer state counted from the tensors, plus the step's RSS growth (VmRSS from
+/proc/self/statm sampled every ms by a thread, minus RSS at the step's start after malloc_trim).
 """
 import argparse
 import contextlib
@@ -40,36 +36,34 @@ import warnings
 from pathlib import Path
 
 import torch
+import transformers
 
 import dpo
 import grpo
 import vlm
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-p.add_argument("--quick", action="store_true", help="small batch, few repetitions (CPU: < 3 min)")
+p.add_argument("--quick", action="store_true", help="small batch, few repetitions")
 p.add_argument("--full-size", action="store_true", help="Qwen2-VL-2B architecture, random weights (GPU only)")
 p.add_argument("--json", action="store_true", help="end with one JSON line of the results")
-p.add_argument("--model", default=None, help="model dir to use instead of a freshly built tiny model")
-p.add_argument("--prompts", type=int, default=None, help="B, prompts per step (and DPO pairs per step)")
-p.add_argument("--num-generations", type=int, default=None, help="G")
-p.add_argument("--max-new-tokens", type=int, default=None)
-p.add_argument("--vocab", type=int, default=None, help="grow the tiny model's vocabulary (e.g. 151936, "
-               "Qwen's): the LM head then weighs as at full size; prompts keep using the low ids")
-p.add_argument("--image-side", type=int, default=None, help="square images of this side (px)")
+p.add_argument("--model", help="model dir to use instead of a freshly built tiny model")
+p.add_argument("--vocab", type=int, help="grow the tiny model's vocabulary to this size (prompts use low ids)")
+p.add_argument("--prompts", type=int, help="B: prompts per GRPO step, pairs per DPO step")
+p.add_argument("--num-generations", type=int, help="G")
+p.add_argument("--max-new-tokens", type=int)
 p.add_argument("--warmup", type=int, default=1)
-p.add_argument("--reps", type=int, default=None)
-p.add_argument("--beta", type=float, default=0.04, help="GRPO KL coefficient (DPO uses 0.1)")
+p.add_argument("--reps", type=int)
+p.add_argument("--beta", type=float, default=0.04, help="GRPO KL coefficient (DPO: 0.1)")
 p.add_argument("--lr", type=float, default=1e-5)
-p.add_argument("--no-grad-ckpt", action="store_true", help="gradient checkpointing off for both")
-p.add_argument("--deepspeed", default=None, help="ZeRO config for both trainers (e.g. ds_zero3.json)")
-p.add_argument("--wall-clock", action="store_true", help="CPU: time wall clock, not this thread's CPU time")
-p.add_argument("--threads", type=int, default=1, help="CPU: torch threads (default 1, see clock())")
+p.add_argument("--no-grad-ckpt", action="store_true", help="gradient checkpointing off (both sides)")
+p.add_argument("--deepspeed", help="ZeRO config for both sides, e.g. ds_zero3.json")
+p.add_argument("--threads", type=int, default=1, help="CPU: torch threads")
+p.add_argument("--wall-clock", action="store_true", help="CPU: time with the wall clock")
 p.add_argument("--skip-trl", action="store_true")
-p.add_argument("--only", choices=["grpo", "dpo"], default=None)
-PRESETS = {"quick": (2, 4, 32, 112, 3), "default": (4, 8, 64, 112, 5), "full": (8, 8, 256, 630, 3)}
+PRESETS = {"quick": (2, 4, 32, 112, 3), "default": (4, 8, 64, 112, 5), "full": (8, 8, 256, 630, 3)}  # B G T side reps
 PROMPT = "What colour is this image?"
 CUDA = torch.cuda.is_available()
-WALL_CLOCK = False
+WALL = CUDA
 
 
 def sync():
@@ -78,23 +72,15 @@ def sync():
 
 
 def clock():
-    """GPU: wall time. CPU: CPU time of this thread (torch runs on one thread): on a shared machine
-    wall time would mostly measure the neighbours (set by --wall-clock)."""
-    return time.perf_counter() if CUDA or WALL_CLOCK else time.thread_time()
+    return time.perf_counter() if WALL else time.thread_time()
 
 
 # ---------------------------------------------------------------- timing and memory
-class Phases:
-    """Adds the wall time of chosen functions to named phases; wrap() patches them in and out."""
-
-    def __init__(self):
-        self.t = {}
-
-    def add(self, phase, seconds):
-        self.t[phase] = self.t.get(phase, 0.0) + seconds
+class Phases(dict):
+    """Seconds per phase; wrap() times chosen functions while it is open."""
 
     @contextlib.contextmanager
-    def wrap(self, targets):                       # targets: [(object, attribute name, phase)]
+    def wrap(self, targets):                       # [(object, attribute, phase)]
         saved = [(obj, name, obj.__dict__.get(name)) for obj, name, _ in targets]
         for obj, name, phase in targets:
             def timed(*a, _fn=getattr(obj, name), _phase=phase, **k):
@@ -103,12 +89,12 @@ class Phases:
                     return _fn(*a, **k)
                 finally:
                     sync()
-                    self.add(_phase, clock() - t0)
+                    self[_phase] = self.get(_phase, 0.0) + clock() - t0
             setattr(obj, name, timed)
         try:
-            yield self
+            yield
         finally:
-            for obj, name, old in saved:           # put back the original (or drop the instance override)
+            for obj, name, old in saved:           # restore, or drop the instance attribute we added
                 setattr(obj, name, old) if old is not None else delattr(obj, name)
 
 
@@ -117,28 +103,10 @@ def rss_bytes():
         return int(f.read().split()[1]) * 4096
 
 
-def held_bytes(models, optimizers):
-    """Bytes of the weights and optimizer state a side keeps between steps (each storage once)."""
-    tensors = [t for m in models if m is not None for t in m.parameters()]
-    tensors += [v for o in optimizers if o is not None for s in o.state.values() for v in s.values() if torch.is_tensor(v)]
-    storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-    return sum(storages.values())
-
-
 class PeakMemory:
-    """GPU: max_memory_allocated during the step minus memory_allocated before the side loaded its models.
-    CPU: weights + optimizer state (counted from the tensors) + the step's RSS growth (peak RSS, sampled
-    every ms by a thread, minus RSS at the step's start, with freed heap handed back first)."""
-
-    def __init__(self):
-        self.base = self.peak = self.start = 0
-        if not CUDA:
-            threading.Thread(target=self._sample, daemon=True).start()
-
-    def _sample(self):
-        while True:
-            self.peak = max(self.peak, rss_bytes())
-            time.sleep(0.001)
+    """Peak memory of one side's step (method: see the module docstring)."""
+    base = peak = start = 0
+    running = None
 
     def set_base(self):                            # before a side loads its models
         gc.collect()
@@ -148,109 +116,169 @@ class PeakMemory:
 
     def step_start(self):
         if CUDA:
-            torch.cuda.reset_peak_memory_stats()
-            return
+            return torch.cuda.reset_peak_memory_stats()
+        self.stop()
         with contextlib.suppress(OSError, AttributeError):
-            ctypes.CDLL("libc.so.6").malloc_trim(0)   # so RSS growth means new memory, not reuse
+            ctypes.CDLL("libc.so.6").malloc_trim(0)   # RSS growth then means new memory, not reuse
         self.peak = self.start = rss_bytes()
+        self.running = threading.Event()
+        threading.Thread(target=self._sample, args=(self.running,), daemon=True).start()
+
+    def _sample(self, running):
+        while not running.is_set():
+            self.peak = max(self.peak, rss_bytes())
+            time.sleep(0.001)
+
+    def stop(self):
+        if self.running:
+            self.running.set()
 
     def step_peak_mb(self, models, optimizers):
         if CUDA:
             return (torch.cuda.max_memory_allocated() - self.base) / 2**20
-        return (held_bytes(models, optimizers) + self.peak - self.start) / 2**20
+        self.stop()
+        self.peak = max(self.peak, rss_bytes())
+        tensors = [t for m in models if m is not None for t in m.parameters()]
+        tensors += [v for o in optimizers if o is not None for s in o.state.values() for v in s.values()
+                    if torch.is_tensor(v)]
+        held = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
+        return (sum(held.values()) + self.peak - self.start) / 2**20
+
+
+def record(phases, seconds, mem, length, models, optimizers):
+    gen, logp, update = (phases.get(k, 0.0) for k in ("gen", "logp", "update"))
+    return {"total": seconds, "gen": gen, "logp": logp, "update": update, "other": seconds - gen - logp - update,
+            "length": length, "peak_mb": mem.step_peak_mb(models, optimizers)}
 
 
 def summary(records, samples_per_step):
-    """Median seconds of each phase over the measured steps; max peak memory."""
-    for r in records:
-        r["other"] = r["total"] - r["gen"] - r["logp"] - r["update"]
-    out = {k: statistics.median(r[k] for r in records) for k in ("total", "gen", "logp", "update", "other", "length")}
-    out.update(sps=samples_per_step / out["total"], peak_mb=max(r["peak_mb"] for r in records))
-    return out
+    out = {k: statistics.median(r[k] for r in records) for k in records[0] if k != "peak_mb"}
+    return dict(out, sps=samples_per_step / out["total"], peak_mb=max(r["peak_mb"] for r in records))
 
 
-def record(phases, total, mem, length, models, optimizers):
-    return {"total": total, "peak_mb": mem.step_peak_mb(models, optimizers), "length": length,
-            **{k: phases.t.get(k, 0.0) for k in ("gen", "logp", "update")}}
-
-
-# ---------------------------------------------------------------- models, prompts, pairs
+# ---------------------------------------------------------------- models and data
 def full_size_dir(tiny_dir, out):
-    """The Qwen2-VL-2B-Instruct architecture (values of its public config.json) with random weights,
-    saved with the tiny model's processor: prompts only use its low token ids (vocab stays 151,936)."""
+    """Qwen2-VL-2B-Instruct's architecture (its public config values), random weights, the tiny processor."""
     from transformers import AutoProcessor, Qwen2VLConfig, Qwen2VLForConditionalGeneration
     tiny = json.loads((Path(tiny_dir) / "config.json").read_text())
-    text = tiny["text_config"]
-    ids = {k: tiny[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id")}
+    text, gen = tiny["text_config"], json.loads((Path(tiny_dir) / "generation_config.json").read_text())
     config = Qwen2VLConfig(
         text_config=dict(vocab_size=151936, hidden_size=1536, intermediate_size=8960, num_hidden_layers=28,
                          num_attention_heads=12, num_key_value_heads=2, max_position_embeddings=32768,
                          rope_scaling={"type": "mrope", "mrope_section": [16, 24, 24]}, rope_theta=1e6,
-                         rms_norm_eps=1e-6, tie_word_embeddings=True, bos_token_id=text["bos_token_id"],
-                         eos_token_id=text["eos_token_id"], pad_token_id=text["pad_token_id"]),
+                         rms_norm_eps=1e-6, tie_word_embeddings=True,
+                         **{k: text[k] for k in ("bos_token_id", "eos_token_id", "pad_token_id")}),
         vision_config=dict(depth=32, embed_dim=1280, hidden_size=1536, num_heads=16, mlp_ratio=4, patch_size=14,
                            spatial_merge_size=2, temporal_patch_size=2, in_chans=3),
-        tie_word_embeddings=True, **ids)
+        tie_word_embeddings=True, **{k: tiny[k] for k in ("image_token_id", "video_token_id", "vision_start_token_id",
+                                                          "vision_end_token_id")})
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = Qwen2VLForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
-    gen = json.loads((Path(tiny_dir) / "generation_config.json").read_text())
     model.generation_config.eos_token_id, model.generation_config.pad_token_id = gen["eos_token_id"], gen["pad_token_id"]
     model.save_pretrained(out)
     AutoProcessor.from_pretrained(tiny_dir).save_pretrained(out)
-    del model
-    torch.cuda.empty_cache()
+    return out
+
+
+def grown_vocab_dir(tiny_dir, out, vocab):
+    model, processor = vlm.load_model(tiny_dir)
+    model.resize_token_embeddings(vocab, mean_resizing=False)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
     return out
 
 
 def load(setup):
     model, processor = vlm.load_model(setup["dir"], max_pixels=setup["max_pixels"])
-    model.train()
-    return model, processor
+    return model.train(), processor
 
 
-def reference(setup):
-    ref, _ = vlm.load_model(setup["dir"], max_pixels=setup["max_pixels"])
-    return ref.eval().requires_grad_(False)
-
-
-def policy_and_optimizer(model, args, micro_batch):
-    """(policy, optimizer): a DeepSpeed engine and None with --deepspeed, else the model and AdamW."""
+def our_trainer(setup, args, micro_batch, with_ref=True):
+    """model, processor, policy (a DeepSpeed engine with --deepspeed), optimizer (None then), reference."""
+    model, processor = load(setup)
     if not args.no_grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg, policy, optimizer = {}, model, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     if args.deepspeed:
         vlm.init_distributed(force=True)
         cfg = vlm.deepspeed_config(args.deepspeed, lr=args.lr, weight_decay=0.0, micro_batch=micro_batch)
-        return vlm.deepspeed_engine(model, cfg), None
-    return model, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+        policy, optimizer = vlm.deepspeed_engine(model, cfg), None
+    ref = vlm.reference_model(setup["dir"], cfg, max_pixels=setup["max_pixels"]) if with_ref else None
+    return model, processor, policy, optimizer, ref
 
 
 def dpo_texts(colour, n_tokens):
     """A chosen and a rejected answer of about n_tokens tokens each."""
-    wrong = "blue" if colour != "blue" else "red"
-    reps = max(1, n_tokens // 6)
+    wrong, reps = "blue" if colour != "blue" else "red", max(1, n_tokens // 6)
     return (f"the image is {colour}. " * reps).strip(), (f"it looks {wrong} to me. " * reps).strip()
 
 
-def trl_args(config_cls, args, setup, steps, **kw):
-    return config_cls(output_dir=tempfile.mkdtemp(prefix="bench-trl-"), max_steps=steps, learning_rate=args.lr,
-                      optim="adamw_torch", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
-                      use_cpu=not CUDA, bf16=CUDA, gradient_checkpointing=not args.no_grad_ckpt,
-                      gradient_checkpointing_kwargs={"use_reentrant": False}, report_to="none", save_strategy="no",
-                      logging_steps=10**6, disable_tqdm=True, seed=0, deepspeed=args.deepspeed, **kw)
+# ---------------------------------------------------------------- ours
+def dpo_step(policy, ref, optimizer, processor, convs, images, chosen, rejected, beta=0.1):
+    """One DPO update on B pairs; chosen and rejected (what the template adds after the prompt) in one forward."""
+    prompt = vlm.repeat_batch(vlm.chat_inputs(processor, convs, images), 2,
+                              processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"))     # rows w, l, w, l ..
+    heads = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
+    texts = [processor.apply_chat_template(c + [vlm.assistant_turn(t)], tokenize=False)[len(h):]
+             for c, h, pair in zip(convs, heads, zip(chosen, rejected)) for t in pair]
+    comp = processor.tokenizer(texts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
+    device = next(ref.parameters()).device
+    prompt = {k: v.to(device) for k, v in prompt.items()}
+    ids, mask = comp["input_ids"].to(device), comp["attention_mask"].to(device)
+    logp = dpo.sequence_logp(vlm.completion_logprobs(policy, prompt, ids, mask), mask)
+    with torch.no_grad():
+        ref_logp = dpo.sequence_logp(vlm.completion_logprobs(ref, prompt, ids, mask), mask)
+    loss, stats = dpo.dpo_loss(logp[0::2], logp[1::2], ref_logp[0::2], ref_logp[1::2], beta=beta)
+    grpo.apply_update(policy, optimizer, loss)
+    return mask.sum(1).float().mean().item()
 
 
-def trl_clock(phases, mem, records, length_key=None):
-    """A TrainerCallback that records one entry per optimizer step (previous step end -> this step end)."""
+def bench_ours(algo, setup, args, mem):
+    mem.set_base()
+    grpo_algo = algo == "grpo"
+    model, processor, policy, optimizer, ref = our_trainer(setup, args, setup["B"] * (setup["G"] if grpo_algo else 1),
+                                                           with_ref=not grpo_algo or args.beta != 0)
+    colours = [c for _, c in setup["pairs"]]
+    convs, images = [[vlm.user_turn(PROMPT)]] * len(colours), [[im] for im, _ in setup["pairs"]]
+    targets = [(vlm, "sample", "gen"), (vlm, "completion_logprobs", "logp"), (grpo, "apply_update", "update")]
+    records = []
+    for _ in range(args.warmup + args.reps):
+        mem.step_start()
+        phases, t0 = Phases(), clock()
+        with phases.wrap(targets):
+            if grpo_algo:
+                length = grpo.grpo_step(policy, processor, convs, images, lambda t, i: grpo.colour_reward(t, i, colours),
+                                        optimizer=optimizer, ref_model=ref, group_size=setup["G"],
+                                        max_new_tokens=setup["T"], beta=args.beta, norm="seq")[0]["completion_len"]
+            else:
+                length = dpo_step(policy, ref, optimizer, processor, convs, images, *zip(*setup["dpo"]))
+        sync()
+        records.append(record(phases, clock() - t0, mem, length, [model, ref], [optimizer]))
+    return summary(records[args.warmup:], setup["B"] * (setup["G"] if grpo_algo else 1))
+
+
+# ---------------------------------------------------------------- TRL
+def bench_trl(algo, setup, args, mem):
+    from datasets import Dataset
     from transformers import TrainerCallback
+    from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
+    mem.set_base()
+    model, processor = load(setup)
+    common = dict(output_dir=str(setup["tmp"] / "trl"), max_steps=args.warmup + args.reps, learning_rate=args.lr,
+                  optim="adamw_torch", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
+                  use_cpu=not CUDA, bf16=CUDA, gradient_checkpointing=not args.no_grad_ckpt,
+                  gradient_checkpointing_kwargs={"use_reentrant": False}, report_to="none", save_strategy="no",
+                  logging_steps=10**6, disable_tqdm=True, seed=0, deepspeed=args.deepspeed)
+    records, phases = [], Phases()
 
-    class Clock(TrainerCallback):
-        start = opt = trainer = None
+    class Clock(TrainerCallback):                  # one record per optimizer step: step end -> next step end
+        start = opt = None
 
         def _open(self):
-            self.start = clock()
-            phases.t.clear()
             mem.step_start()
+            phases.clear()
+            self.start = clock()
 
         def on_step_begin(self, *a, **k):
             if self.start is None:
@@ -262,189 +290,92 @@ def trl_clock(phases, mem, records, length_key=None):
 
         def on_optimizer_step(self, *a, **k):
             sync()
-            phases.add("update", clock() - self.opt)
+            phases["update"] = phases.get("update", 0.0) + clock() - self.opt
 
         def on_step_end(self, *a, **k):
             sync()
-            metrics = self.trainer._metrics["train"] if length_key else {}
-            length = metrics[length_key][-1] if metrics.get(length_key) else float("nan")
-            t = self.trainer
-            records.append(record(phases, clock() - self.start, mem, length, [t.model, t.ref_model], [t.optimizer]))
+            lengths = trainer._metrics["train"].get("completions/mean_length")
+            records.append(record(phases, clock() - self.start, mem, lengths[-1] if lengths else float("nan"),
+                                  [trainer.model, trainer.ref_model], [trainer.optimizer]))
             self._open()
-    return Clock()
 
-
-# ---------------------------------------------------------------- the four benchmarks
-def bench_grpo_ours(setup, args, mem):
-    mem.set_base()
-    model, processor = load(setup)
-    ref = reference(setup) if args.beta else None
-    policy, optimizer = policy_and_optimizer(model, args, setup["B"] * setup["G"])
-    colours = [c for _, c in setup["pairs"]]
-    convs, images = [[vlm.user_turn(PROMPT)]] * len(colours), [[im] for im, _ in setup["pairs"]]
-    phases, records = Phases(), []
-    for _ in range(args.warmup + args.reps):
-        mem.step_start()
-        phases.t.clear()
-        t0 = clock()
-        with phases.wrap([(vlm, "sample", "gen"), (vlm, "completion_logprobs", "logp"), (grpo, "apply_update", "update")]):
-            stats, _, _ = grpo.grpo_step(policy, processor, convs, images, lambda t, i: grpo.colour_reward(t, i, colours),
-                                         optimizer=optimizer, ref_model=ref, group_size=setup["G"],
-                                         max_new_tokens=setup["T"], beta=args.beta, norm="seq")
-        sync()
-        records.append(record(phases, clock() - t0, mem, stats["completion_len"], [model, ref], [optimizer]))
-    return summary(records[args.warmup:], setup["B"] * setup["G"])
-
-
-def dpo_step(policy, ref, optimizer, processor, convs, images, chosen, rejected, beta=0.1):
-    """One DPO update on B pairs: chosen and rejected of a pair share one prompt, both in one forward."""
-    batch = vlm.chat_inputs(processor, convs, images)
-    prompt = vlm.repeat_batch(batch, 2, processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
-    # a completion is what the chat template adds after the prompt: text + <|im_end|> + newline
-    prompts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
-    texts = [processor.apply_chat_template(c + [vlm.assistant_turn(t)], tokenize=False)[len(pr):]
-             for c, pr, pair in zip(convs, prompts, zip(chosen, rejected)) for t in pair]
-    comp = processor.tokenizer(texts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
-    device = next(ref.parameters()).device
-    prompt = {k: v.to(device) for k, v in prompt.items()}
-    ids, mask = comp["input_ids"].to(device), comp["attention_mask"].to(device)
-    logp = dpo.sequence_logp(vlm.completion_logprobs(policy, prompt, ids, mask), mask)       # [2B]: w, l, w, l ..
-    with torch.no_grad():
-        ref_logp = dpo.sequence_logp(vlm.completion_logprobs(ref, prompt, ids, mask), mask)
-    loss, stats = dpo.dpo_loss(logp[0::2], logp[1::2], ref_logp[0::2], ref_logp[1::2], beta=beta)
-    grpo.apply_update(policy, optimizer, loss)
-    return stats, mask.sum(1).float().mean().item()
-
-
-def bench_dpo_ours(setup, args, mem):
-    mem.set_base()
-    model, processor = load(setup)
-    ref = reference(setup)
-    policy, optimizer = policy_and_optimizer(model, args, setup["B"])
-    convs, images = [[vlm.user_turn(PROMPT)]] * setup["B"], [[im] for im, _ in setup["pairs"]]
-    phases, records = Phases(), []
-    for _ in range(args.warmup + args.reps):
-        mem.step_start()
-        phases.t.clear()
-        t0 = clock()
-        with phases.wrap([(vlm, "completion_logprobs", "logp"), (grpo, "apply_update", "update")]):
-            _, length = dpo_step(policy, ref, optimizer, processor, convs, images, *zip(*setup["dpo"]))
-        sync()
-        records.append(record(phases, clock() - t0, mem, length, [model, ref], [optimizer]))
-    return summary(records[args.warmup:], setup["B"])
-
-
-def bench_grpo_trl(setup, args, mem):
-    from datasets import Dataset
-    from trl import GRPOConfig, GRPOTrainer
-    mem.set_base()
-    model, processor = load(setup)
-    rows = [{"prompt": [vlm.user_turn(PROMPT)], "image": im, "colour": c} for im, c in setup["pairs"]]
-
-    def reward(prompts, completions, colour, **_):   # the same reward as ours, on the same texts
-        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-        return grpo.colour_reward(texts, range(len(texts)), colour)
-    cfg = trl_args(GRPOConfig, args, setup, args.warmup + args.reps, per_device_train_batch_size=setup["B"] * setup["G"],
-                   num_generations=setup["G"], max_completion_length=setup["T"], beta=args.beta, loss_type="grpo",
-                   scale_rewards="group", temperature=1.0, top_k=0, top_p=1.0)
-    phases, records = Phases(), []
-    timer = trl_clock(phases, mem, records, "completions/mean_length")
-    trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=Dataset.from_list(rows),
-                          processing_class=processor, callbacks=[timer])
-    timer.trainer = trainer
-    with phases.wrap([(model, "generate", "gen"), (trainer, "_get_per_token_logps_and_entropies", "logp"),
-                      (trainer.accelerator, "backward", "update"), (trainer, "_clip_grad_norm", "update")]):
+    if algo == "grpo":
+        def reward(prompts, completions, colour, **_):    # ours, on the same decoded texts
+            texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+            return grpo.colour_reward(texts, range(len(texts)), colour)
+        rows = [{"prompt": [vlm.user_turn(PROMPT)], "image": im, "colour": c} for im, c in setup["pairs"]]
+        cfg = GRPOConfig(**common, per_device_train_batch_size=setup["B"] * setup["G"], num_generations=setup["G"],
+                         max_completion_length=setup["T"], beta=args.beta, loss_type="grpo", scale_rewards="group",
+                         temperature=1.0, top_k=0, top_p=1.0)
+        trainer = GRPOTrainer(model=model, reward_funcs=reward, args=cfg, train_dataset=Dataset.from_list(rows),
+                              processing_class=processor, callbacks=[Clock()])
+        targets = [(model, "generate", "gen"), (trainer, "_get_per_token_logps_and_entropies", "logp")]
+    else:
+        rows = [{"prompt": [vlm.user_turn(PROMPT)], "chosen": [vlm.assistant_turn(w)],
+                 "rejected": [vlm.assistant_turn(lose)], "image": im}
+                for (im, _), (w, lose) in zip(setup["pairs"], setup["dpo"])]
+        cfg = DPOConfig(**common, per_device_train_batch_size=setup["B"], beta=0.1, loss_type=["sigmoid"],
+                        max_length=None, precompute_ref_log_probs=False)   # vision datasets cannot precompute
+        trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=processor,
+                             callbacks=[Clock()])
+        targets = [(trainer, "compute_loss", "logp")]
+    with phases.wrap(targets + [(trainer.accelerator, "backward", "update"), (trainer, "_clip_grad_norm", "update")]):
         trainer.train()
-    return summary(records[args.warmup:], setup["B"] * setup["G"])
-
-
-def bench_dpo_trl(setup, args, mem):
-    from datasets import Dataset
-    from trl import DPOConfig, DPOTrainer
-    mem.set_base()
-    model, processor = load(setup)
-    rows = [{"prompt": [vlm.user_turn(PROMPT)], "chosen": [vlm.assistant_turn(w)], "rejected": [vlm.assistant_turn(l)],
-             "image": im} for (im, _), (w, l) in zip(setup["pairs"], setup["dpo"])]
-    cfg = trl_args(DPOConfig, args, setup, args.warmup + args.reps, per_device_train_batch_size=setup["B"], beta=0.1,
-                   loss_type=["sigmoid"], max_length=None, precompute_ref_log_probs=False)
-    phases, records = Phases(), []
-    timer = trl_clock(phases, mem, records)
-    trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=processor,
-                         callbacks=[timer])
-    timer.trainer = trainer
-    with phases.wrap([(trainer, "compute_loss", "logp"), (trainer.accelerator, "backward", "update"),
-                      (trainer, "_clip_grad_norm", "update")]):
-        trainer.train()
-    return summary(records[args.warmup:], setup["B"])
+    mem.stop()                                     # the window Clock opened after the last step
+    return summary(records[args.warmup:], setup["B"] * (setup["G"] if algo == "grpo" else 1))
 
 
 # ---------------------------------------------------------------- main: args, model, ours, TRL, table
 def main(argv=None):
+    global WALL
     args = p.parse_args(argv)
     if args.full_size and not CUDA:
         sys.exit("bench.py --full-size needs a CUDA GPU: the Qwen2-VL-2B architecture (2.2B parameters, bf16, "
-                 "8 prompts x G 8 x 256 new tokens) is far too slow and too big for a CPU. "
-                 "Run `python bench.py --quick` here, or --full-size on a GPU machine.")
-    B, G, T, side, reps = PRESETS["full" if args.full_size else "quick" if args.quick else "default"]
-    B, G, T = args.prompts or B, args.num_generations or G, args.max_new_tokens or T
-    side, args.reps = args.image_side or side, args.reps or reps
+                 "8 prompts x G 8 x 256 new tokens) is far too big and slow for a CPU. Here, run "
+                 "`python bench.py --quick` (or --vocab 151936 for a full-size LM head on the tiny model).")
     warnings.filterwarnings("ignore")
-    global WALL_CLOCK
-    WALL_CLOCK = args.wall_clock
+    transformers.utils.logging.disable_progress_bar()
+    WALL = CUDA or args.wall_clock
     if not CUDA:
         torch.set_num_threads(args.threads)
-    tmp = Path(tempfile.mkdtemp(prefix="bench-"))
-    model_dir = args.model or vlm.build_tiny(tmp / "tiny", seed=0, pretrain=False, log=lambda *_: None)
-    if args.full_size and not args.model:
-        model_dir = full_size_dir(model_dir, tmp / "qwen2-vl-2b-random")
-    elif args.vocab:
-        model, processor = vlm.load_model(model_dir)
-        model.resize_token_embeddings(args.vocab, mean_resizing=False)
-        model_dir = tmp / f"tiny-vocab{args.vocab}"
-        model.save_pretrained(model_dir)
-        processor.save_pretrained(model_dir)
-        del model
-    pairs = grpo.colour_task(random.Random(0), B)
-    pairs = [(im.resize((side, side)), c) for im, c in pairs]
-    setup = {"dir": str(model_dir), "B": B, "G": G, "T": T, "pairs": pairs, "max_pixels": side * side if
-             args.full_size else None, "dpo": [dpo_texts(c, T) for _, c in pairs]}
-    trl_ok = not args.skip_trl
-    if trl_ok:
+    B, G, T, side, reps = PRESETS["full" if args.full_size else "quick" if args.quick else "default"]
+    B, G, T, args.reps = args.prompts or B, args.num_generations or G, args.max_new_tokens or T, args.reps or reps
+    with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
+        tmp = Path(tmp)
+        model_dir = args.model or vlm.build_tiny(tmp / "tiny", pretrain=False, log=lambda *_: None)
+        if args.full_size and not args.model:
+            model_dir = full_size_dir(model_dir, tmp / "qwen2-vl-2b-random")
+        elif args.vocab:
+            model_dir = grown_vocab_dir(model_dir, tmp / "tiny-vocab", args.vocab)
+        pairs = [(im.resize((side, side)), c) for im, c in grpo.colour_task(random.Random(0), B)]
+        setup = {"dir": str(model_dir), "tmp": tmp, "B": B, "G": G, "T": T, "pairs": pairs,
+                 "max_pixels": 401408 if args.full_size else None, "dpo": [dpo_texts(c, T) for _, c in pairs]}
         try:
             import trl  # noqa: F401
         except ImportError:
-            trl_ok = False
-            print("trl is not installed: TRL columns skipped (pip install trl)")
-    mem, results = PeakMemory(), {}
-    for algo in ("grpo", "dpo"):
-        if args.only and algo != args.only:
-            continue
-        ours_fn, trl_fn = (bench_grpo_ours, bench_grpo_trl) if algo == "grpo" else (bench_dpo_ours, bench_dpo_trl)
-        results[algo] = {"ours": ours_fn(setup, args, mem)}
-        gc.collect()
-        if trl_ok:
+            args.skip_trl = print("trl is not installed: TRL skipped (pip install trl)") or True
+        mem, results = PeakMemory(), {}
+        for algo in ("grpo", "dpo"):
+            results[algo] = {"ours": bench_ours(algo, setup, args, mem)}
             try:
-                results[algo]["trl"] = trl_fn(setup, args, mem)
-            except Exception as e:                    # say exactly why, still report ours
+                if not args.skip_trl:
+                    results[algo]["trl"] = bench_trl(algo, setup, args, mem)
+            except Exception as e:                 # say exactly why, and still report ours
                 print(f"TRL {algo.upper()} failed: {type(e).__name__}: {e}")
-            gc.collect()
-    device = torch.cuda.get_device_name() if CUDA else "cpu"
-    dtype = "bfloat16" if CUDA else "float32"
-    print(f"\n{device}, {dtype}, gradient checkpointing {'off' if args.no_grad_ckpt else 'on'}, "
-          f"{'DeepSpeed ' + args.deepspeed if args.deepspeed else 'no DeepSpeed'}; "
-          f"median of {args.reps} steps after {args.warmup} warm-up")
+    print(f"\n{torch.cuda.get_device_name() if CUDA else 'cpu'}, {'bfloat16' if CUDA else 'float32'}, gradient "
+          f"checkpointing {'off' if args.no_grad_ckpt else 'on'}, {args.deepspeed or 'no DeepSpeed'}, "
+          f"{'wall' if WALL else 'CPU'} time; median of {args.reps} steps after {args.warmup} warm-up")
     for algo, res in results.items():
-        unit = "completions" if algo == "grpo" else "pairs"
-        what = f"B={B} prompts x G={G}, {T} new tokens, beta {args.beta}" if algo == "grpo" else f"B={B} pairs, beta 0.1"
-        print(f"\n{algo.upper()} step ({what}, {side}x{side} images)")
-        print(f"{'':6s}{'s/step':>8s}{'gen':>8s}{'logp':>8s}{'update':>8s}{'other':>8s}{unit + '/s':>15s}"
-              f"{'peak MB':>9s}{'tokens':>8s}")
+        what = f"{B} prompts x G {G}, {T} new tokens, beta {args.beta}" if algo == "grpo" else f"{B} pairs, beta 0.1"
+        print(f"\n{algo.upper()} step ({what}, {side}x{side} images)\n      " + "".join(
+            f"{h:>10s}" for h in ("s/step", "gen", "logp", "update", "other", "samples/s", "peak MB", "tokens")))
         for who, r in res.items():
-            print(f"{who:6s}{r['total']:8.3f}{r['gen']:8.3f}{r['logp']:8.3f}{r['update']:8.3f}{r['other']:8.3f}"
-                  f"{r['sps']:15.2f}{r['peak_mb']:9.0f}{r['length']:8.1f}")
+            length = "-" if r["length"] != r["length"] else f"{r['length']:.1f}"     # nan: TRL DPO has none
+            print(f"{who:6s}" + "".join(f"{r[k]:10.3f}" for k in ("total", "gen", "logp", "update", "other"))
+                  + f"{r['sps']:10.2f}{r['peak_mb']:10.0f}{length:>10s}")
         if "trl" in res:
-            print(f"ours / TRL speed: {res['ours']['sps'] / res['trl']['sps']:.2f}x, "
-                  f"peak memory: {res['ours']['peak_mb'] / max(res['trl']['peak_mb'], 1e-9):.2f}x")
+            print(f"ours vs TRL: {res['ours']['sps'] / res['trl']['sps']:.2f}x the speed, "
+                  f"{res['ours']['peak_mb'] / res['trl']['peak_mb']:.2f}x the peak memory")
     if args.json:
         out = {}
         for algo, res in results.items():

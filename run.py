@@ -213,9 +213,12 @@ def plot(run_dir, keys=None):
     rows = read_jsonl(run_dir / "metrics.jsonl")
     if not rows:
         raise SystemExit(f"{run_dir}/metrics.jsonl has no records")
-    numeric = [k for k in rows[0] if k != "step" and isinstance(rows[0][k], (int, float))]
+    numeric = list(dict.fromkeys(k for r in rows for k, v in r.items()
+                                 if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool)))
     keys = keys or [k for k in numeric if k.startswith("reward") or k in ("kl", "completion_len", "loss",
-                                                                          "margin", "reward_accuracy")]
+                                                                          "margin", "similarity")]
+    if not keys:
+        return None
     fig, axes = plt.subplots(len(keys), 1, figsize=(6, 2 * len(keys)), sharex=True, squeeze=False)
     for ax, key in zip(axes[:, 0], keys):
         points = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]

@@ -1,0 +1,819 @@
+"""visrl.py -- VisRL: intention-driven visual perception trained with iterative step-level DPO.
+
+Paper: ../shared/papers/visrl.txt (sections 3.1, 3.2, 4.4, appendix C); SPEC 5.4.
+
+The model answers in two steps (a "visual chain of thought"):
+  step 1  image + question + instruction         -> a focus box "[x1,y1,x2,y2]", normalised 0..1
+  step 2  ... + that box + the crop of that box  -> the answer
+
+  0. SFT warm-up on the boxed subset: the two-turn chat (box, then crop + answer), loss on both
+     assistant turns. The pre-SFT model is kept, frozen, as the CRITIC (self-evolution: no
+     external judge).                                                          -> sft_phase()
+  1. data generation with the current policy: per question K attempts, each two boxes b1, b2
+     sampled at a high temperature; the diversity controller (eq. 3) replaces b2 by a random
+     box away from b1 when they overlap (IoU > 0.05)                        -> diversify_box()
+     each box is cropped and answered; the critic scores the crop alone (s_b: does it show
+     what the reference answer needs?) and the answer (s_r: how close to the reference,
+     given image + question), greedy, as {"score": x}                   -> generate_candidates()
+  2. filter + selection (eq. 4): keep a question if min s_r <= 0.2, max s_r >= 0.8 and they
+     differ; chosen = highest s_r with s_b >= 0.8, rejected = lowest s_r with s_b <= 0.2
+                                                                   -> select_pair(), make_pairs()
+  3. stage 1: DPO on the box step (eq. 5-6), reference = the SFT model      -> dpo_phase(stage=1)
+  4. stage 2: 0.5 DPO(box) + 0.5 DPO(answer) (eq. 7-10), both answers conditioned on the
+     WINNING box and crop, reference = the stage-1 model                     -> dpo_phase(stage=2)
+  5. --iters N: regenerate the pairs with the improved model and train again.
+  6. evaluation: answer accuracy (normalised exact match; the critic for long answers) and
+     box accuracy (IoU >= 0.5 with the GT box, where there is one)                -> evaluate()
+
+    deepspeed visrl.py                                           # tiny base + shapes world, CPU, ~10 min
+    deepspeed visrl.py --eval --model runs/visrl/final           # OUT/eval.json
+    deepspeed --num_gpus 8 visrl.py --model Qwen/Qwen2-VL-7B-Instruct --data viscot_rl.jsonl \\
+        --sft-data viscot_sft.jsonl --deepspeed ds_zero3.json    # the paper's setting (PAPER below)
+
+Outputs: OUT/sft/, OUT/iter{k}/{candidates,pairs}.jsonl, OUT/iter{k}/{stage1,stage2}/,
+OUT/iter{k}/examples/*.png, OUT/metrics.jsonl, OUT/phases.json (test scores after every
+phase), OUT/final/, OUT/eval.json + OUT/predictions.jsonl.
+"""
+import json
+import math
+import random
+import re
+import shutil
+import string
+import time
+from pathlib import Path
+
+import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+import data
+import dpo
+import grpo
+import rewards
+import run
+import vlm
+
+# The paper prints no training hyper-parameters; PAPER takes them from the authors' released
+# code (github.com/zhangquanchen/VisRL: configs/train_sft.yaml, configs/train_rl.yaml,
+# data_gen/generate.py, data_gen/filter.py). Those configs train LoRA adapters of
+# Qwen2-VL-7B-Instruct; this script fine-tunes all weights, for which lower rates are usual.
+# K = 3 attempts x 2 boxes, temperature 2, thresholds 0.8 / 0.2, beta 0.1: paper + released code.
+PAPER = dict(lr=5e-6, sft_lr=1e-4, sft_epochs=3.0, dpo_epochs=5.0, batch_size=3, grad_accum=8,
+             sft_batch_size=2, num_generations=3, temperature=2.0, answer_temperature=2.0, iters=1,
+             sft_fraction=1.0, gen_batch_size=8, phase_eval_n=0, max_new_tokens=64, answer_max_new_tokens=128)
+# One CPU, the tiny base, shapes world: about 10 minutes for `deepspeed visrl.py`.
+TINY = dict(lr=2e-5, sft_lr=1e-4, sft_epochs=1.0, dpo_epochs=2.0, batch_size=8, grad_accum=1,
+            sft_batch_size=8, num_generations=3, temperature=1.0, answer_temperature=1.0, iters=2,
+            sft_fraction=0.25, gen_batch_size=16, phase_eval_n=128, max_new_tokens=32, answer_max_new_tokens=8)
+
+
+def parse_args(argv=None):
+    p = run.common_args("visrl", __doc__.split("\n")[0])
+    p.add_argument("--sft-data", default=None,
+                   help="boxed VQA manifest for the SFT warm-up (default: a --sft-fraction of --data's "
+                        "boxed records, which are then left out of the RL questions)")
+    p.add_argument("--sft-fraction", type=float, default=None,
+                   help="share of --data's boxed records used for SFT when no --sft-data is given")
+    p.add_argument("--sft-lr", type=float, default=None)
+    p.add_argument("--sft-epochs", type=float, default=None)
+    p.add_argument("--sft-batch-size", type=int, default=None)
+    p.add_argument("--dpo-epochs", type=float, default=None, help="epochs over the pairs, per stage")
+    p.add_argument("--iters", type=int, default=None, help="rounds of generation + stage 1 + stage 2")
+    p.add_argument("--stages", default="sft,stage1,stage2",
+                   help="which of sft,stage1,stage2 to run (the paper's ablations: e.g. sft,stage2)")
+    p.add_argument("--answer-temperature", type=float, default=None, help="sampling temperature of answers")
+    p.add_argument("--answer-max-new-tokens", type=int, default=None,
+                   help="answer length limit (--max-new-tokens limits the box step)")
+    p.add_argument("--gen-batch-size", type=int, default=None, help="questions per generate() call per rank")
+    p.add_argument("--win-threshold", type=float, default=0.8, help="tau_w for s_b and s_r")
+    p.add_argument("--lose-threshold", type=float, default=0.2, help="tau_l for s_b and s_r")
+    p.add_argument("--strict-pairs", action="store_true",
+                   help="also require chosen s_r = max s_r and rejected s_r = min s_r (released filter.py)")
+    p.add_argument("--iou-thresh", type=float, default=0.05, help="diversity controller: IoU(b1, b2) limit")
+    p.add_argument("--size-tol", type=float, default=0.3, help="diversity controller: width/height tolerance")
+    p.add_argument("--quality-iou", type=float, default=0.5,
+                   help="a box is 'positive' for the data-quality table if IoU with the GT box >= this")
+    p.add_argument("--nll-weight", type=float, default=0.0,
+                   help="add this x the chosen steps' per-token NLL to the DPO loss (RPO, Pang et al. 2024; "
+                        "0 = the paper). Keeps DPO from pushing the chosen box's likelihood down too")
+    p.add_argument("--pairs", default=None,
+                   help="train iteration 1 on this pairs.jsonl instead of generating it (e.g. to rerun "
+                        "the DPO stages with other settings on the same data)")
+    p.add_argument("--critic", default=None, help="critic model (default: --model, the pre-SFT model)")
+    p.add_argument("--phase-eval-n", type=int, default=None,
+                   help="evaluate on the first N test records after every phase -> OUT/phases.json (0: off)")
+    p.add_argument("--n-examples", type=int, default=8, help="example PNGs per iteration")
+    p.add_argument("--preset", default="auto", choices=["auto", "paper", "tiny"],
+                   help="defaults for unset options: tiny for the tiny base (auto), else the paper's")
+    for key in PAPER:
+        p.set_defaults(**{key: None})
+    p.set_defaults(max_steps=None, beta=0.1)
+    args = p.parse_args(argv)
+    tiny = args.preset == "tiny" or (args.preset == "auto" and args.model == vlm.TINY_BASE)
+    for key, value in (TINY if tiny else PAPER).items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
+    bad = set(args.stages) - {"sft", "stage1", "stage2"}
+    if bad:
+        p.error(f"--stages: unknown {sorted(bad)}")
+    return args
+
+
+# ============================================================================ boxes and the chat
+def norm_box(box, width, height):
+    """Pixel box -> normalised [x1,y1,x2,y2] in 0..1 (clipped)."""
+    return [min(max(v / s, 0.0), 1.0) for v, s in zip(box, (width, height, width, height))]
+
+
+def pixel_box(box, width, height):
+    """Normalised box -> pixels of a width x height image."""
+    return [box[0] * width, box[1] * height, box[2] * width, box[3] * height]
+
+
+def canonical_box(text_or_box):
+    """The box the model means, as VisRL's canonical 2-decimal text and numbers, or (None, None).
+
+    Takes the first box of a model output (or a list of 4 numbers), clips it to 0..1 and rounds
+    it to 2 decimals, exactly as it is written back into the chat. Unparsable, inverted, or
+    empty after rounding (e.g. "[0.3,0.3,0.301,0.5]") -> (None, None).
+    """
+    if isinstance(text_or_box, str):
+        boxes = rewards.parse_boxes(text_or_box)
+        if not boxes:
+            return None, None
+        box = boxes[0]
+    else:
+        box = rewards.valid_box(text_or_box)
+        if box is None:
+            return None, None
+    box = [round(min(max(v, 0.0), 1.0), 2) for v in box]
+    if box[2] <= box[0] or box[3] <= box[1]:
+        return None, None
+    return data.format_norm_box(box, 1, 1), box
+
+
+def crop(image, box):
+    """Crop of a normalised box (rounded outwards to whole pixels), or None if it has no pixel."""
+    return rewards.crop_box(image, pixel_box(box, *image.size))
+
+
+def box_turn(question):
+    """Step 1's prompt: image + question + the CoT instruction."""
+    return [vlm.user_turn(data.VISRL_BOX_PROMPT.format(question=question))]
+
+
+def answer_turns(question, box_text):
+    """Step 2's prompt: step 1 with the box as the assistant's reply, then the crop + question.
+    Images, in placeholder order: [full image, crop]."""
+    return box_turn(question) + [vlm.assistant_turn(box_text),
+                                 vlm.user_turn(data.VISRL_ANSWER_PROMPT.format(question=question))]
+
+
+def sft_example(record, image):
+    """(conversation, images) of the two-turn warm-up chat with the GT box: loss on both replies."""
+    box_text, box = canonical_box(norm_box(record["box"], *image.size))
+    conv = answer_turns(record["question"], box_text) + [vlm.assistant_turn(record["answer"])]
+    return conv, [image, crop(image, box)]
+
+
+# ============================================================================ diversity controller
+def diversify_box(b1, b2, rng, iou_thresh=0.05, size_tol=0.3, max_tries=100, widen=0.1, widen_every=20):
+    """VisRL's diversity controller (paper eq. 3): b2 if IoU(b1, b2) <= iou_thresh, else a random box.
+
+    The random box lies inside the image (normalised [0,1]^2), does not overlap b1 (touching
+    edges is allowed) and has width and height each within +-size_tol of b1's. The tolerance
+    widens by `widen` after every `widen_every` failed tries; after `max_tries` it gives up
+    and returns None (the caller drops the candidate). rng: a random.Random.
+    Boxes are normalised [x1, y1, x2, y2].
+    """
+    if rewards.box_iou(b1, b2) <= iou_thresh:
+        return list(b2)
+    w1, h1 = b1[2] - b1[0], b1[3] - b1[1]
+    for t in range(max_tries):
+        tol = size_tol + widen * (t // widen_every)
+        w_lo, w_hi = max(w1 * (1 - tol), 0.0), min(w1 * (1 + tol), 1.0)
+        h_lo, h_hi = max(h1 * (1 - tol), 0.0), min(h1 * (1 + tol), 1.0)
+        if w_lo >= w_hi or h_lo >= h_hi:          # even the smallest allowed box is wider than the image
+            continue
+        w, h = rng.uniform(w_lo, w_hi), rng.uniform(h_lo, h_hi)
+        if w <= 0 or h <= 0:
+            continue
+        x1, y1 = rng.uniform(0.0, 1.0 - w), rng.uniform(0.0, 1.0 - h)
+        box = [x1, y1, min(x1 + w, 1.0), min(y1 + h, 1.0)]
+        if box[2] <= b1[0] or box[0] >= b1[2] or box[3] <= b1[1] or box[1] >= b1[3]:
+            return box
+    return None
+
+
+# ============================================================================ generation + critic
+def _greedy_or_sample(model, processor, convs, images, n, max_new_tokens, temperature, max_prompt_len=None):
+    batch = vlm.chat_inputs(processor, convs, images, max_prompt_len=max_prompt_len)
+    greedy = temperature == 0
+    return vlm.sample(model, processor, batch, n, max_new_tokens, temperature or 1.0, do_sample=not greedy)["texts"]
+
+
+def critic_scores(critic, processor, items, batch_size=32, max_new_tokens=24):
+    """Critic scores s_b, s_r (greedy, temperature 0) for items {question, reference, answer, image, crop}.
+
+    s_b sees the crop only: does it show what the reference answer needs, given the question?
+    s_r sees the full image: how close is the answer to the reference? Both are parsed from
+    '{"score": x}' with rewards.parse_score (unparsable -> 0). Returns (s_b list, s_r list, raw texts).
+    """
+    box_convs = [[vlm.user_turn(data.CRITIC_BOX_PROMPT.format(question=it["question"], answer=it["reference"]))]
+                 for it in items]
+    ans_convs = [[vlm.user_turn(data.CRITIC_ANSWER_PROMPT.format(question=it["question"], reference=it["reference"],
+                                                               answer=it["answer"]))] for it in items]
+    raw_b, raw_r = [], []
+    critic = getattr(critic, "module", critic)          # a DeepSpeed inference engine under ZeRO-3
+    with vlm.generation_mode(critic):
+        for s in range(0, len(items), batch_size):
+            chunk = items[s:s + batch_size]
+            raw_b += _greedy_or_sample(critic, processor, box_convs[s:s + batch_size], [[it["crop"]] for it in chunk],
+                                       1, max_new_tokens, 0)
+            raw_r += _greedy_or_sample(critic, processor, ans_convs[s:s + batch_size], [[it["image"]] for it in chunk],
+                                       1, max_new_tokens, 0)
+    return [rewards.parse_score(t) for t in raw_b], [rewards.parse_score(t) for t in raw_r], list(zip(raw_b, raw_r))
+
+
+def generate_candidates(policy, critic, processor, records, args, rng):
+    """Steps 1-2 of the data generation for a list of questions (one rank's share).
+
+    Per question: K attempts x (b1, b2) sampled in ONE generate call per batch of questions,
+    b2 diversified against b1, every valid box cropped and answered (one more generate call),
+    every (crop, answer) scored by the critic. Returns one record per question:
+    {id, question, answer, image, size, gt_box?, candidates: [{box, answer, s_b, s_r, attempt,
+    which, diversified}], dropped: {unparsable, no_crop, no_diverse_box}}.
+    """
+    K = args.num_generations
+    out = []
+    for s in range(0, len(records), args.gen_batch_size):
+        chunk = records[s:s + args.gen_batch_size]
+        images = [Image.open(r["image_path"]).convert("RGB") for r in chunk]
+        with vlm.generation_mode(policy):
+            box_texts = _greedy_or_sample(policy, processor, [box_turn(r["question"]) for r in chunk],
+                                          [[im] for im in images], 2 * K, args.max_new_tokens, args.temperature,
+                                          args.max_prompt_len)
+        cands, owners = [], []
+        results = []
+        for i, (rec, im) in enumerate(zip(chunk, images)):
+            res = {"id": rec["id"], "question": rec["question"], "answer": rec["answer"], "image": rec["image_path"],
+                   "size": list(im.size), "candidates": [],
+                   "dropped": {"unparsable": 0, "no_crop": 0, "no_diverse_box": 0}}
+            if rec.get("box") is not None:
+                res["gt_box"] = [round(v, 4) for v in norm_box(rec["box"], *im.size)]
+            for k in range(K):
+                t1, t2 = box_texts[i * 2 * K + 2 * k], box_texts[i * 2 * K + 2 * k + 1]
+                _, b1 = canonical_box(t1)
+                _, b2 = canonical_box(t2)
+                diversified = False
+                if b1 is not None and b2 is not None:
+                    new = diversify_box(b1, b2, rng, args.iou_thresh, args.size_tol)
+                    diversified = new is not None and new != b2
+                    if new is None:
+                        res["dropped"]["no_diverse_box"] += 1
+                    b2 = canonical_box(new)[1] if new is not None else None
+                for which, b, raw in (("b1", b1, t1), ("b2", b2, t2)):
+                    if b is None:                  # unparsable, or no room for a diverse b2
+                        res["dropped"]["unparsable"] += canonical_box(raw)[1] is None
+                        continue
+                    c = crop(im, b)
+                    if c is None:
+                        res["dropped"]["no_crop"] += 1
+                        continue
+                    cands.append({"box": b, "attempt": k, "which": which,
+                                  "diversified": diversified and which == "b2", "crop": c})
+                    owners.append(i)
+            results.append(res)
+        # step 2: answer every (box, crop), sampled
+        if cands:
+            with vlm.generation_mode(policy):
+                answers = []
+                for a in range(0, len(cands), args.gen_batch_size * 2):
+                    part = list(range(a, min(a + args.gen_batch_size * 2, len(cands))))
+                    answers += _greedy_or_sample(
+                        policy, processor,
+                        [answer_turns(chunk[owners[j]]["question"], canonical_box(cands[j]["box"])[0]) for j in part],
+                        [[images[owners[j]], cands[j]["crop"]] for j in part], 1, args.answer_max_new_tokens,
+                        args.answer_temperature, args.max_prompt_len)
+            items = [{"question": chunk[o]["question"], "reference": chunk[o]["answer"], "answer": a.strip(),
+                      "image": images[o], "crop": c["crop"]} for c, o, a in zip(cands, owners, answers)]
+            s_b, s_r, _ = critic_scores(critic, processor, items)
+            for c, o, it, sb, sr in zip(cands, owners, items, s_b, s_r):
+                c.pop("crop")
+                results[o]["candidates"].append(dict(c, answer=it["answer"], s_b=sb, s_r=sr))
+        out += results
+    return out
+
+
+# ============================================================================ filter + selection
+FILTERS = ["questions", "with_candidates", "min_sr_low", "max_sr_high", "sr_differ", "has_chosen", "has_rejected"]
+
+
+def select_pair(candidates, win=0.8, lose=0.2, strict=False):
+    """SPEC 5.4 / paper eq. 4 for one question. Returns (chosen_index, rejected_index, reason).
+
+    Keep the question only if min s_r <= lose, max s_r >= win and they differ. Chosen = the
+    candidate with the highest s_r among those with s_b >= win; rejected = the one with the
+    lowest s_r among those with s_b <= lose (ties: the first). If either is missing the
+    question is dropped. reason = the first filter failed (a FILTERS name) or "ok".
+    strict (the released filter.py): the chosen must also hold the overall max s_r and the
+    rejected the overall min s_r.
+    """
+    if not candidates:
+        return None, None, "with_candidates"
+    s_r = [c["s_r"] for c in candidates]
+    lo, hi = min(s_r), max(s_r)
+    if lo > lose:
+        return None, None, "min_sr_low"
+    if hi < win:
+        return None, None, "max_sr_high"
+    if lo == hi:
+        return None, None, "sr_differ"
+    good = [i for i, c in enumerate(candidates) if c["s_b"] >= win and (not strict or c["s_r"] == hi)]
+    if not good:
+        return None, None, "has_chosen"
+    bad = [i for i, c in enumerate(candidates) if c["s_b"] <= lose and (not strict or c["s_r"] == lo)]
+    if not bad:
+        return None, None, "has_rejected"
+    chosen = max(good, key=lambda i: (candidates[i]["s_r"], -i))
+    rejected = min(bad, key=lambda i: (candidates[i]["s_r"], i))
+    return chosen, rejected, "ok"
+
+
+def quality(pair, iou=0.5):
+    """The paper's data-quality class of a pair (Tab. 6) from its boxes' IoU with the GT box:
+    "WP-LN" = chosen box positive (IoU >= iou), rejected negative, etc. None without a GT box."""
+    if pair.get("gt_box") is None:
+        return None
+    w = "WP" if rewards.box_iou(pair["chosen"]["box"], pair["gt_box"]) >= iou else "WN"
+    l = "LP" if rewards.box_iou(pair["rejected"]["box"], pair["gt_box"]) >= iou else "LN"  # noqa: E741
+    return f"{w}-{l}"
+
+
+def make_pairs(questions, win=0.8, lose=0.2, strict=False, quality_iou=0.5):
+    """Candidates of every question -> (pairs, survivors per filter, data-quality fractions)."""
+    failed = {name: 0 for name in FILTERS}
+    pairs = []
+    for q in questions:
+        ci, ri, reason = select_pair(q["candidates"], win, lose, strict)
+        if reason != "ok":
+            failed[reason] += 1
+            continue
+        pair = {k: q[k] for k in ("id", "question", "answer", "image", "size") if k in q}
+        pair.update(chosen=q["candidates"][ci], rejected=q["candidates"][ri], gt_box=q.get("gt_box"))
+        pair["quality"] = quality(pair, quality_iou)
+        pairs.append(pair)
+    survivors, left = {}, len(questions)
+    for name in FILTERS:                       # survivors after each filter, in order
+        left -= failed[name]
+        survivors[name] = left
+    graded = [p["quality"] for p in pairs if p["quality"]]
+    fractions = {k: (sum(g == k for g in graded) / len(graded) if graded else 0.0)
+                 for k in ("WP-LP", "WP-LN", "WN-LP", "WN-LN")}
+    return pairs, survivors, dict(fractions, graded=len(graded))
+
+
+# ============================================================================ log-probs, step DPO
+def completion_tensors(processor, texts, device):
+    """Target texts -> right-padded completion ids [N, T] (each text + <|im_end|>) and their mask."""
+    tok = processor.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    seqs = [tok.encode(t, add_special_tokens=False) + [end] for t in texts]
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), T), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)] = torch.tensor(s)
+        mask[i, :len(s)] = 1
+    return ids.to(device), mask.to(device)
+
+
+def sequence_logps(model, processor, convs, images, targets, device, max_prompt_len=None):
+    """logp(y|x) summed over the target's tokens (its <|im_end|> included), one forward, [N]."""
+    prompt = vlm.chat_inputs(processor, convs, images, max_prompt_len=max_prompt_len)
+    prompt = {k: v.to(device) for k, v in prompt.items()}
+    ids, mask = completion_tensors(processor, targets, device)
+    token_logp = vlm.completion_logprobs(model, prompt, ids, mask, suppress=vlm.suppressed_ids(processor))
+    return dpo.sequence_logp(token_logp, mask)
+
+
+def box_step(pairs, images):
+    """Stage 1's DPO data (eq. 5-6): x = image + question + instruction, y_w / y_l = box texts.
+    Returns (convs, images, chosen texts, rejected texts)."""
+    convs = [box_turn(p["question"]) for p in pairs]
+    return (convs, [[im] for im in images], [canonical_box(p["chosen"]["box"])[0] for p in pairs],
+            [canonical_box(p["rejected"]["box"])[0] for p in pairs])
+
+
+def answer_step(pairs, images):
+    """Stage 2's answer-step DPO data (eq. 7): the context is the image, the question, the WINNING
+    box and the crop of the winning box, for BOTH the chosen and the rejected answer (the rejected
+    answer was produced from its own crop, but is scored here in the winner's context)."""
+    convs = [answer_turns(p["question"], canonical_box(p["chosen"]["box"])[0]) for p in pairs]
+    ims = [[im, crop(im, p["chosen"]["box"])] for p, im in zip(pairs, images)]
+    return convs, ims, [p["chosen"]["answer"] for p in pairs], [p["rejected"]["answer"] for p in pairs]
+
+
+def step_logps(model, ref, processor, step, device, max_prompt_len=None):
+    """(chosen, rejected, ref_chosen, ref_rejected) summed log-probs of one DPO step, [N] each.
+    Chosen and rejected share one forward (2N rows); the reference runs under no_grad."""
+    convs, images, chosen, rejected = step
+    n = len(convs)
+    args = (processor, convs + convs, images + images, chosen + rejected, device, max_prompt_len)
+    logp = sequence_logps(model, *args)
+    with torch.no_grad():
+        ref_logp = sequence_logps(ref, *args)
+    return logp[:n], logp[n:], ref_logp[:n], ref_logp[n:]
+
+
+def chosen_nll(processor, targets, logp):
+    """Mean per-token negative log-likelihood of the chosen targets (for --nll-weight), a scalar."""
+    tok = processor.tokenizer
+    lengths = torch.tensor([len(tok.encode(t, add_special_tokens=False)) + 1 for t in targets], device=logp.device)
+    return (-logp / lengths).mean()
+
+
+def set_lr(engine, lr):
+    """One optimizer, several phases (SFT, stage 1, stage 2): each phase sets its own constant lr."""
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def phase_steps(n_items, per_step, epochs, max_steps=None):
+    steps = math.ceil(epochs * n_items / per_step) if n_items else 0
+    return min(steps, max_steps) if max_steps else steps
+
+
+def dpo_phase(engine, ref, processor, pairs, stage, args, rank, world, out, log_state):
+    """Stage 1 (box DPO) or stage 2 (0.5 box DPO + 0.5 answer DPO) over `pairs` (every rank has all).
+
+    Each step every rank takes its share of batch_size * world pairs (round robin); ranks
+    walk the same number of steps (DeepSpeed all-reduces the gradients).
+    """
+    set_lr(engine, args.lr)
+    per_step = args.batch_size * world
+    steps = phase_steps(len(pairs), per_step, args.dpo_epochs, args.max_steps)
+    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + stage)).tolist()
+    guard = run.NonFiniteGuard()
+    engine.train()
+    bar = tqdm(range(steps), desc=f"{log_state['iter_name']} stage {stage}", disable=rank != 0)
+    for step in bar:
+        t0 = time.time()
+        idx = [order[(step * per_step + k) % len(order)] for k in range(per_step)]
+        mine = [pairs[i] for i in run.shard(idx, rank, world)]
+        images = [Image.open(p["image"]).convert("RGB") for p in mine]
+        box_data = box_step(mine, images)
+        box = step_logps(engine, ref, processor, box_data, engine.device, args.max_prompt_len)
+        if stage == 2:              # the answer step: both answers in the winning box's context
+            answer_data = answer_step(mine, images)
+            answer = step_logps(engine, ref, processor, answer_data, engine.device, args.max_prompt_len)
+        else:
+            answer = None
+        loss, stats = dpo.step_dpo_loss(box, answer, beta=args.beta, box_weight=1.0 if stage == 1 else 0.5)
+        if args.nll_weight:         # optional RPO-style NLL on the chosen steps (not in the paper)
+            nll = chosen_nll(processor, box_data[2], box[0])
+            if stage == 2:
+                nll = 0.5 * nll + 0.5 * chosen_nll(processor, answer_data[2], answer[0])
+            loss = loss + args.nll_weight * nll
+            stats["nll"] = nll.item()
+        skipped = not math.isfinite(loss.item())
+        if not skipped:
+            grpo.apply_update(engine, None, loss)
+        guard.check(skipped, log_state["step"])
+        stats.update(step=log_state["step"], phase=f"{log_state['iter_name']}/stage{stage}", loss=loss.item(),
+                     skipped=skipped, seconds=round(time.time() - t0, 2))
+        stats["reward_accuracy"], stats["margin"] = stats["box_reward_accuracy"], stats["box_margin"]
+        run.log(out, rank, stats)
+        log_state["step"] += 1
+        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{stats['reward_accuracy']:.2f}")
+    return steps
+
+
+def sft_phase(engine, processor, records, args, rank, world, out, log_state):
+    """SFT warm-up: the two-turn chat with the GT box, next-token loss on both assistant turns."""
+    set_lr(engine, args.sft_lr)
+    per_step = args.sft_batch_size * world
+    steps = phase_steps(len(records), per_step, args.sft_epochs, args.max_steps)
+    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    guard = run.NonFiniteGuard()
+    engine.train()
+    for step in tqdm(range(steps), desc="sft warm-up", disable=rank != 0):
+        idx = [order[(step * per_step + k) % len(order)] for k in range(per_step)]
+        examples = []
+        for i in run.shard(idx, rank, world):
+            rec = records[i]
+            examples.append(sft_example(rec, Image.open(rec["image_path"]).convert("RGB")))
+        convs, images = zip(*examples)
+        loss = vlm.sft_loss(engine, processor, list(convs), list(images))
+        skipped = not math.isfinite(loss.item())
+        if not skipped:
+            grpo.apply_update(engine, None, loss)
+        guard.check(skipped, log_state["step"])
+        run.log(out, rank, {"step": log_state["step"], "phase": "sft", "loss": loss.item(), "skipped": skipped})
+        log_state["step"] += 1
+    return steps
+
+
+# ============================================================================ evaluation
+def normalise_answer(text):
+    """Lower case, no punctuation, no articles, single spaces (SQuAD-style)."""
+    text = "".join(ch for ch in str(text).lower() if ch not in string.punctuation)
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def is_long(answer, words=3):
+    return len(normalise_answer(answer).split()) > words
+
+
+@torch.no_grad()
+def evaluate(model, processor, records, args, rank=0, world=1, critic=None, batch_size=16):
+    """Greedy two-step inference on `records` (sharded over ranks, gathered on all).
+
+    Answer accuracy: normalised exact match for short reference answers (<= 3 words); for long
+    ones the critic's s_r >= 0.5 when a critic is given, else exact match. Box accuracy: IoU >= 0.5
+    with the GT box, over the records that have one. An unparsable box counts as wrong for both
+    and is counted in "unparsable". Returns (metrics, predictions).
+    """
+    mine = run.shard(records, rank, world)
+    preds = []
+    for s in range(0, len(mine), batch_size):
+        chunk = mine[s:s + batch_size]
+        images = [Image.open(r["image_path"]).convert("RGB") for r in chunk]
+        with vlm.generation_mode(model):
+            texts = _greedy_or_sample(model, processor, [box_turn(r["question"]) for r in chunk],
+                                      [[im] for im in images], 1, args.max_new_tokens, 0, args.max_prompt_len)
+        boxes = [canonical_box(t) for t in texts]
+        ok = [i for i, (_, b) in enumerate(boxes) if b is not None and crop(images[i], b) is not None]
+        answers = {}
+        if ok:
+            with vlm.generation_mode(model):
+                replies = _greedy_or_sample(model, processor,
+                                            [answer_turns(chunk[i]["question"], boxes[i][0]) for i in ok],
+                                            [[images[i], crop(images[i], boxes[i][1])] for i in ok], 1,
+                                            args.answer_max_new_tokens, 0, args.max_prompt_len)
+            answers = dict(zip(ok, [r.strip() for r in replies]))
+        long_items = [i for i in answers if critic is not None and is_long(chunk[i]["answer"])]
+        judged = {}
+        if long_items:
+            items = [{"question": chunk[i]["question"], "reference": chunk[i]["answer"], "answer": answers[i],
+                      "image": images[i], "crop": crop(images[i], boxes[i][1])} for i in long_items]
+            judged = dict(zip(long_items, critic_scores(critic, processor, items)[1]))
+        for i, (rec, im) in enumerate(zip(chunk, images)):
+            box = boxes[i][1] if i in answers else None
+            gt = norm_box(rec["box"], *im.size) if rec.get("box") is not None else None
+            ans = answers.get(i)
+            correct = (judged[i] >= 0.5) if i in judged else \
+                (ans is not None and normalise_answer(ans) == normalise_answer(rec["answer"]))
+            preds.append({"id": rec["id"], "question": rec["question"], "reference": rec["answer"],
+                          "box_text": texts[i], "box": box, "answer": ans, "correct": bool(correct),
+                          "gt_box": gt, "box_iou": rewards.box_iou(box, gt) if box and gt else (0.0 if gt else None)})
+    preds = run.gather_records(preds)
+    with_gt = [p for p in preds if p["gt_box"] is not None]
+    metrics = {"answer_accuracy": sum(p["correct"] for p in preds) / max(len(preds), 1),
+               "box_accuracy": (sum(p["box_iou"] >= 0.5 for p in with_gt) / len(with_gt)) if with_gt else None,
+               "mean_box_iou": (sum(p["box_iou"] for p in with_gt) / len(with_gt)) if with_gt else None,
+               "unparsable": sum(p["box"] is None for p in preds), "n": len(preds), "n_with_box": len(with_gt)}
+    return metrics, preds
+
+
+# ============================================================================ pictures
+def save_examples(pairs, folder, n=8):
+    """PNG per pair: the image with the chosen (green), rejected (red) and GT (blue) boxes."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in pairs[:n]:
+        im = Image.open(p["image"]).convert("RGB")
+        scale = max(1, 256 // max(im.size))
+        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
+        canvas = Image.new("RGB", (im.width, im.height + 46), "white")
+        canvas.paste(im, (0, 0))
+        draw = ImageDraw.Draw(canvas)
+        for key, colour in (("gt_box", "blue"), ("rejected", "red"), ("chosen", "green")):
+            box = p[key] if key == "gt_box" else p[key]["box"]
+            if box:
+                draw.rectangle(pixel_box(box, im.width, im.height), outline=colour, width=2)
+        c, r = p["chosen"], p["rejected"]
+        draw.text((2, im.height + 2), p["question"][:48], fill="black")
+        draw.text((2, im.height + 16), f"win: {c['answer'][:14]} sb {c['s_b']:.1f} sr {c['s_r']:.1f}", fill="green")
+        draw.text((2, im.height + 30), f"lose: {r['answer'][:14]} sb {r['s_b']:.1f} sr {r['s_r']:.1f}", fill="red")
+        canvas.save(folder / (re.sub(r"[^A-Za-z0-9_.-]", "_", str(p["id"])) + ".png"))
+
+
+# ============================================================================ main
+def load_records(args, rank):
+    """(sft records, RL question records, test manifest). Default: a shapes-world VQA set in the cache.
+
+    With --sft-data, the SFT warm-up uses that boxed manifest and every --data record is an RL
+    question (the paper: 30k boxed VisCoT samples for SFT, 180k plain QA pairs for RL). Without it
+    a --sft-fraction of --data's boxed records is held out for SFT and the rest become RL
+    questions (their boxes are then used only to grade the pairs, never to train).
+    """
+    if args.data:
+        train_path = Path(args.data)
+        test_path = Path(args.test) if args.test else None
+    else:
+        root = vlm.CACHE / f"shapes-visrl-{args.seed}"
+        if rank == 0 and not (root / "vqa" / "test.jsonl").exists():
+            data.make_shapes_world(root, n_train=512, n_test=128, seed=args.seed)
+        vlm.barrier()
+        train_path = root / "vqa" / "train.jsonl"
+        test_path = Path(args.test) if args.test else root / "vqa" / "test.jsonl"
+    records, skipped = data.read_manifest(train_path, "vqa", skip_bad=args.skip_bad)
+    if args.sft_data:
+        sft, _ = data.read_manifest(args.sft_data, "vqa", skip_bad=args.skip_bad)
+        sft = [r for r in sft if r.get("box") is not None]
+        questions = records
+    else:
+        boxed = [i for i, r in enumerate(records) if r.get("box") is not None]
+        random.Random(args.seed).shuffle(boxed)
+        take = set(boxed[:round(args.sft_fraction * len(boxed))])
+        sft = [records[i] for i in sorted(take)]
+        questions = [r for i, r in enumerate(records) if i not in take] if args.sft_fraction < 1 else records
+    return sft, questions, test_path, skipped
+
+
+def write_jsonl(path, records):
+    path.write_text("")
+    for r in records:
+        run.append_jsonl(path, r)
+
+
+def generation_round(engine, critic, processor, questions, folder, args, rank, world, it):
+    """Steps 1-2 of one iteration: every rank generates for its share of each chunk, rank 0 appends
+    the merged records to candidates.jsonl (resumable: ids already there are skipped), then the
+    filter makes the pairs. Every rank returns all pairs, in the same order."""
+    t0 = time.time()
+    done = {q["id"]: q for q in run.read_jsonl(folder / "candidates.jsonl")}
+    todo = [q for q in questions if q["id"] not in done]
+    rng = random.Random(args.seed + 1000 * rank + it)
+    per_chunk = args.gen_batch_size * world
+    chunks = [todo[k:k + per_chunk] for k in range(0, len(todo), per_chunk)]
+    for chunk in tqdm(chunks, desc=f"iter{it} generate", disable=rank != 0):
+        mine = run.shard(chunk, rank, world)          # every rank walks every chunk (all_gather)
+        found = generate_candidates(engine.module, critic, processor, mine, args, rng) if mine else []
+        for q in run.gather_records(found):
+            done[q["id"]] = q
+            if rank == 0:
+                run.append_jsonl(folder / "candidates.jsonl", q)
+    generated = [done[q["id"]] for q in questions if q["id"] in done]
+    pairs, survivors, fractions = make_pairs(generated, args.win_threshold, args.lose_threshold,
+                                             args.strict_pairs, args.quality_iou)
+    cands = [c for q in generated for c in q["candidates"]]
+    stats = {"survivors": survivors, "quality": fractions, "candidates": len(cands),
+             "dropped": {k: sum(q["dropped"][k] for q in generated) for k in ("unparsable", "no_crop", "no_diverse_box")},
+             "diversified": sum(c["diversified"] for c in cands),
+             "mean_s_b": sum(c["s_b"] for c in cands) / max(len(cands), 1),
+             "mean_s_r": sum(c["s_r"] for c in cands) / max(len(cands), 1),
+             "seconds": round(time.time() - t0, 1)}
+    if rank == 0:
+        save_examples(pairs, folder / "examples", args.n_examples)
+    return pairs, stats
+
+
+def write_eval(out, metrics, preds, model, test_path):
+    (out / "eval.json").write_text(json.dumps(dict(metrics, model=str(model), test=str(test_path)), indent=1))
+    write_jsonl(out / "predictions.jsonl", preds)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    rank, world, out = run.start(args)
+    cfg = vlm.deepspeed_config(args.deepspeed or Path(__file__).with_name("ds_zero2.json"), lr=args.lr,
+                               weight_decay=args.weight_decay, grad_accum=args.grad_accum,
+                               micro_batch=args.batch_size)
+
+    # ---- evaluation only
+    if args.eval:
+        test_path = Path(args.test) if args.test else load_records(args, rank)[2]
+        test, _ = data.read_manifest(test_path, "vqa", skip_bad=args.skip_bad)
+        model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
+        critic = vlm.reference_model(args.critic, cfg, device=model.device, max_pixels=args.max_pixels) \
+            if args.critic else None
+        metrics, preds = evaluate(model, processor, test[:args.n_test], args, rank, world, critic)
+        if rank == 0:
+            write_eval(out, metrics, preds, args.model, test_path)
+            print(json.dumps(metrics))
+        return metrics
+
+    # ---- data
+    sft_records, questions, test_path, skipped = load_records(args, rank)
+    test = data.read_manifest(test_path, "vqa", skip_bad=args.skip_bad)[0] if test_path else []
+    if rank == 0:
+        print(f"[visrl] {len(sft_records)} SFT records, {len(questions)} RL questions ({skipped} skipped), "
+              f"{len(test)} test records, {world} rank(s), K {args.num_generations}, iters {args.iters}, "
+              f"stages {','.join(args.stages)}")
+
+    # ---- resume: the newest finished phase's model becomes the policy (phase granularity)
+    progress_path = out / "progress.json"
+    progress = json.loads(progress_path.read_text()) if args.resume and progress_path.exists() else {"done": []}
+    if not args.resume and rank == 0:
+        for stale in ["metrics.jsonl", "phases.json", "progress.json", "eval.json"] + [p.name for p in out.glob("iter*")]:
+            target = out / stale
+            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+    vlm.barrier()
+    phases = json.loads((out / "phases.json").read_text()) if args.resume and (out / "phases.json").exists() else []
+    phases = [p for p in phases if p["phase"] in ["base"] + progress["done"]]    # phases redone after a kill
+
+    # ---- models: the policy (a DeepSpeed engine) and the critic = the pre-SFT model, frozen
+    model, processor = vlm.load_model(out / progress["done"][-1] if progress["done"] else args.model,
+                                      max_pixels=args.max_pixels)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    engine = vlm.deepspeed_engine(model, cfg)
+    critic = vlm.reference_model(args.critic or args.model, cfg, device=engine.device, max_pixels=args.max_pixels)
+    log_state = {"step": progress.get("step", 0), "iter_name": "sft"}
+
+    def score(name):
+        """Test scores of the current policy -> OUT/phases.json (the SFT / +stage 1 / +stage 2 table)."""
+        if not (args.phase_eval_n and test):
+            return
+        metrics, _ = evaluate(engine.module, processor, test[:args.phase_eval_n], args, rank, world, critic)
+        phases.append(dict(metrics, phase=name))
+        if rank == 0:
+            print(f"[visrl] {name}: answer accuracy {metrics['answer_accuracy']:.3f}, "
+                  f"box accuracy {metrics['box_accuracy']}")
+            (out / "phases.json").write_text(json.dumps(phases, indent=1))
+            run.log(out, rank, dict(metrics, step=log_state["step"], phase=f"eval/{name}"))
+
+    def finish(name):
+        """Save the phase's model to OUT/<name>, score it, record progress (for --resume)."""
+        run.save_final(engine, processor, out / Path(name).parent, Path(name).name)
+        score(name)
+        progress["done"].append(name)
+        progress["step"] = log_state["step"]
+        if rank == 0:
+            progress_path.write_text(json.dumps(progress))
+        vlm.barrier()
+
+    if not phases:
+        score("base")
+
+    # ---- 0. SFT warm-up
+    if "sft" in args.stages and "sft" not in progress["done"]:
+        if not sft_records:
+            raise SystemExit("[visrl] the SFT warm-up needs boxed records (--sft-data, or boxes in --data)")
+        sft_phase(engine, processor, sft_records, args, rank, world, out, log_state)
+        finish("sft")
+    start_of_iter = out / "sft" if "sft" in args.stages else Path(args.model)
+
+    # ---- iterations: generate -> filter -> stage 1 -> stage 2
+    for it in range(1, args.iters + 1):
+        name, folder = f"iter{it}", out / f"iter{it}"
+        log_state["iter_name"] = name
+        last = f"{name}/stage2" if "stage2" in args.stages else f"{name}/stage1"
+        if last in progress["done"]:                   # --resume: this iteration is finished
+            start_of_iter = out / last
+            continue
+        if rank == 0:
+            folder.mkdir(parents=True, exist_ok=True)
+        vlm.barrier()
+        # 1.-2. data generation + filter
+        if it == 1 and args.pairs:
+            pairs = run.read_jsonl(args.pairs)
+            stats = {"survivors": {"given": len(pairs)}, "quality": {}}
+        else:
+            pairs, stats = generation_round(engine, critic, processor, questions, folder, args, rank, world, it)
+        if rank == 0:
+            write_jsonl(folder / "pairs.jsonl", pairs)          # written even when no pair survived
+            (folder / "stats.json").write_text(json.dumps(stats, indent=1))
+            run.log(out, rank, {"step": log_state["step"], "phase": f"{name}/generate", "pairs": len(pairs),
+                                **{f"survive_{k}": v for k, v in stats["survivors"].items()},
+                                **{f"quality_{k}": v for k, v in stats["quality"].items()},
+                                **{k: stats[k] for k in ("candidates", "mean_s_b", "mean_s_r") if k in stats}})
+            print(f"[visrl] {name}: {len(pairs)} pairs; survivors {stats['survivors']}; quality {stats['quality']}")
+        # 3. stage 1: box DPO; reference = the model this iteration started from (the SFT model first)
+        if "stage1" in args.stages and f"{name}/stage1" not in progress["done"]:
+            if pairs:
+                ref = vlm.reference_model(start_of_iter, cfg, device=engine.device, max_pixels=args.max_pixels)
+                dpo_phase(engine, ref, processor, pairs, 1, args, rank, world, out, log_state)
+                del ref
+            finish(f"{name}/stage1")
+        # 4. stage 2: joint step-DPO; reference = the stage-1 model
+        if "stage2" in args.stages:
+            if pairs:
+                ref_dir = folder / "stage1" if "stage1" in args.stages else start_of_iter
+                ref = vlm.reference_model(ref_dir, cfg, device=engine.device, max_pixels=args.max_pixels)
+                dpo_phase(engine, ref, processor, pairs, 2, args, rank, world, out, log_state)
+                del ref
+            finish(f"{name}/stage2")
+        start_of_iter = out / last
+
+    # ---- save + evaluate
+    run.save_final(engine, processor, out)
+    if test:
+        metrics, preds = evaluate(engine.module, processor, test[:args.n_test], args, rank, world, critic)
+        if rank == 0:
+            write_eval(out, metrics, preds, out / "final", test_path)
+            print(f"[visrl] final: {json.dumps(metrics)}")
+    if rank == 0:
+        try:
+            run.plot(out, keys=["loss", "reward_accuracy", "margin"])
+        except Exception as e:          # a picture must never fail a finished run
+            print(f"[visrl] no plot: {e}")
+        print(f"[visrl] model in {out / 'final'}")
+
+
+if __name__ == "__main__":
+    main()
