@@ -1,31 +1,31 @@
 """bench.py -- time and peak memory of one GRPO step and one DPO step, ours vs TRL (SPEC 6).
 
   python bench.py --quick --json       # CPU, tiny model: well under 3 minutes
-  python bench.py --vocab 151936       # tiny model with Qwen's vocabulary: the LM head weighs as at full size
+  python bench.py --vocab 151936       # the tiny model with Qwen's vocabulary: a full-size LM head
   python bench.py --full-size          # GPU: Qwen2-VL-2B architecture, random weights, bf16, 8 prompts x G 8,
-                                       # 256 new tokens, ~400k-pixel images  (add --deepspeed ds_zero3.json)
+                                       # 256 new tokens, ~400k-pixel images (add --deepspeed ds_zero3.json)
 
-Both sides get their own copy of the model loaded from one directory (identical weights), the same prompts
-and images, G, new tokens, beta, dtype, device, AdamW (constant lr, clip 1.0), gradient checkpointing.
-  ours GRPO: one grpo.grpo_step (template + processor, one generate() for all B*G completions, policy and
-             reference log-probs, rewards, loss, backward, clip, AdamW).  ours DPO: dpo_step() below.
-  TRL:       one iteration of GRPOTrainer's / DPOTrainer's training loop (batch fetch and collation,
-             generation and scoring, loss, backward, clip, optimizer step), on_step_end to on_step_end.
-Phases: gen = model.generate; logp = the log-prob forwards (policy + reference; TRL DPO: compute_loss);
-update = backward + clip + optimizer step; other = the rest. samples/s = completions/s (B*G per step) for
-GRPO, pairs/s for DPO. Median over --reps steps after --warmup steps.
-Clock: wall time on GPU. On CPU, the CPU time of the main thread with torch on one thread (--threads 1):
-on a shared CPU, wall time mostly measures the neighbours (--wall-clock to use it anyway).
+Each side loads its own copy of one model directory (identical weights) and gets the same prompts, images,
+G, new tokens, beta, dtype, device, AdamW (constant lr, clip 1.0) and gradient checkpointing. One step is,
+for us, one grpo.grpo_step / one dpo_step() below; for TRL, one iteration of GRPOTrainer's / DPOTrainer's
+training loop (batch fetch and collation, generation and scoring, loss, backward, clip, optimizer step),
+from one on_step_end to the next. Phases: gen = model.generate; logp = the log-prob forwards, policy and
+reference (TRL DPO: compute_loss); update = backward + clip + optimizer step; other = the rest.
+samples/s: completions (B*G per step) for GRPO, pairs for DPO. Median over --reps steps after --warmup.
+Clock: wall time on GPU; on CPU the main thread's CPU time, torch on one thread (on a shared CPU wall time
+mostly measures the neighbours; --wall-clock to use it anyway).
 Peak memory, GPU: max_memory_allocated during the step minus memory_allocated before the side loaded its
-models (so weights, reference, gradients, optimizer state and activations). CPU (tracemalloc does not see
-torch): bytes of weights + optimizer state counted from the tensors, plus the step's RSS growth (VmRSS from
-/proc/self/statm sampled every ms by a thread, minus RSS at the step's start after malloc_trim).
+models (weights, reference, gradients, optimizer state, activations). CPU, where tracemalloc does not see
+torch: weights + optimizer state counted from the tensors, plus the step's RSS growth (VmRSS from
+/proc/self/statm sampled every ms by a thread, minus RSS at the step's start, after malloc_trim).
 """
 import argparse
 import contextlib
 import ctypes
 import gc
+import importlib.util
 import json
+import os
 import random
 import statistics
 import sys
@@ -57,7 +57,6 @@ p.add_argument("--beta", type=float, default=0.04, help="GRPO KL coefficient (DP
 p.add_argument("--lr", type=float, default=1e-5)
 p.add_argument("--no-grad-ckpt", action="store_true", help="gradient checkpointing off (both sides)")
 p.add_argument("--deepspeed", help="ZeRO config for both sides, e.g. ds_zero3.json")
-p.add_argument("--threads", type=int, default=1, help="CPU: torch threads")
 p.add_argument("--wall-clock", action="store_true", help="CPU: time with the wall clock")
 p.add_argument("--skip-trl", action="store_true")
 PRESETS = {"quick": (2, 4, 32, 112, 3), "default": (4, 8, 64, 112, 5), "full": (8, 8, 256, 630, 3)}  # B G T side reps
@@ -100,7 +99,7 @@ class Phases(dict):
 
 def rss_bytes():
     with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * 4096
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 
 
 class PeakMemory:
@@ -181,22 +180,9 @@ def full_size_dir(tiny_dir, out):
     return out
 
 
-def grown_vocab_dir(tiny_dir, out, vocab):
-    model, processor = vlm.load_model(tiny_dir)
-    model.resize_token_embeddings(vocab, mean_resizing=False)
-    model.save_pretrained(out)
-    processor.save_pretrained(out)
-    return out
-
-
-def load(setup):
-    model, processor = vlm.load_model(setup["dir"], max_pixels=setup["max_pixels"])
-    return model.train(), processor
-
-
 def our_trainer(setup, args, micro_batch, with_ref=True):
     """model, processor, policy (a DeepSpeed engine with --deepspeed), optimizer (None then), reference."""
-    model, processor = load(setup)
+    model, processor = vlm.load_model(setup["dir"], max_pixels=setup["max_pixels"])
     if not args.no_grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cfg, policy, optimizer = {}, model, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -264,7 +250,7 @@ def bench_trl(algo, setup, args, mem):
     from transformers import TrainerCallback
     from trl import DPOConfig, DPOTrainer, GRPOConfig, GRPOTrainer
     mem.set_base()
-    model, processor = load(setup)
+    model, processor = vlm.load_model(setup["dir"], max_pixels=setup["max_pixels"])
     common = dict(output_dir=str(setup["tmp"] / "trl"), max_steps=args.warmup + args.reps, learning_rate=args.lr,
                   optim="adamw_torch", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
                   use_cpu=not CUDA, bf16=CUDA, gradient_checkpointing=not args.no_grad_ckpt,
@@ -337,7 +323,7 @@ def main(argv=None):
     transformers.utils.logging.disable_progress_bar()
     WALL = CUDA or args.wall_clock
     if not CUDA:
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(1)
     B, G, T, side, reps = PRESETS["full" if args.full_size else "quick" if args.quick else "default"]
     B, G, T, args.reps = args.prompts or B, args.num_generations or G, args.max_new_tokens or T, args.reps or reps
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
@@ -345,15 +331,17 @@ def main(argv=None):
         model_dir = args.model or vlm.build_tiny(tmp / "tiny", pretrain=False, log=lambda *_: None)
         if args.full_size and not args.model:
             model_dir = full_size_dir(model_dir, tmp / "qwen2-vl-2b-random")
-        elif args.vocab:
-            model_dir = grown_vocab_dir(model_dir, tmp / "tiny-vocab", args.vocab)
+        elif args.vocab:                           # new rows for ids no prompt uses: a full-size LM head
+            model, processor = vlm.load_model(model_dir)
+            model.resize_token_embeddings(args.vocab, mean_resizing=False)
+            model_dir = tmp / "tiny-vocab"
+            model.save_pretrained(model_dir), processor.save_pretrained(model_dir)
         pairs = [(im.resize((side, side)), c) for im, c in grpo.colour_task(random.Random(0), B)]
         setup = {"dir": str(model_dir), "tmp": tmp, "B": B, "G": G, "T": T, "pairs": pairs,
                  "max_pixels": 401408 if args.full_size else None, "dpo": [dpo_texts(c, T) for _, c in pairs]}
-        try:
-            import trl  # noqa: F401
-        except ImportError:
-            args.skip_trl = print("trl is not installed: TRL skipped (pip install trl)") or True
+        if not args.skip_trl and importlib.util.find_spec("trl") is None:
+            print("trl is not installed (pip install trl): TRL skipped")
+            args.skip_trl = True
         mem, results = PeakMemory(), {}
         for algo in ("grpo", "dpo"):
             results[algo] = {"ours": bench_ours(algo, setup, args, mem)}
@@ -361,6 +349,7 @@ def main(argv=None):
                 if not args.skip_trl:
                     results[algo]["trl"] = bench_trl(algo, setup, args, mem)
             except Exception as e:                 # say exactly why, and still report ours
+                mem.stop()
                 print(f"TRL {algo.upper()} failed: {type(e).__name__}: {e}")
     print(f"\n{torch.cuda.get_device_name() if CUDA else 'cpu'}, {'bfloat16' if CUDA else 'float32'}, gradient "
           f"checkpointing {'off' if args.no_grad_ckpt else 'on'}, {args.deepspeed or 'no DeepSpeed'}, "
@@ -377,13 +366,11 @@ def main(argv=None):
             print(f"ours vs TRL: {res['ours']['sps'] / res['trl']['sps']:.2f}x the speed, "
                   f"{res['ours']['peak_mb'] / res['trl']['peak_mb']:.2f}x the peak memory")
     if args.json:
-        out = {}
-        for algo, res in results.items():
-            ours, theirs = res["ours"], res.get("trl")
-            out[algo] = {"ours_sps": round(ours["sps"], 4), "trl_sps": theirs and round(theirs["sps"], 4),
-                         "ratio_vs_trl": theirs and round(ours["sps"] / theirs["sps"], 4),
-                         "ours_peak_mb": round(ours["peak_mb"], 1), "trl_peak_mb": theirs and round(theirs["peak_mb"], 1)}
-        print(json.dumps(out))
+        print(json.dumps({algo: {
+            "ours_sps": round(res["ours"]["sps"], 4), "trl_sps": round(res["trl"]["sps"], 4) if "trl" in res else None,
+            "ratio_vs_trl": round(res["ours"]["sps"] / res["trl"]["sps"], 4) if "trl" in res else None,
+            "ours_peak_mb": round(res["ours"]["peak_mb"], 1),
+            "trl_peak_mb": round(res["trl"]["peak_mb"], 1) if "trl" in res else None} for algo, res in results.items()}))
     return results
 
 

@@ -49,6 +49,7 @@ def parse_args(argv=None):
     p.add_argument("--no-mask-class-names", dest="mask_class_names", action="store_false",
                    help="allow class names in classification CoTs (masked by default)")
     p.add_argument("--harvest-generations", type=int, default=None, help="G of the harvest pass (default G)")
+    p.add_argument("--harvest-batch-size", type=int, default=8, help="samples per rank per harvest batch")
     p.add_argument("--preset", default="auto", choices=["auto", "paper", "tiny"],
                    help="defaults for unset options: tiny for the tiny base (auto), else the paper's")
     for key in PAPER:                       # None = "take the preset"
@@ -151,11 +152,11 @@ def main(argv=None):
         if args.beta else None
     model_type = model.config.model_type
     state = (run.load_checkpoint(engine, out) if args.resume else None) or {"step": 0}
-    best = {r["id"]: r for r in run.read_jsonl(out / "seen.jsonl")} if args.resume else {}
-    if not args.resume and rank == 0:
-        for stale in ("metrics.jsonl", "seen.jsonl", "cots.jsonl"):
-            (out / stale).unlink(missing_ok=True)
-    vlm.barrier()
+    best = {}
+    for rec in run.read_jsonl(out / "seen.jsonl") if args.resume else []:
+        if rec["reward"] > best.get(rec["id"], {"reward": -1})["reward"]:
+            best[rec["id"]] = rec
+    run.prepare_out(out, rank, args.resume, state["step"], ("metrics.jsonl", "seen.jsonl", "cots.jsonl"))
 
     # ---- GRPO loop
     G, guard = args.num_generations, run.NonFiniteGuard()
@@ -199,7 +200,7 @@ def main(argv=None):
     todo = [r for r in records if r["id"] not in done]
     HG = args.harvest_generations or G
     # every rank walks the same number of batches (all_gather needs all ranks), some maybe empty
-    per_chunk = max(args.batch_size, 8) * world      # bigger batches than training: no backward here
+    per_chunk = args.harvest_batch_size * world      # bigger batches than training: no backward here
     chunks = [todo[k:k + per_chunk] for k in range(0, len(todo), per_chunk)]
     for chunk in tqdm(chunks, desc="harvest", disable=rank != 0):
         mine = run.shard(chunk, rank, world)

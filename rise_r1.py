@@ -108,6 +108,14 @@ def annotation(record, image, model):
     return boxes, data.format_boxes(boxes) if len(boxes) > 1 else data.format_box(boxes[0])
 
 
+def sft_conversation(record, cot, image, model):
+    """SFT example: task prompt -> "<think>c*</think><answer>a</answer>" (cot=None: plain answer)."""
+    _, text = annotation(record, image, model)
+    if cot is None:
+        return [vlm.user_turn(prompt(record, "plain")), vlm.assistant_turn(text)]
+    return [vlm.user_turn(prompt(record, "r1")), vlm.assistant_turn(f"<think>{cot}</think><answer>{text}</answer>")]
+
+
 def high_quality(cots_path, records, tau):
     """D_high: (record, CoT) pairs whose RISE-CoT reward >= tau; also returns the pass rate."""
     by_id = {r["id"]: r for r in records}
@@ -201,8 +209,7 @@ def main(argv=None):
                                lr=args.sft_lr or args.lr, weight_decay=args.weight_decay, grad_accum=args.grad_accum)
     engine = vlm.deepspeed_engine(model, cfg)
     state = (run.load_checkpoint(engine, out) if args.resume else None) or {"stage": args.stages[0], "step": 0}
-    if not args.resume and rank == 0:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
+    run.prepare_out(out, rank, args.resume, state["step"], ("metrics.jsonl",), stage=state["stage"])
     guard, g = run.NonFiniteGuard(), torch.Generator().manual_seed(args.seed)
 
     # ---- stage 1: SFT
@@ -222,10 +229,7 @@ def main(argv=None):
             convs, images = [], []
             for r, cot in (pairs[i] for i in picks):
                 im = Image.open(r["image_path"]).convert("RGB")
-                _, text = annotation(r, im, model)
-                target = f"<think>{cot}</think><answer>{text}</answer>" if cot is not None else text
-                kind = "r1" if cot is not None else "plain"
-                convs.append([vlm.user_turn(prompt(r, kind)), vlm.assistant_turn(target)])
+                convs.append(sft_conversation(r, cot, im, model))
                 images.append([im])
             loss = vlm.sft_loss(engine, processor, convs, images)
             skipped_update = not math.isfinite(loss.item())

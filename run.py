@@ -110,6 +110,20 @@ def read_jsonl(path):
     return records
 
 
+def prepare_out(out, rank, resume, step, outputs, stage=None):
+    """A fresh run deletes the old outputs; a resumed one drops metrics logged after the
+    checkpoint it restarts from (they will be logged again), so no step appears twice."""
+    if rank == 0:
+        if not resume:
+            for name in outputs:
+                (Path(out) / name).unlink(missing_ok=True)
+        else:
+            kept = [r for r in read_jsonl(Path(out) / "metrics.jsonl")
+                    if (stage is not None and r.get("stage") != stage) or r["step"] < step]
+            (Path(out) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
+    vlm.barrier()
+
+
 def done_ids(path):
     return {r["id"] for r in read_jsonl(path)}
 

@@ -14,6 +14,7 @@ import math
 import os
 import pickle
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -29,6 +30,9 @@ from pycocotools import mask as coco_api
 import data
 import grpo
 import rewards as R
+import rise_cot
+import rise_r1
+import run
 import vlm
 from dpo import dpo_loss, sequence_logp, step_dpo_loss
 from grpo import group_advantages, grpo_loss, zero_std_fraction
@@ -2159,3 +2163,150 @@ def test_viscot_jsonl_and_bad_entries(tmp_path):
                str(tmp_path / "out"), "--skip-bad"])
     recs, _ = data.read_manifest(tmp_path / "out" / "gqa_cot_train.jsonl", "vqa")
     assert [(r["id"], r["box"]) for r in recs] == [(1, [1, 1, 20, 12])]   # union of the boxes
+
+
+# ====================================================================================================
+# rise_cot.py / rise_r1.py: RISE end to end
+# ====================================================================================================
+# ============================================================================ RISE: rise_cot.py, rise_r1.py
+@pytest.fixture(scope="module")
+def rise_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rise_world")
+    data.make_shapes_world(root, n_train=6, n_test=4, seed=3)
+    return root
+
+
+SMALL = ["--preset", "tiny", "-G", "2", "--batch-size", "1", "--max-new-tokens", "8", "--rec-max-new-tokens", "8"]
+
+
+def launch(script, args, cwd, ranks=1, port=29541):
+    """Run a pipeline script as a user would: `deepspeed --num_gpus N script.py ...` (or python)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    head = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port)] if ranks > 1 else [sys.executable]
+    return subprocess.run(head + [str(ROOT / script)] + [str(a) for a in args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def test_rise_cot_and_rise_r1_two_ranks(tiny_dir, rise_world, tmp_path):
+    train = rise_world / "soft_cls" / "train.jsonl"
+    ids = [json.loads(line)["id"] for line in train.read_text().splitlines()]
+    cot_out = tmp_path / "cot"
+    ok(launch("rise_cot.py", ["--model", tiny_dir, "--data", train, "--out", cot_out, "--max-steps", "1",
+                              "--harvest-batch-size", "1", *SMALL], tmp_path, ranks=2))
+    cots = run.read_jsonl(cot_out / "cots.jsonl")
+    assert sorted(c["id"] for c in cots) == sorted(ids)        # every sample exactly once, from two ranks
+    assert all(0 <= c["reward"] <= 1 and set(c) >= {"id", "cot", "reconstruction", "reward"} for c in cots)
+    assert len(run.read_jsonl(cot_out / "metrics.jsonl")) == 1
+    assert (cot_out / "final" / "config.json").exists() and (cot_out / "args.json").exists()
+
+    r1_out = tmp_path / "r1"
+    ok(launch("rise_r1.py", ["--model", tiny_dir, "--data", train, "--cots", cot_out / "cots.jsonl", "--tau", "0",
+                             "--out", r1_out, "--sft-steps", "1", "--max-steps", "1", "--preset", "tiny", "-G", "2",
+                             "--batch-size", "1", "--max-new-tokens", "8"], tmp_path, ranks=2, port=29542))
+    stages = [m.get("stage") for m in run.read_jsonl(r1_out / "metrics.jsonl") if "loss" in m]
+    assert stages == ["sft", "grpo"]
+    assert (r1_out / "sft" / "config.json").exists() and (r1_out / "final" / "config.json").exists()
+
+    ok(launch("rise_r1.py", ["--eval", "--model", r1_out / "final", "--test", rise_world / "soft_cls" / "test.jsonl",
+                             "--out", tmp_path / "eval", "--preset", "tiny", "--max-new-tokens", "8"],
+              tmp_path, ranks=2, port=29543))
+    metrics = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    preds = run.read_jsonl(tmp_path / "eval" / "predictions.jsonl")
+    assert metrics["n"] == 4 and len({p["id"] for p in preds}) == 4
+    assert metrics["unparsable"] == sum(not p["parsed"] for p in preds)
+
+
+def test_rise_cot_kill_and_resume_loses_and_duplicates_nothing(tiny_dir, rise_world, tmp_path):
+    manifest = rise_world / "det" / "train.jsonl"
+    ids = sorted(json.loads(line)["id"] for line in manifest.read_text().splitlines())
+    out = tmp_path / "run"
+    args = ["--model", tiny_dir, "--data", manifest, "--out", out, "--max-steps", "2", "--save-every", "1",
+            "--harvest-batch-size", "1", *SMALL]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "rise_cot.py")] + [str(a) for a in args], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:           # kill -9 in the middle of the harvest
+        if len(run.read_jsonl(out / "cots.jsonl")) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-harvest"
+    before = run.read_jsonl(out / "cots.jsonl")
+    assert 2 <= len(before) < len(ids)
+    ok(launch("rise_cot.py", args + ["--resume"], tmp_path))
+    after = run.read_jsonl(out / "cots.jsonl")
+    assert sorted(c["id"] for c in after) == ids                    # nothing lost, nothing twice
+    assert after[:len(before)] == before                            # records written before the kill kept
+    assert [m["step"] for m in run.read_jsonl(out / "metrics.jsonl")] == [0, 1]
+    # training resumes from the checkpoint: a third step continues the log, the old two stay
+    ok(launch("rise_cot.py", [a if a != "2" else "3" for a in args] + ["--resume"], tmp_path))
+    assert [m["step"] for m in run.read_jsonl(out / "metrics.jsonl")] == [0, 1, 2]
+
+
+def test_leaking_cot_gets_zero_reward_inside_the_loop(tiny, rise_world, monkeypatch):
+    """Inject two CoTs into a real rollout: the same description with and without a leaked
+    probability, both followed by a perfect reconstruction. The closed loop must give the
+    leaking one 0 and the clean one the full similarity."""
+    model, processor = tiny
+    record = data.read_manifest(rise_world / "soft_cls" / "train.jsonl", "cls")[0][0]
+    image = Image.open(record["image_path"]).convert("RGB")
+    gt = dict(zip(record["classes"], record["probs"]))
+    perfect = data.format_probs(record["classes"], record["probs"])
+    injected = {0: "There is a large round shape covering 0.5 of the picture.",   # leaks a probability
+                1: "There is a large round shape covering most of the picture."}
+    real_sample = vlm.sample
+
+    def sample_with_injection(*a, **k):
+        out = real_sample(*a, **k)
+        prompt_text = processor.tokenizer.decode(out["prompt"]["input_ids"][0])
+        for row, text in injected.items():
+            out["texts"][row] = perfect if "Description:" in prompt_text else text
+        return out
+
+    monkeypatch.setattr(rise_cot.vlm, "sample", sample_with_injection)
+    args = rise_cot.parse_args(["--preset", "tiny", "-G", "2", "--max-new-tokens", "8", "--rec-max-new-tokens", "8"])
+    cots, recs, scored = rise_cot.closed_loop(model, processor, [record], [image], [gt], args, 2)
+    assert cots["texts"] == [injected[0], injected[1]] and recs["texts"] == [perfect, perfect]
+    assert scored[0]["leak"] and scored[0]["reward"] == 0.0
+    assert not scored[1]["leak"] and scored[1]["reward"] == pytest.approx(R.cls_similarity(gt, gt))
+    assert scored[1]["reward"] > 0.99                   # exp(-0.5 KL - 0.5 MSE) * exp(-|1 - 1|) with KL = MSE = 0
+
+
+def test_rise_r1_sft_target_is_think_answer_and_masks_the_prompt(tiny, rise_world):
+    model, processor = tiny
+    record = data.read_manifest(rise_world / "det" / "train.jsonl", "det")[0][0]
+    image = Image.open(record["image_path"]).convert("RGB")
+    conv = rise_r1.sft_conversation(record, "The red circle is at the top.", image, model)
+    batch = vlm.chat_inputs(processor, [conv], [[image]], add_generation_prompt=False)
+    target = processor.tokenizer.decode(batch["input_ids"][0][vlm.assistant_mask(batch["input_ids"], processor)[0].bool()])
+    # a 112x112 image: the box is written in Qwen2-VL's 0..1000 frame (x * 1000 / 112, rounded)
+    x1, y1, x2, y2 = record["boxes"][0]
+    box = [round(v * 1000 / 112) for v in (x1, y1, x2, y2)]
+    assert target == f"<think>The red circle is at the top.</think><answer>[{box[0]},{box[1]},{box[2]},{box[3]}]</answer><|im_end|>"
+    assert "Find" not in target                         # nothing of the prompt is a target
+
+
+def test_rise_r1_eval_counts_unparsable_instead_of_crashing(tiny, rise_world):
+    model, processor = tiny
+    records = data.read_manifest(rise_world / "soft_cls" / "test.jsonl", "cls")[0]
+    preds = rise_r1.predict(model, processor, records, "cls", max_new_tokens=6)   # a random model: garbage
+    metrics = rise_r1.metrics_of(preds, records, "cls")
+    assert metrics["n"] == 4 and metrics["unparsable"] == sum(not p["parsed"] for p in preds)
+    # hand-made predictions: one exact, one unparsable. JSD: 0 and ln 2 -> mean ln2 / 2
+    exact = {"id": records[0]["id"], "parsed": True, "probs": records[0]["probs"], "jsd": 0.0,
+             "label": records[0]["classes"][max(range(4), key=lambda i: records[0]["probs"][i])]}
+    broken = {"id": records[1]["id"], "parsed": False, "probs": None, "jsd": math.log(2), "label": None}
+    m = rise_r1.metrics_of([exact, broken], records[:2], "cls")
+    assert m["unparsable"] == 1 and m["jsd"] == pytest.approx(math.log(2) / 2) and m["accuracy"] == 0.5
+    # detection: an unparsable answer has no boxes -> AP counts it as a miss
+    det = data.read_manifest(rise_world / "det" / "test.jsonl", "det")[0][:2]
+    det[1] = dict(det[1], target=det[0]["target"])      # one class, two GT boxes
+    m = rise_r1.metrics_of([{"parsed": True, "boxes": det[0]["boxes"]}, {"parsed": False, "boxes": []}], det, "det")
+    # one of two GT boxes found, with precision 1 at recall 0.5: 101-point AP = 51/101
+    assert m["unparsable"] == 1 and m["map50"] == pytest.approx(51 / 101)
