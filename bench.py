@@ -17,7 +17,8 @@ mostly measures the neighbours; --wall-clock to use it anyway).
 Peak memory, GPU: max_memory_allocated during the step minus memory_allocated before the side loaded its
 models (weights, reference, gradients, optimizer state, activations). CPU, where tracemalloc does not see
 torch: weights + optimizer state counted from the tensors, plus the step's RSS growth (VmRSS from
-/proc/self/statm sampled every ms by a thread, minus RSS at the step's start, after malloc_trim).
+/proc/self/statm sampled every ms by a thread, minus RSS at the step's start, after malloc_trim);
+with --deepspeed on CPU, DeepSpeed's own optimizer state is not counted.
 """
 import argparse
 import contextlib
@@ -183,6 +184,7 @@ def full_size_dir(tiny_dir, out):
 def our_trainer(setup, args, micro_batch, with_ref=True):
     """model, processor, policy (a DeepSpeed engine with --deepspeed), optimizer (None then), reference."""
     model, processor = vlm.load_model(setup["dir"], max_pixels=setup["max_pixels"])
+    model.train()                                  # from_pretrained gives eval mode: no checkpointing there
     if not args.no_grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cfg, policy, optimizer = {}, model, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
@@ -255,7 +257,9 @@ def bench_trl(algo, setup, args, mem):
                   optim="adamw_torch", lr_scheduler_type="constant", weight_decay=0.0, max_grad_norm=1.0,
                   use_cpu=not CUDA, bf16=CUDA, gradient_checkpointing=not args.no_grad_ckpt,
                   gradient_checkpointing_kwargs={"use_reentrant": False}, report_to="none", save_strategy="no",
-                  logging_steps=10**6, disable_tqdm=True, seed=0, deepspeed=args.deepspeed)
+                  logging_steps=10**6, disable_tqdm=True, seed=0, deepspeed=args.deepspeed and dict(
+                      json.loads(Path(args.deepspeed).read_text()), train_micro_batch_size_per_gpu="auto",
+                      gradient_accumulation_steps="auto", train_batch_size="auto"))
     records, phases = [], Phases()
 
     class Clock(TrainerCallback):                  # one record per optimizer step: step end -> next step end
@@ -305,6 +309,7 @@ def bench_trl(algo, setup, args, mem):
         trainer = DPOTrainer(model=model, args=cfg, train_dataset=Dataset.from_list(rows), processing_class=processor,
                              callbacks=[Clock()])
         targets = [(trainer, "compute_loss", "logp")]
+    trainer.remove_callback(transformers.PrinterCallback)     # added by disable_tqdm: prints the logs
     with phases.wrap(targets + [(trainer.accelerator, "backward", "update"), (trainer, "_clip_grad_norm", "update")]):
         trainer.train()
     mem.stop()                                     # the window Clock opened after the last step
@@ -344,13 +349,14 @@ def main(argv=None):
             args.skip_trl = True
         mem, results = PeakMemory(), {}
         for algo in ("grpo", "dpo"):
-            results[algo] = {"ours": bench_ours(algo, setup, args, mem)}
-            try:
-                if not args.skip_trl:
-                    results[algo]["trl"] = bench_trl(algo, setup, args, mem)
-            except Exception as e:                 # say exactly why, and still report ours
-                mem.stop()
-                print(f"TRL {algo.upper()} failed: {type(e).__name__}: {e}")
+            results[algo] = {}
+            for who, bench_fn in (("ours", bench_ours), ("trl", bench_trl)):
+                try:
+                    if who == "ours" or not args.skip_trl:
+                        results[algo][who] = bench_fn(algo, setup, args, mem)
+                except (torch.OutOfMemoryError if who == "ours" else Exception) as e:  # say why, go on
+                    mem.stop()
+                    print(f"{who} {algo.upper()} failed: {type(e).__name__}: {e}")
     print(f"\n{torch.cuda.get_device_name() if CUDA else 'cpu'}, {'bfloat16' if CUDA else 'float32'}, gradient "
           f"checkpointing {'off' if args.no_grad_ckpt else 'on'}, {args.deepspeed or 'no DeepSpeed'}, "
           f"{'wall' if WALL else 'CPU'} time; median of {args.reps} steps after {args.warmup} warm-up")
@@ -362,15 +368,17 @@ def main(argv=None):
             length = "-" if r["length"] != r["length"] else f"{r['length']:.1f}"     # nan: TRL DPO has none
             print(f"{who:6s}" + "".join(f"{r[k]:10.3f}" for k in ("total", "gen", "logp", "update", "other"))
                   + f"{r['sps']:10.2f}{r['peak_mb']:10.0f}{length:>10s}")
-        if "trl" in res:
+        if len(res) == 2:
             print(f"ours vs TRL: {res['ours']['sps'] / res['trl']['sps']:.2f}x the speed, "
                   f"{res['ours']['peak_mb'] / res['trl']['peak_mb']:.2f}x the peak memory")
     if args.json:
+        def val(res, who, key, digits):
+            return round(res[who][key], digits) if who in res else None
         print(json.dumps({algo: {
-            "ours_sps": round(res["ours"]["sps"], 4), "trl_sps": round(res["trl"]["sps"], 4) if "trl" in res else None,
-            "ratio_vs_trl": round(res["ours"]["sps"] / res["trl"]["sps"], 4) if "trl" in res else None,
-            "ours_peak_mb": round(res["ours"]["peak_mb"], 1),
-            "trl_peak_mb": round(res["trl"]["peak_mb"], 1) if "trl" in res else None} for algo, res in results.items()}))
+            "ours_sps": val(res, "ours", "sps", 4), "trl_sps": val(res, "trl", "sps", 4),
+            "ratio_vs_trl": round(res["ours"]["sps"] / res["trl"]["sps"], 4) if len(res) == 2 else None,
+            "ours_peak_mb": val(res, "ours", "peak_mb", 1), "trl_peak_mb": val(res, "trl", "peak_mb", 1)}
+            for algo, res in results.items()}))
     return results
 
 

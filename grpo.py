@@ -145,6 +145,7 @@ def grpo_update(model, segments, rewards, group_size, optimizer=None, ref_model=
     Returns the loss statistics, with "skipped" set when the loss was not finite (no update).
     """
     advantages = group_advantages(rewards, group_size, scale=scale_rewards)
+    model.train()            # from_pretrained leaves eval mode, where gradient checkpointing is off
     logp = torch.cat([vlm.completion_logprobs(model, s["prompt"], s["completion_ids"], s["completion_mask"],
                                               s["temperature"], suppress) for s in segments], 1)
     ref_logp = None
@@ -208,13 +209,16 @@ def colour_task(rng, n):
 
 
 def colour_reward(texts, prompt_index, colours):
-    """1 when the first word is the image's colour; 0.5 for its first letter only (a stepping
-    stone: a random policy almost never says a whole colour word, but often starts with r/g/b/y)."""
+    """How close the completion's first word is to the image's colour name: difflib's similarity
+    ratio, 1.0 only for the exact word. Graded, so even a random policy's group of answers
+    differs in reward (a 0/1 reward gives all-zero groups: no signal, and the policy collapses
+    onto one word before it learns to look at the image)."""
+    import difflib
     rewards = []
     for text, i in zip(texts, prompt_index):
         words = text.strip().lower().split()
         first = words[0].strip(".,!:;\"'") if words else ""
-        rewards.append(1.0 if first == colours[i] else 0.5 if first[:1] == colours[i][0] else 0.0)
+        rewards.append(difflib.SequenceMatcher(None, first, colours[i]).ratio())
     return rewards
 
 

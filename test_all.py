@@ -18,6 +18,7 @@ import signal
 import subprocess
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 from pycocotools import mask as coco_api
 
+import bench
 import data
 import grpo
 import rewards as R
@@ -2310,3 +2312,42 @@ def test_rise_r1_eval_counts_unparsable_instead_of_crashing(tiny, rise_world):
     m = rise_r1.metrics_of([{"parsed": True, "boxes": det[0]["boxes"]}, {"parsed": False, "boxes": []}], det, "det")
     # one of two GT boxes found, with precision 1 at recall 0.5: 101-point AP = 51/101
     assert m["unparsable"] == 1 and m["map50"] == pytest.approx(51 / 101)
+
+
+# ====================================================================================================
+# bench.py: the benchmark runs (one repetition, structure of its JSON line)
+# ====================================================================================================
+KEYS = {"ours_sps", "trl_sps", "ratio_vs_trl", "ours_peak_mb", "trl_peak_mb"}
+
+
+def run_bench(capsys, tiny_dir, *extra):
+    """bench.main on the tiny model, one measured step, no warm-up; returns its JSON line."""
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            results = bench.main(["--model", str(tiny_dir), "--quick", "--reps", "1", "--warmup", "0", "--json", *extra])
+    finally:
+        torch.set_num_threads(threads)                    # bench runs torch on one CPU thread
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "GRPO step" in "\n".join(lines) and "DPO step" in "\n".join(lines)
+    out = json.loads(lines[-1])
+    assert set(out) == {"grpo", "dpo"} and all(set(v) == KEYS for v in out.values())
+    for algo in ("grpo", "dpo"):
+        assert out[algo]["ours_sps"] > 0 and out[algo]["ours_peak_mb"] > 0
+        r = results[algo]["ours"]
+        assert r["total"] > 0 and r["logp"] > 0 and r["update"] > 0 and r["length"] > 0
+    assert results["grpo"]["ours"]["gen"] > 0
+    return out
+
+
+def test_bench_ours_json(capsys, tiny_dir):
+    out = run_bench(capsys, tiny_dir, "--skip-trl")
+    assert all(out[a]["trl_sps"] is None and out[a]["ratio_vs_trl"] is None for a in out)
+
+
+def test_bench_trl_json(capsys, tiny_dir):
+    pytest.importorskip("trl")
+    out = run_bench(capsys, tiny_dir)
+    for algo in ("grpo", "dpo"):
+        assert out[algo]["trl_sps"] > 0 and out[algo]["trl_peak_mb"] > 0
+        assert out[algo]["ratio_vs_trl"] == pytest.approx(out[algo]["ours_sps"] / out[algo]["trl_sps"], rel=1e-2)

@@ -590,7 +590,7 @@ def corpus_text(examples):
     return [part["text"] for conv, _ in examples for msg in conv for part in msg["content"] if part["type"] == "text"]
 
 
-def pretrain_sft(model, processor, examples, seed=0, steps=None, batch_size=16, lr=2e-3, log=print):
+def pretrain_sft(model, processor, examples, seed=0, steps=None, batch_size=16, lr=3e-3, log=print):
     """Plain SFT from scratch (AdamW, cosine schedule) on the assistant tokens of `examples`."""
     steps = steps or int(os.environ.get("RISE_TINY_STEPS", 1200))
     g = torch.Generator().manual_seed(seed)
