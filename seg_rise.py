@@ -56,8 +56,9 @@ import vlm
 # paper prints neither the batch nor the number of steps: 125 steps x 2 prompts x 8 GPUs = one pass.
 PAPER = dict(lr=1e-6, beta=5e-3, max_steps=125, num_generations=8, batch_size=2, grad_accum=1,
              max_new_tokens=512, save_every=25)
-# Tiny base on one CPU: a few minutes, R_sem visibly rising (see the README's Seg-RISE section).
-TINY = dict(lr=1e-4, beta=5e-3, max_steps=100, num_generations=8, batch_size=2, grad_accum=1,
+# Tiny base on one CPU: ~6 minutes (2.5-3.5 s a step); R_sem rises from ~0.10 to ~0.17 over the run
+# (see the README's Seg-RISE section for what that does and does not mean on the shapes world).
+TINY = dict(lr=2e-4, beta=5e-3, max_steps=120, num_generations=8, batch_size=2, grad_accum=1,
             max_new_tokens=128, save_every=25)
 TERMS = ("sem", "think", "seg")
 
@@ -93,6 +94,9 @@ def parse_args(argv=None):
     p.add_argument("--save-vis", default=None, help="--eval: write PNG overlays to this folder")
     p.add_argument("--n-vis", type=int, default=16, help="how many overlays --save-vis writes")
     p.add_argument("--eval-batch-size", type=int, default=16, help="prompts per greedy generate() in --eval")
+    p.add_argument("--eval-max-new-tokens", type=int, default=None,
+                   help="token budget of --eval's greedy answers (default 2x --max-new-tokens: a greedy CoT "
+                        "can repeat itself and would otherwise be cut before its answer)")
     p.add_argument("--preset", default="auto", choices=["auto", "paper", "tiny"],
                    help="defaults for unset options: tiny for a tiny model (auto), else the paper's")
     for key in PAPER:                       # None = "take the preset"
@@ -102,12 +106,15 @@ def parse_args(argv=None):
     for key, value in (TINY if tiny else PAPER).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
+    args.eval_max_new_tokens = args.eval_max_new_tokens or 2 * args.max_new_tokens
     args.terms = [t.strip() for t in args.reward.split(",") if t.strip()]
     unknown = sorted(set(args.terms) - set(TERMS))
     if unknown or not args.terms:
         p.error(f"--reward takes a comma-separated subset of {','.join(TERMS)}; got {args.reward!r}")
     if not args.cot and "think" in args.terms:
         args.terms.remove("think")          # nothing to reward: the prompt asks for no <think>
+        if not args.terms:
+            p.error("--no-cot leaves nothing of --reward think: add sem and/or seg")
     return args
 
 
@@ -441,8 +448,12 @@ def scorer_profile(clip, records, seed=0):
 def load_sam2(config, ckpt=None, device="cpu"):
     """A frozen SAM2 image predictor. Without a checkpoint its weights are random: the masks are
     then meaningless, so this says so loudly (the plumbing still runs end to end)."""
-    from sam2.build_sam import build_sam2
-    from sam2.sam2_image_predictor import SAM2ImagePredictor
+    try:
+        from sam2.build_sam import build_sam2
+        from sam2.sam2_image_predictor import SAM2ImagePredictor
+    except ImportError as e:
+        raise SystemExit(f"SAM2 is not installed ({e}): pip install sam2 (on a machine without CUDA: "
+                         "SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2), or use --executor box")
     if not ckpt:
         print("\n" + "!" * 88 + "\n!! SAM2 HAS RANDOM WEIGHTS (no --sam2-ckpt): its masks, gIoU and cIoU are MEANINGLESS."
               "\n!! Pass --sam2-ckpt sam2.1_hiera_tiny.pt (or _large.pt with the matching --sam2-config),"
@@ -490,7 +501,8 @@ def summarise(rows):
     return {"giou": float(np.mean(ious)) if ious else None,
             "ciou": (sum(r["inter"] for r in with_mask) / union if union else 1.0) if with_mask else None,
             "box_iou": float(np.mean([r["box_iou"] for r in with_box])) if with_box else None,
-            "unparsable": sum(r["box"] is None for r in rows), "n": len(rows)}
+            "unparsable": sum(r["box"] is None for r in rows), "n": len(rows),
+            **({"r_sem": float(np.mean([r["r_sem"] for r in rows]))} if rows and "r_sem" in rows[0] else {})}
 
 
 def save_vis(path, image, rec, row, pred_mask, gt_mask):
@@ -500,7 +512,7 @@ def save_vis(path, image, rec, row, pred_mask, gt_mask):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     from matplotlib.patches import Rectangle
-    fig, ax = plt.subplots(figsize=(4.5, 6.0))
+    fig, ax = plt.subplots(figsize=(4.5, 5.6))
     ax.imshow(image)
     if pred_mask is not None and pred_mask.any():
         tint = np.zeros((*pred_mask.shape, 4))
@@ -520,7 +532,7 @@ def save_vis(path, image, rec, row, pred_mask, gt_mask):
     think = rewards.parse_think_answer(row["text"])
     cot = think[0] if think else row["text"]
     fig.text(0.03, 0.02, textwrap.fill(cot[:600] or "(empty)", 70), fontsize=7, va="bottom", family="monospace")
-    fig.subplots_adjust(bottom=0.3)
+    fig.subplots_adjust(top=0.9, bottom=0.24)
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
@@ -533,11 +545,12 @@ def make_executor(args, device):
 
 
 @torch.no_grad()
-def evaluate(model, processor, records, args, executor, rank=0, world=1, vis_dir=None):
+def evaluate(model, processor, records, args, executor, rank=0, world=1, vis_dir=None, clip=None):
     """Greedy answers on `records` -> masks -> per-sample rows (all ranks' rows, merged).
 
     Unparsable answers get an empty mask and count as `unparsable`; nothing raises on bad text.
-    box_iou compares the predicted box with the tight box of the GT mask (SPEC 5.3).
+    box_iou compares the predicted box with the tight box of the GT mask (SPEC 5.3). With a
+    `clip` scorer each row also gets r_sem, the training reward of its box (0 when unparsable).
     """
     model_type, rows, n_vis = model.config.model_type, [], 0
     mine = run.shard(records, rank, world)
@@ -548,7 +561,7 @@ def evaluate(model, processor, records, args, executor, rank=0, world=1, vis_dir
         batch = vlm.chat_inputs(processor, [[vlm.user_turn(prompt_text(r["instruction"], args.cot, args.points))]
                                             for r in chunk], [[im] for im in images], max_prompt_len=args.max_prompt_len)
         with vlm.generation_mode(model):
-            texts = vlm.sample(model, processor, batch, 1, args.max_new_tokens, do_sample=False)["texts"]
+            texts = vlm.sample(model, processor, batch, 1, args.eval_max_new_tokens, do_sample=False)["texts"]
         for rec, image, text in zip(chunk, images, texts):
             box, points = read_answer(text, image, model_type, processor, points=args.points)
             if box is not None and rewards.crop_box(image, box) is None:
@@ -562,6 +575,8 @@ def evaluate(model, processor, records, args, executor, rank=0, world=1, vis_dir
                    "box_iou": (rewards.box_iou(box, gt_box) if box else 0.0) if gt_box else None}
             if gt_mask is not None:
                 row["inter"], row["union"] = mask_counts(pred_mask, gt_mask)
+            if clip is not None:
+                row["r_sem"] = rewards.clip_semantic_reward(*clip, image, [box], rec["instruction"])[0]
             rows.append(row)
             if vis_dir is not None and rank == 0 and n_vis < args.n_vis:
                 save_vis(Path(vis_dir) / f"{rec['id']}.png", image, rec, row, pred_mask, gt_mask)
@@ -575,6 +590,14 @@ def resolve_manifest(name, split, seed):
     if name and Path(name).suffix == ".jsonl":
         return Path(name)
     return vlm.default_shapes_world(seed) / (name or "seg") / f"{split}.jsonl"
+
+
+def scorer(args, rank, device):
+    """The frozen CLIP scorer on every rank; a missing shapes CLIP is built once, by rank 0."""
+    if rank == 0 and args.clip == "shapes":
+        load_clip("shapes", args.clip_ckpt)
+    vlm.barrier()
+    return load_clip(args.clip, args.clip_ckpt, device=device)
 
 
 def main(argv=None):
@@ -598,7 +621,10 @@ def main(argv=None):
         model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
         if args.save_vis and rank == 0:
             Path(args.save_vis).mkdir(parents=True, exist_ok=True)
-        rows = evaluate(model, processor, records, args, make_executor(args, device), rank, world, args.save_vis)
+        # R_sem of the predicted boxes too, when the scorer is at hand (never a random CLIP)
+        clip = scorer(args, rank, device) if args.clip == "shapes" or args.clip_ckpt else None
+        rows = evaluate(model, processor, records, args, make_executor(args, device), rank, world, args.save_vis,
+                        clip)
         if rank == 0:
             result = {**summarise(rows), "executor": args.executor, "model": str(args.model), "test": str(manifest),
                       "skipped": skipped}
@@ -633,10 +659,7 @@ def main(argv=None):
     engine = vlm.deepspeed_engine(model, cfg)
     ref = vlm.reference_model(args.model, cfg, device=engine.device, max_pixels=args.max_pixels) \
         if args.beta else None
-    if rank == 0 and args.clip == "shapes":
-        load_clip("shapes", args.clip_ckpt)          # builds the cached one once, on rank 0 only
-    vlm.barrier()
-    clip = load_clip(args.clip, args.clip_ckpt, device=engine.device)
+    clip = scorer(args, rank, engine.device)
     text_cache = {}                                  # one CLIP text embedding per instruction
     model_type = model.config.model_type
     state = (run.load_checkpoint(engine, out) if args.resume else None) or {"step": 0}
@@ -690,7 +713,8 @@ def main(argv=None):
             print(f"[seg_rise] R_sem {mean(first, 'reward_sem'):.3f} -> {mean(last, 'reward_sem'):.3f}, "
                   f"R {mean(first, 'reward'):.3f} -> {mean(last, 'reward'):.3f} (first vs last fifth of the steps); "
                   f"model in {final}")
-            run.plot(out)
+            run.plot(out, [k for k in ("reward", "reward_sem", "reward_think", "reward_seg", "diag_gt_box_iou", "kl",
+                                       "completion_len") if any(k in r for r in rows)])
 
 
 if __name__ == "__main__":

@@ -26,6 +26,7 @@ import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
+from pytest import approx
 from pycocotools import mask as coco_api
 
 import bench
@@ -35,6 +36,7 @@ import rewards as R
 import rise_cot
 import rise_r1
 import run
+import seg_rise as S
 import vlm
 from dpo import dpo_loss, sequence_logp, step_dpo_loss
 from grpo import group_advantages, grpo_loss, zero_std_fraction
@@ -47,9 +49,16 @@ LN2 = math.log(2.0)
 # vlm.py: model I/O, sampling, log-probs, DeepSpeed (issue: foundation)
 # ====================================================================================================
 @pytest.fixture(scope="session")
-def tiny_dir(tmp_path_factory):
+def cache(tmp_path_factory):
+    """A private cache (RISE_CACHE) so nothing is read from or written to the user's."""
+    path = tmp_path_factory.mktemp("cache")
+    vlm.CACHE = path
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_dir(cache, tmp_path_factory):
     """A random (not pretrained) tiny model, built by the tests themselves: nothing downloaded."""
-    vlm.CACHE = tmp_path_factory.mktemp("cache")          # keep the user's cache out of the tests
     return vlm.build_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0, pretrain=False)
 
 
@@ -1622,11 +1631,6 @@ def _image(path, size=(8, 8), value=128):
     return path
 
 
-def _hashes(folder):
-    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(Path(folder).rglob("*")) if p.is_file()}
-
-
 def _ids(path):
     return [json.loads(line)["id"] for line in Path(path).read_text().splitlines()]
 
@@ -2351,3 +2355,407 @@ def test_bench_trl_json(capsys, tiny_dir):
     for algo in ("grpo", "dpo"):
         assert out[algo]["trl_sps"] > 0 and out[algo]["trl_peak_mb"] > 0
         assert out[algo]["ratio_vs_trl"] == pytest.approx(out[algo]["ours_sps"] / out[algo]["trl_sps"], rel=1e-2)
+
+
+# ====================================================================================================
+# learning: the losses drive the real tiny VLM
+# ====================================================================================================
+def colour_scores(model, processor, images, texts):
+    """Summed log-prob of each answer text to "What colour is this image?" for its image."""
+    batch = vlm.chat_inputs(processor, [[vlm.user_turn("What colour is this image?")]] * len(images),
+                            [[im] for im in images])
+    ids, mask = vlm.completion_tensors(processor, texts)
+    return sequence_logp(vlm.completion_logprobs(model, dict(batch), ids, mask), mask)
+
+
+def test_dpo_learns_to_prefer_the_colour_name(tiny_dir):
+    """DPO on (image, chosen = its colour, rejected = another colour) pairs: the chosen-vs-rejected
+    margin grows and, on held-out images, the policy ranks the right colour above every wrong one."""
+    import random
+    torch.manual_seed(0)
+    model, processor = vlm.load_model(tiny_dir)
+    ref, _ = vlm.load_model(tiny_dir)
+    ref.requires_grad_(False)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    colours, rng = list(data.COLORS), random.Random(0)
+    held = grpo.colour_task(random.Random(7), 16)
+
+    def held_out_accuracy():                        # fraction of (image, wrong colour) ranked below the right one
+        with torch.no_grad():
+            images = [im for im, c in held for _ in range(3)]
+            right = colour_scores(model, processor, images, [c for _, c in held for _ in range(3)])
+            wrong = colour_scores(model, processor, images, [o for _, c in held for o in colours if o != c])
+        return (right > wrong).float().mean().item()
+
+    before, margins = held_out_accuracy(), []
+    for step in range(12):
+        pairs = grpo.colour_task(rng, 8)
+        images, chosen = [im for im, _ in pairs], [c for _, c in pairs]
+        rejected = [rng.choice([o for o in colours if o != c]) for c in chosen]
+        with torch.no_grad():
+            ref_c, ref_r = colour_scores(ref, processor, images, chosen), colour_scores(ref, processor, images, rejected)
+        loss, stats = dpo_loss(colour_scores(model, processor, images, chosen),
+                               colour_scores(model, processor, images, rejected), ref_c, ref_r, beta=0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        margins.append(stats["margin"])
+    after = held_out_accuracy()
+    print(f"DPO margins per step {[round(m, 3) for m in margins]}; held-out accuracy {before:.3f} -> {after:.3f}")
+    assert margins[0] == pytest.approx(0.0, abs=1e-6)      # policy == reference at the start
+    assert sum(margins[-3:]) / 3 > 0.3 > sum(margins[:3]) / 3      # measured: 0.45 vs 0.03
+    assert after >= 0.75 and after > before + 0.25
+
+
+# ====================================================================================================
+# seg_rise.py: Seg-RISE
+# ====================================================================================================
+@pytest.fixture(scope="session")
+def clip_dir(cache, tmp_path_factory):
+    """A shapes CLIP trained for 2 steps: the real build path, in seconds (its scores mean nothing)."""
+    return S.build_shapes_clip(tmp_path_factory.mktemp("clip") / "shapes-clip", seed=0, steps=2,
+                               batch_size=16, n_scenes=12, log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def seg_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("seg_world")
+    data.make_shapes_world(out, n_train=4, n_test=4, seed=0)
+    return out
+
+
+def env_for(cache):
+    return dict(os.environ, PYTHONPATH=str(ROOT), RISE_CACHE=str(cache), OMP_NUM_THREADS="1")
+
+
+# ============================================================================ answers and frames
+def test_frames_both_ways_both_families(tiny):
+    _, processor = tiny
+    wide = Image.new("RGB", (200, 100))
+    # Qwen2-VL: 0..1000 of the original image. 200x100: x_px = x / 5, y_px = y / 10.
+    assert S.frame_size(wide, "qwen2_vl") == (1000, 1000)
+    assert S.box_to_pixels([100, 100, 500, 500], wide, "qwen2_vl") == [20, 10, 100, 50]
+    assert S.point_to_pixels([250, 300], wide, "qwen2_vl") == [50, 30]
+    assert S.point_to_model_frame([50, 30], wide, "qwen2_vl") == [250, 300]
+    # Qwen2.5-VL: pixels of the resized input. The tiny processor (factor 28, max 224*224 pixels)
+    # resizes 560x280 to 308x140 (see test_all.test_box_frames_both_ways_for_both_model_families):
+    # x scales by 308/560 = 0.55, y by 140/280 = 0.5.
+    big = Image.new("RGB", (560, 280))
+    assert S.frame_size(big, "qwen2_5_vl", processor) == (308, 140)
+    assert S.box_to_pixels([55, 50, 110, 100], big, "qwen2_5_vl", processor) == approx([100, 100, 200, 200])
+    assert S.point_to_pixels([110, 70], big, "qwen2_5_vl", processor) == approx([200, 140])
+    assert S.point_to_model_frame([200, 140], big, "qwen2_5_vl", processor) == [110, 70]
+    # read_answer: the whole completion -> box and points in pixels, for both families
+    text = '<think>t</think><answer>{"bbox": [55, 50, 110, 100], "points": [[110, 70], [66, 60]]}</answer>'
+    box, pts = S.read_answer(text, big, "qwen2_5_vl", processor)
+    assert box == approx([100, 100, 200, 200]) and pts == [approx([200, 140]), approx([120, 120])]
+    box, pts = S.read_answer(text, wide, "qwen2_vl")
+    assert box == approx([11, 5, 22, 10]) and pts == [approx([22, 7]), approx([13.2, 6])]
+
+
+@pytest.mark.parametrize("text, box, n_points", [
+    ('<think>a</think><answer>{"bbox": [100, 200, 300, 400], "points": [[150, 250], [200, 300]]}</answer>',
+     [20, 20, 60, 40], 2),
+    ('<answer>{"bbox": [100, 200, 300, 400]}</answer>', [20, 20, 60, 40], 0),              # no points
+    ('{"bbox": [100, 200, 300, 400], "points": [[1, 2], [3, 4]]}', [20, 20, 60, 40], 2),  # --no-cot, no tags
+    ('<answer>{"bbox": [300, 200, 100, 400], "points": [[1, 2], [3, 4]]}</answer>', None, 0),  # inverted
+    ('<answer>{"bbox": [NaN, 200, 300, 400]}</answer>', None, 0),
+    ('<answer>{"bbox": ["1", "2", "3", "4"]}</answer>', None, 0),                         # strings
+    ('<answer>{"bbox": [true, 2, 3, 4]}</answer>', None, 0),                              # bool
+    ('<answer>{"box": [1, 2, 3, 4]}</answer>', None, 0),
+    ('<answer>a</answer><answer>{"bbox": [1, 2, 3, 4]}</answer>', None, 0),                # two blocks
+    ("", None, 0), ("{" * 5000, None, 0), ("x" * 10000, None, 0),
+])
+def test_read_answer_formats_and_garbage(text, box, n_points):
+    image = Image.new("RGB", (200, 100))            # Qwen2-VL frame: x / 5, y / 10
+    got_box, pts = S.read_answer(text, image, "qwen2_vl")
+    assert (got_box is None) if box is None else got_box == approx(box)
+    assert len(pts) == n_points
+    assert S.read_answer(text, image, "qwen2_vl", points=False)[1] == []
+
+
+def test_box_format_reward_no_points():
+    ok = '<answer>{"bbox": [0, 0, 1000, 1000]}</answer>'
+    assert S.box_format_reward(ok, 1000, 1000) == 1.0
+    assert S.box_format_reward(ok, 999, 1000) == 0.0                       # x2 outside the frame
+    assert S.box_format_reward('<answer>{"bbox": [-1, 0, 5, 5]}</answer>', 1000, 1000) == 0.0
+    assert S.box_format_reward('<answer>{"points": [[1, 2], [3, 4]]}</answer>', 1000, 1000) == 0.0
+    assert S.box_format_reward(None, 10, 10) == 0.0
+
+
+def test_prompts_and_ablation_switches(tiny_dir):
+    assert S.prompt_text("the red circle") == data.SEG_PROMPT.format(instruction="the red circle")
+    assert S.prompt_text("x", cot=False) == data.SEG_PROMPT_NO_COT.format(instruction="x")
+    for cot in (True, False):
+        p = S.prompt_text("the red circle", cot=cot, points=False)
+        assert "bbox" in p and "points" not in p and ("<think>" in p) == cot
+    args = S.parse_args(["--model", str(tiny_dir)])
+    assert args.terms == ["sem", "think", "seg"] and args.cot and args.points
+    assert (args.lr, args.num_generations, args.beta) == (S.TINY["lr"], S.TINY["num_generations"], S.TINY["beta"])
+    args = S.parse_args(["--model", str(tiny_dir), "--reward", "think,seg", "--no-points", "--lr", "0.5"])
+    assert args.terms == ["think", "seg"] and not args.points and args.lr == 0.5
+    assert S.parse_args(["--model", str(tiny_dir), "--no-cot"]).terms == ["sem", "seg"]   # no R_think
+    # a real model gets the paper's defaults: G 8, lr 1e-6, KL 5e-3
+    args = S.parse_args(["--model", "Qwen/Qwen2.5-VL-3B-Instruct"])
+    assert (args.num_generations, args.lr, args.beta) == (8, 1e-6, 5e-3)
+    for bad in (["--reward", "sem,size"], ["--reward", ""], ["--reward", "think", "--no-cot"]):
+        with pytest.raises(SystemExit):
+            S.parse_args(["--model", str(tiny_dir), *bad])
+
+
+# ============================================================================ the reward pipeline
+class StubClip(torch.nn.Module):
+    """encode_image: the mean (red, green) of the crop; encode_text: a fixed direction. Counts calls."""
+
+    def __init__(self, direction):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.direction = torch.tensor(direction, dtype=torch.float32)
+        self.image_calls = self.text_calls = 0
+        self.batch_sizes = []
+
+    def encode_image(self, x):
+        self.image_calls += 1
+        self.batch_sizes.append(len(x))
+        return x[:, :2].mean((2, 3))
+
+    def encode_text(self, tokens):
+        self.text_calls += 1
+        return self.direction.expand(len(tokens), -1).clone()
+
+
+def seg_stub_preprocess(im):   # nearest-neighbour: a half/half crop stays exactly half/half
+    a = np.asarray(im.convert("RGB").resize((10, 10), Image.NEAREST), dtype=np.float32) / 255
+    return torch.from_numpy(a).permute(2, 0, 1)
+
+
+def red_green(w=200, h=100):
+    a = np.zeros((h, w, 3), np.uint8)
+    a[:, :w // 2, 0] = 255     # left half red
+    a[:, w // 2:, 1] = 255     # right half green
+    return Image.fromarray(a)
+
+
+def ans(box, points=((250, 500), (100, 100)), think="the red half"):
+    body = {"bbox": list(box)} if points is None else {"bbox": list(box), "points": [list(p) for p in points]}
+    return (f"<think>{think}</think>" if think else "") + f"<answer>{json.dumps(body)}</answer>"
+
+
+TEXTS = [ans([0, 0, 500, 1000]),            # -> pixels [0, 0, 100, 100]: all red, cos 1
+         ans([500, 0, 1000, 1000]),         # -> [100, 0, 200, 100]: all green, cos 0
+         ans([250, 0, 750, 1000]),          # -> [50, 0, 150, 100]: half/half, cos .5/sqrt(.5) = 0.707107
+         ans([0, 0, 500, 1000], points=None, think=None),   # valid box, no think, no points
+         "garbage with no answer",
+         ans([0, 0, 1200, 1000])]           # beyond the frame: R_seg 0; crop clipped -> whole image, 0.707107
+# (sem, think, seg) of each, by hand
+EXPECTED = [(1.0, 1, 1), (0.0, 1, 1), (0.707107, 1, 1), (1.0, 0, 0), (0.0, 0, 0), (0.707107, 1, 0)]
+
+
+def test_seg_rewards_by_hand_crops_in_pixels():
+    model, counting = StubClip([1.0, 0.0]), []
+    tok = lambda t: (counting.append(list(t)), torch.zeros(len(t), 4, dtype=torch.long))[1]  # noqa: E731
+    clip = (model, seg_stub_preprocess, tok)
+    image = red_green()
+    out = S.seg_rewards(TEXTS, [0] * len(TEXTS), [image], ["the red half"], clip, "qwen2_vl")
+    for got, (sem, think, seg) in zip(out, EXPECTED):
+        assert got["sem"] == approx(sem, abs=1e-6) and got["think"] == think and got["seg"] == seg
+        assert got["reward"] == approx(sem + think + seg, abs=1e-6)
+    # the group's 5 valid crops in ONE image batch, the text once
+    assert model.image_calls == 1 and model.batch_sizes == [5] and model.text_calls == 1
+    # a reward subset sums only its terms; the components are still reported
+    out = S.seg_rewards(TEXTS, [0] * len(TEXTS), [image], ["the red half"], clip, "qwen2_vl", terms=["think", "seg"])
+    assert [o["reward"] for o in out] == [2, 2, 2, 0, 0, 1] and out[0]["sem"] == approx(1.0)
+    # --no-cot: no R_think; --no-points: a box alone is a valid segmentation answer
+    out = S.seg_rewards(TEXTS, [0] * len(TEXTS), [image], ["x"], clip, "qwen2_vl", cot=False, points=False)
+    assert [o["think"] for o in out] == [0] * 6 and [o["seg"] for o in out] == [1, 1, 1, 1, 0, 0]
+
+
+def test_seg_rewards_groups_batch_equals_single_and_text_cache():
+    model = StubClip([1.0, 0.0])
+    calls = []
+    tok = lambda t: (calls.append(list(t)), torch.zeros(len(t), 4, dtype=torch.long))[1]  # noqa: E731
+    clip, cache = (model, seg_stub_preprocess, tok), {}
+    images = [red_green(), red_green(120, 60)]
+    texts = TEXTS[:3] + TEXTS[:3]
+    owner = [0, 0, 0, 1, 1, 1]
+    batch = S.seg_rewards(texts, owner, images, ["red", "red"], clip, "qwen2_vl", text_cache=cache)
+    assert model.image_calls == 2 and calls == [["red"]]      # one crop batch per prompt, one text pass
+    plain = (model, seg_stub_preprocess, lambda t: torch.zeros(len(t), 4, dtype=torch.long))
+    single = [S.seg_rewards([t], [0], [images[o]], ["red"], plain, "qwen2_vl")[0] for t, o in zip(texts, owner)]
+    assert [b["reward"] for b in batch] == approx([s["reward"] for s in single], abs=1e-6)
+    # the second image is 120x60: [0, 0, 500, 1000] -> [0, 0, 60, 60], its red half: cos 1 again
+    assert batch[3]["sem"] == approx(1.0)
+    # later steps reuse the cached text embedding; a new instruction is embedded once
+    S.seg_rewards(texts, owner, images, ["red", "green"], clip, "qwen2_vl", text_cache=cache)
+    assert calls == [["red"], ["green"]]
+
+
+def test_seg_rewards_real_open_clip_batch_equals_single(clip_dir):
+    clip = S.load_clip("shapes", clip_dir)
+    image = red_green(112, 112)
+    texts = [ans([0, 0, 500, 1000]), ans([100, 100, 900, 700]), "nope", ans([10, 10, 20, 990])]
+    batch = S.seg_rewards(texts, [0] * 4, [image], ["the red square"], clip, "qwen2_vl")
+    single = [S.seg_rewards([t], [0], [image], ["the red square"], clip, "qwen2_vl")[0] for t in texts]
+    assert [b["sem"] for b in batch] == approx([s["sem"] for s in single], abs=1e-5)
+    assert batch[2]["sem"] == 0.0 and all(0.0 <= b["sem"] <= 1.0 for b in batch)
+
+
+# ============================================================================ the shapes CLIP
+def test_clip_loss_by_hand():
+    # 2 crops, both caption 0, all logits 0. image->text: CE over 2 captions = ln 2 each.
+    # text->image: caption 0's positives are both crops: -log(1/2 + 1/2) = 0; caption 1 absent.
+    loss = S.clip_loss(torch.zeros(2, 2), torch.tensor([0, 0]))
+    assert loss.item() == approx(math.log(2) / 2)
+    # a confident, correct batch has a small loss; swapping the labels makes it large
+    logits = torch.tensor([[10.0, -10.0], [-10.0, 10.0]])
+    assert S.clip_loss(logits, torch.tensor([0, 1])).item() < 1e-3
+    assert S.clip_loss(logits, torch.tensor([1, 0])).item() > 10
+
+
+def test_shapes_clip_build_save_load_and_determinism(clip_dir, tmp_path):
+    cfg = json.loads((clip_dir / "config.json").read_text())
+    assert cfg["captions"][:12] == S.CAPTIONS and len(S.CAPTIONS) == 12
+    assert 0.0 <= cfg["zero_shot_accuracy"] <= 1.0 and cfg["n_crops"] > 0
+    model, preprocess, tokenizer = S.load_clip("shapes", clip_dir)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    crop = Image.new("RGB", (30, 17), (220, 40, 40))
+    assert preprocess(crop).shape == (3, 64, 64)
+    assert tokenizer(["the red circle"]).shape == (1, 16)
+    # the same seed rebuilds the same weights
+    again = S.build_shapes_clip(tmp_path / "again", seed=0, steps=2, batch_size=16, n_scenes=12, log=lambda *a: None)
+    a = torch.load(clip_dir / "model.pt", weights_only=True)
+    b = torch.load(again / "model.pt", weights_only=True)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(FileNotFoundError):
+        S.load_clip("shapes", tmp_path / "missing")
+    with pytest.raises(SystemExit, match="random CLIP"):
+        S.load_clip("ViT-B-32", None)                    # never a random CLIP by accident
+
+
+def test_clip_training_crops():
+    rng = np.random.default_rng(0)
+    box = [20, 30, 60, 70]                              # size 40: sides move by [-4.8, +8]
+    for _ in range(50):
+        j = S.jitter_box(box, rng)
+        assert 20 - 9 <= j[0] <= 20 + 5 and 60 - 5 <= j[2] <= 60 + 9 and j[0] < j[2] and j[1] < j[3]
+    scene = [{"color": "red", "shape": "circle", "box": [0, 0, 60, 112]}]
+    for _ in range(20):
+        b = S.background_box(scene, rng)
+        assert b is None or b[0] >= 60                  # never touches the shape
+    crops, labels = S.clip_batch(S.clip_scenes(3, 6), rng, 26)
+    assert crops.shape == (26, 3, 64, 64) and labels.max() <= 12 and labels.min() >= 0
+
+
+# ============================================================================ metrics and executors
+def square(h, w, y1, x1, y2, x2):
+    m = np.zeros((h, w), bool)
+    m[y1:y2, x1:x2] = True
+    return m
+
+
+def test_giou_ciou_hand_cases_match_mask_iou_stats():
+    g1, p1 = square(10, 10, 0, 0, 4, 4), square(10, 10, 0, 0, 2, 4)    # 8 of 16 pixels: IoU 0.5
+    g2 = square(10, 10, 5, 5, 7, 7)                                     # exact: 4 / 4
+    g3 = square(10, 10, 0, 0, 1, 1)                                     # missed (unparsable): 0 / 1
+    rows = []
+    for p, g, box in ((p1, g1, [0, 0, 4, 2]), (g2.copy(), g2, [5, 5, 7, 7]), (None, g3, None)):
+        inter, union = S.mask_counts(p, g)
+        rows.append({"box": box, "inter": inter, "union": union, "box_iou": 0.0})
+    assert [(r["inter"], r["union"]) for r in rows] == [(8, 16), (4, 4), (0, 1)]
+    got = S.summarise(rows)
+    # gIoU = (0.5 + 1 + 0) / 3 = 0.5;  cIoU = (8 + 4 + 0) / (16 + 4 + 1) = 12 / 21
+    assert got["giou"] == approx(0.5) and got["ciou"] == approx(12 / 21)
+    assert (got["giou"], got["ciou"]) == approx(R.mask_iou_stats([p1, g2, None], [g1, g2, g3]))
+    assert got["unparsable"] == 1 and got["n"] == 3
+    # empty vs empty is a perfect answer (as mask_iou_stats)
+    empty = np.zeros((3, 3), bool)
+    assert S.summarise([{"box": None, "box_iou": 0.0, **dict(zip(("inter", "union"), S.mask_counts(None, empty)))}])[
+        "giou"] == 1.0
+
+
+def test_box_mask_rounds_outwards_and_clips():
+    m = S.box_mask((8, 6), [1.5, 2.2, 3.1, 9.0])        # x 1..4 (exclusive), y 2..6 (clipped)
+    np.testing.assert_array_equal(m, square(6, 8, 2, 1, 6, 4))
+
+
+def test_sam2_random_tiny_returns_one_hxw_mask(capsys):
+    pytest.importorskip("sam2")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    predictor = S.load_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, "cpu")   # random weights
+    assert "RANDOM WEIGHTS" in capsys.readouterr().err                           # said loudly
+    image = data.render([{"color": "red", "shape": "circle", "box": [20, 30, 60, 70]}], 220)
+    mask = S.sam2_mask(predictor, image, [20, 30, 60, 70], [[40, 50], [35, 55]])
+    assert mask.shape == (112, 112) and mask.dtype == bool
+
+
+def test_evaluate_end_to_end_with_known_answers(tiny, seg_world, monkeypatch, tmp_path):
+    """evaluate() on shapes-seg_world test records with scripted answers: the GT box itself (in the
+    model's 0..1000 frame), a box on the wrong half, and garbage."""
+    model, processor = tiny
+    records, _ = data.read_manifest(seg_world / "seg" / "test.jsonl", "seg")
+    records = records[:3]
+    to_frame = lambda b: vlm.to_model_frame(b, "qwen2_vl", (112, 112))  # noqa: E731
+    texts = [ans(to_frame(records[0]["box"]), points=((500, 500), (510, 510))),
+             ans([0, 0, 10, 10]), "I cannot tell"]
+    monkeypatch.setattr(vlm, "sample", lambda *a, **k: {"texts": texts[:len(a[2]["input_ids"])]})
+    args = S.parse_args(["--model", "x", "--executor", "box", "--n-vis", "2"])
+    clip = (StubClip([1.0, 0.0]), seg_stub_preprocess, lambda t: torch.zeros(len(t), 4, dtype=torch.long))
+    rows = S.evaluate(model, processor, records, args, S.make_executor(args, "cpu"), vis_dir=tmp_path, clip=clip)
+    got = S.summarise(rows)
+    gt = [np.asarray(Image.open(r["mask_path"])) > 127 for r in records]
+    # row 0: the filled GT box vs the GT shape: IoU = shape pixels / box pixels (1 for a square)
+    x1, y1, x2, y2 = records[0]["box"]
+    iou0 = gt[0].sum() / ((x2 - x1) * (y2 - y1))
+    assert rows[0]["box_iou"] == approx(1.0, abs=0.02) and rows[0]["inter"] / rows[0]["union"] == approx(iou0, abs=0.03)
+    assert rows[0]["points"] == [approx([56, 56]), approx([57.12, 57.12])]
+    # row 1: a small box in the top-left corner: its filled box against the GT mask
+    corner = S.box_mask((112, 112), rows[1]["box"])
+    assert rows[1]["inter"] == int((corner & gt[1]).sum())
+    assert rows[2]["box"] is None and rows[2]["inter"] == 0 and rows[2]["union"] == int(gt[2].sum())
+    assert got["unparsable"] == 1 and got["n"] == 3
+    assert got["giou"] == approx(np.mean([r["inter"] / r["union"] for r in rows]))
+    # r_sem: the training reward of each predicted box (0 when unparsable), and its mean
+    image = Image.open(records[0]["image_path"]).convert("RGB")
+    assert rows[0]["r_sem"] == approx(R.clip_semantic_reward(*clip, image, [rows[0]["box"]], "x")[0])
+    assert rows[2]["r_sem"] == 0.0 and got["r_sem"] == approx(np.mean([r["r_sem"] for r in rows]))
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(f"{r['id']}.png" for r in records[:2])
+
+
+# ============================================================================ runs
+def test_one_rank_train_then_eval(tiny_dir, clip_dir, cache, tmp_path):
+    """python seg_rise.py: one GRPO step from a random tiny model, then --eval with the box executor
+    (a random model writes garbage: every answer unparsable, nothing crashes)."""
+    env = env_for(cache)
+    out = tmp_path / "run"
+    common = ["--model", str(tiny_dir), "--clip-ckpt", str(clip_dir), "--out", str(out), "-G", "2",
+              "--max-new-tokens", "8"]
+    proc = subprocess.run([sys.executable, str(ROOT / "seg_rise.py"), *common, "--max-steps", "1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and {"step", "loss", "reward", "reward_sem", "reward_think", "reward_seg"} <= rows[0].keys()
+    assert json.loads((out / "args.json").read_text())["reward"] == "sem,think,seg"
+    assert (out / "final" / "config.json").exists()
+    vis = tmp_path / "vis"
+    proc = subprocess.run([sys.executable, str(ROOT / "seg_rise.py"), *common[:2], *common[4:], "--out", str(out),
+                           "--model", str(out / "final"), "--eval", "--executor", "box", "--n-test", "3",
+                           "--save-vis", str(vis)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "eval.json").read_text())
+    assert {"giou", "ciou", "box_iou", "unparsable"} <= result.keys() and result["n"] == 3
+    assert 0 <= result["unparsable"] <= 3 and 0.0 <= result["giou"] <= 1.0
+    assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
+    assert len(list(vis.glob("*.png"))) == 3
+
+
+def test_seg_rise_two_rank_zero3_step_on_cpu(tiny_dir, clip_dir, cache, tmp_path):
+    """deepspeed --num_gpus 2 seg_rise.py on CPU (gloo), ZeRO-3, with the reference model."""
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29561", str(ROOT / "seg_rise.py"),
+           "--model", str(tiny_dir), "--clip-ckpt", str(clip_dir), "--out", str(tmp_path / "run"),
+           "--max-steps", "1", "-G", "2", "--max-new-tokens", "8", "--deepspeed", str(ROOT / "ds_zero3.json")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env_for(cache), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and rows[0]["step"] == 0 and math.isfinite(rows[0]["loss"])
+    assert (tmp_path / "run" / "final" / "config.json").exists()

@@ -250,6 +250,20 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask, temperat
     return token_logp * completion_mask
 
 
+def completion_tensors(processor, texts, device=None):
+    """Given completion texts -> (completion_ids, completion_mask) [N, T], each ending in
+    <|im_end|> and right-padded: the form completion_logprobs() scores (DPO's chosen/rejected)."""
+    tok = processor.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    seqs = [tok.encode(t, add_special_tokens=False) + [end] for t in texts]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+    return ids.to(device or "cpu"), mask.to(device or "cpu")
+
+
 # ============================================================================ 5. SFT
 def assistant_mask(input_ids, processor):
     """1 on the tokens of every assistant turn (its text and closing <|im_end|>), 0 elsewhere."""
@@ -592,7 +606,7 @@ def corpus_text(examples):
 
 def pretrain_sft(model, processor, examples, seed=0, steps=None, batch_size=16, lr=3e-3, log=print):
     """Plain SFT from scratch (AdamW, cosine schedule) on the assistant tokens of `examples`."""
-    steps = steps or int(os.environ.get("RISE_TINY_STEPS", 1200))
+    steps = steps or int(os.environ.get("RISE_TINY_STEPS", 2400))
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -709,7 +723,7 @@ def main(argv=None):
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--pretrain", action="store_true", help="SFT it on shapes world (the tiny base)")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--steps", type=int, default=None, help="pretraining steps (default 1200)")
+    tiny.add_argument("--steps", type=int, default=None, help="pretraining steps (default 2400)")
     scores = sub.add_parser("scores", help="greedy scores of a model on every shapes-world test task")
     scores.add_argument("--model", default=TINY_BASE)
     scores.add_argument("--data", default=None, help="shapes-world root (default: built in the cache)")
