@@ -225,7 +225,6 @@ def colour_reward(texts, prompt_index, colours):
 def main(argv=None):
     import argparse
     import json
-    import os
     import random
     from pathlib import Path
     parser = argparse.ArgumentParser(description="GRPO demo: learn to name an image's colour from reward alone")

@@ -142,14 +142,8 @@ def main(argv=None):
               f"{world} rank(s), lr {args.lr}, G {args.num_generations}, {args.max_steps} steps")
 
     # ---- models
-    model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    cfg = vlm.deepspeed_config(args.deepspeed or Path(__file__).with_name("ds_zero2.json"), lr=args.lr,
-                               weight_decay=args.weight_decay, grad_accum=args.grad_accum)
-    engine = vlm.deepspeed_engine(model, cfg)
-    ref = vlm.reference_model(args.model, cfg, device=engine.device, max_pixels=args.max_pixels) \
-        if args.beta else None
+    engine, processor, ref, cfg = vlm.training_models(args)
+    model = engine.module
     model_type = model.config.model_type
     state = (run.load_checkpoint(engine, out) if args.resume else None) or {"step": 0}
     best = {}

@@ -651,14 +651,8 @@ def main(argv=None):
               f"R = {' + '.join('R_' + t for t in args.terms)}, cot {args.cot}, points {args.points}")
 
     # ---- models: the policy (DeepSpeed), its frozen reference, the frozen CLIP scorer
-    model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    cfg = vlm.deepspeed_config(args.deepspeed or Path(__file__).with_name("ds_zero2.json"), lr=args.lr,
-                               weight_decay=args.weight_decay, grad_accum=args.grad_accum)
-    engine = vlm.deepspeed_engine(model, cfg)
-    ref = vlm.reference_model(args.model, cfg, device=engine.device, max_pixels=args.max_pixels) \
-        if args.beta else None
+    engine, processor, ref, cfg = vlm.training_models(args)
+    model = engine.module
     clip = scorer(args, rank, engine.device)
     text_cache = {}                                  # one CLIP text embedding per instruction
     model_type = model.config.model_type

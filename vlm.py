@@ -395,6 +395,19 @@ def reference_model(name, cfg, device=None, max_pixels=None):
     return model
 
 
+def training_models(args, lr=None):
+    """The policy as a DeepSpeed engine (optimizer inside) and, when args.beta > 0, its frozen
+    reference; returns (engine, processor, ref, cfg). Shared by every GRPO pipeline."""
+    model, processor = load_model(args.model, max_pixels=args.max_pixels)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    cfg = deepspeed_config(args.deepspeed or Path(__file__).with_name("ds_zero2.json"), lr=lr or args.lr,
+                           weight_decay=args.weight_decay, grad_accum=args.grad_accum)
+    engine = deepspeed_engine(model, cfg)
+    ref = reference_model(args.model, cfg, device=engine.device, max_pixels=args.max_pixels) if args.beta else None
+    return engine, processor, ref, cfg
+
+
 @contextlib.contextmanager
 def gathered(model):
     """Full parameters for generation under ZeRO-3; a no-op otherwise.
