@@ -226,28 +226,40 @@ def generation_mode(model):
 
 
 # ============================================================================ 4. log-probs
-def completion_logprobs(model, prompt, completion_ids, completion_mask, temperature=1.0, suppress=None):
+def completion_logprobs(model, prompt, completion_ids, completion_mask, temperature=1.0, suppress=None,
+                        chunk_rows=8):
     """Per-token log-probs [N, T] of `completion_ids` given the (already repeated) prompt tensors.
 
-    One forward over prompt + completion, but logits only for the T completion positions
-    (`logits_to_keep`): Qwen's vocabulary has 151k entries and prompt logits would dominate
-    memory. Logits are divided by the sampling temperature and the `suppress` ids are masked
-    exactly as in sampling, so these are the log-probs of the distribution we sampled from.
-    Positions after EOS (mask 0) are set to 0.
+    One forward over prompt + completion, but logits only for the T completion positions, and
+    only `chunk_rows` rows at a time: Qwen's vocabulary has 151k entries, so [N, T, V] fp32
+    logits for a whole GRPO batch (8 x 8 x 256) would be ~10 GB per copy. Each chunk's logits are
+    recomputed in backward (checkpoint) instead of kept. Logits are divided by the sampling
+    temperature and the `suppress` ids masked exactly as in sampling, so these are the log-probs
+    of the distribution we sampled from. Positions after EOS (mask 0) are set to 0.
     """
+    module = getattr(model, "module", model)                      # a DeepSpeed engine -> the HF model
     input_ids = torch.cat([prompt["input_ids"], completion_ids], 1)
     attention_mask = torch.cat([prompt["attention_mask"], completion_mask.to(prompt["attention_mask"].dtype)], 1)
     extra = {k: v for k, v in prompt.items() if k in ("pixel_values", "image_grid_thw")}
     if "mm_token_type_ids" in prompt:                     # completion tokens are text (type 0)
         extra["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1)
     T = completion_ids.shape[1]
-    logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=T + 1,
-                   use_cache=False, **extra).logits[:, :-1]                 # [N, T, V]: position t predicts token t
-    logits = logits.float() / temperature
+    hidden = module.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                          **extra).last_hidden_state[:, -(T + 1):-1]    # [N, T, H]: position t predicts token t
+    head, rows = module.get_output_embeddings(), []
+    for i in range(0, len(hidden), chunk_rows):
+        args = (head, hidden[i:i + chunk_rows], completion_ids[i:i + chunk_rows], temperature, suppress)
+        rows.append(torch.utils.checkpoint.checkpoint(_token_logp, *args, use_reentrant=False)
+                    if torch.is_grad_enabled() else _token_logp(*args))
+    return torch.cat(rows) * completion_mask
+
+
+def _token_logp(head, hidden, ids, temperature, suppress):
+    """log p(ids) = logit(ids) - logsumexp(logits): the [.., V] log-softmax is never stored."""
+    logits = head(hidden).float() / temperature                   # [n, T, V]
     if suppress:
         logits[..., suppress] = float("-inf")
-    token_logp = logits.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1)
-    return token_logp * completion_mask
+    return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
 
 
 def completion_tensors(processor, texts, device=None):
