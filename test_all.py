@@ -13,6 +13,7 @@ import json
 import math
 import os
 import pickle
+import random
 import re
 import signal
 import subprocess
@@ -32,11 +33,13 @@ from pycocotools import mask as coco_api
 import bench
 import data
 import grpo
+import rewards
 import rewards as R
 import rise_cot
 import rise_r1
 import run
 import seg_rise as S
+import visrl
 import vlm
 from dpo import dpo_loss, sequence_logp, step_dpo_loss
 from grpo import group_advantages, grpo_loss, zero_std_fraction
@@ -2758,3 +2761,319 @@ def test_seg_rise_two_rank_zero3_step_on_cpu(tiny_dir, clip_dir, cache, tmp_path
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(rows) == 1 and rows[0]["step"] == 0 and math.isfinite(rows[0]["loss"])
     assert (tmp_path / "run" / "final" / "config.json").exists()
+
+
+# ====================================================================================================
+# visrl.py: VisRL
+# ====================================================================================================
+# ============================================================================ diversity controller
+@st.composite
+def norm_boxes(draw, min_size=0.01, max_size=1.0):
+    w = draw(st.floats(min_size, max_size))
+    h = draw(st.floats(min_size, max_size))
+    x1 = draw(st.floats(0.0, 1.0 - w))
+    y1 = draw(st.floats(0.0, 1.0 - h))
+    return [x1, y1, x1 + w, y1 + h]
+
+
+def overlap_area(a, b):
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+class CountingRandom(random.Random):
+    calls = 0
+
+    def uniform(self, a, b):
+        self.calls += 1
+        return super().uniform(a, b)
+
+
+@settings(max_examples=300, deadline=None)
+@given(norm_boxes(), norm_boxes(), st.integers(0, 2 ** 32 - 1))
+def test_diversify_box_properties(b1, b2, seed):
+    rng = CountingRandom(seed)
+    out = visrl.diversify_box(b1, b2, rng)
+    assert rng.calls <= 4 * 100                                   # terminates: 100 tries of 4 draws at most
+    if rewards.box_iou(b1, b2) <= 0.05:
+        assert out == b2 and rng.calls == 0                       # a diverse b2 is kept as it is
+        return
+    if out is None:                                               # gave up: no room around b1
+        return
+    w1, h1 = b1[2] - b1[0], b1[3] - b1[1]
+    w, h = out[2] - out[0], out[3] - out[1]
+    assert 0.0 <= out[0] < out[2] <= 1.0 and 0.0 <= out[1] < out[3] <= 1.0     # inside the image
+    assert overlap_area(out, b1) == 0.0                                          # outside b1
+    tol = 0.3 + 0.1 * 4                                           # widened 4 times in 100 tries at most
+    assert w1 * (1 - tol) - 1e-9 <= w <= w1 * (1 + tol) + 1e-9
+    assert h1 * (1 - tol) - 1e-9 <= h <= h1 * (1 + tol) + 1e-9
+
+
+@settings(max_examples=200, deadline=None)
+@given(norm_boxes(min_size=0.02, max_size=0.3), st.integers(0, 2 ** 32 - 1))
+def test_diversify_box_base_tolerance_and_small_boxes_always_succeed(b1, seed):
+    """With no widening (20 tries) the size stays within +-30%; a small b1 always leaves room."""
+    out = visrl.diversify_box(b1, list(b1), random.Random(seed), max_tries=20)
+    w1, h1 = b1[2] - b1[0], b1[3] - b1[1]
+    if out is not None:
+        assert 0.7 * w1 - 1e-9 <= out[2] - out[0] <= 1.3 * w1 + 1e-9
+        assert 0.7 * h1 - 1e-9 <= out[3] - out[1] <= 1.3 * h1 + 1e-9
+    assert visrl.diversify_box(b1, list(b1), random.Random(seed)) is not None
+
+
+def test_diversify_box_gives_up_and_is_reproducible():
+    assert visrl.diversify_box([0.0, 0.0, 1.0, 1.0], [0.1, 0.1, 0.9, 0.9], random.Random(0)) is None
+    b1, b2 = [0.4, 0.4, 0.6, 0.6], [0.41, 0.4, 0.6, 0.62]
+    assert visrl.diversify_box(b1, b2, random.Random(7)) == visrl.diversify_box(b1, b2, random.Random(7))
+    assert visrl.diversify_box(b1, [0.0, 0.0, 0.2, 0.2], random.Random(7)) == [0.0, 0.0, 0.2, 0.2]
+
+
+def test_canonical_box():
+    assert visrl.canonical_box("[0.123,0.4,0.5,0.61] and more") == ("[0.12,0.40,0.50,0.61]", [0.12, 0.4, 0.5, 0.61])
+    assert visrl.canonical_box("[-0.2,0.1,1.7,0.5]") == ("[0.00,0.10,1.00,0.50]", [0.0, 0.1, 1.0, 0.5])
+    for bad in ("", "no box", "[0.5,0.5,0.2,0.9]", "[0.3,0.3,0.301,0.5]", "[nan,0,1,1]", "x" * 10000):
+        assert visrl.canonical_box(bad) == (None, None)
+
+
+# ============================================================================ filter + selection
+def cand(s_b, s_r, box=(0.1, 0.1, 0.3, 0.3), answer="red"):
+    return {"box": list(box), "answer": answer, "s_b": s_b, "s_r": s_r}
+
+
+def test_select_pair_spec_rules():
+    # chosen: highest s_r among s_b >= 0.8 (not the overall best s_r, whose box scored 0.5)
+    cands = [cand(0.5, 1.0), cand(0.9, 0.6), cand(0.8, 0.9), cand(0.1, 0.0), cand(0.2, 0.1), cand(0.0, 0.3)]
+    assert visrl.select_pair(cands) == (2, 3, "ok")
+    # ties: the first
+    assert visrl.select_pair([cand(1, 1), cand(1, 1), cand(0, 0), cand(0, 0)]) == (0, 2, "ok")
+    # boundaries are inclusive: s_r 0.2 / 0.8, s_b 0.8 / 0.2
+    assert visrl.select_pair([cand(0.8, 0.8), cand(0.2, 0.2)]) == (0, 1, "ok")
+
+
+@pytest.mark.parametrize("cands, reason", [
+    ([], "with_candidates"),
+    ([cand(1, 1.0), cand(0, 0.3)], "min_sr_low"),            # even the worst answer is fine: too easy
+    ([cand(1, 0.7), cand(0, 0.0)], "max_sr_high"),           # no good answer at all: too hard
+    ([cand(0.7, 1.0), cand(0.79, 0.9), cand(0, 0.0)], "has_chosen"),   # no chosen with s_b >= 0.8
+    ([cand(1, 1.0), cand(0.5, 0.0), cand(0.21, 0.1)], "has_rejected"),  # no rejected with s_b <= 0.2
+])
+def test_select_pair_drops(cands, reason):
+    assert visrl.select_pair(cands) == (None, None, reason)
+
+
+def test_select_pair_sr_differ_only_matters_for_overlapping_thresholds():
+    assert visrl.select_pair([cand(1, 0.5), cand(0, 0.5)], win=0.5, lose=0.5) == (None, None, "sr_differ")
+
+
+def test_select_pair_strict_released_filter():
+    cands = [cand(0.5, 1.0), cand(0.9, 0.9), cand(0.1, 0.0)]
+    assert visrl.select_pair(cands) == (1, 2, "ok")
+    assert visrl.select_pair(cands, strict=True) == (None, None, "has_chosen")
+
+
+def test_make_pairs_counts_survivors_and_quality():
+    gt = [0.1, 0.1, 0.3, 0.3]
+    far = (0.6, 0.6, 0.8, 0.8)
+    q = lambda i, cands, gt_box=gt: {"id": i, "question": "q", "answer": "red", "image": "x.png",  # noqa: E731
+                                     "size": [112, 112], "candidates": cands, "gt_box": gt_box}
+    table = [
+        q(0, [cand(1, 1), cand(0, 0, far)]),                       # pair: WP-LN
+        q(1, [cand(1, 1, far), cand(0, 0)]),                       # pair: WN-LP
+        q(2, [cand(1, 1), cand(0, 0)]),                            # pair: WP-LP
+        q(3, [cand(1, 1), cand(0, 0, far)], gt_box=None),          # pair, no GT box: not graded
+        q(4, []),                                                  # no candidate
+        q(5, [cand(1, 1), cand(1, 0.5)]),                          # min s_r too high
+        q(6, [cand(1, 0.5), cand(0, 0)]),                          # max s_r too low
+        q(7, [cand(0.5, 1), cand(0, 0)]),                          # no chosen with s_b >= 0.8
+        q(8, [cand(1, 1), cand(0.5, 0)]),                          # no rejected with s_b <= 0.2
+    ]
+    pairs, survivors, quality = visrl.make_pairs(table)
+    assert [p["id"] for p in pairs] == [0, 1, 2, 3]
+    assert survivors == {"questions": 9, "with_candidates": 8, "min_sr_low": 7, "max_sr_high": 6,
+                         "sr_differ": 6, "has_chosen": 5, "has_rejected": 4}
+    assert quality == {"WP-LP": pytest.approx(1 / 3), "WP-LN": pytest.approx(1 / 3),
+                       "WN-LP": pytest.approx(1 / 3), "WN-LN": 0.0, "graded": 3,
+                       "chosen_gt_iou": pytest.approx(2 / 3), "rejected_gt_iou": pytest.approx(2 / 3)}
+    assert pairs[0]["chosen"]["s_r"] == 1 and pairs[0]["rejected"]["box"] == list(far)
+    assert [p["quality"] for p in pairs] == ["WP-LN", "WN-LP", "WP-LP", None]
+
+
+# ============================================================================ critic scores
+def test_critic_score_parsing():
+    assert rewards.parse_score('{"score": 0.7}') == 0.7
+    assert rewards.parse_score('The answer: {"score": 1}') == 1.0
+    assert rewards.parse_score('{"score": 1.5}') == 1.0 and rewards.parse_score('{"score": -3}') == 0.0
+    for bad in ("", "no idea", '{"score": NaN}', '{"score": "high"}', '{"scores": }', None, "9" * 5000):
+        assert rewards.parse_score(bad) == 0.0
+
+
+def test_critic_scores_crop_only_for_s_b_full_image_for_s_r(monkeypatch):
+    calls = []
+
+    def fake(model, processor, convs, images, n, max_new_tokens, temperature, max_prompt_len=None):
+        calls.append((convs, images, temperature))
+        return ['{"score": 0.9}', 'garbage'] if len(calls) == 1 else ['{"score": 0.1}', '{"score": 7}']
+
+    monkeypatch.setattr(visrl, "_greedy_or_sample", fake)
+    full, piece = Image.new("RGB", (112, 112)), Image.new("RGB", (20, 20))
+    items = [{"question": "What colour?", "reference": "red", "answer": a, "image": full, "crop": piece}
+             for a in ("red", "blue")]
+    s_b, s_r, _ = visrl.critic_scores(torch.nn.Linear(1, 1), None, items)
+    assert s_b == [0.9, 0.0] and s_r == [0.1, 1.0]
+    (box_convs, box_images, t_b), (ans_convs, ans_images, t_r) = calls
+    assert t_b == 0 and t_r == 0                                              # greedy
+    assert box_images == [[piece], [piece]] and ans_images == [[full], [full]]  # s_b: crop only; s_r: image
+    assert "Reference answer: red" in box_convs[0][0]["content"][-1]["text"]
+    assert "Candidate answer: blue" in ans_convs[1][0]["content"][-1]["text"]
+
+
+# ============================================================================ generation glue (scripted model)
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    data.make_shapes_world(root, n_train=6, n_test=4, seed=0)
+    return root
+
+
+def test_generate_candidates_with_scripted_policy_and_critic(monkeypatch, shapes):
+    recs, _ = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")
+    rec = recs[0]
+    gt = visrl.norm_box(rec["box"], 112, 112)
+    box1 = data.format_norm_box(rec["box"], 112, 112)
+    near = visrl.canonical_box([gt[0] + 0.01, gt[1], gt[2] + 0.01, gt[3]])[0]   # overlaps b1: diversified
+    far = "[0.80,0.80,0.95,0.95]"
+    box_texts = [box1, near, "broken [", far]                     # K = 2 attempts x (b1, b2)
+    script = iter([box_texts, ["red ", "blue", "green"],         # answers of the 3 valid boxes
+                   ['{"score": 1}', '{"score": 0}', '{"score": 0}'],        # s_b
+                   ['{"score": 1}', '{"score": 0}', '{"score": 0.1}']])     # s_r
+    monkeypatch.setattr(visrl, "_greedy_or_sample", lambda *a, **k: next(script))
+    args = type("A", (), dict(num_generations=2, gen_batch_size=4, max_new_tokens=32, temperature=1.0,
+                              answer_max_new_tokens=8,
+                              answer_temperature=1.0, max_prompt_len=None, iou_thresh=0.05, size_tol=0.3))()
+    (q,) = visrl.generate_candidates(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), None, [rec], args,
+                                     random.Random(0))
+    assert q["dropped"] == {"unparsable": 1, "no_crop": 0, "no_diverse_box": 0}
+    c = q["candidates"]
+    assert [(x["attempt"], x["which"], x["diversified"]) for x in c] == [(0, "b1", False), (0, "b2", True),
+                                                                          (1, "b2", False)]
+    assert rewards.box_iou(c[1]["box"], c[0]["box"]) == 0.0 and c[2]["box"] == [0.8, 0.8, 0.95, 0.95]
+    assert [x["answer"] for x in c] == ["red", "blue", "green"] and [x["s_r"] for x in c] == [1, 0, 0.1]
+    pairs, survivors, quality = visrl.make_pairs([q])
+    assert len(pairs) == 1 and pairs[0]["chosen"]["answer"] == "red" and pairs[0]["rejected"]["answer"] == "blue"
+    assert pairs[0]["quality"] == "WP-LN" and survivors["has_rejected"] == 1
+
+
+# ============================================================================ step DPO inputs, random model
+@pytest.fixture(scope="module")
+def visrl_tiny(tiny_dir):
+    model, processor = vlm.load_model(tiny_dir)
+    return tiny_dir, model.eval(), processor
+
+
+def make_pair(image_path, chosen_box, rejected_box):
+    return {"id": "p", "question": "What colour is the shape in the top-left?", "answer": "red", "image": image_path,
+            "size": [112, 112], "chosen": {"box": chosen_box, "answer": "red", "s_b": 1.0, "s_r": 1.0},
+            "rejected": {"box": rejected_box, "answer": "blue", "s_b": 0.0, "s_r": 0.0}}
+
+
+def test_stage2_answers_are_conditioned_on_the_winning_crop(visrl_tiny, shapes):
+    _, model, processor = visrl_tiny
+    rec = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0][0]
+    image = Image.open(rec["image_path"]).convert("RGB")
+    win, lose, other = [0.05, 0.05, 0.45, 0.45], [0.55, 0.55, 0.95, 0.95], [0.5, 0.0, 1.0, 0.5]
+    convs, ims, chosen, rejected = visrl.answer_step([make_pair(rec["image_path"], win, lose)], [image])
+    assert (chosen, rejected) == (["red"], ["blue"])
+    assert convs[0][1]["content"][0]["text"] == "[0.05,0.05,0.45,0.45]"    # the winning box turn
+    assert ims[0][1].size == visrl.crop(image, win).size                   # ... and the winning crop
+
+    def logps(pair):
+        with torch.no_grad():
+            return visrl.step_logps(model, model, processor, visrl.answer_step([pair], [image]), "cpu")
+
+    base = logps(make_pair(rec["image_path"], win, lose))
+    moved_win = logps(make_pair(rec["image_path"], other, lose))
+    moved_lose = logps(make_pair(rec["image_path"], win, other))
+    assert base[0].item() != pytest.approx(moved_win[0].item(), abs=1e-6)   # chosen answer: new context
+    assert base[1].item() != pytest.approx(moved_win[1].item(), abs=1e-6)   # rejected answer too
+    assert torch.equal(base[0], moved_lose[0]) and torch.equal(base[1], moved_lose[1])  # loser's box: unused
+    assert torch.equal(base[0], base[2]) and torch.isfinite(base[0]).all()  # same model as ref -> equal
+
+
+def test_sequence_logps_match_per_token_sum_and_box_step(visrl_tiny, shapes):
+    _, model, processor = visrl_tiny
+    rec = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0][0]
+    image = Image.open(rec["image_path"]).convert("RGB")
+    pair = make_pair(rec["image_path"], [0.05, 0.05, 0.45, 0.45], [0.55, 0.55, 0.95, 0.95])
+    convs, ims, chosen, rejected = visrl.box_step([pair], [image])
+    assert (chosen, rejected) == (["[0.05,0.05,0.45,0.45]"], ["[0.55,0.55,0.95,0.95]"]) and len(ims[0]) == 1
+    with torch.no_grad():
+        both = visrl.sequence_logps(model, processor, convs * 2, ims * 2, chosen + rejected, "cpu")
+        alone = visrl.sequence_logps(model, processor, convs, ims, rejected, "cpu")
+    assert both[1].item() == pytest.approx(alone[0].item(), abs=1e-4)      # padding changes nothing
+    ids, mask = visrl.completion_tensors(processor, ["red", "[0.05,0.05,0.45,0.45]"], "cpu")
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert ids[0, mask[0].sum() - 1] == end and ids[1, -1] == end and mask[0, -1] == 0
+
+
+def test_sft_example_is_the_two_turn_chat(shapes):
+    rec = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0][0]
+    image = Image.open(rec["image_path"]).convert("RGB")
+    conv, images = visrl.sft_example(rec, image)
+    assert [m["role"] for m in conv] == ["user", "assistant", "user", "assistant"]
+    assert conv[1]["content"][0]["text"] == data.format_norm_box(rec["box"], 112, 112)
+    assert conv[3]["content"][0]["text"] == rec["answer"] and len(images) == 2
+    x1, y1, x2, y2 = rec["box"]
+    assert abs(images[1].size[0] - (x2 - x1)) <= 2 and abs(images[1].size[1] - (y2 - y1)) <= 2
+
+
+def test_normalised_answer_match():
+    assert visrl.normalise_answer(" The Red. ") == "red" == visrl.normalise_answer("red")
+    assert visrl.normalise_answer("red or blue") != visrl.normalise_answer("red")
+
+
+# ============================================================================ two ranks, one iteration
+def test_two_rank_iteration_on_cpu(visrl_tiny, shapes, tmp_path):
+    """`deepspeed --num_gpus 2 visrl.py`: SFT, stage 1 + 2 on given pairs, then a generation round;
+    every question is generated exactly once across the two ranks and everything is written."""
+    path, _, _ = visrl_tiny
+    recs = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0]
+    pairs_file = tmp_path / "given_pairs.jsonl"
+    with open(pairs_file, "w") as f:
+        for i, rec in enumerate(recs[:4]):
+            p = make_pair(rec["image_path"], visrl.norm_box(rec["box"], 112, 112), [0.0, 0.0, 0.1, 0.1])
+            f.write(json.dumps(dict(p, id=rec["id"], question=rec["question"])) + "\n")
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RISE_CACHE=str(vlm.CACHE), OMP_NUM_THREADS="1")
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29571", str(ROOT / "visrl.py"), "--model", str(path),
+           "--data", str(shapes / "vqa" / "train.jsonl"), "--test", str(shapes / "vqa" / "test.jsonl"),
+           "--out", str(out), "--preset", "tiny", "--iters", "2", "--pairs", str(pairs_file),
+           "--sft-fraction", "0.34", "--num-generations", "1", "--max-new-tokens", "8", "--batch-size", "1",
+           "--sft-batch-size", "1", "--dpo-epochs", "1", "--lr", "1e-3", "--phase-eval-n", "2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    phases = {m["phase"] for m in metrics}
+    assert {"sft", "iter1/stage1", "iter1/stage2", "iter2/generate"} <= phases
+    dpo_steps = [m for m in metrics if m["phase"].startswith("iter1/stage")]
+    assert len(dpo_steps) == 2 * 2 and all(math.isfinite(m["loss"]) for m in dpo_steps)  # 4 pairs / (1 x 2 ranks)
+    assert all("answer_loss" in m for m in dpo_steps if m["phase"] == "iter1/stage2")
+    generated = [json.loads(line)["id"] for line in (out / "iter2" / "candidates.jsonl").read_text().splitlines()]
+    sft_ids = {r["id"] for r in recs} - set(generated)
+    assert len(generated) == len(set(generated)) == 4 and len(sft_ids) == 2   # each RL question once
+    assert (out / "iter2" / "pairs.jsonl").exists() and (out / "iter2" / "stats.json").exists()
+    assert len((out / "iter1" / "pairs.jsonl").read_text().splitlines()) == 4
+    for name in ("sft", "iter1/stage1", "iter1/stage2", "iter2/stage2", "final"):
+        assert (out / name / "config.json").exists(), name
+    result = json.loads((out / "eval.json").read_text())
+    assert result["n"] == 4 and result["n_with_box"] == 4 and 0 <= result["answer_accuracy"] <= 1
+    assert len(json.loads((out / "phases.json").read_text())) == 1 + 5       # base, sft, 2 x (stage1, stage2)
+
+
+def test_oracle_critic_reads_gt_box_and_exact_match():
+    full = Image.new("RGB", (100, 100))
+    items = [{"question": "q", "reference": "red", "answer": a, "image": full, "crop": full}
+             for a in ("Red.", "blue", "red")]
+    records = [{"box": [10, 10, 30, 30]}, {"box": [10, 10, 30, 30]}, {}]
+    boxes = [[0.05, 0.05, 0.25, 0.25], [0.2, 0.2, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0]]
+    s_b, s_r = visrl.oracle_scores(items, records, boxes)
+    assert s_b == [1.0, 0.0, 0.0] and s_r == [1.0, 0.0, 1.0]      # (0.2..0.3)^2 is 1/4 of the GT box
+    assert visrl.covers([0, 0, 1, 1], [0.2, 0.2, 0.4, 0.4]) and not visrl.covers([0, 0, 0.3, 0.3], [0.2, 0.2, 0.6, 0.6])

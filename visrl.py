@@ -30,6 +30,10 @@ The model answers in two steps (a "visual chain of thought"):
     deepspeed --num_gpus 8 visrl.py --model Qwen/Qwen2-VL-7B-Instruct --data viscot_rl.jsonl \\
         --sft-data viscot_sft.jsonl --deepspeed ds_zero3.json    # the paper's setting (PAPER below)
 
+-G/--num-generations is K (attempts per question, two boxes each); --lr/--beta are the DPO
+stages' (--sft-lr the warm-up's); --max-steps caps the steps of every phase (default: epochs).
+--resume restarts at the newest finished phase (and skips questions already generated).
+
 Outputs: OUT/sft/, OUT/iter{k}/{candidates,pairs}.jsonl, OUT/iter{k}/{stage1,stage2}/,
 OUT/iter{k}/examples/*.png, OUT/metrics.jsonl, OUT/phases.json (test scores after every
 phase), OUT/final/, OUT/eval.json + OUT/predictions.jsonl.
@@ -65,7 +69,7 @@ PAPER = dict(lr=5e-6, sft_lr=1e-4, sft_epochs=3.0, dpo_epochs=5.0, batch_size=3,
 # One CPU, the tiny base, shapes world: about 10 minutes for `deepspeed visrl.py`.
 TINY = dict(lr=2e-5, sft_lr=1e-4, sft_epochs=1.0, dpo_epochs=2.0, batch_size=8, grad_accum=1,
             sft_batch_size=8, num_generations=3, temperature=1.0, answer_temperature=1.0, iters=2,
-            sft_fraction=0.25, gen_batch_size=16, phase_eval_n=128, max_new_tokens=32, answer_max_new_tokens=8)
+            sft_fraction=0.25, gen_batch_size=16, phase_eval_n=512, max_new_tokens=32, answer_max_new_tokens=8)
 
 
 def parse_args(argv=None):
@@ -100,7 +104,9 @@ def parse_args(argv=None):
     p.add_argument("--pairs", default=None,
                    help="train iteration 1 on this pairs.jsonl instead of generating it (e.g. to rerun "
                         "the DPO stages with other settings on the same data)")
-    p.add_argument("--critic", default=None, help="critic model (default: --model, the pre-SFT model)")
+    p.add_argument("--critic", default=None,
+                   help="critic model (default: --model, the pre-SFT model, as in the paper); 'oracle' scores "
+                        "with the GT box and exact match instead: a diagnostic upper bound that needs box labels")
     p.add_argument("--phase-eval-n", type=int, default=None,
                    help="evaluate on the first N test records after every phase -> OUT/phases.json (0: off)")
     p.add_argument("--n-examples", type=int, default=8, help="example PNGs per iteration")
@@ -237,6 +243,22 @@ def critic_scores(critic, processor, items, batch_size=32, max_new_tokens=24):
     return [rewards.parse_score(t) for t in raw_b], [rewards.parse_score(t) for t in raw_r], list(zip(raw_b, raw_r))
 
 
+def covers(box, target, frac=0.5):
+    """True if `box` contains at least `frac` of the area of `target` (both [x1, y1, x2, y2])."""
+    iw = max(0.0, min(box[2], target[2]) - max(box[0], target[0]))
+    ih = max(0.0, min(box[3], target[3]) - max(box[1], target[1]))
+    return iw * ih >= frac * (target[2] - target[0]) * (target[3] - target[1])
+
+
+def oracle_scores(items, records, boxes):
+    """--critic oracle (NOT VisRL: a diagnostic): s_b = 1 if the box holds half of the GT box (0 without
+    one), s_r = 1 if the answer matches the reference after normalisation. How good could the pairs be?"""
+    s_b = [float(r.get("box") is not None and covers(b, norm_box(r["box"], *it["image"].size)))
+           for it, r, b in zip(items, records, boxes)]
+    s_r = [float(normalise_answer(it["answer"]) == normalise_answer(it["reference"])) for it in items]
+    return s_b, s_r
+
+
 def generate_candidates(policy, critic, processor, records, args, rng):
     """Steps 1-2 of the data generation for a list of questions (one rank's share).
 
@@ -299,7 +321,10 @@ def generate_candidates(policy, critic, processor, records, args, rng):
                         args.answer_temperature, args.max_prompt_len)
             items = [{"question": chunk[o]["question"], "reference": chunk[o]["answer"], "answer": a.strip(),
                       "image": images[o], "crop": c["crop"]} for c, o, a in zip(cands, owners, answers)]
-            s_b, s_r, _ = critic_scores(critic, processor, items)
+            if critic == "oracle":
+                s_b, s_r = oracle_scores(items, [chunk[o] for o in owners], [c["box"] for c in cands])
+            else:
+                s_b, s_r, _ = critic_scores(critic, processor, items)
             for c, o, it, sb, sr in zip(cands, owners, items, s_b, s_r):
                 c.pop("crop")
                 results[o]["candidates"].append(dict(c, answer=it["answer"], s_b=sb, s_r=sr))
@@ -369,10 +394,13 @@ def make_pairs(questions, win=0.8, lose=0.2, strict=False, quality_iou=0.5):
     for name in FILTERS:                       # survivors after each filter, in order
         left -= failed[name]
         survivors[name] = left
-    graded = [p["quality"] for p in pairs if p["quality"]]
-    fractions = {k: (sum(g == k for g in graded) / len(graded) if graded else 0.0)
-                 for k in ("WP-LP", "WP-LN", "WN-LP", "WN-LN")}
-    return pairs, survivors, dict(fractions, graded=len(graded))
+    graded = [p for p in pairs if p["quality"]]
+    mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
+    fractions = {k: mean([p["quality"] == k for p in graded]) for k in ("WP-LP", "WP-LN", "WN-LP", "WN-LN")}
+    fractions.update(graded=len(graded),        # and how close to the GT box the two sides are on average
+                     chosen_gt_iou=mean([rewards.box_iou(p["chosen"]["box"], p["gt_box"]) for p in graded]),
+                     rejected_gt_iou=mean([rewards.box_iou(p["rejected"]["box"], p["gt_box"]) for p in graded]))
+    return pairs, survivors, fractions
 
 
 # ============================================================================ log-probs, step DPO
@@ -533,9 +561,11 @@ def evaluate(model, processor, records, args, rank=0, world=1, critic=None, batc
 
     Answer accuracy: normalised exact match for short reference answers (<= 3 words); for long
     ones the critic's s_r >= 0.5 when a critic is given, else exact match. Box accuracy: IoU >= 0.5
-    with the GT box, over the records that have one. An unparsable box counts as wrong for both
-    and is counted in "unparsable". Returns (metrics, predictions).
+    with the GT box, over the records that have one; also mean IoU and box coverage (the box holds
+    half of the GT box or more: the crop shows the evidence, however loose). An unparsable box
+    counts as wrong for all of them and is counted in "unparsable". Returns (metrics, predictions).
     """
+    critic = None if critic == "oracle" else critic
     mine = run.shard(records, rank, world)
     preds = []
     for s in range(0, len(mine), batch_size):
@@ -574,6 +604,9 @@ def evaluate(model, processor, records, args, rank=0, world=1, critic=None, batc
     metrics = {"answer_accuracy": sum(p["correct"] for p in preds) / max(len(preds), 1),
                "box_accuracy": (sum(p["box_iou"] >= 0.5 for p in with_gt) / len(with_gt)) if with_gt else None,
                "mean_box_iou": (sum(p["box_iou"] for p in with_gt) / len(with_gt)) if with_gt else None,
+               # ours, not the paper's: the box holds at least half of the GT box (the crop shows it)
+               "box_coverage": (sum(p["box"] is not None and covers(p["box"], p["gt_box"]) for p in with_gt)
+                                / len(with_gt)) if with_gt else None,
                "unparsable": sum(p["box"] is None for p in preds), "n": len(preds), "n_with_box": len(with_gt)}
     return metrics, preds
 
@@ -614,9 +647,9 @@ def load_records(args, rank):
         train_path = Path(args.data)
         test_path = Path(args.test) if args.test else None
     else:
-        root = vlm.CACHE / f"shapes-visrl-{args.seed}"
+        root = vlm.CACHE / f"shapes-visrl-{args.seed}"          # bigger than the default world: 512 + 512
         if rank == 0 and not (root / "vqa" / "test.jsonl").exists():
-            data.make_shapes_world(root, n_train=512, n_test=128, seed=args.seed)
+            data.make_shapes_world(root, n_train=512, n_test=512, seed=args.seed)
         vlm.barrier()
         train_path = root / "vqa" / "train.jsonl"
         test_path = Path(args.test) if args.test else root / "vqa" / "test.jsonl"
@@ -662,10 +695,15 @@ def generation_round(engine, critic, processor, questions, folder, args, rank, w
                                              args.strict_pairs, args.quality_iou)
     cands = [c for q in generated for c in q["candidates"]]
     stats = {"survivors": survivors, "quality": fractions, "candidates": len(cands),
-             "dropped": {k: sum(q["dropped"][k] for q in generated) for k in ("unparsable", "no_crop", "no_diverse_box")},
+             "dropped": {k: sum(q["dropped"][k] for q in generated)
+                         for k in ("unparsable", "no_crop", "no_diverse_box")},
              "diversified": sum(c["diversified"] for c in cands),
              "mean_s_b": sum(c["s_b"] for c in cands) / max(len(cands), 1),
              "mean_s_r": sum(c["s_r"] for c in cands) / max(len(cands), 1),
+             # how often the critic's s_r agrees with a plain normalised match (a check on the critic)
+             "critic_sr_agreement": sum((c["s_r"] >= 0.5) == (normalise_answer(c["answer"]) ==
+                                                               normalise_answer(q["answer"]))
+                                        for q in generated for c in q["candidates"]) / max(len(cands), 1),
              "seconds": round(time.time() - t0, 1)}
     if rank == 0:
         save_examples(pairs, folder / "examples", args.n_examples)
@@ -690,7 +728,7 @@ def main(argv=None):
         test, _ = data.read_manifest(test_path, "vqa", skip_bad=args.skip_bad)
         model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
         critic = vlm.reference_model(args.critic, cfg, device=model.device, max_pixels=args.max_pixels) \
-            if args.critic else None
+            if args.critic and args.critic != "oracle" else None
         metrics, preds = evaluate(model, processor, test[:args.n_test], args, rank, world, critic)
         if rank == 0:
             write_eval(out, metrics, preds, args.model, test_path)
@@ -709,7 +747,8 @@ def main(argv=None):
     progress_path = out / "progress.json"
     progress = json.loads(progress_path.read_text()) if args.resume and progress_path.exists() else {"done": []}
     if not args.resume and rank == 0:
-        for stale in ["metrics.jsonl", "phases.json", "progress.json", "eval.json"] + [p.name for p in out.glob("iter*")]:
+        stale_files = ["metrics.jsonl", "phases.json", "progress.json", "eval.json"]
+        for stale in stale_files + [p.name for p in out.glob("iter*")]:
             target = out / stale
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     vlm.barrier()
@@ -722,7 +761,8 @@ def main(argv=None):
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     engine = vlm.deepspeed_engine(model, cfg)
-    critic = vlm.reference_model(args.critic or args.model, cfg, device=engine.device, max_pixels=args.max_pixels)
+    critic = "oracle" if args.critic == "oracle" else \
+        vlm.reference_model(args.critic or args.model, cfg, device=engine.device, max_pixels=args.max_pixels)
     log_state = {"step": progress.get("step", 0), "iter_name": "sft"}
 
     def score(name):
@@ -781,7 +821,8 @@ def main(argv=None):
             run.log(out, rank, {"step": log_state["step"], "phase": f"{name}/generate", "pairs": len(pairs),
                                 **{f"survive_{k}": v for k, v in stats["survivors"].items()},
                                 **{f"quality_{k}": v for k, v in stats["quality"].items()},
-                                **{k: stats[k] for k in ("candidates", "mean_s_b", "mean_s_r") if k in stats}})
+                                **{k: stats[k] for k in ("candidates", "mean_s_b", "mean_s_r", "critic_sr_agreement")
+                                   if k in stats}})
             print(f"[visrl] {name}: {len(pairs)} pairs; survivors {stats['survivors']}; quality {stats['quality']}")
         # 3. stage 1: box DPO; reference = the model this iteration started from (the SFT model first)
         if "stage1" in args.stages and f"{name}/stage1" not in progress["done"]:

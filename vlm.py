@@ -358,9 +358,13 @@ def init_distributed(force=False):
             port = s.getsockname()[1]
         os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                           MASTER_PORT=str(port))
+    import atexit
     import deepspeed
     if not torch.distributed.is_initialized():
         deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo")
+        # tear the process group down before the interpreter does: otherwise its threads can
+        # abort the exit ("terminate called without an active exception", exit code 250)
+        atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
     if on_gpu():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     return torch.distributed.get_rank(), torch.distributed.get_world_size()
