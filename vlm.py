@@ -227,13 +227,14 @@ def generation_mode(model):
 
 # ============================================================================ 4. log-probs
 def completion_logprobs(model, prompt, completion_ids, completion_mask, temperature=1.0, suppress=None,
-                        chunk_rows=8):
+                        chunk_rows=8, one_piece_bytes=2 ** 28):
     """Per-token log-probs [N, T] of `completion_ids` given the (already repeated) prompt tensors.
 
     One forward over prompt + completion, but logits only for the T completion positions, and
     only `chunk_rows` rows at a time: Qwen's vocabulary has 151k entries, so [N, T, V] fp32
     logits for a whole GRPO batch (8 x 8 x 256) would be ~10 GB per copy. Each chunk's logits are
-    recomputed in backward (checkpoint) instead of kept. Logits are divided by the sampling
+    recomputed in backward (checkpoint) instead of kept; a batch whose logits fit in 256 MB is
+    scored in one piece (recomputing would only cost time). Logits are divided by the sampling
     temperature and the `suppress` ids masked exactly as in sampling, so these are the log-probs
     of the distribution we sampled from. Positions after EOS (mask 0) are set to 0.
     """
@@ -247,6 +248,8 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask, temperat
     hidden = module.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
                           **extra).last_hidden_state[:, -(T + 1):-1]    # [N, T, H]: position t predicts token t
     head, rows = module.get_output_embeddings(), []
+    if hidden.shape[0] * T * head.out_features * 4 <= one_piece_bytes:   # small fp32 logits: one piece
+        return _token_logp(head, hidden, completion_ids, temperature, suppress) * completion_mask
     for i in range(0, len(hidden), chunk_rows):
         args = (head, hidden[i:i + chunk_rows], completion_ids[i:i + chunk_rows], temperature, suppress)
         rows.append(torch.utils.checkpoint.checkpoint(_token_logp, *args, use_reentrant=False)
