@@ -3029,7 +3029,7 @@ def test_sequence_logps_match_per_token_sum_and_box_step(visrl_tiny, shapes):
         both = visrl.sequence_logps(model, processor, convs * 2, ims * 2, chosen + rejected, "cpu")
         alone = visrl.sequence_logps(model, processor, convs, ims, rejected, "cpu")
     assert both[1].item() == pytest.approx(alone[0].item(), abs=1e-4)      # padding changes nothing
-    ids, mask = visrl.completion_tensors(processor, ["red", "[0.05,0.05,0.45,0.45]"], "cpu")
+    ids, mask = vlm.completion_tensors(processor, ["red", "[0.05,0.05,0.45,0.45]"], "cpu")
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert ids[0, mask[0].sum() - 1] == end and ids[1, -1] == end and mask[0, -1] == 0
 

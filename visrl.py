@@ -404,25 +404,11 @@ def make_pairs(questions, win=0.8, lose=0.2, strict=False, quality_iou=0.5):
 
 
 # ============================================================================ log-probs, step DPO
-def completion_tensors(processor, texts, device):
-    """Target texts -> right-padded completion ids [N, T] (each text + <|im_end|>) and their mask."""
-    tok = processor.tokenizer
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    seqs = [tok.encode(t, add_special_tokens=False) + [end] for t in texts]
-    T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)] = torch.tensor(s)
-        mask[i, :len(s)] = 1
-    return ids.to(device), mask.to(device)
-
-
 def sequence_logps(model, processor, convs, images, targets, device, max_prompt_len=None):
     """logp(y|x) summed over the target's tokens (its <|im_end|> included), one forward, [N]."""
     prompt = vlm.chat_inputs(processor, convs, images, max_prompt_len=max_prompt_len)
     prompt = {k: v.to(device) for k, v in prompt.items()}
-    ids, mask = completion_tensors(processor, targets, device)
+    ids, mask = vlm.completion_tensors(processor, targets, device)
     token_logp = vlm.completion_logprobs(model, prompt, ids, mask, suppress=vlm.suppressed_ids(processor))
     return dpo.sequence_logp(token_logp, mask)
 
