@@ -154,13 +154,11 @@ def main(argv=None):
 
     # ---- GRPO loop
     G, guard = args.num_generations, run.NonFiniteGuard()
-    per_step = args.batch_size * world
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    order = run.data_order(len(records), args.seed)
     bar = tqdm(range(state["step"], args.max_steps), desc="rise_cot", disable=rank != 0)
     for step in bar:
         t0 = time.time()
-        idx = [order[(step * per_step + k) % len(order)] for k in range(per_step)]
-        batch = [records[i] for i in run.shard(idx, rank, world)]
+        batch = run.step_items(records, order, step, args.batch_size, rank, world)
         images = [Image.open(r["image_path"]).convert("RGB") for r in batch]
         gts = [ground_truth(r, im, model_type, processor) for r, im in zip(batch, images)]
         cots, recs, scored = closed_loop(engine.module, processor, batch, images, gts, args, G)

@@ -210,7 +210,7 @@ def main(argv=None):
     engine = vlm.deepspeed_engine(model, cfg)
     state = (run.load_checkpoint(engine, out) if args.resume else None) or {"stage": args.stages[0], "step": 0}
     run.prepare_out(out, rank, args.resume, state["step"], ("metrics.jsonl",), stage=state["stage"])
-    guard, g = run.NonFiniteGuard(), torch.Generator().manual_seed(args.seed)
+    guard = run.NonFiniteGuard()
 
     # ---- stage 1: SFT
     if "sft" in args.stages and state["stage"] == "sft":
@@ -251,12 +251,10 @@ def main(argv=None):
         ref = vlm.reference_model(ref_name, cfg, device=engine.device, max_pixels=args.max_pixels) \
             if args.beta else None
         G = args.num_generations
-        order = torch.randperm(len(records), generator=g).tolist()
-        per_step = args.batch_size * world
+        order = run.data_order(len(records), args.seed)
         for step in tqdm(range(state["step"], args.max_steps), desc="grpo", disable=rank != 0):
             t0 = time.time()
-            idx = [order[(step * per_step + k) % len(order)] for k in range(per_step)]
-            batch = [records[i] for i in run.shard(idx, rank, world)]
+            batch = run.step_items(records, order, step, args.batch_size, rank, world)
             images = [Image.open(r["image_path"]).convert("RGB") for r in batch]
             gts = [annotation(r, im, model)[0] for r, im in zip(batch, images)]
             reward_fn = lambda texts, owner: [rewards.rise_r1_reward(t, gts[i], task)  # noqa: E731

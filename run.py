@@ -142,6 +142,19 @@ def shard(items, rank, world):
     return items[rank::world]
 
 
+def data_order(n, seed):
+    """A seeded permutation of range(n): the order training walks the data in."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+
+
+def step_items(items, order, step, per_rank, rank, world):
+    """This rank's items at a global step: `order` walked per_rank * world items a step, wrapping.
+    It depends only on the step, so --resume (which restores the step) restores the data position."""
+    per_step = per_rank * world
+    idx = [order[(step * per_step + k) % len(order)] for k in range(per_step)]
+    return [items[i] for i in shard(idx, rank, world)]
+
+
 # ---------------------------------------------------------------------------- checkpoints
 def save_checkpoint(engine, out, step, state):
     """DeepSpeed checkpoint (model, optimizer, scheduler) + our state (step, data position, RNG).

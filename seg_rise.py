@@ -371,10 +371,7 @@ def build_shapes_clip(out, seed=0, steps=120, batch_size=128, n_scenes=1500, lr=
     (tmp / "config.json").write_text(json.dumps(
         {"model": SHAPES_CLIP, "captions": CAPTIONS + [BACKGROUND], "seed": seed, "steps": steps,
          "batch_size": batch_size, "seconds": round(time.time() - t0, 1), **report}, indent=1))
-    if out.exists():
-        import shutil
-        shutil.rmtree(out)
-    tmp.rename(out)                                  # atomic: a killed build never looks finished
+    vlm.publish_dir(tmp, out)
     log(f"[seg_rise] shapes CLIP written to {out} in {time.time() - t0:.0f}s: zero-shot accuracy "
         f"{report['zero_shot_accuracy']:.3f} on {report['n_crops']} held-out crops (12 classes)")
     return out
@@ -663,13 +660,11 @@ def main(argv=None):
 
     # ---- GRPO loop
     G, guard = args.num_generations, run.NonFiniteGuard()
-    per_step = args.batch_size * world
-    order = torch.randperm(len(train), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    order = run.data_order(len(train), args.seed)
     bar = tqdm(range(state["step"], args.max_steps), desc="seg_rise", disable=rank != 0)
     for step in bar:
         t0 = time.time()
-        idx = [order[(step * per_step + k) % len(order)] for k in range(per_step)]
-        batch = [train[i] for i in run.shard(idx, rank, world)]
+        batch = run.step_items(train, order, step, args.batch_size, rank, world)
         images = [Image.open(r["image_path"]).convert("RGB") for r in batch]
         instructions = [r["instruction"] for r in batch]
         convs = [[vlm.user_turn(prompt_text(t, args.cot, args.points))] for t in instructions]

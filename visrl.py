@@ -469,14 +469,13 @@ def dpo_phase(engine, ref, processor, pairs, stage, args, rank, world, out, log_
     set_lr(engine, args.lr)
     per_step = args.batch_size * world
     steps = phase_steps(len(pairs), per_step, args.dpo_epochs, args.max_steps)
-    order = torch.randperm(len(pairs), generator=torch.Generator().manual_seed(args.seed + stage)).tolist()
+    order = run.data_order(len(pairs), args.seed + stage)
     guard = run.NonFiniteGuard()
     engine.train()
     bar = tqdm(range(steps), desc=f"{log_state['iter_name']} stage {stage}", disable=rank != 0)
     for step in bar:
         t0 = time.time()
-        idx = [order[(step * per_step + k) % len(order)] for k in range(per_step)]
-        mine = [pairs[i] for i in run.shard(idx, rank, world)]
+        mine = run.step_items(pairs, order, step, args.batch_size, rank, world)
         images = [Image.open(p["image"]).convert("RGB") for p in mine]
         box_data = box_step(mine, images)
         box = step_logps(engine, ref, processor, box_data, engine.device, args.max_prompt_len)
@@ -510,15 +509,12 @@ def sft_phase(engine, processor, records, args, rank, world, out, log_state):
     set_lr(engine, args.sft_lr)
     per_step = args.sft_batch_size * world
     steps = phase_steps(len(records), per_step, args.sft_epochs, args.max_steps)
-    order = torch.randperm(len(records), generator=torch.Generator().manual_seed(args.seed)).tolist()
+    order = run.data_order(len(records), args.seed)
     guard = run.NonFiniteGuard()
     engine.train()
     for step in tqdm(range(steps), desc="sft warm-up", disable=rank != 0):
-        idx = [order[(step * per_step + k) % len(order)] for k in range(per_step)]
-        examples = []
-        for i in run.shard(idx, rank, world):
-            rec = records[i]
-            examples.append(sft_example(rec, Image.open(rec["image_path"]).convert("RGB")))
+        examples = [sft_example(rec, Image.open(rec["image_path"]).convert("RGB"))
+                    for rec in run.step_items(records, order, step, args.sft_batch_size, rank, world)]
         convs, images = zip(*examples)
         loss = vlm.sft_loss(engine, processor, list(convs), list(images))
         skipped = not math.isfinite(loss.item())

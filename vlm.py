@@ -535,13 +535,18 @@ def build_tiny(out, seed=0, pretrain=False, steps=None, log=print):
     processor.save_pretrained(tmp)
     (tmp / "build.json").write_text(json.dumps({"seed": seed, "pretrain": pretrain, "examples": len(examples),
                                                 "seconds": round(time.time() - t0, 1)}))
-    if out.exists():
-        import shutil
-        shutil.rmtree(out)
-    tmp.rename(out)                                  # atomic: a killed build never looks finished
+    publish_dir(tmp, out)
     log(f"[vlm] tiny model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
         f"pretrain={pretrain}) written to {out} in {time.time() - t0:.0f}s")
     return out
+
+
+def publish_dir(tmp, out):
+    """Replace `out` by the finished build in `tmp`: the rename is the last step, so a killed
+    build never looks finished (a cache is "built" iff its folder exists)."""
+    import shutil
+    shutil.rmtree(out, ignore_errors=True)
+    Path(tmp).rename(out)
 
 
 def _jitter_box(box, rng, px=3, size=data.IMAGE_SIZE):
