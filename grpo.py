@@ -195,11 +195,12 @@ def grpo_step(model, processor, conversations, images, reward_fn, optimizer=None
 
 
 # ---- a complete, minimal GRPO run: learn to name the colour of an image --------------------
-def colour_task(rng, n):
-    """n (image, colour) pairs: a plain image of one shapes-world colour, shade jittered."""
+def colour_task(rng, n, colours=None):
+    """n (image, colour) pairs: a plain image of one colour (from `colours`, default every
+    shapes-world colour), shade jittered."""
     from PIL import Image
     import data
-    names = list(data.COLORS)
+    names = list(colours or data.COLORS)
     out = []
     for _ in range(n):
         name = names[rng.randrange(len(names))]
@@ -209,16 +210,18 @@ def colour_task(rng, n):
 
 
 def colour_reward(texts, prompt_index, colours):
-    """How close the completion's first word is to the image's colour name: difflib's similarity
-    ratio, 1.0 only for the exact word. Graded, so even a random policy's group of answers
-    differs in reward (a 0/1 reward gives all-zero groups: no signal, and the policy collapses
-    onto one word before it learns to look at the image)."""
+    """1.0 when the completion's first word is the image's colour name, else half of difflib's
+    similarity ratio with it (in [0, 0.5)). The graded part gives a random policy's group of
+    answers different rewards (a 0/1 reward gives all-zero groups: no signal, and the policy
+    collapses onto one word before it learns to look at the image); halving it keeps a
+    near-miss token ("tre" for "red": ratio 0.67) far below the word itself, which otherwise
+    is a local optimum the policy settles in."""
     import difflib
     rewards = []
     for text, i in zip(texts, prompt_index):
         words = text.strip().lower().split()
         first = words[0].strip(".,!:;\"'") if words else ""
-        rewards.append(difflib.SequenceMatcher(None, first, colours[i]).ratio())
+        rewards.append(1.0 if first == colours[i] else 0.5 * difflib.SequenceMatcher(None, first, colours[i]).ratio())
     return rewards
 
 
@@ -230,11 +233,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description="GRPO demo: learn to name an image's colour from reward alone")
     parser.add_argument("--model", default=None, help="model dir (default: a fresh random tiny model)")
     parser.add_argument("--out", default="runs/grpo_colour")
-    parser.add_argument("--max-steps", type=int, default=60)
-    parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--num-generations", type=int, default=8)
-    parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--beta", type=float, default=0.0)
+    parser.add_argument("--max-steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per step (colours in turn)")
+    parser.add_argument("--num-generations", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3, help="decays linearly to 0")
+    parser.add_argument("--beta", type=float, default=0.05, help="KL to the initial model (keeps groups diverse)")
+    parser.add_argument("--colours", default="red,blue", help="colours of the images (data.COLORS names)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--deepspeed", default=None, help="ZeRO config JSON (default ds_zero2.json)")
     parser.add_argument("--dump-rank-state", action="store_true", help="write OUT/rank{r}.json (tests)")
@@ -255,14 +259,18 @@ def main(argv=None):
     cfg = vlm.deepspeed_config(args.deepspeed or Path(__file__).with_name("ds_zero2.json"), lr=args.lr,
                                weight_decay=0.0, micro_batch=args.batch_size)
     engine = vlm.deepspeed_engine(model, cfg)
-    rng = random.Random(args.seed + rank)
+    ref = vlm.reference_model(model_dir, cfg, device=engine.device) if args.beta else None
+    rng, names = random.Random(args.seed + rank), args.colours.split(",")
     log = open(out / "metrics.jsonl", "a") if rank == 0 else None
     for step in range(args.max_steps):
-        pairs = colour_task(rng, args.batch_size)
+        for group in engine.optimizer.param_groups:
+            group["lr"] = args.lr * (1 - step / args.max_steps)
+        pairs = [p for k in range(args.batch_size) for p in colour_task(rng, 1, [names[k % len(names)]])]
         colours = [c for _, c in pairs]
         stats, rollout, _ = grpo_step(engine, processor, [[vlm.user_turn("What colour is this image?")]] * len(pairs),
                                       [[im] for im, _ in pairs], lambda t, i: colour_reward(t, i, colours),
-                                      group_size=args.num_generations, max_new_tokens=3, beta=args.beta)
+                                      ref_model=ref, group_size=args.num_generations, max_new_tokens=1,
+                                      beta=args.beta, scale_rewards=False)
         if log:
             log.write(json.dumps({"step": step, **stats}) + "\n")
             log.flush()

@@ -214,6 +214,13 @@ def cls_similarity(pred, gt):
     return min(max(sim, 0.0), 1.0) if math.isfinite(sim) else 0.0
 
 
+def covers(box, target, frac=0.5):
+    """True if `box` contains at least `frac` of the area of `target` (both [x1, y1, x2, y2])."""
+    iw = max(0.0, min(box[2], target[2]) - max(box[0], target[0]))
+    ih = max(0.0, min(box[3], target[3]) - max(box[1], target[1]))
+    return iw * ih >= frac * (target[2] - target[0]) * (target[3] - target[1])
+
+
 def box_iou(a, b):
     """Intersection over union of two boxes; 0 for invalid/degenerate/non-finite boxes."""
     a, b = valid_box(a), valid_box(b)

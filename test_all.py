@@ -2390,6 +2390,47 @@ def colour_scores(model, processor, images, texts):
     return sequence_logp(vlm.completion_logprobs(model, dict(batch), ids, mask), mask)
 
 
+def test_grpo_learns_to_name_the_colour(tiny_dir):
+    """GRPO from the *random* tiny model, reward alone (grpo.colour_reward on the first word):
+    held-out greedy reward on red / blue images rises from ~0 (a random model names no colour)
+    to >= 0.8. Same recipe as `deepspeed grpo.py`: G 16, 8 images per step (4 per colour),
+    one new token, lr 2e-3 decaying linearly to 0 over 30 steps, beta 0.05 (KL to the initial
+    model keeps the groups diverse), advantages not std-scaled.
+    Measured here (3 seeds): held-out 0.00 -> 1.00 by step 10 (seed 0). With 2 images per colour
+    and 50 steps it reached 1.00 by step 30 with one seed and only 0.70 with another.
+    With all four colours the same recipe plateaus at 0.63: it finds "red" and "blue" and never
+    samples "green" / "yellow" (1 / 643 of the random policy's mass each) before those groups collapse."""
+    torch.manual_seed(0)
+    rng, steps, colours = random.Random(0), 30, ["red", "blue"]
+    model, processor = vlm.load_model(tiny_dir)
+    ref, _ = vlm.load_model(tiny_dir)
+    ref.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / steps)
+    question = [vlm.user_turn("What colour is this image?")]
+    held = grpo.colour_task(random.Random(123), 16, ["red"]) + grpo.colour_task(random.Random(124), 16, ["blue"])
+
+    def held_out_reward():
+        batch = vlm.chat_inputs(processor, [question] * len(held), [[im] for im, _ in held])
+        texts = vlm.sample(model, processor, batch, 1, 1, do_sample=False)["texts"]
+        return sum(grpo.colour_reward(texts, range(len(held)), [c for _, c in held])) / len(held)
+
+    curve = [held_out_reward()]
+    for step in range(steps):
+        pairs = [p for c in colours for p in grpo.colour_task(rng, 4, [c])]
+        answers = [c for _, c in pairs]
+        stats, _, _ = grpo.grpo_step(model, processor, [question] * len(pairs), [[im] for im, _ in pairs],
+                                     lambda texts, owner: grpo.colour_reward(texts, owner, answers),
+                                     optimizer=optimizer, ref_model=ref, group_size=16, max_new_tokens=1,
+                                     beta=0.05, scale_rewards=False)
+        schedule.step()
+        if step % 10 == 9:
+            curve.append(held_out_reward())
+    print(f"GRPO held-out reward every 10 steps: {[round(r, 3) for r in curve]}")
+    assert curve[0] < 0.2
+    assert curve[-1] >= 0.8
+
+
 def test_dpo_learns_to_prefer_the_colour_name(tiny_dir):
     """DPO on (image, chosen = its colour, rejected = another colour) pairs: the chosen-vs-rejected
     margin grows and, on held-out images, the policy ranks the right colour above every wrong one."""
@@ -2428,6 +2469,82 @@ def test_dpo_learns_to_prefer_the_colour_name(tiny_dir):
     assert margins[0] == pytest.approx(0.0, abs=1e-6)      # policy == reference at the start
     assert sum(margins[-3:]) / 3 > 0.3 > sum(margins[:3]) / 3      # measured: 0.45 vs 0.03
     assert after >= 0.75 and after > before + 0.25
+
+
+def test_colour_reward_hand_cases():
+    # exact first word (case, trailing punctuation and the rest ignored) -> 1.0
+    assert grpo.colour_reward(["Red.", " blue sky"], [0, 1], ["red", "blue"]) == [1.0, 1.0]
+    # "tre" vs "red": difflib matches "re" (2 chars), ratio = 2*2/(3+3) = 0.667 -> reward 0.333
+    # "" (empty completion) -> ratio 0 -> 0.0; "yellowish" vs "yellow": 2*6/15 = 0.8 -> 0.4
+    got = grpo.colour_reward(["tre", "", "yellowish"], [0, 1, 2], ["red", "green", "yellow"])
+    assert got == approx([1 / 3, 0.0, 0.4])
+
+
+def _covered_pixels(box, crop):
+    """Brute force: how many of box's unit pixels lie inside crop (integer boxes)."""
+    grid = np.zeros((data.IMAGE_SIZE + 1, data.IMAGE_SIZE + 1), bool)
+    grid[box[1]:box[3], box[0]:box[2]] = True
+    inside = np.zeros_like(grid)
+    inside[crop[1]:crop[3], crop[0]:crop[2]] = True
+    return (grid & inside).sum(), grid.sum()
+
+
+def test_critic_examples_are_labelled_by_the_scene(world):
+    """s_b: a crop labelled 1 for a colour question shows that colour (pixels counted in the crop);
+    s_r: label 1 iff the candidate is the reference, and wrong candidates are words of the same
+    kind (a colour for a colour question). Both labels occur often."""
+    rng = np.random.default_rng(0)
+    n_box = n_hit = n_ans = n_same = positives = shows = 0
+    records = _records(world, "vqa")
+    for rec in records:
+        image = Image.open(rec["image_path"]).convert("RGB")
+        kind = "color" if rec["answer"] in data.COLORS else "shape"
+        for conv, images in vlm._critic_examples(rec["question"], rec["answer"], rec["scene"], image, rng):
+            prompt, label = conv[0]["content"][-1]["text"], json.loads(conv[1]["content"][0]["text"])["score"]
+            if "Candidate answer" not in prompt:
+                n_box += 1
+                n_hit += label == 1.0
+                if kind == "color" and label == 1.0:
+                    crop = np.asarray(images[0]).astype(int)
+                    positives += 1
+                    shows += (np.abs(crop - data.COLORS[rec["answer"]]).sum(-1) < 30).any()
+            else:
+                n_ans += 1
+                cand = prompt.split("Candidate answer: ")[1].split(".")[0].strip()
+                assert cand in (list(data.COLORS) if kind == "color" else data.SHAPES)
+                assert label == float(cand == rec["answer"])
+                n_same += cand == rec["answer"]
+    assert n_box == n_ans == 3 * len(records)
+    assert 0.2 < n_hit / n_box < 0.8 and 0.2 < n_same / n_ans < 0.8
+    assert positives > 0 and shows == positives
+
+
+def test_critic_box_label_matches_pixel_count():
+    """rewards.covers (the label rule) agrees with counting pixels on random integer boxes."""
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        x1, y1 = rng.integers(0, 100, 2)
+        box = [int(x1), int(y1), int(x1 + rng.integers(1, 12)), int(y1 + rng.integers(1, 12))]
+        cx, cy = rng.integers(0, 100, 2)
+        crop = [int(cx), int(cy), int(cx + rng.integers(1, 30)), int(cy + rng.integers(1, 30))]
+        covered, area = _covered_pixels(box, crop)
+        assert rewards.covers(crop, box) == (covered >= 0.5 * area)
+
+
+def test_look_examples_answer_from_the_scene(world):
+    rng = np.random.default_rng(0)
+    for rec in _records(world, "det")[:20]:
+        image = Image.open(rec["image_path"]).convert("RGB")
+        looks = vlm._look_examples(rec["scene"], image, rng)
+        colours = looks[0][0][1]["content"][0]["text"]
+        assert colours.split(", ") == sorted({s["color"] for s in rec["scene"]})
+        if len(looks) == 3:
+            name = looks[1][0][0]["content"][-1]["text"][len("Where is the "):-1]
+            shape = next(s for s in rec["scene"] if f"{s['color']} {s['shape']}" == name)
+            assert looks[1][0][1]["content"][0]["text"] == data.position_word(shape["box"])
+            box = rewards.parse_boxes(looks[2][0][1]["content"][0]["text"])[0]
+            pixels = vlm.from_model_frame(box, "qwen2_vl", image.size)
+            assert max(abs(a - b) for a, b in zip(pixels, shape["box"])) <= 3 + 0.5     # the +-3 px label jitter
 
 
 # ====================================================================================================
@@ -3096,4 +3213,4 @@ def test_oracle_critic_reads_gt_box_and_exact_match():
     boxes = [[0.05, 0.05, 0.25, 0.25], [0.2, 0.2, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0]]
     s_b, s_r = visrl.oracle_scores(items, records, boxes)
     assert s_b == [1.0, 0.0, 0.0] and s_r == [1.0, 0.0, 1.0]      # (0.2..0.3)^2 is 1/4 of the GT box
-    assert visrl.covers([0, 0, 1, 1], [0.2, 0.2, 0.4, 0.4]) and not visrl.covers([0, 0, 0.3, 0.3], [0.2, 0.2, 0.6, 0.6])
+    assert rewards.covers([0, 0, 1, 1], [0.2, 0.2, 0.4, 0.4]) and not rewards.covers([0, 0, 0.3, 0.3], [0.2, 0.2, 0.6, 0.6])

@@ -243,17 +243,10 @@ def critic_scores(critic, processor, items, batch_size=32, max_new_tokens=24):
     return [rewards.parse_score(t) for t in raw_b], [rewards.parse_score(t) for t in raw_r], list(zip(raw_b, raw_r))
 
 
-def covers(box, target, frac=0.5):
-    """True if `box` contains at least `frac` of the area of `target` (both [x1, y1, x2, y2])."""
-    iw = max(0.0, min(box[2], target[2]) - max(box[0], target[0]))
-    ih = max(0.0, min(box[3], target[3]) - max(box[1], target[1]))
-    return iw * ih >= frac * (target[2] - target[0]) * (target[3] - target[1])
-
-
 def oracle_scores(items, records, boxes):
     """--critic oracle (NOT VisRL: a diagnostic): s_b = 1 if the box holds half of the GT box (0 without
     one), s_r = 1 if the answer matches the reference after normalisation. How good could the pairs be?"""
-    s_b = [float(r.get("box") is not None and covers(b, norm_box(r["box"], *it["image"].size)))
+    s_b = [float(r.get("box") is not None and rewards.covers(b, norm_box(r["box"], *it["image"].size)))
            for it, r, b in zip(items, records, boxes)]
     s_r = [float(normalise_answer(it["answer"]) == normalise_answer(it["reference"])) for it in items]
     return s_b, s_r
@@ -587,7 +580,7 @@ def evaluate(model, processor, records, args, rank=0, world=1, critic=None, batc
                "box_accuracy": (sum(p["box_iou"] >= 0.5 for p in with_gt) / len(with_gt)) if with_gt else None,
                "mean_box_iou": (sum(p["box_iou"] for p in with_gt) / len(with_gt)) if with_gt else None,
                # ours, not the paper's: the box holds at least half of the GT box (the crop shows it)
-               "box_coverage": (sum(p["box"] is not None and covers(p["box"], p["gt_box"]) for p in with_gt)
+               "box_coverage": (sum(p["box"] is not None and rewards.covers(p["box"], p["gt_box"]) for p in with_gt)
                                 / len(with_gt)) if with_gt else None,
                "unparsable": sum(p["box"] is None for p in preds), "n": len(preds), "n_with_box": len(with_gt)}
     return metrics, preds
