@@ -195,9 +195,10 @@ def grpo_step(model, processor, conversations, images, reward_fn, optimizer=None
 
 
 # ---- a complete, minimal GRPO run: learn to name the colour of an image --------------------
-def colour_task(rng, n, colours=None):
-    """n (image, colour) pairs: a plain image of one colour (from `colours`, default every
-    shapes-world colour), shade jittered."""
+def colour_task(rng, n, colours=None, size=224):
+    """n (image, colour) pairs: a plain size x size image of one colour (from `colours`, default
+    every shapes-world colour), shade jittered. 224 px = 64 image tokens for the tiny model; with
+    fewer (56 px = 1 token) the random model learns the same task several times slower."""
     from PIL import Image
     import data
     names = list(colours or data.COLORS)
@@ -205,23 +206,23 @@ def colour_task(rng, n, colours=None):
     for _ in range(n):
         name = names[rng.randrange(len(names))]
         rgb = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in data.COLORS[name])
-        out.append((Image.new("RGB", (56, 56), rgb), name))
+        out.append((Image.new("RGB", (size, size), rgb), name))
     return out
 
 
-def colour_reward(texts, prompt_index, colours):
-    """1.0 when the completion's first word is the image's colour name, else half of difflib's
-    similarity ratio with it (in [0, 0.5)). The graded part gives a random policy's group of
-    answers different rewards (a 0/1 reward gives all-zero groups: no signal, and the policy
-    collapses onto one word before it learns to look at the image); halving it keeps a
-    near-miss token ("tre" for "red": ratio 0.67) far below the word itself, which otherwise
-    is a local optimum the policy settles in."""
+def colour_reward(texts, prompt_index, colours, partial=0.1):
+    """1.0 when the completion's first word is the image's colour name, else `partial` times
+    difflib's similarity ratio with it. The small graded part gives a random policy's group of
+    answers different rewards (a 0/1 reward gives all-zero groups: no signal); kept small so that
+    near-miss tokens are not worth settling on: with partial = 0.5 the random tiny model
+    settled on "ere" for red and "lu" for blue (reward 0.33 each) and never found the words;
+    with 0.1 it found both within 10 steps (see test_grpo_learns_to_name_the_colour)."""
     import difflib
     rewards = []
     for text, i in zip(texts, prompt_index):
         words = text.strip().lower().split()
         first = words[0].strip(".,!:;\"'") if words else ""
-        rewards.append(1.0 if first == colours[i] else 0.5 * difflib.SequenceMatcher(None, first, colours[i]).ratio())
+        rewards.append(1.0 if first == colours[i] else partial * difflib.SequenceMatcher(None, first, colours[i]).ratio())
     return rewards
 
 

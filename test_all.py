@@ -2396,10 +2396,10 @@ def test_grpo_learns_to_name_the_colour(tiny_dir):
     to >= 0.8. Same recipe as `deepspeed grpo.py`: G 16, 8 images per step (4 per colour),
     one new token, lr 2e-3 decaying linearly to 0 over 30 steps, beta 0.05 (KL to the initial
     model keeps the groups diverse), advantages not std-scaled.
-    Measured here (3 seeds): held-out 0.00 -> 1.00 by step 10 (seed 0). With 2 images per colour
-    and 50 steps it reached 1.00 by step 30 with one seed and only 0.70 with another.
-    With all four colours the same recipe plateaus at 0.63: it finds "red" and "blue" and never
-    samples "green" / "yellow" (1 / 643 of the random policy's mass each) before those groups collapse."""
+    Measured here: held-out 0.00 -> 1.00 by step 10 and still 1.00 at steps 20 and 30, with seeds 0
+    and 1 (~7 s/step while sharing the CPU). Weak spots: with colour_reward(partial=0.5) the policy
+    settled on near-miss tokens ("ere" / "lu", 0.33); with all four colours (2 images each) it
+    reached 0.56 (found "yellow" and "blue" only)."""
     torch.manual_seed(0)
     rng, steps, colours = random.Random(0), 30, ["red", "blue"]
     model, processor = vlm.load_model(tiny_dir)
@@ -2474,10 +2474,11 @@ def test_dpo_learns_to_prefer_the_colour_name(tiny_dir):
 def test_colour_reward_hand_cases():
     # exact first word (case, trailing punctuation and the rest ignored) -> 1.0
     assert grpo.colour_reward(["Red.", " blue sky"], [0, 1], ["red", "blue"]) == [1.0, 1.0]
-    # "tre" vs "red": difflib matches "re" (2 chars), ratio = 2*2/(3+3) = 0.667 -> reward 0.333
-    # "" (empty completion) -> ratio 0 -> 0.0; "yellowish" vs "yellow": 2*6/15 = 0.8 -> 0.4
+    # "tre" vs "red": difflib matches "re" (2 chars), ratio = 2*2/(3+3) = 0.667 -> 0.1 * 0.667
+    # "" (empty completion) -> ratio 0 -> 0.0; "yellowish" vs "yellow": 2*6/15 = 0.8 -> 0.08
     got = grpo.colour_reward(["tre", "", "yellowish"], [0, 1, 2], ["red", "green", "yellow"])
-    assert got == approx([1 / 3, 0.0, 0.4])
+    assert got == approx([0.2 / 3, 0.0, 0.08])
+    assert grpo.colour_reward(["tre"], [0], ["red"], partial=0.5) == approx([1 / 3])
 
 
 def _covered_pixels(box, crop):
@@ -2514,7 +2515,7 @@ def test_critic_examples_are_labelled_by_the_scene(world):
                 assert cand in (list(data.COLORS) if kind == "color" else data.SHAPES)
                 assert label == float(cand == rec["answer"])
                 n_same += cand == rec["answer"]
-    assert n_box == n_ans == 3 * len(records)
+    assert n_box == n_ans == 2 * len(records)
     assert 0.2 < n_hit / n_box < 0.8 and 0.2 < n_same / n_ans < 0.8
     assert positives > 0 and shows == positives
 
@@ -2529,22 +2530,6 @@ def test_critic_box_label_matches_pixel_count():
         crop = [int(cx), int(cy), int(cx + rng.integers(1, 30)), int(cy + rng.integers(1, 30))]
         covered, area = _covered_pixels(box, crop)
         assert rewards.covers(crop, box) == (covered >= 0.5 * area)
-
-
-def test_look_examples_answer_from_the_scene(world):
-    rng = np.random.default_rng(0)
-    for rec in _records(world, "det")[:20]:
-        image = Image.open(rec["image_path"]).convert("RGB")
-        looks = vlm._look_examples(rec["scene"], image, rng)
-        colours = looks[0][0][1]["content"][0]["text"]
-        assert colours.split(", ") == sorted({s["color"] for s in rec["scene"]})
-        if len(looks) == 3:
-            name = looks[1][0][0]["content"][-1]["text"][len("Where is the "):-1]
-            shape = next(s for s in rec["scene"] if f"{s['color']} {s['shape']}" == name)
-            assert looks[1][0][1]["content"][0]["text"] == data.position_word(shape["box"])
-            box = rewards.parse_boxes(looks[2][0][1]["content"][0]["text"])[0]
-            pixels = vlm.from_model_frame(box, "qwen2_vl", image.size)
-            assert max(abs(a - b) for a, b in zip(pixels, shape["box"])) <= 3 + 0.5     # the +-3 px label jitter
 
 
 # ====================================================================================================

@@ -505,11 +505,8 @@ def tiny_model(tokenizer, seed=0):
 
 def tiny_processor(tokenizer):
     from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-    # Every image is resized to 224x224: 16x16 patches -> 64 tokens after the 2x2 merge. At the native
-    # 112x112 (16 tokens, each mixing a whole ~28px shape with background) the tiny model barely learns
-    # to look: after 300 SFT steps on "which colours are in the image?" the loss with shuffled images was
-    # only 0.08 above the real one; at 224 the gap was 1.5 after 200 steps.
-    image_processor = Qwen2VLImageProcessor(min_pixels=224 * 224, max_pixels=224 * 224)
+    # 112x112 shapes-world images become 8x8 patches -> 16 tokens; crops are upscaled to >= 56x56.
+    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=224 * 224)
     return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
                             video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
 
@@ -527,16 +524,16 @@ def build_tiny(out, seed=0, pretrain=False, steps=None, log=print):
     world = CACHE / f"shapes-pretrain-{seed}"
     if not (world / "vqa" / "test.jsonl").exists():
         data.make_shapes_world(world, n_train=400, n_test=1, seed=1000 + seed)
-    examples, look = pretrain_corpus(world, seed)
-    tokenizer = build_tokenizer(corpus_text(examples + look))
+    examples = pretrain_corpus(world, seed)
+    tokenizer = build_tokenizer(corpus_text(examples))
     processor = tiny_processor(tokenizer)
     model = tiny_model(tokenizer, seed)
     if pretrain:
-        pretrain_sft(model, processor, examples, seed, steps=steps, look=look, log=log)
+        pretrain_sft(model, processor, examples, seed, steps=steps, log=log)
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    (tmp / "build.json").write_text(json.dumps({"seed": seed, "pretrain": pretrain, "examples": len(examples) + len(look),
+    (tmp / "build.json").write_text(json.dumps({"seed": seed, "pretrain": pretrain, "examples": len(examples),
                                                 "seconds": round(time.time() - t0, 1)}))
     publish_dir(tmp, out)
     log(f"[vlm] tiny model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
@@ -569,11 +566,10 @@ def pretrain_corpus(root, seed=0):
 
     Targets carry deliberate noise (jittered boxes, perturbed distributions), so the tiny base
     answers in the right format but imperfectly: RL has room to improve it.
-    Returns (examples, look): look holds the short grounded examples of _look_examples.
     """
     rng = np.random.default_rng(seed)
     frame = lambda box: to_model_frame(box, "qwen2_vl", (data.IMAGE_SIZE, data.IMAGE_SIZE))  # noqa: E731
-    examples, look = [], []
+    examples = []
     for task in data.SHAPE_TASKS:
         records, _ = data.read_manifest(Path(root) / task / "train.jsonl", data.MANIFEST_TASK[task])
         for rec in records:
@@ -583,8 +579,6 @@ def pretrain_corpus(root, seed=0):
             def add(prompt, answer, extra_turns=(), extra_images=()):
                 conv = [user_turn(prompt), assistant_turn(answer)] + list(extra_turns)
                 examples.append((conv, [image] + list(extra_images)))
-
-            look.extend(_look_examples(scene, image, rng))
 
             if task in ("soft_cls", "onehot_cls"):
                 classes = rec["classes"]
@@ -629,29 +623,11 @@ def pretrain_corpus(root, seed=0):
                 add(data.VISRL_BOX_PROMPT.format(question=q), data.format_norm_box(box, *image.size),
                     [user_turn(data.VISRL_ANSWER_PROMPT.format(question=q)), assistant_turn(a)], [crop])
                 examples.extend(_critic_examples(q, a, scene, image, rng))
-    shuffle = lambda items: [items[i] for i in rng.permutation(len(items))]  # noqa: E731
-    return shuffle(examples), shuffle(look)
+    order = rng.permutation(len(examples))
+    return [examples[i] for i in order]
 
 
-def _look_examples(scene, image, rng):
-    """Short answers that only the image can give (which colours; where is a shape; its box):
-    the first steps of pretraining use only these, so the model learns to look before it
-    learns the long, mostly predictable texts of the task prompts."""
-    colours = ", ".join(sorted({s["color"] for s in scene}))
-    examples = [([user_turn("Which colours are in the image?"), assistant_turn(colours)], [image])]
-    names = [f"{s['color']} {s['shape']}" for s in scene]
-    unique = [s for s, name in zip(scene, names) if names.count(name) == 1]
-    if unique:
-        shape = unique[int(rng.integers(len(unique)))]
-        name = f"the {shape['color']} {shape['shape']}"
-        examples.append(([user_turn(f"Where is {name}?"), assistant_turn(data.position_word(shape["box"]))], [image]))
-        box = to_model_frame(_jitter_box(shape["box"], rng), "qwen2_vl", image.size)
-        examples.append(([user_turn(data.PLAIN_PROMPT_DET.format(target=name)), assistant_turn(data.format_box(box))],
-                         [image]))
-    return examples
-
-
-def _critic_examples(question, answer, scene, image, rng, n=3):
+def _critic_examples(question, answer, scene, image, rng, n=2):
     """VisRL critic skills, labelled by the scene: s_b (does this crop show a shape with the
     answer's colour / kind? 1 iff one has at least half of its box inside the crop) and s_r
     (is the candidate answer the reference? 1 iff equal; wrong candidates are the same kind of word)."""
@@ -685,17 +661,9 @@ def corpus_text(examples):
     return [part["text"] for conv, _ in examples for msg in conv for part in msg["content"] if part["type"] == "text"]
 
 
-def pretrain_sft(model, processor, examples, seed=0, steps=None, batch_size=16, lr=3e-3, look=(),
-                 look_steps=None, log=print):
-    """Plain SFT from scratch (AdamW, cosine schedule) on the assistant tokens of `examples`.
-
-    Curriculum: the first `look_steps` steps (default a quarter) draw from `look` only, the short
-    answers that need the image; then everything is mixed. Without it the tiny model first fits the
-    predictable text and for hundreds of steps its loss does not change when the images are shuffled.
-    """
-    steps = steps or int(os.environ.get("RISE_TINY_STEPS", 2000))
-    look, look_steps = list(look), (steps // 4 if look_steps is None else look_steps) if look else 0
-    mixed = list(examples) + look
+def pretrain_sft(model, processor, examples, seed=0, steps=None, batch_size=16, lr=3e-3, log=print):
+    """Plain SFT from scratch (AdamW, cosine schedule) on the assistant tokens of `examples`."""
+    steps = steps or int(os.environ.get("RISE_TINY_STEPS", 2400))
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -703,9 +671,8 @@ def pretrain_sft(model, processor, examples, seed=0, steps=None, batch_size=16, 
     model.train()
     bar = tqdm(range(steps), desc="pretrain tiny base", mininterval=5)
     for step in bar:
-        pool = look if step < look_steps else mixed
-        idx = torch.randint(len(pool), (batch_size,), generator=g).tolist()
-        convs, ims = zip(*[pool[i] for i in idx])
+        idx = torch.randint(len(examples), (batch_size,), generator=g).tolist()
+        convs, ims = zip(*[examples[i] for i in idx])
         loss = sft_loss(model, processor, list(convs), list(ims))
         optimizer.zero_grad()
         loss.backward()
@@ -813,7 +780,7 @@ def main(argv=None):
     tiny.add_argument("--out", required=True)
     tiny.add_argument("--pretrain", action="store_true", help="SFT it on shapes world (the tiny base)")
     tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--steps", type=int, default=None, help="pretraining steps (default 2000, or RISE_TINY_STEPS)")
+    tiny.add_argument("--steps", type=int, default=None, help="pretraining steps (default 2400, or RISE_TINY_STEPS)")
     scores = sub.add_parser("scores", help="greedy scores of a model on every shapes-world test task")
     scores.add_argument("--model", default=TINY_BASE)
     scores.add_argument("--data", default=None, help="shapes-world root (default: built in the cache)")
