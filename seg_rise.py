@@ -56,7 +56,7 @@ import vlm
 # paper prints neither the batch nor the number of steps: 125 steps x 2 prompts x 8 GPUs = one pass.
 PAPER = dict(lr=1e-6, beta=5e-3, max_steps=125, num_generations=8, batch_size=2, grad_accum=1,
              max_new_tokens=512, save_every=25)
-# Tiny base on one CPU: ~6 minutes (2.5-3.5 s a step); R_sem rises from ~0.10 to ~0.17 over the run
+# Tiny base on one CPU: ~4.5 minutes (~2.2 s a step); R_sem rises from ~0.14 to ~0.17 over the run
 # (see the README's Seg-RISE section for what that does and does not mean on the shapes world).
 TINY = dict(lr=2e-4, beta=5e-3, max_steps=120, num_generations=8, batch_size=2, grad_accum=1,
             max_new_tokens=128, save_every=25)

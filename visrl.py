@@ -66,7 +66,7 @@ import vlm
 PAPER = dict(lr=5e-6, sft_lr=1e-4, sft_epochs=3.0, dpo_epochs=5.0, batch_size=3, grad_accum=8,
              sft_batch_size=2, num_generations=3, temperature=2.0, answer_temperature=2.0, iters=1,
              sft_fraction=1.0, gen_batch_size=8, phase_eval_n=0, max_new_tokens=64, answer_max_new_tokens=128)
-# One CPU, the tiny base, shapes world: about 10 minutes for `deepspeed visrl.py`.
+# One CPU, the tiny base, shapes world: about 5 minutes for `deepspeed visrl.py`.
 TINY = dict(lr=2e-5, sft_lr=1e-4, sft_epochs=1.0, dpo_epochs=2.0, batch_size=8, grad_accum=1,
             sft_batch_size=8, num_generations=3, temperature=1.0, answer_temperature=1.0, iters=2,
             sft_fraction=0.25, gen_batch_size=16, phase_eval_n=512, max_new_tokens=32, answer_max_new_tokens=8)
