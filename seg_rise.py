@@ -347,8 +347,7 @@ def build_shapes_clip(out, seed=0, steps=120, batch_size=128, n_scenes=1500, lr=
     texts = tokenizer(CAPTIONS + [BACKGROUND])
     scenes, rng = clip_scenes(5_000 + seed, n_scenes), np.random.default_rng(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 20) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    schedule = vlm.warmup_cosine(optimizer, steps, warmup=20)
     model.train()
     bar = tqdm(range(steps), desc="shapes CLIP", mininterval=5)
     for step in bar:

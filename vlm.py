@@ -30,6 +30,7 @@ from PIL import Image
 from tqdm import tqdm
 
 import data
+import rewards
 
 # Tokens that must never be sampled: a stray <|image_pad|> in a completion makes the next
 # forward pass fail with "image features and image tokens do not match".
@@ -631,7 +632,6 @@ def _critic_examples(question, answer, scene, image, rng, n=2):
     """VisRL critic skills, labelled by the scene: s_b (does this crop show a shape with the
     answer's colour / kind? 1 iff one has at least half of its box inside the crop) and s_r
     (is the candidate answer the reference? 1 iff equal; wrong candidates are the same kind of word)."""
-    import rewards
     kind = "color" if answer in data.COLORS else "shape"
     values = list(data.COLORS) if kind == "color" else data.SHAPES
     examples = []
@@ -661,13 +661,18 @@ def corpus_text(examples):
     return [part["text"] for conv, _ in examples for msg in conv for part in msg["content"] if part["type"] == "text"]
 
 
+def warmup_cosine(optimizer, steps, warmup):
+    """lr x min(1, (s+1)/warmup) x (1 + cos(pi s / steps)) / 2: linear warm-up, then cosine to 0."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+
+
 def pretrain_sft(model, processor, examples, seed=0, steps=None, batch_size=16, lr=3e-3, log=print):
     """Plain SFT from scratch (AdamW, cosine schedule) on the assistant tokens of `examples`."""
     steps = steps or int(os.environ.get("RISE_TINY_STEPS", 2400))
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / 50) * 0.5 * (1 + math.cos(math.pi * s / steps)))
+    schedule = warmup_cosine(optimizer, steps, warmup=50)
     model.train()
     bar = tqdm(range(steps), desc="pretrain tiny base", mininterval=5)
     for step in bar:
@@ -697,7 +702,6 @@ def task_scores(model, processor, root, n=None, batch_size=16, max_new_tokens=96
     seg: mean IoU of the predicted box with the GT box; vqa: answer accuracy after the box +
     crop turns, and box accuracy (IoU >= 0.5). `unparsable` counts answers that did not parse.
     """
-    import rewards
     model.eval()
     model_type, scores = model.config.model_type, {}
     for task in data.SHAPE_TASKS:
