@@ -1,4 +1,4 @@
-"""bench.py -- time and peak memory of one GRPO step and one DPO step, ours vs TRL (SPEC 6).
+"""bench.py -- time and peak memory of one GRPO step and one DPO step, ours vs TRL.
 
   python bench.py --quick --json       # CPU, tiny model: well under 3 minutes
   python bench.py --vocab 151936       # the tiny model with Qwen's vocabulary: a full-size LM head
@@ -41,6 +41,7 @@ import transformers
 
 import dpo
 import grpo
+import tiny
 import vlm
 
 p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -204,22 +205,13 @@ def dpo_texts(colour, n_tokens):
 
 # ---------------------------------------------------------------- ours
 def dpo_step(policy, ref, optimizer, processor, convs, images, chosen, rejected, beta=0.1):
-    """One DPO update on B pairs; chosen and rejected (what the template adds after the prompt) in one forward."""
-    prompt = vlm.repeat_batch(vlm.chat_inputs(processor, convs, images), 2,
-                              processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"))     # rows w, l, w, l ..
-    heads = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in convs]
-    texts = [processor.apply_chat_template(c + [vlm.assistant_turn(t)], tokenize=False)[len(h):]
-             for c, h, pair in zip(convs, heads, zip(chosen, rejected)) for t in pair]
-    comp = processor.tokenizer(texts, add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
-    device = next(ref.parameters()).device
-    prompt = {k: v.to(device) for k, v in prompt.items()}
-    ids, mask = comp["input_ids"].to(device), comp["attention_mask"].to(device)
-    logp = dpo.sequence_logp(vlm.completion_logprobs(policy, prompt, ids, mask), mask)
-    with torch.no_grad():
-        ref_logp = dpo.sequence_logp(vlm.completion_logprobs(ref, prompt, ids, mask), mask)
-    loss, stats = dpo.dpo_loss(logp[0::2], logp[1::2], ref_logp[0::2], ref_logp[1::2], beta=beta)
+    """One DPO update on B pairs (dpo.pair_logps: chosen and rejected in one forward); returns the
+    mean response length in tokens."""
+    chosen, rejected = list(chosen), list(rejected)
+    logps = dpo.pair_logps(policy, ref, processor, convs, images, chosen, rejected, next(ref.parameters()).device)
+    loss, stats = dpo.dpo_loss(*logps, beta=beta)
     grpo.apply_update(policy, optimizer, loss)
-    return mask.sum(1).float().mean().item()
+    return vlm.completion_tensors(processor, chosen + rejected)[1].sum(1).float().mean().item()
 
 
 def bench_ours(algo, setup, args, mem):
@@ -333,7 +325,7 @@ def main(argv=None):
     B, G, T, args.reps = args.prompts or B, args.num_generations or G, args.max_new_tokens or T, args.reps or reps
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         tmp = Path(tmp)
-        model_dir = args.model or vlm.build_tiny(tmp / "tiny", pretrain=False, log=lambda *_: None)
+        model_dir = args.model or tiny.build_tiny(tmp / "tiny", pretrain=False, log=lambda *_: None)
         if args.full_size and not args.model:
             model_dir = full_size_dir(model_dir, tmp / "qwen2-vl-2b-random")
         elif args.vocab:                           # new rows for ids no prompt uses: a full-size LM head

@@ -1,6 +1,8 @@
-"""DPO and VisRL's step-level DPO (SPEC 4.3).
+"""DPO and VisRL's step-level DPO.
 
-Every function here imports only torch, so each can be copied alone.
+Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290, eq. 7) and VisRL's
+two-step version (VisRL, arXiv 2503.07523, section 3.3). The losses import only torch, so each
+can be copied alone; pair_logps() at the end computes their inputs with a model (vlm.py).
 Everything is computed in float32, whatever dtype (bf16 on GPU) the inputs come in.
 """
 
@@ -61,3 +63,31 @@ def step_dpo_loss(box_logps, answer_logps, beta=0.1, box_weight=0.5):
         stats.update({prefix + k: v for k, v in part_stats.items()})
         stats[prefix + "loss"] = part_loss.item()
     return loss, stats
+
+
+# ---- the model side: summed log-probs of chosen / rejected responses ----
+# The losses above need only torch; the two helpers below run the model through vlm.py.
+import vlm  # noqa: E402
+
+
+def response_logps(model, processor, convs, images, responses, device, max_prompt_len=None):
+    """logp(y|x) in nats of each response y (its <|im_end|> included) after its conversation x,
+    one forward: N conversations, N image lists, N response texts -> [N]. The vision tokens are
+    suppressed as in sampling (vlm.suppressed_ids), so these are the policy's own log-probs."""
+    prompt = vlm.chat_inputs(processor, convs, images, max_prompt_len=max_prompt_len)
+    prompt = {k: v.to(device) for k, v in prompt.items()}
+    ids, mask = vlm.completion_tensors(processor, responses, device)          # [N, T]
+    token_logp = vlm.completion_logprobs(model, prompt, ids, mask, suppress=vlm.suppressed_ids(processor))
+    return sequence_logp(token_logp, mask)                                    # [N]
+
+
+def pair_logps(model, ref, processor, convs, images, chosen, rejected, device, max_prompt_len=None):
+    """(chosen, rejected, ref_chosen, ref_rejected) summed log-probs of N preference pairs, [N]
+    each: the inputs of dpo_loss. Chosen and rejected share one forward (2N rows); the frozen
+    reference runs under no_grad."""
+    n = len(convs)
+    args = (processor, convs + convs, images + images, chosen + rejected, device, max_prompt_len)
+    logp = response_logps(model, *args)
+    with torch.no_grad():
+        ref_logp = response_logps(ref, *args)
+    return logp[:n], logp[n:], ref_logp[:n], ref_logp[n:]

@@ -1,4 +1,7 @@
-"""GRPO: group-relative advantages and the clipped policy-gradient loss (SPEC 4.2).
+"""GRPO: group-relative advantages and the clipped policy-gradient loss.
+
+Group Relative Policy Optimization, from "DeepSeekMath: Pushing the Limits of Mathematical
+Reasoning in Open Language Models" (Shao et al. 2024, arXiv 2402.03300, section 4.1, eq. 3).
 
 For one prompt q we sample a group of G completions o_1..o_G and score them r_1..r_G.
 Each completion's advantage is its reward relative to the group, shared by all its
@@ -53,6 +56,10 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04,
     """loss = -J,  J = norm_{i,t}[ min(rho_t A_i, clip(rho_t, 1-eps_low, 1+eps_high) A_i) - beta KL_t ]
 
     rho_t = exp(logp_t - old_logp_t);  KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1  (k3, >= 0).
+    k3 on tokens sampled from pi_theta: its VALUE is an unbiased estimate of KL(pi_theta || pi_ref), but
+    its gradient (through logp, as here) is in expectation that of KL(pi_ref || pi_theta), not of
+    KL(pi_theta || pi_ref). This code uses plain k3, the objective of the GRPO paper (DeepSeekMath,
+    arXiv 2402.03300, eq. 3-4); TRL's default (use_bias_correction_kl) multiplies it by rho_t instead.
     Both log-ratios are clamped to [-20, 20] before exp, so +-1e4 cannot overflow.
     Shapes: logp/old_logp/ref_logp/mask [N, T]; advantages [N]. ref_logp may be None iff beta == 0.
     Masked positions may hold anything (even -inf): they are replaced before any arithmetic.
@@ -63,8 +70,10 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04,
               length bias). Rows with no valid token count as 0 in the mean.
       "token" (DAPO): sum over all valid tokens / their number. Every token weighs the same
               within a batch, but the scale changes with the batch's total token count.
-      "fixed" (Dr. GRPO): sum / (N * max_len), max_len defaults to T. A constant per-token
-              weight: no length bias; short batches simply give smaller gradients.
+      "fixed" (Dr. GRPO, arXiv 2503.20783; TRL's dr_grpo): sum / (N * max_len), where max_len must
+              be the generation budget (max_new_tokens), a constant: then every token weighs
+              1/(N max_len) in every batch, with no length bias. The default T (this batch's
+              longest completion) is right only when T is the budget.
     """
     valid = mask.bool()  # [N, T]
     m = valid.to(torch.float32)
@@ -103,16 +112,45 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04,
     return -objective, stats
 
 
-# ---- rollout -> reward -> update step (added by the lead) ----
+# ---- rollout -> reward -> update step ----
 # The losses above need only torch; the step below drives the model through vlm.py.
 import math  # noqa: E402
 
 import vlm  # noqa: E402
 
 
-def apply_update(model, optimizer, loss, max_grad_norm=1.0):
-    """Backward + optimizer step for a DeepSpeed engine (optimizer=None) or a plain module."""
+def accumulation(micro, total, grad_accum):
+    """(boundary, loss_scale) of micro-step `micro` (0-based) of a phase of `total` micro-steps.
+
+    A phase is cut into windows of grad_accum micro-steps, one optimizer update each; its last
+    window may be shorter (size m) and is applied too, at the phase's end, never left pending
+    for the next phase. DeepSpeed divides every loss by grad_accum, so loss_scale = grad_accum / m
+    makes the update the mean over the window's micro-batches (1.0 for a full window).
+    """
+    start = micro - micro % grad_accum
+    size = min(grad_accum, total - start)
+    return micro - start == size - 1, grad_accum / size
+
+
+def fresh_optimizer(engine, lr):
+    """A new phase (SFT -> GRPO, VisRL's SFT -> stage 1 -> stage 2) starts as a separate run would:
+    AdamW moments and step counts cleared, constant lr set. DeepSpeed's ZeRO optimizers wrap the
+    torch optimizer (.optimizer); its state is rebuilt lazily at the next step."""
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)
+    inner.state.clear()
+    for group in engine.optimizer.param_groups:
+        group["lr"] = lr
+
+
+def apply_update(model, optimizer, loss, max_grad_norm=1.0, window=None):
+    """Backward + optimizer step for a DeepSpeed engine (optimizer=None) or a plain module.
+
+    window: (boundary, loss_scale) from accumulation(): the update happens at the boundary; None
+    leaves DeepSpeed to count micro-steps itself. A plain module steps at every call."""
     if optimizer is None:                     # DeepSpeed: it scales, accumulates, clips and steps
+        if window is not None:
+            model.set_gradient_accumulation_boundary(window[0])
+            loss = loss * window[1]
         model.backward(loss)
         model.step()
         return
@@ -133,15 +171,19 @@ def reward_tensor(results):
 
 
 def grpo_update(model, segments, rewards, group_size, optimizer=None, ref_model=None, beta=0.04,
-                eps_low=0.2, eps_high=0.2, norm="seq", scale_rewards=True, suppress=None):
+                eps_low=0.2, eps_high=0.2, norm="seq", scale_rewards=True, suppress=None, window=None):
     """Advantages -> GRPO loss -> one optimizer step, for completions made of one or more segments.
 
-    segments: list of dicts {prompt, completion_ids [N, T_k], completion_mask [N, T_k], temperature};
+    segments: list of dicts {prompt, completion_ids [N, T_k], completion_mask [N, T_k], temperature,
+    max_new_tokens (the segment's generation budget, tokens)};
     one segment for a plain prompt -> answer rollout, two for RISE-CoT's trajectory (the CoT,
     then its reconstruction from a second prompt). Their tokens are concatenated along T, so
     every token of completion i shares advantage A_i and "seq" normalises over the whole trajectory.
     One batch is used once (num_iterations = 1): old_logp = logp.detach(), so the ratio is 1 in
     value and the clipping only matters with several updates per rollout.
+    norm="fixed" (Dr. GRPO) divides by N x the trajectory's budget, the sum of the segments'
+    max_new_tokens (never by the batch's longest completion); raises ValueError without them.
+    window: (boundary, loss_scale) of this micro-step, from accumulation() (see apply_update).
     Returns the loss statistics, with "skipped" set when the loss was not finite (no update).
     """
     advantages = group_advantages(rewards, group_size, scale=scale_rewards)
@@ -155,11 +197,16 @@ def grpo_update(model, segments, rewards, group_size, optimizer=None, ref_model=
                                                           s["completion_mask"], s["temperature"], suppress)
                                   for s in segments], 1)
     mask = torch.cat([s["completion_mask"] for s in segments], 1)
+    budget = None
+    if norm == "fixed":
+        if any(s.get("max_new_tokens") is None for s in segments):
+            raise ValueError("norm='fixed' (Dr. GRPO) needs every segment's max_new_tokens (its generation budget)")
+        budget = sum(s["max_new_tokens"] for s in segments)
     loss, stats = grpo_loss(logp, logp.detach(), ref_logp, advantages.to(logp.device), mask, beta=beta,
-                            eps_low=eps_low, eps_high=eps_high, norm=norm)
+                            eps_low=eps_low, eps_high=eps_high, norm=norm, max_len=budget)
     stats["skipped"] = not math.isfinite(loss.item())
     if not stats["skipped"]:                   # a non-finite loss never reaches the weights
-        apply_update(model, optimizer, loss)
+        apply_update(model, optimizer, loss, window=window)
     stats.update(loss=loss.item(), completion_len=mask.sum(1).float().mean().item(),
                  entropy=(-(logp.detach() * mask).sum() / mask.sum().clamp(min=1)).item())
     return stats
@@ -179,7 +226,7 @@ def grpo_step(model, processor, conversations, images, reward_fn, optimizer=None
     conversations/images: B prompts (see vlm.chat_inputs). reward_fn(texts, prompt_index) gets
     the B*G decoded completions (prompt-major: text i answers prompt i // G) and returns one
     float, or one dict with "reward" and its components, per text.
-    loss_args: beta, eps_low, eps_high, norm, scale_rewards (see grpo_update).
+    loss_args: beta, eps_low, eps_high, norm, scale_rewards, window (see grpo_update).
     """
     module = getattr(model, "module", model)
     batch = vlm.chat_inputs(processor, conversations, images, max_prompt_len=max_prompt_len)
@@ -187,7 +234,7 @@ def grpo_step(model, processor, conversations, images, reward_fn, optimizer=None
         rollout = vlm.sample(module, processor, batch, group_size, max_new_tokens, temperature)
     n = len(rollout["texts"])
     rewards, parts = reward_tensor(reward_fn(rollout["texts"], [i // group_size for i in range(n)]))
-    segment = dict(rollout, temperature=temperature)
+    segment = dict(rollout, temperature=temperature, max_new_tokens=max_new_tokens)
     stats = grpo_update(model, [segment], rewards, group_size, optimizer, ref_model,
                         suppress=vlm.suppressed_ids(processor), **loss_args)
     stats.update(reward_stats(rewards, group_size), **parts)
@@ -231,6 +278,8 @@ def main(argv=None):
     import json
     import random
     from pathlib import Path
+
+    import tiny
     parser = argparse.ArgumentParser(description="GRPO demo: learn to name an image's colour from reward alone")
     parser.add_argument("--model", default=None, help="model dir (default: a fresh random tiny model)")
     parser.add_argument("--out", default="runs/grpo_colour")
@@ -254,7 +303,7 @@ def main(argv=None):
     if model_dir is None:
         model_dir = out / "random-tiny"
         if rank == 0 and not (model_dir / "config.json").exists():
-            vlm.build_tiny(model_dir, seed=args.seed, pretrain=False)
+            tiny.build_tiny(model_dir, seed=args.seed, pretrain=False)
         vlm.barrier()
     model, processor = vlm.load_model(model_dir)
     cfg = vlm.deepspeed_config(args.deepspeed or Path(__file__).with_name("ds_zero2.json"), lr=args.lr,

@@ -1,5 +1,10 @@
 """Rewards and metrics for RISE (annotation), Seg-RISE (segmentation) and VisRL.
 
+Papers: "RISE: Enhancing VLM Image Annotation with Self-Supervised Reasoning" (arXiv 2508.13229;
+"the RISE annotation paper"), "Reasoning via Implicit Self-supervised Emergence for Instruction
+Segmentation" ("the Seg-RISE paper"), "VisRL: Intention-Driven Visual Perception via Reinforced
+Reasoning" (arXiv 2503.07523).
+
 Everything here reads untrusted model output, so every parser is total: it returns a
 value (or None) for any string and never raises, and is parsed with json /
 ast.literal_eval (guarded) / regex only, never eval or exec.  Only torch, numpy, scipy
@@ -170,21 +175,54 @@ def parse_seg_answer(text):
     return None
 
 
+def seg_answer(text):
+    """The part of a Seg-RISE completion that holds the answer: the <answer> block, or the
+    whole text when it has no <answer> tag (--no-cot answers)."""
+    return answer_text(text) if isinstance(text, str) and "<answer>" in text else text
+
+
+def parse_seg_box(answer):
+    """The "bbox" of the first JSON object in `answer` with 4 finite numbers, x1 < x2 and
+    y1 < y2 -> 4 floats, else None. The points are not needed: --no-points answers and R_sem
+    (Seg-RISE eqs. 4-5) read the box alone."""
+    if not isinstance(answer, str):
+        return None
+    for obj in _json_objects(answer):
+        box = obj.get("bbox") if isinstance(obj, dict) else None
+        if (isinstance(box, list) and len(box) == 4 and all(_number(v) is not None for v in box)
+                and valid_box(box)):
+            return [float(v) for v in box]
+    return None
+
+
+_SCALE = r"\s*(?:(%)|(?:/|\bout\s+of\b)\s*({num}))?".format(num=NUM)   # "80%", "2/10", "7 out of 10"
+_SCORE_RE = re.compile(r"""["']?\bscore\b["']?\s*[:=]?\s*["']?({num}){scale}""".format(num=NUM, scale=_SCALE), re.I)
+_BARE_SCORE_RE = re.compile(r"""\s*["']?({num}){scale}["']?\s*""".format(num=NUM, scale=_SCALE))
+
+
 def parse_score(text):
-    """VisRL critic output {"score": x} (text around it allowed) -> x clamped to [0, 1].
-    Unparsable, NaN or infinite -> 0.0 (SPEC 5.4: an unparsable score is 0)."""
+    """VisRL critic output (paper section 3.2) -> a score in [0, 1], read on the scale the text states.
+
+    '{"score": 0.7}' and 'Score: 0.7' -> 0.7; 'Score: 2/10' and '2 out of 10' -> 0.2;
+    'Score: 80%' -> 0.8. Text without the word "score" is read only when it is the number alone
+    ("0.7", "80%", "2/10"). Unparsable, NaN, infinite, a zero or negative scale, or a number
+    outside its scale (1.5, 12/10, 150%, -0.2) -> 0.0: never clamped, so a critic writing on a
+    scale it was not asked for cannot make a poor answer the chosen one."""
     if not isinstance(text, str):
         return 0.0
-    m = re.search(r"""["']?\bscore\b["']?\s*[:=]\s*["']?({})""".format(NUM), text, re.I)
+    m = _SCORE_RE.search(text) or _BARE_SCORE_RE.fullmatch(text)
     if not m:
         return 0.0
-    x = float(m.group(1))
-    return min(max(x, 0.0), 1.0) if math.isfinite(x) else 0.0
+    x, percent, scale = float(m.group(1)), m.group(2), m.group(3)
+    top = 100.0 if percent else float(scale) if scale is not None else 1.0
+    if not (math.isfinite(x) and math.isfinite(top) and top > 0 and 0.0 <= x <= top):
+        return 0.0
+    return x / top
 
 
 # ------------------------------------------------------------------------ similarities
 def cls_similarity(pred, gt):
-    """RISE Sim_cls (SPEC 5.1), in [0, 1]:
+    """RISE Sim_cls (RISE annotation paper, arXiv 2508.13229, eqs. 2-5), in [0, 1]:
 
         Sim = exp(-0.5 KL(p || q) - 0.5 MSE(p_raw, q_raw)) * exp(-|sum(q_raw) - 1|)
 
@@ -234,7 +272,7 @@ def box_iou(a, b):
 
 
 def det_similarity(pred_boxes, gt_boxes, penalize_extra=False):
-    """RISE Sim_det (SPEC 5.1, paper eq. 6): Hungarian matching maximising IoU,
+    """RISE Sim_det (RISE annotation paper, arXiv 2508.13229, eq. 6): Hungarian matching maximising IoU,
 
         Sim = (sum of matched IoUs) / N_gt          (unmatched GT boxes add 0)
 
@@ -274,7 +312,7 @@ _DET_LEAKS = [
 
 
 def leaks(cot, task, class_names=None):
-    """Does a RISE-CoT chain of thought leak the annotation? (SPEC 5.1 step 3)
+    """Does a RISE-CoT chain of thought leak the annotation? (arXiv 2508.13229, eq. 1's no-leak term)
 
     task "cls": any number that could be a probability -- a decimal in [0, 1] ("0.3",
       ".25", "1.0"), any percentage ("30%", "30 percent"), a fraction a/b <= 1 ("3/10"),
@@ -318,13 +356,14 @@ def parse_and_score(text, gt, task):
 
 # ---------------------------------------------------------------------------- rewards
 def rise_cot_reward(cot, reconstruction, gt, task, forbid_class_names=True):
-    """RISE-CoT consistency reward (SPEC 5.1 step 3, paper eq. 1), in [0, 1]:
+    """RISE-CoT consistency reward (arXiv 2508.13229, section "RISE-CoT", eq. 1), in [0, 1]:
 
         R_CoT = 1[no leak(c)] * 1[format ok(c, a_hat)] * Sim(a_hat, a)
 
     cot: the chain of thought c; reconstruction: the text a_hat is parsed from; gt: {class:
-    prob} ("cls") or a list of boxes ("det"). forbid_class_names (cls, on by default as in
-    SPEC 5.1 step 1): naming a GT class in c is a leak. Returns reward and components."""
+    prob} ("cls") or a list of boxes ("det"). forbid_class_names (cls, on by default: the
+    reasoning-generation prompt asks for no class names): naming a GT class in c is a leak.
+    Returns reward and components."""
     names = list(gt) if task == "cls" and forbid_class_names else None
     leak = leaks(cot, task, class_names=names)
     pred, sim = parse_and_score(reconstruction, gt, task)
@@ -333,7 +372,7 @@ def rise_cot_reward(cot, reconstruction, gt, task, forbid_class_names=True):
 
 
 def rise_r1_reward(text, gt, task):
-    """RISE-R1 GRPO reward (SPEC 5.2 step 3, paper eq. 9), in [0, 2]:
+    """RISE-R1 GRPO reward (arXiv 2508.13229, section "RISE-R1", eq. 9), in [0, 2]:
 
         R = Sim(a_hat, a) + R_fmt
 
@@ -349,23 +388,30 @@ def rise_r1_reward(text, gt, task):
 
 
 def think_reward(text):
-    """Seg-RISE R_think (SPEC 5.3): 1 if the output is <think>...</think>\\s*<answer>...</answer>
+    """Seg-RISE R_think (Seg-RISE paper, section 4, format rewards): 1 if the output is <think>...</think>\\s*<answer>...</answer>
     (one of each, non-empty, nothing else around them), else 0."""
     parts = parse_think_answer(text)
     return 1.0 if parts is not None and parts[0] and parts[1] else 0.0
 
 
 def seg_format_reward(text, width, height):
-    """Seg-RISE R_seg (SPEC 5.3): 1 if the answer is valid JSON with a 4-number box,
+    """Seg-RISE R_seg (Seg-RISE paper, section 4, format rewards): 1 if the answer is valid JSON with a 4-number box,
     0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height, and two 2-number (finite) points;
     else 0. Point positions are not checked: point accuracy is never rewarded. The answer
     is the <answer> block, or the whole text when it has no <answer> tag (--no-cot)."""
-    ans = answer_text(text) if isinstance(text, str) and "<answer>" in text else text
-    parsed = parse_seg_answer(ans)
+    parsed = parse_seg_answer(seg_answer(text))
     if parsed is None:
         return 0.0
     x1, y1, x2, y2 = parsed[0]
     return 1.0 if 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height else 0.0
+
+
+def seg_box_format_reward(text, width, height):
+    """R_seg of Seg-RISE's --no-points ablation (box only): 1 if the answer holds JSON with a
+    4-number box, 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height, else 0
+    (seg_format_reward without the two points)."""
+    box = parse_seg_box(seg_answer(text))
+    return 1.0 if box and 0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height else 0.0
 
 
 def crop_box(image, box):
@@ -381,7 +427,7 @@ def crop_box(image, box):
 
 
 def clip_semantic_reward(model, preprocess, tokenizer, image, boxes, instruction, text_cache=None):
-    """Seg-RISE R_sem (SPEC 5.3): for each box, max(0, cos(CLIP_img(crop), CLIP_txt(instr))).
+    """Seg-RISE R_sem (Seg-RISE paper, section 4, eqs. 4-5): for each box, max(0, cos(CLIP_img(crop), CLIP_txt(instr))).
 
     model/preprocess/tokenizer: an open_clip model, its image transform and tokenizer.
     boxes: one box (original-image pixels) or None per completion of the group. All valid
@@ -412,7 +458,7 @@ def clip_semantic_reward(model, preprocess, tokenizer, image, boxes, instruction
 
 # ---------------------------------------------------------------------------- metrics
 def jsd(p, q):
-    """Jensen-Shannon divergence, natural log, in [0, ln 2] (RISE evaluation, SPEC 5.2):
+    """Jensen-Shannon divergence, natural log, in [0, ln 2] (arXiv 2508.13229, eq. 11):
 
         JSD = 0.5 KL(p || m) + 0.5 KL(q || m),  m = (p + q) / 2
 
@@ -482,7 +528,7 @@ def _average_precision(dets, gts_by_img, iou_thresh):
 
 
 def map50(predictions, ground_truths, iou_thresh=0.5):
-    """mAP@0.5, COCO style (SPEC 5.2 step 6), agreeing with pycocotools COCOeval:
+    """mAP@0.5, COCO style (arXiv 2508.13229, "Evaluation Metrics"), agreeing with pycocotools COCOeval:
     per class, detections of all images sorted by score (stable), greedily matched to the
     best unmatched GT of their image with IoU >= 0.5; AP = mean of the interpolated
     precision at the 101 recall points 0, 0.01, ..., 1; mAP = mean over classes present
@@ -511,21 +557,35 @@ def map50(predictions, ground_truths, iou_thresh=0.5):
     return float(np.mean(aps)) if aps else 0.0
 
 
-def mask_iou_stats(pred_masks, gt_masks):
-    """Seg-RISE metrics (SPEC 5.3): gIoU = mean over samples of |P & G| / |P | G|, cIoU =
-    sum |P & G| / sum |P | G|. None prediction = empty mask. Empty vs empty is a perfect
-    answer: IoU 1.0 (cIoU 1.0 when every union is empty). No samples -> (0.0, 0.0)."""
-    if len(pred_masks) != len(gt_masks):
-        raise ValueError("mask_iou_stats: lists differ in length")
-    ious, inter_sum, union_sum = [], 0, 0
-    for p, g in zip(pred_masks, gt_masks):
-        g = np.asarray(g, dtype=bool)
-        p = np.zeros_like(g) if p is None else np.asarray(p, dtype=bool)
-        if p.shape != g.shape:
-            raise ValueError("mask_iou_stats: mask shapes differ %s vs %s" % (p.shape, g.shape))
-        inter, union = int(np.logical_and(p, g).sum()), int(np.logical_or(p, g).sum())
-        ious.append(inter / union if union else 1.0)
-        inter_sum, union_sum = inter_sum + inter, union_sum + union
+def mask_counts(pred, gt):
+    """(|P & G|, |P | G|) of two HxW masks, in pixels; a None prediction (an unparsable
+    answer) is an empty mask. Raises ValueError when the shapes differ."""
+    g = np.asarray(gt, dtype=bool)
+    p = np.zeros_like(g) if pred is None else np.asarray(pred, dtype=bool)
+    if p.shape != g.shape:
+        raise ValueError("mask shapes differ %s vs %s" % (p.shape, g.shape))
+    return int(np.logical_and(p, g).sum()), int(np.logical_or(p, g).sum())
+
+
+def iou_from_counts(counts, parsed):
+    """gIoU and cIoU of Seg-RISE from per-sample mask_counts [(inter, union)], so that ranks
+    can merge counts: gIoU = mean of inter / union, cIoU = sum inter / sum union. A sample
+    whose answer did not parse (parsed[i] False) scores IoU 0; an empty union (empty
+    prediction and GT) is IoU 1.0 (cIoU 1.0 when every union is empty). No samples -> (0.0, 0.0)."""
+    ious = [0.0 if not ok else inter / union if union else 1.0
+            for (inter, union), ok in zip(counts, parsed)]
     if not ious:
         return 0.0, 0.0
-    return float(np.mean(ious)), (inter_sum / union_sum if union_sum else 1.0)
+    union_sum = sum(union for _, union in counts)
+    return float(np.mean(ious)), (sum(inter for inter, _ in counts) / union_sum if union_sum else 1.0)
+
+
+def mask_iou_stats(pred_masks, gt_masks):
+    """Seg-RISE metrics: gIoU = mean over samples of |P & G| / |P | G|, cIoU =
+    sum |P & G| / sum |P | G| (iou_from_counts). A None prediction (an unparsable answer)
+    scores IoU 0 and counts as an empty mask in cIoU. An empty predicted mask vs an empty GT
+    is IoU 1.0 (cIoU 1.0 when every union is empty). No samples -> (0.0, 0.0)."""
+    if len(pred_masks) != len(gt_masks):
+        raise ValueError("mask_iou_stats: lists differ in length")
+    counts = [mask_counts(pred, g) for pred, g in zip(pred_masks, gt_masks)]
+    return iou_from_counts(counts, [pred is not None for pred in pred_masks])

@@ -1,6 +1,7 @@
 """rise_r1.py -- RISE stage 2, "Inspire & Strengthen" (RISE-R1): SFT on high-reward CoTs, then GRPO.
 
-Paper: ../shared/papers/rise-annotation.txt, section "RISE-R1"; SPEC 5.2.
+Paper: "RISE: Enhancing VLM Image Annotation with Self-Supervised Reasoning" (arXiv 2508.13229),
+section "RISE-R1: Training VLM for Enhanced CoTs" (SFT loss eq. 8, reward eq. 9, objective eq. 10).
 
   1. D_high = records of cots.jsonl (from rise_cot.py) with reward >= tau   -> high_quality()
   2. SFT on D_high: image + task prompt -> "<think>c*</think><answer>a</answer>",
@@ -25,7 +26,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
 from tqdm import tqdm
 
 import data
@@ -47,32 +47,19 @@ def parse_args(argv=None):
     p.add_argument("--stages", default="sft,grpo", help="sft | grpo | sft,grpo")
     p.add_argument("--sft-target", default="think", choices=["think", "plain"],
                    help="think: <think>c</think><answer>a</answer> on D_high; plain: the answer alone, all data")
-    p.add_argument("--sft-steps", type=int, default=None)
+    p.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer updates (as --max-steps)")
     p.add_argument("--sft-lr", type=float, default=None, help="default: --lr")
-    p.add_argument("--shots", type=int, default=None, help="K per class (cls) or K in total (det)")
+    p.add_argument("--shots", type=int, default=None,
+                   help="K per class (classification, COCO-Sub detection) or K in total (LISA detection)")
     p.add_argument("--baseline", default=None, help="predictions.jsonl of a baseline, for the win rate")
     p.add_argument("--eval-prompt", default=None, choices=["r1", "plain"],
                    help="prompt at evaluation (default: plain for --sft-target plain models, else r1)")
-    p.add_argument("--preset", default="auto", choices=["auto", "paper", "tiny"])
-    for key in PAPER:
-        p.set_defaults(**{key: None})
-    args = p.parse_args(argv)
-    tiny = args.preset == "tiny" or (args.preset == "auto" and args.model == vlm.TINY_BASE)
-    for key, value in (TINY if tiny else PAPER).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    args = run.parse_with_preset(p, argv, PAPER, TINY)
     args.stages = [s for s in args.stages.split(",") if s]
     return args
 
 
 # ---------------------------------------------------------------------------- data and prompts
-def manifest_path(arg, seed, split):
-    """A manifest path, or a shapes-world task name (default soft_cls)."""
-    if arg and arg.endswith(".jsonl"):
-        return Path(arg)
-    return vlm.default_shapes_world(seed) / (arg or "soft_cls") / f"{split}.jsonl"
-
-
 def load(path, skip_bad):
     task = "cls" if "probs" in Path(path).open().readline() else "det"
     records, skipped = data.read_manifest(path, task, skip_bad=skip_bad)
@@ -80,40 +67,49 @@ def load(path, skip_bad):
 
 
 def few_shot(records, task, k, seed):
-    """K samples per class (classification, by argmax) or K in total (detection), seeded."""
+    """The few-shot rows of RISE (arXiv 2508.13229, "Results on Image Annotation Tasks", Tables 1-2), seeded:
+    K samples per class for classification (class = the argmax: Emotion6, ImageNet-Sub) and for
+    class-labelled detection (COCO-Sub: every record has a category_id; one record per image and
+    class); K in total for detection without classes (LISA: one instruction per image)."""
     rng = random.Random(seed)
-    if task == "det":
+    if task == "det" and not all("category_id" in r for r in records):
         return rng.sample(records, min(k, len(records)))
     by_class = {}
     for r in records:
-        by_class.setdefault(r["classes"][int(np.argmax(r["probs"]))], []).append(r)
+        cls = r["category_id"] if task == "det" else r["classes"][int(np.argmax(r["probs"]))]
+        by_class.setdefault(cls, []).append(r)
     return [r for cls in sorted(by_class) for r in rng.sample(by_class[cls], min(k, len(by_class[cls])))]
 
 
-def prompt(record, kind="r1"):
-    multi = len(record.get("boxes", [])) > 1
-    if "probs" in record:
-        template = data.R1_PROMPT_CLS if kind == "r1" else data.PLAIN_PROMPT_CLS
-        return template.format(class_list=data.class_list(record["classes"]))
-    template = {("r1", False): data.R1_PROMPT_DET, ("r1", True): data.R1_PROMPT_MULTI_DET,
-                ("plain", False): data.PLAIN_PROMPT_DET, ("plain", True): data.PLAIN_PROMPT_MULTI_DET}
-    return template[kind, multi].format(target=record["target"])
-
-
-def annotation(record, image, model):
-    """(ground truth for the reward, its text for the SFT target), boxes in the model's frame."""
+def annotation(record, image, model, processor):
+    """(ground truth for the reward, its text for the SFT target), boxes in the model's frame
+    (Qwen2.5-VL: pixels of the processor's resized input, so the processor is needed)."""
     if "probs" in record:
         return dict(zip(record["classes"], record["probs"])), data.format_probs(record["classes"], record["probs"])
-    boxes = [vlm.to_model_frame(b, model.config.model_type, image.size) for b in record["boxes"]]
-    return boxes, data.format_boxes(boxes) if len(boxes) > 1 else data.format_box(boxes[0])
+    boxes = [vlm.to_model_frame(b, model.config.model_type, image.size, processor) for b in record["boxes"]]
+    return boxes, data.format_annotation(record, boxes)
 
 
-def sft_conversation(record, cot, image, model):
+def sft_conversation(record, cot, image, model, processor):
     """SFT example: task prompt -> "<think>c*</think><answer>a</answer>" (cot=None: plain answer)."""
-    _, text = annotation(record, image, model)
+    _, text = annotation(record, image, model, processor)
     if cot is None:
-        return [vlm.user_turn(prompt(record, "plain")), vlm.assistant_turn(text)]
-    return [vlm.user_turn(prompt(record, "r1")), vlm.assistant_turn(f"<think>{cot}</think><answer>{text}</answer>")]
+        return [vlm.user_turn(prompt("plain", record, image, model, processor)), vlm.assistant_turn(text)]
+    return [vlm.user_turn(prompt("r1", record, image, model, processor)),
+            vlm.assistant_turn(f"<think>{cot}</think><answer>{text}</answer>")]
+
+
+def prompt(style, record, image, model, processor):
+    """data.prompt with the box frame of this model and image stated (detection)."""
+    return data.prompt(style, record, frame=vlm.box_frame(model.config.model_type, image.size, processor))
+
+
+def sample_problem(record, model, processor, style="r1", max_prompt_len=None):
+    """Why a record's prompt cannot be processed (over max_prompt_len, an image the processor
+    refuses or that cannot be opened), or None: run.usable skips and counts such samples."""
+    image = data.open_image(record["image_path"])
+    conv = [vlm.user_turn(prompt(style, record, image, model, processor))]
+    return vlm.prompt_problem(processor, conv, [image], max_prompt_len)
 
 
 def high_quality(cots_path, records, tau):
@@ -134,8 +130,8 @@ def predict(model, processor, records, task, kind="r1", batch_size=16, max_new_t
     preds = []
     for start in tqdm(range(0, len(records), batch_size), desc="eval"):
         chunk = records[start:start + batch_size]
-        images = [Image.open(r["image_path"]).convert("RGB") for r in chunk]
-        batch = vlm.chat_inputs(processor, [[vlm.user_turn(prompt(r, kind))] for r in chunk], [[im] for im in images])
+        images = [data.open_image(r["image_path"]) for r in chunk]
+        batch = vlm.chat_inputs(processor, [[vlm.user_turn(prompt(kind, r, im, model, processor))] for r, im in zip(chunk, images)], [[im] for im in images])
         texts = vlm.sample(model, processor, batch, 1, max_new_tokens, do_sample=False)["texts"]
         for r, im, text in zip(chunk, images, texts):
             answer = (rewards.answer_text(text) if kind == "r1" else text) or ""
@@ -182,23 +178,30 @@ def main(argv=None):
     model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
 
     if args.eval:                                               # ---- evaluation only
-        records, task, skipped = load(manifest_path(args.test or args.data, args.seed, "test"), args.skip_bad)
+        records, task, skipped = load(run.manifest_path(args.test or args.data, "test", args.seed, "soft_cls"), args.skip_bad)
         records = records[:args.n_test]
+        # one sample that cannot be processed is skipped and counted, never the end of the evaluation
+        records, bad = run.usable(records, lambda r: sample_problem(r, model, processor, args.eval_prompt or "r1"),
+                                  rank, world, out, split="test")
         preds = run.gather_records(predict(model, processor, run.shard(records, rank, world), task,
                                            args.eval_prompt or "r1", max_new_tokens=args.max_new_tokens))
         if rank == 0:
             order = {r["id"]: i for i, r in enumerate(records)}
             preds.sort(key=lambda p: order[p["id"]])        # ranks evaluated interleaved shards
-            metrics = dict(metrics_of(preds, records, task, args.baseline), skipped_records=skipped)
+            metrics = dict(metrics_of(preds, records, task, args.baseline), skipped_records=skipped,
+                           skipped_samples=len(bad))
             (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
             (out / "eval.json").write_text(json.dumps(metrics, indent=1))
             print(json.dumps(metrics))
         return
 
     # ---- data
-    records, task, skipped = load(manifest_path(args.data, args.seed, "train"), args.skip_bad)
+    records, task, skipped = load(run.manifest_path(args.data, "train", args.seed, "soft_cls"), args.skip_bad)
     if args.shots:
         records = few_shot(records, task, args.shots, args.seed)
+    # a sample whose prompt cannot be processed is skipped (OUT/skipped.jsonl), never fatal
+    records, _ = run.usable(records, lambda r: sample_problem(r, model, processor, "r1", args.max_prompt_len),
+                            rank, world, out)
     if rank == 0:
         print(f"[rise_r1] {len(records)} training samples ({skipped} skipped), stages {args.stages}")
 
@@ -208,8 +211,9 @@ def main(argv=None):
     cfg = vlm.deepspeed_config(args.deepspeed or Path(__file__).with_name("ds_zero2.json"),
                                lr=args.sft_lr or args.lr, weight_decay=args.weight_decay, grad_accum=args.grad_accum)
     engine = vlm.deepspeed_engine(model, cfg)
-    state = (run.load_checkpoint(engine, out) if args.resume else None) or {"stage": args.stages[0], "step": 0}
-    run.prepare_out(out, rank, args.resume, state["step"], ("metrics.jsonl",), stage=state["stage"])
+    ckpt = run.load_checkpoint(engine, out) if args.resume else None
+    run.prepare_out(out, rank, ckpt)                 # --resume: metrics.jsonl cut back to the checkpoint
+    state = ckpt or {"stage": args.stages[0], "step": 0}
     guard = run.NonFiniteGuard()
 
     # ---- stage 1: SFT
@@ -218,55 +222,60 @@ def main(argv=None):
             pairs, pass_rate = high_quality(args.cots, records, args.tau)
             if rank == 0:
                 print(f"[rise_r1] D_high: {len(pairs)} CoTs with reward >= {args.tau} (pass rate {pass_rate:.0%})")
-            run.log(out, rank, {"step": 0, "stage": "sft", "tau": args.tau, "pass_rate": pass_rate})
+            if state["step"] == 0:              # resumed later in the SFT: logged before its checkpoint
+                run.log(out, rank, {"step": 0, "stage": "sft", "tau": args.tau, "pass_rate": pass_rate})
         else:
             pairs = [(r, None) for r in records]
         if not pairs:
             raise SystemExit(f"no SFT data: no CoT reached tau={args.tau}")
-        for step in tqdm(range(state["step"], args.sft_steps), desc="sft", disable=rank != 0):
+        sft_micro = args.sft_steps * args.grad_accum      # --sft-steps counts optimizer updates (as TRL/HF)
+        for step in tqdm(range(state["step"], sft_micro), desc="sft", disable=rank != 0):
             picks = torch.randint(len(pairs), (args.batch_size,), generator=torch.Generator().manual_seed(
                 args.seed * 100003 + step * world + rank)).tolist()
             convs, images = [], []
             for r, cot in (pairs[i] for i in picks):
-                im = Image.open(r["image_path"]).convert("RGB")
-                convs.append(sft_conversation(r, cot, im, model))
+                im = data.open_image(r["image_path"])
+                convs.append(sft_conversation(r, cot, im, model, processor))
                 images.append([im])
             loss = vlm.sft_loss(engine, processor, convs, images)
-            skipped_update = not math.isfinite(loss.item())
-            if not skipped_update:
-                grpo.apply_update(engine, None, loss)
-            guard.check(skipped_update, step)
-            run.log(out, rank, {"step": step, "stage": "sft", "loss": loss.item()})
-            if (step + 1) % args.save_every == 0:
+            guard.update(engine, loss, step, window=grpo.accumulation(step, sft_micro, args.grad_accum))
+            run.log(out, rank, {"step": step, "stage": "sft", "loss": loss.item(), "updates": engine.global_steps})
+            if (step + 1) % (args.save_every * args.grad_accum) == 0:
                 run.save_checkpoint(engine, out, step + 1, {"stage": "sft"})
-        state = {"stage": "grpo", "step": 0}
+        run.save_final(engine, processor, out, name="sft")     # GRPO's reference policy, before the
+        state = {"stage": "grpo", "step": 0}                   # checkpoint that resumes in GRPO needs it
         run.save_checkpoint(engine, out, 0, state)
-        run.save_final(engine, processor, out, name="sft")     # GRPO's reference policy
 
     # ---- stage 2: GRPO with reward = Sim + R_fmt
     if "grpo" in args.stages:
-        for group in engine.optimizer.param_groups:            # SFT may have used another lr
-            group["lr"] = args.lr
+        if state["step"] == 0:                  # a new phase, as a separate run: fresh AdamW, GRPO's lr
+            grpo.fresh_optimizer(engine, args.lr)
+        else:                                   # resumed inside GRPO: the checkpoint's AdamW state
+            for group in engine.optimizer.param_groups:
+                group["lr"] = args.lr
+        micro_steps = args.max_steps * args.grad_accum    # --max-steps counts optimizer updates
         ref_name = str(out / "sft") if "sft" in args.stages else args.model
         ref = vlm.reference_model(ref_name, cfg, device=engine.device, max_pixels=args.max_pixels) \
             if args.beta else None
         G = args.num_generations
         order = run.data_order(len(records), args.seed)
-        for step in tqdm(range(state["step"], args.max_steps), desc="grpo", disable=rank != 0):
+        for step in tqdm(range(state["step"], micro_steps), desc="grpo", disable=rank != 0):
             t0 = time.time()
             batch = run.step_items(records, order, step, args.batch_size, rank, world)
-            images = [Image.open(r["image_path"]).convert("RGB") for r in batch]
-            gts = [annotation(r, im, model)[0] for r, im in zip(batch, images)]
+            images = [data.open_image(r["image_path"]) for r in batch]
+            gts = [annotation(r, im, model, processor)[0] for r, im in zip(batch, images)]
             reward_fn = lambda texts, owner: [rewards.rise_r1_reward(t, gts[i], task)  # noqa: E731
                                               for t, i in zip(texts, owner)]
-            stats, _, _ = grpo.grpo_step(engine, processor, [[vlm.user_turn(prompt(r))] for r in batch],
+            stats, _, _ = grpo.grpo_step(engine, processor, [[vlm.user_turn(prompt("r1", r, im, model, processor))] for r, im in zip(batch, images)],
                                          [[im] for im in images], reward_fn, ref_model=ref, group_size=G,
                                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                                          max_prompt_len=args.max_prompt_len, beta=args.beta, norm=args.loss_norm,
-                                         scale_rewards=args.scale_rewards == "group")
+                                         scale_rewards=args.scale_rewards == "group",
+                                         window=grpo.accumulation(step, micro_steps, args.grad_accum))
             guard.check(stats["skipped"], step)
-            run.log(out, rank, dict(stats, step=step, stage="grpo", seconds=round(time.time() - t0, 2)))
-            if (step + 1) % args.save_every == 0:
+            run.log(out, rank, dict(stats, step=step, stage="grpo", updates=engine.global_steps,
+                                    seconds=round(time.time() - t0, 2)))
+            if (step + 1) % (args.save_every * args.grad_accum) == 0:
                 run.save_checkpoint(engine, out, step + 1, {"stage": "grpo"})
 
     # ---- save

@@ -1,20 +1,25 @@
-"""run.py -- the run directory the four pipeline scripts share (SPEC 7 and 8).
+"""run.py -- the run directory the four pipeline scripts share.
 
 Why a file of its own: rise_cot.py, rise_r1.py, seg_rise.py and visrl.py would otherwise each
 repeat the same plumbing. Nothing here knows about models or papers:
 
   common_args()      the command line every script has (--model --data --out --seed ...)
+  parse_with_preset()   --preset paper|tiny|auto fills the options left unset (is_tiny())
+  manifest_path()    --data / --test: a .jsonl path, or a shapes-world task in the cache
   start()            distributed start, per-rank seeds, OUT/args.json
   log()              one JSON line per step in OUT/metrics.jsonl (rank 0), flushed
   append_jsonl(), done_ids()   record-by-record outputs that survive kill -9 and resume
   gather_records()   per-rank records -> rank 0, so one file gets every record exactly once
   save_checkpoint(), load_checkpoint()   model, optimizer, scheduler, step, RNG, data position
+  record_counts(), prepare_out()   --resume: appended files cut back to the checkpoint, no record twice
+  usable()           skip (count, list in OUT/skipped.jsonl) samples that cannot be processed
   save_final()       OUT/final/ (save_pretrained, loadable by --model; ZeRO-3 weights gathered)
-  NonFiniteGuard     skip a non-finite loss, stop after three in a row
+  NonFiniteGuard     update() skips a non-finite loss, three in a row stop the run
   plot()             reward / KL / length curves of a run as PNG: python run.py plot RUN_DIR
 """
 import argparse
 import json
+import math
 import os
 import random
 import shutil
@@ -24,18 +29,20 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import grpo
 import vlm
 
 
 def common_args(script, description, **defaults):
-    """The shared command line (SPEC 9). `defaults` overrides per script (e.g. lr=2e-6)."""
+    """The shared command line. `defaults` overrides per script (e.g. lr=2e-6)."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--model", default=vlm.TINY_BASE, help="hub id or local dir (default: the tiny base)")
     p.add_argument("--data", default=None, help="training manifest (default: shapes world)")
     p.add_argument("--test", default=None, help="test manifest for --eval (default: shapes world)")
     p.add_argument("--out", default=f"runs/{script}")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--max-steps", type=int, default=200)
+    p.add_argument("--max-steps", type=int, default=200,
+                   help="optimizer updates, each of --grad-accum micro-steps (as TRL/HF count steps)")
     p.add_argument("--num-generations", "-G", type=int, default=8)
     p.add_argument("--batch-size", type=int, default=1, help="prompts per rank per micro-step")
     p.add_argument("--grad-accum", type=int, default=2)
@@ -50,7 +57,7 @@ def common_args(script, description, **defaults):
     p.add_argument("--scale-rewards", default="group", choices=["group", "none"])
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--deepspeed", default=None, help="ZeRO config JSON (default ds_zero2.json)")
-    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N steps (for --resume)")
+    p.add_argument("--save-every", type=int, default=50, help="checkpoint every N optimizer updates (for --resume)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
     p.add_argument("--eval", action="store_true", help="evaluate --model on --test (no training)")
     p.add_argument("--n-test", type=int, default=None, help="evaluate on the first N test records")
@@ -58,6 +65,40 @@ def common_args(script, description, **defaults):
     p.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)   # set by the launcher
     p.set_defaults(**defaults)
     return p
+
+
+def is_tiny(model):
+    """The tiny base, or a local dir holding a model as small as it (its config says so)."""
+    if model == vlm.TINY_BASE:
+        return True
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return False
+    cfg = json.loads(config.read_text())
+    return cfg.get("text_config", cfg).get("hidden_size", 1e9) <= 512
+
+
+def parse_with_preset(p, argv, paper, tiny):
+    """Parse the command line; every option named in a preset that was not given takes the
+    preset's value: `tiny` (dict) for --preset tiny, or --preset auto with a tiny model
+    (is_tiny), else `paper`. An option only one preset names stays None under the other."""
+    p.add_argument("--preset", default="auto", choices=["auto", "paper", "tiny"],
+                   help="defaults for unset options: tiny for a tiny model (auto), else the paper's")
+    p.set_defaults(**{key: None for key in {**paper, **tiny}})       # None = "take the preset"
+    args = p.parse_args(argv)
+    chosen = tiny if args.preset == "tiny" or (args.preset == "auto" and is_tiny(args.model)) else paper
+    for key, value in chosen.items():
+        if getattr(args, key, None) is None:
+            setattr(args, key, value)
+    return args
+
+
+def manifest_path(name, split, seed, default_task, world=None):
+    """--data / --test -> a manifest: a .jsonl path as given; otherwise the shapes-world task
+    `name` (or default_task) of `world` (default: the cache's shapes world of `seed`)."""
+    if name and Path(name).suffix == ".jsonl":
+        return Path(name)
+    return Path(world or vlm.default_shapes_world(seed)) / (name or default_task) / f"{split}.jsonl"
 
 
 def start(args):
@@ -110,17 +151,41 @@ def read_jsonl(path):
     return records
 
 
-def prepare_out(out, rank, resume, step, outputs, stage=None):
-    """A fresh run deletes the old outputs; a resumed one drops metrics logged after the
-    checkpoint it restarts from (they will be logged again), so no step appears twice."""
+# ---------------------------------------------------------------------------- resume
+# One resume system for the four pipelines. A checkpoint (save_checkpoint; visrl: its progress.json
+# after each phase) stores how many records each appended file held when it was taken
+# (record_counts). A run resumed from it cuts those files back to that many records
+# (prepare_out) and the steps after the checkpoint run and log again: no record is lost or
+# written twice, whatever the moment of a kill -9. Files written per sample id (cots.jsonl,
+# candidates.jsonl) instead keep every record and skip the ids they hold (done_ids).
+def record_counts(out, logged=("metrics.jsonl",)):
+    """{file name: complete records in OUT/file} of the appended files, rank 0's count on every rank."""
+    counts = [{name: len(read_jsonl(Path(out) / name)) for name in logged}
+              if not torch.distributed.is_initialized() or torch.distributed.get_rank() == 0 else None]
+    if torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        torch.distributed.broadcast_object_list(counts, src=0)
+    return counts[0]
+
+
+def prepare_out(out, rank, state, logged=("metrics.jsonl",), fresh=()):
+    """Make OUT match the state a run starts from before it writes anything.
+
+    state: the checkpoint's state (holding "records" from record_counts), or None for a fresh
+    start (also --resume before the first checkpoint). Each `logged` file is cut back to the
+    records it held at the checkpoint (emptied without one), atomically; the `fresh` files
+    (written per sample id) are deleted on a fresh start and kept on a resume."""
     if rank == 0:
-        if not resume:
-            for name in outputs:
+        counts = (state or {}).get("records", {})
+        for name in logged:
+            path = Path(out) / name
+            if path.exists():
+                kept = read_jsonl(path)[:counts.get(name, 0)]
+                tmp = path.with_name(path.name + ".tmp")
+                tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+                os.replace(tmp, path)
+        if state is None:
+            for name in fresh:
                 (Path(out) / name).unlink(missing_ok=True)
-        else:
-            kept = [r for r in read_jsonl(Path(out) / "metrics.jsonl")
-                    if (stage is not None and r.get("stage") != stage) or r["step"] < step]
-            (Path(out) / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in kept))
     vlm.barrier()
 
 
@@ -135,6 +200,52 @@ def gather_records(records):
     gathered = [None] * torch.distributed.get_world_size()
     torch.distributed.all_gather_object(gathered, list(records))
     return [r for part in gathered for r in part]
+
+
+def partition(records, problem):
+    """(records `problem(record)` finds nothing wrong with, [(record, why) for the others])."""
+    ok, bad = [], []
+    for rec in records:
+        why = problem(rec)
+        (bad.append((rec, why)) if why else ok.append(rec))
+    return ok, bad
+
+
+def usable(records, problem, rank, world, out=None, split="train"):
+    """The records whose sample can be processed; the others are skipped, counted and reported.
+
+    problem(record) -> None, or why the sample cannot be processed (e.g. vlm.prompt_problem: a
+    prompt over --max-prompt-len, an image the processor refuses); an exception it raises counts
+    as the reason. Every rank checks its share and all ranks get the same list, so one bad sample
+    never aborts a run (nor desynchronises the ranks). Rank 0 prints each skipped id and writes
+    {id, split, reason} to OUT/skipped.jsonl (replacing that split's earlier lines: a resumed run
+    lists each sample once). Returns (usable records, skipped list).
+    """
+    bad = []
+    for rec in shard(records, rank, world):
+        try:
+            why = problem(rec)
+        except Exception as e:              # noqa: BLE001 -- any failure of one sample is its own
+            why = f"{type(e).__name__}: {e}"
+        if why:
+            bad.append({"id": rec["id"], "split": split, "reason": str(why)[:500]})
+    bad = gather_records(bad)
+    ids = {b["id"] for b in bad}
+    if rank == 0 and out is not None:
+        path = Path(out) / "skipped.jsonl"
+        lines = [r for r in read_jsonl(path) if r.get("split") != split] + bad
+        if lines or path.exists():
+            path.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in lines))
+    if rank == 0 and bad:
+        for b in bad:
+            print(f"warning: skipped {split} sample {b['id']!r}: {b['reason']}", file=sys.stderr)
+        print(f"warning: skipped {len(bad)} of {len(records)} {split} sample(s)"
+              + (f" (listed in {Path(out) / 'skipped.jsonl'})" if out is not None else ""), file=sys.stderr)
+    kept = [r for r in records if r["id"] not in ids]
+    if records and not kept and split == "train":
+        raise SystemExit(f"every one of the {len(records)} {split} samples was skipped: first reason: "
+                         f"{bad[0]['reason']}")
+    return kept, bad
 
 
 def shard(items, rank, world):
@@ -156,13 +267,14 @@ def step_items(items, order, step, per_rank, rank, world):
 
 
 # ---------------------------------------------------------------------------- checkpoints
-def save_checkpoint(engine, out, step, state):
-    """DeepSpeed checkpoint (model, optimizer, scheduler) + our state (step, data position, RNG).
+def save_checkpoint(engine, out, step, state, logged=("metrics.jsonl",)):
+    """DeepSpeed checkpoint (model, optimizer, scheduler) + our state (step, data position, RNG,
+    and the record count of each `logged` file, for prepare_out on --resume).
 
     DeepSpeed writes the tag folder first and the `latest` pointer last, so a kill during a
     save leaves `latest` on the previous complete checkpoint.
     """
-    state = dict(state, step=step, rng=_rng_state())
+    state = dict(state, step=step, rng=_rng_state(), records=record_counts(out, logged))
     engine.save_checkpoint(str(Path(out) / "ckpt"), tag=f"step{step}", client_state={"run_state": state})
     if torch.distributed.get_rank() == 0:           # keep only the newest complete checkpoint
         for old in (Path(out) / "ckpt").glob("step*"):
@@ -220,6 +332,15 @@ class NonFiniteGuard:
 
     def __init__(self, limit=3):
         self.limit, self.in_a_row = limit, 0
+
+    def update(self, engine, loss, step, window=None):
+        """The guarded update: backward + optimizer step of `loss` (grpo.apply_update, DeepSpeed
+        engine) unless it is NaN or infinite, which never reaches the weights. Returns skipped."""
+        skipped = not math.isfinite(loss.item())
+        if not skipped:
+            grpo.apply_update(engine, None, loss, window=window)
+        self.check(skipped, step)
+        return skipped
 
     def check(self, skipped, step):
         self.in_a_row = self.in_a_row + 1 if skipped else 0

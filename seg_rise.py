@@ -1,7 +1,7 @@
 """seg_rise.py -- Seg-RISE: instruction segmentation learnt from a self-supervised semantic reward.
 
-Paper: ../shared/papers/rise-segmentation.md ("Reasoning via Implicit Self-supervised Emergence
-for Instruction Segmentation"); SPEC 5.3.
+Paper: "Reasoning via Implicit Self-supervised Emergence for Instruction Segmentation" (Zhou et al.
+2025; no arXiv id printed), section 4 "Method: RISE" (rewards eqs. 4-6), section 5 (evaluation).
 
 Training sees an image I and an instruction T only: no mask, no box.
   1. the policy writes G answers per (I, T)                                   -> prompt_text()
@@ -23,11 +23,11 @@ and both points as positive clicks; the best-scoring of its masks) -> mask      
 The semantic scorer. The paper uses CLIP ViT-B/32 (--clip ViT-B-32 --clip-ckpt FILE_OR_TAG).
 A random CLIP gives a meaningless reward and nothing can be downloaded here, so the default,
 --clip shapes, is a small open_clip CLIP the project trains contrastively on shapes-world crops
-and their names in a few CPU minutes, cached like the tiny base          -> build_shapes_clip()
+and their names in a few CPU minutes, cached like the tiny base     -> tiny.build_shapes_clip()
 
     deepspeed seg_rise.py                                        # tiny base + shapes world, CPU
     deepspeed seg_rise.py --eval --model runs/seg_rise/final --save-vis runs/seg_rise/vis
-    python seg_rise.py --build-clip                              # (re)build the shapes CLIP, report it
+    python tiny.py clip                                          # (re)build the shapes CLIP, report it
     deepspeed --num_gpus 8 seg_rise.py --model Qwen/Qwen2.5-VL-3B-Instruct \\
         --data refcocog/train.jsonl --clip ViT-B-32 --clip-ckpt openai --deepspeed ds_zero3.json
     deepspeed seg_rise.py --eval --model runs/seg_rise/final --test reasonseg/test/seg.jsonl \\
@@ -42,24 +42,26 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
-from PIL import Image
 from tqdm import tqdm
 
 import data
 import grpo
 import rewards
 import run
+import tiny
 import vlm
 
 # Paper: Qwen2.5-VL-3B, G = 8, lr 1e-6, KL 5e-3 (Seg-Zero's setting); 2,000 RefCOCOg pairs. The
 # paper prints neither the batch nor the number of steps: 125 steps x 2 prompts x 8 GPUs = one pass.
+# Images: Seg-Zero resizes every image to 840x840 = 705,600 pixels (900 image tokens of Qwen2.5-VL);
+# here the same pixel budget, with the aspect ratio kept by Qwen's own resize (smart_resize). The
+# prompt limit 1280 is ours (900 image tokens + the instruction; the paper states none).
 PAPER = dict(lr=1e-6, beta=5e-3, max_steps=125, num_generations=8, batch_size=2, grad_accum=1,
-             max_new_tokens=512, save_every=25)
+             max_new_tokens=512, save_every=25, max_pixels=840 * 840, max_prompt_len=1280)
 # Tiny base on one CPU: ~4.5 minutes (~2.2 s a step); R_sem rises from ~0.14 to ~0.17 over the run
 # (see the README's Seg-RISE section for what that does and does not mean on the shapes world).
 TINY = dict(lr=2e-4, beta=5e-3, max_steps=120, num_generations=8, batch_size=2, grad_accum=1,
-            max_new_tokens=128, save_every=25)
+            max_new_tokens=128, save_every=25, max_pixels=None, max_prompt_len=1024)
 TERMS = ("sem", "think", "seg")
 
 # --no-points: the same prompts without the two points (data.py holds the other two).
@@ -81,9 +83,7 @@ def parse_args(argv=None):
                         "model name, e.g. ViT-B-32 (the paper's)")
     p.add_argument("--clip-ckpt", default=None,
                    help="open_clip checkpoint file or pretrained tag (e.g. openai) for --clip NAME; "
-                        "for --clip shapes a folder written by --build-clip (default: the cache)")
-    p.add_argument("--build-clip", action="store_true",
-                   help="build the shapes CLIP (into --clip-ckpt or the cache), report it, and exit")
+                        "for --clip shapes a folder written by python tiny.py clip (default: the cache)")
     p.add_argument("--executor", default="sam2", choices=["sam2", "box"],
                    help="mask maker for --eval: SAM2 (the paper), or the filled box (no SAM2; a quick "
                         "floor for the shapes world)")
@@ -97,15 +97,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-max-new-tokens", type=int, default=None,
                    help="token budget of --eval's greedy answers (default 2x --max-new-tokens: a greedy CoT "
                         "can repeat itself and would otherwise be cut before its answer)")
-    p.add_argument("--preset", default="auto", choices=["auto", "paper", "tiny"],
-                   help="defaults for unset options: tiny for a tiny model (auto), else the paper's")
-    for key in PAPER:                       # None = "take the preset"
-        p.set_defaults(**{key: None})
-    args = p.parse_args(argv)
-    tiny = args.preset == "tiny" or (args.preset == "auto" and _is_tiny(args.model))
-    for key, value in (TINY if tiny else PAPER).items():
-        if getattr(args, key) is None:
-            setattr(args, key, value)
+    args = run.parse_with_preset(p, argv, PAPER, TINY)
     args.eval_max_new_tokens = args.eval_max_new_tokens or 2 * args.max_new_tokens
     args.terms = [t.strip() for t in args.reward.split(",") if t.strip()]
     unknown = sorted(set(args.terms) - set(TERMS))
@@ -118,60 +110,14 @@ def parse_args(argv=None):
     return args
 
 
-def _is_tiny(model):
-    """The tiny base, or a local dir holding a model as small as it (its config says so)."""
-    if model == vlm.TINY_BASE:
-        return True
-    config = Path(model) / "config.json"
-    if not config.is_file():
-        return False
-    cfg = json.loads(config.read_text())
-    return cfg.get("text_config", cfg).get("hidden_size", 1e9) <= 512
-
-
 # ============================================================================ 1. prompts and answers
-def prompt_text(instruction, cot=True, points=True):
+def prompt_text(instruction, cot=True, points=True, frame=None):
+    """The Seg-RISE prompt; `frame` = vlm.box_frame(...) states the box frame to a real model."""
     if points:
-        template = data.SEG_PROMPT if cot else data.SEG_PROMPT_NO_COT
-    else:
-        template = SEG_PROMPT_NO_POINTS if cot else SEG_PROMPT_NO_POINTS_NO_COT
-    return template.format(instruction=instruction)
-
-
-def answer_of(text):
-    """The <answer> block, or the whole text when it has no <answer> tag (as rewards.seg_format_reward)."""
-    return rewards.answer_text(text) if isinstance(text, str) and "<answer>" in text else text
-
-
-def _is_num(v):
-    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-
-def parse_bbox(answer):
-    """The "bbox" of the first JSON object in `answer` with 4 finite numbers, x1 < x2, y1 < y2
-    (points not needed: --no-points answers and R_sem use this), else None."""
-    if not isinstance(answer, str):
-        return None
-    decoder, start = json.JSONDecoder(), answer.find("{")
-    for _ in range(rewards.MAX_JSON_TRIES):
-        if start < 0:
-            return None
-        try:
-            obj, _ = decoder.raw_decode(answer, start)
-        except (ValueError, RecursionError):
-            obj = None
-        box = obj.get("bbox") if isinstance(obj, dict) else None
-        if isinstance(box, list) and len(box) == 4 and all(map(_is_num, box)) and rewards.valid_box(box):
-            return [float(v) for v in box]
-        start = answer.find("{", start + 1)
-    return None
-
-
-def box_format_reward(text, width, height):
-    """R_seg of --no-points: 1 if the answer holds JSON with a 4-number box inside the
-    width x height frame, else 0 (rewards.seg_format_reward without the two points)."""
-    box = parse_bbox(answer_of(text))
-    return 1.0 if box and 0 <= box[0] < box[2] <= width and 0 <= box[1] < box[3] <= height else 0.0
+        return data.prompt("seg" if cot else "seg_no_cot", {"instruction": instruction}, frame=frame)
+    template = SEG_PROMPT_NO_POINTS if cot else SEG_PROMPT_NO_POINTS_NO_COT
+    note = data.BOX_FRAME_NOTE.format(width=frame[0], height=frame[1]) if frame else ""
+    return note + template.format(instruction=instruction)
 
 
 # ---- the model's coordinate frame (Qwen2-VL 0..1000, Qwen2.5-VL resized pixels) <-> pixels.
@@ -197,8 +143,8 @@ def point_to_model_frame(point, image, model_type, processor=None):
 def read_answer(text, image, model_type, processor=None, points=True):
     """A completion -> (box, points) in original-image pixels; box None when unparsable,
     points [] when absent (or with points=False)."""
-    answer = answer_of(text)
-    box = parse_bbox(answer)
+    answer = rewards.seg_answer(text)
+    box = rewards.parse_seg_box(answer)
     if box is None:
         return None, []
     pts = []
@@ -211,7 +157,7 @@ def read_answer(text, image, model_type, processor=None, points=True):
 # ============================================================================ 2. the reward
 def seg_rewards(texts, owner, images, instructions, clip, model_type, processor=None, terms=TERMS,
                 cot=True, points=True, text_cache=None):
-    """R = sum of the chosen terms of {R_sem, R_think, R_seg} for each completion (SPEC 5.3).
+    """R = sum of the chosen terms of {R_sem, R_think, R_seg} for each completion (Seg-RISE eq. 6).
 
     texts[k] answers prompt owner[k] (image images[owner[k]], instruction instructions[owner[k]]).
     clip: (model, preprocess, tokenizer) of open_clip. All crops of one prompt's group go through
@@ -231,177 +177,25 @@ def seg_rewards(texts, owner, images, instructions, clip, model_type, processor=
         fw, fh = frame_size(images[owner[k]], model_type, processor)
         parts = {"sem": sem[k],
                  "think": rewards.think_reward(text) if cot else 0.0,
-                 "seg": rewards.seg_format_reward(text, fw, fh) if points else box_format_reward(text, fw, fh)}
+                 "seg": (rewards.seg_format_reward if points else rewards.seg_box_format_reward)(text, fw, fh)}
         out.append({"reward": sum(parts[t] for t in terms), **parts})
     return out
 
 
 # ============================================================================ 3. the semantic scorer
-# The shapes-world CLIP: open_clip's CLIP class with a small ModifiedResNet image tower (the
-# architecture of CLIP RN50, one block per stage), a transformer text tower and open_clip's own BPE
-# tokenizer (bundled with the package: nothing is downloaded). Why a ResNet: on one CPU a 3-layer
-# ViT reached 65% zero-shot accuracy on held-out tight crops after 200 steps (5 minutes), the ResNet
-# 95% after 60 steps; colour is easy for both, the convolutions learn shape far faster.
-SHAPES_CLIP = dict(embed_dim=64,
-                   vision_cfg=dict(image_size=64, layers=(1, 1, 1, 1), width=16, head_width=32),
-                   text_cfg=dict(context_length=16, vocab_size=49408, width=128, heads=4, layers=3))
-CAPTIONS = [f"the {c} {s}" for c in data.COLORS for s in data.SHAPES]   # the 12 instructions
-BACKGROUND = "the background"                                          # crops with no shape
-
-
-def shapes_clip_preprocess(image, size=SHAPES_CLIP["vision_cfg"]["image_size"]):
-    """A crop -> [3, size, size] in [-1, 1]. Squashed, not centre-cropped: the whole box is seen."""
-    a = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
-    return (torch.from_numpy(a).permute(2, 0, 1) - 0.5) / 0.5
-
-
-def clip_scenes(seed, n):
-    """n shapes-world scenes (every task's generator in turn) as (image, shapes), in memory."""
-    rng, tasks, out = np.random.default_rng(seed), data.SHAPE_TASKS, []
-    for i in range(n):
-        scene, _, _ = data.GENERATORS[tasks[i % len(tasks)]](rng)
-        out.append((data.render(scene, int(rng.integers(200, 246))), scene))
-    return out
-
-
-def jitter_box(box, rng, lo=-0.12, hi=0.2, size=data.IMAGE_SIZE):
-    """Each side moved outwards by U(lo, hi) x the shape's size (negative: into the shape)."""
-    s = max(box[2] - box[0], box[3] - box[1])
-    d = rng.uniform(lo, hi, 4) * s
-    b = [box[0] - d[0], box[1] - d[1], box[2] + d[2], box[3] + d[3]]
-    return [max(0, math.floor(b[0])), max(0, math.floor(b[1])), min(size, math.ceil(b[2])), min(size, math.ceil(b[3]))]
-
-
-def background_box(scene, rng, tries=20, size=data.IMAGE_SIZE):
-    """A random square crop that touches no shape's box, or None."""
-    for _ in range(tries):
-        s = int(rng.integers(10, 41))
-        x, y = (int(v) for v in rng.integers(0, size - s + 1, 2))
-        b = [x, y, x + s, y + s]
-        if all(b[2] <= t["box"][0] or t["box"][2] <= b[0] or b[3] <= t["box"][1] or t["box"][3] <= b[1]
-               for t in scene):
-            return b
-    return None
-
-
-def clip_batch(scenes, rng, n):
-    """n (crop tensor, caption index) pairs: jittered crops of random shapes, ~1 in 13 a background crop."""
-    crops, labels = [], []
-    while len(crops) < n:
-        image, scene = scenes[int(rng.integers(len(scenes)))]
-        if rng.random() < 1 / (len(CAPTIONS) + 1):
-            box, label = background_box(scene, rng), len(CAPTIONS)
-            if box is None:
-                continue
-        else:
-            shape = scene[int(rng.integers(len(scene)))]
-            box, label = jitter_box(shape["box"], rng), CAPTIONS.index(f"the {shape['color']} {shape['shape']}")
-        crops.append(shapes_clip_preprocess(image.crop(box)))
-        labels.append(label)
-    return torch.stack(crops), torch.tensor(labels)
-
-
-def clip_loss(logits, labels):
-    """CLIP's symmetric contrastive loss when many images share a caption.
-
-    logits [B, C]: scaled cosines of B crops against the C distinct captions. Image -> text: the
-    crop's own caption among the C. Text -> image: for each caption in the batch, all crops
-    carrying it are positives (one log of their summed softmax), the rest of the batch negatives.
-    """
-    i2t = F.cross_entropy(logits, labels)
-    positives = F.one_hot(labels, logits.shape[1]).T.bool()             # [C, B]
-    present = positives.any(1)
-    t2i = -torch.logsumexp(logits.T.log_softmax(-1).masked_fill(~positives, -1e9), -1)[present].mean()
-    return (i2t + t2i) / 2
-
-
-@torch.no_grad()
-def shapes_clip_accuracy(model, tokenizer, seed=1, n_scenes=200):
-    """Zero-shot accuracy on held-out tight crops (exact boxes of unseen scenes), 12 classes."""
-    model.eval()
-    txt = F.normalize(model.encode_text(tokenizer(CAPTIONS)), dim=-1)
-    crops, labels = [], []
-    for image, scene in clip_scenes(10_000 + seed, n_scenes):
-        for shape in scene:
-            crops.append(shapes_clip_preprocess(image.crop(shape["box"])))
-            labels.append(CAPTIONS.index(f"the {shape['color']} {shape['shape']}"))
-    img = F.normalize(model.encode_image(torch.stack(crops)), dim=-1)
-    pred, labels = (img @ txt.T).argmax(1), torch.tensor(labels)
-    return {"zero_shot_accuracy": (pred == labels).float().mean().item(),
-            "colour_accuracy": (pred // len(data.SHAPES) == labels // len(data.SHAPES)).float().mean().item(),
-            "shape_accuracy": (pred % len(data.SHAPES) == labels % len(data.SHAPES)).float().mean().item(),
-            "n_crops": len(labels)}
-
-
-def build_shapes_clip(out, seed=0, steps=120, batch_size=128, n_scenes=1500, lr=1e-3, log=print):
-    """Train the shapes-world CLIP from scratch and save it to `out` (model.pt + config.json).
-
-    Deterministic for a seed (on one thread count). The training scenes come from their own
-    seed, so they are neither the pipelines' training nor their test images.
-    """
-    import open_clip
-    out, t0 = Path(out), time.time()
-    torch.manual_seed(seed)
-    model = open_clip.model.CLIP(**SHAPES_CLIP)
-    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=SHAPES_CLIP["text_cfg"]["context_length"])
-    texts = tokenizer(CAPTIONS + [BACKGROUND])
-    scenes, rng = clip_scenes(5_000 + seed, n_scenes), np.random.default_rng(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    schedule = vlm.warmup_cosine(optimizer, steps, warmup=20)
-    model.train()
-    bar = tqdm(range(steps), desc="shapes CLIP", mininterval=5)
-    for step in bar:
-        crops, labels = clip_batch(scenes, rng, batch_size)
-        img = F.normalize(model.encode_image(crops), dim=-1)
-        txt = F.normalize(model.encode_text(texts), dim=-1)
-        loss = clip_loss(model.logit_scale.exp() * img @ txt.T, labels)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        with torch.no_grad():
-            model.logit_scale.clamp_(0, math.log(100))     # as CLIP: temperature >= 0.01
-        if step % 25 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    report = shapes_clip_accuracy(model, tokenizer, seed)
-    tmp = out.with_name(out.name + ".tmp")
-    tmp.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), tmp / "model.pt")
-    (tmp / "config.json").write_text(json.dumps(
-        {"model": SHAPES_CLIP, "captions": CAPTIONS + [BACKGROUND], "seed": seed, "steps": steps,
-         "batch_size": batch_size, "seconds": round(time.time() - t0, 1), **report}, indent=1))
-    vlm.publish_dir(tmp, out)
-    log(f"[seg_rise] shapes CLIP written to {out} in {time.time() - t0:.0f}s: zero-shot accuracy "
-        f"{report['zero_shot_accuracy']:.3f} on {report['n_crops']} held-out crops (12 classes)")
-    return out
-
-
-def shapes_clip_dir(ckpt=None):
-    return Path(ckpt) if ckpt else vlm.CACHE / "shapes-clip"
-
-
+# The paper uses CLIP ViT-B/32 (--clip ViT-B-32 --clip-ckpt FILE_OR_TAG); the default, --clip shapes,
+# is the small CLIP tiny.py trains on shapes-world crops (a random CLIP gives a meaningless reward).
 def load_clip(name="shapes", ckpt=None, device="cpu"):
     """(model, preprocess, tokenizer) of the semantic scorer, frozen, in eval mode.
 
-    name "shapes": the project's shapes-world CLIP from `ckpt` (a folder) or the cache, built
-    there when missing. Any other name is an open_clip model (e.g. ViT-B-32) whose weights come
-    from `ckpt`: a checkpoint file, or a pretrained tag open_clip knows (it downloads those).
+    name "shapes": the project's shapes-world CLIP (tiny.load_shapes_clip) from `ckpt` (a folder)
+    or the cache, built there when missing. Any other name is an open_clip model (e.g. ViT-B-32)
+    whose weights come from `ckpt`: a checkpoint file, or a pretrained tag open_clip knows (it
+    downloads those).
     """
     import open_clip
     if name == "shapes":
-        folder = shapes_clip_dir(ckpt)
-        if not (folder / "config.json").exists():
-            if ckpt:
-                raise FileNotFoundError(f"{folder} holds no shapes CLIP (config.json); build one with "
-                                        f"python seg_rise.py --build-clip --clip-ckpt {folder}")
-            print(f"[seg_rise] building the shapes-world CLIP in {folder} (once; a few CPU minutes)")
-            build_shapes_clip(folder)
-        cfg = json.loads((folder / "config.json").read_text())
-        model = open_clip.model.CLIP(**cfg["model"])
-        model.load_state_dict(torch.load(folder / "model.pt", map_location="cpu", weights_only=True))
-        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["model"]["text_cfg"]["context_length"])
-        size = cfg["model"]["vision_cfg"]["image_size"]
-        preprocess = lambda im: shapes_clip_preprocess(im, size)  # noqa: E731
+        model, preprocess, tokenizer = tiny.load_shapes_clip(ckpt)
     else:
         if not ckpt:
             raise SystemExit(f"--clip {name} needs --clip-ckpt (a checkpoint file, or a pretrained tag such "
@@ -410,34 +204,6 @@ def load_clip(name="shapes", ckpt=None, device="cpu"):
         tokenizer = open_clip.get_tokenizer(name)
     model = model.to(device).eval().requires_grad_(False)
     return model, preprocess, tokenizer
-
-
-def enlarge(box, factor, size):
-    cx, cy, w, h = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, box[2] - box[0], box[3] - box[1]
-    return [max(0, cx - w * factor / 2), max(0, cy - h * factor / 2),
-            min(size[0], cx + w * factor / 2), min(size[1], cy + h * factor / 2)]
-
-
-def scorer_profile(clip, records, seed=0):
-    """Mean R_sem of typical boxes on segmentation records (a check that the reward ranks boxes
-    sensibly): the GT box, the GT box grown 1.5x and 2x, the whole image, another shape's box
-    (shapes world), and a random box."""
-    rng, rows = np.random.default_rng(seed), {}
-    for rec in records:
-        image = Image.open(rec["image_path"]).convert("RGB")
-        gt = rec["box"]
-        boxes = {"gt_box": gt, "gt_x1.5": enlarge(gt, 1.5, image.size), "gt_x2": enlarge(gt, 2, image.size),
-                 "whole_image": [0, 0, *image.size]}
-        others = [s["box"] for s in rec.get("scene", []) if s["box"] != gt]
-        if others:
-            boxes["other_shape"] = others[int(rng.integers(len(others)))]
-        w, h = image.size
-        x1, y1 = rng.uniform(0, w * 0.8), rng.uniform(0, h * 0.8)
-        boxes["random_box"] = [x1, y1, rng.uniform(x1 + 4, w), rng.uniform(y1 + 4, h)]
-        scores = rewards.clip_semantic_reward(*clip, image, list(boxes.values()), rec["instruction"])
-        for key, s in zip(boxes, scores):
-            rows.setdefault(key, []).append(s)
-    return {k: round(float(np.mean(v)), 4) for k, v in rows.items()}
 
 
 # ============================================================================ 4. the segmentation executor
@@ -480,24 +246,31 @@ def box_mask(image_size, box):
 
 
 # ============================================================================ 5. evaluation
-def mask_counts(pred, gt):
-    """(|P & G|, |P | G|) of two HxW masks; a None prediction is an empty mask."""
-    gt = np.asarray(gt, dtype=bool)
-    pred = np.zeros_like(gt) if pred is None else np.asarray(pred, dtype=bool)
-    return int(np.logical_and(pred, gt).sum()), int(np.logical_or(pred, gt).sum())
+def sample_problem(rec, processor, model_type, args):
+    """Why a record's prompt cannot be processed (too long, an image the processor refuses), or None."""
+    try:
+        image = data.open_image(rec["image_path"])
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    frame = vlm.box_frame(model_type, image.size, processor)
+    conv = [vlm.user_turn(prompt_text(rec["instruction"], args.cot, args.points, frame))]
+    return vlm.prompt_problem(processor, conv, [image], args.max_prompt_len)
 
 
 def summarise(rows):
     """Per-sample rows -> eval.json numbers. gIoU and cIoU as rewards.mask_iou_stats (mean of
-    per-sample IoU; total intersection / total union), from counts so ranks can merge them."""
+    per-sample IoU; total intersection / total union), from counts so ranks can merge them.
+    An unparsable answer (box None) scores IoU 0, whatever the GT mask. Samples that could not
+    be processed (rows with "skipped") are left out of the scores and counted in skipped_samples."""
+    n_skipped = sum("skipped" in r for r in rows)
+    rows = [r for r in rows if "skipped" not in r]
     with_mask = [r for r in rows if r.get("union") is not None]
-    ious = [r["inter"] / r["union"] if r["union"] else 1.0 for r in with_mask]
-    union = sum(r["union"] for r in with_mask)
+    giou, ciou = rewards.iou_from_counts([(r["inter"], r["union"]) for r in with_mask],
+                                         [r["box"] is not None for r in with_mask])
     with_box = [r for r in rows if r.get("box_iou") is not None]
-    return {"giou": float(np.mean(ious)) if ious else None,
-            "ciou": (sum(r["inter"] for r in with_mask) / union if union else 1.0) if with_mask else None,
+    return {"giou": giou if with_mask else None, "ciou": ciou if with_mask else None,
             "box_iou": float(np.mean([r["box_iou"] for r in with_box])) if with_box else None,
-            "unparsable": sum(r["box"] is None for r in rows), "n": len(rows),
+            "unparsable": sum(r["box"] is None for r in rows), "n": len(rows), "skipped_samples": n_skipped,
             **({"r_sem": float(np.mean([r["r_sem"] for r in rows]))} if rows and "r_sem" in rows[0] else {})}
 
 
@@ -545,24 +318,29 @@ def evaluate(model, processor, records, args, executor, rank=0, world=1, vis_dir
     """Greedy answers on `records` -> masks -> per-sample rows (all ranks' rows, merged).
 
     Unparsable answers get an empty mask and count as `unparsable`; nothing raises on bad text.
-    box_iou compares the predicted box with the tight box of the GT mask (SPEC 5.3). With a
+    box_iou compares the predicted box with the tight box of the GT mask. With a
     `clip` scorer each row also gets r_sem, the training reward of its box (0 when unparsable).
     """
     model_type, rows, n_vis = model.config.model_type, [], 0
     mine = run.shard(records, rank, world)
     bs = args.eval_batch_size
     for start in tqdm(range(0, len(mine), bs), desc="eval", disable=rank != 0):
-        chunk = mine[start:start + bs]
-        images = [Image.open(r["image_path"]).convert("RGB") for r in chunk]
-        batch = vlm.chat_inputs(processor, [[vlm.user_turn(prompt_text(r["instruction"], args.cot, args.points))]
-                                            for r in chunk], [[im] for im in images], max_prompt_len=args.max_prompt_len)
+        # a sample that cannot be processed: a row that says why
+        chunk, bad = run.partition(mine[start:start + bs], lambda r: sample_problem(r, processor, model_type, args))
+        rows += [{"id": r["id"], "instruction": r["instruction"], "skipped": why} for r, why in bad]
+        if not chunk:
+            continue
+        images = [data.open_image(r["image_path"]) for r in chunk]
+        batch = vlm.chat_inputs(processor, [[vlm.user_turn(prompt_text(
+            r["instruction"], args.cot, args.points, vlm.box_frame(model_type, im.size, processor)))]
+            for r, im in zip(chunk, images)], [[im] for im in images], max_prompt_len=args.max_prompt_len)
         with vlm.generation_mode(model):
             texts = vlm.sample(model, processor, batch, 1, args.eval_max_new_tokens, do_sample=False)["texts"]
         for rec, image, text in zip(chunk, images, texts):
             box, points = read_answer(text, image, model_type, processor, points=args.points)
             if box is not None and rewards.crop_box(image, box) is None:
                 box, points = None, []                  # entirely outside the image: nothing to segment
-            gt_mask = np.asarray(Image.open(rec["mask_path"]).convert("L")) > 127 if rec.get("mask_path") else None
+            gt_mask = data.read_mask(rec["mask_path"]) if rec.get("mask_path") else None   # 0/1, 0/255, P, RGB
             gt_box = data.mask_box(gt_mask) if gt_mask is not None else rec.get("box")
             pred_mask = executor(image, box, points) if box is not None else None
             row = {"id": rec["id"], "instruction": rec["instruction"], "text": text,
@@ -570,7 +348,7 @@ def evaluate(model, processor, records, args, executor, rank=0, world=1, vis_dir
                    "points": [[round(v, 2) for v in p] for p in points],
                    "box_iou": (rewards.box_iou(box, gt_box) if box else 0.0) if gt_box else None}
             if gt_mask is not None:
-                row["inter"], row["union"] = mask_counts(pred_mask, gt_mask)
+                row["inter"], row["union"] = rewards.mask_counts(pred_mask, gt_mask)
             if clip is not None:
                 row["r_sem"] = rewards.clip_semantic_reward(*clip, image, [box], rec["instruction"])[0]
             rows.append(row)
@@ -581,13 +359,6 @@ def evaluate(model, processor, records, args, executor, rank=0, world=1, vis_dir
 
 
 # ============================================================================ 6. the run
-def resolve_manifest(name, split, seed):
-    """A .jsonl path as is; otherwise a shapes-world task (default "seg") in the cache."""
-    if name and Path(name).suffix == ".jsonl":
-        return Path(name)
-    return vlm.default_shapes_world(seed) / (name or "seg") / f"{split}.jsonl"
-
-
 def scorer(args, rank, device):
     """The frozen CLIP scorer on every rank; a missing shapes CLIP is built once, by rank 0."""
     if rank == 0 and args.clip == "shapes":
@@ -598,20 +369,12 @@ def scorer(args, rank, device):
 
 def main(argv=None):
     args = parse_args(argv)
-    if args.build_clip:
-        torch.manual_seed(args.seed)
-        folder = build_shapes_clip(shapes_clip_dir(args.clip_ckpt), seed=args.seed)
-        clip = load_clip("shapes", folder)
-        test, _ = data.read_manifest(resolve_manifest(args.test, "test", 0), "seg")
-        print(json.dumps({**json.loads((folder / "config.json").read_text()),
-                          "reward_profile_on_seg_test": scorer_profile(clip, test)}, indent=1))
-        return
     rank, world, out = run.start(args)
     device = "cuda" if vlm.on_gpu() else "cpu"
 
     # ---- evaluation only: policy -> box + points -> SAM2 -> mask -> gIoU / cIoU / box IoU
     if args.eval:
-        manifest = resolve_manifest(args.test, "test", args.seed)
+        manifest = run.manifest_path(args.test, "test", args.seed, "seg")
         records, skipped = data.read_manifest(manifest, "seg", skip_bad=args.skip_bad)
         records = records[:args.n_test]
         model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
@@ -636,7 +399,7 @@ def main(argv=None):
         return
 
     # ---- data: the policy and the reward see the image and the instruction, nothing else
-    manifest = resolve_manifest(args.data, "train", args.seed)
+    manifest = run.manifest_path(args.data, "train", args.seed, "seg")
     records, skipped = data.read_manifest(manifest, "seg", skip_bad=args.skip_bad)
     train = [{"id": r["id"], "image_path": r["image_path"], "instruction": r["instruction"]} for r in records]
     # GT boxes, where the manifest has them, only for a logged diagnostic (never for the reward)
@@ -652,21 +415,24 @@ def main(argv=None):
     clip = scorer(args, rank, engine.device)
     text_cache = {}                                  # one CLIP text embedding per instruction
     model_type = model.config.model_type
-    state = (run.load_checkpoint(engine, out) if args.resume else None) or {"step": 0}
-    if not args.resume and rank == 0:
-        (out / "metrics.jsonl").unlink(missing_ok=True)
-    vlm.barrier()
+    # a sample whose prompt cannot be processed is skipped and listed in OUT/skipped.jsonl, never fatal
+    train, _ = run.usable(train, lambda r: sample_problem(r, processor, model_type, args), rank, world, out)
+    ckpt = run.load_checkpoint(engine, out) if args.resume else None
+    run.prepare_out(out, rank, ckpt)                 # --resume: metrics.jsonl cut back to the checkpoint
+    state = ckpt or {"step": 0}
 
     # ---- GRPO loop
     G, guard = args.num_generations, run.NonFiniteGuard()
     order = run.data_order(len(train), args.seed)
-    bar = tqdm(range(state["step"], args.max_steps), desc="seg_rise", disable=rank != 0)
-    for step in bar:
+    micro_steps = args.max_steps * args.grad_accum       # --max-steps counts optimizer updates (as TRL/HF)
+    bar = tqdm(range(state["step"], micro_steps), desc="seg_rise", disable=rank != 0)
+    for step in bar:                                      # step: the micro-step (data position, checkpoints)
         t0 = time.time()
         batch = run.step_items(train, order, step, args.batch_size, rank, world)
-        images = [Image.open(r["image_path"]).convert("RGB") for r in batch]
+        images = [data.open_image(r["image_path"]) for r in batch]
         instructions = [r["instruction"] for r in batch]
-        convs = [[vlm.user_turn(prompt_text(t, args.cot, args.points))] for t in instructions]
+        convs = [[vlm.user_turn(prompt_text(t, args.cot, args.points, vlm.box_frame(model_type, im.size, processor)))]
+                 for t, im in zip(instructions, images)]
 
         def reward_fn(texts, owner):
             return seg_rewards(texts, owner, images, instructions, clip, model_type, processor, args.terms,
@@ -676,7 +442,8 @@ def main(argv=None):
                                            ref_model=ref, group_size=G, max_new_tokens=args.max_new_tokens,
                                            temperature=args.temperature, max_prompt_len=args.max_prompt_len,
                                            beta=args.beta, norm=args.loss_norm,
-                                           scale_rewards=args.scale_rewards == "group")
+                                           scale_rewards=args.scale_rewards == "group",
+                                           window=grpo.accumulation(step, micro_steps, args.grad_accum))
         guard.check(stats["skipped"], step)
         # diagnostic only: IoU of the sampled boxes with GT boxes the reward never sees
         ious = [rewards.box_iou(read_answer(t, images[k // G], model_type, processor, False)[0] or [0, 0, 0, 0],
@@ -684,10 +451,10 @@ def main(argv=None):
                 for k, t in enumerate(rollout["texts"]) if batch[k // G]["id"] in diag_boxes]
         if ious:
             stats["diag_gt_box_iou"] = float(np.mean(ious))
-        stats.update(step=step, seconds=round(time.time() - t0, 2))
+        stats.update(step=step, updates=engine.global_steps, seconds=round(time.time() - t0, 2))
         run.log(out, rank, stats)
         bar.set_postfix(reward=f"{stats['reward']:.3f}", sem=f"{stats['reward_sem']:.3f}", kl=f"{stats['kl']:.4f}")
-        if (step + 1) % args.save_every == 0 or step + 1 == args.max_steps:
+        if (step + 1) % (args.save_every * args.grad_accum) == 0 or step + 1 == micro_steps:
             run.save_checkpoint(engine, out, step + 1, {})
 
     # ---- save

@@ -29,9 +29,12 @@ from hypothesis import HealthCheck, given, settings, strategies as st
 from PIL import Image
 from pytest import approx
 from pycocotools import mask as coco_api
+from safetensors.torch import load_file as safetensors_load
 
 import bench
+import convert
 import data
+import dpo
 import grpo
 import rewards
 import rewards as R
@@ -39,6 +42,7 @@ import rise_cot
 import rise_r1
 import run
 import seg_rise as S
+import tiny as tiny_py     # the fixture `tiny` is the loaded tiny model
 import visrl
 import vlm
 from dpo import dpo_loss, sequence_logp, step_dpo_loss
@@ -62,7 +66,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_dir(cache, tmp_path_factory):
     """A random (not pretrained) tiny model, built by the tests themselves: nothing downloaded."""
-    return vlm.build_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0, pretrain=False)
+    return tiny_py.build_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0, pretrain=False)
 
 
 @pytest.fixture(scope="session")
@@ -80,7 +84,7 @@ def test_tiny_model_is_real_qwen2vl_and_tokenizer_keeps_tags(tiny):
     assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
     assert type(processor).__name__ == "Qwen2VLProcessor"
     tok = processor.tokenizer
-    for tag in vlm.TAG_TOKENS + vlm.SPECIAL_TOKENS:        # every tag and special token is ONE token
+    for tag in tiny_py.TAG_TOKENS + tiny_py.SPECIAL_TOKENS:        # every tag and special token is ONE token
         assert len(tok.encode(tag, add_special_tokens=False)) == 1, tag
     ids = tok.encode("<think>a red circle</think><answer>[1,2,3,4]</answer><|im_end|>", add_special_tokens=False)
     assert tok.decode(ids, skip_special_tokens=True) == "<think>a red circle</think><answer>[1,2,3,4]</answer>"
@@ -121,6 +125,37 @@ def test_logprobs_equal_the_scores_generate_sampled_with(tiny):
     at_one = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
                                      temperature=1.0, suppress=vlm.suppressed_ids(processor))
     assert (at_one[mask] - roll["sampled_logp"][mask]).abs().max() > 1e-3
+
+
+def test_checkpoint_generation_config_never_changes_what_is_sampled(tiny):
+    # Qwen checkpoints ship a generation_config.json with repetition_penalty 1.05, top_k, top_p:
+    # generate() would apply them (it fills every unset option from it) while our log-probs do
+    # not. The sampled scores must still equal our log-probs (fp32, tight), and greedy must be argmax.
+    model, processor = tiny
+    saved = model.generation_config
+    model.generation_config = type(saved).from_dict(dict(saved.to_dict(), repetition_penalty=1.05, top_k=20,
+                                                         top_p=0.5, temperature=0.1, no_repeat_ngram_size=2))
+    try:
+        batch = vlm.chat_inputs(processor, [[vlm.user_turn("Describe the image.")]], [[solid((40, 170, 60))]])
+        torch.manual_seed(3)
+        roll = vlm.sample(model, processor, batch, num_generations=4, max_new_tokens=16, temperature=1.0,
+                          return_scores=True)
+        ours = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
+                                       temperature=1.0, suppress=vlm.suppressed_ids(processor))
+        mask = roll["completion_mask"].bool()
+        torch.testing.assert_close(ours[mask], roll["sampled_logp"][mask], atol=1e-5, rtol=0)
+        greedy = vlm.sample(model, processor, batch, max_new_tokens=8, do_sample=False)
+        ids, first = greedy["completion_ids"], greedy["completion_ids"][:, :1]
+        scored = vlm.completion_logprobs(model, greedy["prompt"], first, torch.ones_like(first),
+                                         suppress=vlm.suppressed_ids(processor))
+        # the greedy first token is the argmax: its log-prob is the row's maximum
+        logits = model(**{k: v for k, v in greedy["prompt"].items()}).logits[:, -1].float()
+        logits[:, vlm.suppressed_ids(processor)] = float("-inf")
+        assert ids[0, 0].item() == logits.argmax(-1).item()
+        assert scored[0, 0].item() == pytest.approx(logits.log_softmax(-1).max().item(), abs=1e-5)
+        assert model.generation_config.repetition_penalty == 1.05          # restored afterwards
+    finally:
+        model.generation_config = saved
 
 
 def test_chunked_logprobs_and_gradients_equal_one_piece(tiny):
@@ -260,6 +295,131 @@ def test_box_frames_both_ways_for_both_model_families(tiny):
     assert vlm.to_model_frame([100, 100, 200, 200], "qwen2_5_vl", (560, 280), processor) == [55, 50, 110, 100]
     back = vlm.from_model_frame([55, 50, 110, 100], "qwen2_5_vl", (560, 280), processor)
     assert back == pytest.approx([100, 100, 200, 200])
+
+
+# ============================================================================ the real architectures
+@pytest.fixture(scope="session")
+def real_arch(tiny_dir, tmp_path_factory):
+    """Random-weight Qwen2-VL-2B / Qwen2.5-VL-3B architectures (published configs, 2 blocks, widths and
+    head counts / 2 for CPU speed, head_dim and query heads per KV head kept), with the tiny tokenizer:
+    nothing downloaded."""
+    root = tmp_path_factory.mktemp("real_arch")
+    return {family: tiny_py.build_real_arch(root / family, family, tiny_dir, layers=2, narrow=2)
+            for family in ("qwen2_vl", "qwen2_5_vl")}
+
+
+def test_real_architectures_keep_the_published_structure(real_arch):
+    for family, path in real_arch.items():
+        model, processor = vlm.load_model(path)
+        text, vision = model.config.text_config, model.config.vision_config
+        assert model.config.model_type == family and text.num_hidden_layers == 2 and vision.depth == 2
+        # published: head_dim 1536 / 12 = 2048 / 16 = 128, M-RoPE sections [16, 24, 24] summing to 128 / 2
+        head_dim = text.hidden_size // text.num_attention_heads
+        assert head_dim == 128 and sum(text.rope_parameters["mrope_section"]) == head_dim // 2
+        assert text.num_attention_heads // text.num_key_value_heads == (6 if family == "qwen2_vl" else 8)
+        if family == "qwen2_5_vl":       # window attention (112 px windows), then a full-attention block
+            assert vision.window_size == 112 and vision.fullatt_block_indexes == [1]
+            assert vision.out_hidden_size == text.hidden_size
+        ip = processor.image_processor
+        assert (ip.patch_size, ip.merge_size, ip.size["shortest_edge"], ip.size["longest_edge"]) == \
+            (14, 2, 56 * 56, 28 * 28 * 16384)
+        rendered = processor.apply_chat_template([vlm.user_turn("Hi", 0)], tokenize=False, add_generation_prompt=True)
+        assert rendered == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        gen = model.generation_config
+        assert (gen.repetition_penalty, gen.top_k, gen.top_p, gen.temperature) == (1.05, 1, 0.001, 0.1)
+        # sampling = scoring on the real path too, whatever the shipped generation config says
+        batch = vlm.chat_inputs(processor, [[vlm.user_turn("What colour?")]], [[solid((200, 30, 30), 112)]])
+        torch.manual_seed(0)
+        roll = vlm.sample(model, processor, batch, 3, 6, return_scores=True)
+        ours = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
+                                       suppress=vlm.suppressed_ids(processor))
+        mask = roll["completion_mask"].bool()
+        torch.testing.assert_close(ours[mask], roll["sampled_logp"][mask], atol=1e-5, rtol=0)
+
+
+REAL_ARCH_RUNS = """
+import json, sys, time
+from pathlib import Path
+import data, rise_cot, rise_r1, seg_rise, visrl
+world, clip, root = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+S = ["--preset", "tiny", "-G", "2", "--batch-size", "1", "--max-new-tokens", "8", "--n-test", "2"]
+det = world / "det"
+def go(fn, *argv):
+    fn([str(a) for a in argv])
+for model in sys.argv[4:]:                  # one process for both: the imports are most of the time
+  out = root / Path(model).name
+  go(rise_cot.main, "--model", model, "--data", det / "train.jsonl", "--out", out / "cot", "--max-steps", "1",
+     "--rec-max-new-tokens", "8", "--harvest-batch-size", "4", *S)
+  go(rise_r1.main, "--model", model, "--data", det / "train.jsonl", "--cots", out / "cot" / "cots.jsonl", "--tau", "0",
+     "--sft-steps", "1", "--max-steps", "1", "--out", out / "r1", *S)
+  go(rise_r1.main, "--eval", "--model", out / "r1" / "final", "--test", det / "test.jsonl", "--out", out / "r1_eval", *S)
+  go(seg_rise.main, "--model", model, "--data", world / "seg" / "train.jsonl", "--out", out / "seg", "--max-steps", "1",
+     "--clip-ckpt", clip, *S)
+  go(seg_rise.main, "--eval", "--executor", "box", "--model", out / "seg" / "final", "--test", world / "seg" / "test.jsonl",
+     "--out", out / "seg_eval", "--clip-ckpt", clip, *S)
+  r = data.read_manifest(world / "vqa" / "train.jsonl", "vqa")[0][0]
+  pair = {"id": r["id"], "question": r["question"], "answer": r["answer"], "image": r["image_path"], "size": [112, 112],
+          "chosen": {"box": visrl.norm_box(r["box"], 112, 112), "answer": r["answer"], "s_b": 1.0, "s_r": 1.0},
+          "rejected": {"box": [0.0, 0.0, 0.1, 0.1], "answer": "x", "s_b": 0.0, "s_r": 0.0}}
+  (out / "pairs.jsonl").write_text(json.dumps(pair) + "\\n")
+  go(visrl.main, "--model", model, "--data", world / "vqa" / "train.jsonl", "--test", world / "vqa" / "test.jsonl",
+     "--out", out / "visrl", "--iters", "1", "--pairs", out / "pairs.jsonl", "--sft-fraction", "0.5",
+     "--num-generations", "1", "--sft-batch-size", "1", "--dpo-epochs", "1", "--phase-eval-n", "0",
+     "--answer-max-new-tokens", "4", *(["--lora-rank", "4"] if "2_5" in model else []), *S)
+"""
+
+
+def test_every_pipeline_trains_and_evaluates_on_both_real_architectures(real_arch, clip_dir, cache, tmp_path):
+    """RISE-CoT (1 step + harvest), RISE-R1 (SFT + GRPO, then --eval), Seg-RISE (1 step, then --eval) and
+    VisRL (SFT, stage 1, stage 2 on a given pair, then its evaluation) on each architecture, in one process
+    (~2-4 min on 2 shared cores, mostly imports and model I/O). Detection boxes go through the model's
+    frame: 0..1000 (Qwen2-VL) / resized pixels (Qwen2.5-VL)."""
+    world = tmp_path / "world"
+    data.make_shapes_world(world, n_train=2, n_test=2, seed=0)
+    proc = subprocess.run([sys.executable, "-c", REAL_ARCH_RUNS, str(world), str(clip_dir), str(tmp_path),
+                           *(str(p) for p in real_arch.values())], cwd=tmp_path, env=env_for(cache),
+                          capture_output=True, text=True, timeout=900)
+    ok(proc)
+    for family, path in real_arch.items():
+        _check_real_arch_run(family, tmp_path / path.name)
+
+
+def _check_real_arch_run(family, out):
+    for name in ("cot", "r1", "seg", "visrl"):
+        assert json.loads((out / name / "final" / "config.json").read_text())["model_type"] == family
+    assert len(run.read_jsonl(out / "cot" / "cots.jsonl")) == 2
+    assert [m.get("stage") for m in run.read_jsonl(out / "r1" / "metrics.jsonl") if "loss" in m] == ["sft", "grpo"]
+    assert json.loads((out / "r1_eval" / "eval.json").read_text())["n"] == 2
+    assert json.loads((out / "seg_eval" / "eval.json").read_text())["n"] == 2
+    phases = [m["phase"] for m in run.read_jsonl(out / "visrl" / "metrics.jsonl")]
+    assert {"sft", "iter1/stage1", "iter1/stage2"} <= set(phases)
+    assert json.loads((out / "visrl" / "eval.json").read_text())["n"] == 2
+
+
+def test_paper_presets_fit_a_megapixel_photo_in_the_prompt_limit(real_arch):
+    # Each pipeline's paper preset caps the image size (RISE: 401,408 pixels; Seg-RISE: 840x840 as Seg-Zero;
+    # VisRL: 768x768 a picture, two pictures a prompt) so an ordinary 1000x1000 photo fits its prompt limit.
+    # The tiny tokenizer spends more tokens on text than Qwen's, so this is the harder case. Without the
+    # cap the published processor makes 36 x 36 = 1296 tokens of it: over 1024 on its own.
+    photo = Image.new("RGB", (1000, 1000), (120, 90, 60))
+    det = {"target": "the dog", "boxes": [[100, 100, 300, 300], [500, 500, 700, 700]], "multi": True}
+    for family, path in real_arch.items():
+        model, _ = vlm.load_model(path)
+        cases = {"rise_cot": (rise_cot, [[vlm.user_turn(data.prompt("cot", det, boxes=det["boxes"],
+                                                                    frame=(1000, 1000)))]], [[photo]]),
+                 "rise_r1": (rise_r1, [[vlm.user_turn(data.prompt("r1", det, frame=(1000, 1000)))]], [[photo]]),
+                 "seg_rise": (S, [[vlm.user_turn(S.prompt_text("the dog on the left", frame=(1000, 1000)))]], [[photo]]),
+                 "visrl": (visrl, [visrl.answer_turns("What colour is the dog?", "[0.10,0.10,0.50,0.50]")],
+                           [[photo, photo]])}
+        for name, (script, convs, images) in cases.items():
+            args = script.parse_args(["--model", str(path), "--preset", "paper"])
+            _, processor = vlm.load_model(path, max_pixels=args.max_pixels)
+            batch = vlm.chat_inputs(processor, convs, images, max_prompt_len=args.max_prompt_len)
+            assert batch["attention_mask"].sum() <= args.max_prompt_len, (family, name)
+        _, uncapped = vlm.load_model(path)
+        with pytest.raises(vlm.PromptTooLong):
+            vlm.chat_inputs(uncapped, cases["rise_r1"][1], [[photo]], max_prompt_len=1024)
 
 
 # ============================================================================ two ranks, ZeRO-3, CPU
@@ -449,6 +609,10 @@ GOOD_DET = {"id": "ok", "image": "ok.png", "target": "the cat", "boxes": [[1, 2,
 def folder(tmp_path):
     Image.new("RGB", (50, 50), (9, 9, 9)).save(tmp_path / "ok.png")
     (tmp_path / "broken.png").write_text("this is not a picture")
+    Image.new("L", (50, 50), 0).save(tmp_path / "empty_mask.png")          # no object pixel at all
+    small = np.zeros((10, 10), np.uint8)
+    small[2:5, 2:5] = 1
+    Image.fromarray(small).save(tmp_path / "small_mask.png")               # 10x10 mask for a 50x50 image
     return tmp_path
 
 
@@ -480,6 +644,10 @@ BAD = [  # (task, bad line, words the message must contain)
      "mask file not found"),
     ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "box": [5, 5, 5, 9]},
      "degenerate"),
+    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "empty_mask.png"}, "is empty"),
+    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "small_mask.png"},
+     "is 10x10 but the image is 50x50"),
+    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "broken.png"}, "unreadable mask"),
     ("vqa", {"id": "x", "image": "ok.png", "question": "What?"}, "missing field(s): answer"),
     ("vqa", {"id": "x", "image": "ok.png", "question": "What?", "answer": ""}, "answer"),
 ]
@@ -511,7 +679,9 @@ def test_skip_bad_skips_counts_and_warns(folder, task, capsys):
 
 
 def test_read_manifest_keeps_fields_and_adds_absolute_paths(folder):
-    Image.new("L", (50, 50)).save(folder / "m.png")
+    m = np.zeros((50, 50), np.uint8)
+    m[5:9, 5:9] = 255
+    Image.fromarray(m).save(folder / "m.png")
     rec = {"id": 3, "image": "ok.png", "instruction": "the ünïcode thing", "mask": "m.png",
            "extra": {"k": [1]}}
     path = folder / "sub" / "x.jsonl"
@@ -525,6 +695,113 @@ def test_read_manifest_keeps_fields_and_adds_absolute_paths(folder):
     assert Path(out["mask_path"]).is_file()
     with pytest.raises(ValueError):
         data.read_manifest(path, "soft_cls")
+
+
+# ------------------------------------------------------------------ opening images
+def test_open_image_composites_transparency_on_white(tmp_path):
+    # Issue 14's example: a black drawing on a transparent background. convert("RGB") gives one
+    # flat black image; composited on white the drawing survives.
+    rgba = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
+    rgba.paste((0, 0, 0, 255), (5, 5, 15, 15))
+    rgba.putpixel((0, 19), (255, 0, 0, 128))           # half-transparent red
+    rgba.save(tmp_path / "drawing.png")
+    flat = np.asarray(Image.open(tmp_path / "drawing.png").convert("RGB"))
+    assert (flat[:19] == 0).all()                      # drawing and background: both black
+    got = np.asarray(data.open_image(tmp_path / "drawing.png")).astype(int)
+    expected = np.full((20, 20, 3), 255)
+    expected[5:15, 5:15] = 0
+    expected[19, 0] = [255, 127, 127]          # 255*128/255 + 255*127/255, 0 + 255*127/255
+    assert np.abs(got - expected).max() <= 1
+    # A palette PNG whose index 0 is transparent (a "tRNS" key) and a grey + alpha image.
+    pal = Image.new("P", (12, 8), 0)
+    pal.putpalette([0, 0, 0, 40, 80, 220] + [0] * 762)
+    pal.paste(1, (6, 0, 12, 8))
+    pal.save(tmp_path / "palette.png", transparency=0)
+    got = np.asarray(data.open_image(tmp_path / "palette.png"))
+    assert (got[:, :6] == 255).all() and (got[:, 6:] == [40, 80, 220]).all()
+    la = Image.new("LA", (4, 4), (0, 0))
+    la.putpixel((1, 2), (60, 255))
+    got = np.asarray(data.open_image(la))
+    assert got.shape == (4, 4, 3) and (got[2, 1] == 60).all() and (got.sum(-1) == 765).sum() == 15
+    opaque = Image.new("RGB", (3, 3), (1, 2, 3))
+    assert np.array_equal(np.asarray(data.open_image(opaque)), np.asarray(opaque))
+
+
+def _oriented(path, orientation):
+    """A 200x100 stored image: red top-left 40x20 block, blue bottom-right 40x20 block, grey
+    elsewhere, saved with an EXIF Orientation tag."""
+    im = Image.new("RGB", (200, 100), (128, 128, 128))
+    im.paste((255, 0, 0), (0, 0, 40, 20))
+    im.paste((0, 0, 255), (160, 80, 200, 100))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    im.save(path, exif=exif, **({"quality": 95} if path.suffix == ".jpg" else {}))
+    return path
+
+
+@pytest.mark.parametrize("orientation, name, size, red, blue", [
+    # 6: rotate 90 degrees clockwise to display: stored (x, y) -> displayed (99 - y, x), so the
+    # red block (x 0..39, y 0..19) lands at x 80..99, y 0..39 and the blue at x 0..19, y 160..199.
+    (6, "photo.jpg", (100, 200), (slice(0, 40), slice(80, 100)), (slice(160, 200), slice(0, 20))),
+    # 8: 90 degrees counter-clockwise: (x, y) -> (y, 199 - x).
+    (8, "scan.png", (100, 200), (slice(160, 200), slice(0, 20)), (slice(0, 40), slice(80, 100))),
+    # 3: 180 degrees: (x, y) -> (199 - x, 99 - y).
+    (3, "upside.jpg", (200, 100), (slice(80, 100), slice(160, 200)), (slice(0, 20), slice(0, 40))),
+])
+def test_open_image_applies_exif_orientation(tmp_path, orientation, name, size, red, blue):
+    path = _oriented(tmp_path / name, orientation)
+    assert Image.open(path).size == (200, 100)            # stored
+    image = data.open_image(path)
+    assert image.size == size and image.mode == "RGB"
+    a = np.asarray(image).astype(int)
+    inner = lambda s: slice(s.start + 3, s.stop - 3)        # noqa: E731  (away from JPEG edges)
+    assert np.abs(a[inner(red[0]), inner(red[1])] - [255, 0, 0]).max() < 30
+    assert np.abs(a[inner(blue[0]), inner(blue[1])] - [0, 0, 255]).max() < 30
+    assert data.open_image(image).size == size            # already upright: unchanged
+
+
+def test_chat_inputs_see_transparent_images_on_white(tiny):
+    """The processor gets the composited image whether it is given RGBA or the expected RGB."""
+    _, processor = tiny
+    rgba = Image.new("RGBA", (56, 56), (0, 0, 0, 0))
+    rgba.paste((0, 0, 0, 255), (14, 14, 42, 42))
+    on_white = Image.new("RGB", (56, 56), (255, 255, 255))
+    on_white.paste((0, 0, 0), (14, 14, 42, 42))
+    conv = [[vlm.user_turn("What is drawn?")]]
+    a = vlm.chat_inputs(processor, conv, [[rgba]])["pixel_values"]
+    b = vlm.chat_inputs(processor, conv, [[on_white]])["pixel_values"]
+    torch.testing.assert_close(a, b)
+
+
+MASK_ENCODINGS = {   # the same object (a 4x6 block and one pixel) saved as public datasets save masks
+    "L 0/1": lambda m: Image.fromarray(m.astype(np.uint8)),
+    "L 0/255": lambda m: Image.fromarray(m.astype(np.uint8) * 255),
+    "1 bit": lambda m: Image.fromarray(m.astype(np.uint8) * 255).convert("1"),
+    "I;16 0/1": lambda m: Image.fromarray(m.astype(np.uint16)),
+    "palette index 1 (VOC style)": lambda m: _palette(m.astype(np.uint8)),
+    "RGB dark blue": lambda m: Image.fromarray(np.stack([np.zeros_like(m), np.zeros_like(m), m * 7], -1).astype(np.uint8)),
+    "RGBA white on transparent": lambda m: Image.fromarray(np.dstack([m * 255] * 4).astype(np.uint8), "RGBA"),
+}
+
+
+def _palette(index):
+    im = Image.fromarray(index, "P")
+    im.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)     # VOC: 0 background (black), 1 dark red
+    return im
+
+
+@pytest.mark.parametrize("encoding", list(MASK_ENCODINGS))
+def test_read_mask_any_nonzero_pixel_is_the_object(encoding, tmp_path):
+    truth = np.zeros((8, 12), bool)
+    truth[2:6, 3:9] = True
+    truth[7, 11] = True
+    MASK_ENCODINGS[encoding](truth).save(tmp_path / "m.png")
+    got = data.read_mask(tmp_path / "m.png")
+    assert got.dtype == bool and got.shape == (8, 12)
+    np.testing.assert_array_equal(got, truth)            # 25 pixels, in every encoding
+    Image.new("RGB", (12, 8)).save(tmp_path / "im.png")
+    path = _write(tmp_path, [{"id": 1, "image": "im.png", "instruction": "it", "mask": "m.png"}])
+    assert len(data.read_manifest(path, "seg")[0]) == 1   # a valid manifest record in every encoding
 
 
 # ------------------------------------------------------------------ prompts and text
@@ -546,11 +823,67 @@ def test_formatting_helpers():
     assert data.cot_prompt_det("circles", [[1, 2, 3, 4]], multi=True).startswith(
         "The circles are at [[1,2,3,4]].")
     assert data.SEG_PROMPT.format(instruction="the red circle").endswith(
-        'with JSON {"bbox": [x1,y1,x2,y2], "points": [[x,y],[x,y]]}.')
+        'with JSON {"bbox": [x1,y1,x2,y2], "points": [[x,y],[x,y]]}: its box and two points inside it.')
     assert data.CRITIC_BOX_PROMPT.format(question="Q?", answer="red").endswith(
         'Reply with JSON {"score": x}, x between 0 and 1.')
     assert data.REC_PROMPT_MULTI_DET.format(cot="c", target="circles").endswith(
         "give the boxes of all circles as [[x1,y1,x2,y2], ...].")
+
+
+def test_prompt_picks_the_template_of_the_record_task():
+    cls = {"classes": ["red", "blue"], "probs": [0.75, 0.25]}
+    det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]]}
+    multi = {"target": "circles", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "multi": True}
+    assert data.prompt("plain", cls) == "Give the probability of each class in red, blue as JSON."
+    assert data.prompt("r1", cls) == data.R1_PROMPT_CLS.format(class_list="red, blue")
+    assert data.prompt("rec", cls, cot="C") == data.REC_PROMPT_CLS.format(cot="C", class_list="red, blue")
+    assert data.prompt("cot", cls, mask_names=False) == (
+        'The answer is {"red": 0.75, "blue": 0.25}. Describe the image so that someone could infer this answer '
+        'from your description alone, in at most 60 words. Do not write any numbers.')
+    assert data.prompt("plain", det) == "Give the box of the red circle as [x1,y1,x2,y2]."
+    assert data.prompt("r1", multi) == data.R1_PROMPT_MULTI_DET.format(target="circles")
+    assert data.prompt("rec", multi, cot="C") == data.REC_PROMPT_MULTI_DET.format(cot="C", target="circles")
+    # the CoT prompt states the boxes it is given (the model's frame), not the record's pixels
+    assert data.prompt("cot", det, boxes=[[10, 20, 30, 40]]) == data.COT_PROMPT_DET.format(
+        target="red circle", annotation="[10,20,30,40]", max_words=60)
+    assert data.prompt("seg", {"instruction": "x"}) == data.SEG_PROMPT.format(instruction="x")
+    assert data.prompt("seg_no_cot", {"instruction": "x"}) == data.SEG_PROMPT_NO_COT.format(instruction="x")
+    assert data.prompt("visrl", {"question": "Q?"}) == data.VISRL_BOX_PROMPT.format(question="Q?")
+    with pytest.raises(KeyError):
+        data.prompt("seg", cls)
+
+
+def test_prompt_never_tells_the_number_of_objects():
+    """RISE (arXiv 2508.13229) sec. 4: the COCO-Sub prompt is the dataset's, not the label's. A record of a
+    multi-object dataset with ONE box still gets the box-list template and a list answer; a single-object
+    record gets the one-box template; a single-object record with two boxes is a manifest error."""
+    one_of_many = {"target": "circles", "boxes": [[1, 2, 3, 4]], "multi": True}
+    two_of_many = {"target": "circles", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "multi": True}
+    for style in ("r1", "plain"):
+        assert data.prompt(style, one_of_many) == data.prompt(style, two_of_many)
+    assert data.prompt("plain", one_of_many) == "Give the boxes of all circles as [[x1,y1,x2,y2], ...]."
+    assert data.format_annotation(one_of_many, [[1, 2, 3, 4]]) == "[[1,2,3,4]]"
+    assert data.format_annotation({"target": "the red circle"}, [[1, 2, 3, 4]]) == "[1,2,3,4]"
+    bad = {"id": "a", "image": "x.png", "target": "the red circle", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]]}
+    assert "multi" in data._record_problem(bad, "det", Path("."), set())
+
+
+def test_box_prompts_state_the_model_frame():
+    """A real checkpoint is told its box frame: 1000x1000 for Qwen2-VL, the resized input's pixels for
+    Qwen2.5-VL (640x480 at max 401,408 pixels -> smart_resize 644x476, multiples of 28)."""
+    assert vlm.box_frame("qwen2_vl", (640, 480)) == (1000, 1000)
+
+    class Proc:   # the three numbers of a Qwen2.5-VL image processor that smart_resize reads
+        image_processor = type("IP", (), {"patch_size": 14, "merge_size": 2,
+                                          "size": {"shortest_edge": 3136, "longest_edge": 401408}})
+    assert vlm.box_frame("qwen2_5_vl", (640, 480), Proc) == (644, 476)
+    det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]]}
+    assert data.prompt("r1", det, frame=(1000, 1000)).startswith("The image is of resolution 1000x1000. Find the red")
+    assert data.prompt("seg", {"instruction": "x"}, frame=(644, 476)).startswith("The image is of resolution 644x476.")
+    assert data.prompt("grounding", {"instruction": "the dog"}) == (
+        "Locate the dog in the image, output its bbox coordinates using JSON format.")
+    cls = {"classes": ["a", "b"], "probs": [1.0, 0.0]}
+    assert "resolution" not in data.prompt("r1", cls, frame=(1000, 1000))    # no boxes, no frame
 
 
 def test_position_word():
@@ -819,6 +1152,52 @@ def test_grpo_bf16_inputs_computed_in_fp32():
     assert logp.grad.dtype == torch.bfloat16
 
 
+def test_accumulation_windows_close_every_phase():
+    # 5 micro-steps, grad accumulation 2: windows {0,1}, {2,3}, {4}. The last, partial window is still
+    # applied (boundary at 4) with its loss scaled by 2/1, because DeepSpeed divides every loss by 2.
+    assert [grpo.accumulation(m, 5, 2) for m in range(5)] == [(False, 1.0), (True, 1.0), (False, 1.0),
+                                                              (True, 1.0), (True, 2.0)]
+    # one micro-step with accumulation 2 (the phase that changed nothing before): a full update
+    assert grpo.accumulation(0, 1, 2) == (True, 2.0)
+    assert [grpo.accumulation(m, 3, 1) for m in range(3)] == [(True, 1.0)] * 3
+
+
+def _segment(tiny, lengths, width, budget):
+    """Two completions (prompt-major, one prompt) of `lengths` valid tokens, padded to `width`."""
+    model, processor = tiny
+    batch = vlm.chat_inputs(processor, [[vlm.user_turn("What colour?")]], [[solid((200, 0, 0))]])
+    prompt = vlm.repeat_batch(batch, len(lengths), processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+    ids = torch.full((len(lengths), width), processor.tokenizer.encode("red", add_special_tokens=False)[0])
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    return {"prompt": prompt, "completion_ids": ids, "completion_mask": mask, "temperature": 1.0,
+            "max_new_tokens": budget}
+
+
+def test_dr_grpo_divides_by_the_generation_budget_not_the_longest_completion(tiny):
+    # Dr. GRPO (arXiv 2503.20783) / TRL dr_grpo: loss = -sum_{i,t} A_i rho_t / (N * max_new_tokens).
+    # rewards [1, 0], unscaled -> A = [+0.5, -0.5]; rho = 1 (one update per batch).
+    # Completions of 6 and 3 tokens, all ended by token 6 of a budget of 8:
+    #   -(0.5*6 - 0.5*3) / (2*8) = -1.5/16 = -0.09375   (dividing by the longest, 6, gave -1.5/12 = -0.125)
+    model, _ = tiny
+    sgd = torch.optim.SGD(model.parameters(), lr=0.0)
+    try:
+        one = _segment(tiny, [6, 3], 6, budget=8)
+        stats = grpo.grpo_update(model, [one], t([1.0, 0.0]), 2, optimizer=sgd, beta=0.0, norm="fixed",
+                                 scale_rewards=False)
+        assert stats["loss"] == pytest.approx(-0.09375, abs=1e-6)
+        # RISE-CoT's two-part trajectory: the budget is the sum, 8 + 4 = 12; tokens 6+2 and 3+4:
+        #   -(0.5*8 - 0.5*7) / (2*12) = -0.5/24
+        two = _segment(tiny, [2, 4], 4, budget=4)
+        stats = grpo.grpo_update(model, [one, two], t([1.0, 0.0]), 2, optimizer=sgd, beta=0.0, norm="fixed",
+                                 scale_rewards=False)
+        assert stats["loss"] == pytest.approx(-0.5 / 24, abs=1e-6)
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            grpo.grpo_update(model, [dict(one, max_new_tokens=None)], t([1.0, 0.0]), 2, optimizer=sgd,
+                             beta=0.0, norm="fixed")
+    finally:
+        model.eval()
+
+
 # --------------------------------------------------------------------------- dpo
 
 def test_sequence_logp():
@@ -1064,17 +1443,37 @@ def test_parse_seg_answer_rejects(text):
     assert R.parse_seg_answer(text) is None
 
 
+def test_parse_seg_box_reads_the_first_valid_box_points_optional():
+    assert R.parse_seg_box('{"bbox": [1, 2, 3]} then {"bbox": [1, 2, 30, 40]}') == [1, 2, 30, 40]
+    assert R.parse_seg_box('{"bbox": [1, 2, 30, 40], "points": [[5, 6]]}') == [1, 2, 30, 40]
+    for bad in ['{"bbox": [30, 2, 1, 40]}', '{"bbox": [1, 2, 30, NaN]}', '{"bbox": [true, 2, 30, 40]}',
+                '{"bbox": [1, 2, ' + "9" * 400 + ', 40]}', "[1, 2, 30, 40]", None]:   # a 400-digit int
+        assert R.parse_seg_box(bad) is None, bad
+    assert R.seg_answer("<think>a</think><answer>{}</answer>") == "{}" and R.seg_answer("{}") == "{}"
+
+
 # ------------------------------------------------------------------------ parse_score
 @pytest.mark.parametrize("text,expected", [
     ('{"score": 0.7}', 0.7),
     ("The crop shows the sign. {'score': 0.25} ", 0.25),
-    ('{"score": 1.5}', 1.0),     # clamped to [0, 1]
-    ('{"score": -2}', 0.0),      # clamped
+    ('{"score": 1.5}', 0.0),     # out of range on the 0..1 scale: unparsable, never clamped to 1
+    ('{"score": -2}', 0.0),      # out of range
     ('{"score": "0.4"}', 0.4),   # quoted number tolerated
     ('{"score": NaN}', 0.0), ('{"score": 1e400}', 0.0),  # non-finite -> 0
     ("I cannot judge this.", 0.0), ("", 0.0), (None, 0.0),
 ])
 def test_parse_score(text, expected):
+    assert R.parse_score(text) == approx(expected)
+
+
+@pytest.mark.parametrize("text,expected", [
+    ("Score: 2/10", 0.2),                    # issue 14 example: 2 on a 10-point scale, not "2 -> clamped 1.0"
+    ('{"score": "8/10"}', 0.8), ("score: 10/10", 1.0), ("Score: 7 out of 10", 0.7), ("score = 3 / 4", 0.75),
+    ("80%", 0.8), ("Score: 80 %", 0.8), ('{"score": "45%"}', 0.45), ("2/10", 0.2), ("0.7", 0.7),
+    ("score: 12/10", 0.0), ("score: 150%", 0.0), ("score: 3/0", 0.0),   # outside the stated scale / no scale
+    ("Score: 7", 0.0), ("score: 4/-5", 0.0), ("I'd say 7/10 overall.", 0.0),  # no "score" and not alone
+])
+def test_parse_score_reads_the_stated_scale(text, expected):
     assert R.parse_score(text) == approx(expected)
 
 
@@ -1187,7 +1586,7 @@ def test_det_similarity_matches_brute_force():
 @pytest.mark.parametrize("cot", [
     "The joy is 0.3 here.", "about 30% of the faces", "roughly .25 of it", "it is 1.0 sure",
     "maybe 30 percent", "3/10 of the people smile",
-    # spelled-out forms are caught (SPEC intent: probabilities must not leak)
+    # spelled-out forms are caught (RISE eq. 1: probabilities must not leak)
     "zero point three of the mood is calm", "thirty percent sadness",
     "twenty-five per cent fear", "point two five joy", "one hundred percent certain",
 ])
@@ -1374,6 +1773,11 @@ def test_mask_iou_stats_hand_values():
     assert R.mask_iou_stats([], []) == (0.0, 0.0)
     with pytest.raises(ValueError):
         R.mask_iou_stats([np.zeros((2, 2), bool)], [empty])
+    # from counts (what ranks merge): IoUs 2/4, 1.0 (empty union), 0 (unparsable, whatever its
+    # counts) -> gIoU 0.5; cIoU (2 + 0 + 3) / (4 + 0 + 3) = 5/7
+    giou, ciou = R.iou_from_counts([(2, 4), (0, 0), (3, 3)], [True, True, False])
+    assert giou == approx(0.5) and ciou == approx(5 / 7)
+    assert R.mask_counts(None, g1) == (0, 2) and R.mask_counts(p1, g1) == (1, 3)
 
 
 # ------------------------------------------------------------------------ RISE-CoT reward
@@ -1640,7 +2044,7 @@ def test_fuzz_clip_boxes(boxes):
 
 
 # ====================================================================================================
-# data.py: converters from the original dataset layouts
+# convert.py: converters from the original dataset layouts
 # ====================================================================================================
 # pycocotools (used here only as the independent reference) warns under numpy 2.
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
@@ -1665,7 +2069,7 @@ ODD = [0.4, 0.1, 0.1, 0.2, 0.095, 0.05, 0.05]          # sums to 0.995: renormal
 
 def _emotion6(root, extra_lines=()):
     lines = [EMO_HEADER]
-    for k, emotion in enumerate(data.EMOTION6_CLASSES):
+    for k, emotion in enumerate(convert.EMOTION6_CLASSES):
         for n in range(1, 11):
             _image(root / "images" / emotion / f"{n}.jpg")
             probs = ODD if (emotion, n) == ("joy", 3) else [float(i == k) for i in range(7)]
@@ -1676,23 +2080,23 @@ def _emotion6(root, extra_lines=()):
 
 def test_emotion6_probs_stratified_split_and_determinism(tmp_path):
     root = _emotion6(tmp_path / "Emotion6")
-    paths, skipped = data.convert_emotion6(root, tmp_path / "a", seed=0)
+    paths, skipped = convert.convert_emotion6(root, tmp_path / "a", seed=0)
     assert skipped == 0
     train, _ = data.read_manifest(paths["train"], "cls")
     test, _ = data.read_manifest(paths["test"], "cls")
     assert (len(train), len(test)) == (49, 21)           # 10 per folder -> 7 train / 3 test
-    for emotion in data.EMOTION6_CLASSES:
+    for emotion in convert.EMOTION6_CLASSES:
         assert sum(r["id"].startswith(f"emotion6-{emotion}-") for r in test) == 3
     assert not {r["id"] for r in train} & {r["id"] for r in test}
     rec = {r["id"]: r for r in train + test}
     assert rec["emotion6-joy-3"]["probs"] == pytest.approx([p / 0.995 for p in ODD], abs=1e-12)
     assert rec["emotion6-fear-1"]["probs"] == [0, 0, 1, 0, 0, 0, 0]
-    assert rec["emotion6-fear-1"]["classes"] == data.EMOTION6_CLASSES
+    assert rec["emotion6-fear-1"]["classes"] == convert.EMOTION6_CLASSES
     assert (rec["emotion6-fear-1"]["valence"], rec["emotion6-fear-1"]["arousal"]) == (5.5, 4.25)
     assert rec["emotion6-anger-2"]["image"] == "../Emotion6/images/anger/2.jpg"   # relative
-    data.convert_emotion6(root, tmp_path / "b", seed=0)
+    convert.convert_emotion6(root, tmp_path / "b", seed=0)
     assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
-    data.convert_emotion6(root, tmp_path / "c", seed=1)
+    convert.convert_emotion6(root, tmp_path / "c", seed=1)
     assert _ids(tmp_path / "c" / "test.jsonl") != _ids(paths["test"])
 
 
@@ -1710,18 +2114,18 @@ def test_emotion6_bad_lines(tmp_path, line, why):
     text[1] = line                                    # replaces anger/1.jpg, on line 2
     (root / "ground_truth.txt").write_text("\n".join(text) + "\n")
     with pytest.raises(data.ManifestError, match=rf"ground_truth\.txt:2: .*{why}"):
-        data.convert_emotion6(root, tmp_path / "out")
-    paths, skipped = data.convert_emotion6(root, tmp_path / "out", skip_bad=True)
+        convert.convert_emotion6(root, tmp_path / "out")
+    paths, skipped = convert.convert_emotion6(root, tmp_path / "out", skip_bad=True)
     assert skipped == 1
     assert sum(len(_ids(p)) for p in paths.values()) == 69
 
 
 def test_emotion6_cli(tmp_path, capsys):
     root = _emotion6(tmp_path / "E6")
-    data.main(["emotion6", "--root", str(root), "--out", str(tmp_path / "o"), "--seed", "3"])
+    convert.main(["emotion6", "--root", str(root), "--out", str(tmp_path / "o"), "--seed", "3"])
     assert "49 records" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="ground_truth.txt"):
-        data.main(["emotion6", "--root", str(tmp_path), "--out", str(tmp_path / "o")])
+        convert.main(["emotion6", "--root", str(tmp_path), "--out", str(tmp_path / "o")])
 
 
 # ----------------------------------------------------------------------- LISA / ReasonSeg
@@ -1754,7 +2158,7 @@ def _reasonseg(src):
 def test_reasonseg_det_and_seg(tmp_path):
     src = tmp_path / "ReasonSeg" / "val"
     expected = _reasonseg(src)
-    paths, skipped = data.convert_reasonseg(src, tmp_path / "out")
+    paths, skipped = convert.convert_reasonseg(src, tmp_path / "out")
     assert skipped == 0
     det, _ = data.read_manifest(paths["det"], "det")
     seg, _ = data.read_manifest(paths["seg"], "seg")
@@ -1788,11 +2192,57 @@ def test_reasonseg_bad_file(tmp_path, name, content, has_image, where):
         _image(src / f"{name}.jpg", (64, 48))
     (src / f"{name}.json").write_text(content if isinstance(content, str) else json.dumps(content))
     with pytest.raises(data.ManifestError, match=where):
-        data.convert_reasonseg(src, tmp_path / "out")
+        convert.convert_reasonseg(src, tmp_path / "out")
     with pytest.raises(SystemExit, match=where):
-        data.main(["reasonseg", "--src", str(src), "--out", str(tmp_path / "out")])
-    paths, skipped = data.convert_reasonseg(src, tmp_path / "out", skip_bad=True)
+        convert.main(["reasonseg", "--src", str(src), "--out", str(tmp_path / "out")])
+    paths, skipped = convert.convert_reasonseg(src, tmp_path / "out", skip_bad=True)
     assert skipped == 1 and _ids(paths["det"]) == ["a", "b"]
+
+
+def _portrait_photo(path, object_box=(60, 10, 96, 51)):
+    """Issue 14's photo: displayed 100x200 with a red object at x 60..95, y 10..50, stored as a
+    200x100 JPEG with EXIF Orientation 6 (turn 90 degrees clockwise to display)."""
+    shown = Image.new("RGB", (100, 200), (128, 128, 128))
+    shown.paste((220, 40, 40), object_box)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    path.parent.mkdir(parents=True, exist_ok=True)
+    shown.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, quality=95)   # 90 ccw
+    return path
+
+
+def test_reasonseg_mask_lands_on_the_object_of_an_exif_rotated_photo(tmp_path):
+    src = tmp_path / "val"
+    _portrait_photo(src / "p.jpg")
+    assert Image.open(src / "p.jpg").size == (200, 100)
+    (src / "p.json").write_text(json.dumps({"text": ["the red thing"], "imageWidth": 100,
+                                            "imageHeight": 200, "shapes": [_rect(60, 10, 95, 50)]}))
+    paths, skipped = convert.convert_reasonseg(src, tmp_path / "out")
+    det, _ = data.read_manifest(paths["det"], "det")
+    (seg,), _ = data.read_manifest(paths["seg"], "seg")
+    assert skipped == 0 and det[0]["boxes"] == [[60, 10, 96, 51]] and seg["box"] == [60, 10, 96, 51]
+    mask = np.asarray(Image.open(seg["mask_path"])) == 255
+    shown = np.asarray(data.open_image(seg["image_path"])).astype(int)
+    red = np.abs(shown - [220, 40, 40]).sum(-1) < 60                  # the object's pixels
+    assert mask.shape == red.shape == (200, 100)
+    assert (mask & red).sum() / (mask | red).sum() > 0.95             # IoU with the object
+
+
+def test_reasonseg_refuses_a_labelme_size_that_is_not_the_displayed_one(tmp_path):
+    src = tmp_path / "val"
+    _portrait_photo(src / "q.jpg")
+    _image(src / "ok.jpg", (64, 48))
+    (src / "ok.json").write_text(json.dumps({"text": ["x"], "imageWidth": 64, "imageHeight": 48,
+                                             "shapes": [_rect(1, 1, 9, 9)]}))
+    # annotated on the stored 200x100 pixels: imageWidth is on line 5 of the indented JSON
+    (src / "q.json").write_text(json.dumps({"text": ["the red thing"], "imageWidth": 200,
+                                            "imageHeight": 100, "shapes": [_rect(60, 10, 95, 50)]},
+                                           indent=1))
+    where = r"q\.json:5: imageWidth/imageHeight says the image is 200x100, but .*q\.jpg is 100x200"
+    with pytest.raises(data.ManifestError, match=where):
+        convert.convert_reasonseg(src, tmp_path / "out")
+    paths, skipped = convert.convert_reasonseg(src, tmp_path / "out", skip_bad=True)
+    assert skipped == 1 and _ids(paths["det"]) == ["ok"]
 
 
 # ------------------------------------------------------------------------------- COCO-Sub
@@ -1835,8 +2285,8 @@ def _coco(root, bad_annotation=False):
 def test_coco_sub_sampling_and_boxes(tmp_path):
     inst, expected = _coco(tmp_path / "coco")
     out = tmp_path / "sub"
-    paths, skipped = data.convert_coco(inst, tmp_path / "coco" / "images", out, n_train=3,
-                                       n_test=2, seed=0)
+    paths, skipped = convert.convert_coco(inst, tmp_path / "coco" / "images", out, n_train=3,
+                                          n_test=2, seed=0)
     assert skipped == 0
     train, _ = data.read_manifest(paths["train"], "det")
     test, _ = data.read_manifest(paths["test"], "det")
@@ -1851,13 +2301,13 @@ def test_coco_sub_sampling_and_boxes(tmp_path):
         assert CATS[rec["category_id"]] == rec["target"]
         assert rec["image"] == f"../coco/images/{image_id:012d}.jpg"
     assert not any(r["id"] == "coco-1-2" for r in train + test)   # crowd only: not a dog image
-    data.convert_coco(inst, tmp_path / "coco" / "images", tmp_path / "again", n_train=3,
-                      n_test=2, seed=0)
+    convert.convert_coco(inst, tmp_path / "coco" / "images", tmp_path / "again", n_train=3,
+                         n_test=2, seed=0)
     assert _hashes(out) == _hashes(tmp_path / "again")
     picks = set()
     for seed in range(4):
-        p, _ = data.convert_coco(inst, tmp_path / "coco" / "images", tmp_path / f"s{seed}",
-                                 n_train=3, n_test=2, seed=seed)
+        p, _ = convert.convert_coco(inst, tmp_path / "coco" / "images", tmp_path / f"s{seed}",
+                                    n_train=3, n_test=2, seed=seed)
         picks.add(tuple(_ids(p["test"])))
     assert len(picks) > 1
 
@@ -1867,29 +2317,45 @@ def test_coco_sub_classes_and_bad_input(tmp_path):
     images = tmp_path / "coco" / "images"
     with pytest.raises(data.ManifestError, match=r"instances\.json:annotations\[\d+\] \(id 999\)"
                                                  r": .*degenerate"):
-        data.convert_coco(inst, images, tmp_path / "o", n_train=3, n_test=2)
-    paths, skipped = data.convert_coco(inst, images, tmp_path / "o", classes=["traffic light"],
-                                       n_train=3, n_test=2, skip_bad=True)
+        convert.convert_coco(inst, images, tmp_path / "o", n_train=3, n_test=2)
+    paths, skipped = convert.convert_coco(inst, images, tmp_path / "o", classes=["traffic light"],
+                                          n_train=3, n_test=2, skip_bad=True)
     assert skipped == 1
     assert {json.loads(x)["target"] for x in paths["train"].read_text().splitlines()} == {
         "traffic light"}
     with pytest.raises(ValueError, match="'horse'"):
-        data.convert_coco(inst, images, tmp_path / "o", classes=["horse"], skip_bad=True)
+        convert.convert_coco(inst, images, tmp_path / "o", classes=["horse"], skip_bad=True)
     good, _ = _coco(tmp_path / "good")
     with pytest.raises(data.ManifestError, match="category 'traffic light': 10 images"):
-        data.convert_coco(good, tmp_path / "good" / "images", tmp_path / "o", n_train=9,
-                          n_test=2)
+        convert.convert_coco(good, tmp_path / "good" / "images", tmp_path / "o", n_train=9,
+                             n_test=2)
     (images / f"{4:012d}.jpg").write_bytes(b"not a jpeg")
-    paths, skipped = data.convert_coco(inst, images, tmp_path / "o2", n_train=4, n_test=2,
-                                       skip_bad=True)
+    paths, skipped = convert.convert_coco(inst, images, tmp_path / "o2", n_train=4, n_test=2,
+                                          skip_bad=True)
     assert skipped >= 2                                  # bad annotation + image 4's records
     for p in paths.values():
         assert all("-4-" not in i for i in _ids(p))
         data.read_manifest(p, "det")
-    data.main(["coco", "--instances", str(inst), "--images", str(images), "--out",
-               str(tmp_path / "cli"), "--n-train", "3", "--n-test", "2", "--classes",
-               "cat,traffic light", "--skip-bad"])
+    convert.main(["coco", "--instances", str(inst), "--images", str(images), "--out",
+                  str(tmp_path / "cli"), "--n-train", "3", "--n-test", "2", "--classes",
+                  "cat,traffic light", "--skip-bad"])
     assert len(_ids(tmp_path / "cli" / "test.jsonl")) == 4
+
+
+def test_coco_sub_refuses_a_stated_size_that_is_not_the_displayed_one(tmp_path):
+    inst, _ = _coco(tmp_path / "coco")
+    images = tmp_path / "coco" / "images"
+    photo = Image.new("RGB", (40, 30))                 # stored 40x30 as COCO says, but EXIF 6
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    photo.save(images / f"{7:012d}.jpg", exif=exif)
+    kw = dict(classes=["traffic light"], n_train=8, n_test=2)     # uses all of images 1..10
+    with pytest.raises(data.ManifestError, match=r"instances\.json:image id 7: instances\.json "
+                                                 r"width/height says the image is 40x30, but "
+                                                 r".* is 30x40 as displayed"):
+        convert.convert_coco(inst, images, tmp_path / "o", **kw)
+    paths, skipped = convert.convert_coco(inst, images, tmp_path / "o", skip_bad=True, **kw)
+    assert skipped == 1 and "coco-7-3" not in _ids(paths["train"]) + _ids(paths["test"])
 
 
 # --------------------------------------------------------------------------- ImageNet-Sub
@@ -1907,7 +2373,7 @@ def test_imagenet_sub(tmp_path):
     root = tmp_path / "train"
     names = _imagenet(root)
     kw = dict(n_classes=3, n_train=2, n_test=1, seed=0)
-    paths, skipped = data.convert_imagenet(root, tmp_path / "a", names=names, **kw)
+    paths, skipped = convert.convert_imagenet(root, tmp_path / "a", names=names, **kw)
     assert skipped == 0
     train, _ = data.read_manifest(paths["train"], "cls")
     test, _ = data.read_manifest(paths["test"], "cls")
@@ -1922,13 +2388,13 @@ def test_imagenet_sub(tmp_path):
         named = {"n00000000": "tench", "n00000001": "goldfish", "n00000004": "great white shark"}
         assert classes[rec["probs"].index(1.0)] == named.get(folder, f"crane ({folder})")
     assert not {r["id"] for r in train} & {r["id"] for r in test}
-    data.convert_imagenet(root, tmp_path / "b", names=names, **kw)
+    convert.convert_imagenet(root, tmp_path / "b", names=names, **kw)
     assert _hashes(tmp_path / "a") == _hashes(tmp_path / "b")
-    chosen = {tuple(json.loads(data.convert_imagenet(root, tmp_path / f"s{s}", **dict(
+    chosen = {tuple(json.loads(convert.convert_imagenet(root, tmp_path / f"s{s}", **dict(
         kw, seed=s))[0]["test"].read_text().splitlines()[0])["classes"]) for s in range(5)}
     assert len(chosen) > 1                               # the class choice follows the seed
-    paths, _ = data.convert_imagenet(root, tmp_path / "seg", names=names, as_seg=True,
-                                     classes=["goldfish", "n00000004"], n_train=3, n_test=1)
+    paths, _ = convert.convert_imagenet(root, tmp_path / "seg", names=names, as_seg=True,
+                                        classes=["goldfish", "n00000004"], n_train=3, n_test=1)
     seg, _ = data.read_manifest(paths["train"], "seg")
     assert len(seg) == 6 and {r["instruction"] for r in seg} == {"goldfish", "great white shark"}
     assert all("mask" not in r for r in seg)
@@ -1939,14 +2405,14 @@ def test_imagenet_bad_input(tmp_path):
     _imagenet(root, per_class=3)
     (root / "n00000001" / "n00000001_0.JPEG").write_bytes(b"\xff\xd8 broken")
     with pytest.raises(data.ManifestError, match=r"n00000001:n00000001_0\.JPEG: unreadable"):
-        data.convert_imagenet(root, tmp_path / "o", classes=["n00000001"], n_train=2, n_test=1)
-    paths, skipped = data.convert_imagenet(root, tmp_path / "o", classes=["n00000001"],
-                                           n_train=2, n_test=1, skip_bad=True)
+        convert.convert_imagenet(root, tmp_path / "o", classes=["n00000001"], n_train=2, n_test=1)
+    paths, skipped = convert.convert_imagenet(root, tmp_path / "o", classes=["n00000001"],
+                                              n_train=2, n_test=1, skip_bad=True)
     assert skipped == 1 and len(_ids(paths["train"])) + len(_ids(paths["test"])) == 2
     with pytest.raises(data.ManifestError, match=r"train:class n00000000: 3 images"):
-        data.convert_imagenet(root, tmp_path / "o", n_train=3, n_test=1)
-    data.main(["imagenet", "--root", str(root), "--out", str(tmp_path / "cli"), "--n-classes",
-               "2", "--n-train", "1", "--n-test", "1", "--skip-bad", "--as-seg"])
+        convert.convert_imagenet(root, tmp_path / "o", n_train=3, n_test=1)
+    convert.main(["imagenet", "--root", str(root), "--out", str(tmp_path / "cli"), "--n-classes",
+                  "2", "--n-train", "1", "--n-test", "1", "--skip-bad", "--as-seg"])
     assert len(_ids(tmp_path / "cli" / "train.jsonl")) >= 1
 
 
@@ -1969,36 +2435,28 @@ def _runs(mask):
     return [0] + runs if flat[0] else runs
 
 
-def test_rle_decode_matches_pycocotools():
-    for seed in range(30):
-        h, w = [(5, 7), (64, 48), (300, 200)][seed % 3]
-        m = _blob_mask(h, w, seed)
-        m[0, 0] = bool(seed % 2)                          # runs starting with 1s as well
-        rle = coco_api.encode(np.asfortranarray(m.astype(np.uint8)))
-        assert np.array_equal(data.rle_decode(rle), m)    # counts as bytes
-        as_json = {"size": rle["size"], "counts": rle["counts"].decode()}
-        assert np.array_equal(data.rle_decode(as_json), coco_api.decode(rle).astype(bool))
-        assert np.array_equal(data.rle_decode({"size": [h, w], "counts": _runs(m)}), m)
-    with pytest.raises(ValueError):
-        data.rle_decode({"size": [4, 4], "counts": [3, 2]})
-
-
-def test_polygon_mask_matches_pycocotools():
-    rng = np.random.default_rng(0)
-    for trial in range(150):
-        h, w = (int(v) for v in rng.integers(5, 90, 2))
-        k = int(rng.integers(3, 25))
-        if trial % 2:     # star-shaped, like real outlines, partly outside the image
-            ang = np.sort(rng.uniform(0, 2 * np.pi, k))
-            c, r = rng.uniform(0, [w, h]), rng.uniform(1, 40, k)
-            poly = np.stack([c[0] + r * np.cos(ang), c[1] + r * np.sin(ang)], 1).round(2)
-        else:             # arbitrary, self-intersecting, some integer vertices
-            poly = rng.uniform(-0.1, 1.1, (k, 2)) * [w, h]
-            poly[::3] = poly[::3].round()
-        ref = coco_api.decode(coco_api.frPyObjects([poly.ravel().tolist()], h, w))[:, :, 0]
-        assert np.array_equal(data.coco_polygon_mask(poly.ravel(), h, w), ref.astype(bool))
-    square = data.coco_polygon_mask([10, 10, 30, 10, 30, 20, 10, 20], 40, 50)
+def test_coco_mask_decodes_with_pycocotools_and_refuses_bad_rle():
+    # 4x4, column-major runs [3, 2, 11]: pixels 3 and 4 are (row 3, col 0) and (row 0, col 1)
+    expected = np.zeros((4, 4), bool)
+    expected[3, 0] = expected[0, 1] = True
+    assert np.array_equal(convert.coco_mask({"size": [4, 4], "counts": [3, 2, 11]}, 4, 4), expected)
+    compressed = coco_api.encode(np.asfortranarray(expected.astype(np.uint8)))["counts"].decode()
+    assert np.array_equal(convert.coco_mask({"size": [4, 4], "counts": compressed}, 4, 4), expected)
+    # the triangle (0,0), (4,0), (0,4) as pycocotools rasterises it, and two polygons' union
+    tri = convert.coco_mask([[0, 0, 4, 0, 0, 4]], 6, 6)
+    assert tri[0, 0] and not tri[5, 5] and np.array_equal(tri, tri.T)
+    union = convert.coco_mask([[0, 0, 4, 0, 0, 4], [5, 5, 6, 5, 6, 6, 5, 6]], 6, 6)
+    assert np.array_equal(union, tri | convert.coco_mask([[5, 5, 6, 5, 6, 6, 5, 6]], 6, 6))
+    square = convert.coco_mask([[10, 10, 30, 10, 30, 20, 10, 20]], 40, 50)
     assert data.mask_box(square) == [10, 10, 30, 20] and square.sum() == 200
+    for bad, why in [({"size": [4, 4], "counts": [3, 2]}, "cover 5 pixels"),      # runs stop short
+                     ({"size": [4, 4], "counts": [3, 20]}, "cover 23 pixels"),
+                     ({"size": [4, 4], "counts": "xyz"}, "bad RLE"),
+                     ({"size": [5, 4], "counts": [20]}, "not the image's"),
+                     ([[1, 2, 3, 4]], "3 or more"),                              # a box, not a polygon
+                     ([[0, 0, 4, 0, float("nan"), 4]], "3 or more")]:
+        with pytest.raises(convert._Bad, match=why):
+            convert.coco_mask(bad, 4, 4)
 
 
 def _refcoco(root, refs=None):
@@ -2041,7 +2499,7 @@ def _refcoco(root, refs=None):
 
 def test_refcoco_records_and_masks(tmp_path):
     refs, inst, img_dir, masks = _refcoco(tmp_path)
-    paths, skipped = data.convert_refcoco(refs, inst, img_dir, tmp_path / "out", split="val")
+    paths, skipped = convert.convert_refcoco(refs, inst, img_dir, tmp_path / "out", split="val")
     assert skipped == 0
     recs, _ = data.read_manifest(paths["val"], "seg")
     assert [(r["id"], r["instruction"], r["ann_id"]) for r in recs] == [
@@ -2052,31 +2510,31 @@ def test_refcoco_records_and_masks(tmp_path):
     for rec in recs:
         png = np.asarray(Image.open(rec["mask_path"]))
         assert np.array_equal(png == 255, masks[rec["ann_id"]]) and set(np.unique(png)) <= {0, 255}
-    paths, _ = data.convert_refcoco(refs, inst, img_dir, tmp_path / "out", split="train")
+    paths, _ = convert.convert_refcoco(refs, inst, img_dir, tmp_path / "out", split="train")
     assert _ids(paths["train"]) == ["103-0"]
-    a, _ = data.convert_refcoco(refs, inst, img_dir, tmp_path / "s1", split="val", sample=2)
-    b, _ = data.convert_refcoco(refs, inst, img_dir, tmp_path / "s2", split="val", sample=2)
+    a, _ = convert.convert_refcoco(refs, inst, img_dir, tmp_path / "s1", split="val", sample=2)
+    b, _ = convert.convert_refcoco(refs, inst, img_dir, tmp_path / "s2", split="val", sample=2)
     assert len(_ids(a["val"])) == 2 and a["val"].read_bytes() == b["val"].read_bytes()
-    data.main(["refcoco", "--refs", str(refs), "--instances", str(inst), "--images",
-               str(img_dir), "--out", str(tmp_path / "cli"), "--split", "testA"])
+    convert.main(["refcoco", "--refs", str(refs), "--instances", str(inst), "--images",
+                  str(img_dir), "--out", str(tmp_path / "cli"), "--split", "testA"])
     assert _ids(tmp_path / "cli" / "testA.jsonl") == []
 
 
 def test_refcoco_bad_refs(tmp_path):
     refs, inst, img_dir, _ = _refcoco(tmp_path)
-    good = data.load_refs(refs)
+    good = convert.load_refs(refs)
     bad = good + [dict(good[0], ref_id=104, ann_id=77), dict(good[1], ref_id=105,
                                                             sentences=[{"sent": " "}])]
     refs, inst, img_dir, _ = _refcoco(tmp_path / "b", refs=bad)
     with pytest.raises(data.ManifestError, match=r"refs\(unc\)\.p:refs\[5\] \(ref_id 105\) "
                                                  r"sentence 0: needs a non-empty \"sent\""):
-        data.convert_refcoco(refs, inst, img_dir, tmp_path / "o")
+        convert.convert_refcoco(refs, inst, img_dir, tmp_path / "o")
     refs, inst, img_dir, _ = _refcoco(tmp_path / "c", refs=bad[:5])
     with pytest.raises(data.ManifestError, match=r"refs\(unc\)\.p:refs\[4\] \(ref_id 104\): "
                                                  r"ann_id 77 is not an annotation"):
-        data.convert_refcoco(refs, inst, img_dir, tmp_path / "o")
+        convert.convert_refcoco(refs, inst, img_dir, tmp_path / "o")
     refs, inst, img_dir, _ = _refcoco(tmp_path / "d", refs=bad)
-    paths, skipped = data.convert_refcoco(refs, inst, img_dir, tmp_path / "o", skip_bad=True)
+    paths, skipped = convert.convert_refcoco(refs, inst, img_dir, tmp_path / "o", skip_bad=True)
     assert skipped == 3 and len(_ids(paths["val"])) == 4   # ref 104's 2 sentences + ref 105's
 
 
@@ -2095,25 +2553,25 @@ def test_refs_unpickler_refuses_code(tmp_path):
     assert b"system" in evil.read_bytes()
     with pytest.raises(data.ManifestError, match=r"refs\(unc\)\.p:pickle: .*refused to load "
                                                  r"(posix|os|nt)\.system"):
-        data.load_refs(evil)
+        convert.load_refs(evil)
     inst = tmp_path / "instances.json"
     inst.write_text(json.dumps({"images": [], "annotations": [], "categories": []}))
     with pytest.raises(data.ManifestError, match="refused"):
-        data.convert_refcoco(evil, inst, tmp_path, tmp_path / "o")
+        convert.convert_refcoco(evil, inst, tmp_path, tmp_path / "o")
     for protocol in range(pickle.HIGHEST_PROTOCOL + 1):     # every protocol's way to a callable
         evil.write_bytes(pickle.dumps(_Evil(marker), protocol=protocol))
         with pytest.raises(data.ManifestError, match="refused"):
-            data.load_refs(evil)
+            convert.load_refs(evil)
     assert not marker.exists()
     with open(evil, "rb") as f, pytest.raises(pickle.UnpicklingError):
-        data.RefsUnpickler(f).load()
+        convert.RefsUnpickler(f).load()
     # A refs file as refer's Python 2 code wrote it (protocol 0, byte strings) still loads.
     evil.write_bytes(b"(lp0\n(dp1\nS'ref_id'\np2\nI7\nsS'sentences'\np3\n(lp4\n(dp5\n"
                      b"S'sent'\np6\nS'the man'\np7\nsasa.")
-    assert data.load_refs(evil) == [{"ref_id": 7, "sentences": [{"sent": "the man"}]}]
+    assert convert.load_refs(evil) == [{"ref_id": 7, "sentences": [{"sent": "the man"}]}]
     evil.write_bytes(pickle.dumps({"not": "a list"}))
     with pytest.raises(data.ManifestError, match="not a list"):
-        data.load_refs(evil)
+        convert.load_refs(evil)
 
 
 # ------------------------------------------------------------------------------- VisCoT
@@ -2151,7 +2609,7 @@ def _viscot(root):
 
 def test_viscot_both_forms(tmp_path):
     path, _ = _viscot(tmp_path / "data")
-    paths, skipped = data.convert_viscot(path, tmp_path / "data", tmp_path / "out")
+    paths, skipped = convert.convert_viscot(path, tmp_path / "data", tmp_path / "out")
     assert skipped == 0
     recs, _ = data.read_manifest(paths["viscot_363k"], "vqa")
     got = {r["id"]: (r["question"], r["answer"], r.get("box")) for r in recs}
@@ -2164,10 +2622,10 @@ def test_viscot_both_forms(tmp_path):
         "flat-3": ("What shape?", "round", [1, 2, 30, 40]),
         "flat-4": ("What colour?", "grey", None)}
     assert recs[0]["dataset"] == "gqa" and recs[0]["image"] == "../data/cot/gqa/wide.jpg"
-    paths, _ = data.convert_viscot(path, tmp_path / "data", tmp_path / "img", norm="image")
+    paths, _ = convert.convert_viscot(path, tmp_path / "data", tmp_path / "img", norm="image")
     recs, _ = data.read_manifest(paths["viscot_363k"], "vqa")
     assert recs[1]["box"] == [20, 40, 100, 60]            # plain x * width, y * height
-    assert data.viscot_box_to_pixels([0, 0, 1, 1], 300, 100) == [0, 0, 300, 100]
+    assert convert.viscot_box_to_pixels([0, 0, 1, 1], 300, 100) == [0, 0, 300, 100]
 
 
 def test_viscot_jsonl_and_bad_entries(tmp_path):
@@ -2178,19 +2636,72 @@ def test_viscot_jsonl_and_bad_entries(tmp_path):
     items[1]["conversations"][1]["value"] = "[12, 40, 100, 60]"
     path.write_text(json.dumps(items))
     with pytest.raises(data.ManifestError, match=r"viscot_363k\.json:entry 1: box turn"):
-        data.convert_viscot(path, tmp_path, tmp_path / "out")
-    paths, skipped = data.convert_viscot(path, tmp_path, tmp_path / "out", skip_bad=True)
+        convert.convert_viscot(path, tmp_path, tmp_path / "out")
+    paths, skipped = convert.convert_viscot(path, tmp_path, tmp_path / "out", skip_bad=True)
     assert skipped == 4 and _ids(paths["viscot_363k"]) == [0, 2]
     meta = tmp_path / "gqa_cot_train.jsonl"
     meta.write_text(json.dumps({"question": "Where?", "answer": "there", "image": "flat/c.png",
                                 "bboxs": [[1, 2, 10, 12], [5, 1, 20, 8]], "dataset": "gqa"})
                     + "\n\n{oops\n")
     with pytest.raises(data.ManifestError, match=r"gqa_cot_train\.jsonl:3: invalid JSON"):
-        data.convert_viscot(meta, tmp_path, tmp_path / "out")
-    data.main(["viscot", "--json", str(meta), "--images", str(tmp_path), "--out",
-               str(tmp_path / "out"), "--skip-bad"])
+        convert.convert_viscot(meta, tmp_path, tmp_path / "out")
+    convert.main(["viscot", "--json", str(meta), "--images", str(tmp_path), "--out",
+                  str(tmp_path / "out"), "--skip-bad"])
     recs, _ = data.read_manifest(tmp_path / "out" / "gqa_cot_train.jsonl", "vqa")
     assert [(r["id"], r["box"]) for r in recs] == [(1, [1, 1, 20, 12])]   # union of the boxes
+
+
+# ====================================================================================================
+# run.py: presets, manifest paths, the guarded update (shared by the four pipelines)
+# ====================================================================================================
+def test_presets_fill_unset_options_tiny_for_a_tiny_model(tiny_dir):
+    for module in (rise_cot, rise_r1, S, visrl):
+        tiny_args = module.parse_args(["--model", str(tiny_dir)])          # auto: a tiny model dir
+        paper_args = module.parse_args(["--model", "Qwen/Qwen2-VL-2B-Instruct"])
+        for key, value in module.TINY.items():
+            assert getattr(tiny_args, key) == value, (module.__name__, key)
+        for key, value in module.PAPER.items():
+            assert getattr(paper_args, key) == value, (module.__name__, key)
+        given = module.parse_args(["--model", str(tiny_dir), "--preset", "paper", "--lr", "0.25"])
+        assert given.lr == 0.25 and given.max_new_tokens == module.PAPER["max_new_tokens"]
+    assert run.is_tiny(vlm.TINY_BASE) and run.is_tiny(str(tiny_dir)) and not run.is_tiny("Qwen/Qwen2-VL-2B-Instruct")
+
+
+def test_manifest_path_takes_a_file_or_a_shapes_world_task(tmp_path):
+    assert run.manifest_path("a/b/train.jsonl", "test", 0, "seg") == Path("a/b/train.jsonl")
+    assert run.manifest_path(None, "test", 3, "seg", world=tmp_path) == tmp_path / "seg" / "test.jsonl"
+    assert run.manifest_path("det", "train", 3, "seg", world=tmp_path) == tmp_path / "det" / "train.jsonl"
+
+
+class _EngineThatMustNotStep:
+    """Records the DeepSpeed calls of an update (backward, step); a skipped update makes none."""
+
+    def __init__(self):
+        self.calls = []
+
+    def set_gradient_accumulation_boundary(self, boundary):
+        self.calls.append(("boundary", boundary))
+
+    def backward(self, loss):
+        self.calls.append(("backward", loss.item()))
+
+    def step(self):
+        self.calls.append(("step",))
+
+
+def test_guarded_update_never_applies_a_non_finite_loss(capsys):
+    engine, guard = _EngineThatMustNotStep(), run.NonFiniteGuard(limit=3)
+    assert guard.update(engine, torch.tensor(2.0), step=0, window=(True, 1.5)) is False
+    assert engine.calls == [("boundary", True), ("backward", 3.0), ("step",)]      # 2.0 x loss_scale 1.5
+    engine.calls.clear()
+    assert guard.update(engine, torch.tensor(float("nan")), step=1) is True
+    assert guard.update(engine, torch.tensor(float("inf")), step=2) is True
+    assert engine.calls == [] and "non-finite loss" in capsys.readouterr().err
+    assert guard.update(engine, torch.tensor(1.0), step=3) is False                 # a finite loss resets the count
+    for step in (4, 5):
+        guard.update(engine, torch.tensor(float("nan")), step=step)
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row at step 6"):
+        guard.update(engine, torch.tensor(float("-inf")), step=6)
 
 
 # ====================================================================================================
@@ -2219,6 +2730,24 @@ def ok(proc):
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
 
+def lines(path):
+    """Complete lines of a file another process is appending to (read only: never truncates it)."""
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+def kill_when(script, args, cwd, condition, env=None, timeout=600):
+    """Start `python script args` and kill -9 it as soon as condition() holds; asserts it was killed."""
+    env = env or dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / script)] + [str(a) for a in args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not condition():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    err = proc.communicate()[1]
+    assert proc.returncode == -signal.SIGKILL, "it ended before it could be killed: " + err[-3000:]
+
+
 def test_rise_cot_and_rise_r1_two_ranks(tiny_dir, rise_world, tmp_path):
     train = rise_world / "soft_cls" / "train.jsonl"
     ids = [json.loads(line)["id"] for line in train.read_text().splitlines()]
@@ -2234,9 +2763,13 @@ def test_rise_cot_and_rise_r1_two_ranks(tiny_dir, rise_world, tmp_path):
     r1_out = tmp_path / "r1"
     ok(launch("rise_r1.py", ["--model", tiny_dir, "--data", train, "--cots", cot_out / "cots.jsonl", "--tau", "0",
                              "--out", r1_out, "--sft-steps", "1", "--max-steps", "1", "--preset", "tiny", "-G", "2",
-                             "--batch-size", "1", "--max-new-tokens", "8"], tmp_path, ranks=2, port=29542))
-    stages = [m.get("stage") for m in run.read_jsonl(r1_out / "metrics.jsonl") if "loss" in m]
-    assert stages == ["sft", "grpo"]
+                             "--batch-size", "1", "--max-new-tokens", "8", "--grad-accum", "2"],
+              tmp_path, ranks=2, port=29542))
+    # --sft-steps / --max-steps count optimizer updates (as TRL/HF): 1 update = 2 micro-steps with
+    # --grad-accum 2; DeepSpeed's own count of applied updates is logged as "updates"
+    rows = [m for m in run.read_jsonl(r1_out / "metrics.jsonl") if "loss" in m]
+    assert [m["stage"] for m in rows] == ["sft", "sft", "grpo", "grpo"]
+    assert [m["updates"] for m in rows] == [0, 1, 1, 2]
     assert (r1_out / "sft" / "config.json").exists() and (r1_out / "final" / "config.json").exists()
 
     ok(launch("rise_r1.py", ["--eval", "--model", r1_out / "final", "--test", rise_world / "soft_cls" / "test.jsonl",
@@ -2277,6 +2810,58 @@ def test_rise_cot_kill_and_resume_loses_and_duplicates_nothing(tiny_dir, rise_wo
     assert [m["step"] for m in run.read_jsonl(out / "metrics.jsonl")] == [0, 1, 2]
 
 
+def test_rise_samples_that_cannot_be_processed_are_skipped_counted_and_listed(tiny, rise_world, tmp_path):
+    """run.usable with each RISE script's check: a page the processor refuses (600x2, aspect ratio 300)
+    and a prompt over --max-prompt-len are skipped and listed once in OUT/skipped.jsonl (also when the
+    check runs again, as on --resume); the good samples stay, in order."""
+    model, processor = tiny
+    records = data.read_manifest(rise_world / "soft_cls" / "train.jsonl", "cls")[0][:2]
+    Image.new("RGB", (600, 2), "white").save(tmp_path / "strip.png")
+    Image.new("RGB", (1024, 768), "white").save(tmp_path / "photo.png")
+    bad = [dict(records[0], id="strip", image_path=str(tmp_path / "strip.png")),
+           dict(records[0], id="photo", image_path=str(tmp_path / "photo.png"))]
+
+    def length(rec, style):
+        image = data.open_image(rec["image_path"])
+        conv = [vlm.user_turn(rise_r1.prompt(style, rec, image, model, processor))]
+        return int(vlm.chat_inputs(processor, [conv], [[image]])["attention_mask"].sum())
+
+    limit = max(length(r, "r1") for r in records)
+    assert length(bad[1], "r1") > limit
+    for _ in range(2):
+        kept, skipped = run.usable(records[:1] + bad + records[1:],
+                                   lambda r: rise_r1.sample_problem(r, model, processor, "r1", limit), 0, 1, tmp_path)
+        assert [r["id"] for r in kept] == [r["id"] for r in records]
+    listed = run.read_jsonl(tmp_path / "skipped.jsonl")
+    assert [(r["id"], r["split"]) for r in listed] == [("strip", "train"), ("photo", "train")]
+    assert "aspect ratio" in listed[0]["reason"] and "max_prompt_len" in listed[1]["reason"]
+    args = rise_cot.parse_args(["--preset", "tiny", "--max-prompt-len", "10000"])
+    assert rise_cot.sample_problem(records[0], model, processor, args) is None
+    assert "aspect ratio" in rise_cot.sample_problem(bad[0], model, processor, args)
+    args.max_prompt_len = 20                            # shorter than any prompt with an image
+    assert "max_prompt_len" in rise_cot.sample_problem(records[0], model, processor, args)
+    with pytest.raises(SystemExit, match="every one of the 1 train samples"):
+        run.usable(bad[:1], lambda r: rise_cot.sample_problem(r, model, processor, args), 0, 1)
+
+
+def test_rise_r1_kill_in_sft_and_resume_logs_every_record_once(tiny_dir, rise_world, tmp_path):
+    """kill -9 in the SFT after its step 2 was logged (checkpoint at step 2), then --resume: the
+    D_high record, every SFT step and every GRPO step exactly once, in order."""
+    train = rise_world / "soft_cls" / "train.jsonl"
+    cots = tmp_path / "cots.jsonl"
+    cots.write_text("".join(json.dumps({"id": json.loads(line)["id"], "cot": "A large warm round shape.",
+                                        "reward": 1.0}) + "\n" for line in train.read_text().splitlines()))
+    out = tmp_path / "run"
+    args = ["--model", tiny_dir, "--data", train, "--cots", cots, "--tau", "0", "--out", out, "--sft-steps", "6",
+            "--max-steps", "2", "--save-every", "2", "--preset", "tiny", "-G", "2", "--batch-size", "1",
+            "--max-new-tokens", "8"]
+    kill_when("rise_r1.py", args, tmp_path, lambda: lines(out / "metrics.jsonl") >= 4)   # D_high + SFT 0, 1, 2
+    assert lines(out / "metrics.jsonl") < 1 + 6 + 2
+    ok(launch("rise_r1.py", args + ["--resume"], tmp_path))
+    got = [(m["stage"], m["step"], "loss" in m) for m in run.read_jsonl(out / "metrics.jsonl")]
+    assert got == [("sft", 0, False)] + [("sft", k, True) for k in range(6)] + [("grpo", k, True) for k in range(2)]
+
+
 def test_leaking_cot_gets_zero_reward_inside_the_loop(tiny, rise_world, monkeypatch):
     """Inject two CoTs into a real rollout: the same description with and without a leaked
     probability, both followed by a perfect reconstruction. The closed loop must give the
@@ -2310,7 +2895,7 @@ def test_rise_r1_sft_target_is_think_answer_and_masks_the_prompt(tiny, rise_worl
     model, processor = tiny
     record = data.read_manifest(rise_world / "det" / "train.jsonl", "det")[0][0]
     image = Image.open(record["image_path"]).convert("RGB")
-    conv = rise_r1.sft_conversation(record, "The red circle is at the top.", image, model)
+    conv = rise_r1.sft_conversation(record, "The red circle is at the top.", image, model, processor)
     batch = vlm.chat_inputs(processor, [conv], [[image]], add_generation_prompt=False)
     target = processor.tokenizer.decode(batch["input_ids"][0][vlm.assistant_mask(batch["input_ids"], processor)[0].bool()])
     # a 112x112 image: the box is written in Qwen2-VL's 0..1000 frame (x * 1000 / 112, rounded)
@@ -2318,6 +2903,38 @@ def test_rise_r1_sft_target_is_think_answer_and_masks_the_prompt(tiny, rise_worl
     box = [round(v * 1000 / 112) for v in (x1, y1, x2, y2)]
     assert target == f"<think>The red circle is at the top.</think><answer>[{box[0]},{box[1]},{box[2]},{box[3]}]</answer><|im_end|>"
     assert "Find" not in target                         # nothing of the prompt is a target
+
+
+def test_rise_r1_and_rise_cot_write_qwen25_boxes_in_resized_pixels(tiny):
+    # Qwen2.5-VL writes pixels of the processor's resized input. The tiny processor (factor 28, max
+    # 224*224 = 50176 pixels) resizes 640x480 (307200 px): beta = sqrt(307200 / 50176) = 2.4744;
+    # 480 / 2.4744 / 28 = 6.93 -> 6 * 28 = 168, 640 / 2.4744 / 28 = 9.24 -> 9 * 28 = 252.
+    # [100,100,200,200] -> x * 252/640 = 39.4, 78.75; y * 168/480 = 35, 70 -> [39, 35, 79, 70].
+    model, processor = tiny
+    qwen25 = type("M", (), {"config": type("C", (), {"model_type": "qwen2_5_vl"})()})()
+    record = {"target": "the cat", "boxes": [[100, 100, 200, 200]]}
+    image = Image.new("RGB", (640, 480))
+    assert rise_r1.annotation(record, image, qwen25, processor) == ([[39, 35, 79, 70]], "[39,35,79,70]")
+    assert rise_cot.ground_truth(record, image, "qwen2_5_vl", processor) == [[39, 35, 79, 70]]
+    with pytest.raises(ValueError, match="pass the processor"):       # never an AttributeError
+        vlm.to_model_frame([100, 100, 200, 200], "qwen2_5_vl", (640, 480))
+
+
+def test_few_shot_rows_take_k_per_class_except_for_lisa():
+    # RISE (arXiv 2508.13229), Results: "LISA uses 4/16 total samples, while Emotion6 uses 4/16 samples per
+    # class"; ImageNet-Sub and COCO-Sub: "4/16 samples per class".
+    coco = [{"id": f"c{c}-{i}", "target": name, "boxes": [[0, 0, 1, 1]], "category_id": c}
+            for c, (name, n) in enumerate([("cat", 5), ("dog", 4), ("bus", 1)]) for i in range(n)]
+    picked = rise_r1.few_shot(coco, "det", 2, seed=0)
+    count = lambda rs, key: {v: sum(r[key] == v for r in rs) for v in {r[key] for r in rs}}  # noqa: E731
+    assert count(picked, "target") == {"cat": 2, "dog": 2, "bus": 1}          # 2 per class, all of a rare one
+    lisa = [{"id": f"l{i}", "target": f"the thing {i}", "boxes": [[0, 0, 1, 1]]} for i in range(10)]
+    assert len(rise_r1.few_shot(lisa, "det", 4, seed=0)) == 4                 # 4 in total
+    emotion = [{"id": f"e{i}", "classes": ["joy", "fear"], "probs": [0.9, 0.1] if i < 6 else [0.2, 0.8]}
+               for i in range(9)]
+    cls = rise_r1.few_shot(emotion, "cls", 2, seed=0)
+    assert sorted(r["probs"][0] > 0.5 for r in cls) == [False, False, True, True]   # 2 joy + 2 fear
+    assert rise_r1.few_shot(coco, "det", 2, seed=0) == picked                  # seeded
 
 
 def test_rise_r1_eval_counts_unparsable_instead_of_crashing(tiny, rise_world):
@@ -2377,6 +2994,76 @@ def test_bench_trl_json(capsys, tiny_dir):
     for algo in ("grpo", "dpo"):
         assert out[algo]["trl_sps"] > 0 and out[algo]["trl_peak_mb"] > 0
         assert out[algo]["ratio_vs_trl"] == pytest.approx(out[algo]["ours_sps"] / out[algo]["trl_sps"], rel=1e-2)
+
+
+# ====================================================================================================
+# tiny.py: the shipped tiny base (the embedded default) and its recipe
+# ====================================================================================================
+SHIPPED_BASE = ROOT / vlm.TINY_BASE
+
+
+def test_tiny_base_is_shipped_small_and_the_default():
+    """`--model tiny-base` loads the committed build: nothing is built at first run."""
+    assert vlm.resolve_model(vlm.TINY_BASE) == str(SHIPPED_BASE)
+    shipped = [f for d in (SHIPPED_BASE, tiny_py.SHIPPED_CLIP) for f in d.iterdir()]
+    assert sum(f.stat().st_size for f in shipped) < 40 * 2 ** 20
+    assert {"model.safetensors", "config.json", "tokenizer.json", "build.json"} <= {f.name for f in shipped}
+    record = json.loads((SHIPPED_BASE / "build.json").read_text())
+    assert record["steps"] > 0 and record["loss_curve"][-1][1] < 0.5 * record["loss_curve"][0][1]
+    model, processor = vlm.load_model(vlm.TINY_BASE)
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert model.config.text_config.rope_parameters["rope_theta"] == tiny_py.ROPE_THETA
+
+
+def test_shipped_tiny_base_scores_as_its_build_record(cache):
+    """Greedy scores of the committed base on the first CHECK_N test scenes per task, recomputed here,
+    equal the ones its build recorded: within 2 samples of 16 for rates, 0.05 for JSD and box IoU,
+    0.05 nats for the grounding gap (float differences between machines can flip a greedy token)."""
+    record = json.loads((SHIPPED_BASE / "build.json").read_text())["check"]
+    model, processor = vlm.load_model(vlm.TINY_BASE)
+    root = tiny_py.scores_world()
+    got = tiny_py.task_scores(model, processor, root, n=tiny_py.CHECK_N)
+    assert tiny_py.grounding_gap(model, processor, root, n=tiny_py.CHECK_N) == approx(
+        record["grounding_gap_nats"], abs=0.05)
+    for task, metrics in got.items():
+        for name, value in metrics.items():
+            tol = {"jsd": 0.05, "box_iou": 0.05, "unparsable": 2, "n": 0}.get(name, 2 / tiny_py.CHECK_N)
+            assert value == approx(record[task][name], abs=tol), (task, name)
+
+
+def test_short_tiny_build_runs_end_to_end(cache, tmp_path):
+    """`python tiny.py base` at toy size: a few dozen steps on 6 scenes per task; the loss falls,
+    the build record says how it was made, and the result loads and answers."""
+    out = tiny_py.build_tiny(tmp_path / "base", seed=0, pretrain=True, steps=24, n_train=6, record_scores=False,
+                             log=lambda *a: None)
+    record = json.loads((out / "build.json").read_text())
+    assert record["steps"] == 24 and "--steps 24 --n-train 6" in record["command"]
+    assert record["versions"]["torch"] == torch.__version__
+    assert record["loss_curve"][-1][0] == 24 and record["loss_curve"][-1][1] < record["loss_curve"][0][1]
+    model, processor = vlm.load_model(out)
+    batch = vlm.chat_inputs(processor, [[vlm.user_turn(tiny_py.LOOK_COLOUR.format(shape="circle"))]],
+                            [[solid((220, 40, 40), 112)]])
+    assert vlm.sample(model, processor, batch, 1, 4, do_sample=False)["texts"][0] != ""
+
+
+def test_look_examples_ask_only_what_the_scene_answers():
+    """Two shapes of different kinds and one duplicate pair: colour questions only for a unique kind,
+    where/box questions only for a unique (colour, kind); boxes in the 0..1000 frame."""
+    scene = [{"color": "red", "shape": "circle", "box": [0, 0, 28, 28]},
+             {"color": "blue", "shape": "square", "box": [84, 84, 112, 112]},
+             {"color": "blue", "shape": "square", "box": [84, 0, 112, 28]}]
+    image = data.render(scene, 220)
+    qa = [(conv[0]["content"][-1]["text"], conv[1]["content"][0]["text"])
+          for conv, _ in tiny_py.look_examples(scene, image, np.random.default_rng(0))]
+    assert qa == [("What colour is the circle?", "red"), ("Where is the red circle?", "top-left"),
+                  ("Give the box of the red circle.", "[0,0,250,250]")]
+
+
+def test_tiny_chat_template_puts_the_image_after_the_text(tiny):
+    """The tiny model's own template: text, then image, in each user message (README: why)."""
+    _, processor = tiny
+    text = processor.apply_chat_template([vlm.user_turn("Q?")], add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\nQ?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
 
 
 # ====================================================================================================
@@ -2444,12 +3131,12 @@ def test_dpo_learns_to_prefer_the_colour_name(tiny_dir):
     colours, rng = list(data.COLORS), random.Random(0)
     held = grpo.colour_task(random.Random(7), 16)
 
-    def held_out_accuracy():                        # fraction of (image, wrong colour) ranked below the right one
+    def held_out_accuracy():    # fraction of (image, wrong colour) ranked below the right one; mean gap (nats)
         with torch.no_grad():
             images = [im for im, c in held for _ in range(3)]
             right = colour_scores(model, processor, images, [c for _, c in held for _ in range(3)])
             wrong = colour_scores(model, processor, images, [o for _, c in held for o in colours if o != c])
-        return (right > wrong).float().mean().item()
+        return (right > wrong).float().mean().item(), (right - wrong).mean().item()
 
     before, margins = held_out_accuracy(), []
     for step in range(12):
@@ -2465,10 +3152,12 @@ def test_dpo_learns_to_prefer_the_colour_name(tiny_dir):
         optimizer.step()
         margins.append(stats["margin"])
     after = held_out_accuracy()
-    print(f"DPO margins per step {[round(m, 3) for m in margins]}; held-out accuracy {before:.3f} -> {after:.3f}")
+    print(f"DPO margins per step {[round(m, 3) for m in margins]}; held-out accuracy, log-prob gap {before} -> {after}")
     assert margins[0] == pytest.approx(0.0, abs=1e-6)      # policy == reference at the start
-    assert sum(margins[-3:]) / 3 > 0.3 > sum(margins[:3]) / 3      # measured: 0.45 vs 0.03
-    assert after >= 0.75 and after > before + 0.25
+    assert sum(margins[-3:]) / 3 > 0.3 > sum(margins[:3]) / 3      # measured: 0.47 vs 0.08
+    # a random init can already rank some colours right by chance (measured 0.94 with one tokenizer), so
+    # the held-out test is on the log-prob gap, which DPO must widen, and on the final ranking
+    assert after[0] >= 0.9 and after[1] > before[1] + 1.0
 
 
 def test_colour_reward_hand_cases():
@@ -2500,7 +3189,7 @@ def test_critic_examples_are_labelled_by_the_scene(world):
     for rec in records:
         image = Image.open(rec["image_path"]).convert("RGB")
         kind = "color" if rec["answer"] in data.COLORS else "shape"
-        for conv, images in vlm._critic_examples(rec["question"], rec["answer"], rec["scene"], image, rng):
+        for conv, images in tiny_py._critic_examples(rec["question"], rec["answer"], rec["scene"], image, rng):
             prompt, label = conv[0]["content"][-1]["text"], json.loads(conv[1]["content"][0]["text"])["score"]
             if "Candidate answer" not in prompt:
                 n_box += 1
@@ -2538,8 +3227,8 @@ def test_critic_box_label_matches_pixel_count():
 @pytest.fixture(scope="session")
 def clip_dir(cache, tmp_path_factory):
     """A shapes CLIP trained for 2 steps: the real build path, in seconds (its scores mean nothing)."""
-    return S.build_shapes_clip(tmp_path_factory.mktemp("clip") / "shapes-clip", seed=0, steps=2,
-                               batch_size=16, n_scenes=12, log=lambda *a: None)
+    return tiny_py.build_shapes_clip(tmp_path_factory.mktemp("clip") / "shapes-clip", seed=0, steps=2,
+                                     batch_size=16, n_scenes=12, log=lambda *a: None)
 
 
 @pytest.fixture(scope="session")
@@ -2601,11 +3290,11 @@ def test_read_answer_formats_and_garbage(text, box, n_points):
 
 def test_box_format_reward_no_points():
     ok = '<answer>{"bbox": [0, 0, 1000, 1000]}</answer>'
-    assert S.box_format_reward(ok, 1000, 1000) == 1.0
-    assert S.box_format_reward(ok, 999, 1000) == 0.0                       # x2 outside the frame
-    assert S.box_format_reward('<answer>{"bbox": [-1, 0, 5, 5]}</answer>', 1000, 1000) == 0.0
-    assert S.box_format_reward('<answer>{"points": [[1, 2], [3, 4]]}</answer>', 1000, 1000) == 0.0
-    assert S.box_format_reward(None, 10, 10) == 0.0
+    assert R.seg_box_format_reward(ok, 1000, 1000) == 1.0
+    assert R.seg_box_format_reward(ok, 999, 1000) == 0.0                       # x2 outside the frame
+    assert R.seg_box_format_reward('<answer>{"bbox": [-1, 0, 5, 5]}</answer>', 1000, 1000) == 0.0
+    assert R.seg_box_format_reward('<answer>{"points": [[1, 2], [3, 4]]}</answer>', 1000, 1000) == 0.0
+    assert R.seg_box_format_reward(None, 10, 10) == 0.0
 
 
 def test_prompts_and_ablation_switches(tiny_dir):
@@ -2729,17 +3418,17 @@ def test_seg_rewards_real_open_clip_batch_equals_single(clip_dir):
 def test_clip_loss_by_hand():
     # 2 crops, both caption 0, all logits 0. image->text: CE over 2 captions = ln 2 each.
     # text->image: caption 0's positives are both crops: -log(1/2 + 1/2) = 0; caption 1 absent.
-    loss = S.clip_loss(torch.zeros(2, 2), torch.tensor([0, 0]))
+    loss = tiny_py.clip_loss(torch.zeros(2, 2), torch.tensor([0, 0]))
     assert loss.item() == approx(math.log(2) / 2)
     # a confident, correct batch has a small loss; swapping the labels makes it large
     logits = torch.tensor([[10.0, -10.0], [-10.0, 10.0]])
-    assert S.clip_loss(logits, torch.tensor([0, 1])).item() < 1e-3
-    assert S.clip_loss(logits, torch.tensor([1, 0])).item() > 10
+    assert tiny_py.clip_loss(logits, torch.tensor([0, 1])).item() < 1e-3
+    assert tiny_py.clip_loss(logits, torch.tensor([1, 0])).item() > 10
 
 
 def test_shapes_clip_build_save_load_and_determinism(clip_dir, tmp_path):
     cfg = json.loads((clip_dir / "config.json").read_text())
-    assert cfg["captions"][:12] == S.CAPTIONS and len(S.CAPTIONS) == 12
+    assert cfg["captions"][:12] == tiny_py.CAPTIONS and len(tiny_py.CAPTIONS) == 12
     assert 0.0 <= cfg["zero_shot_accuracy"] <= 1.0 and cfg["n_crops"] > 0
     model, preprocess, tokenizer = S.load_clip("shapes", clip_dir)
     assert not model.training and not any(p.requires_grad for p in model.parameters())
@@ -2747,9 +3436,9 @@ def test_shapes_clip_build_save_load_and_determinism(clip_dir, tmp_path):
     assert preprocess(crop).shape == (3, 64, 64)
     assert tokenizer(["the red circle"]).shape == (1, 16)
     # the same seed rebuilds the same weights
-    again = S.build_shapes_clip(tmp_path / "again", seed=0, steps=2, batch_size=16, n_scenes=12, log=lambda *a: None)
-    a = torch.load(clip_dir / "model.pt", weights_only=True)
-    b = torch.load(again / "model.pt", weights_only=True)
+    again = tiny_py.build_shapes_clip(tmp_path / "again", seed=0, steps=2, batch_size=16, n_scenes=12, log=lambda *a: None)
+    a = safetensors_load(clip_dir / "model.safetensors")
+    b = safetensors_load(again / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     with pytest.raises(FileNotFoundError):
         S.load_clip("shapes", tmp_path / "missing")
@@ -2761,13 +3450,13 @@ def test_clip_training_crops():
     rng = np.random.default_rng(0)
     box = [20, 30, 60, 70]                              # size 40: sides move by [-4.8, +8]
     for _ in range(50):
-        j = S.jitter_box(box, rng)
+        j = tiny_py.jitter_box(box, rng)
         assert 20 - 9 <= j[0] <= 20 + 5 and 60 - 5 <= j[2] <= 60 + 9 and j[0] < j[2] and j[1] < j[3]
     scene = [{"color": "red", "shape": "circle", "box": [0, 0, 60, 112]}]
     for _ in range(20):
-        b = S.background_box(scene, rng)
+        b = tiny_py.background_box(scene, rng)
         assert b is None or b[0] >= 60                  # never touches the shape
-    crops, labels = S.clip_batch(S.clip_scenes(3, 6), rng, 26)
+    crops, labels = tiny_py.clip_batch(tiny_py.clip_scenes(3, 6), rng, 26)
     assert crops.shape == (26, 3, 64, 64) and labels.max() <= 12 and labels.min() >= 0
 
 
@@ -2784,7 +3473,7 @@ def test_giou_ciou_hand_cases_match_mask_iou_stats():
     g3 = square(10, 10, 0, 0, 1, 1)                                     # missed (unparsable): 0 / 1
     rows = []
     for p, g, box in ((p1, g1, [0, 0, 4, 2]), (g2.copy(), g2, [5, 5, 7, 7]), (None, g3, None)):
-        inter, union = S.mask_counts(p, g)
+        inter, union = R.mask_counts(p, g)
         rows.append({"box": box, "inter": inter, "union": union, "box_iou": 0.0})
     assert [(r["inter"], r["union"]) for r in rows] == [(8, 16), (4, 4), (0, 1)]
     got = S.summarise(rows)
@@ -2792,10 +3481,13 @@ def test_giou_ciou_hand_cases_match_mask_iou_stats():
     assert got["giou"] == approx(0.5) and got["ciou"] == approx(12 / 21)
     assert (got["giou"], got["ciou"]) == approx(R.mask_iou_stats([p1, g2, None], [g1, g2, g3]))
     assert got["unparsable"] == 1 and got["n"] == 3
-    # empty vs empty is a perfect answer (as mask_iou_stats)
+    # an unparsable answer scores IoU 0 even against an empty mask (as mask_iou_stats); a parsed
+    # answer whose mask is empty vs an empty GT is a perfect answer
     empty = np.zeros((3, 3), bool)
-    assert S.summarise([{"box": None, "box_iou": 0.0, **dict(zip(("inter", "union"), S.mask_counts(None, empty)))}])[
-        "giou"] == 1.0
+    counts = dict(zip(("inter", "union"), R.mask_counts(None, empty)))
+    assert S.summarise([{"box": None, "box_iou": 0.0, **counts}])["giou"] == 0.0
+    assert S.summarise([{"box": [0, 0, 1, 1], "box_iou": 0.0, **counts}])["giou"] == 1.0
+    assert R.mask_iou_stats([None], [empty])[0] == 0.0 and R.mask_iou_stats([empty], [empty])[0] == 1.0
 
 
 def test_box_mask_rounds_outwards_and_clips():
@@ -2846,6 +3538,36 @@ def test_evaluate_end_to_end_with_known_answers(tiny, seg_world, monkeypatch, tm
     assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(f"{r['id']}.png" for r in records[:2])
 
 
+def test_eval_any_mask_encoding_and_unparsable_scores_zero(tiny, monkeypatch, tmp_path):
+    """Issue 14 example: a 3-sample set with GT masks saved 0/1 (two) and 0/255 (one), every answer
+    unparsable: gIoU 0 (it was 0.667: a 0/1 mask read as empty under `> 127`, and an empty prediction
+    vs an empty GT counted 1). Ours too: the exact box on masks saved 0/1, palette and RGB: gIoU 1."""
+    model, processor = tiny
+    image = Image.new("RGB", (40, 40), "white")
+    image.paste((0, 0, 0), (10, 10, 20, 20))                       # the object: x 10..19, y 10..19
+    image.save(tmp_path / "im.png")
+    truth = square(40, 40, 10, 10, 20, 20)
+    files = {"L 0/1": "m01.png", "L 0/255": "m255.png", "palette index 1 (VOC style)": "mp.png",
+             "RGB dark blue": "mrgb.png"}
+    for name, file in files.items():
+        MASK_ENCODINGS[name](truth).save(tmp_path / file)
+    order = ["m01.png", "m01.png", "m255.png", "mp.png", "mrgb.png"]
+    manifest = _write(tmp_path, [{"id": i, "image": "im.png", "instruction": "the black square", "mask": f}
+                                 for i, f in enumerate(order)])
+    records, _ = data.read_manifest(manifest, "seg")
+    args = S.parse_args(["--model", "x", "--executor", "box"])
+    texts = []
+    monkeypatch.setattr(vlm, "sample", lambda *a, **k: {"texts": texts[:len(a[2]["input_ids"])]})
+    texts[:] = ["no idea"] * 3
+    got = S.summarise(S.evaluate(model, processor, records[:3], args, S.make_executor(args, "cpu")))
+    assert (got["giou"], got["ciou"], got["unparsable"], got["n"]) == (0.0, 0.0, 3, 3)
+    # the exact box, in Qwen2-VL's 0..1000 frame of a 40x40 image: 10 px -> 250
+    texts[:] = [ans([250, 250, 500, 500], points=None)] * 3
+    rows = S.evaluate(model, processor, [records[0], records[3], records[4]], args, S.make_executor(args, "cpu"))
+    assert [(r["inter"], r["union"]) for r in rows] == [(100, 100)] * 3      # 10x10 pixels, in every encoding
+    assert S.summarise(rows)["giou"] == 1.0
+
+
 # ============================================================================ runs
 def test_one_rank_train_then_eval(tiny_dir, clip_dir, cache, tmp_path):
     """python seg_rise.py: one GRPO step from a random tiny model, then --eval with the box executor
@@ -2871,6 +3593,68 @@ def test_one_rank_train_then_eval(tiny_dir, clip_dir, cache, tmp_path):
     assert 0 <= result["unparsable"] <= 3 and 0.0 <= result["giou"] <= 1.0
     assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
     assert len(list(vis.glob("*.png"))) == 3
+
+
+def test_one_overlong_sample_never_aborts_training_or_evaluation(tiny, tiny_dir, clip_dir, seg_world, cache,
+                                                                 tmp_path):
+    """Issue 14: a 1024x768 photo whose prompt exceeds --max-prompt-len stopped a whole evaluation
+    (exit 1, no eval.json). Now it is skipped, counted (eval.json skipped_samples, a predictions row
+    saying why, OUT/skipped.jsonl) and the three other samples are scored; training skips it too.
+    Ours too: an image the processor refuses (aspect ratio 300) in the same manifest."""
+    _, processor = tiny
+    records = [json.loads(line) for line in (seg_world / "seg" / "test.jsonl").read_text().splitlines()][:3]
+    for r in records:
+        r["image"], r["mask"] = str(seg_world / "seg" / r["image"]), str(seg_world / "seg" / r["mask"])
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (768, 1024, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
+    Image.new("RGB", (900, 3), "white").save(tmp_path / "strip.png")
+    photo = {"id": "photo", "image": "photo.jpg", "instruction": records[0]["instruction"]}
+    strip = {"id": "strip", "image": "strip.png", "instruction": records[0]["instruction"]}
+    manifest = _write(tmp_path, records[:2] + [photo, strip] + records[2:])
+
+    def length(image):
+        conv = [vlm.user_turn(S.prompt_text(photo["instruction"], True, True, vlm.box_frame("qwen2_vl", image.size,
+                                                                                          processor)))]
+        return int(vlm.chat_inputs(processor, [conv], [[image]])["attention_mask"].sum())
+
+    limit = max(length(data.open_image(seg_world / "seg" / r["image"])) for r in records)
+    assert length(data.open_image(tmp_path / "photo.jpg")) > limit           # the photo alone is over the limit
+    common = ["--clip-ckpt", clip_dir, "-G", "2", "--max-new-tokens", "8", "--max-prompt-len", limit]
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "seg_rise.py"), "--model", tiny_dir, "--data", manifest,
+                           "--out", out, "--max-steps", "2", "--batch-size", "2", *map(str, common)],
+                          cwd=tmp_path, env=env_for(cache), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [m["step"] for m in run.read_jsonl(out / "metrics.jsonl")] == [0, 1]
+    skipped = run.read_jsonl(out / "skipped.jsonl")
+    assert [(r["id"], r["split"]) for r in skipped] == [("photo", "train"), ("strip", "train")]
+    assert "max_prompt_len" in skipped[0]["reason"] and "aspect ratio" in skipped[1]["reason"]
+    proc = subprocess.run([sys.executable, str(ROOT / "seg_rise.py"), "--eval", "--model", tiny_dir, "--test", manifest,
+                           "--out", out, "--executor", "box", *map(str, common)],
+                          cwd=tmp_path, env=env_for(cache), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((out / "eval.json").read_text())
+    assert result["n"] == 3 and result["skipped_samples"] == 2 and result["giou"] is not None
+    rows = {r["id"]: r for r in run.read_jsonl(out / "predictions.jsonl")}
+    assert sorted(rows) == sorted([r["id"] for r in records] + ["photo", "strip"])
+    assert "max_prompt_len" in rows["photo"]["skipped"] and "aspect ratio" in rows["strip"]["skipped"]
+
+
+def test_seg_rise_kill_and_resume_logs_every_step_once(tiny_dir, clip_dir, cache, tmp_path):
+    """Issue 14: --save-every 2, kill -9 after step 2 was logged, --resume: metrics.jsonl held step 2
+    twice. Now the log is cut back to the checkpoint (steps 0, 1) and every step appears once."""
+    out = tmp_path / "run"
+    args = ["--model", tiny_dir, "--clip-ckpt", clip_dir, "--out", out, "-G", "2", "--max-new-tokens", "8",
+            "--max-steps", "6", "--save-every", "2"]
+    kill_when("seg_rise.py", args, tmp_path, lambda: lines(out / "metrics.jsonl") >= 3, env=env_for(cache))
+    before = run.read_jsonl(out / "metrics.jsonl")
+    assert 3 <= len(before) < 6 and (out / "ckpt" / "latest").exists()
+    proc = subprocess.run([sys.executable, str(ROOT / "seg_rise.py"), *map(str, args), "--resume"], cwd=tmp_path,
+                          env=env_for(cache), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = run.read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in after] == [0, 1, 2, 3, 4, 5]         # nothing lost, nothing twice
+    assert after[:2] == before[:2]                                   # the records before the checkpoint kept
 
 
 def test_seg_rise_two_rank_zero3_step_on_cpu(tiny_dir, clip_dir, cache, tmp_path):
@@ -2961,35 +3745,31 @@ def cand(s_b, s_r, box=(0.1, 0.1, 0.3, 0.3), answer="red"):
     return {"box": list(box), "answer": answer, "s_b": s_b, "s_r": s_r}
 
 
-def test_select_pair_spec_rules():
-    # chosen: highest s_r among s_b >= 0.8 (not the overall best s_r, whose box scored 0.5)
-    cands = [cand(0.5, 1.0), cand(0.9, 0.6), cand(0.8, 0.9), cand(0.1, 0.0), cand(0.2, 0.1), cand(0.0, 0.3)]
+def test_select_pair_paper_rule():
+    # VisRL eq. 4: W = {s_b >= 0.8 and s_r >= 0.8} = {1, 2}; c_w holds max s_b (0.9) and max s_r (0.95)
+    # of W: index 2. L = {s_b <= 0.2 and s_r <= 0.2} = {3, 4}: c_l holds min s_b (0.1) and min s_r (0.0): 3.
+    # Candidate 0 (s_r 1.0, s_b 0.5) is in neither set and is never the chosen one.
+    cands = [cand(0.5, 1.0), cand(0.8, 0.9), cand(0.9, 0.95), cand(0.1, 0.0), cand(0.2, 0.1), cand(0.0, 0.3)]
     assert visrl.select_pair(cands) == (2, 3, "ok")
     # ties: the first
     assert visrl.select_pair([cand(1, 1), cand(1, 1), cand(0, 0), cand(0, 0)]) == (0, 2, "ok")
-    # boundaries are inclusive: s_r 0.2 / 0.8, s_b 0.8 / 0.2
+    # boundaries are inclusive: both scores 0.8 are in W, both 0.2 in L
     assert visrl.select_pair([cand(0.8, 0.8), cand(0.2, 0.2)]) == (0, 1, "ok")
+    with pytest.raises(ValueError, match="above"):
+        visrl.select_pair([cand(1, 1)], win=0.5, lose=0.5)
 
 
 @pytest.mark.parametrize("cands, reason", [
     ([], "with_candidates"),
-    ([cand(1, 1.0), cand(0, 0.3)], "min_sr_low"),            # even the worst answer is fine: too easy
-    ([cand(1, 0.7), cand(0, 0.0)], "max_sr_high"),           # no good answer at all: too hard
-    ([cand(0.7, 1.0), cand(0.79, 0.9), cand(0, 0.0)], "has_chosen"),   # no chosen with s_b >= 0.8
-    ([cand(1, 1.0), cand(0.5, 0.0), cand(0.21, 0.1)], "has_rejected"),  # no rejected with s_b <= 0.2
+    # the three examples of the issue, as (s_b, s_r): each is dropped by the paper's rule
+    ([cand(0.9, 0.5), cand(0.1, 0.9), cand(0.1, 0.1)], "win_set"),     # nobody has both >= 0.8
+    ([cand(0.9, 0.95), cand(0.9, 0.1), cand(0.1, 0.9)], "lose_set"),   # nobody has both <= 0.2
+    ([cand(0.8, 1.0), cand(1.0, 0.9), cand(0, 0)], "chosen_holds_both_max"),  # max s_b and max s_r split
+    ([cand(1, 1), cand(0.0, 0.2), cand(0.1, 0.0)], "rejected_holds_both_min"),
+    ([cand(0.7, 1.0), cand(0.79, 0.9), cand(0, 0.0)], "win_set"),
 ])
 def test_select_pair_drops(cands, reason):
     assert visrl.select_pair(cands) == (None, None, reason)
-
-
-def test_select_pair_sr_differ_only_matters_for_overlapping_thresholds():
-    assert visrl.select_pair([cand(1, 0.5), cand(0, 0.5)], win=0.5, lose=0.5) == (None, None, "sr_differ")
-
-
-def test_select_pair_strict_released_filter():
-    cands = [cand(0.5, 1.0), cand(0.9, 0.9), cand(0.1, 0.0)]
-    assert visrl.select_pair(cands) == (1, 2, "ok")
-    assert visrl.select_pair(cands, strict=True) == (None, None, "has_chosen")
 
 
 def test_make_pairs_counts_survivors_and_quality():
@@ -3003,15 +3783,16 @@ def test_make_pairs_counts_survivors_and_quality():
         q(2, [cand(1, 1), cand(0, 0)]),                            # pair: WP-LP
         q(3, [cand(1, 1), cand(0, 0, far)], gt_box=None),          # pair, no GT box: not graded
         q(4, []),                                                  # no candidate
-        q(5, [cand(1, 1), cand(1, 0.5)]),                          # min s_r too high
-        q(6, [cand(1, 0.5), cand(0, 0)]),                          # max s_r too low
-        q(7, [cand(0.5, 1), cand(0, 0)]),                          # no chosen with s_b >= 0.8
-        q(8, [cand(1, 1), cand(0.5, 0)]),                          # no rejected with s_b <= 0.2
+        q(5, [cand(1, 0.5), cand(0, 0)]),                          # W empty (s_r too low)
+        q(6, [cand(0.5, 1), cand(0, 0)]),                          # W empty (s_b too low)
+        q(7, [cand(1, 1), cand(0.5, 0)]),                          # L empty
+        q(8, [cand(0.9, 1), cand(1, 0.9), cand(0, 0)]),            # no candidate of W holds both maxima
+        q(9, [cand(1, 1), cand(0, 0.1), cand(0.1, 0)]),            # no candidate of L holds both minima
     ]
     pairs, survivors, quality = visrl.make_pairs(table)
     assert [p["id"] for p in pairs] == [0, 1, 2, 3]
-    assert survivors == {"questions": 9, "with_candidates": 8, "min_sr_low": 7, "max_sr_high": 6,
-                         "sr_differ": 6, "has_chosen": 5, "has_rejected": 4}
+    assert survivors == {"questions": 10, "with_candidates": 9, "win_set": 7, "lose_set": 6,
+                         "chosen_holds_both_max": 5, "rejected_holds_both_min": 4}
     assert quality == {"WP-LP": pytest.approx(1 / 3), "WP-LN": pytest.approx(1 / 3),
                        "WN-LP": pytest.approx(1 / 3), "WN-LN": 0.0, "graded": 3,
                        "chosen_gt_iou": pytest.approx(2 / 3), "rejected_gt_iou": pytest.approx(2 / 3)}
@@ -3023,7 +3804,7 @@ def test_make_pairs_counts_survivors_and_quality():
 def test_critic_score_parsing():
     assert rewards.parse_score('{"score": 0.7}') == 0.7
     assert rewards.parse_score('The answer: {"score": 1}') == 1.0
-    assert rewards.parse_score('{"score": 1.5}') == 1.0 and rewards.parse_score('{"score": -3}') == 0.0
+    assert rewards.parse_score('{"score": 1.5}') == 0.0 and rewards.parse_score('{"score": -3}') == 0.0
     for bad in ("", "no idea", '{"score": NaN}', '{"score": "high"}', '{"scores": }', None, "9" * 5000):
         assert rewards.parse_score(bad) == 0.0
 
@@ -3040,7 +3821,7 @@ def test_critic_scores_crop_only_for_s_b_full_image_for_s_r(monkeypatch):
     items = [{"question": "What colour?", "reference": "red", "answer": a, "image": full, "crop": piece}
              for a in ("red", "blue")]
     s_b, s_r, _ = visrl.critic_scores(torch.nn.Linear(1, 1), None, items)
-    assert s_b == [0.9, 0.0] and s_r == [0.1, 1.0]
+    assert s_b == [0.9, 0.0] and s_r == [0.1, 0.0]          # 7 is off the 0..1 scale: unparsable, not 1
     (box_convs, box_images, t_b), (ans_convs, ans_images, t_r) = calls
     assert t_b == 0 and t_r == 0                                              # greedy
     assert box_images == [[piece], [piece]] and ans_images == [[full], [full]]  # s_b: crop only; s_r: image
@@ -3073,7 +3854,7 @@ def test_generate_candidates_with_scripted_policy_and_critic(monkeypatch, shapes
                               answer_temperature=1.0, max_prompt_len=None, iou_thresh=0.05, size_tol=0.3))()
     (q,) = visrl.generate_candidates(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), None, [rec], args,
                                      random.Random(0))
-    assert q["dropped"] == {"unparsable": 1, "no_crop": 0, "no_diverse_box": 0}
+    assert q["dropped"] == {"unparsable": 1, "no_crop": 0, "no_diverse_box": 0, "too_long": 0}
     c = q["candidates"]
     assert [(x["attempt"], x["which"], x["diversified"]) for x in c] == [(0, "b1", False), (0, "b2", True),
                                                                           (1, "b2", False)]
@@ -3081,7 +3862,99 @@ def test_generate_candidates_with_scripted_policy_and_critic(monkeypatch, shapes
     assert [x["answer"] for x in c] == ["red", "blue", "green"] and [x["s_r"] for x in c] == [1, 0, 0.1]
     pairs, survivors, quality = visrl.make_pairs([q])
     assert len(pairs) == 1 and pairs[0]["chosen"]["answer"] == "red" and pairs[0]["rejected"]["answer"] == "blue"
-    assert pairs[0]["quality"] == "WP-LN" and survivors["has_rejected"] == 1
+    assert pairs[0]["quality"] == "WP-LN" and survivors["rejected_holds_both_min"] == 1
+
+
+# ============================================================================ degenerate crops
+THIN = "[0.50,0.10,0.51,0.90]"      # issue 14: on a 400x2000 page a 4x1600 crop, aspect ratio 400
+
+
+def _page(tmp_path, size=(400, 2000)):
+    page = Image.new("RGB", size, "white")
+    page.paste((220, 40, 40), (200, 200, 204, 1800))      # a red rule exactly under THIN
+    page.save(tmp_path / "page.png")
+    rec = {"id": "page", "image": "page.png", "question": "What colour is the rule?", "answer": "red"}
+    return data.read_manifest(_write(tmp_path, [rec]), "vqa")[0]
+
+
+@pytest.mark.parametrize("box,raw_size,padded_size", [
+    (THIN, (4, 1600), (16, 1600)),                      # the issue's strip: padded to ratio 100
+    ([0.0, 0.5, 1.0, 0.5005], (400, 1), (400, 4)),      # ours: a 1-pixel-high line, ratio 400
+    ([0.0, 0.0, 0.01, 0.01], (4, 20), (4, 20)),         # ours: tiny (4 px wide), ratio 5: the processor takes it
+    ([0.1, 0.1, 0.3, 0.3], (80, 400), (80, 400)),       # fits already: unchanged
+])
+def test_degenerate_crop_is_padded_to_one_the_processor_takes(tiny, box, raw_size, padded_size):
+    _, processor = tiny
+    page = Image.new("RGB", (400, 2000), "white")
+    page.paste((220, 40, 40), (200, 200, 204, 1800))
+    b = visrl.canonical_box(box)[1] if isinstance(box, str) else box
+    raw = R.crop_box(page, visrl.pixel_box(b, 400, 2000))
+    assert raw.size == raw_size
+    if max(raw_size) / min(raw_size) > 200:         # what the issue reports: the processor refuses it
+        with pytest.raises(ValueError, match="aspect ratio"):
+            processor.image_processor(images=[raw], return_tensors="pt")
+    fitted = visrl.crop(page, b)                    # what every VisRL step feeds the processor
+    assert fitted.size == padded_size and max(fitted.size) / min(fitted.size) <= 100
+    # the crop's own pixels, centred; the rest white
+    x0, y0 = (padded_size[0] - raw_size[0]) // 2, (padded_size[1] - raw_size[1]) // 2
+    assert fitted.crop((x0, y0, x0 + raw_size[0], y0 + raw_size[1])).tobytes() == raw.tobytes()
+    assert np.asarray(fitted).sum() == np.asarray(raw).sum() + 3 * 255 * (padded_size[0] * padded_size[1]
+                                                                          - raw_size[0] * raw_size[1])
+    vlm.chat_inputs(processor, [visrl.answer_turns("What?", "[0.1,0.1,0.3,0.3]")], [[page, fitted]])   # no error
+
+
+def test_degenerate_crops_in_generation_sft_and_evaluation(visrl_tiny, monkeypatch, tmp_path):
+    """The issue's page through the real processor: data generation (policy answers + critic on the
+    crop), the SFT warm-up example, and evaluation all run; nothing is dropped for the strip."""
+    _, model, processor = visrl_tiny
+    (rec,) = _page(tmp_path)
+    script = iter([[THIN, "[0.00,0.00,0.01,0.01]"],              # K = 1: b1 the strip, b2 a 4x20 corner
+                   ["red", "blue"],                              # answers of both crops
+                   ['{"score": 1}', '{"score": 0}'], ['{"score": 1}', '{"score": 0}'],   # s_b, s_r
+                   [THIN], ["red"]])                             # evaluation: box step, answer step
+    monkeypatch.setattr(vlm, "sample", lambda *a, **k: {"texts": next(script)})
+    args = visrl.parse_args(["--model", "x", "--preset", "tiny", "-G", "1", "--gen-batch-size", "1"])
+    (q,) = visrl.generate_candidates(model, model, processor, [rec], args, random.Random(0))
+    assert q["dropped"] == {"unparsable": 0, "no_crop": 0, "no_diverse_box": 0, "too_long": 0}
+    assert [(c["box"], c["answer"], c["s_b"], c["s_r"]) for c in q["candidates"]] == [
+        ([0.5, 0.1, 0.51, 0.9], "red", 1.0, 1.0), ([0.0, 0.0, 0.01, 0.01], "blue", 0.0, 0.0)]
+    metrics, preds = visrl.evaluate(model, processor, [rec], args)
+    assert metrics["answer_accuracy"] == 1.0 and metrics["unparsable"] == 0 and preds[0]["box"] == [0.5, 0.1, 0.51, 0.9]
+    conv, images = visrl.sft_example(dict(rec, box=[200, 200, 204, 1800]), data.open_image(rec["image_path"]))
+    loss = vlm.sft_loss(model, processor, [conv], [images])
+    assert images[1].size == (16, 1600) and math.isfinite(loss.item())
+
+
+def test_visrl_skips_samples_and_candidates_that_cannot_be_processed(visrl_tiny, shapes, monkeypatch, tmp_path):
+    """Evaluation: a page the processor refuses (900x3, aspect ratio 300) is skipped, counted and listed;
+    the other question is scored. Generation: a candidate whose answer prompt (the crop of the whole
+    400x2000 page) is over --max-prompt-len is dropped and counted as too_long; the other is kept."""
+    _, model, processor = visrl_tiny
+    good = data.read_manifest(shapes / "vqa" / "test.jsonl", "vqa")[0][0]
+    Image.new("RGB", (900, 3), "white").save(tmp_path / "strip.png")
+    rec = {"id": "strip", "image": "strip.png", "question": "What colour?", "answer": "red"}
+    (strip,) = data.read_manifest(_write(tmp_path, [rec], "strip.jsonl"), "vqa")[0]
+    script = iter([["[0.00,0.00,1.00,1.00]"], [good["answer"]]])    # the good record: its box, its answer
+    monkeypatch.setattr(vlm, "sample", lambda *a, **k: {"texts": next(script)})
+    args = visrl.parse_args(["--model", "x", "--preset", "tiny", "-G", "1", "--gen-batch-size", "2"])
+    metrics, preds = visrl.evaluate(model, processor, [strip, good], args)
+    assert (metrics["n"], metrics["skipped_samples"], metrics["answer_accuracy"]) == (1, 1, 1.0)
+    assert preds[-1]["id"] == "strip" and "aspect ratio" in preds[-1]["skipped"]
+
+    (page,) = _page(tmp_path)
+    image = data.open_image(page["image_path"])
+    small = visrl.crop(image, [0.0, 0.0, 0.01, 0.01])
+    limit = int(vlm.chat_inputs(processor, [visrl.answer_turns(page["question"], "[0.00,0.00,0.01,0.01]")],
+                                [[image, small]])["attention_mask"].sum())
+    big = vlm.chat_inputs(processor, [visrl.answer_turns(page["question"], "[0.00,0.00,1.00,1.00]")],
+                          [[image, visrl.crop(image, [0.0, 0.0, 1.0, 1.0])]])["attention_mask"].sum()
+    assert big > limit                                                   # the whole-page crop has more tokens
+    script = iter([["[0.00,0.00,1.00,1.00]", "[0.00,0.00,0.01,0.01]"],  # K = 1: b1 the page, b2 a corner
+                   ["blue"], ['{"score": 0}'], ['{"score": 0}']])         # only b2 is answered and judged
+    args.max_prompt_len = limit
+    (q,) = visrl.generate_candidates(model, model, processor, [page], args, random.Random(0))
+    assert q["dropped"] == {"unparsable": 0, "no_crop": 0, "no_diverse_box": 0, "too_long": 1}
+    assert [(c["which"], c["answer"]) for c in q["candidates"]] == [("b2", "blue")]
 
 
 # ============================================================================ step DPO inputs, random model
@@ -3128,12 +4001,43 @@ def test_sequence_logps_match_per_token_sum_and_box_step(visrl_tiny, shapes):
     convs, ims, chosen, rejected = visrl.box_step([pair], [image])
     assert (chosen, rejected) == (["[0.05,0.05,0.45,0.45]"], ["[0.55,0.55,0.95,0.95]"]) and len(ims[0]) == 1
     with torch.no_grad():
-        both = visrl.sequence_logps(model, processor, convs * 2, ims * 2, chosen + rejected, "cpu")
-        alone = visrl.sequence_logps(model, processor, convs, ims, rejected, "cpu")
+        both = dpo.response_logps(model, processor, convs * 2, ims * 2, chosen + rejected, "cpu")
+        alone = dpo.response_logps(model, processor, convs, ims, rejected, "cpu")
     assert both[1].item() == pytest.approx(alone[0].item(), abs=1e-4)      # padding changes nothing
     ids, mask = vlm.completion_tensors(processor, ["red", "[0.05,0.05,0.45,0.45]"], "cpu")
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert ids[0, mask[0].sum() - 1] == end and ids[1, -1] == end and mask[0, -1] == 0
+
+
+def test_lora_trains_only_adapters_and_its_reference_is_the_model_without_them(tiny_dir, shapes):
+    # --lora-rank (VisRL's released configs train LoRA adapters): the DPO reference is the policy with
+    # its adapters off, which must score exactly as the untouched model does; only adapter weights move.
+    base, processor = vlm.load_model(tiny_dir)
+    policy = visrl.lora_model(vlm.load_model(tiny_dir)[0], rank=4)
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    rec = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0][0]
+    pair = dict(make_pair(rec["image_path"], visrl.norm_box(rec["box"], 112, 112), [0.0, 0.0, 0.1, 0.1]),
+                question=rec["question"])
+    step = visrl.box_step([pair], [data.open_image(rec["image_path"])])
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):                  # step 1 moves B (initialised to 0), step 2 also A
+        loss, _ = step_dpo_loss(visrl.step_logps(policy, None, processor, step, "cpu"), None, box_weight=1.0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    changed = {n for n, p in policy.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and changed <= trainable
+    with torch.no_grad():
+        chosen, rejected, ref_chosen, ref_rejected = visrl.step_logps(policy, None, processor, step, "cpu")
+        base_chosen, base_rejected, _, _ = visrl.step_logps(base, base, processor, step, "cpu")
+        assert ref_chosen.item() == pytest.approx(base_chosen.item(), abs=1e-5)
+        assert ref_rejected.item() == pytest.approx(base_rejected.item(), abs=1e-5)
+        assert abs(chosen.item() - ref_chosen.item()) > 1e-3          # the adapters did change the policy
+        folded = visrl.merged(policy)          # the phase's saved model: adapter folded into the weights
+        merged_chosen, _, _, _ = visrl.step_logps(folded, folded, processor, step, "cpu")
+        assert merged_chosen.item() == pytest.approx(chosen.item(), abs=1e-4)
 
 
 def test_sft_example_is_the_two_turn_chat(shapes):
@@ -3145,6 +4049,59 @@ def test_sft_example_is_the_two_turn_chat(shapes):
     assert conv[3]["content"][0]["text"] == rec["answer"] and len(images) == 2
     x1, y1, x2, y2 = rec["box"]
     assert abs(images[1].size[0] - (x2 - x1)) <= 2 and abs(images[1].size[1] - (y2 - y1)) <= 2
+
+
+PHASES_SCRIPT = """
+import argparse, json, sys
+from pathlib import Path
+import torch
+import data, vlm, visrl
+tiny, shapes, out = sys.argv[1:4]
+vlm.init_distributed(force=True)
+model, processor = vlm.load_model(tiny)
+cfg = vlm.deepspeed_config(Path(vlm.__file__).with_name("ds_zero2.json"), lr=1e-3, weight_decay=0.0, grad_accum=2)
+engine = vlm.deepspeed_engine(model, cfg)
+recs = data.read_manifest(Path(shapes) / "vqa" / "train.jsonl", "vqa")[0]
+args = argparse.Namespace(sft_lr=1e-3, sft_batch_size=1, sft_epochs=1.0, max_steps=None, seed=0, grad_accum=2)
+state = {"step": 0}
+for k, lr in enumerate((1e-3, 3e-4)):          # two phases of ONE micro-step each, grad accumulation 2
+    args.sft_lr = lr
+    visrl.sft_phase(engine, processor, recs[k:k + 1], args, 0, 1, Path(out), state)
+    torch.save({n: p.detach().clone() for n, p in engine.module.named_parameters()}, Path(out) / f"phase{k}.pt")
+print(json.dumps({"updates": engine.global_steps}))
+"""
+
+
+def test_each_phase_applies_its_own_partial_window_with_a_fresh_optimizer(tiny_dir, shapes, tmp_path):
+    # Two VisRL SFT phases on one DeepSpeed engine (ZeRO-2), grad accumulation 2, one micro-step each.
+    # Each phase must train as a separate run would: phase 1 = one AdamW step (lr 1e-3) on its loss;
+    # phase 2 = one step of a NEW AdamW (lr 3e-4) on its own loss from phase 1's weights. Expected
+    # values: plain torch AdamW + clip_grad_norm_(1.0) on the same examples. Before the fix phase 1
+    # changed nothing (the window was never closed) and phase 2 applied both gradients.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", PHASES_SCRIPT, str(tiny_dir), str(shapes), str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    ok(proc)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"updates": 2}
+    model, processor = vlm.load_model(tiny_dir)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    recs = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0]
+    for k, lr in enumerate((1e-3, 3e-4)):
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+        conv, ims = visrl.sft_example(recs[k], data.open_image(recs[k]["image_path"]))
+        vlm.sft_loss(model, processor, [conv], [ims]).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clear = {n: p.grad.abs() > 1e-7 for n, p in model.named_parameters()}   # Adam's first step divides
+        opt.step()                                        # g by |g| + 1e-8: where g ~ 0, it is rounding noise
+        opt.zero_grad()
+        got = torch.load(tmp_path / f"phase{k}.pt")
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(got[name][clear[name]], p.detach()[clear[name]], atol=lr * 1e-2, rtol=0,
+                                       msg=f"phase {k}: {name}")
+            assert (got[name] - p.detach()).abs().max() <= lr        # no step exceeds lr (Adam's bound)
+    # Adam's first step moves every weight with a gradient by ~lr: phase 1 really trained
+    assert (got["lm_head.weight"] - before["lm_head.weight"]).abs().max() > 1e-3
 
 
 def test_normalised_answer_match():
@@ -3188,6 +4145,34 @@ def test_two_rank_iteration_on_cpu(visrl_tiny, shapes, tmp_path):
     result = json.loads((out / "eval.json").read_text())
     assert result["n"] == 4 and result["n_with_box"] == 4 and 0 <= result["answer_accuracy"] <= 1
     assert len(json.loads((out / "phases.json").read_text())) == 1 + 5       # base, sft, 2 x (stage1, stage2)
+
+
+def test_visrl_kill_in_stage2_and_resume_logs_every_record_once(visrl_tiny, shapes, tmp_path):
+    """kill -9 in stage 2 (stage 1 finished), then --resume: the pairs come from disk (not logged
+    again), stage 2 restarts from the stage-1 model, and every metrics record appears once, in order."""
+    path, _, _ = visrl_tiny
+    recs = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0]
+    pairs_file = tmp_path / "given_pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps(dict(make_pair(r["image_path"], visrl.norm_box(r["box"], 112, 112),
+                                                            [0.0, 0.0, 0.1, 0.1]), id=r["id"], question=r["question"]))
+                                  + "\n" for r in recs[:4]))
+    out = tmp_path / "run"
+    args = ["--model", path, "--data", shapes / "vqa" / "train.jsonl", "--out", out, "--preset", "tiny",
+            "--iters", "1", "--pairs", pairs_file, "--sft-fraction", "0.34", "--num-generations", "1",
+            "--max-new-tokens", "8", "--batch-size", "1", "--sft-batch-size", "1", "--dpo-epochs", "1",
+            "--lr", "1e-3", "--phase-eval-n", "0"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RISE_CACHE=str(vlm.CACHE), OMP_NUM_THREADS="1")
+    metrics = out / "metrics.jsonl"
+    kill_when("visrl.py", args, tmp_path, lambda: metrics.exists() and "iter1/stage2" in metrics.read_text(), env)
+    assert "iter1/stage1" in json.loads((out / "progress.json").read_text())["done"]
+    proc = subprocess.run([sys.executable, str(ROOT / "visrl.py"), *map(str, args), "--resume"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = [(m["phase"], m["step"]) for m in run.read_jsonl(metrics)]
+    # 2 SFT records (0.34 of the 6 boxed ones), batch 1: steps 0-1; 4 pairs, batch 1: 4 steps per stage
+    assert got == ([("sft", 0), ("sft", 1), ("iter1/generate", 2)] + [("iter1/stage1", k) for k in range(2, 6)]
+                   + [("iter1/stage2", k) for k in range(6, 10)])
+    assert (out / "final" / "config.json").exists()
 
 
 def test_oracle_critic_reads_gt_box_and_exact_match():

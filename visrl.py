@@ -1,6 +1,7 @@
 """visrl.py -- VisRL: intention-driven visual perception trained with iterative step-level DPO.
 
-Paper: ../shared/papers/visrl.txt (sections 3.1, 3.2, 4.4, appendix C); SPEC 5.4.
+Paper: "VisRL: Intention-Driven Visual Perception via Reinforced Reasoning" (arXiv 2503.07523):
+section 3.1 (data generation, eq. 4), 3.2 (step-level DPO, eqs. 5-7), 4.4, appendix C (critics).
 
 The model answers in two steps (a "visual chain of thought"):
   step 1  image + question + instruction         -> a focus box "[x1,y1,x2,y2]", normalised 0..1
@@ -15,8 +16,9 @@ The model answers in two steps (a "visual chain of thought"):
      each box is cropped and answered; the critic scores the crop alone (s_b: does it show
      what the reference answer needs?) and the answer (s_r: how close to the reference,
      given image + question), greedy, as {"score": x}                   -> generate_candidates()
-  2. filter + selection (eq. 4): keep a question if min s_r <= 0.2, max s_r >= 0.8 and they
-     differ; chosen = highest s_r with s_b >= 0.8, rejected = lowest s_r with s_b <= 0.2
+  2. filter + selection (eq. 4): W = candidates with s_b and s_r >= 0.8, L = those with s_b and
+     s_r <= 0.2; keep a question iff W and L are non-empty and W has a candidate holding the max
+     of both scores (chosen), L one holding the min of both (rejected)
                                                                    -> select_pair(), make_pairs()
   3. stage 1: DPO on the box step (eq. 5-6), reference = the SFT model      -> dpo_phase(stage=1)
   4. stage 2: 0.5 DPO(box) + 0.5 DPO(answer) (eq. 7-10), both answers conditioned on the
@@ -31,7 +33,9 @@ The model answers in two steps (a "visual chain of thought"):
         --sft-data viscot_sft.jsonl --deepspeed ds_zero3.json    # the paper's setting (PAPER below)
 
 -G/--num-generations is K (attempts per question, two boxes each); --lr/--beta are the DPO
-stages' (--sft-lr the warm-up's); --max-steps caps the steps of every phase (default: epochs).
+stages' (--sft-lr the warm-up's); --max-steps caps the optimizer updates of every phase (default: epochs).
+Every phase (SFT, stage 1, stage 2) trains as a separate run would: fresh AdamW, its own lr, and its
+last (maybe partial) gradient-accumulation window applied before its model is saved.
 --resume restarts at the newest finished phase (and skips questions already generated).
 
 Outputs: OUT/sft/, OUT/iter{k}/{candidates,pairs}.jsonl, OUT/iter{k}/{stage1,stage2}/,
@@ -60,16 +64,21 @@ import vlm
 
 # The paper prints no training hyper-parameters; PAPER takes them from the authors' released
 # code (github.com/zhangquanchen/VisRL: configs/train_sft.yaml, configs/train_rl.yaml,
-# data_gen/generate.py, data_gen/filter.py). Those configs train LoRA adapters of
-# Qwen2-VL-7B-Instruct; this script fine-tunes all weights, for which lower rates are usual.
+# data_gen/generate.py, data_gen/filter.py). Those configs train LoRA adapters (lora_target all,
+# LLaMA-Factory's default rank 8) of Qwen2-VL-7B-Instruct at these rates: so does PAPER (--lora-rank 8;
+# --lora-rank 0 fine-tunes all weights, which wants lower rates).
 # K = 3 attempts x 2 boxes, temperature 2, thresholds 0.8 / 0.2, beta 0.1: paper + released code.
 PAPER = dict(lr=5e-6, sft_lr=1e-4, sft_epochs=3.0, dpo_epochs=5.0, batch_size=3, grad_accum=8,
              sft_batch_size=2, num_generations=3, temperature=2.0, answer_temperature=2.0, iters=1,
-             sft_fraction=1.0, gen_batch_size=8, phase_eval_n=0, max_new_tokens=64, answer_max_new_tokens=128)
+             sft_fraction=1.0, gen_batch_size=8, phase_eval_n=0, max_new_tokens=64, answer_max_new_tokens=128,
+             max_pixels=768 * 768, max_prompt_len=2048, lora_rank=8)
+# Images: two per answer prompt (image + crop). The released configs leave the size to LLaMA-Factory,
+# whose default cap is image_max_pixels = 768 x 768 (752 tokens each); their cutoff_len is 2048.
 # One CPU, the tiny base, shapes world: about 5 minutes for `deepspeed visrl.py`.
 TINY = dict(lr=2e-5, sft_lr=1e-4, sft_epochs=1.0, dpo_epochs=2.0, batch_size=8, grad_accum=1,
             sft_batch_size=8, num_generations=3, temperature=1.0, answer_temperature=1.0, iters=2,
-            sft_fraction=0.25, gen_batch_size=16, phase_eval_n=512, max_new_tokens=32, answer_max_new_tokens=8)
+            sft_fraction=0.25, gen_batch_size=16, phase_eval_n=512, max_new_tokens=32, answer_max_new_tokens=8,
+            max_pixels=None, max_prompt_len=1024, lora_rank=0)
 
 
 def parse_args(argv=None):
@@ -90,10 +99,11 @@ def parse_args(argv=None):
     p.add_argument("--answer-max-new-tokens", type=int, default=None,
                    help="answer length limit (--max-new-tokens limits the box step)")
     p.add_argument("--gen-batch-size", type=int, default=None, help="questions per generate() call per rank")
+    p.add_argument("--lora-rank", type=int, default=None,
+                   help="train LoRA adapters of this rank on the language model's linear layers (peft; 0: all "
+                        "weights). The released configs: rank 8 (LLaMA-Factory's default), alpha 2 x rank")
     p.add_argument("--win-threshold", type=float, default=0.8, help="tau_w for s_b and s_r")
     p.add_argument("--lose-threshold", type=float, default=0.2, help="tau_l for s_b and s_r")
-    p.add_argument("--strict-pairs", action="store_true",
-                   help="also require chosen s_r = max s_r and rejected s_r = min s_r (released filter.py)")
     p.add_argument("--iou-thresh", type=float, default=0.05, help="diversity controller: IoU(b1, b2) limit")
     p.add_argument("--size-tol", type=float, default=0.3, help="diversity controller: width/height tolerance")
     p.add_argument("--quality-iou", type=float, default=0.5,
@@ -110,20 +120,14 @@ def parse_args(argv=None):
     p.add_argument("--phase-eval-n", type=int, default=None,
                    help="evaluate on the first N test records after every phase -> OUT/phases.json (0: off)")
     p.add_argument("--n-examples", type=int, default=8, help="example PNGs per iteration")
-    p.add_argument("--preset", default="auto", choices=["auto", "paper", "tiny"],
-                   help="defaults for unset options: tiny for the tiny base (auto), else the paper's")
-    for key in PAPER:
-        p.set_defaults(**{key: None})
     p.set_defaults(max_steps=None, beta=0.1)
-    args = p.parse_args(argv)
-    tiny = args.preset == "tiny" or (args.preset == "auto" and args.model == vlm.TINY_BASE)
-    for key, value in (TINY if tiny else PAPER).items():
-        if getattr(args, key, None) is None:
-            setattr(args, key, value)
+    args = run.parse_with_preset(p, argv, PAPER, TINY)
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
     bad = set(args.stages) - {"sft", "stage1", "stage2"}
     if bad:
         p.error(f"--stages: unknown {sorted(bad)}")
+    if not args.win_threshold > args.lose_threshold:
+        p.error("--win-threshold must be above --lose-threshold (eq. 4's win and lose sets are disjoint)")
     return args
 
 
@@ -161,8 +165,12 @@ def canonical_box(text_or_box):
 
 
 def crop(image, box):
-    """Crop of a normalised box (rounded outwards to whole pixels), or None if it has no pixel."""
-    return rewards.crop_box(image, pixel_box(box, *image.size))
+    """Crop of a normalised box (rounded outwards to whole pixels), or None if it has no pixel.
+    A crop the processor could not take (a thin strip: aspect ratio over 200) is padded with white
+    to one it can (vlm.fit_image): data generation, the critic, DPO stage 2, the SFT warm-up and
+    evaluation all crop here."""
+    c = rewards.crop_box(image, pixel_box(box, *image.size))
+    return vlm.fit_image(c) if c is not None else None
 
 
 def box_turn(question):
@@ -215,9 +223,28 @@ def diversify_box(b1, b2, rng, iou_thresh=0.05, size_tol=0.3, max_tries=100, wid
 
 # ============================================================================ generation + critic
 def _greedy_or_sample(model, processor, convs, images, n, max_new_tokens, temperature, max_prompt_len=None):
-    batch = vlm.chat_inputs(processor, convs, images, max_prompt_len=max_prompt_len)
+    """n texts per prompt (temperature 0: greedy). A prompt over max_prompt_len gets n None texts
+    instead of failing its whole batch (one long prompt never aborts a run)."""
+    try:
+        batch = vlm.chat_inputs(processor, convs, images, max_prompt_len=max_prompt_len)
+    except vlm.PromptTooLong:
+        fits = [vlm.prompt_problem(processor, c, ims, max_prompt_len) is None for c, ims in zip(convs, images)]
+        kept = [k for k, f in enumerate(fits) if f]
+        texts = iter(_greedy_or_sample(model, processor, [convs[k] for k in kept], [images[k] for k in kept], n,
+                                       max_new_tokens, temperature, max_prompt_len) if kept else [])
+        return [next(texts) if f else None for f in fits for _ in range(n)]
     greedy = temperature == 0
     return vlm.sample(model, processor, batch, n, max_new_tokens, temperature or 1.0, do_sample=not greedy)["texts"]
+
+
+def sample_problem(rec, processor, max_prompt_len=None):
+    """Why a question's first prompt (image + question) cannot be processed (over max_prompt_len, an
+    image the processor refuses or that cannot be opened), or None: such samples are skipped."""
+    try:
+        image = data.open_image(rec["image_path"])
+    except OSError as e:
+        return f"{type(e).__name__}: {e}"
+    return vlm.prompt_problem(processor, box_turn(rec["question"]), [image], max_prompt_len)
 
 
 def critic_scores(critic, processor, items, batch_size=32, max_new_tokens=24):
@@ -265,7 +292,7 @@ def generate_candidates(policy, critic, processor, records, args, rng):
     out = []
     for s in range(0, len(records), args.gen_batch_size):
         chunk = records[s:s + args.gen_batch_size]
-        images = [Image.open(r["image_path"]).convert("RGB") for r in chunk]
+        images = [data.open_image(r["image_path"]) for r in chunk]
         with vlm.generation_mode(policy):
             box_texts = _greedy_or_sample(policy, processor, [box_turn(r["question"]) for r in chunk],
                                           [[im] for im in images], 2 * K, args.max_new_tokens, args.temperature,
@@ -275,7 +302,7 @@ def generate_candidates(policy, critic, processor, records, args, rng):
         for i, (rec, im) in enumerate(zip(chunk, images)):
             res = {"id": rec["id"], "question": rec["question"], "answer": rec["answer"], "image": rec["image_path"],
                    "size": list(im.size), "candidates": [],
-                   "dropped": {"unparsable": 0, "no_crop": 0, "no_diverse_box": 0}}
+                   "dropped": {"unparsable": 0, "no_crop": 0, "no_diverse_box": 0, "too_long": 0}}
             if rec.get("box") is not None:
                 res["gt_box"] = [round(v, 4) for v in norm_box(rec["box"], *im.size)]
             for k in range(K):
@@ -312,6 +339,9 @@ def generate_candidates(policy, critic, processor, records, args, rng):
                         [answer_turns(chunk[owners[j]]["question"], canonical_box(cands[j]["box"])[0]) for j in part],
                         [[images[owners[j]], cands[j]["crop"]] for j in part], 1, args.answer_max_new_tokens,
                         args.answer_temperature, args.max_prompt_len)
+            for j in [j for j, a in enumerate(answers) if a is None][::-1]:   # answer prompt over the limit
+                results[owners[j]]["dropped"]["too_long"] += 1
+                del cands[j], owners[j], answers[j]
             items = [{"question": chunk[o]["question"], "reference": chunk[o]["answer"], "answer": a.strip(),
                       "image": images[o], "crop": c["crop"]} for c, o, a in zip(cands, owners, answers)]
             if critic == "oracle":
@@ -326,38 +356,39 @@ def generate_candidates(policy, critic, processor, records, args, rng):
 
 
 # ============================================================================ filter + selection
-FILTERS = ["questions", "with_candidates", "min_sr_low", "max_sr_high", "sr_differ", "has_chosen", "has_rejected"]
+FILTERS = ["questions", "with_candidates", "win_set", "lose_set", "chosen_holds_both_max",
+           "rejected_holds_both_min"]
 
 
-def select_pair(candidates, win=0.8, lose=0.2, strict=False):
-    """SPEC 5.4 / paper eq. 4 for one question. Returns (chosen_index, rejected_index, reason).
+def select_pair(candidates, win=0.8, lose=0.2):
+    """VisRL eq. 4 and the text after it (arXiv 2503.07523, sec. 3.1) for one question.
 
-    Keep the question only if min s_r <= lose, max s_r >= win and they differ. Chosen = the
-    candidate with the highest s_r among those with s_b >= win; rejected = the one with the
-    lowest s_r among those with s_b <= lose (ties: the first). If either is missing the
-    question is dropped. reason = the first filter failed (a FILTERS name) or "ok".
-    strict (the released filter.py): the chosen must also hold the overall max s_r and the
-    rejected the overall min s_r.
+    W = {c : s_b >= win and s_r >= win}, L = {c : s_b <= lose and s_r <= lose}. The question is
+    kept iff W and L are both non-empty; the chosen c_w is the candidate of W holding the maximum
+    of BOTH s_b and s_r within W, the rejected c_l the one of L holding the minimum of both
+    within L; if no candidate does, the question is dropped too (ties: the first).
+    Returns (chosen_index, rejected_index, reason); reason = the first condition failed
+    (a FILTERS name) or "ok". Raises ValueError unless win > lose (W and L must be disjoint).
     """
+    if not win > lose:
+        raise ValueError(f"the win threshold ({win}) must be above the lose threshold ({lose})")
     if not candidates:
         return None, None, "with_candidates"
-    s_r = [c["s_r"] for c in candidates]
-    lo, hi = min(s_r), max(s_r)
-    if lo > lose:
-        return None, None, "min_sr_low"
-    if hi < win:
-        return None, None, "max_sr_high"
-    if lo == hi:
-        return None, None, "sr_differ"
-    good = [i for i, c in enumerate(candidates) if c["s_b"] >= win and (not strict or c["s_r"] == hi)]
-    if not good:
-        return None, None, "has_chosen"
-    bad = [i for i, c in enumerate(candidates) if c["s_b"] <= lose and (not strict or c["s_r"] == lo)]
-    if not bad:
-        return None, None, "has_rejected"
-    chosen = max(good, key=lambda i: (candidates[i]["s_r"], -i))
-    rejected = min(bad, key=lambda i: (candidates[i]["s_r"], i))
-    return chosen, rejected, "ok"
+    W = [i for i, c in enumerate(candidates) if c["s_b"] >= win and c["s_r"] >= win]
+    if not W:
+        return None, None, "win_set"
+    L = [i for i, c in enumerate(candidates) if c["s_b"] <= lose and c["s_r"] <= lose]
+    if not L:
+        return None, None, "lose_set"
+    best_b, best_r = max(candidates[i]["s_b"] for i in W), max(candidates[i]["s_r"] for i in W)
+    chosen = [i for i in W if candidates[i]["s_b"] == best_b and candidates[i]["s_r"] == best_r]
+    if not chosen:
+        return None, None, "chosen_holds_both_max"
+    low_b, low_r = min(candidates[i]["s_b"] for i in L), min(candidates[i]["s_r"] for i in L)
+    rejected = [i for i in L if candidates[i]["s_b"] == low_b and candidates[i]["s_r"] == low_r]
+    if not rejected:
+        return None, None, "rejected_holds_both_min"
+    return chosen[0], rejected[0], "ok"
 
 
 def quality(pair, iou=0.5):
@@ -370,12 +401,13 @@ def quality(pair, iou=0.5):
     return f"{w}-{l}"
 
 
-def make_pairs(questions, win=0.8, lose=0.2, strict=False, quality_iou=0.5):
-    """Candidates of every question -> (pairs, survivors per filter, data-quality fractions)."""
+def make_pairs(questions, win=0.8, lose=0.2, quality_iou=0.5):
+    """Candidates of every question -> (pairs, survivors after each condition of select_pair, in
+    FILTERS order, data-quality fractions)."""
     failed = {name: 0 for name in FILTERS}
     pairs = []
     for q in questions:
-        ci, ri, reason = select_pair(q["candidates"], win, lose, strict)
+        ci, ri, reason = select_pair(q["candidates"], win, lose)
         if reason != "ok":
             failed[reason] += 1
             continue
@@ -397,15 +429,6 @@ def make_pairs(questions, win=0.8, lose=0.2, strict=False, quality_iou=0.5):
 
 
 # ============================================================================ log-probs, step DPO
-def sequence_logps(model, processor, convs, images, targets, device, max_prompt_len=None):
-    """logp(y|x) summed over the target's tokens (its <|im_end|> included), one forward, [N]."""
-    prompt = vlm.chat_inputs(processor, convs, images, max_prompt_len=max_prompt_len)
-    prompt = {k: v.to(device) for k, v in prompt.items()}
-    ids, mask = vlm.completion_tensors(processor, targets, device)
-    token_logp = vlm.completion_logprobs(model, prompt, ids, mask, suppress=vlm.suppressed_ids(processor))
-    return dpo.sequence_logp(token_logp, mask)
-
-
 def box_step(pairs, images):
     """Stage 1's DPO data (eq. 5-6): x = image + question + instruction, y_w / y_l = box texts.
     Returns (convs, images, chosen texts, rejected texts)."""
@@ -424,15 +447,41 @@ def answer_step(pairs, images):
 
 
 def step_logps(model, ref, processor, step, device, max_prompt_len=None):
-    """(chosen, rejected, ref_chosen, ref_rejected) summed log-probs of one DPO step, [N] each.
-    Chosen and rejected share one forward (2N rows); the reference runs under no_grad."""
+    """(chosen, rejected, ref_chosen, ref_rejected) summed log-probs of one DPO step (box_step or
+    answer_step data), [N] each (dpo.pair_logps). ref None (--lora-rank): the reference is the
+    policy itself with its adapters off, i.e. the model the phase started from (no second copy)."""
+    if ref is not None:
+        return dpo.pair_logps(model, ref, processor, *step, device, max_prompt_len)
     convs, images, chosen, rejected = step
     n = len(convs)
     args = (processor, convs + convs, images + images, chosen + rejected, device, max_prompt_len)
-    logp = sequence_logps(model, *args)
-    with torch.no_grad():
-        ref_logp = sequence_logps(ref, *args)
+    logp = dpo.response_logps(model, *args)
+    with torch.no_grad(), getattr(model, "module", model).disable_adapter():
+        ref_logp = dpo.response_logps(model, *args)
     return logp[:n], logp[n:], ref_logp[:n], ref_logp[n:]
+
+
+# ============================================================================ LoRA (--lora-rank)
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def lora_model(model, rank, seed=0):
+    """A fresh LoRA adapter (rank r, alpha 2r: LLaMA-Factory's defaults, which VisRL's released configs
+    use with lora_target all) on every linear layer of the language model; the rest frozen. peft is
+    imported only here, so it is needed only with --lora-rank."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise SystemExit("--lora-rank needs peft: pip install peft") from e
+    torch.manual_seed(seed)
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                            target_modules=LORA_TARGETS))
+
+
+def merged(model):
+    """The plain HF model with the adapter folded into its weights (a DeepSpeed engine or peft model in)."""
+    model = getattr(model, "module", model)
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
 
 
 def chosen_nll(processor, targets, logp):
@@ -442,15 +491,11 @@ def chosen_nll(processor, targets, logp):
     return (-logp / lengths).mean()
 
 
-def set_lr(engine, lr):
-    """One optimizer, several phases (SFT, stage 1, stage 2): each phase sets its own constant lr."""
-    for group in engine.optimizer.param_groups:
-        group["lr"] = lr
-
-
-def phase_steps(n_items, per_step, epochs, max_steps=None):
+def phase_steps(n_items, per_step, epochs, max_steps=None, grad_accum=1):
+    """Micro-steps of a phase: `epochs` passes over n_items, per_step items a micro-step, capped at
+    max_steps optimizer updates (max_steps * grad_accum micro-steps)."""
     steps = math.ceil(epochs * n_items / per_step) if n_items else 0
-    return min(steps, max_steps) if max_steps else steps
+    return min(steps, max_steps * grad_accum) if max_steps else steps
 
 
 def dpo_phase(engine, ref, processor, pairs, stage, args, rank, world, out, log_state):
@@ -459,9 +504,9 @@ def dpo_phase(engine, ref, processor, pairs, stage, args, rank, world, out, log_
     Each step every rank takes its share of batch_size * world pairs (round robin); ranks
     walk the same number of steps (DeepSpeed all-reduces the gradients).
     """
-    set_lr(engine, args.lr)
+    grpo.fresh_optimizer(engine, args.lr)     # each stage trains as a separate run (fresh AdamW, constant lr)
     per_step = args.batch_size * world
-    steps = phase_steps(len(pairs), per_step, args.dpo_epochs, args.max_steps)
+    steps = phase_steps(len(pairs), per_step, args.dpo_epochs, args.max_steps, args.grad_accum)
     order = run.data_order(len(pairs), args.seed + stage)
     guard = run.NonFiniteGuard()
     engine.train()
@@ -469,7 +514,7 @@ def dpo_phase(engine, ref, processor, pairs, stage, args, rank, world, out, log_
     for step in bar:
         t0 = time.time()
         mine = run.step_items(pairs, order, step, args.batch_size, rank, world)
-        images = [Image.open(p["image"]).convert("RGB") for p in mine]
+        images = [data.open_image(p["image"]) for p in mine]
         box_data = box_step(mine, images)
         box = step_logps(engine, ref, processor, box_data, engine.device, args.max_prompt_len)
         if stage == 2:              # the answer step: both answers in the winning box's context
@@ -484,12 +529,10 @@ def dpo_phase(engine, ref, processor, pairs, stage, args, rank, world, out, log_
                 nll = 0.5 * nll + 0.5 * chosen_nll(processor, answer_data[2], answer[0])
             loss = loss + args.nll_weight * nll
             stats["nll"] = nll.item()
-        skipped = not math.isfinite(loss.item())
-        if not skipped:
-            grpo.apply_update(engine, None, loss)
-        guard.check(skipped, log_state["step"])
+        # the phase's last, maybe partial, window is applied at its end
+        skipped = guard.update(engine, loss, log_state["step"], window=grpo.accumulation(step, steps, args.grad_accum))
         stats.update(step=log_state["step"], phase=f"{log_state['iter_name']}/stage{stage}", loss=loss.item(),
-                     skipped=skipped, seconds=round(time.time() - t0, 2))
+                     skipped=skipped, updates=engine.global_steps, seconds=round(time.time() - t0, 2))
         stats["reward_accuracy"], stats["margin"] = stats["box_reward_accuracy"], stats["box_margin"]
         run.log(out, rank, stats)
         log_state["step"] += 1
@@ -499,22 +542,21 @@ def dpo_phase(engine, ref, processor, pairs, stage, args, rank, world, out, log_
 
 def sft_phase(engine, processor, records, args, rank, world, out, log_state):
     """SFT warm-up: the two-turn chat with the GT box, next-token loss on both assistant turns."""
-    set_lr(engine, args.sft_lr)
+    grpo.fresh_optimizer(engine, args.sft_lr)
     per_step = args.sft_batch_size * world
-    steps = phase_steps(len(records), per_step, args.sft_epochs, args.max_steps)
+    steps = phase_steps(len(records), per_step, args.sft_epochs, args.max_steps, args.grad_accum)
     order = run.data_order(len(records), args.seed)
     guard = run.NonFiniteGuard()
     engine.train()
     for step in tqdm(range(steps), desc="sft warm-up", disable=rank != 0):
-        examples = [sft_example(rec, Image.open(rec["image_path"]).convert("RGB"))
+        examples = [sft_example(rec, data.open_image(rec["image_path"]))
                     for rec in run.step_items(records, order, step, args.sft_batch_size, rank, world)]
         convs, images = zip(*examples)
         loss = vlm.sft_loss(engine, processor, list(convs), list(images))
-        skipped = not math.isfinite(loss.item())
-        if not skipped:
-            grpo.apply_update(engine, None, loss)
-        guard.check(skipped, log_state["step"])
-        run.log(out, rank, {"step": log_state["step"], "phase": "sft", "loss": loss.item(), "skipped": skipped})
+        # the phase's last, maybe partial, window is applied at its end
+        skipped = guard.update(engine, loss, log_state["step"], window=grpo.accumulation(step, steps, args.grad_accum))
+        run.log(out, rank, {"step": log_state["step"], "phase": "sft", "loss": loss.item(), "skipped": skipped,
+                            "updates": engine.global_steps})
         log_state["step"] += 1
     return steps
 
@@ -538,14 +580,20 @@ def evaluate(model, processor, records, args, rank=0, world=1, critic=None, batc
     ones the critic's s_r >= 0.5 when a critic is given, else exact match. Box accuracy: IoU >= 0.5
     with the GT box, over the records that have one; also mean IoU and box coverage (the box holds
     half of the GT box or more: the crop shows the evidence, however loose). An unparsable box
-    counts as wrong for all of them and is counted in "unparsable". Returns (metrics, predictions).
+    counts as wrong for all of them and is counted in "unparsable". A record whose prompt cannot be
+    processed (sample_problem) is left out of the scores, counted in "skipped_samples" and listed
+    in the predictions with the reason. Returns (metrics, predictions).
     """
     critic = None if critic == "oracle" else critic
     mine = run.shard(records, rank, world)
-    preds = []
+    preds, skipped = [], []
     for s in range(0, len(mine), batch_size):
-        chunk = mine[s:s + batch_size]
-        images = [Image.open(r["image_path"]).convert("RGB") for r in chunk]
+        # a sample that cannot be processed is skipped, counted
+        chunk, bad = run.partition(mine[s:s + batch_size], lambda r: sample_problem(r, processor, args.max_prompt_len))
+        skipped += [{"id": r["id"], "question": r["question"], "skipped": why} for r, why in bad]
+        if not chunk:
+            continue
+        images = [data.open_image(r["image_path"]) for r in chunk]
         with vlm.generation_mode(model):
             texts = _greedy_or_sample(model, processor, [box_turn(r["question"]) for r in chunk],
                                       [[im] for im in images], 1, args.max_new_tokens, 0, args.max_prompt_len)
@@ -558,7 +606,7 @@ def evaluate(model, processor, records, args, rank=0, world=1, critic=None, batc
                                             [answer_turns(chunk[i]["question"], boxes[i][0]) for i in ok],
                                             [[images[i], crop(images[i], boxes[i][1])] for i in ok], 1,
                                             args.answer_max_new_tokens, 0, args.max_prompt_len)
-            answers = dict(zip(ok, [r.strip() for r in replies]))
+            answers = {i: r.strip() for i, r in zip(ok, replies) if r is not None}   # None: prompt too long
         long_items = [i for i in answers if critic is not None and is_long(chunk[i]["answer"])]
         judged = {}
         if long_items:
@@ -574,7 +622,7 @@ def evaluate(model, processor, records, args, rank=0, world=1, critic=None, batc
             preds.append({"id": rec["id"], "question": rec["question"], "reference": rec["answer"],
                           "box_text": texts[i], "box": box, "answer": ans, "correct": bool(correct),
                           "gt_box": gt, "box_iou": rewards.box_iou(box, gt) if box and gt else (0.0 if gt else None)})
-    preds = run.gather_records(preds)
+    preds, skipped = run.gather_records(preds), run.gather_records(skipped)
     with_gt = [p for p in preds if p["gt_box"] is not None]
     metrics = {"answer_accuracy": sum(p["correct"] for p in preds) / max(len(preds), 1),
                "box_accuracy": (sum(p["box_iou"] >= 0.5 for p in with_gt) / len(with_gt)) if with_gt else None,
@@ -582,8 +630,9 @@ def evaluate(model, processor, records, args, rank=0, world=1, critic=None, batc
                # ours, not the paper's: the box holds at least half of the GT box (the crop shows it)
                "box_coverage": (sum(p["box"] is not None and rewards.covers(p["box"], p["gt_box"]) for p in with_gt)
                                 / len(with_gt)) if with_gt else None,
-               "unparsable": sum(p["box"] is None for p in preds), "n": len(preds), "n_with_box": len(with_gt)}
-    return metrics, preds
+               "unparsable": sum(p["box"] is None for p in preds), "n": len(preds), "n_with_box": len(with_gt),
+               "skipped_samples": len(skipped)}
+    return metrics, preds + skipped
 
 
 # ============================================================================ pictures
@@ -592,7 +641,7 @@ def save_examples(pairs, folder, n=8):
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for p in pairs[:n]:
-        im = Image.open(p["image"]).convert("RGB")
+        im = data.open_image(p["image"])
         scale = max(1, 256 // max(im.size))
         im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
         canvas = Image.new("RGB", (im.width, im.height + 46), "white")
@@ -618,16 +667,14 @@ def load_records(args, rank):
     a --sft-fraction of --data's boxed records is held out for SFT and the rest become RL
     questions (their boxes are then used only to grade the pairs, never to train).
     """
-    if args.data:
-        train_path = Path(args.data)
-        test_path = Path(args.test) if args.test else None
-    else:
-        root = vlm.CACHE / f"shapes-visrl-{args.seed}"          # bigger than the default world: 512 + 512
+    root = vlm.CACHE / f"shapes-visrl-{args.seed}"              # bigger than the default world: 512 + 512
+    if not args.data:
         if rank == 0 and not (root / "vqa" / "test.jsonl").exists():
             data.make_shapes_world(root, n_train=512, n_test=512, seed=args.seed)
         vlm.barrier()
-        train_path = root / "vqa" / "train.jsonl"
-        test_path = Path(args.test) if args.test else root / "vqa" / "test.jsonl"
+    train_path = run.manifest_path(args.data, "train", args.seed, "vqa", world=root)
+    test_path = (run.manifest_path(args.test, "test", args.seed, "vqa", world=root)
+                 if args.test or not args.data else None)
     records, skipped = data.read_manifest(train_path, "vqa", skip_bad=args.skip_bad)
     if args.sft_data:
         sft, _ = data.read_manifest(args.sft_data, "vqa", skip_bad=args.skip_bad)
@@ -667,11 +714,11 @@ def generation_round(engine, critic, processor, questions, folder, args, rank, w
                 run.append_jsonl(folder / "candidates.jsonl", q)
     generated = [done[q["id"]] for q in questions if q["id"] in done]
     pairs, survivors, fractions = make_pairs(generated, args.win_threshold, args.lose_threshold,
-                                             args.strict_pairs, args.quality_iou)
+                                             args.quality_iou)
     cands = [c for q in generated for c in q["candidates"]]
     stats = {"survivors": survivors, "quality": fractions, "candidates": len(cands),
              "dropped": {k: sum(q["dropped"][k] for q in generated)
-                         for k in ("unparsable", "no_crop", "no_diverse_box")},
+                         for k in ("unparsable", "no_crop", "no_diverse_box", "too_long")},
              "diversified": sum(c["diversified"] for c in cands),
              "mean_s_b": sum(c["s_b"] for c in cands) / max(len(cands), 1),
              "mean_s_r": sum(c["s_r"] for c in cands) / max(len(cands), 1),
@@ -727,17 +774,25 @@ def main(argv=None):
             target = out / stale
             shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
     vlm.barrier()
+    # --resume: metrics.jsonl cut back to the last checkpoint (the base scores or a finished phase)
+    run.prepare_out(out, rank, progress if "records" in progress else None)
     phases = json.loads((out / "phases.json").read_text()) if args.resume and (out / "phases.json").exists() else []
-    phases = [p for p in phases if p["phase"] in ["base"] + progress["done"]]    # phases redone after a kill
+    phases = [p for p in phases if p["phase"] in ["base"] * ("records" in progress) + progress["done"]]
 
     # ---- models: the policy (a DeepSpeed engine) and the critic = the pre-SFT model, frozen
     model, processor = vlm.load_model(out / progress["done"][-1] if progress["done"] else args.model,
                                       max_pixels=args.max_pixels)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    engine = vlm.deepspeed_engine(model, cfg)
+    if args.lora_rank and cfg.get("zero_optimization", {}).get("stage") == 3:
+        raise SystemExit("--lora-rank: use ZeRO-2 (ds_zero2.json); merging adapters needs whole weights")
+    engine = vlm.deepspeed_engine(lora_model(model, args.lora_rank) if args.lora_rank else model, cfg)
     critic = "oracle" if args.critic == "oracle" else \
         vlm.reference_model(args.critic or args.model, cfg, device=engine.device, max_pixels=args.max_pixels)
+    # a sample whose prompt cannot be processed is skipped (OUT/skipped.jsonl), never fatal
+    problem = lambda r: sample_problem(r, processor, args.max_prompt_len)  # noqa: E731
+    sft_records, _ = run.usable(sft_records, problem, rank, world, out, split="sft")
+    questions, _ = run.usable(questions, problem, rank, world, out)
     log_state = {"step": progress.get("step", 0), "iter_name": "sft"}
 
     def score(name):
@@ -752,18 +807,33 @@ def main(argv=None):
             (out / "phases.json").write_text(json.dumps(phases, indent=1))
             run.log(out, rank, dict(metrics, step=log_state["step"], phase=f"eval/{name}"))
 
+    def checkpoint():
+        """OUT/progress.json: the finished phases, the step counter and the record counts (run.prepare_out)."""
+        progress["step"] = log_state["step"]
+        progress["records"] = run.record_counts(out)
+        if rank == 0:
+            progress_path.with_name("progress.tmp").write_text(json.dumps(progress))
+            progress_path.with_name("progress.tmp").replace(progress_path)     # atomic: kill -9 safe
+        vlm.barrier()
+
     def finish(name):
-        """Save the phase's model to OUT/<name>, score it, record progress (for --resume)."""
-        run.save_final(engine, processor, out / Path(name).parent, Path(name).name)
+        """Save the phase's model to OUT/<name>, score it, record progress (for --resume). With LoRA the
+        phase's adapter is folded into the weights and the next phase trains a fresh adapter (a new
+        engine), as the released code trains each stage on the merged model of the last one."""
+        nonlocal engine
+        if args.lora_rank:
+            base = merged(engine)
+            run.save_final(base, processor, out / Path(name).parent, Path(name).name)
+            engine = vlm.deepspeed_engine(lora_model(base, args.lora_rank), cfg)
+        else:
+            run.save_final(engine, processor, out / Path(name).parent, Path(name).name)
         score(name)
         progress["done"].append(name)
-        progress["step"] = log_state["step"]
-        if rank == 0:
-            progress_path.write_text(json.dumps(progress))
-        vlm.barrier()
+        checkpoint()
 
     if not phases:
         score("base")
+        checkpoint()
 
     # ---- 0. SFT warm-up
     if "sft" in args.stages and "sft" not in progress["done"]:
@@ -785,12 +855,14 @@ def main(argv=None):
             folder.mkdir(parents=True, exist_ok=True)
         vlm.barrier()
         # 1.-2. data generation + filter
-        if it == 1 and args.pairs:
+        if f"{name}/stage1" in progress["done"]:       # --resume in stage 2: the pairs are written and logged
+            pairs, stats = run.read_jsonl(folder / "pairs.jsonl"), None
+        elif it == 1 and args.pairs:
             pairs = run.read_jsonl(args.pairs)
             stats = {"survivors": {"given": len(pairs)}, "quality": {}}
         else:
             pairs, stats = generation_round(engine, critic, processor, questions, folder, args, rank, world, it)
-        if rank == 0:
+        if rank == 0 and stats is not None:
             write_jsonl(folder / "pairs.jsonl", pairs)          # written even when no pair survived
             (folder / "stats.json").write_text(json.dumps(stats, indent=1))
             run.log(out, rank, {"step": log_state["step"], "phase": f"{name}/generate", "pairs": len(pairs),
@@ -802,7 +874,8 @@ def main(argv=None):
         # 3. stage 1: box DPO; reference = the model this iteration started from (the SFT model first)
         if "stage1" in args.stages and f"{name}/stage1" not in progress["done"]:
             if pairs:
-                ref = vlm.reference_model(start_of_iter, cfg, device=engine.device, max_pixels=args.max_pixels)
+                ref = None if args.lora_rank else \
+                    vlm.reference_model(start_of_iter, cfg, device=engine.device, max_pixels=args.max_pixels)
                 dpo_phase(engine, ref, processor, pairs, 1, args, rank, world, out, log_state)
                 del ref
             finish(f"{name}/stage1")
@@ -810,16 +883,18 @@ def main(argv=None):
         if "stage2" in args.stages:
             if pairs:
                 ref_dir = folder / "stage1" if "stage1" in args.stages else start_of_iter
-                ref = vlm.reference_model(ref_dir, cfg, device=engine.device, max_pixels=args.max_pixels)
+                ref = None if args.lora_rank else \
+                    vlm.reference_model(ref_dir, cfg, device=engine.device, max_pixels=args.max_pixels)
                 dpo_phase(engine, ref, processor, pairs, 2, args, rank, world, out, log_state)
                 del ref
             finish(f"{name}/stage2")
         start_of_iter = out / last
 
     # ---- save + evaluate
-    run.save_final(engine, processor, out)
+    policy = merged(engine) if args.lora_rank else engine.module
+    run.save_final(policy, processor, out)
     if test:
-        metrics, preds = evaluate(engine.module, processor, test[:args.n_test], args, rank, world, critic)
+        metrics, preds = evaluate(policy, processor, test[:args.n_test], args, rank, world, critic)
         if rank == 0:
             write_eval(out, metrics, preds, out / "final", test_path)
             print(f"[visrl] final: {json.dumps(metrics)}")

@@ -1,4 +1,4 @@
-"""vlm.py -- everything that touches the vision-language model (SPEC sections 3, 4.1, 4.4).
+"""vlm.py -- everything that touches the vision-language model.
 
   1. loading       load_model(): a hub id or local dir, Qwen2-VL / Qwen2.5-VL, sdpa or flash-attn 2
   2. chat inputs   chat_inputs(): chat messages + images -> a left-padded batch
@@ -7,36 +7,28 @@
   5. SFT           sft_loss(): next-token loss on the assistant turns only
   6. coordinates   to_model_frame() / from_model_frame(): the one place boxes change frame
   7. DeepSpeed     init_distributed(), deepspeed_engine(), gathered() for ZeRO-3 generation
-  8. tiny model    build_tiny(): a Qwen2-VL-architecture model small enough for a laptop CPU,
-                   with its own tokenizer, optionally SFT-"pretrained" on shapes world
-  9. command line  python vlm.py tiny --out DIR [--pretrain] [--seed S]
 
-The tiny model uses the same classes as Qwen2-VL-2B (Qwen2VLForConditionalGeneration,
+The default --model, "tiny-base", is built by tiny.py (a Qwen2-VL-architecture model small
+enough for a laptop CPU) with the same classes as Qwen2-VL-2B (Qwen2VLForConditionalGeneration,
 Qwen2VLProcessor), so every pipeline runs the same code on both.
 """
-import argparse
 import contextlib
 import json
 import math
 import os
-import random
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm import tqdm
 
 import data
-import rewards
 
 # Tokens that must never be sampled: a stray <|image_pad|> in a completion makes the next
 # forward pass fail with "image features and image tokens do not match".
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 CACHE = Path(os.environ.get("RISE_CACHE", Path.home() / ".cache" / "rise-from-scratch"))
-TINY_BASE = "tiny-base"   # the default --model of every script: built (and cached) on first use
+TINY_BASE = "tiny-base"   # the default --model of every script: the tiny base shipped in tiny-base/
 
 
 def on_gpu():
@@ -45,13 +37,18 @@ def on_gpu():
 
 # ============================================================================ 1. loading
 def resolve_model(name):
-    """`tiny-base` -> the cached pretrained tiny model (built if missing); anything else as is."""
+    """`tiny-base` -> the tiny base committed beside this file (`tiny-base/`, loaded offline);
+    a checkout without it builds one into the cache once. Anything else is returned as is."""
     if name != TINY_BASE:
         return name
+    shipped = Path(__file__).resolve().parent / TINY_BASE
+    if (shipped / "config.json").exists():
+        return str(shipped)
     path = CACHE / "tiny-base"
     if not (path / "config.json").exists():
-        print(f"[vlm] building the tiny base model in {path} (once; a few CPU minutes)")
-        build_tiny(path, seed=0, pretrain=True)
+        print(f"[vlm] no committed tiny base: building one in {path} (once; ~20 CPU minutes)")
+        import tiny                 # only the embedded default needs it (tiny imports vlm)
+        tiny.build_tiny(path, seed=0, pretrain=True)
     return str(path)
 
 
@@ -111,7 +108,7 @@ def chat_inputs(processor, conversations, images, add_generation_prompt=True, ma
     """
     texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt)
              for c in conversations]
-    flat = [im.convert("RGB") for ims in images for im in ims]
+    flat = [data.open_image(im) for ims in images for im in ims]     # alpha on white, as opened
     batch = processor(text=texts, images=flat or None, padding=True, return_tensors="pt")
     if max_prompt_len is not None:
         lengths = batch["attention_mask"].sum(1)
@@ -125,6 +122,36 @@ def chat_inputs(processor, conversations, images, add_generation_prompt=True, ma
 
 class PromptTooLong(ValueError):
     pass
+
+
+def prompt_problem(processor, conversation, images, max_prompt_len=None):
+    """Why one chat prompt cannot be processed, or None: a prompt over max_prompt_len tokens, an
+    image that cannot be opened or that the processor refuses. For run.usable's pre-scan."""
+    try:
+        chat_inputs(processor, [conversation], [images], max_prompt_len=max_prompt_len)
+    except (ValueError, OSError) as e:                     # PromptTooLong is a ValueError
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+MAX_ASPECT = 100       # Qwen2-VL's smart_resize refuses an aspect ratio above 200; stay well inside
+
+
+def fit_image(image, max_aspect=MAX_ASPECT):
+    """A crop the Qwen2-VL / Qwen2.5-VL processor can always take, showing the same pixels.
+
+    A side shorter than long side / max_aspect is padded with white, the crop centred (a 4x1600
+    crop becomes 16x1600, which the processor takes; at 4x1600 it raises "absolute aspect ratio
+    must be smaller than 200"). A crop that already fits is returned unchanged; small crops need
+    nothing (smart_resize enlarges them to min_pixels). For crops only: padding a full image
+    would move the coordinate frame its boxes are written in."""
+    w, h = image.size
+    W, H = max(w, math.ceil(h / max_aspect)), max(h, math.ceil(w / max_aspect))
+    if (W, H) == (w, h):
+        return image
+    canvas = Image.new("RGB", (W, H), (255, 255, 255))
+    canvas.paste(image.convert("RGB"), ((W - w) // 2, (H - h) // 2))
+    return canvas
 
 
 def images_per_sample(input_ids, vision_start_id):
@@ -174,6 +201,13 @@ def completion_mask_from_ids(completion_ids, eos):
     return (~after_eos).long()
 
 
+def hf_model(model):
+    """The Hugging Face model inside a DeepSpeed engine (.module) and/or a peft LoRA wrapper
+    (get_base_model(): its LoRA layers live inside the HF model, so they still apply)."""
+    model = getattr(model, "module", model)
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
 @torch.no_grad()
 def sample(model, processor, batch, num_generations=1, max_new_tokens=64, temperature=1.0,
            do_sample=True, return_scores=False):
@@ -182,7 +216,11 @@ def sample(model, processor, batch, num_generations=1, max_new_tokens=64, temper
     Returns a dict: prompt tensors repeated per completion (prompt-major: prompt 0's G samples
     first), completion_ids [B*G, T], completion_mask [B*G, T] (0 after EOS), texts (decoded,
     special tokens dropped), and with return_scores the per-token log-probs generate sampled
-    from (for tests). Pure sampling: no top-k/top-p, so the log-probs of the policy are exact.
+    from (for tests). Pure sampling (greedy: plain argmax) at `temperature`, with only the vision
+    tokens suppressed: completion_logprobs() applies exactly these two changes, so the log-probs
+    of the policy are exact. Nothing of the checkpoint's own generation_config (Qwen's ship
+    repetition_penalty, top_k, top_p, temperature) applies: generate() fills every option we
+    leave unset from model.generation_config, so it is swapped for a blank one meanwhile.
     """
     vision_start = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
     expanded = repeat_batch(batch, num_generations, vision_start)
@@ -195,7 +233,14 @@ def sample(model, processor, batch, num_generations=1, max_new_tokens=64, temper
         gen["temperature"] = temperature
     else:
         gen.update(temperature=None, top_k=None, top_p=None)
-    out = model.generate(**expanded, **gen)
+    from transformers import GenerationConfig
+    target = hf_model(model)            # a LoRA (peft) wrapper forwards generate() to the HF model
+    saved = target.generation_config
+    target.generation_config = GenerationConfig(bos_token_id=saved.bos_token_id)
+    try:
+        out = model.generate(**expanded, **gen)
+    finally:
+        target.generation_config = saved
     prompt_len = expanded["input_ids"].shape[1]
     completion_ids = out.sequences[:, prompt_len:]
     if completion_ids.shape[1] == 0:                      # max_new_tokens=0: keep shapes valid
@@ -239,7 +284,7 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask, temperat
     temperature and the `suppress` ids masked exactly as in sampling, so these are the log-probs
     of the distribution we sampled from. Positions after EOS (mask 0) are set to 0.
     """
-    module = getattr(model, "module", model)                      # a DeepSpeed engine -> the HF model
+    module = hf_model(model)                                      # a DeepSpeed engine / LoRA -> the HF model
     input_ids = torch.cat([prompt["input_ids"], completion_ids], 1)
     attention_mask = torch.cat([prompt["attention_mask"], completion_mask.to(prompt["attention_mask"].dtype)], 1)
     extra = {k: v for k, v in prompt.items() if k in ("pixel_values", "image_grid_thw")}
@@ -323,6 +368,8 @@ def coord_scale(model_type, image_size, processor=None):
     """
     w, h = image_size
     if model_type == "qwen2_5_vl":
+        if processor is None:
+            raise ValueError("Qwen2.5-VL boxes are pixels of the processor's resized input: pass the processor")
         from transformers.models.qwen2_vl.image_processing_qwen2_vl import smart_resize
         ip = processor.image_processor
         factor = ip.patch_size * ip.merge_size
@@ -330,6 +377,13 @@ def coord_scale(model_type, image_size, processor=None):
                               max_pixels=ip.size["longest_edge"])
         return rw / w, rh / h
     return 1000.0 / w, 1000.0 / h
+
+
+def box_frame(model_type, image_size, processor=None):
+    """(width, height) of the frame the model writes boxes in, as its prompt states it:
+    (1000, 1000) for Qwen2-VL, the resized input's pixels for Qwen2.5-VL."""
+    sx, sy = coord_scale(model_type, image_size, processor)
+    return round(image_size[0] * sx), round(image_size[1] * sy)
 
 
 def to_model_frame(box, model_type, image_size, processor=None):
@@ -400,7 +454,7 @@ def deepspeed_engine(model, cfg):
 
 
 def reference_model(name, cfg, device=None, max_pixels=None):
-    """The frozen reference policy for the KL term (SPEC 4.4).
+    """The frozen reference policy of the KL term of the GRPO loss (grpo.grpo_loss).
 
     Under ZeRO-3 it is wrapped as an optimizer-less DeepSpeed engine, so it is sharded like the
     policy; otherwise each rank keeps a full frozen copy.
@@ -442,364 +496,3 @@ def gathered(model):
     import deepspeed
     with deepspeed.zero.GatheredParameters(params):
         yield
-
-
-# ============================================================================ 8. tiny model
-SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + VISION_TOKENS
-TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
-# The Qwen2-VL chat format without its default system prompt (shorter sequences on CPU).
-CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
-    "{% if message['content'] is string %}{{ message['content'] }}"
-    "{% else %}{% for part in message['content'] %}"
-    "{% if part['type'] == 'image' %}<|vision_start|><|image_pad|><|vision_end|>"
-    "{% elif part['type'] == 'text' %}{{ part['text'] }}{% endif %}{% endfor %}{% endif %}"
-    "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-
-
-def build_tokenizer(texts, vocab_size=1024):
-    """A byte-level BPE tokenizer trained on `texts`, with the Qwen chat special tokens and
-    the <think>/<answer> tags as single (non-special, so they survive decoding) tokens."""
-    from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
-    from transformers import Qwen2Tokenizer
-    from transformers.models.qwen2.tokenization_qwen2 import PRETOKENIZE_REGEX
-    bpe = Tokenizer(models.BPE())
-    bpe.normalizer = normalizers.NFC()
-    bpe.pre_tokenizer = pre_tokenizers.Sequence([    # Qwen2's: digits are split one by one
-        pre_tokenizers.Split(Regex(PRETOKENIZE_REGEX), behavior="isolated"),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
-    bpe.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    bpe.train_from_iterator(texts, trainer)
-    merges = [tuple(m.split(" ")) if isinstance(m, str) else tuple(m)
-              for m in json.loads(bpe.to_str())["model"]["merges"]]
-    tok = Qwen2Tokenizer(vocab=bpe.get_vocab(), merges=merges, unk_token=None, eos_token="<|im_end|>",
-                         pad_token="<|endoftext|>", model_max_length=4096)
-    tok.add_special_tokens({"additional_special_tokens": SPECIAL_TOKENS[1:]})
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in TAG_TOKENS])
-    return tok
-
-
-def tiny_model(tokenizer, seed=0):
-    """A randomly initialised Qwen2VLForConditionalGeneration of ~3M parameters."""
-    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
-    ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
-    hidden, heads = 192, 6                      # head_dim 32: mrope sections must sum to 32 / 2
-    config = Qwen2VLConfig(
-        text_config=dict(vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=512,
-                         num_hidden_layers=4, num_attention_heads=heads, num_key_value_heads=2,
-                         max_position_embeddings=4096, rope_scaling={"type": "mrope", "mrope_section": [4, 6, 6]},
-                         rope_theta=10000.0, bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
-                         pad_token_id=ids["<|endoftext|>"]),
-        vision_config=dict(depth=2, embed_dim=64, hidden_size=hidden, num_heads=4, mlp_ratio=2,
-                           patch_size=14, spatial_merge_size=2, temporal_patch_size=2),
-        image_token_id=ids["<|image_pad|>"], video_token_id=ids["<|video_pad|>"],
-        vision_start_token_id=ids["<|vision_start|>"], vision_end_token_id=ids["<|vision_end|>"],
-        tie_word_embeddings=False)
-    torch.manual_seed(seed)
-    model = Qwen2VLForConditionalGeneration(config)
-    model.generation_config.eos_token_id = [ids["<|im_end|>"], ids["<|endoftext|>"]]
-    model.generation_config.pad_token_id = ids["<|endoftext|>"]
-    return model
-
-
-def tiny_processor(tokenizer):
-    from transformers import Qwen2VLImageProcessor, Qwen2VLProcessor, Qwen2VLVideoProcessor
-    # 112x112 shapes-world images become 8x8 patches -> 16 tokens; crops are upscaled to >= 56x56.
-    image_processor = Qwen2VLImageProcessor(min_pixels=56 * 56, max_pixels=224 * 224)
-    return Qwen2VLProcessor(image_processor=image_processor, tokenizer=tokenizer,
-                            video_processor=Qwen2VLVideoProcessor(), chat_template=CHAT_TEMPLATE)
-
-
-def build_tiny(out, seed=0, pretrain=False, steps=None, log=print):
-    """Build the tiny model + processor in `out` (save_pretrained: loadable offline by path).
-
-    The tokenizer is trained on shapes-world text (the pretraining corpus below), so it is
-    the same whether or not the model is pretrained. With `pretrain`, the model is SFT-trained
-    from scratch on that corpus: the "tiny base" every pipeline starts from.
-    """
-    out = Path(out)
-    t0 = time.time()
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-    world = CACHE / f"shapes-pretrain-{seed}"
-    if not (world / "vqa" / "test.jsonl").exists():
-        data.make_shapes_world(world, n_train=400, n_test=1, seed=1000 + seed)
-    examples = pretrain_corpus(world, seed)
-    tokenizer = build_tokenizer(corpus_text(examples))
-    processor = tiny_processor(tokenizer)
-    model = tiny_model(tokenizer, seed)
-    if pretrain:
-        pretrain_sft(model, processor, examples, seed, steps=steps, log=log)
-    tmp = out.with_name(out.name + ".tmp")
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
-    (tmp / "build.json").write_text(json.dumps({"seed": seed, "pretrain": pretrain, "examples": len(examples),
-                                                "seconds": round(time.time() - t0, 1)}))
-    publish_dir(tmp, out)
-    log(f"[vlm] tiny model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-        f"pretrain={pretrain}) written to {out} in {time.time() - t0:.0f}s")
-    return out
-
-
-def publish_dir(tmp, out):
-    """Replace `out` by the finished build in `tmp`: the rename is the last step, so a killed
-    build never looks finished (a cache is "built" iff its folder exists)."""
-    import shutil
-    shutil.rmtree(out, ignore_errors=True)
-    Path(tmp).rename(out)
-
-
-def _jitter_box(box, rng, px=3, size=data.IMAGE_SIZE):
-    """Label noise for the pretraining targets, so the tiny base is imperfect by design."""
-    b = [v + int(rng.integers(-px, px + 1)) for v in box]
-    b = [min(max(v, 0), size) for v in b]
-    return [b[0], b[1], max(b[2], b[0] + 2), max(b[3], b[1] + 2)]
-
-
-def _noisy_probs(probs, rng, scale=0.05):
-    p = np.clip(np.array(probs) + rng.normal(0, scale, len(probs)), 0, None) + 1e-3
-    return (p / p.sum()).tolist()
-
-
-def pretrain_corpus(root, seed=0):
-    """SFT examples (conversation, images) in every prompt format the pipelines use.
-
-    Targets carry deliberate noise (jittered boxes, perturbed distributions), so the tiny base
-    answers in the right format but imperfectly: RL has room to improve it.
-    """
-    rng = np.random.default_rng(seed)
-    frame = lambda box: to_model_frame(box, "qwen2_vl", (data.IMAGE_SIZE, data.IMAGE_SIZE))  # noqa: E731
-    examples = []
-    for task in data.SHAPE_TASKS:
-        records, _ = data.read_manifest(Path(root) / task / "train.jsonl", data.MANIFEST_TASK[task])
-        for rec in records:
-            image = Image.open(rec["image_path"]).convert("RGB")
-            scene = rec["scene"]
-
-            def add(prompt, answer, extra_turns=(), extra_images=()):
-                conv = [user_turn(prompt), assistant_turn(answer)] + list(extra_turns)
-                examples.append((conv, [image] + list(extra_images)))
-
-            if task in ("soft_cls", "onehot_cls"):
-                classes = rec["classes"]
-                mask_names = task == "soft_cls" and bool(rng.integers(2))
-                desc = data.describe_scene(scene, rng, with_names=not mask_names)
-                noisy = data.format_probs(classes, _noisy_probs(rec["probs"], rng))
-                add(data.cot_prompt_cls(classes, rec["probs"], mask_names=mask_names), desc)
-                add(data.REC_PROMPT_CLS.format(cot=desc, class_list=data.class_list(classes)), noisy)
-                add(data.R1_PROMPT_CLS.format(class_list=data.class_list(classes)),
-                    f"<think>{data.describe_scene(scene, rng)}</think><answer>{noisy}</answer>")
-                add(data.PLAIN_PROMPT_CLS.format(class_list=data.class_list(classes)), noisy)
-            elif task in ("det", "multi_det"):
-                multi = task == "multi_det"
-                target = rec["target"]
-                boxes = [frame(b) for b in rec["boxes"]]
-                noisy = [frame(_jitter_box(b, rng)) for b in rec["boxes"]]
-                answer = data.format_boxes(noisy) if multi else data.format_box(noisy[0])
-                target_shape = None if multi else next(s for s in scene if s["box"] == rec["boxes"][0])
-                desc = data.describe_scene(scene, rng, target=target_shape)
-                add(data.cot_prompt_det(target, boxes, multi=multi), desc)
-                rec_prompt = data.REC_PROMPT_MULTI_DET if multi else data.REC_PROMPT_DET
-                add(rec_prompt.format(cot=desc, target=target), answer)
-                r1 = data.R1_PROMPT_MULTI_DET if multi else data.R1_PROMPT_DET
-                add(r1.format(target=target), f"<think>{desc}</think><answer>{answer}</answer>")
-                plain = data.PLAIN_PROMPT_MULTI_DET if multi else data.PLAIN_PROMPT_DET
-                add(plain.format(target=target), answer)
-            elif task == "seg":
-                box = _jitter_box(rec["box"], rng)
-                x1, y1, x2, y2 = rec["box"]
-                points = [[(x1 * 2 + x2) / 3, (y1 + y2 * 2) / 3], [(x1 + x2 * 2) / 3, (y1 + y2 * 2) / 3]]
-                fb = frame(box)
-                fp = [frame(p + p)[:2] for p in points]
-                target_shape = next(s for s in scene if s["box"] == rec["box"])
-                answer = json.dumps({"bbox": fb, "points": fp})
-                add(data.SEG_PROMPT.format(instruction=rec["instruction"]),
-                    f"<think>{data.describe_scene(scene, rng, target=target_shape)}</think><answer>{answer}</answer>")
-                add(data.SEG_PROMPT_NO_COT.format(instruction=rec["instruction"]), f"<answer>{answer}</answer>")
-            elif task == "vqa":
-                q, a = rec["question"], rec["answer"]
-                box = _jitter_box(rec["box"], rng)
-                crop = image.crop(box)
-                add(data.VISRL_BOX_PROMPT.format(question=q), data.format_norm_box(box, *image.size),
-                    [user_turn(data.VISRL_ANSWER_PROMPT.format(question=q)), assistant_turn(a)], [crop])
-                examples.extend(_critic_examples(q, a, scene, image, rng))
-    order = rng.permutation(len(examples))
-    return [examples[i] for i in order]
-
-
-def _critic_examples(question, answer, scene, image, rng, n=2):
-    """VisRL critic skills, labelled by the scene: s_b (does this crop show a shape with the
-    answer's colour / kind? 1 iff one has at least half of its box inside the crop) and s_r
-    (is the candidate answer the reference? 1 iff equal; wrong candidates are the same kind of word)."""
-    kind = "color" if answer in data.COLORS else "shape"
-    values = list(data.COLORS) if kind == "color" else data.SHAPES
-    examples = []
-    for _ in range(n):
-        pick = rng.random()
-        if pick < 0.8:                  # the target (the shape with the answer) or another shape
-            pool = [s for s in scene if s[kind] == answer] if pick < 0.4 else scene
-            crop = _jitter_box(pool[int(rng.integers(len(pool)))]["box"], rng)
-        else:                           # a random small square, mostly background
-            side = int(rng.integers(12, 31))
-            x, y = (int(v) for v in rng.integers(0, data.IMAGE_SIZE - side, 2))
-            crop = [x, y, x + side, y + side]
-        hit = any(s[kind] == answer and rewards.covers(crop, s["box"]) for s in scene)
-        conv = [user_turn(data.CRITIC_BOX_PROMPT.format(question=question, answer=answer)),
-                assistant_turn(json.dumps({"score": 1.0 if hit else 0.0}))]
-        examples.append((conv, [image.crop(crop)]))
-    for _ in range(n):
-        cand = answer if rng.random() < 0.5 else str(rng.choice([v for v in values if v != answer]))
-        conv = [user_turn(data.CRITIC_ANSWER_PROMPT.format(question=question, reference=answer, answer=cand)),
-                assistant_turn(json.dumps({"score": 1.0 if cand == answer else 0.0}))]
-        examples.append((conv, [image]))
-    return examples
-
-
-def corpus_text(examples):
-    """Every text of the corpus, for training the tokenizer."""
-    return [part["text"] for conv, _ in examples for msg in conv for part in msg["content"] if part["type"] == "text"]
-
-
-def warmup_cosine(optimizer, steps, warmup):
-    """lr x min(1, (s+1)/warmup) x (1 + cos(pi s / steps)) / 2: linear warm-up, then cosine to 0."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-
-
-def pretrain_sft(model, processor, examples, seed=0, steps=None, batch_size=16, lr=3e-3, log=print):
-    """Plain SFT from scratch (AdamW, cosine schedule) on the assistant tokens of `examples`."""
-    steps = steps or int(os.environ.get("RISE_TINY_STEPS", 2400))
-    g = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = warmup_cosine(optimizer, steps, warmup=50)
-    model.train()
-    bar = tqdm(range(steps), desc="pretrain tiny base", mininterval=5)
-    for step in bar:
-        idx = torch.randint(len(examples), (batch_size,), generator=g).tolist()
-        convs, ims = zip(*[examples[i] for i in idx])
-        loss = sft_loss(model, processor, list(convs), list(ims))
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        if step % 50 == 0:
-            bar.set_postfix(loss=f"{loss.item():.3f}")
-    model.eval()
-
-
-def _greedy(model, processor, conversations, images, max_new_tokens):
-    batch = chat_inputs(processor, conversations, images)
-    return sample(model, processor, batch, 1, max_new_tokens, do_sample=False)["texts"]
-
-
-@torch.no_grad()
-def task_scores(model, processor, root, n=None, batch_size=16, max_new_tokens=96):
-    """Greedy scores of a model on every shapes-world test task, with the pipelines' prompts.
-
-    soft_cls: mean JSD (unparsable = ln 2); onehot_cls: accuracy; det / multi_det: mAP@0.5;
-    seg: mean IoU of the predicted box with the GT box; vqa: answer accuracy after the box +
-    crop turns, and box accuracy (IoU >= 0.5). `unparsable` counts answers that did not parse.
-    """
-    model.eval()
-    model_type, scores = model.config.model_type, {}
-    for task in data.SHAPE_TASKS:
-        records, _ = data.read_manifest(Path(root) / task / "test.jsonl", data.MANIFEST_TASK[task])
-        records = records[:n]
-        results, bad = [], 0
-        for start in range(0, len(records), batch_size):
-            chunk = records[start:start + batch_size]
-            images = [Image.open(r["image_path"]).convert("RGB") for r in chunk]
-            if task in ("soft_cls", "onehot_cls"):
-                prompt = lambda r: data.R1_PROMPT_CLS.format(class_list=data.class_list(r["classes"]))  # noqa: E731
-            elif task in ("det", "multi_det"):
-                tmpl = data.R1_PROMPT_MULTI_DET if task == "multi_det" else data.R1_PROMPT_DET
-                prompt = lambda r: tmpl.format(target=r["target"])  # noqa: E731
-            elif task == "seg":
-                prompt = lambda r: data.SEG_PROMPT.format(instruction=r["instruction"])  # noqa: E731
-            else:
-                prompt = lambda r: data.VISRL_BOX_PROMPT.format(question=r["question"])  # noqa: E731
-            texts = _greedy(model, processor, [[user_turn(prompt(r))] for r in chunk], [[im] for im in images],
-                            max_new_tokens)
-            for r, im, text in zip(chunk, images, texts):
-                answer = rewards.answer_text(text) if task != "vqa" else text
-                if task in ("soft_cls", "onehot_cls"):
-                    pred = rewards.parse_class_probs(answer or "")
-                    bad += pred is None
-                    q = rewards.probs_vector(pred, r["classes"]) if pred else None
-                    results.append((q, r))
-                elif task in ("det", "multi_det", "seg"):
-                    if task == "seg":
-                        parsed = rewards.parse_seg_answer(answer or "")
-                        boxes = [parsed[0]] if parsed else None
-                    else:
-                        boxes = rewards.parse_boxes(answer or "")
-                    bad += boxes is None
-                    boxes = [from_model_frame(b, model_type, im.size, processor) for b in boxes or []]
-                    results.append((boxes, r))
-                else:
-                    box = rewards.parse_boxes(text)
-                    bad += box is None
-                    w, h = im.size
-                    box = [box[0][0] * w, box[0][1] * h, box[0][2] * w, box[0][3] * h] if box else None
-                    results.append((box, r, im))
-        if task == "soft_cls":
-            scores[task] = {"jsd": float(np.mean([rewards.jsd(r["probs"], q) if q else math.log(2)
-                                                  for q, r in results]))}
-        elif task == "onehot_cls":
-            scores[task] = {"accuracy": rewards.accuracy(
-                [r["classes"][int(np.argmax(q))] if q and sum(q) > 0 else None for q, r in results],
-                [r["classes"][int(np.argmax(r["probs"]))] for _, r in results])}
-        elif task in ("det", "multi_det"):
-            preds = [{"boxes": b, "labels": [r["target"]] * len(b)} for b, r in results]
-            gts = [{"boxes": r["boxes"], "labels": [r["target"]] * len(r["boxes"])} for _, r in results]
-            scores[task] = {"map50": rewards.map50(preds, gts)}
-        elif task == "seg":
-            scores[task] = {"box_iou": float(np.mean([rewards.box_iou(b[0], r["box"]) if b else 0.0
-                                                      for b, r in results]))}
-        else:
-            answered = [(b, r, im) for b, r, im in results if b and rewards.crop_box(im, b) is not None]
-            convs = [[user_turn(data.VISRL_BOX_PROMPT.format(question=r["question"])),
-                      assistant_turn(data.format_norm_box(b, *im.size)),
-                      user_turn(data.VISRL_ANSWER_PROMPT.format(question=r["question"]))] for b, r, im in answered]
-            crops = [[im, rewards.crop_box(im, b)] for b, r, im in answered]
-            replies = []
-            for start in range(0, len(convs), batch_size):
-                replies += _greedy(model, processor, convs[start:start + batch_size], crops[start:start + batch_size], 8)
-            correct = sum(reply.strip().lower().strip(".") == r["answer"] for reply, (_, r, _) in zip(replies, answered))
-            scores[task] = {"answer_accuracy": correct / max(len(results), 1),
-                            "box_accuracy": sum(rewards.box_iou(b, r["box"]) >= 0.5 for b, r, _ in answered)
-                            / max(len(results), 1)}
-        scores[task]["unparsable"] = bad
-        scores[task]["n"] = len(results)
-    return scores
-
-
-# ============================================================================ 9. command line
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    tiny = sub.add_parser("tiny", help="build the tiny Qwen2-VL-architecture model")
-    tiny.add_argument("--out", required=True)
-    tiny.add_argument("--pretrain", action="store_true", help="SFT it on shapes world (the tiny base)")
-    tiny.add_argument("--seed", type=int, default=0)
-    tiny.add_argument("--steps", type=int, default=None, help="pretraining steps (default 2400, or RISE_TINY_STEPS)")
-    scores = sub.add_parser("scores", help="greedy scores of a model on every shapes-world test task")
-    scores.add_argument("--model", default=TINY_BASE)
-    scores.add_argument("--data", default=None, help="shapes-world root (default: built in the cache)")
-    scores.add_argument("--n", type=int, default=None, help="test samples per task (default all)")
-    args = parser.parse_args(argv)
-    if args.command == "tiny":
-        build_tiny(args.out, seed=args.seed, pretrain=args.pretrain, steps=args.steps)
-    else:
-        model, processor = load_model(args.model)
-        result = task_scores(model, processor, args.data or default_shapes_world(), n=args.n)
-        for task, values in result.items():
-            print(f"{task:11s} " + "  ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
-                                             for k, v in values.items()))
-        print(json.dumps(result))
-
-
-if __name__ == "__main__":
-    main()
