@@ -125,7 +125,7 @@ def prompt(style, record, cot=None, boxes=None, mask_names=True, frame=None):
     frame: (width, height) of the frame the model writes boxes in (vlm.box_frame: 1000x1000
     for Qwen2-VL, the resized input's pixels for Qwen2.5-VL); box prompts then start by saying
     it. Raises KeyError for a style the record's task has no prompt in."""
-    note = BOX_FRAME_NOTE.format(width=frame[0], height=frame[1]) if frame else ""
+    note = frame_note(frame)
     if style in ("seg", "seg_no_cot", "grounding"):
         template = {"seg": SEG_PROMPT, "seg_no_cot": SEG_PROMPT_NO_COT, "grounding": GROUNDING_PROMPT}[style]
         return note + template.format(instruction=record["instruction"])
@@ -143,6 +143,11 @@ def prompt(style, record, cot=None, boxes=None, mask_names=True, frame=None):
                 "r1": (R1_PROMPT_DET, R1_PROMPT_MULTI_DET),
                 "plain": (PLAIN_PROMPT_DET, PLAIN_PROMPT_MULTI_DET)}[style][multi]
     return note + template.format(cot=cot, target=record["target"])
+
+
+def frame_note(frame):
+    """The sentence that tells a model its box frame, (width, height), or "" for frame=None."""
+    return BOX_FRAME_NOTE.format(width=frame[0], height=frame[1]) if frame else ""
 
 
 def format_annotation(record, boxes):

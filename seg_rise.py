@@ -116,8 +116,7 @@ def prompt_text(instruction, cot=True, points=True, frame=None):
     if points:
         return data.prompt("seg" if cot else "seg_no_cot", {"instruction": instruction}, frame=frame)
     template = SEG_PROMPT_NO_POINTS if cot else SEG_PROMPT_NO_POINTS_NO_COT
-    note = data.BOX_FRAME_NOTE.format(width=frame[0], height=frame[1]) if frame else ""
-    return note + template.format(instruction=instruction)
+    return data.frame_note(frame) + template.format(instruction=instruction)
 
 
 # ---- the model's coordinate frame (Qwen2-VL 0..1000, Qwen2.5-VL resized pixels) <-> pixels.

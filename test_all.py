@@ -111,15 +111,20 @@ def test_padded_batch_logprobs_equal_each_sample_alone(tiny):
         torch.testing.assert_close(together[i, :n], alone[0], atol=1e-5, rtol=0)
 
 
+def sampled_and_scored(model, processor, seed, max_new_tokens, temperature):
+    """4 samples for a green image, and our log-probs of them: (batch, rollout, our log-probs, completion mask)."""
+    batch = vlm.chat_inputs(processor, [[vlm.user_turn("Describe the image.")]], [[solid((40, 170, 60))]])
+    torch.manual_seed(seed)
+    roll = vlm.sample(model, processor, batch, num_generations=4, max_new_tokens=max_new_tokens,
+                      temperature=temperature, return_scores=True)
+    ours = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
+                                   temperature=temperature, suppress=vlm.suppressed_ids(processor))
+    return batch, roll, ours, roll["completion_mask"].bool()
+
+
 def test_logprobs_equal_the_scores_generate_sampled_with(tiny):
     model, processor = tiny
-    batch = vlm.chat_inputs(processor, [[vlm.user_turn("Describe the image.")]], [[solid((40, 170, 60))]])
-    torch.manual_seed(1)
-    roll = vlm.sample(model, processor, batch, num_generations=4, max_new_tokens=12, temperature=0.7,
-                      return_scores=True)
-    ours = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
-                                   temperature=0.7, suppress=vlm.suppressed_ids(processor))
-    mask = roll["completion_mask"].bool()
+    _, roll, ours, mask = sampled_and_scored(model, processor, seed=1, max_new_tokens=12, temperature=0.7)
     torch.testing.assert_close(ours[mask], roll["sampled_logp"][mask], atol=1e-4, rtol=0)
     # and the temperature matters: at T=1 the same tokens get other log-probs
     at_one = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
@@ -136,13 +141,7 @@ def test_checkpoint_generation_config_never_changes_what_is_sampled(tiny):
     model.generation_config = type(saved).from_dict(dict(saved.to_dict(), repetition_penalty=1.05, top_k=20,
                                                          top_p=0.5, temperature=0.1, no_repeat_ngram_size=2))
     try:
-        batch = vlm.chat_inputs(processor, [[vlm.user_turn("Describe the image.")]], [[solid((40, 170, 60))]])
-        torch.manual_seed(3)
-        roll = vlm.sample(model, processor, batch, num_generations=4, max_new_tokens=16, temperature=1.0,
-                          return_scores=True)
-        ours = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
-                                       temperature=1.0, suppress=vlm.suppressed_ids(processor))
-        mask = roll["completion_mask"].bool()
+        batch, roll, ours, mask = sampled_and_scored(model, processor, seed=3, max_new_tokens=16, temperature=1.0)
         torch.testing.assert_close(ours[mask], roll["sampled_logp"][mask], atol=1e-5, rtol=0)
         greedy = vlm.sample(model, processor, batch, max_new_tokens=8, do_sample=False)
         ids, first = greedy["completion_ids"], greedy["completion_ids"][:, :1]
@@ -3054,7 +3053,7 @@ def test_look_examples_ask_only_what_the_scene_answers():
              {"color": "blue", "shape": "square", "box": [84, 0, 112, 28]}]
     image = data.render(scene, 220)
     qa = [(conv[0]["content"][-1]["text"], conv[1]["content"][0]["text"])
-          for conv, _ in tiny_py.look_examples(scene, image, np.random.default_rng(0))]
+          for conv, _ in tiny_py.look_examples(scene, image)]
     assert qa == [("What colour is the circle?", "red"), ("Where is the red circle?", "top-left"),
                   ("Give the box of the red circle.", "[0,0,250,250]")]
 

@@ -222,7 +222,8 @@ def build_tiny(out, seed=0, pretrain=False, steps=None, n_train=400, record_scor
     out = Path(out)
     t0 = time.time()
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-    world = vlm.CACHE / f"shapes-pretrain-{seed}" if n_train == 400 else vlm.CACHE / f"shapes-pretrain-{seed}-{n_train}"
+    steps = (steps or default_steps()) if pretrain else 0
+    world = vlm.CACHE / f"shapes-pretrain-{seed}-{n_train}"
     if not (world / "vqa" / "test.jsonl").exists():
         data.make_shapes_world(world, n_train=n_train, n_test=1, seed=1000 + seed)
     examples = pretrain_corpus(world, seed)
@@ -234,7 +235,7 @@ def build_tiny(out, seed=0, pretrain=False, steps=None, n_train=400, record_scor
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    (tmp / "build.json").write_text(json.dumps(build_record(seed, pretrain, steps, n_train, examples, look, t0, curve),
+    (tmp / "build.json").write_text(json.dumps(build_record(seed, steps, n_train, examples, look, t0, curve),
                                                indent=1))
     publish_dir(tmp, out)
     if pretrain and record_scores:
@@ -244,11 +245,15 @@ def build_tiny(out, seed=0, pretrain=False, steps=None, n_train=400, record_scor
     return out
 
 
-def build_record(seed, pretrain, steps, n_train, examples, look, t0, curve):
+def default_steps():
+    """Pretraining steps when none are given: 2400, or the RISE_TINY_STEPS environment variable."""
+    return int(os.environ.get("RISE_TINY_STEPS", 2400))
+
+
+def build_record(seed, steps, n_train, examples, look, t0, curve):
     """What rebuilds this model and what it took: command, seed, versions, steps, time, loss curve."""
     import platform
     import transformers
-    steps = (steps or int(os.environ.get("RISE_TINY_STEPS", 2400))) if pretrain else 0
     return {"command": f"python tiny.py base --out DIR --seed {seed} --steps {steps} --n-train {n_train}", "seed": seed,
             "steps": steps, "examples": len(examples), "look_examples": len(look),
             "seconds": round(time.time() - t0, 1), "built_on": f"{platform.machine()} CPU, torch threads "
@@ -298,6 +303,11 @@ def _noisy_probs(probs, rng, scale=0.05):
 FRAME = (1000, 1000)    # the tiny model is a Qwen2-VL: its box prompts state the 0..1000 frame
 
 
+def to_frame(box):
+    """A shapes-world pixel box in the tiny model's (Qwen2-VL) 0..1000 frame."""
+    return to_model_frame(box, "qwen2_vl", (data.IMAGE_SIZE, data.IMAGE_SIZE))
+
+
 def pretrain_corpus(root, seed=0):
     """SFT examples (conversation, images) in every prompt format the pipelines use.
 
@@ -305,7 +315,6 @@ def pretrain_corpus(root, seed=0):
     answers in the right format but imperfectly: RL has room to improve it.
     """
     rng = np.random.default_rng(seed)
-    frame = lambda box: to_model_frame(box, "qwen2_vl", (data.IMAGE_SIZE, data.IMAGE_SIZE))  # noqa: E731
     examples = []
     for task in data.SHAPE_TASKS:
         records, _ = data.read_manifest(Path(root) / task / "train.jsonl", data.MANIFEST_TASK[task])
@@ -327,8 +336,8 @@ def pretrain_corpus(root, seed=0):
                 add(data.prompt("r1", rec), f"<think>{data.describe_scene(scene, rng)}</think><answer>{noisy}</answer>")
                 add(data.prompt("plain", rec), noisy)
             elif task in ("det", "multi_det"):
-                boxes = [frame(b) for b in rec["boxes"]]
-                answer = data.format_annotation(rec, [frame(_jitter_box(b, rng)) for b in rec["boxes"]])
+                boxes = [to_frame(b) for b in rec["boxes"]]
+                answer = data.format_annotation(rec, [to_frame(_jitter_box(b, rng)) for b in rec["boxes"]])
                 target_shape = None if rec.get("multi") else next(s for s in scene if s["box"] == rec["boxes"][0])
                 desc = data.describe_scene(scene, rng, target=target_shape)
                 add(data.prompt("cot", rec, boxes=boxes, frame=FRAME), desc)
@@ -339,8 +348,8 @@ def pretrain_corpus(root, seed=0):
                 box = _jitter_box(rec["box"], rng)
                 x1, y1, x2, y2 = rec["box"]
                 points = [[(x1 * 2 + x2) / 3, (y1 + y2 * 2) / 3], [(x1 + x2 * 2) / 3, (y1 + y2 * 2) / 3]]
-                fb = frame(box)
-                fp = [frame(p + p)[:2] for p in points]
+                fb = to_frame(box)
+                fp = [to_frame(p + p)[:2] for p in points]
                 target_shape = next(s for s in scene if s["box"] == rec["box"])
                 answer = json.dumps({"bbox": fb, "points": fp})
                 add(data.prompt("seg", rec, frame=FRAME),
@@ -365,7 +374,7 @@ LOOK_WHERE = "Where is the {color} {shape}?"
 LOOK_BOX = "Give the box of the {color} {shape}."
 
 
-def look_examples(scene, image, rng):
+def look_examples(scene, image):
     """One-word / one-box questions about the shapes of a scene whose (colour, kind) is unique;
     LOOK_COLOUR only when the kind alone is unique. Boxes are exact (0..1000 frame)."""
     examples = []
@@ -378,8 +387,8 @@ def look_examples(scene, image, rng):
                               assistant_turn(shape["color"])], [image]))
         examples.append(([user_turn(LOOK_WHERE.format(**shape)), assistant_turn(data.position_word(shape["box"]))],
                          [image]))
-        box = to_model_frame(shape["box"], "qwen2_vl", (data.IMAGE_SIZE, data.IMAGE_SIZE))
-        examples.append(([user_turn(LOOK_BOX.format(**shape)), assistant_turn(data.format_box(box))], [image]))
+        examples.append(([user_turn(LOOK_BOX.format(**shape)), assistant_turn(data.format_box(to_frame(shape["box"])))],
+                         [image]))
     return examples
 
 
@@ -391,9 +400,9 @@ def look_corpus(root, seed=0):
     for task in data.SHAPE_TASKS:
         records, _ = data.read_manifest(Path(root) / task / "train.jsonl", data.MANIFEST_TASK[task])
         for rec in records:
-            examples += look_examples(rec["scene"], data.open_image(rec["image_path"]), rng)
+            examples += look_examples(rec["scene"], data.open_image(rec["image_path"]))
             alone = rec["scene"][int(rng.integers(len(rec["scene"])))]
-            examples += look_examples([alone], data.render([alone], int(rng.integers(200, 246))), rng)
+            examples += look_examples([alone], data.render([alone], int(rng.integers(200, 246))))
     return [examples[i] for i in rng.permutation(len(examples))]
 
 
@@ -443,7 +452,7 @@ def pretrain_sft(model, processor, examples, look=(), seed=0, steps=None, batch_
     Curriculum: the first `look_first` of the steps draw only from `look` (one-word questions
     about the image), the rest draw a `look_share` of each batch from it. Returns the loss
     curve [(step, mean loss of the last 50 steps)]."""
-    steps = steps or int(os.environ.get("RISE_TINY_STEPS", 2400))
+    steps = steps or default_steps()
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     schedule = warmup_cosine(optimizer, steps, warmup=50)
@@ -489,7 +498,6 @@ def scores_world(n_test=128, seed=0):
 def grounding_examples(root, n=None, split="test"):
     """(conversation, images) per record of every shapes-world task: the task's answer-only prompt
     and its exact answer (0..1000 frame for boxes), for measuring how much the answer needs the image."""
-    frame = lambda box: to_model_frame(box, "qwen2_vl", (data.IMAGE_SIZE, data.IMAGE_SIZE))  # noqa: E731
     examples = []
     for task in data.SHAPE_TASKS:
         records, _ = data.read_manifest(Path(root) / task / f"{split}.jsonl", data.MANIFEST_TASK[task])
@@ -498,9 +506,9 @@ def grounding_examples(root, n=None, split="test"):
                 prompt, answer = data.prompt("plain", rec), data.format_probs(rec["classes"], rec["probs"])
             elif task in ("det", "multi_det"):
                 prompt = data.prompt("plain", rec, frame=FRAME)
-                answer = data.format_annotation(rec, [frame(b) for b in rec["boxes"]])
+                answer = data.format_annotation(rec, [to_frame(b) for b in rec["boxes"]])
             elif task == "seg":
-                prompt, answer = data.prompt("seg_no_cot", rec, frame=FRAME), json.dumps({"bbox": frame(rec["box"])})
+                prompt, answer = data.prompt("seg_no_cot", rec, frame=FRAME), json.dumps({"bbox": to_frame(rec["box"])})
             else:
                 prompt, answer = data.prompt("visrl", rec), data.format_norm_box(rec["box"], data.IMAGE_SIZE, data.IMAGE_SIZE)
             examples.append(([user_turn(prompt), assistant_turn(answer)], [data.open_image(rec["image_path"])]))
