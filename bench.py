@@ -211,7 +211,7 @@ def dpo_step(policy, ref, optimizer, processor, convs, images, chosen, rejected,
     logps = dpo.pair_logps(policy, ref, processor, convs, images, chosen, rejected, next(ref.parameters()).device)
     loss, stats = dpo.dpo_loss(*logps, beta=beta)
     grpo.apply_update(policy, optimizer, loss)
-    return vlm.completion_tensors(processor, chosen + rejected)[1].sum(1).float().mean().item()
+    return dpo.completion_tensors(processor, chosen + rejected)[1].sum(1).float().mean().item()
 
 
 def bench_ours(algo, setup, args, mem):

@@ -345,6 +345,26 @@ def open_image(path_or_image):
     return image.convert("RGB")
 
 
+MAX_ASPECT = 100       # Qwen2-VL's smart_resize refuses an aspect ratio above 200; stay well inside
+
+
+def fit_image(image, max_aspect=MAX_ASPECT):
+    """A crop the Qwen2-VL / Qwen2.5-VL processor can always take, showing the same pixels.
+
+    A side shorter than long side / max_aspect is padded with white, the crop centred (a 4x1600
+    crop becomes 16x1600, which the processor takes; at 4x1600 it raises "absolute aspect ratio
+    must be smaller than 200"). A crop that already fits is returned unchanged; small crops need
+    nothing (smart_resize enlarges them to min_pixels). For crops only: padding a full image
+    would move the coordinate frame its boxes are written in."""
+    w, h = image.size
+    W, H = max(w, math.ceil(h / max_aspect)), max(h, math.ceil(w / max_aspect))
+    if (W, H) == (w, h):
+        return image
+    canvas = Image.new("RGB", (W, H), (255, 255, 255))
+    canvas.paste(image.convert("RGB"), ((W - w) // 2, (H - h) // 2))
+    return canvas
+
+
 def read_mask(path):
     """A ground-truth mask file -> HxW bool array: every non-zero pixel is the object.
 

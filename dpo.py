@@ -66,8 +66,22 @@ def step_dpo_loss(box_logps, answer_logps, beta=0.1, box_weight=0.5):
 
 
 # ---- the model side: summed log-probs of chosen / rejected responses ----
-# The losses above need only torch; the two helpers below run the model through vlm.py.
+# The losses above need only torch; the helpers below run the model through vlm.py.
 import vlm  # noqa: E402
+
+
+def completion_tensors(processor, texts, device=None):
+    """Given completion texts -> (completion_ids, completion_mask) [N, T], each ending in
+    <|im_end|> and right-padded: the form completion_logprobs() scores (DPO's chosen/rejected)."""
+    tok = processor.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    seqs = [tok.encode(t, add_special_tokens=False) + [end] for t in texts]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+    return ids.to(device or "cpu"), mask.to(device or "cpu")
 
 
 def response_logps(model, processor, convs, images, responses, device, max_prompt_len=None):
@@ -76,7 +90,7 @@ def response_logps(model, processor, convs, images, responses, device, max_promp
     suppressed as in sampling (vlm.suppressed_ids), so these are the policy's own log-probs."""
     prompt = vlm.chat_inputs(processor, convs, images, max_prompt_len=max_prompt_len)
     prompt = {k: v.to(device) for k, v in prompt.items()}
-    ids, mask = vlm.completion_tensors(processor, responses, device)          # [N, T]
+    ids, mask = completion_tensors(processor, responses, device)          # [N, T]
     token_logp = vlm.completion_logprobs(model, prompt, ids, mask, suppress=vlm.suppressed_ids(processor))
     return sequence_logp(token_logp, mask)                                    # [N]
 

@@ -79,18 +79,18 @@ def closed_loop(model, processor, records, images, gts, args, group_size):
                                 max_prompt_len=args.max_prompt_len)
     with vlm.generation_mode(model):
         cots = vlm.sample(model, processor, cot_batch, group_size, args.max_new_tokens, args.temperature)
-        owner = [i // group_size for i in range(len(cots["texts"]))]
+        prompt_index = [i // group_size for i in range(len(cots["texts"]))]
         # no length check here: the prompt without its CoT passed it (sample_problem) and the CoT is
         # at most max_new_tokens long, so one long CoT never aborts the run
         rec_batch = vlm.chat_inputs(processor, [[vlm.user_turn(data.prompt("rec", records[i], cot=c, frame=frames[i]))]
-                                                for i, c in zip(owner, cots["texts"])],
-                                    [[images[i]] for i in owner])
+                                                for i, c in zip(prompt_index, cots["texts"])],
+                                    [[images[i]] for i in prompt_index])
         greedy = args.rec_temperature == 0
         recs = vlm.sample(model, processor, rec_batch, 1, args.rec_max_new_tokens,
                           args.rec_temperature or 1.0, do_sample=not greedy)
     task = lambda r: "cls" if "probs" in r else "det"  # noqa: E731
     scored = [rewards.rise_cot_reward(c, a, gts[i], task(records[i]), forbid_class_names=args.mask_class_names)
-              for i, c, a in zip(owner, cots["texts"], recs["texts"])]
+              for i, c, a in zip(prompt_index, cots["texts"], recs["texts"])]
     return cots, recs, scored
 
 

@@ -177,23 +177,8 @@ def main(argv=None):
     rank, world, out = run.start(args)
     model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
 
-    if args.eval:                                               # ---- evaluation only
-        records, task, skipped = load(run.manifest_path(args.test or args.data, "test", args.seed, "soft_cls"), args.skip_bad)
-        records = records[:args.n_test]
-        # one sample that cannot be processed is skipped and counted, never the end of the evaluation
-        records, bad = run.usable(records, lambda r: sample_problem(r, model, processor, args.eval_prompt or "r1"),
-                                  rank, world, out, split="test")
-        preds = run.gather_records(predict(model, processor, run.shard(records, rank, world), task,
-                                           args.eval_prompt or "r1", max_new_tokens=args.max_new_tokens))
-        if rank == 0:
-            order = {r["id"]: i for i, r in enumerate(records)}
-            preds.sort(key=lambda p: order[p["id"]])        # ranks evaluated interleaved shards
-            metrics = dict(metrics_of(preds, records, task, args.baseline), skipped_records=skipped,
-                           skipped_samples=len(bad))
-            (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
-            (out / "eval.json").write_text(json.dumps(metrics, indent=1))
-            print(json.dumps(metrics))
-        return
+    if args.eval:                        # evaluation only: eval_only(), at the end of this file
+        return eval_only(model, processor, args, rank, world, out)
 
     # ---- data
     records, task, skipped = load(run.manifest_path(args.data, "train", args.seed, "soft_cls"), args.skip_bad)
@@ -264,8 +249,8 @@ def main(argv=None):
             batch = run.step_items(records, order, step, args.batch_size, rank, world)
             images = [data.open_image(r["image_path"]) for r in batch]
             gts = [annotation(r, im, model, processor)[0] for r, im in zip(batch, images)]
-            reward_fn = lambda texts, owner: [rewards.rise_r1_reward(t, gts[i], task)  # noqa: E731
-                                              for t, i in zip(texts, owner)]
+            reward_fn = lambda texts, prompt_index: [rewards.rise_r1_reward(t, gts[i], task)  # noqa: E731
+                                              for t, i in zip(texts, prompt_index)]
             stats, _, _ = grpo.grpo_step(engine, processor, [[vlm.user_turn(prompt("r1", r, im, model, processor))] for r, im in zip(batch, images)],
                                          [[im] for im in images], reward_fn, ref_model=ref, group_size=G,
                                          max_new_tokens=args.max_new_tokens, temperature=args.temperature,
@@ -283,6 +268,27 @@ def main(argv=None):
     if rank == 0:
         print(f"[rise_r1] model in {out / 'final'}")
         run.plot(out)
+
+
+def eval_only(model, processor, args, rank=0, world=1, out=None):
+    """`--eval`: greedy answers on the test manifest -> OUT/predictions.jsonl and OUT/eval.json
+    (metrics_of: JSD / accuracy / mAP@0.5 by task). Unusable samples are skipped and counted."""
+    records, task, skipped = load(run.manifest_path(args.test or args.data, "test", args.seed, "soft_cls"), args.skip_bad)
+    records = records[:args.n_test]
+    # one sample that cannot be processed is skipped and counted, never the end of the evaluation
+    records, bad = run.usable(records, lambda r: sample_problem(r, model, processor, args.eval_prompt or "r1"),
+                              rank, world, out, split="test")
+    preds = run.gather_records(predict(model, processor, run.shard(records, rank, world), task,
+                                       args.eval_prompt or "r1", max_new_tokens=args.max_new_tokens))
+    if rank == 0:
+        order = {r["id"]: i for i, r in enumerate(records)}
+        preds.sort(key=lambda p: order[p["id"]])        # ranks evaluated interleaved shards
+        metrics = dict(metrics_of(preds, records, task, args.baseline), skipped_records=skipped,
+                       skipped_samples=len(bad))
+        (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
+        (out / "eval.json").write_text(json.dumps(metrics, indent=1))
+        print(json.dumps(metrics))
+    return metrics if rank == 0 else None
 
 
 if __name__ == "__main__":

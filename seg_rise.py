@@ -154,26 +154,26 @@ def read_answer(text, image, model_type, processor=None, points=True):
 
 
 # ============================================================================ 2. the reward
-def seg_rewards(texts, owner, images, instructions, clip, model_type, processor=None, terms=TERMS,
+def seg_rewards(texts, prompt_index, images, instructions, clip, model_type, processor=None, terms=TERMS,
                 cot=True, points=True, text_cache=None):
     """R = sum of the chosen terms of {R_sem, R_think, R_seg} for each completion (Seg-RISE eq. 6).
 
-    texts[k] answers prompt owner[k] (image images[owner[k]], instruction instructions[owner[k]]).
+    texts[k] answers prompt i = prompt_index[k] (image images[i], instruction instructions[i]).
     clip: (model, preprocess, tokenizer) of open_clip. All crops of one prompt's group go through
     CLIP in one batch; text_cache keeps one text embedding per instruction across calls.
     Every component is returned (and logged) even when it is not part of R.
     """
-    boxes = [read_answer(t, images[o], model_type, processor, points=False)[0] for t, o in zip(texts, owner)]
+    boxes = [read_answer(t, images[o], model_type, processor, points=False)[0] for t, o in zip(texts, prompt_index)]
     sem = [0.0] * len(texts)
     for i, image in enumerate(images):
-        rows = [k for k, o in enumerate(owner) if o == i]
+        rows = [k for k, o in enumerate(prompt_index) if o == i]
         if rows:
             scores = rewards.clip_semantic_reward(*clip, image, [boxes[k] for k in rows], instructions[i], text_cache)
             for k, s in zip(rows, scores):
                 sem[k] = s
     out = []
     for k, text in enumerate(texts):
-        fw, fh = frame_size(images[owner[k]], model_type, processor)
+        fw, fh = frame_size(images[prompt_index[k]], model_type, processor)
         parts = {"sem": sem[k],
                  "think": rewards.think_reward(text) if cot else 0.0,
                  "seg": (rewards.seg_format_reward if points else rewards.seg_box_format_reward)(text, fw, fh)}
@@ -371,31 +371,8 @@ def main(argv=None):
     rank, world, out = run.start(args)
     device = "cuda" if vlm.on_gpu() else "cpu"
 
-    # ---- evaluation only: policy -> box + points -> SAM2 -> mask -> gIoU / cIoU / box IoU
-    if args.eval:
-        manifest = run.manifest_path(args.test, "test", args.seed, "seg")
-        records, skipped = data.read_manifest(manifest, "seg", skip_bad=args.skip_bad)
-        records = records[:args.n_test]
-        model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
-        if args.save_vis and rank == 0:
-            Path(args.save_vis).mkdir(parents=True, exist_ok=True)
-        # R_sem of the predicted boxes too, when the scorer is at hand (never a random CLIP)
-        clip = scorer(args, rank, device) if args.clip == "shapes" or args.clip_ckpt else None
-        rows = evaluate(model, processor, records, args, make_executor(args, device), rank, world, args.save_vis,
-                        clip)
-        if rank == 0:
-            result = {**summarise(rows), "executor": args.executor, "model": str(args.model), "test": str(manifest),
-                      "skipped": skipped}
-            if args.executor == "sam2":
-                result.update(sam2_config=args.sam2_config, sam2_ckpt=args.sam2_ckpt,
-                              sam2_random_weights=not args.sam2_ckpt)
-            (out / "predictions.jsonl").unlink(missing_ok=True)
-            for row in rows:
-                run.append_jsonl(out / "predictions.jsonl", row)
-            (out / "eval.json").write_text(json.dumps(result, indent=1))
-            print(json.dumps(result))
-        vlm.barrier()
-        return
+    if args.eval:                        # evaluation only: eval_only(), at the end of this file
+        return eval_only(args, rank, world, out, device)
 
     # ---- data: the policy and the reward see the image and the instruction, nothing else
     manifest = run.manifest_path(args.data, "train", args.seed, "seg")
@@ -433,8 +410,8 @@ def main(argv=None):
         convs = [[vlm.user_turn(prompt_text(t, args.cot, args.points, vlm.box_frame(model_type, im.size, processor)))]
                  for t, im in zip(instructions, images)]
 
-        def reward_fn(texts, owner):
-            return seg_rewards(texts, owner, images, instructions, clip, model_type, processor, args.terms,
+        def reward_fn(texts, prompt_index):
+            return seg_rewards(texts, prompt_index, images, instructions, clip, model_type, processor, args.terms,
                                args.cot, args.points, text_cache)
 
         stats, rollout, _ = grpo.grpo_step(engine, processor, convs, [[im] for im in images], reward_fn,
@@ -469,6 +446,33 @@ def main(argv=None):
                   f"model in {final}")
             run.plot(out, [k for k in ("reward", "reward_sem", "reward_think", "reward_seg", "diag_gt_box_iou", "kl",
                                        "completion_len") if any(k in r for r in rows)])
+
+
+def eval_only(args, rank, world, out, device):
+    """`--eval`: policy -> box + points -> SAM2 (or the box) -> mask -> gIoU / cIoU / box IoU,
+    written to OUT/predictions.jsonl and OUT/eval.json."""
+    manifest = run.manifest_path(args.test, "test", args.seed, "seg")
+    records, skipped = data.read_manifest(manifest, "seg", skip_bad=args.skip_bad)
+    records = records[:args.n_test]
+    model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
+    if args.save_vis and rank == 0:
+        Path(args.save_vis).mkdir(parents=True, exist_ok=True)
+    # R_sem of the predicted boxes too, when the scorer is at hand (never a random CLIP)
+    clip = scorer(args, rank, device) if args.clip == "shapes" or args.clip_ckpt else None
+    rows = evaluate(model, processor, records, args, make_executor(args, device), rank, world, args.save_vis,
+                    clip)
+    if rank == 0:
+        result = {**summarise(rows), "executor": args.executor, "model": str(args.model), "test": str(manifest),
+                  "skipped": skipped}
+        if args.executor == "sam2":
+            result.update(sam2_config=args.sam2_config, sam2_ckpt=args.sam2_ckpt,
+                          sam2_random_weights=not args.sam2_ckpt)
+        (out / "predictions.jsonl").unlink(missing_ok=True)
+        for row in rows:
+            run.append_jsonl(out / "predictions.jsonl", row)
+        (out / "eval.json").write_text(json.dumps(result, indent=1))
+        print(json.dumps(result))
+    vlm.barrier()
 
 
 if __name__ == "__main__":

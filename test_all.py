@@ -3039,10 +3039,12 @@ def test_short_tiny_build_runs_end_to_end(cache, tmp_path):
     assert record["steps"] == 24 and "--steps 24 --n-train 6" in record["command"]
     assert record["versions"]["torch"] == torch.__version__
     assert record["loss_curve"][-1][0] == 24 and record["loss_curve"][-1][1] < record["loss_curve"][0][1]
-    model, processor = vlm.load_model(out)
-    batch = vlm.chat_inputs(processor, [[vlm.user_turn(tiny_py.LOOK_COLOUR.format(shape="circle"))]],
-                            [[solid((220, 40, 40), 112)]])
-    assert vlm.sample(model, processor, batch, 1, 4, do_sample=False)["texts"][0] != ""
+    model, processor = vlm.load_model(out)       # loads back and has learned: far below a uniform guess
+    scene = [{"color": "red", "shape": "circle", "box": [20, 30, 60, 70]}]
+    convs, images = zip(*tiny_py.look_examples(scene, data.render(scene, 230)))
+    with torch.no_grad():
+        loss = vlm.sft_loss(model, processor, list(convs), list(images)).item()
+    assert loss < 0.8 * math.log(len(processor.tokenizer)), loss
 
 
 def test_look_examples_ask_only_what_the_scene_answers():
@@ -3072,7 +3074,7 @@ def colour_scores(model, processor, images, texts):
     """Summed log-prob of each answer text to "What colour is this image?" for its image."""
     batch = vlm.chat_inputs(processor, [[vlm.user_turn("What colour is this image?")]] * len(images),
                             [[im] for im in images])
-    ids, mask = vlm.completion_tensors(processor, texts)
+    ids, mask = dpo.completion_tensors(processor, texts)
     return sequence_logp(vlm.completion_logprobs(model, dict(batch), ids, mask), mask)
 
 
@@ -3106,7 +3108,7 @@ def test_grpo_learns_to_name_the_colour(tiny_dir):
         pairs = [p for c in colours for p in grpo.colour_task(rng, 4, [c])]
         answers = [c for _, c in pairs]
         stats, _, _ = grpo.grpo_step(model, processor, [question] * len(pairs), [[im] for im, _ in pairs],
-                                     lambda texts, owner: grpo.colour_reward(texts, owner, answers),
+                                     lambda texts, prompt_index: grpo.colour_reward(texts, prompt_index, answers),
                                      optimizer=optimizer, ref_model=ref, group_size=16, max_new_tokens=1,
                                      beta=0.05, scale_rewards=False)
         schedule.step()
@@ -3390,16 +3392,16 @@ def test_seg_rewards_groups_batch_equals_single_and_text_cache():
     clip, cache = (model, seg_stub_preprocess, tok), {}
     images = [red_green(), red_green(120, 60)]
     texts = TEXTS[:3] + TEXTS[:3]
-    owner = [0, 0, 0, 1, 1, 1]
-    batch = S.seg_rewards(texts, owner, images, ["red", "red"], clip, "qwen2_vl", text_cache=cache)
+    prompt_index = [0, 0, 0, 1, 1, 1]
+    batch = S.seg_rewards(texts, prompt_index, images, ["red", "red"], clip, "qwen2_vl", text_cache=cache)
     assert model.image_calls == 2 and calls == [["red"]]      # one crop batch per prompt, one text pass
     plain = (model, seg_stub_preprocess, lambda t: torch.zeros(len(t), 4, dtype=torch.long))
-    single = [S.seg_rewards([t], [0], [images[o]], ["red"], plain, "qwen2_vl")[0] for t, o in zip(texts, owner)]
+    single = [S.seg_rewards([t], [0], [images[o]], ["red"], plain, "qwen2_vl")[0] for t, o in zip(texts, prompt_index)]
     assert [b["reward"] for b in batch] == approx([s["reward"] for s in single], abs=1e-6)
     # the second image is 120x60: [0, 0, 500, 1000] -> [0, 0, 60, 60], its red half: cos 1 again
     assert batch[3]["sem"] == approx(1.0)
     # later steps reuse the cached text embedding; a new instruction is embedded once
-    S.seg_rewards(texts, owner, images, ["red", "green"], clip, "qwen2_vl", text_cache=cache)
+    S.seg_rewards(texts, prompt_index, images, ["red", "green"], clip, "qwen2_vl", text_cache=cache)
     assert calls == [["red"], ["green"]]
 
 
@@ -4003,7 +4005,7 @@ def test_sequence_logps_match_per_token_sum_and_box_step(visrl_tiny, shapes):
         both = dpo.response_logps(model, processor, convs * 2, ims * 2, chosen + rejected, "cpu")
         alone = dpo.response_logps(model, processor, convs, ims, rejected, "cpu")
     assert both[1].item() == pytest.approx(alone[0].item(), abs=1e-4)      # padding changes nothing
-    ids, mask = vlm.completion_tensors(processor, ["red", "[0.05,0.05,0.45,0.45]"], "cpu")
+    ids, mask = dpo.completion_tensors(processor, ["red", "[0.05,0.05,0.45,0.45]"], "cpu")
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert ids[0, mask[0].sum() - 1] == end and ids[1, -1] == end and mask[0, -1] == 0
 

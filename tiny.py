@@ -8,8 +8,9 @@ downloaded, and no pipeline code depends on them:
                           Qwen2VLForConditionalGeneration (the classes of Qwen2-VL-2B) with a BPE
                           tokenizer trained on shapes-world text
   2. the tiny base        pretrain_corpus() (every prompt the pipelines use, targets with label
-                          noise), pretrain_sft(), build_tiny(): the model every script starts from
-                          (--model tiny-base, built and cached on first use)
+                          noise), look_corpus() (short questions about where each shape is),
+                          pretrain_sft() (a three-stage curriculum), build_tiny(): the model every
+                          script starts from (--model tiny-base, committed in tiny-base/)
   3. scores               task_scores(): greedy scores of a model on every shapes-world test task
   4. the shapes CLIP      build_shapes_clip(), load_shapes_clip(): Seg-RISE's default semantic
                           scorer, a small open_clip CLIP trained contrastively on shapes-world crops
@@ -36,7 +37,7 @@ from tqdm import tqdm
 import data
 import rewards
 import vlm
-from vlm import (TINY_BASE, VISION_TOKENS, assistant_turn, box_frame, chat_inputs, default_shapes_world, fit_image,
+from vlm import (TINY_BASE, VISION_TOKENS, assistant_turn, box_frame, chat_inputs, default_shapes_world,
                  from_model_frame, load_model, sample, sft_loss, to_model_frame, user_turn)
 
 
@@ -227,11 +228,11 @@ def build_tiny(out, seed=0, pretrain=False, steps=None, n_train=400, record_scor
     if not (world / "vqa" / "test.jsonl").exists():
         data.make_shapes_world(world, n_train=n_train, n_test=1, seed=1000 + seed)
     examples = pretrain_corpus(world, seed)
-    look = look_corpus(world, seed)
+    where, look = look_corpus(world, seed)
     tokenizer = build_tokenizer(corpus_text(examples + look))
     processor = tiny_processor(tokenizer)
     model = tiny_model(tokenizer, seed)
-    curve = pretrain_sft(model, processor, examples, look, seed, steps=steps, log=log) if pretrain else []
+    curve = pretrain_sft(model, processor, examples, where, look, seed, steps=steps, log=log) if pretrain else []
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
@@ -246,8 +247,8 @@ def build_tiny(out, seed=0, pretrain=False, steps=None, n_train=400, record_scor
 
 
 def default_steps():
-    """Pretraining steps when none are given: 2400, or the RISE_TINY_STEPS environment variable."""
-    return int(os.environ.get("RISE_TINY_STEPS", 2400))
+    """Pretraining steps when none are given: 3400, or the RISE_TINY_STEPS environment variable."""
+    return int(os.environ.get("RISE_TINY_STEPS", 3400))
 
 
 def build_record(seed, steps, n_train, examples, look, t0, curve):
@@ -393,17 +394,20 @@ def look_examples(scene, image):
 
 
 def look_corpus(root, seed=0):
-    """look_examples() for every training scene of the shapes world at `root`, and for each of
-    its shapes drawn alone (the easy half of the curriculum: one object, nothing to confuse)."""
+    """look_examples() for one shape of every training scene drawn alone, and for every training
+    scene whole. Returns (where, look): the "Where is the red square?" questions about the shapes
+    drawn alone (the curriculum's first stage, pretrain_sft) and all look questions of both kinds."""
     rng = np.random.default_rng(seed + 1)
-    examples = []
+    alone, scenes = [], []
     for task in data.SHAPE_TASKS:
         records, _ = data.read_manifest(Path(root) / task / "train.jsonl", data.MANIFEST_TASK[task])
         for rec in records:
-            examples += look_examples(rec["scene"], data.open_image(rec["image_path"]))
-            alone = rec["scene"][int(rng.integers(len(rec["scene"])))]
-            examples += look_examples([alone], data.render([alone], int(rng.integers(200, 246))))
-    return [examples[i] for i in rng.permutation(len(examples))]
+            scenes += look_examples(rec["scene"], data.open_image(rec["image_path"]))
+            shape = rec["scene"][int(rng.integers(len(rec["scene"])))]
+            alone += look_examples([shape], data.render([shape], int(rng.integers(200, 246))))
+    where = [ex for ex in alone if ex[0][0]["content"][-1]["text"].startswith("Where")]
+    look = alone + scenes
+    return [where[i] for i in rng.permutation(len(where))], [look[i] for i in rng.permutation(len(look))]
 
 
 def _critic_examples(question, answer, scene, image, rng, n=2):
@@ -445,37 +449,52 @@ def warmup_cosine(optimizer, steps, warmup):
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
 
 
-def pretrain_sft(model, processor, examples, look=(), seed=0, steps=None, batch_size=16, lr=1e-3,
-                 look_first=0.15, look_share=0.25, log=print):
-    """Plain SFT from scratch (AdamW, warm-up + cosine) on the assistant tokens of `examples`.
+def pretrain_sft(model, processor, examples, where=(), look=(), seed=0, steps=None, batch_size=16, lr=1e-3,
+                 where_first=0.3, look_next=0.25, look_share=0.25, log=print):
+    """Plain SFT from scratch (AdamW, batch 16) on the assistant tokens, in three stages, each with
+    its own warm-up + cosine schedule (look_corpus gives the pools):
 
-    Curriculum: the first `look_first` of the steps draw only from `look` (one-word questions
-    about the image), the rest draw a `look_share` of each batch from it. Returns the loss
-    curve [(step, mean loss of the last 50 steps)]."""
+      1. `where_first` of the steps: only "Where is the red square?" about one shape drawn alone;
+      2. `look_next`: only look questions (colour, position word, exact box), alone and in scenes;
+      3. the rest: `examples` (every pipeline format), a `look_share` of each batch still look questions.
+
+    Why: trained from scratch on the long formats, the model never starts to use the image's
+    positions (its loss sits at the answers' prior). On position words alone it sits there too, for
+    ~400 steps, then learns them (README: "the tiny base"); boxes and scenes build on that.
+    Returns the loss curve [(step, mean loss of the last steps)]."""
     steps = steps or default_steps()
+    n_where = round(where_first * steps) if where else 0
+    n_look = round(look_next * steps) if look else 0
+    stages = [(n_where, [(where, batch_size)]), (n_look, [(look, batch_size)]),
+              (steps - n_where - n_look, [(look, round(look_share * batch_size) if look else 0),
+                                          (examples, batch_size - (round(look_share * batch_size) if look else 0))])]
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = warmup_cosine(optimizer, steps, warmup=50)
     model.train()
-    curve, recent, every = [], [], max(1, min(50, steps // 8))
-    bar = tqdm(range(steps), desc="pretrain tiny base", mininterval=10)
-    for step in bar:
-        n_look = (batch_size if step < look_first * steps else round(look_share * batch_size)) if look else 0
-        batch = [look[i] for i in torch.randint(len(look), (n_look,), generator=g).tolist()] if n_look else []
-        batch += [examples[i] for i in torch.randint(len(examples), (batch_size - n_look,), generator=g).tolist()]
-        convs, ims = zip(*batch)
-        loss = sft_loss(model, processor, list(convs), list(ims))
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        recent.append(loss.item())
-        if (step + 1) % every == 0 or step + 1 == steps:
-            curve.append((step + 1, round(float(np.mean(recent)), 4)))
-            recent = []
-            bar.set_postfix(loss=f"{curve[-1][1]:.3f}")
-            log(f"[tiny] step {step + 1}/{steps} loss {curve[-1][1]:.3f}")
+    curve, recent, every, step = [], [], max(1, min(50, steps // 8)), 0
+    bar = tqdm(total=steps, desc="pretrain tiny base", mininterval=10)
+    for n_steps, pools in [stage for stage in stages if stage[0] > 0]:
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        schedule = warmup_cosine(optimizer, n_steps, warmup=min(50, max(1, n_steps // 10)))
+        for _ in range(n_steps):
+            batch = [pool[i] for pool, n in pools if n for i in torch.randint(len(pool), (n,), generator=g).tolist()]
+            convs, ims = zip(*batch)
+            loss = sft_loss(model, processor, list(convs), list(ims))
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            recent.append(loss.item())
+            step += 1
+            bar.update()
+            if step % every == 0 or step == steps:
+                curve.append((step, round(float(np.mean(recent)), 4)))
+                recent = []
+                bar.set_postfix(loss=f"{curve[-1][1]:.3f}")
+                log(f"[tiny] step {step}/{steps} loss {curve[-1][1]:.3f}")
+    bar.close()
     model.eval()
     return curve
 
@@ -594,7 +613,7 @@ def task_scores(model, processor, root, n=None, batch_size=16, max_new_tokens=96
             convs = [[user_turn(data.VISRL_BOX_PROMPT.format(question=r["question"])),
                       assistant_turn(data.format_norm_box(b, *im.size)),
                       user_turn(data.VISRL_ANSWER_PROMPT.format(question=r["question"]))] for b, r, im in answered]
-            crops = [[im, fit_image(rewards.crop_box(im, b))] for b, r, im in answered]   # thin strips padded
+            crops = [[im, data.fit_image(rewards.crop_box(im, b))] for b, r, im in answered]   # thin strips padded
             replies = []
             for start in range(0, len(convs), batch_size):
                 replies += _greedy(model, processor, convs[start:start + batch_size], crops[start:start + batch_size], 8)
@@ -816,7 +835,7 @@ def main(argv=None):
     base = sub.add_parser("base", help="build the tiny base: the tiny model SFT-pretrained on shapes world")
     base.add_argument("--out", required=True)
     base.add_argument("--steps", type=int, default=None,
-                      help="pretraining steps (default 2400, or RISE_TINY_STEPS); 0: random weights, same tokenizer")
+                      help="pretraining steps (default 3400, or RISE_TINY_STEPS); 0: random weights, same tokenizer")
     base.add_argument("--seed", type=int, default=0)
     base.add_argument("--n-train", type=int, default=400, help="shapes-world training scenes per task")
     record = sub.add_parser("record", help="(re)compute the scores in a built base's build.json")

@@ -167,10 +167,10 @@ def canonical_box(text_or_box):
 def crop(image, box):
     """Crop of a normalised box (rounded outwards to whole pixels), or None if it has no pixel.
     A crop the processor could not take (a thin strip: aspect ratio over 200) is padded with white
-    to one it can (vlm.fit_image): data generation, the critic, DPO stage 2, the SFT warm-up and
+    to one it can (data.fit_image): data generation, the critic, DPO stage 2, the SFT warm-up and
     evaluation all crop here."""
     c = rewards.crop_box(image, pixel_box(box, *image.size))
-    return vlm.fit_image(c) if c is not None else None
+    return data.fit_image(c) if c is not None else None
 
 
 def box_turn(question):
@@ -297,7 +297,7 @@ def generate_candidates(policy, critic, processor, records, args, rng):
             box_texts = _greedy_or_sample(policy, processor, [box_turn(r["question"]) for r in chunk],
                                           [[im] for im in images], 2 * K, args.max_new_tokens, args.temperature,
                                           args.max_prompt_len)
-        cands, owners = [], []
+        cands, prompt_index = [], []
         results = []
         for i, (rec, im) in enumerate(zip(chunk, images)):
             res = {"id": rec["id"], "question": rec["question"], "answer": rec["answer"], "image": rec["image_path"],
@@ -326,7 +326,7 @@ def generate_candidates(policy, critic, processor, records, args, rng):
                         continue
                     cands.append({"box": b, "attempt": k, "which": which,
                                   "diversified": diversified and which == "b2", "crop": c})
-                    owners.append(i)
+                    prompt_index.append(i)
             results.append(res)
         # step 2: answer every (box, crop), sampled
         if cands:
@@ -336,19 +336,20 @@ def generate_candidates(policy, critic, processor, records, args, rng):
                     part = list(range(a, min(a + args.gen_batch_size * 2, len(cands))))
                     answers += _greedy_or_sample(
                         policy, processor,
-                        [answer_turns(chunk[owners[j]]["question"], canonical_box(cands[j]["box"])[0]) for j in part],
-                        [[images[owners[j]], cands[j]["crop"]] for j in part], 1, args.answer_max_new_tokens,
+                        [answer_turns(chunk[prompt_index[j]]["question"], canonical_box(cands[j]["box"])[0])
+                         for j in part],
+                        [[images[prompt_index[j]], cands[j]["crop"]] for j in part], 1, args.answer_max_new_tokens,
                         args.answer_temperature, args.max_prompt_len)
             for j in [j for j, a in enumerate(answers) if a is None][::-1]:   # answer prompt over the limit
-                results[owners[j]]["dropped"]["too_long"] += 1
-                del cands[j], owners[j], answers[j]
+                results[prompt_index[j]]["dropped"]["too_long"] += 1
+                del cands[j], prompt_index[j], answers[j]
             items = [{"question": chunk[o]["question"], "reference": chunk[o]["answer"], "answer": a.strip(),
-                      "image": images[o], "crop": c["crop"]} for c, o, a in zip(cands, owners, answers)]
+                      "image": images[o], "crop": c["crop"]} for c, o, a in zip(cands, prompt_index, answers)]
             if critic == "oracle":
-                s_b, s_r = oracle_scores(items, [chunk[o] for o in owners], [c["box"] for c in cands])
+                s_b, s_r = oracle_scores(items, [chunk[o] for o in prompt_index], [c["box"] for c in cands])
             else:
                 s_b, s_r, _ = critic_scores(critic, processor, items)
-            for c, o, it, sb, sr in zip(cands, owners, items, s_b, s_r):
+            for c, o, it, sb, sr in zip(cands, prompt_index, items, s_b, s_r):
                 c.pop("crop")
                 results[o]["candidates"].append(dict(c, answer=it["answer"], s_b=sb, s_r=sr))
         out += results
@@ -744,18 +745,8 @@ def main(argv=None):
                                weight_decay=args.weight_decay, grad_accum=args.grad_accum,
                                micro_batch=args.batch_size)
 
-    # ---- evaluation only
-    if args.eval:
-        test_path = Path(args.test) if args.test else load_records(args, rank)[2]
-        test, _ = data.read_manifest(test_path, "vqa", skip_bad=args.skip_bad)
-        model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
-        critic = vlm.reference_model(args.critic, cfg, device=model.device, max_pixels=args.max_pixels) \
-            if args.critic and args.critic != "oracle" else None
-        metrics, preds = evaluate(model, processor, test[:args.n_test], args, rank, world, critic)
-        if rank == 0:
-            write_eval(out, metrics, preds, args.model, test_path)
-            print(json.dumps(metrics))
-        return metrics
+    if args.eval:                        # evaluation only: eval_only(), at the end of this file
+        return eval_only(args, cfg, rank, world, out)
 
     # ---- data
     sft_records, questions, test_path, skipped = load_records(args, rank)
@@ -904,6 +895,21 @@ def main(argv=None):
         except Exception as e:          # a picture must never fail a finished run
             print(f"[visrl] no plot: {e}")
         print(f"[visrl] model in {out / 'final'}")
+
+
+def eval_only(args, cfg, rank, world, out):
+    """`--eval`: two-step answers (box, then the crop) on the test manifest -> OUT/eval.json and
+    OUT/predictions.jsonl; answer and box accuracy."""
+    test_path = Path(args.test) if args.test else load_records(args, rank)[2]
+    test, _ = data.read_manifest(test_path, "vqa", skip_bad=args.skip_bad)
+    model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
+    critic = vlm.reference_model(args.critic, cfg, device=model.device, max_pixels=args.max_pixels) \
+        if args.critic and args.critic != "oracle" else None
+    metrics, preds = evaluate(model, processor, test[:args.n_test], args, rank, world, critic)
+    if rank == 0:
+        write_eval(out, metrics, preds, args.model, test_path)
+        print(json.dumps(metrics))
+    return metrics
 
 
 if __name__ == "__main__":

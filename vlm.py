@@ -134,31 +134,6 @@ def prompt_problem(processor, conversation, images, max_prompt_len=None):
     return None
 
 
-MAX_ASPECT = 100       # Qwen2-VL's smart_resize refuses an aspect ratio above 200; stay well inside
-
-
-def fit_image(image, max_aspect=MAX_ASPECT):
-    """A crop the Qwen2-VL / Qwen2.5-VL processor can always take, showing the same pixels.
-
-    A side shorter than long side / max_aspect is padded with white, the crop centred (a 4x1600
-    crop becomes 16x1600, which the processor takes; at 4x1600 it raises "absolute aspect ratio
-    must be smaller than 200"). A crop that already fits is returned unchanged; small crops need
-    nothing (smart_resize enlarges them to min_pixels). For crops only: padding a full image
-    would move the coordinate frame its boxes are written in."""
-    w, h = image.size
-    W, H = max(w, math.ceil(h / max_aspect)), max(h, math.ceil(w / max_aspect))
-    if (W, H) == (w, h):
-        return image
-    canvas = Image.new("RGB", (W, H), (255, 255, 255))
-    canvas.paste(image.convert("RGB"), ((W - w) // 2, (H - h) // 2))
-    return canvas
-
-
-def images_per_sample(input_ids, vision_start_id):
-    """How many images each row holds: one <|vision_start|> per image."""
-    return (input_ids == vision_start_id).sum(1).tolist()
-
-
 def repeat_batch(batch, repeats, vision_start_id):
     """Repeat every sample `repeats` times in place order (s0,s0,..,s1,s1,..).
 
@@ -171,7 +146,7 @@ def repeat_batch(batch, repeats, vision_start_id):
     if "pixel_values" in batch:
         rows = batch["image_grid_thw"].prod(-1).tolist()
         per_image = list(torch.split(batch["pixel_values"], rows))
-        counts = images_per_sample(batch["input_ids"], vision_start_id)
+        counts = (batch["input_ids"] == vision_start_id).sum(1).tolist()       # images per sample
         pixels, grids, k = [], [], 0
         for n in counts:
             for _ in range(repeats):
@@ -309,20 +284,6 @@ def _token_logp(head, hidden, ids, temperature, suppress):
     if suppress:
         logits[..., suppress] = float("-inf")
     return logits.gather(-1, ids.unsqueeze(-1)).squeeze(-1) - logits.logsumexp(-1)
-
-
-def completion_tensors(processor, texts, device=None):
-    """Given completion texts -> (completion_ids, completion_mask) [N, T], each ending in
-    <|im_end|> and right-padded: the form completion_logprobs() scores (DPO's chosen/rejected)."""
-    tok = processor.tokenizer
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    seqs = [tok.encode(t, add_special_tokens=False) + [end] for t in texts]
-    width = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), width), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
-    return ids.to(device or "cpu"), mask.to(device or "cpu")
 
 
 # ============================================================================ 5. SFT
