@@ -4,6 +4,21 @@
 
 Expected values are independent of the code under test: worked out by hand in the comments,
 computed by scipy / pycocotools on the same inputs, or a sample run alone vs in a batch.
+
+Contents (sections in the README's file order; the shared fixtures open the first one):
+  fixtures      cache, tiny_dir / tiny (a random tiny model), clip_dir, seg_world, env_for
+  vlm.py: model I/O, sampling, log-probs, DeepSpeed
+  tiny.py: the shipped tiny base (the embedded default) and its recipe
+  grpo.py / dpo.py: losses
+  learning: the losses drive the real tiny VLM
+  rewards.py: parsers, rewards, metrics
+  data.py: manifests, shapes world, prompts
+  convert.py: converters from the original dataset layouts
+  rise_cot.py / rise_r1.py: RISE end to end
+  seg_rise.py: Seg-RISE
+  visrl.py: VisRL
+  run.py: presets, manifest paths, the guarded update (shared by the four pipelines)
+  bench.py: the benchmark runs (one repetition, structure of its JSON line)
 """
 import contextlib
 import hashlib
@@ -53,7 +68,7 @@ LN2 = math.log(2.0)
 
 
 # ====================================================================================================
-# vlm.py: model I/O, sampling, log-probs, DeepSpeed (issue: foundation)
+# vlm.py: model I/O, sampling, log-probs, DeepSpeed
 # ====================================================================================================
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory):
@@ -77,6 +92,24 @@ def tiny(tiny_dir):
 
 def solid(rgb, size=56):
     return Image.new("RGB", (size, size), rgb)
+
+
+@pytest.fixture(scope="session")
+def clip_dir(cache, tmp_path_factory):
+    """A shapes CLIP trained for 2 steps: the real build path, in seconds (its scores mean nothing)."""
+    return tiny_py.build_shapes_clip(tmp_path_factory.mktemp("clip") / "shapes-clip", seed=0, steps=2,
+                                     batch_size=16, n_scenes=12, log=lambda *a: None)
+
+
+@pytest.fixture(scope="session")
+def seg_world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("seg_world")
+    data.make_shapes_world(out, n_train=4, n_test=4, seed=0)
+    return out
+
+
+def env_for(cache):
+    return dict(os.environ, PYTHONPATH=str(ROOT), RISE_CACHE=str(cache), OMP_NUM_THREADS="1")
 
 
 def test_tiny_model_is_real_qwen2vl_and_tokenizer_keeps_tags(tiny):
@@ -442,482 +475,76 @@ def test_two_rank_zero3_step_on_cpu(tiny_dir, tmp_path):
 
 
 # ====================================================================================================
-# data.py: manifests, shapes world, prompts
+# tiny.py: the shipped tiny base (the embedded default) and its recipe
 # ====================================================================================================
-N_TRAIN, N_TEST = 10, 5
+SHIPPED_BASE = ROOT / vlm.TINY_BASE
 
 
-def _hashes(root):
-    root = Path(root)
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+def test_tiny_base_is_shipped_small_and_the_default():
+    """`--model tiny-base` loads the committed build: nothing is built at first run."""
+    assert vlm.resolve_model(vlm.TINY_BASE) == str(SHIPPED_BASE)
+    shipped = [f for d in (SHIPPED_BASE, tiny_py.SHIPPED_CLIP) for f in d.iterdir()]
+    assert sum(f.stat().st_size for f in shipped) < 40 * 2 ** 20
+    assert {"model.safetensors", "config.json", "tokenizer.json", "build.json"} <= {f.name for f in shipped}
+    record = json.loads((SHIPPED_BASE / "build.json").read_text())
+    assert record["steps"] > 0 and record["loss_curve"][-1][1] < 0.5 * record["loss_curve"][0][1]
+    model, processor = vlm.load_model(vlm.TINY_BASE)
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert model.config.text_config.rope_parameters["rope_theta"] == tiny_py.ROPE_THETA
 
 
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    data.make_shapes_world(out, n_train=N_TRAIN, n_test=N_TEST, seed=0)
-    return out
+def test_shipped_tiny_base_scores_as_its_build_record(cache):
+    """Greedy scores of the committed base on the first CHECK_N test scenes per task, recomputed here,
+    equal the ones its build recorded: within 2 samples of 16 for rates, 0.05 for JSD and box IoU,
+    0.05 nats for the grounding gap (float differences between machines can flip a greedy token)."""
+    record = json.loads((SHIPPED_BASE / "build.json").read_text())["check"]
+    model, processor = vlm.load_model(vlm.TINY_BASE)
+    root = tiny_py.scores_world()
+    got = tiny_py.task_scores(model, processor, root, n=tiny_py.CHECK_N)
+    assert tiny_py.grounding_gap(model, processor, root, n=tiny_py.CHECK_N) == approx(
+        record["grounding_gap_nats"], abs=0.05)
+    for task, metrics in got.items():
+        for name, value in metrics.items():
+            tol = {"jsd": 0.05, "box_iou": 0.05, "unparsable": 2, "n": 0}.get(name, 2 / tiny_py.CHECK_N)
+            assert value == approx(record[task][name], abs=tol), (task, name)
 
 
-def _records(world, task, split="train"):
-    recs, skipped = data.read_manifest(world / task / f"{split}.jsonl", data.MANIFEST_TASK[task])
-    assert skipped == 0
-    return recs
+def test_short_tiny_build_runs_end_to_end(cache, tmp_path):
+    """`python tiny.py base` at toy size: a few dozen steps on 6 scenes per task; the loss falls,
+    the build record says how it was made, and the result loads and answers."""
+    out = tiny_py.build_tiny(tmp_path / "base", seed=0, pretrain=True, steps=24, n_train=6, record_scores=False,
+                             log=lambda *a: None)
+    record = json.loads((out / "build.json").read_text())
+    assert record["steps"] == 24 and "--steps 24 --n-train 6" in record["command"]
+    assert record["versions"]["torch"] == torch.__version__
+    # stage 1 (position words) runs to its cap at this size: twice its 20 % share, 5 + 5 steps more
+    assert record["loss_curve"][-1][0] == 24 + 5 and record["loss_curve"][-1][1] < record["loss_curve"][0][1]
+    model, processor = vlm.load_model(out)       # loads back and has learned: far below a uniform guess
+    scene = [{"color": "red", "shape": "circle", "box": [20, 30, 60, 70]}]
+    convs, images = zip(*tiny_py.look_examples(scene, data.render(scene, 230)))
+    with torch.no_grad():
+        loss = vlm.sft_loss(model, processor, list(convs), list(images)).item()
+    assert loss < 0.8 * math.log(len(processor.tokenizer)), loss
 
 
-def _pixels(rec):
-    return np.asarray(Image.open(rec["image_path"]).convert("RGB"))
+def test_look_examples_ask_only_what_the_scene_answers():
+    """Two shapes of different kinds and one duplicate pair: colour questions only for a unique kind,
+    where/box questions only for a unique (colour, kind); boxes in the 0..1000 frame."""
+    scene = [{"color": "red", "shape": "circle", "box": [0, 0, 28, 28]},
+             {"color": "blue", "shape": "square", "box": [84, 84, 112, 112]},
+             {"color": "blue", "shape": "square", "box": [84, 0, 112, 28]}]
+    image = data.render(scene, 220)
+    qa = [(conv[0]["content"][-1]["text"], conv[1]["content"][0]["text"])
+          for conv, _ in tiny_py.look_examples(scene, image)]
+    assert qa == [("What colour is the circle?", "red"), ("Where is the red circle?", "top-left"),
+                  ("Give the box of the red circle.", "[0,0,250,250]")]
 
 
-def _colour_mask(img, name):
-    return np.all(img == np.array(data.COLORS[name], dtype=np.uint8), axis=-1)
-
-
-# ------------------------------------------------------------------ shapes world: files
-def test_same_seed_same_bytes_different_seed_differs(world, tmp_path):
-    first = _hashes(world)
-    n_images = N_TRAIN + N_TEST
-    assert len(first) == len(data.SHAPE_TASKS) * (2 + n_images) + n_images   # + seg masks
-    data.make_shapes_world(tmp_path / "again", N_TRAIN, N_TEST, seed=0)
-    assert _hashes(tmp_path / "again") == first
-    data.make_shapes_world(tmp_path / "other", N_TRAIN, N_TEST, seed=1)
-    other = _hashes(tmp_path / "other")
-    assert set(other) == set(first)
-    assert sum(other[k] != first[k] for k in first) > len(first) // 2
-    for task in data.SHAPE_TASKS:                   # train and test are different streams
-        assert first[f"{task}/images/train_00000.png"] != first[f"{task}/images/test_00000.png"]
-
-
-def test_cli_matches_function(tmp_path):
-    cmd = [sys.executable, str(ROOT / "data.py"), "shapes", "--out", str(tmp_path / "cli"),
-           "--n-train", "3", "--n-test", "2", "--seed", "7"]
-    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path)
-    data.make_shapes_world(tmp_path / "fn", 3, 2, 7)
-    assert _hashes(tmp_path / "cli") == _hashes(tmp_path / "fn")
-
-
-@pytest.mark.parametrize("task", data.SHAPE_TASKS)
-def test_every_manifest_is_valid_and_scenes_are_sane(world, task):
-    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
-        recs = _records(world, task, split)
-        assert [r["id"] for r in recs] == [f"{task}-{split}-{i:05d}" for i in range(n)]
-        for r in recs:
-            img = Image.open(r["image_path"])
-            assert img.mode == "RGB" and img.size == (data.IMAGE_SIZE, data.IMAGE_SIZE)
-            px = np.asarray(img)
-            bg = px[~np.any(np.stack([_colour_mask(px, c) for c in data.COLORS]), axis=0)]
-            assert (bg == bg[0]).all() and 200 <= bg[0, 0] <= 245 and len(set(bg[0])) == 1
-            boxes = [s["box"] for s in r["scene"]]
-            for b in boxes:
-                assert data.box_problem(b) is None and max(b) <= data.IMAGE_SIZE
-                assert b[2] - b[0] == b[3] - b[1] and all(isinstance(v, int) for v in b)
-            for i in range(len(boxes)):
-                for j in range(i):
-                    assert data._apart(boxes[i], boxes[j])
-
-
-# ------------------------------------------------------------------ shapes world: labels
-def test_soft_cls_probs_match_pixel_areas(world):
-    for r in _records(world, "soft_cls") + _records(world, "soft_cls", "test"):
-        assert r["classes"] == ["red", "green", "blue", "yellow"]
-        img = _pixels(r)
-        areas = np.array([_colour_mask(img, c).sum() for c in r["classes"]], dtype=float)
-        shape_pixels = (~((img[..., 0] == img[..., 1]) & (img[..., 1] == img[..., 2]))).sum()
-        assert areas.sum() == shape_pixels > 0          # every non-grey pixel is a class colour
-        probs = np.array(r["probs"])
-        assert all(isinstance(p, float) for p in r["probs"])
-        assert abs(probs.sum() - 1) < 1e-9 and np.allclose(probs * 100, np.round(probs * 100))
-        err = np.abs(probs - areas / areas.sum())
-        assert err.max() <= 0.02 + 1e-9 and (err > 0.005 + 1e-9).sum() <= 1
-        assert 2 <= len(r["scene"]) <= 4
-
-
-def test_onehot_cls_names_the_big_shape(world):
-    for r in _records(world, "onehot_cls"):
-        big = max(r["scene"], key=lambda s: s["box"][2] - s["box"][0])
-        assert r["classes"] == data.SHAPES
-        assert r["probs"] == [1.0 if k == big["shape"] else 0.0 for k in data.SHAPES]
-        assert 40 <= big["box"][2] - big["box"][0] <= 56
-        small = [s for s in r["scene"] if s is not big]
-        assert 1 <= len(small) <= 2
-        assert all(s["shape"] != big["shape"] and s["box"][2] - s["box"][0] <= 20 for s in small)
-
-
-def test_det_target_is_unique(world):
-    for r in _records(world, "det"):
-        colour, kind = re.fullmatch(r"the (\w+) (\w+)", r["target"]).groups()
-        pairs = [(s["color"], s["shape"]) for s in r["scene"]]
-        assert len(set(pairs)) == len(pairs) and 2 <= len(pairs) <= 4
-        match = [s for s in r["scene"] if (s["color"], s["shape"]) == (colour, kind)]
-        assert len(match) == 1 and r["boxes"] == [match[0]["box"]]
-        x1, y1, x2, y2 = match[0]["box"]
-        assert _colour_mask(_pixels(r)[y1:y2, x1:x2], colour).any()
-
-
-def test_multi_det_boxes_are_all_of_the_kind(world):
-    plural = {v: k for k, v in data.PLURAL.items()}
-    for r in _records(world, "multi_det"):
-        kind = plural[r["target"]]
-        of_kind = [s["box"] for s in r["scene"] if s["shape"] == kind]
-        assert sorted(r["boxes"]) == sorted(of_kind) and 1 <= len(of_kind) <= 3
-        assert 1 <= len(r["scene"]) - len(of_kind) <= 2
-
-
-def test_seg_mask_is_exactly_the_target_pixels(world):
-    for r in _records(world, "seg") + _records(world, "seg", "test"):
-        colour, kind = re.fullmatch(r"the (\w+) (\w+)", r["instruction"]).groups()
-        assert sum((s["color"], s["shape"]) == (colour, kind) for s in r["scene"]) == 1
-        mask_img = Image.open(r["mask_path"])
-        assert mask_img.mode == "L" and r["mask"].startswith("masks/")
-        mask = np.asarray(mask_img)
-        assert set(np.unique(mask)) <= {0, 255}
-        x1, y1, x2, y2 = r["box"]
-        expected = np.zeros(mask.shape, bool)
-        expected[y1:y2, x1:x2] = _colour_mask(_pixels(r)[y1:y2, x1:x2], colour)
-        assert expected.any() and np.array_equal(mask > 0, expected)
-        ys, xs = np.nonzero(mask)                    # the box is the mask's tight extent
-        assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == [x1, y1, x2, y2]
-
-
-def test_vqa_answer_matches_the_quadrant_shape(world):
-    half = data.IMAGE_SIZE // 2
-    for r in _records(world, "vqa") + _records(world, "vqa", "test"):
-        m = re.fullmatch(r"What (colour is the shape|shape is) in the (top|bottom)-(left|right)\?",
-                         r["question"])
-        assert m, r["question"]
-        row, col = m.group(2) == "bottom", m.group(3) == "right"
-        quads = [((s["box"][1] >= half), (s["box"][0] >= half)) for s in r["scene"]]
-        assert sorted(quads) == [(False, False), (False, True), (True, False), (True, True)]
-        shape = r["scene"][quads.index((row, col))]
-        assert r["box"] == shape["box"]
-        x1, y1, x2, y2 = shape["box"]
-        inside = _pixels(r)[y1:y2, x1:x2]
-        if m.group(1).startswith("colour"):
-            assert r["answer"] == shape["color"] and _colour_mask(inside, r["answer"]).any()
-        else:
-            assert r["answer"] == shape["shape"]
-
-
-# ------------------------------------------------------------------ manifest validation
-GOOD_CLS = {"id": "ok", "image": "ok.png", "classes": ["a", "b"], "probs": [0.5, 0.5]}
-GOOD_DET = {"id": "ok", "image": "ok.png", "target": "the cat", "boxes": [[1, 2, 30, 40]]}
-
-
-@pytest.fixture
-def folder(tmp_path):
-    Image.new("RGB", (50, 50), (9, 9, 9)).save(tmp_path / "ok.png")
-    (tmp_path / "broken.png").write_text("this is not a picture")
-    Image.new("L", (50, 50), 0).save(tmp_path / "empty_mask.png")          # no object pixel at all
-    small = np.zeros((10, 10), np.uint8)
-    small[2:5, 2:5] = 1
-    Image.fromarray(small).save(tmp_path / "small_mask.png")               # 10x10 mask for a 50x50 image
-    return tmp_path
-
-
-def _write(folder, lines, name="m.jsonl"):
-    path = folder / name
-    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
-    return path
-
-
-BAD = [  # (task, bad line, words the message must contain)
-    ("cls", '{"id": "x", "image": ', "invalid JSON"),
-    ("cls", '["not", "an", "object"]', "not a JSON object"),
-    ("cls", {"id": "x", "image": "ok.png", "classes": ["a"]}, "missing field(s): probs"),
-    ("cls", dict(GOOD_CLS, id="x", image="nowhere.png"), "image file not found"),
-    ("cls", dict(GOOD_CLS, id="x", image="broken.png"), "unreadable image"),
-    ("cls", dict(GOOD_CLS, id="x", probs=[1.2, -0.2]), "negative probability"),
-    ("cls", dict(GOOD_CLS, id="x", probs=[0.5, 0.6]), "sum to 1.1000"),
-    ("cls", dict(GOOD_CLS, id="x", probs=[0.5, 0.3, 0.2]), "2 classes but 3 probs"),
-    ("cls", '{"id": "x", "image": "ok.png", "classes": ["a", "b"], "probs": [NaN, 1]}',
-     "non-finite"),
-    ("cls", GOOD_CLS, "duplicate id 'ok' (first on line 1)"),
-    ("det", dict(GOOD_DET, id="x", boxes=[[10, 10, 10, 20]]), "degenerate"),
-    ("det", dict(GOOD_DET, id="x", boxes=[[10, 10, 5, 20]]), "degenerate"),
-    ("det", dict(GOOD_DET, id="x", boxes=[[-1, 10, 5, 20]]), "negative coordinate"),
-    ("det", dict(GOOD_DET, id="x", boxes=[[1, 2, 3]]), "not 4 numbers"),
-    ("det", dict(GOOD_DET, id="x", boxes=[[1, 2, "3", 4]]), "not 4 numbers"),
-    ("det", dict(GOOD_DET, id="x", boxes=[]), "non-empty list"),
-    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "no.png"},
-     "mask file not found"),
-    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "box": [5, 5, 5, 9]},
-     "degenerate"),
-    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "empty_mask.png"}, "is empty"),
-    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "small_mask.png"},
-     "is 10x10 but the image is 50x50"),
-    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "broken.png"}, "unreadable mask"),
-    ("vqa", {"id": "x", "image": "ok.png", "question": "What?"}, "missing field(s): answer"),
-    ("vqa", {"id": "x", "image": "ok.png", "question": "What?", "answer": ""}, "answer"),
-]
-GOOD = {"cls": GOOD_CLS, "det": GOOD_DET,
-        "seg": {"id": "ok", "image": "ok.png", "instruction": "it"},
-        "vqa": {"id": "ok", "image": "ok.png", "question": "What?", "answer": "red"}}
-
-
-@pytest.mark.parametrize("task,line,words", BAD, ids=[b[2] for b in BAD])
-def test_bad_record_names_file_and_line(folder, task, line, words):
-    path = _write(folder, [GOOD[task], "", line])          # blank line 2: the bad one is line 3
-    with pytest.raises(data.ManifestError) as info:
-        data.read_manifest(path, task)
-    assert isinstance(info.value, ValueError) and info.value.line == 3
-    assert str(info.value).startswith(f"{path}:3: ") and words in str(info.value)
-
-
-@pytest.mark.parametrize("task", ["cls", "det", "seg", "vqa"])
-def test_skip_bad_skips_counts_and_warns(folder, task, capsys):
-    bad = [line for t, line, _ in BAD if t == task]
-    last_good = dict(GOOD[task], id="last")
-    path = _write(folder, [GOOD[task]] + bad + [last_good])
-    recs, skipped = data.read_manifest(path, task, skip_bad=True)
-    assert [r["id"] for r in recs] == ["ok", "last"] and skipped == len(bad)
-    err = capsys.readouterr().err
-    for lineno in range(2, 2 + len(bad)):
-        assert f"{path}:{lineno}: " in err
-    assert f"skipped {len(bad)} bad record(s)" in err
-
-
-def test_read_manifest_keeps_fields_and_adds_absolute_paths(folder):
-    m = np.zeros((50, 50), np.uint8)
-    m[5:9, 5:9] = 255
-    Image.fromarray(m).save(folder / "m.png")
-    rec = {"id": 3, "image": "ok.png", "instruction": "the ünïcode thing", "mask": "m.png",
-           "extra": {"k": [1]}}
-    path = folder / "sub" / "x.jsonl"
-    (folder / "sub").mkdir()
-    data.write_jsonl(path, [dict(rec, image="../ok.png", mask="../m.png")])
-    assert "ünïcode" in path.read_text(encoding="utf-8") and path.read_text().count("\n") == 1
-    assert list(json.loads(path.read_text())) == ["id", "image", "instruction", "mask", "extra"]
-    (out,), skipped = data.read_manifest(path, "seg")
-    assert skipped == 0 and out["extra"] == {"k": [1]} and out["image"] == "../ok.png"
-    assert Path(out["image_path"]).is_absolute() and Path(out["image_path"]).is_file()
-    assert Path(out["mask_path"]).is_file()
-    with pytest.raises(ValueError):
-        data.read_manifest(path, "soft_cls")
-
-
-# ------------------------------------------------------------------ opening images
-def test_open_image_composites_transparency_on_white(tmp_path):
-    # Issue 14's example: a black drawing on a transparent background. convert("RGB") gives one
-    # flat black image; composited on white the drawing survives.
-    rgba = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
-    rgba.paste((0, 0, 0, 255), (5, 5, 15, 15))
-    rgba.putpixel((0, 19), (255, 0, 0, 128))           # half-transparent red
-    rgba.save(tmp_path / "drawing.png")
-    flat = np.asarray(Image.open(tmp_path / "drawing.png").convert("RGB"))
-    assert (flat[:19] == 0).all()                      # drawing and background: both black
-    got = np.asarray(data.open_image(tmp_path / "drawing.png")).astype(int)
-    expected = np.full((20, 20, 3), 255)
-    expected[5:15, 5:15] = 0
-    expected[19, 0] = [255, 127, 127]          # 255*128/255 + 255*127/255, 0 + 255*127/255
-    assert np.abs(got - expected).max() <= 1
-    # A palette PNG whose index 0 is transparent (a "tRNS" key) and a grey + alpha image.
-    pal = Image.new("P", (12, 8), 0)
-    pal.putpalette([0, 0, 0, 40, 80, 220] + [0] * 762)
-    pal.paste(1, (6, 0, 12, 8))
-    pal.save(tmp_path / "palette.png", transparency=0)
-    got = np.asarray(data.open_image(tmp_path / "palette.png"))
-    assert (got[:, :6] == 255).all() and (got[:, 6:] == [40, 80, 220]).all()
-    la = Image.new("LA", (4, 4), (0, 0))
-    la.putpixel((1, 2), (60, 255))
-    got = np.asarray(data.open_image(la))
-    assert got.shape == (4, 4, 3) and (got[2, 1] == 60).all() and (got.sum(-1) == 765).sum() == 15
-    opaque = Image.new("RGB", (3, 3), (1, 2, 3))
-    assert np.array_equal(np.asarray(data.open_image(opaque)), np.asarray(opaque))
-
-
-def _oriented(path, orientation):
-    """A 200x100 stored image: red top-left 40x20 block, blue bottom-right 40x20 block, grey
-    elsewhere, saved with an EXIF Orientation tag."""
-    im = Image.new("RGB", (200, 100), (128, 128, 128))
-    im.paste((255, 0, 0), (0, 0, 40, 20))
-    im.paste((0, 0, 255), (160, 80, 200, 100))
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    im.save(path, exif=exif, **({"quality": 95} if path.suffix == ".jpg" else {}))
-    return path
-
-
-@pytest.mark.parametrize("orientation, name, size, red, blue", [
-    # 6: rotate 90 degrees clockwise to display: stored (x, y) -> displayed (99 - y, x), so the
-    # red block (x 0..39, y 0..19) lands at x 80..99, y 0..39 and the blue at x 0..19, y 160..199.
-    (6, "photo.jpg", (100, 200), (slice(0, 40), slice(80, 100)), (slice(160, 200), slice(0, 20))),
-    # 8: 90 degrees counter-clockwise: (x, y) -> (y, 199 - x).
-    (8, "scan.png", (100, 200), (slice(160, 200), slice(0, 20)), (slice(0, 40), slice(80, 100))),
-    # 3: 180 degrees: (x, y) -> (199 - x, 99 - y).
-    (3, "upside.jpg", (200, 100), (slice(80, 100), slice(160, 200)), (slice(0, 20), slice(0, 40))),
-])
-def test_open_image_applies_exif_orientation(tmp_path, orientation, name, size, red, blue):
-    path = _oriented(tmp_path / name, orientation)
-    assert Image.open(path).size == (200, 100)            # stored
-    image = data.open_image(path)
-    assert image.size == size and image.mode == "RGB"
-    a = np.asarray(image).astype(int)
-    inner = lambda s: slice(s.start + 3, s.stop - 3)        # noqa: E731  (away from JPEG edges)
-    assert np.abs(a[inner(red[0]), inner(red[1])] - [255, 0, 0]).max() < 30
-    assert np.abs(a[inner(blue[0]), inner(blue[1])] - [0, 0, 255]).max() < 30
-    assert data.open_image(image).size == size            # already upright: unchanged
-
-
-def test_chat_inputs_see_transparent_images_on_white(tiny):
-    """The processor gets the composited image whether it is given RGBA or the expected RGB."""
+def test_tiny_chat_template_puts_the_image_after_the_text(tiny):
+    """The tiny model's own template: text, then image, in each user message (README: why)."""
     _, processor = tiny
-    rgba = Image.new("RGBA", (56, 56), (0, 0, 0, 0))
-    rgba.paste((0, 0, 0, 255), (14, 14, 42, 42))
-    on_white = Image.new("RGB", (56, 56), (255, 255, 255))
-    on_white.paste((0, 0, 0), (14, 14, 42, 42))
-    conv = [[vlm.user_turn("What is drawn?")]]
-    a = vlm.chat_inputs(processor, conv, [[rgba]])["pixel_values"]
-    b = vlm.chat_inputs(processor, conv, [[on_white]])["pixel_values"]
-    torch.testing.assert_close(a, b)
-
-
-MASK_ENCODINGS = {   # the same object (a 4x6 block and one pixel) saved as public datasets save masks
-    "L 0/1": lambda m: Image.fromarray(m.astype(np.uint8)),
-    "L 0/255": lambda m: Image.fromarray(m.astype(np.uint8) * 255),
-    "1 bit": lambda m: Image.fromarray(m.astype(np.uint8) * 255).convert("1"),
-    "I;16 0/1": lambda m: Image.fromarray(m.astype(np.uint16)),
-    "palette index 1 (VOC style)": lambda m: _palette(m.astype(np.uint8)),
-    "RGB dark blue": lambda m: Image.fromarray(np.stack([np.zeros_like(m), np.zeros_like(m), m * 7], -1).astype(np.uint8)),
-    "RGBA white on transparent": lambda m: Image.fromarray(np.dstack([m * 255] * 4).astype(np.uint8), "RGBA"),
-}
-
-
-def _palette(index):
-    im = Image.fromarray(index, "P")
-    im.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)     # VOC: 0 background (black), 1 dark red
-    return im
-
-
-@pytest.mark.parametrize("encoding", list(MASK_ENCODINGS))
-def test_read_mask_any_nonzero_pixel_is_the_object(encoding, tmp_path):
-    truth = np.zeros((8, 12), bool)
-    truth[2:6, 3:9] = True
-    truth[7, 11] = True
-    MASK_ENCODINGS[encoding](truth).save(tmp_path / "m.png")
-    got = data.read_mask(tmp_path / "m.png")
-    assert got.dtype == bool and got.shape == (8, 12)
-    np.testing.assert_array_equal(got, truth)            # 25 pixels, in every encoding
-    Image.new("RGB", (12, 8)).save(tmp_path / "im.png")
-    path = _write(tmp_path, [{"id": 1, "image": "im.png", "instruction": "it", "mask": "m.png"}])
-    assert len(data.read_manifest(path, "seg")[0]) == 1   # a valid manifest record in every encoding
-
-
-# ------------------------------------------------------------------ prompts and text
-def test_formatting_helpers():
-    classes = ["red", "green", "blue", "yellow"]
-    assert data.format_probs(classes, [0.5, 0.0, 0.25, 0.25]) == \
-        '{"red": 0.50, "green": 0.00, "blue": 0.25, "yellow": 0.25}'
-    assert data.format_probs(["a"], [-0.0]) == '{"a": 0.00}'
-    assert data.format_box([12, 40.2, 56, 90]) == "[12,40,56,90]"
-    assert data.format_boxes([[12, 40, 56, 90], [1, 2, 3, 4]]) == "[[12,40,56,90],[1,2,3,4]]"
-    assert data.format_norm_box([0, 28, 56, 112], 112, 112) == "[0.00,0.25,0.50,1.00]"
-    assert data.class_list(classes) == "red, green, blue, yellow"
-    assert data.cot_prompt_cls(["a", "b"], [1, 0]).endswith(
-        "Do not write any numbers or class names.")
-    assert data.cot_prompt_cls(["a", "b"], [1, 0], mask_names=False).startswith(
-        'The answer is {"a": 1.00, "b": 0.00}. Describe the image')
-    assert data.cot_prompt_det("the red circle", [[1, 2, 3, 4]]).startswith(
-        "The red circle is at [1,2,3,4]. Describe where it is")
-    assert data.cot_prompt_det("circles", [[1, 2, 3, 4]], multi=True).startswith(
-        "The circles are at [[1,2,3,4]].")
-    assert data.SEG_PROMPT.format(instruction="the red circle").endswith(
-        'with JSON {"bbox": [x1,y1,x2,y2], "points": [[x,y],[x,y]]}: its box and two points inside it.')
-    assert data.CRITIC_BOX_PROMPT.format(question="Q?", answer="red").endswith(
-        'Reply with JSON {"score": x}, x between 0 and 1.')
-    assert data.REC_PROMPT_MULTI_DET.format(cot="c", target="circles").endswith(
-        "give the boxes of all circles as [[x1,y1,x2,y2], ...].")
-
-
-def test_prompt_picks_the_template_of_the_record_task():
-    cls = {"classes": ["red", "blue"], "probs": [0.75, 0.25]}
-    det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]]}
-    multi = {"target": "circles", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "multi": True}
-    assert data.prompt("plain", cls) == "Give the probability of each class in red, blue as JSON."
-    assert data.prompt("r1", cls) == data.R1_PROMPT_CLS.format(class_list="red, blue")
-    assert data.prompt("rec", cls, cot="C") == data.REC_PROMPT_CLS.format(cot="C", class_list="red, blue")
-    assert data.prompt("cot", cls, mask_names=False) == (
-        'The answer is {"red": 0.75, "blue": 0.25}. Describe the image so that someone could infer this answer '
-        'from your description alone, in at most 60 words. Do not write any numbers.')
-    assert data.prompt("plain", det) == "Give the box of the red circle as [x1,y1,x2,y2]."
-    assert data.prompt("r1", multi) == data.R1_PROMPT_MULTI_DET.format(target="circles")
-    assert data.prompt("rec", multi, cot="C") == data.REC_PROMPT_MULTI_DET.format(cot="C", target="circles")
-    # the CoT prompt states the boxes it is given (the model's frame), not the record's pixels
-    assert data.prompt("cot", det, boxes=[[10, 20, 30, 40]]) == data.COT_PROMPT_DET.format(
-        target="red circle", annotation="[10,20,30,40]", max_words=60)
-    assert data.prompt("seg", {"instruction": "x"}) == data.SEG_PROMPT.format(instruction="x")
-    assert data.prompt("seg_no_cot", {"instruction": "x"}) == data.SEG_PROMPT_NO_COT.format(instruction="x")
-    assert data.prompt("visrl", {"question": "Q?"}) == data.VISRL_BOX_PROMPT.format(question="Q?")
-    with pytest.raises(KeyError):
-        data.prompt("seg", cls)
-
-
-def test_prompt_never_tells_the_number_of_objects():
-    """RISE (arXiv 2508.13229) sec. 4: the COCO-Sub prompt is the dataset's, not the label's. A record of a
-    multi-object dataset with ONE box still gets the box-list template and a list answer; a single-object
-    record gets the one-box template; a single-object record with two boxes is a manifest error."""
-    one_of_many = {"target": "circles", "boxes": [[1, 2, 3, 4]], "multi": True}
-    two_of_many = {"target": "circles", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "multi": True}
-    for style in ("r1", "plain"):
-        assert data.prompt(style, one_of_many) == data.prompt(style, two_of_many)
-    assert data.prompt("plain", one_of_many) == "Give the boxes of all circles as [[x1,y1,x2,y2], ...]."
-    assert data.format_annotation(one_of_many, [[1, 2, 3, 4]]) == "[[1,2,3,4]]"
-    assert data.format_annotation({"target": "the red circle"}, [[1, 2, 3, 4]]) == "[1,2,3,4]"
-    bad = {"id": "a", "image": "x.png", "target": "the red circle", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]]}
-    assert "multi" in data._record_problem(bad, "det", Path("."), set())
-
-
-def test_box_prompts_state_the_model_frame():
-    """A real checkpoint is told its box frame: 1000x1000 for Qwen2-VL, the resized input's pixels for
-    Qwen2.5-VL (640x480 at max 401,408 pixels -> smart_resize 644x476, multiples of 28)."""
-    assert vlm.box_frame("qwen2_vl", (640, 480)) == (1000, 1000)
-
-    class Proc:   # the three numbers of a Qwen2.5-VL image processor that smart_resize reads
-        image_processor = type("IP", (), {"patch_size": 14, "merge_size": 2,
-                                          "size": {"shortest_edge": 3136, "longest_edge": 401408}})
-    assert vlm.box_frame("qwen2_5_vl", (640, 480), Proc) == (644, 476)
-    det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]]}
-    assert data.prompt("r1", det, frame=(1000, 1000)).startswith("The image is of resolution 1000x1000. Find the red")
-    assert data.prompt("seg", {"instruction": "x"}, frame=(644, 476)).startswith("The image is of resolution 644x476.")
-    assert data.prompt("grounding", {"instruction": "the dog"}) == (
-        "Locate the dog in the image, output its bbox coordinates using JSON format.")
-    cls = {"classes": ["a", "b"], "probs": [1.0, 0.0]}
-    assert "resolution" not in data.prompt("r1", cls, frame=(1000, 1000))    # no boxes, no frame
-
-
-def test_position_word():
-    s = data.IMAGE_SIZE
-    assert data.position_word([0, 0, 10, 10]) == "top-left"
-    assert data.position_word([50, 50, 60, 60]) == "centre"
-    assert data.position_word([50, 0, 60, 10]) == "top"
-    assert data.position_word([0, 50, 10, 60]) == "left"
-    assert data.position_word([s - 10, s - 10, s, s]) == "bottom-right"
-    assert data.position_word([50, 0, 60, 10], grid=2) == "top-left"
-    assert data.position_word([60, 60, 70, 70], grid=2) == "bottom-right"
-
-
-NUMBER_WORDS = re.compile(r"\b(zero|one|two|three|four|five|six|seven|eight|nine|ten|half|"
-                          r"quarter|third|percent|hundred|dozen|single|pair|twice)\b", re.I)
-NAMES = re.compile(r"\b(" + "|".join(list(data.COLORS) + data.SHAPES) + r")s?\b", re.I)
-
-
-@settings(max_examples=25, deadline=None, database=None)
-@given(seed=st.integers(0, 2**32 - 1), task=st.sampled_from(data.SHAPE_TASKS),
-       with_names=st.booleans(), use_target=st.booleans())
-def test_describe_scene_has_no_numbers(seed, task, with_names, use_target):
-    scene = data.GENERATORS[task](np.random.default_rng(seed))[0]
-    target = scene[seed % len(scene)] if use_target else None
-    text = data.describe_scene(scene, np.random.default_rng(seed), with_names, target)
-    assert text == data.describe_scene(scene, np.random.default_rng(seed), with_names, target)
-    assert not re.search(r"\d", text) and not NUMBER_WORDS.search(text), text
-    assert len(text.split()) <= 45 and text.endswith("."), text
-    if with_names:
-        assert all(s["color"] in text and s["shape"] in text
-                   for s in ([target] if target else scene)), text
-    else:
-        assert not NAMES.search(text), text
-    if target is not None:
-        assert data.position_word(target["box"]) in text
+    text = processor.apply_chat_template([vlm.user_turn("Q?")], add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\nQ?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
 
 
 # ====================================================================================================
@@ -1331,6 +958,161 @@ def test_dpo_losses_never_nan(n, data):
     assert torch.isfinite(loss) and loss.item() >= 0
     assert all(torch.isfinite(x.grad).all() for x in logps[:2])
     assert all(math.isfinite(v) for v in stats.values())
+
+
+# ====================================================================================================
+# learning: the losses drive the real tiny VLM
+# ====================================================================================================
+def colour_scores(model, processor, images, texts):
+    """Summed log-prob of each answer text to "What colour is this image?" for its image."""
+    batch = vlm.chat_inputs(processor, [[vlm.user_turn("What colour is this image?")]] * len(images),
+                            [[im] for im in images])
+    ids, mask = dpo.completion_tensors(processor, texts)
+    return sequence_logp(vlm.completion_logprobs(model, dict(batch), ids, mask), mask)
+
+
+def test_grpo_learns_to_name_the_colour(tiny_dir):
+    """GRPO from the *random* tiny model, reward alone (grpo.colour_reward on the first word):
+    held-out greedy reward on red / blue images rises from ~0 (a random model names no colour)
+    to >= 0.8. Same recipe as `deepspeed grpo.py`: G 16, 8 images per step (4 per colour),
+    one new token, lr 2e-3 decaying linearly to 0 over 30 steps, beta 0.05 (KL to the initial
+    model keeps the groups diverse), advantages not std-scaled.
+    Measured here: held-out 0.00 -> 1.00 by step 10 and still 1.00 at steps 20 and 30, with seeds 0
+    and 1 (~7 s/step while sharing the CPU). Weak spots: with colour_reward(partial=0.5) the policy
+    settled on near-miss tokens ("ere" / "lu", 0.33); with all four colours (2 images each) it
+    reached 0.56 (found "yellow" and "blue" only)."""
+    torch.manual_seed(0)
+    rng, steps, colours = random.Random(0), 30, ["red", "blue"]
+    model, processor = vlm.load_model(tiny_dir)
+    ref, _ = vlm.load_model(tiny_dir)
+    ref.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / steps)
+    question = [vlm.user_turn("What colour is this image?")]
+    held = grpo.colour_task(random.Random(123), 16, ["red"]) + grpo.colour_task(random.Random(124), 16, ["blue"])
+
+    def held_out_reward():
+        batch = vlm.chat_inputs(processor, [question] * len(held), [[im] for im, _ in held])
+        texts = vlm.sample(model, processor, batch, 1, 1, do_sample=False)["texts"]
+        return sum(grpo.colour_reward(texts, range(len(held)), [c for _, c in held])) / len(held)
+
+    curve = [held_out_reward()]
+    for step in range(steps):
+        pairs = [p for c in colours for p in grpo.colour_task(rng, 4, [c])]
+        answers = [c for _, c in pairs]
+        stats, _, _ = grpo.grpo_step(model, processor, [question] * len(pairs), [[im] for im, _ in pairs],
+                                     lambda texts, prompt_index: grpo.colour_reward(texts, prompt_index, answers),
+                                     optimizer=optimizer, ref_model=ref, group_size=16, max_new_tokens=1,
+                                     beta=0.05, scale_rewards=False)
+        schedule.step()
+        if step % 10 == 9:
+            curve.append(held_out_reward())
+    print(f"GRPO held-out reward every 10 steps: {[round(r, 3) for r in curve]}")
+    assert curve[0] < 0.2
+    assert curve[-1] >= 0.8
+
+
+def test_dpo_learns_to_prefer_the_colour_name(tiny_dir):
+    """DPO on (image, chosen = its colour, rejected = another colour) pairs: the chosen-vs-rejected
+    margin grows and, on held-out images, the policy ranks the right colour above every wrong one."""
+    import random
+    torch.manual_seed(0)
+    model, processor = vlm.load_model(tiny_dir)
+    ref, _ = vlm.load_model(tiny_dir)
+    ref.requires_grad_(False)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    colours, rng = list(data.COLORS), random.Random(0)
+    held = grpo.colour_task(random.Random(7), 16)
+
+    def held_out_accuracy():    # fraction of (image, wrong colour) ranked below the right one; mean gap (nats)
+        with torch.no_grad():
+            images = [im for im, c in held for _ in range(3)]
+            right = colour_scores(model, processor, images, [c for _, c in held for _ in range(3)])
+            wrong = colour_scores(model, processor, images, [o for _, c in held for o in colours if o != c])
+        return (right > wrong).float().mean().item(), (right - wrong).mean().item()
+
+    before, margins = held_out_accuracy(), []
+    for step in range(12):
+        pairs = grpo.colour_task(rng, 8)
+        images, chosen = [im for im, _ in pairs], [c for _, c in pairs]
+        rejected = [rng.choice([o for o in colours if o != c]) for c in chosen]
+        with torch.no_grad():
+            ref_c, ref_r = colour_scores(ref, processor, images, chosen), colour_scores(ref, processor, images, rejected)
+        loss, stats = dpo_loss(colour_scores(model, processor, images, chosen),
+                               colour_scores(model, processor, images, rejected), ref_c, ref_r, beta=0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        margins.append(stats["margin"])
+    after = held_out_accuracy()
+    print(f"DPO margins per step {[round(m, 3) for m in margins]}; held-out accuracy, log-prob gap {before} -> {after}")
+    assert margins[0] == pytest.approx(0.0, abs=1e-6)      # policy == reference at the start
+    assert sum(margins[-3:]) / 3 > 0.3 > sum(margins[:3]) / 3      # measured: 0.47 vs 0.08
+    # a random init can already rank some colours right by chance (measured 0.94 with one tokenizer), so
+    # the held-out test is on the log-prob gap, which DPO must widen, and on the final ranking
+    assert after[0] >= 0.9 and after[1] > before[1] + 1.0
+
+
+def test_colour_reward_hand_cases():
+    # exact first word (case, trailing punctuation and the rest ignored) -> 1.0
+    assert grpo.colour_reward(["Red.", " blue sky"], [0, 1], ["red", "blue"]) == [1.0, 1.0]
+    # "tre" vs "red": difflib matches "re" (2 chars), ratio = 2*2/(3+3) = 0.667 -> 0.1 * 0.667
+    # "" (empty completion) -> ratio 0 -> 0.0; "yellowish" vs "yellow": 2*6/15 = 0.8 -> 0.08
+    got = grpo.colour_reward(["tre", "", "yellowish"], [0, 1, 2], ["red", "green", "yellow"])
+    assert got == approx([0.2 / 3, 0.0, 0.08])
+    assert grpo.colour_reward(["tre"], [0], ["red"], partial=0.5) == approx([1 / 3])
+
+
+def _covered_pixels(box, crop):
+    """Brute force: how many of box's unit pixels lie inside crop (integer boxes)."""
+    grid = np.zeros((data.IMAGE_SIZE + 1, data.IMAGE_SIZE + 1), bool)
+    grid[box[1]:box[3], box[0]:box[2]] = True
+    inside = np.zeros_like(grid)
+    inside[crop[1]:crop[3], crop[0]:crop[2]] = True
+    return (grid & inside).sum(), grid.sum()
+
+
+def test_critic_examples_are_labelled_by_the_scene(world):
+    """s_b: a crop labelled 1 for a colour question shows that colour (pixels counted in the crop);
+    s_r: label 1 iff the candidate is the reference, and wrong candidates are words of the same
+    kind (a colour for a colour question). Both labels occur often."""
+    rng = np.random.default_rng(0)
+    n_box = n_hit = n_ans = n_same = positives = shows = 0
+    records = _records(world, "vqa")
+    for rec in records:
+        image = Image.open(rec["image_path"]).convert("RGB")
+        kind = "color" if rec["answer"] in data.COLORS else "shape"
+        for conv, images in tiny_py._critic_examples(rec["question"], rec["answer"], rec["scene"], image, rng):
+            prompt, label = conv[0]["content"][-1]["text"], json.loads(conv[1]["content"][0]["text"])["score"]
+            if "Candidate answer" not in prompt:
+                n_box += 1
+                n_hit += label == 1.0
+                if kind == "color" and label == 1.0:
+                    crop = np.asarray(images[0]).astype(int)
+                    positives += 1
+                    shows += (np.abs(crop - data.COLORS[rec["answer"]]).sum(-1) < 30).any()
+            else:
+                n_ans += 1
+                cand = prompt.split("Candidate answer: ")[1].split(".")[0].strip()
+                assert cand in (list(data.COLORS) if kind == "color" else data.SHAPES)
+                assert label == float(cand == rec["answer"])
+                n_same += cand == rec["answer"]
+    assert n_box == n_ans == 2 * len(records)
+    assert 0.2 < n_hit / n_box < 0.8 and 0.2 < n_same / n_ans < 0.8
+    assert positives > 0 and shows == positives
+
+
+def test_critic_box_label_matches_pixel_count():
+    """rewards.covers (the label rule) agrees with counting pixels on random integer boxes."""
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        x1, y1 = rng.integers(0, 100, 2)
+        box = [int(x1), int(y1), int(x1 + rng.integers(1, 12)), int(y1 + rng.integers(1, 12))]
+        cx, cy = rng.integers(0, 100, 2)
+        crop = [int(cx), int(cy), int(cx + rng.integers(1, 30)), int(cy + rng.integers(1, 30))]
+        covered, area = _covered_pixels(box, crop)
+        assert rewards.covers(crop, box) == (covered >= 0.5 * area)
 
 
 # ====================================================================================================
@@ -2043,6 +1825,485 @@ def test_fuzz_clip_boxes(boxes):
 
 
 # ====================================================================================================
+# data.py: manifests, shapes world, prompts
+# ====================================================================================================
+N_TRAIN, N_TEST = 10, 5
+
+
+def _hashes(root):
+    root = Path(root)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    data.make_shapes_world(out, n_train=N_TRAIN, n_test=N_TEST, seed=0)
+    return out
+
+
+def _records(world, task, split="train"):
+    recs, skipped = data.read_manifest(world / task / f"{split}.jsonl", data.MANIFEST_TASK[task])
+    assert skipped == 0
+    return recs
+
+
+def _pixels(rec):
+    return np.asarray(Image.open(rec["image_path"]).convert("RGB"))
+
+
+def _colour_mask(img, name):
+    return np.all(img == np.array(data.COLORS[name], dtype=np.uint8), axis=-1)
+
+
+# ------------------------------------------------------------------ shapes world: files
+def test_same_seed_same_bytes_different_seed_differs(world, tmp_path):
+    first = _hashes(world)
+    n_images = N_TRAIN + N_TEST
+    assert len(first) == len(data.SHAPE_TASKS) * (2 + n_images) + n_images   # + seg masks
+    data.make_shapes_world(tmp_path / "again", N_TRAIN, N_TEST, seed=0)
+    assert _hashes(tmp_path / "again") == first
+    data.make_shapes_world(tmp_path / "other", N_TRAIN, N_TEST, seed=1)
+    other = _hashes(tmp_path / "other")
+    assert set(other) == set(first)
+    assert sum(other[k] != first[k] for k in first) > len(first) // 2
+    for task in data.SHAPE_TASKS:                   # train and test are different streams
+        assert first[f"{task}/images/train_00000.png"] != first[f"{task}/images/test_00000.png"]
+
+
+def test_cli_matches_function(tmp_path):
+    cmd = [sys.executable, str(ROOT / "data.py"), "shapes", "--out", str(tmp_path / "cli"),
+           "--n-train", "3", "--n-test", "2", "--seed", "7"]
+    subprocess.run(cmd, check=True, capture_output=True, cwd=tmp_path)
+    data.make_shapes_world(tmp_path / "fn", 3, 2, 7)
+    assert _hashes(tmp_path / "cli") == _hashes(tmp_path / "fn")
+
+
+@pytest.mark.parametrize("task", data.SHAPE_TASKS)
+def test_every_manifest_is_valid_and_scenes_are_sane(world, task):
+    for split, n in (("train", N_TRAIN), ("test", N_TEST)):
+        recs = _records(world, task, split)
+        assert [r["id"] for r in recs] == [f"{task}-{split}-{i:05d}" for i in range(n)]
+        for r in recs:
+            img = Image.open(r["image_path"])
+            assert img.mode == "RGB" and img.size == (data.IMAGE_SIZE, data.IMAGE_SIZE)
+            px = np.asarray(img)
+            bg = px[~np.any(np.stack([_colour_mask(px, c) for c in data.COLORS]), axis=0)]
+            assert (bg == bg[0]).all() and 200 <= bg[0, 0] <= 245 and len(set(bg[0])) == 1
+            boxes = [s["box"] for s in r["scene"]]
+            for b in boxes:
+                assert data.box_problem(b) is None and max(b) <= data.IMAGE_SIZE
+                assert b[2] - b[0] == b[3] - b[1] and all(isinstance(v, int) for v in b)
+            for i in range(len(boxes)):
+                for j in range(i):
+                    assert data._apart(boxes[i], boxes[j])
+
+
+# ------------------------------------------------------------------ shapes world: labels
+def test_soft_cls_probs_match_pixel_areas(world):
+    for r in _records(world, "soft_cls") + _records(world, "soft_cls", "test"):
+        assert r["classes"] == ["red", "green", "blue", "yellow"]
+        img = _pixels(r)
+        areas = np.array([_colour_mask(img, c).sum() for c in r["classes"]], dtype=float)
+        shape_pixels = (~((img[..., 0] == img[..., 1]) & (img[..., 1] == img[..., 2]))).sum()
+        assert areas.sum() == shape_pixels > 0          # every non-grey pixel is a class colour
+        probs = np.array(r["probs"])
+        assert all(isinstance(p, float) for p in r["probs"])
+        assert abs(probs.sum() - 1) < 1e-9 and np.allclose(probs * 100, np.round(probs * 100))
+        err = np.abs(probs - areas / areas.sum())
+        assert err.max() <= 0.02 + 1e-9 and (err > 0.005 + 1e-9).sum() <= 1
+        assert 2 <= len(r["scene"]) <= 4
+
+
+def test_onehot_cls_names_the_big_shape(world):
+    for r in _records(world, "onehot_cls"):
+        big = max(r["scene"], key=lambda s: s["box"][2] - s["box"][0])
+        assert r["classes"] == data.SHAPES
+        assert r["probs"] == [1.0 if k == big["shape"] else 0.0 for k in data.SHAPES]
+        assert 40 <= big["box"][2] - big["box"][0] <= 56
+        small = [s for s in r["scene"] if s is not big]
+        assert 1 <= len(small) <= 2
+        assert all(s["shape"] != big["shape"] and s["box"][2] - s["box"][0] <= 20 for s in small)
+
+
+def test_det_target_is_unique(world):
+    for r in _records(world, "det"):
+        colour, kind = re.fullmatch(r"the (\w+) (\w+)", r["target"]).groups()
+        pairs = [(s["color"], s["shape"]) for s in r["scene"]]
+        assert len(set(pairs)) == len(pairs) and 2 <= len(pairs) <= 4
+        match = [s for s in r["scene"] if (s["color"], s["shape"]) == (colour, kind)]
+        assert len(match) == 1 and r["boxes"] == [match[0]["box"]]
+        x1, y1, x2, y2 = match[0]["box"]
+        assert _colour_mask(_pixels(r)[y1:y2, x1:x2], colour).any()
+
+
+def test_multi_det_boxes_are_all_of_the_kind(world):
+    plural = {v: k for k, v in data.PLURAL.items()}
+    for r in _records(world, "multi_det"):
+        kind = plural[r["target"]]
+        of_kind = [s["box"] for s in r["scene"] if s["shape"] == kind]
+        assert sorted(r["boxes"]) == sorted(of_kind) and 1 <= len(of_kind) <= 3
+        assert 1 <= len(r["scene"]) - len(of_kind) <= 2
+
+
+def test_seg_mask_is_exactly_the_target_pixels(world):
+    for r in _records(world, "seg") + _records(world, "seg", "test"):
+        colour, kind = re.fullmatch(r"the (\w+) (\w+)", r["instruction"]).groups()
+        assert sum((s["color"], s["shape"]) == (colour, kind) for s in r["scene"]) == 1
+        mask_img = Image.open(r["mask_path"])
+        assert mask_img.mode == "L" and r["mask"].startswith("masks/")
+        mask = np.asarray(mask_img)
+        assert set(np.unique(mask)) <= {0, 255}
+        x1, y1, x2, y2 = r["box"]
+        expected = np.zeros(mask.shape, bool)
+        expected[y1:y2, x1:x2] = _colour_mask(_pixels(r)[y1:y2, x1:x2], colour)
+        assert expected.any() and np.array_equal(mask > 0, expected)
+        ys, xs = np.nonzero(mask)                    # the box is the mask's tight extent
+        assert [xs.min(), ys.min(), xs.max() + 1, ys.max() + 1] == [x1, y1, x2, y2]
+
+
+def test_vqa_answer_matches_the_quadrant_shape(world):
+    half = data.IMAGE_SIZE // 2
+    for r in _records(world, "vqa") + _records(world, "vqa", "test"):
+        m = re.fullmatch(r"What (colour is the shape|shape is) in the (top|bottom)-(left|right)\?",
+                         r["question"])
+        assert m, r["question"]
+        row, col = m.group(2) == "bottom", m.group(3) == "right"
+        quads = [((s["box"][1] >= half), (s["box"][0] >= half)) for s in r["scene"]]
+        assert sorted(quads) == [(False, False), (False, True), (True, False), (True, True)]
+        shape = r["scene"][quads.index((row, col))]
+        assert r["box"] == shape["box"]
+        x1, y1, x2, y2 = shape["box"]
+        inside = _pixels(r)[y1:y2, x1:x2]
+        if m.group(1).startswith("colour"):
+            assert r["answer"] == shape["color"] and _colour_mask(inside, r["answer"]).any()
+        else:
+            assert r["answer"] == shape["shape"]
+
+
+# ------------------------------------------------------------------ manifest validation
+GOOD_CLS = {"id": "ok", "image": "ok.png", "classes": ["a", "b"], "probs": [0.5, 0.5]}
+GOOD_DET = {"id": "ok", "image": "ok.png", "target": "the cat", "boxes": [[1, 2, 30, 40]]}
+
+
+@pytest.fixture
+def folder(tmp_path):
+    Image.new("RGB", (50, 50), (9, 9, 9)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_text("this is not a picture")
+    Image.new("L", (50, 50), 0).save(tmp_path / "empty_mask.png")          # no object pixel at all
+    small = np.zeros((10, 10), np.uint8)
+    small[2:5, 2:5] = 1
+    Image.fromarray(small).save(tmp_path / "small_mask.png")               # 10x10 mask for a 50x50 image
+    return tmp_path
+
+
+def _write(folder, lines, name="m.jsonl"):
+    path = folder / name
+    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
+    return path
+
+
+BAD = [  # (task, bad line, words the message must contain)
+    ("cls", '{"id": "x", "image": ', "invalid JSON"),
+    ("cls", '["not", "an", "object"]', "not a JSON object"),
+    ("cls", {"id": "x", "image": "ok.png", "classes": ["a"]}, "missing field(s): probs"),
+    ("cls", dict(GOOD_CLS, id="x", image="nowhere.png"), "image file not found"),
+    ("cls", dict(GOOD_CLS, id="x", image="broken.png"), "unreadable image"),
+    ("cls", dict(GOOD_CLS, id="x", probs=[1.2, -0.2]), "negative probability"),
+    ("cls", dict(GOOD_CLS, id="x", probs=[0.5, 0.6]), "sum to 1.1000"),
+    ("cls", dict(GOOD_CLS, id="x", probs=[0.5, 0.3, 0.2]), "2 classes but 3 probs"),
+    ("cls", '{"id": "x", "image": "ok.png", "classes": ["a", "b"], "probs": [NaN, 1]}',
+     "non-finite"),
+    ("cls", GOOD_CLS, "duplicate id 'ok' (first on line 1)"),
+    ("det", dict(GOOD_DET, id="x", boxes=[[10, 10, 10, 20]]), "degenerate"),
+    ("det", dict(GOOD_DET, id="x", boxes=[[10, 10, 5, 20]]), "degenerate"),
+    ("det", dict(GOOD_DET, id="x", boxes=[[-1, 10, 5, 20]]), "negative coordinate"),
+    ("det", dict(GOOD_DET, id="x", boxes=[[1, 2, 3]]), "not 4 numbers"),
+    ("det", dict(GOOD_DET, id="x", boxes=[[1, 2, "3", 4]]), "not 4 numbers"),
+    ("det", dict(GOOD_DET, id="x", boxes=[]), "non-empty list"),
+    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "no.png"},
+     "mask file not found"),
+    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "box": [5, 5, 5, 9]},
+     "degenerate"),
+    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "empty_mask.png"}, "is empty"),
+    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "small_mask.png"},
+     "is 10x10 but the image is 50x50"),
+    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "broken.png"}, "unreadable mask"),
+    ("vqa", {"id": "x", "image": "ok.png", "question": "What?"}, "missing field(s): answer"),
+    ("vqa", {"id": "x", "image": "ok.png", "question": "What?", "answer": ""}, "answer"),
+]
+GOOD = {"cls": GOOD_CLS, "det": GOOD_DET,
+        "seg": {"id": "ok", "image": "ok.png", "instruction": "it"},
+        "vqa": {"id": "ok", "image": "ok.png", "question": "What?", "answer": "red"}}
+
+
+@pytest.mark.parametrize("task,line,words", BAD, ids=[b[2] for b in BAD])
+def test_bad_record_names_file_and_line(folder, task, line, words):
+    path = _write(folder, [GOOD[task], "", line])          # blank line 2: the bad one is line 3
+    with pytest.raises(data.ManifestError) as info:
+        data.read_manifest(path, task)
+    assert isinstance(info.value, ValueError) and info.value.line == 3
+    assert str(info.value).startswith(f"{path}:3: ") and words in str(info.value)
+
+
+@pytest.mark.parametrize("task", ["cls", "det", "seg", "vqa"])
+def test_skip_bad_skips_counts_and_warns(folder, task, capsys):
+    bad = [line for t, line, _ in BAD if t == task]
+    last_good = dict(GOOD[task], id="last")
+    path = _write(folder, [GOOD[task]] + bad + [last_good])
+    recs, skipped = data.read_manifest(path, task, skip_bad=True)
+    assert [r["id"] for r in recs] == ["ok", "last"] and skipped == len(bad)
+    err = capsys.readouterr().err
+    for lineno in range(2, 2 + len(bad)):
+        assert f"{path}:{lineno}: " in err
+    assert f"skipped {len(bad)} bad record(s)" in err
+
+
+def test_read_manifest_keeps_fields_and_adds_absolute_paths(folder):
+    m = np.zeros((50, 50), np.uint8)
+    m[5:9, 5:9] = 255
+    Image.fromarray(m).save(folder / "m.png")
+    rec = {"id": 3, "image": "ok.png", "instruction": "the ünïcode thing", "mask": "m.png",
+           "extra": {"k": [1]}}
+    path = folder / "sub" / "x.jsonl"
+    (folder / "sub").mkdir()
+    data.write_jsonl(path, [dict(rec, image="../ok.png", mask="../m.png")])
+    assert "ünïcode" in path.read_text(encoding="utf-8") and path.read_text().count("\n") == 1
+    assert list(json.loads(path.read_text())) == ["id", "image", "instruction", "mask", "extra"]
+    (out,), skipped = data.read_manifest(path, "seg")
+    assert skipped == 0 and out["extra"] == {"k": [1]} and out["image"] == "../ok.png"
+    assert Path(out["image_path"]).is_absolute() and Path(out["image_path"]).is_file()
+    assert Path(out["mask_path"]).is_file()
+    with pytest.raises(ValueError):
+        data.read_manifest(path, "soft_cls")
+
+
+# ------------------------------------------------------------------ opening images
+def test_open_image_composites_transparency_on_white(tmp_path):
+    # Issue 14's example: a black drawing on a transparent background. convert("RGB") gives one
+    # flat black image; composited on white the drawing survives.
+    rgba = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
+    rgba.paste((0, 0, 0, 255), (5, 5, 15, 15))
+    rgba.putpixel((0, 19), (255, 0, 0, 128))           # half-transparent red
+    rgba.save(tmp_path / "drawing.png")
+    flat = np.asarray(Image.open(tmp_path / "drawing.png").convert("RGB"))
+    assert (flat[:19] == 0).all()                      # drawing and background: both black
+    got = np.asarray(data.open_image(tmp_path / "drawing.png")).astype(int)
+    expected = np.full((20, 20, 3), 255)
+    expected[5:15, 5:15] = 0
+    expected[19, 0] = [255, 127, 127]          # 255*128/255 + 255*127/255, 0 + 255*127/255
+    assert np.abs(got - expected).max() <= 1
+    # A palette PNG whose index 0 is transparent (a "tRNS" key) and a grey + alpha image.
+    pal = Image.new("P", (12, 8), 0)
+    pal.putpalette([0, 0, 0, 40, 80, 220] + [0] * 762)
+    pal.paste(1, (6, 0, 12, 8))
+    pal.save(tmp_path / "palette.png", transparency=0)
+    got = np.asarray(data.open_image(tmp_path / "palette.png"))
+    assert (got[:, :6] == 255).all() and (got[:, 6:] == [40, 80, 220]).all()
+    la = Image.new("LA", (4, 4), (0, 0))
+    la.putpixel((1, 2), (60, 255))
+    got = np.asarray(data.open_image(la))
+    assert got.shape == (4, 4, 3) and (got[2, 1] == 60).all() and (got.sum(-1) == 765).sum() == 15
+    opaque = Image.new("RGB", (3, 3), (1, 2, 3))
+    assert np.array_equal(np.asarray(data.open_image(opaque)), np.asarray(opaque))
+
+
+def _oriented(path, orientation):
+    """A 200x100 stored image: red top-left 40x20 block, blue bottom-right 40x20 block, grey
+    elsewhere, saved with an EXIF Orientation tag."""
+    im = Image.new("RGB", (200, 100), (128, 128, 128))
+    im.paste((255, 0, 0), (0, 0, 40, 20))
+    im.paste((0, 0, 255), (160, 80, 200, 100))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    im.save(path, exif=exif, **({"quality": 95} if path.suffix == ".jpg" else {}))
+    return path
+
+
+@pytest.mark.parametrize("orientation, name, size, red, blue", [
+    # 6: rotate 90 degrees clockwise to display: stored (x, y) -> displayed (99 - y, x), so the
+    # red block (x 0..39, y 0..19) lands at x 80..99, y 0..39 and the blue at x 0..19, y 160..199.
+    (6, "photo.jpg", (100, 200), (slice(0, 40), slice(80, 100)), (slice(160, 200), slice(0, 20))),
+    # 8: 90 degrees counter-clockwise: (x, y) -> (y, 199 - x).
+    (8, "scan.png", (100, 200), (slice(160, 200), slice(0, 20)), (slice(0, 40), slice(80, 100))),
+    # 3: 180 degrees: (x, y) -> (199 - x, 99 - y).
+    (3, "upside.jpg", (200, 100), (slice(80, 100), slice(160, 200)), (slice(0, 20), slice(0, 40))),
+])
+def test_open_image_applies_exif_orientation(tmp_path, orientation, name, size, red, blue):
+    path = _oriented(tmp_path / name, orientation)
+    assert Image.open(path).size == (200, 100)            # stored
+    image = data.open_image(path)
+    assert image.size == size and image.mode == "RGB"
+    a = np.asarray(image).astype(int)
+    inner = lambda s: slice(s.start + 3, s.stop - 3)        # noqa: E731  (away from JPEG edges)
+    assert np.abs(a[inner(red[0]), inner(red[1])] - [255, 0, 0]).max() < 30
+    assert np.abs(a[inner(blue[0]), inner(blue[1])] - [0, 0, 255]).max() < 30
+    assert data.open_image(image).size == size            # already upright: unchanged
+
+
+def test_chat_inputs_see_transparent_images_on_white(tiny):
+    """The processor gets the composited image whether it is given RGBA or the expected RGB."""
+    _, processor = tiny
+    rgba = Image.new("RGBA", (56, 56), (0, 0, 0, 0))
+    rgba.paste((0, 0, 0, 255), (14, 14, 42, 42))
+    on_white = Image.new("RGB", (56, 56), (255, 255, 255))
+    on_white.paste((0, 0, 0), (14, 14, 42, 42))
+    conv = [[vlm.user_turn("What is drawn?")]]
+    a = vlm.chat_inputs(processor, conv, [[rgba]])["pixel_values"]
+    b = vlm.chat_inputs(processor, conv, [[on_white]])["pixel_values"]
+    torch.testing.assert_close(a, b)
+
+
+MASK_ENCODINGS = {   # the same object (a 4x6 block and one pixel) saved as public datasets save masks
+    "L 0/1": lambda m: Image.fromarray(m.astype(np.uint8)),
+    "L 0/255": lambda m: Image.fromarray(m.astype(np.uint8) * 255),
+    "1 bit": lambda m: Image.fromarray(m.astype(np.uint8) * 255).convert("1"),
+    "I;16 0/1": lambda m: Image.fromarray(m.astype(np.uint16)),
+    "palette index 1 (VOC style)": lambda m: _palette(m.astype(np.uint8)),
+    "RGB dark blue": lambda m: Image.fromarray(np.stack([np.zeros_like(m), np.zeros_like(m), m * 7], -1).astype(np.uint8)),
+    "RGBA white on transparent": lambda m: Image.fromarray(np.dstack([m * 255] * 4).astype(np.uint8), "RGBA"),
+}
+
+
+def _palette(index):
+    im = Image.fromarray(index, "P")
+    im.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)     # VOC: 0 background (black), 1 dark red
+    return im
+
+
+@pytest.mark.parametrize("encoding", list(MASK_ENCODINGS))
+def test_read_mask_any_nonzero_pixel_is_the_object(encoding, tmp_path):
+    truth = np.zeros((8, 12), bool)
+    truth[2:6, 3:9] = True
+    truth[7, 11] = True
+    MASK_ENCODINGS[encoding](truth).save(tmp_path / "m.png")
+    got = data.read_mask(tmp_path / "m.png")
+    assert got.dtype == bool and got.shape == (8, 12)
+    np.testing.assert_array_equal(got, truth)            # 25 pixels, in every encoding
+    Image.new("RGB", (12, 8)).save(tmp_path / "im.png")
+    path = _write(tmp_path, [{"id": 1, "image": "im.png", "instruction": "it", "mask": "m.png"}])
+    assert len(data.read_manifest(path, "seg")[0]) == 1   # a valid manifest record in every encoding
+
+
+# ------------------------------------------------------------------ prompts and text
+def test_formatting_helpers():
+    classes = ["red", "green", "blue", "yellow"]
+    assert data.format_probs(classes, [0.5, 0.0, 0.25, 0.25]) == \
+        '{"red": 0.50, "green": 0.00, "blue": 0.25, "yellow": 0.25}'
+    assert data.format_probs(["a"], [-0.0]) == '{"a": 0.00}'
+    assert data.format_box([12, 40.2, 56, 90]) == "[12,40,56,90]"
+    assert data.format_boxes([[12, 40, 56, 90], [1, 2, 3, 4]]) == "[[12,40,56,90],[1,2,3,4]]"
+    assert data.format_norm_box([0, 28, 56, 112], 112, 112) == "[0.00,0.25,0.50,1.00]"
+    assert data.class_list(classes) == "red, green, blue, yellow"
+    assert data.cot_prompt_cls(["a", "b"], [1, 0]).endswith(
+        "Do not write any numbers or class names.")
+    assert data.cot_prompt_cls(["a", "b"], [1, 0], mask_names=False).startswith(
+        'The answer is {"a": 1.00, "b": 0.00}. Describe the image')
+    assert data.cot_prompt_det("the red circle", [[1, 2, 3, 4]]).startswith(
+        "The red circle is at [1,2,3,4]. Describe where it is")
+    assert data.cot_prompt_det("circles", [[1, 2, 3, 4]], multi=True).startswith(
+        "The circles are at [[1,2,3,4]].")
+    assert data.SEG_PROMPT.format(instruction="the red circle").endswith(
+        'with JSON {"bbox": [x1,y1,x2,y2], "points": [[x,y],[x,y]]}: its box and two points inside it.')
+    assert data.CRITIC_BOX_PROMPT.format(question="Q?", answer="red").endswith(
+        'Reply with JSON {"score": x}, x between 0 and 1.')
+    assert data.REC_PROMPT_MULTI_DET.format(cot="c", target="circles").endswith(
+        "give the boxes of all circles as [[x1,y1,x2,y2], ...].")
+
+
+def test_prompt_picks_the_template_of_the_record_task():
+    cls = {"classes": ["red", "blue"], "probs": [0.75, 0.25]}
+    det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]]}
+    multi = {"target": "circles", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "multi": True}
+    assert data.prompt("plain", cls) == "Give the probability of each class in red, blue as JSON."
+    assert data.prompt("r1", cls) == data.R1_PROMPT_CLS.format(class_list="red, blue")
+    assert data.prompt("rec", cls, cot="C") == data.REC_PROMPT_CLS.format(cot="C", class_list="red, blue")
+    assert data.prompt("cot", cls, mask_names=False) == (
+        'The answer is {"red": 0.75, "blue": 0.25}. Describe the image so that someone could infer this answer '
+        'from your description alone, in at most 60 words. Do not write any numbers.')
+    assert data.prompt("plain", det) == "Give the box of the red circle as [x1,y1,x2,y2]."
+    assert data.prompt("r1", multi) == data.R1_PROMPT_MULTI_DET.format(target="circles")
+    assert data.prompt("rec", multi, cot="C") == data.REC_PROMPT_MULTI_DET.format(cot="C", target="circles")
+    # the CoT prompt states the boxes it is given (the model's frame), not the record's pixels
+    assert data.prompt("cot", det, boxes=[[10, 20, 30, 40]]) == data.COT_PROMPT_DET.format(
+        target="red circle", annotation="[10,20,30,40]", max_words=60)
+    assert data.prompt("seg", {"instruction": "x"}) == data.SEG_PROMPT.format(instruction="x")
+    assert data.prompt("seg_no_cot", {"instruction": "x"}) == data.SEG_PROMPT_NO_COT.format(instruction="x")
+    assert data.prompt("visrl", {"question": "Q?"}) == data.VISRL_BOX_PROMPT.format(question="Q?")
+    with pytest.raises(KeyError):
+        data.prompt("seg", cls)
+
+
+def test_prompt_never_tells_the_number_of_objects():
+    """RISE (arXiv 2508.13229) sec. 4: the COCO-Sub prompt is the dataset's, not the label's. A record of a
+    multi-object dataset with ONE box still gets the box-list template and a list answer; a single-object
+    record gets the one-box template; a single-object record with two boxes is a manifest error."""
+    one_of_many = {"target": "circles", "boxes": [[1, 2, 3, 4]], "multi": True}
+    two_of_many = {"target": "circles", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "multi": True}
+    for style in ("r1", "plain"):
+        assert data.prompt(style, one_of_many) == data.prompt(style, two_of_many)
+    assert data.prompt("plain", one_of_many) == "Give the boxes of all circles as [[x1,y1,x2,y2], ...]."
+    assert data.format_annotation(one_of_many, [[1, 2, 3, 4]]) == "[[1,2,3,4]]"
+    assert data.format_annotation({"target": "the red circle"}, [[1, 2, 3, 4]]) == "[1,2,3,4]"
+    bad = {"id": "a", "image": "x.png", "target": "the red circle", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]]}
+    assert "multi" in data._record_problem(bad, "det", Path("."), set())
+
+
+def test_box_prompts_state_the_model_frame():
+    """A real checkpoint is told its box frame: 1000x1000 for Qwen2-VL, the resized input's pixels for
+    Qwen2.5-VL (640x480 at max 401,408 pixels -> smart_resize 644x476, multiples of 28)."""
+    assert vlm.box_frame("qwen2_vl", (640, 480)) == (1000, 1000)
+
+    class Proc:   # the three numbers of a Qwen2.5-VL image processor that smart_resize reads
+        image_processor = type("IP", (), {"patch_size": 14, "merge_size": 2,
+                                          "size": {"shortest_edge": 3136, "longest_edge": 401408}})
+    assert vlm.box_frame("qwen2_5_vl", (640, 480), Proc) == (644, 476)
+    det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]]}
+    assert data.prompt("r1", det, frame=(1000, 1000)).startswith("The image is of resolution 1000x1000. Find the red")
+    assert data.prompt("seg", {"instruction": "x"}, frame=(644, 476)).startswith("The image is of resolution 644x476.")
+    assert data.prompt("grounding", {"instruction": "the dog"}) == (
+        "Locate the dog in the image, output its bbox coordinates using JSON format.")
+    cls = {"classes": ["a", "b"], "probs": [1.0, 0.0]}
+    assert "resolution" not in data.prompt("r1", cls, frame=(1000, 1000))    # no boxes, no frame
+
+
+def test_position_word():
+    s = data.IMAGE_SIZE
+    assert data.position_word([0, 0, 10, 10]) == "top-left"
+    assert data.position_word([50, 50, 60, 60]) == "centre"
+    assert data.position_word([50, 0, 60, 10]) == "top"
+    assert data.position_word([0, 50, 10, 60]) == "left"
+    assert data.position_word([s - 10, s - 10, s, s]) == "bottom-right"
+    assert data.position_word([50, 0, 60, 10], grid=2) == "top-left"
+    assert data.position_word([60, 60, 70, 70], grid=2) == "bottom-right"
+
+
+NUMBER_WORDS = re.compile(r"\b(zero|one|two|three|four|five|six|seven|eight|nine|ten|half|"
+                          r"quarter|third|percent|hundred|dozen|single|pair|twice)\b", re.I)
+NAMES = re.compile(r"\b(" + "|".join(list(data.COLORS) + data.SHAPES) + r")s?\b", re.I)
+
+
+@settings(max_examples=25, deadline=None, database=None)
+@given(seed=st.integers(0, 2**32 - 1), task=st.sampled_from(data.SHAPE_TASKS),
+       with_names=st.booleans(), use_target=st.booleans())
+def test_describe_scene_has_no_numbers(seed, task, with_names, use_target):
+    scene = data.GENERATORS[task](np.random.default_rng(seed))[0]
+    target = scene[seed % len(scene)] if use_target else None
+    text = data.describe_scene(scene, np.random.default_rng(seed), with_names, target)
+    assert text == data.describe_scene(scene, np.random.default_rng(seed), with_names, target)
+    assert not re.search(r"\d", text) and not NUMBER_WORDS.search(text), text
+    assert len(text.split()) <= 45 and text.endswith("."), text
+    if with_names:
+        assert all(s["color"] in text and s["shape"] in text
+                   for s in ([target] if target else scene)), text
+    else:
+        assert not NAMES.search(text), text
+    if target is not None:
+        assert data.position_word(target["box"]) in text
+
+
+# ====================================================================================================
 # convert.py: converters from the original dataset layouts
 # ====================================================================================================
 # pycocotools (used here only as the independent reference) warns under numpy 2.
@@ -2651,62 +2912,8 @@ def test_viscot_jsonl_and_bad_entries(tmp_path):
 
 
 # ====================================================================================================
-# run.py: presets, manifest paths, the guarded update (shared by the four pipelines)
-# ====================================================================================================
-def test_presets_fill_unset_options_tiny_for_a_tiny_model(tiny_dir):
-    for module in (rise_cot, rise_r1, S, visrl):
-        tiny_args = module.parse_args(["--model", str(tiny_dir)])          # auto: a tiny model dir
-        paper_args = module.parse_args(["--model", "Qwen/Qwen2-VL-2B-Instruct"])
-        for key, value in module.TINY.items():
-            assert getattr(tiny_args, key) == value, (module.__name__, key)
-        for key, value in module.PAPER.items():
-            assert getattr(paper_args, key) == value, (module.__name__, key)
-        given = module.parse_args(["--model", str(tiny_dir), "--preset", "paper", "--lr", "0.25"])
-        assert given.lr == 0.25 and given.max_new_tokens == module.PAPER["max_new_tokens"]
-    assert run.is_tiny(vlm.TINY_BASE) and run.is_tiny(str(tiny_dir)) and not run.is_tiny("Qwen/Qwen2-VL-2B-Instruct")
-
-
-def test_manifest_path_takes_a_file_or_a_shapes_world_task(tmp_path):
-    assert run.manifest_path("a/b/train.jsonl", "test", 0, "seg") == Path("a/b/train.jsonl")
-    assert run.manifest_path(None, "test", 3, "seg", world=tmp_path) == tmp_path / "seg" / "test.jsonl"
-    assert run.manifest_path("det", "train", 3, "seg", world=tmp_path) == tmp_path / "det" / "train.jsonl"
-
-
-class _EngineThatMustNotStep:
-    """Records the DeepSpeed calls of an update (backward, step); a skipped update makes none."""
-
-    def __init__(self):
-        self.calls = []
-
-    def set_gradient_accumulation_boundary(self, boundary):
-        self.calls.append(("boundary", boundary))
-
-    def backward(self, loss):
-        self.calls.append(("backward", loss.item()))
-
-    def step(self):
-        self.calls.append(("step",))
-
-
-def test_guarded_update_never_applies_a_non_finite_loss(capsys):
-    engine, guard = _EngineThatMustNotStep(), run.NonFiniteGuard(limit=3)
-    assert guard.update(engine, torch.tensor(2.0), step=0, window=(True, 1.5)) is False
-    assert engine.calls == [("boundary", True), ("backward", 3.0), ("step",)]      # 2.0 x loss_scale 1.5
-    engine.calls.clear()
-    assert guard.update(engine, torch.tensor(float("nan")), step=1) is True
-    assert guard.update(engine, torch.tensor(float("inf")), step=2) is True
-    assert engine.calls == [] and "non-finite loss" in capsys.readouterr().err
-    assert guard.update(engine, torch.tensor(1.0), step=3) is False                 # a finite loss resets the count
-    for step in (4, 5):
-        guard.update(engine, torch.tensor(float("nan")), step=step)
-    with pytest.raises(RuntimeError, match="3 non-finite losses in a row at step 6"):
-        guard.update(engine, torch.tensor(float("-inf")), step=6)
-
-
-# ====================================================================================================
 # rise_cot.py / rise_r1.py: RISE end to end
 # ====================================================================================================
-# ============================================================================ RISE: rise_cot.py, rise_r1.py
 @pytest.fixture(scope="module")
 def rise_world(tmp_path_factory):
     root = tmp_path_factory.mktemp("rise_world")
@@ -2957,292 +3164,8 @@ def test_rise_r1_eval_counts_unparsable_instead_of_crashing(tiny, rise_world):
 
 
 # ====================================================================================================
-# bench.py: the benchmark runs (one repetition, structure of its JSON line)
-# ====================================================================================================
-KEYS = {"ours_sps", "trl_sps", "ratio_vs_trl", "ours_peak_mb", "trl_peak_mb"}
-
-
-def run_bench(capsys, tiny_dir, *extra):
-    """bench.main on the tiny model, one measured step, no warm-up; returns its JSON line."""
-    threads = torch.get_num_threads()
-    try:
-        with warnings.catch_warnings():
-            results = bench.main(["--model", str(tiny_dir), "--quick", "--reps", "1", "--warmup", "0", "--json", *extra])
-    finally:
-        torch.set_num_threads(threads)                    # bench runs torch on one CPU thread
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert "GRPO step" in "\n".join(lines) and "DPO step" in "\n".join(lines)
-    out = json.loads(lines[-1])
-    assert set(out) == {"grpo", "dpo"} and all(set(v) == KEYS for v in out.values())
-    for algo in ("grpo", "dpo"):
-        assert out[algo]["ours_sps"] > 0 and out[algo]["ours_peak_mb"] > 0
-        r = results[algo]["ours"]
-        assert r["total"] > 0 and r["logp"] > 0 and r["update"] > 0 and r["length"] > 0
-    assert results["grpo"]["ours"]["gen"] > 0
-    return out
-
-
-def test_bench_ours_json(capsys, tiny_dir):
-    out = run_bench(capsys, tiny_dir, "--skip-trl")
-    assert all(out[a]["trl_sps"] is None and out[a]["ratio_vs_trl"] is None for a in out)
-
-
-def test_bench_trl_json(capsys, tiny_dir):
-    pytest.importorskip("trl")
-    out = run_bench(capsys, tiny_dir)
-    for algo in ("grpo", "dpo"):
-        assert out[algo]["trl_sps"] > 0 and out[algo]["trl_peak_mb"] > 0
-        assert out[algo]["ratio_vs_trl"] == pytest.approx(out[algo]["ours_sps"] / out[algo]["trl_sps"], rel=1e-2)
-
-
-# ====================================================================================================
-# tiny.py: the shipped tiny base (the embedded default) and its recipe
-# ====================================================================================================
-SHIPPED_BASE = ROOT / vlm.TINY_BASE
-
-
-def test_tiny_base_is_shipped_small_and_the_default():
-    """`--model tiny-base` loads the committed build: nothing is built at first run."""
-    assert vlm.resolve_model(vlm.TINY_BASE) == str(SHIPPED_BASE)
-    shipped = [f for d in (SHIPPED_BASE, tiny_py.SHIPPED_CLIP) for f in d.iterdir()]
-    assert sum(f.stat().st_size for f in shipped) < 40 * 2 ** 20
-    assert {"model.safetensors", "config.json", "tokenizer.json", "build.json"} <= {f.name for f in shipped}
-    record = json.loads((SHIPPED_BASE / "build.json").read_text())
-    assert record["steps"] > 0 and record["loss_curve"][-1][1] < 0.5 * record["loss_curve"][0][1]
-    model, processor = vlm.load_model(vlm.TINY_BASE)
-    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
-    assert model.config.text_config.rope_parameters["rope_theta"] == tiny_py.ROPE_THETA
-
-
-def test_shipped_tiny_base_scores_as_its_build_record(cache):
-    """Greedy scores of the committed base on the first CHECK_N test scenes per task, recomputed here,
-    equal the ones its build recorded: within 2 samples of 16 for rates, 0.05 for JSD and box IoU,
-    0.05 nats for the grounding gap (float differences between machines can flip a greedy token)."""
-    record = json.loads((SHIPPED_BASE / "build.json").read_text())["check"]
-    model, processor = vlm.load_model(vlm.TINY_BASE)
-    root = tiny_py.scores_world()
-    got = tiny_py.task_scores(model, processor, root, n=tiny_py.CHECK_N)
-    assert tiny_py.grounding_gap(model, processor, root, n=tiny_py.CHECK_N) == approx(
-        record["grounding_gap_nats"], abs=0.05)
-    for task, metrics in got.items():
-        for name, value in metrics.items():
-            tol = {"jsd": 0.05, "box_iou": 0.05, "unparsable": 2, "n": 0}.get(name, 2 / tiny_py.CHECK_N)
-            assert value == approx(record[task][name], abs=tol), (task, name)
-
-
-def test_short_tiny_build_runs_end_to_end(cache, tmp_path):
-    """`python tiny.py base` at toy size: a few dozen steps on 6 scenes per task; the loss falls,
-    the build record says how it was made, and the result loads and answers."""
-    out = tiny_py.build_tiny(tmp_path / "base", seed=0, pretrain=True, steps=24, n_train=6, record_scores=False,
-                             log=lambda *a: None)
-    record = json.loads((out / "build.json").read_text())
-    assert record["steps"] == 24 and "--steps 24 --n-train 6" in record["command"]
-    assert record["versions"]["torch"] == torch.__version__
-    assert record["loss_curve"][-1][0] == 24 and record["loss_curve"][-1][1] < record["loss_curve"][0][1]
-    model, processor = vlm.load_model(out)       # loads back and has learned: far below a uniform guess
-    scene = [{"color": "red", "shape": "circle", "box": [20, 30, 60, 70]}]
-    convs, images = zip(*tiny_py.look_examples(scene, data.render(scene, 230)))
-    with torch.no_grad():
-        loss = vlm.sft_loss(model, processor, list(convs), list(images)).item()
-    assert loss < 0.8 * math.log(len(processor.tokenizer)), loss
-
-
-def test_look_examples_ask_only_what_the_scene_answers():
-    """Two shapes of different kinds and one duplicate pair: colour questions only for a unique kind,
-    where/box questions only for a unique (colour, kind); boxes in the 0..1000 frame."""
-    scene = [{"color": "red", "shape": "circle", "box": [0, 0, 28, 28]},
-             {"color": "blue", "shape": "square", "box": [84, 84, 112, 112]},
-             {"color": "blue", "shape": "square", "box": [84, 0, 112, 28]}]
-    image = data.render(scene, 220)
-    qa = [(conv[0]["content"][-1]["text"], conv[1]["content"][0]["text"])
-          for conv, _ in tiny_py.look_examples(scene, image)]
-    assert qa == [("What colour is the circle?", "red"), ("Where is the red circle?", "top-left"),
-                  ("Give the box of the red circle.", "[0,0,250,250]")]
-
-
-def test_tiny_chat_template_puts_the_image_after_the_text(tiny):
-    """The tiny model's own template: text, then image, in each user message (README: why)."""
-    _, processor = tiny
-    text = processor.apply_chat_template([vlm.user_turn("Q?")], add_generation_prompt=True, tokenize=False)
-    assert text == "<|im_start|>user\nQ?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
-
-
-# ====================================================================================================
-# learning: the losses drive the real tiny VLM
-# ====================================================================================================
-def colour_scores(model, processor, images, texts):
-    """Summed log-prob of each answer text to "What colour is this image?" for its image."""
-    batch = vlm.chat_inputs(processor, [[vlm.user_turn("What colour is this image?")]] * len(images),
-                            [[im] for im in images])
-    ids, mask = dpo.completion_tensors(processor, texts)
-    return sequence_logp(vlm.completion_logprobs(model, dict(batch), ids, mask), mask)
-
-
-def test_grpo_learns_to_name_the_colour(tiny_dir):
-    """GRPO from the *random* tiny model, reward alone (grpo.colour_reward on the first word):
-    held-out greedy reward on red / blue images rises from ~0 (a random model names no colour)
-    to >= 0.8. Same recipe as `deepspeed grpo.py`: G 16, 8 images per step (4 per colour),
-    one new token, lr 2e-3 decaying linearly to 0 over 30 steps, beta 0.05 (KL to the initial
-    model keeps the groups diverse), advantages not std-scaled.
-    Measured here: held-out 0.00 -> 1.00 by step 10 and still 1.00 at steps 20 and 30, with seeds 0
-    and 1 (~7 s/step while sharing the CPU). Weak spots: with colour_reward(partial=0.5) the policy
-    settled on near-miss tokens ("ere" / "lu", 0.33); with all four colours (2 images each) it
-    reached 0.56 (found "yellow" and "blue" only)."""
-    torch.manual_seed(0)
-    rng, steps, colours = random.Random(0), 30, ["red", "blue"]
-    model, processor = vlm.load_model(tiny_dir)
-    ref, _ = vlm.load_model(tiny_dir)
-    ref.requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / steps)
-    question = [vlm.user_turn("What colour is this image?")]
-    held = grpo.colour_task(random.Random(123), 16, ["red"]) + grpo.colour_task(random.Random(124), 16, ["blue"])
-
-    def held_out_reward():
-        batch = vlm.chat_inputs(processor, [question] * len(held), [[im] for im, _ in held])
-        texts = vlm.sample(model, processor, batch, 1, 1, do_sample=False)["texts"]
-        return sum(grpo.colour_reward(texts, range(len(held)), [c for _, c in held])) / len(held)
-
-    curve = [held_out_reward()]
-    for step in range(steps):
-        pairs = [p for c in colours for p in grpo.colour_task(rng, 4, [c])]
-        answers = [c for _, c in pairs]
-        stats, _, _ = grpo.grpo_step(model, processor, [question] * len(pairs), [[im] for im, _ in pairs],
-                                     lambda texts, prompt_index: grpo.colour_reward(texts, prompt_index, answers),
-                                     optimizer=optimizer, ref_model=ref, group_size=16, max_new_tokens=1,
-                                     beta=0.05, scale_rewards=False)
-        schedule.step()
-        if step % 10 == 9:
-            curve.append(held_out_reward())
-    print(f"GRPO held-out reward every 10 steps: {[round(r, 3) for r in curve]}")
-    assert curve[0] < 0.2
-    assert curve[-1] >= 0.8
-
-
-def test_dpo_learns_to_prefer_the_colour_name(tiny_dir):
-    """DPO on (image, chosen = its colour, rejected = another colour) pairs: the chosen-vs-rejected
-    margin grows and, on held-out images, the policy ranks the right colour above every wrong one."""
-    import random
-    torch.manual_seed(0)
-    model, processor = vlm.load_model(tiny_dir)
-    ref, _ = vlm.load_model(tiny_dir)
-    ref.requires_grad_(False)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    colours, rng = list(data.COLORS), random.Random(0)
-    held = grpo.colour_task(random.Random(7), 16)
-
-    def held_out_accuracy():    # fraction of (image, wrong colour) ranked below the right one; mean gap (nats)
-        with torch.no_grad():
-            images = [im for im, c in held for _ in range(3)]
-            right = colour_scores(model, processor, images, [c for _, c in held for _ in range(3)])
-            wrong = colour_scores(model, processor, images, [o for _, c in held for o in colours if o != c])
-        return (right > wrong).float().mean().item(), (right - wrong).mean().item()
-
-    before, margins = held_out_accuracy(), []
-    for step in range(12):
-        pairs = grpo.colour_task(rng, 8)
-        images, chosen = [im for im, _ in pairs], [c for _, c in pairs]
-        rejected = [rng.choice([o for o in colours if o != c]) for c in chosen]
-        with torch.no_grad():
-            ref_c, ref_r = colour_scores(ref, processor, images, chosen), colour_scores(ref, processor, images, rejected)
-        loss, stats = dpo_loss(colour_scores(model, processor, images, chosen),
-                               colour_scores(model, processor, images, rejected), ref_c, ref_r, beta=0.1)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        margins.append(stats["margin"])
-    after = held_out_accuracy()
-    print(f"DPO margins per step {[round(m, 3) for m in margins]}; held-out accuracy, log-prob gap {before} -> {after}")
-    assert margins[0] == pytest.approx(0.0, abs=1e-6)      # policy == reference at the start
-    assert sum(margins[-3:]) / 3 > 0.3 > sum(margins[:3]) / 3      # measured: 0.47 vs 0.08
-    # a random init can already rank some colours right by chance (measured 0.94 with one tokenizer), so
-    # the held-out test is on the log-prob gap, which DPO must widen, and on the final ranking
-    assert after[0] >= 0.9 and after[1] > before[1] + 1.0
-
-
-def test_colour_reward_hand_cases():
-    # exact first word (case, trailing punctuation and the rest ignored) -> 1.0
-    assert grpo.colour_reward(["Red.", " blue sky"], [0, 1], ["red", "blue"]) == [1.0, 1.0]
-    # "tre" vs "red": difflib matches "re" (2 chars), ratio = 2*2/(3+3) = 0.667 -> 0.1 * 0.667
-    # "" (empty completion) -> ratio 0 -> 0.0; "yellowish" vs "yellow": 2*6/15 = 0.8 -> 0.08
-    got = grpo.colour_reward(["tre", "", "yellowish"], [0, 1, 2], ["red", "green", "yellow"])
-    assert got == approx([0.2 / 3, 0.0, 0.08])
-    assert grpo.colour_reward(["tre"], [0], ["red"], partial=0.5) == approx([1 / 3])
-
-
-def _covered_pixels(box, crop):
-    """Brute force: how many of box's unit pixels lie inside crop (integer boxes)."""
-    grid = np.zeros((data.IMAGE_SIZE + 1, data.IMAGE_SIZE + 1), bool)
-    grid[box[1]:box[3], box[0]:box[2]] = True
-    inside = np.zeros_like(grid)
-    inside[crop[1]:crop[3], crop[0]:crop[2]] = True
-    return (grid & inside).sum(), grid.sum()
-
-
-def test_critic_examples_are_labelled_by_the_scene(world):
-    """s_b: a crop labelled 1 for a colour question shows that colour (pixels counted in the crop);
-    s_r: label 1 iff the candidate is the reference, and wrong candidates are words of the same
-    kind (a colour for a colour question). Both labels occur often."""
-    rng = np.random.default_rng(0)
-    n_box = n_hit = n_ans = n_same = positives = shows = 0
-    records = _records(world, "vqa")
-    for rec in records:
-        image = Image.open(rec["image_path"]).convert("RGB")
-        kind = "color" if rec["answer"] in data.COLORS else "shape"
-        for conv, images in tiny_py._critic_examples(rec["question"], rec["answer"], rec["scene"], image, rng):
-            prompt, label = conv[0]["content"][-1]["text"], json.loads(conv[1]["content"][0]["text"])["score"]
-            if "Candidate answer" not in prompt:
-                n_box += 1
-                n_hit += label == 1.0
-                if kind == "color" and label == 1.0:
-                    crop = np.asarray(images[0]).astype(int)
-                    positives += 1
-                    shows += (np.abs(crop - data.COLORS[rec["answer"]]).sum(-1) < 30).any()
-            else:
-                n_ans += 1
-                cand = prompt.split("Candidate answer: ")[1].split(".")[0].strip()
-                assert cand in (list(data.COLORS) if kind == "color" else data.SHAPES)
-                assert label == float(cand == rec["answer"])
-                n_same += cand == rec["answer"]
-    assert n_box == n_ans == 2 * len(records)
-    assert 0.2 < n_hit / n_box < 0.8 and 0.2 < n_same / n_ans < 0.8
-    assert positives > 0 and shows == positives
-
-
-def test_critic_box_label_matches_pixel_count():
-    """rewards.covers (the label rule) agrees with counting pixels on random integer boxes."""
-    rng = np.random.default_rng(1)
-    for _ in range(300):
-        x1, y1 = rng.integers(0, 100, 2)
-        box = [int(x1), int(y1), int(x1 + rng.integers(1, 12)), int(y1 + rng.integers(1, 12))]
-        cx, cy = rng.integers(0, 100, 2)
-        crop = [int(cx), int(cy), int(cx + rng.integers(1, 30)), int(cy + rng.integers(1, 30))]
-        covered, area = _covered_pixels(box, crop)
-        assert rewards.covers(crop, box) == (covered >= 0.5 * area)
-
-
-# ====================================================================================================
 # seg_rise.py: Seg-RISE
 # ====================================================================================================
-@pytest.fixture(scope="session")
-def clip_dir(cache, tmp_path_factory):
-    """A shapes CLIP trained for 2 steps: the real build path, in seconds (its scores mean nothing)."""
-    return tiny_py.build_shapes_clip(tmp_path_factory.mktemp("clip") / "shapes-clip", seed=0, steps=2,
-                                     batch_size=16, n_scenes=12, log=lambda *a: None)
-
-
-@pytest.fixture(scope="session")
-def seg_world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("seg_world")
-    data.make_shapes_world(out, n_train=4, n_test=4, seed=0)
-    return out
-
-
-def env_for(cache):
-    return dict(os.environ, PYTHONPATH=str(ROOT), RISE_CACHE=str(cache), OMP_NUM_THREADS="1")
-
-
 # ============================================================================ answers and frames
 def test_frames_both_ways_both_families(tiny):
     _, processor = tiny
@@ -4185,3 +4108,95 @@ def test_oracle_critic_reads_gt_box_and_exact_match():
     s_b, s_r = visrl.oracle_scores(items, records, boxes)
     assert s_b == [1.0, 0.0, 0.0] and s_r == [1.0, 0.0, 1.0]      # (0.2..0.3)^2 is 1/4 of the GT box
     assert rewards.covers([0, 0, 1, 1], [0.2, 0.2, 0.4, 0.4]) and not rewards.covers([0, 0, 0.3, 0.3], [0.2, 0.2, 0.6, 0.6])
+
+
+# ====================================================================================================
+# run.py: presets, manifest paths, the guarded update (shared by the four pipelines)
+# ====================================================================================================
+def test_presets_fill_unset_options_tiny_for_a_tiny_model(tiny_dir):
+    for module in (rise_cot, rise_r1, S, visrl):
+        tiny_args = module.parse_args(["--model", str(tiny_dir)])          # auto: a tiny model dir
+        paper_args = module.parse_args(["--model", "Qwen/Qwen2-VL-2B-Instruct"])
+        for key, value in module.TINY.items():
+            assert getattr(tiny_args, key) == value, (module.__name__, key)
+        for key, value in module.PAPER.items():
+            assert getattr(paper_args, key) == value, (module.__name__, key)
+        given = module.parse_args(["--model", str(tiny_dir), "--preset", "paper", "--lr", "0.25"])
+        assert given.lr == 0.25 and given.max_new_tokens == module.PAPER["max_new_tokens"]
+    assert run.is_tiny(vlm.TINY_BASE) and run.is_tiny(str(tiny_dir)) and not run.is_tiny("Qwen/Qwen2-VL-2B-Instruct")
+
+
+def test_manifest_path_takes_a_file_or_a_shapes_world_task(tmp_path):
+    assert run.manifest_path("a/b/train.jsonl", "test", 0, "seg") == Path("a/b/train.jsonl")
+    assert run.manifest_path(None, "test", 3, "seg", world=tmp_path) == tmp_path / "seg" / "test.jsonl"
+    assert run.manifest_path("det", "train", 3, "seg", world=tmp_path) == tmp_path / "det" / "train.jsonl"
+
+
+class _EngineThatMustNotStep:
+    """Records the DeepSpeed calls of an update (backward, step); a skipped update makes none."""
+
+    def __init__(self):
+        self.calls = []
+
+    def set_gradient_accumulation_boundary(self, boundary):
+        self.calls.append(("boundary", boundary))
+
+    def backward(self, loss):
+        self.calls.append(("backward", loss.item()))
+
+    def step(self):
+        self.calls.append(("step",))
+
+
+def test_guarded_update_never_applies_a_non_finite_loss(capsys):
+    engine, guard = _EngineThatMustNotStep(), run.NonFiniteGuard(limit=3)
+    assert guard.update(engine, torch.tensor(2.0), step=0, window=(True, 1.5)) is False
+    assert engine.calls == [("boundary", True), ("backward", 3.0), ("step",)]      # 2.0 x loss_scale 1.5
+    engine.calls.clear()
+    assert guard.update(engine, torch.tensor(float("nan")), step=1) is True
+    assert guard.update(engine, torch.tensor(float("inf")), step=2) is True
+    assert engine.calls == [] and "non-finite loss" in capsys.readouterr().err
+    assert guard.update(engine, torch.tensor(1.0), step=3) is False                 # a finite loss resets the count
+    for step in (4, 5):
+        guard.update(engine, torch.tensor(float("nan")), step=step)
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row at step 6"):
+        guard.update(engine, torch.tensor(float("-inf")), step=6)
+
+
+# ====================================================================================================
+# bench.py: the benchmark runs (one repetition, structure of its JSON line)
+# ====================================================================================================
+KEYS = {"ours_sps", "trl_sps", "ratio_vs_trl", "ours_peak_mb", "trl_peak_mb"}
+
+
+def run_bench(capsys, tiny_dir, *extra):
+    """bench.main on the tiny model, one measured step, no warm-up; returns its JSON line."""
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            results = bench.main(["--model", str(tiny_dir), "--quick", "--reps", "1", "--warmup", "0", "--json", *extra])
+    finally:
+        torch.set_num_threads(threads)                    # bench runs torch on one CPU thread
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "GRPO step" in "\n".join(lines) and "DPO step" in "\n".join(lines)
+    out = json.loads(lines[-1])
+    assert set(out) == {"grpo", "dpo"} and all(set(v) == KEYS for v in out.values())
+    for algo in ("grpo", "dpo"):
+        assert out[algo]["ours_sps"] > 0 and out[algo]["ours_peak_mb"] > 0
+        r = results[algo]["ours"]
+        assert r["total"] > 0 and r["logp"] > 0 and r["update"] > 0 and r["length"] > 0
+    assert results["grpo"]["ours"]["gen"] > 0
+    return out
+
+
+def test_bench_ours_json(capsys, tiny_dir):
+    out = run_bench(capsys, tiny_dir, "--skip-trl")
+    assert all(out[a]["trl_sps"] is None and out[a]["ratio_vs_trl"] is None for a in out)
+
+
+def test_bench_trl_json(capsys, tiny_dir):
+    pytest.importorskip("trl")
+    out = run_bench(capsys, tiny_dir)
+    for algo in ("grpo", "dpo"):
+        assert out[algo]["trl_sps"] > 0 and out[algo]["trl_peak_mb"] > 0
+        assert out[algo]["ratio_vs_trl"] == pytest.approx(out[algo]["ours_sps"] / out[algo]["trl_sps"], rel=1e-2)

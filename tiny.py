@@ -228,15 +228,15 @@ def build_tiny(out, seed=0, pretrain=False, steps=None, n_train=400, record_scor
     if not (world / "vqa" / "test.jsonl").exists():
         data.make_shapes_world(world, n_train=n_train, n_test=1, seed=1000 + seed)
     examples = pretrain_corpus(world, seed)
-    where, look = look_corpus(world, seed)
-    tokenizer = build_tokenizer(corpus_text(examples + look))
+    where, alone, scenes = look_corpus(world, seed)
+    tokenizer = build_tokenizer(corpus_text(examples + alone + scenes))
     processor = tiny_processor(tokenizer)
     model = tiny_model(tokenizer, seed)
-    curve = pretrain_sft(model, processor, examples, where, look, seed, steps=steps, log=log) if pretrain else []
+    curve = pretrain_sft(model, processor, examples, where, alone, scenes, seed, steps=steps, log=log) if pretrain else []
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    (tmp / "build.json").write_text(json.dumps(build_record(seed, steps, n_train, examples, look, t0, curve),
+    (tmp / "build.json").write_text(json.dumps(build_record(seed, steps, n_train, examples, alone + scenes, t0, curve),
                                                indent=1))
     publish_dir(tmp, out)
     if pretrain and record_scores:
@@ -247,8 +247,8 @@ def build_tiny(out, seed=0, pretrain=False, steps=None, n_train=400, record_scor
 
 
 def default_steps():
-    """Pretraining steps when none are given: 3400, or the RISE_TINY_STEPS environment variable."""
-    return int(os.environ.get("RISE_TINY_STEPS", 3400))
+    """Pretraining steps when none are given: 4500, or the RISE_TINY_STEPS environment variable."""
+    return int(os.environ.get("RISE_TINY_STEPS", 4500))
 
 
 def build_record(seed, steps, n_train, examples, look, t0, curve):
@@ -395,8 +395,9 @@ def look_examples(scene, image):
 
 def look_corpus(root, seed=0):
     """look_examples() for one shape of every training scene drawn alone, and for every training
-    scene whole. Returns (where, look): the "Where is the red square?" questions about the shapes
-    drawn alone (the curriculum's first stage, pretrain_sft) and all look questions of both kinds."""
+    scene whole. Returns (where, alone, scenes): the "Where is the red square?" questions about the
+    shapes drawn alone, all look questions about them, all look questions about the whole scenes:
+    the first three stages of pretrain_sft's curriculum."""
     rng = np.random.default_rng(seed + 1)
     alone, scenes = [], []
     for task in data.SHAPE_TASKS:
@@ -406,8 +407,7 @@ def look_corpus(root, seed=0):
             shape = rec["scene"][int(rng.integers(len(rec["scene"])))]
             alone += look_examples([shape], data.render([shape], int(rng.integers(200, 246))))
     where = [ex for ex in alone if ex[0][0]["content"][-1]["text"].startswith("Where")]
-    look = alone + scenes
-    return [where[i] for i in rng.permutation(len(where))], [look[i] for i in rng.permutation(len(look))]
+    return tuple([pool[i] for i in rng.permutation(len(pool))] for pool in (where, alone, scenes))
 
 
 def _critic_examples(question, answer, scene, image, rng, n=2):
@@ -449,36 +449,46 @@ def warmup_cosine(optimizer, steps, warmup):
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
 
 
-def pretrain_sft(model, processor, examples, where=(), look=(), seed=0, steps=None, batch_size=16, lr=1e-3,
-                 where_first=0.3, look_next=0.25, look_share=0.25, log=print):
-    """Plain SFT from scratch (AdamW, batch 16) on the assistant tokens, in three stages, each with
-    its own warm-up + cosine schedule (look_corpus gives the pools):
+def pretrain_sft(model, processor, examples, where=(), alone=(), scenes=(), seed=0, steps=None, batch_size=16,
+                 lr=1e-3, shares=(0.2, 0.2, 0.2), look_share=0.25, where_loss=0.5, log=print):
+    """Plain SFT from scratch (AdamW, batch 16) on the assistant tokens, as a curriculum of four
+    stages (look_corpus gives the first three pools); `shares` are stages 1-3's shares of `steps`:
 
-      1. `where_first` of the steps: only "Where is the red square?" about one shape drawn alone;
-      2. `look_next`: only look questions (colour, position word, exact box), alone and in scenes;
-      3. the rest: `examples` (every pipeline format), a `look_share` of each batch still look questions.
+      1. "Where is the red square?" about one shape drawn alone, at a constant lr, until the mean
+         loss of the last 50 steps is below `where_loss` nats (at most twice its share);
+      2. every look question (colour, position word, exact box) about one shape drawn alone;
+      3. the same about whole scenes, a quarter of each batch still about shapes alone;
+      4. the rest: `examples` (every pipeline format), a `look_share` of each batch look questions.
 
-    Why: trained from scratch on the long formats, the model never starts to use the image's
-    positions (its loss sits at the answers' prior). On position words alone it sits there too, for
-    ~400 steps, then learns them (README: "the tiny base"); boxes and scenes build on that.
-    Returns the loss curve [(step, mean loss of the last steps)]."""
+    Why: trained from scratch on the long formats, or on boxes, the model never starts to use where
+    things are in the image (its loss sits at the answers' prior). On position words about one shape
+    it sits there too, for a few hundred to a thousand-odd steps, then learns them; exact boxes and
+    whole scenes build on that (README: "the tiny base"). Stages 2-4 each get a fresh warm-up + cosine
+    schedule. Returns the loss curve [(step, mean loss of the last steps)]; its last step is the
+    number of steps run (stage 1's length varies)."""
     steps = steps or default_steps()
-    n_where = round(where_first * steps) if where else 0
-    n_look = round(look_next * steps) if look else 0
-    stages = [(n_where, [(where, batch_size)]), (n_look, [(look, batch_size)]),
-              (steps - n_where - n_look, [(look, round(look_share * batch_size) if look else 0),
-                                          (examples, batch_size - (round(look_share * batch_size) if look else 0))])]
+    n1, n2, n3 = (round(f * steps) for f in shares)
+    n4 = steps - n1 - n2 - n3
+    k = round(look_share * batch_size)
+    stages = [(2 * n1, [(where, batch_size)]), (n2, [(alone, batch_size)]),
+              (n3, [(alone, batch_size // 4), (scenes, batch_size - batch_size // 4)]),
+              (n4, [(alone + scenes, k), (examples, batch_size - k)] if alone else [(examples, batch_size)])]
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     model.train()
-    curve, recent, every, step = [], [], max(1, min(50, steps // 8)), 0
-    bar = tqdm(total=steps, desc="pretrain tiny base", mininterval=10)
-    for n_steps, pools in [stage for stage in stages if stage[0] > 0]:
+    curve, recent, window, step, every = [], [], [], 0, max(1, min(50, steps // 8))
+    bar = tqdm(desc="pretrain tiny base", mininterval=10)
+    for stage, (n_steps, pools) in enumerate(stages, 1):
+        pools = [(pool, n) for pool, n in pools if n and pool]
+        if not n_steps or not pools:
+            continue
         for group in optimizer.param_groups:
             group["lr"] = lr
-        schedule = warmup_cosine(optimizer, n_steps, warmup=min(50, max(1, n_steps // 10)))
-        for _ in range(n_steps):
-            batch = [pool[i] for pool, n in pools if n for i in torch.randint(len(pool), (n,), generator=g).tolist()]
+        warmup = min(50, max(1, n_steps // 10))
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)) \
+            if stage == 1 else warmup_cosine(optimizer, n_steps, warmup)
+        for i in range(n_steps):
+            batch = [pool[j] for pool, n in pools for j in torch.randint(len(pool), (n,), generator=g).tolist()]
             convs, ims = zip(*batch)
             loss = sft_loss(model, processor, list(convs), list(ims))
             optimizer.zero_grad()
@@ -487,13 +497,20 @@ def pretrain_sft(model, processor, examples, where=(), look=(), seed=0, steps=No
             optimizer.step()
             schedule.step()
             recent.append(loss.item())
+            window = (window + [loss.item()])[-50:]
             step += 1
             bar.update()
-            if step % every == 0 or step == steps:
+            if step % every == 0:
                 curve.append((step, round(float(np.mean(recent)), 4)))
                 recent = []
-                bar.set_postfix(loss=f"{curve[-1][1]:.3f}")
-                log(f"[tiny] step {step}/{steps} loss {curve[-1][1]:.3f}")
+                bar.set_postfix(stage=stage, loss=f"{curve[-1][1]:.3f}")
+                log(f"[tiny] stage {stage} step {step} loss {curve[-1][1]:.3f}")
+            if stage == 1 and len(window) == 50 and np.mean(window) < where_loss:
+                break
+        if stage == 1:
+            log(f"[tiny] stage 1 (position words) ended after {i + 1} steps, loss {np.mean(window):.3f}")
+    if recent:
+        curve.append((step, round(float(np.mean(recent)), 4)))
     bar.close()
     model.eval()
     return curve
@@ -835,7 +852,7 @@ def main(argv=None):
     base = sub.add_parser("base", help="build the tiny base: the tiny model SFT-pretrained on shapes world")
     base.add_argument("--out", required=True)
     base.add_argument("--steps", type=int, default=None,
-                      help="pretraining steps (default 3400, or RISE_TINY_STEPS); 0: random weights, same tokenizer")
+                      help="pretraining steps (default 4500, or RISE_TINY_STEPS); 0: random weights, same tokenizer")
     base.add_argument("--seed", type=int, default=0)
     base.add_argument("--n-train", type=int, default=400, help="shapes-world training scenes per task")
     record = sub.add_parser("record", help="(re)compute the scores in a built base's build.json")
