@@ -195,6 +195,23 @@ def parse_seg_box(answer):
     return None
 
 
+def parse_grounding_box(text):
+    """A real checkpoint's answer to its own grounding prompt (data.GROUNDING_PROMPT) -> 4 floats in
+    the model's frame, else None: the first JSON object with a valid "bbox_2d" (Qwen2.5-VL's
+    format, e.g. '```json [{"bbox_2d": [x1, y1, x2, y2], "label": "cat"}] ```') or "bbox", else the
+    first box parse_boxes() finds (Qwen2-VL's "<|box_start|>(x1,y1),(x2,y2)<|box_end|>")."""
+    if not isinstance(text, str):
+        return None
+    for obj in _json_objects(text):
+        for key in ("bbox_2d", "bbox"):
+            box = obj.get(key) if isinstance(obj, dict) else None
+            if (isinstance(box, list) and len(box) == 4 and all(_number(v) is not None for v in box)
+                    and valid_box(box)):
+                return [float(v) for v in box]
+    boxes = parse_boxes(text)
+    return boxes[0] if boxes else None
+
+
 _SCALE = r"\s*(?:(%)|(?:/|\bout\s+of\b)\s*({num}))?".format(num=NUM)   # "80%", "2/10", "7 out of 10"
 _SCORE_RE = re.compile(r"""["']?\bscore\b["']?\s*[:=]?\s*["']?({num}){scale}""".format(num=NUM, scale=_SCALE), re.I)
 _BARE_SCORE_RE = re.compile(r"""\s*["']?({num}){scale}["']?\s*""".format(num=NUM, scale=_SCALE))

@@ -91,6 +91,10 @@ def parse_args(argv=None):
                    help="a config name inside the sam2 package (the paper: configs/sam2.1/sam2.1_hiera_l.yaml)")
     p.add_argument("--sam2-ckpt", default=None,
                    help="SAM2 checkpoint file; without one SAM2 has RANDOM weights (plumbing only)")
+    p.add_argument("--eval-prompt", default="seg", choices=["seg", "grounding"],
+                   help="--eval's prompt: seg (the training prompt) or grounding: the real checkpoint's own "
+                        "grounding prompt (data.GROUNDING_PROMPT, Qwen2.5-VL's), with which the Seg-RISE paper "
+                        "tests RefCOCO/+/g; its box is read from the answer's \"bbox_2d\", no points")
     p.add_argument("--save-vis", default=None, help="--eval: write PNG overlays to this folder")
     p.add_argument("--n-vis", type=int, default=16, help="how many overlays --save-vis writes")
     p.add_argument("--eval-batch-size", type=int, default=16, help="prompts per greedy generate() in --eval")
@@ -245,14 +249,32 @@ def box_mask(image_size, box):
 
 
 # ============================================================================ 5. evaluation
-def sample_problem(rec, processor, model_type, args):
-    """Why a record's prompt cannot be processed (too long, an image the processor refuses), or None."""
+def eval_prompt(rec, image, model_type, processor, args):
+    """--eval's prompt for one record: the training prompt, or with --eval-prompt grounding the
+    checkpoint's own grounding prompt, word for word (no frame note: the model knows its frame)."""
+    if getattr(args, "eval_prompt", "seg") == "grounding":
+        return data.prompt("grounding", rec)
+    return prompt_text(rec["instruction"], args.cot, args.points, vlm.box_frame(model_type, image.size, processor))
+
+
+def eval_answer(text, image, model_type, processor, args):
+    """--eval's reading of a greedy answer -> (box, points) in pixels, as read_answer()."""
+    if getattr(args, "eval_prompt", "seg") == "grounding":
+        box = rewards.parse_grounding_box(text)
+        return (box_to_pixels(box, image, model_type, processor), []) if box else (None, [])
+    return read_answer(text, image, model_type, processor, points=args.points)
+
+
+def sample_problem(rec, processor, model_type, args, training=False):
+    """Why a record's prompt (--eval's, or with `training` the training prompt) cannot be processed
+    (too long, an image the processor refuses), or None."""
     try:
         image = data.open_image(rec["image_path"])
     except OSError as e:
         return f"{type(e).__name__}: {e}"
-    frame = vlm.box_frame(model_type, image.size, processor)
-    conv = [vlm.user_turn(prompt_text(rec["instruction"], args.cot, args.points, frame))]
+    text = prompt_text(rec["instruction"], args.cot, args.points, vlm.box_frame(model_type, image.size, processor)) \
+        if training else eval_prompt(rec, image, model_type, processor, args)
+    conv = [vlm.user_turn(text)]
     return vlm.prompt_problem(processor, conv, [image], args.max_prompt_len)
 
 
@@ -330,13 +352,13 @@ def evaluate(model, processor, records, args, executor, rank=0, world=1, vis_dir
         if not chunk:
             continue
         images = [data.open_image(r["image_path"]) for r in chunk]
-        batch = vlm.chat_inputs(processor, [[vlm.user_turn(prompt_text(
-            r["instruction"], args.cot, args.points, vlm.box_frame(model_type, im.size, processor)))]
-            for r, im in zip(chunk, images)], [[im] for im in images], max_prompt_len=args.max_prompt_len)
+        batch = vlm.chat_inputs(processor, [[vlm.user_turn(eval_prompt(r, im, model_type, processor, args))]
+                                            for r, im in zip(chunk, images)], [[im] for im in images],
+                                max_prompt_len=args.max_prompt_len)
         with vlm.generation_mode(model):
             texts = vlm.sample(model, processor, batch, 1, args.eval_max_new_tokens, do_sample=False)["texts"]
         for rec, image, text in zip(chunk, images, texts):
-            box, points = read_answer(text, image, model_type, processor, points=args.points)
+            box, points = eval_answer(text, image, model_type, processor, args)
             if box is not None and rewards.crop_box(image, box) is None:
                 box, points = None, []                  # entirely outside the image: nothing to segment
             gt_mask = data.read_mask(rec["mask_path"]) if rec.get("mask_path") else None   # 0/1, 0/255, P, RGB
@@ -392,7 +414,8 @@ def main(argv=None):
     text_cache = {}                                  # one CLIP text embedding per instruction
     model_type = model.config.model_type
     # a sample whose prompt cannot be processed is skipped and listed in OUT/skipped.jsonl, never fatal
-    train, _ = run.usable(train, lambda r: sample_problem(r, processor, model_type, args), rank, world, out)
+    train, _ = run.usable(train, lambda r: sample_problem(r, processor, model_type, args, training=True), rank, world,
+                          out)
     ckpt = run.load_checkpoint(engine, out) if args.resume else None
     run.prepare_out(out, rank, ckpt)                 # --resume: metrics.jsonl cut back to the checkpoint
     state = ckpt or {"step": 0}
@@ -462,8 +485,8 @@ def eval_only(args, rank, world, out, device):
     rows = evaluate(model, processor, records, args, make_executor(args, device), rank, world, args.save_vis,
                     clip)
     if rank == 0:
-        result = {**summarise(rows), "executor": args.executor, "model": str(args.model), "test": str(manifest),
-                  "skipped": skipped}
+        result = {**summarise(rows), "executor": args.executor, "eval_prompt": args.eval_prompt,
+                  "model": str(args.model), "test": str(manifest), "skipped": skipped}
         if args.executor == "sam2":
             result.update(sam2_config=args.sam2_config, sam2_ckpt=args.sam2_ckpt,
                           sam2_random_weights=not args.sam2_ckpt)

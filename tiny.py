@@ -8,9 +8,8 @@ downloaded, and no pipeline code depends on them:
                           Qwen2VLForConditionalGeneration (the classes of Qwen2-VL-2B) with a BPE
                           tokenizer trained on shapes-world text
   2. the tiny base        pretrain_corpus() (every prompt the pipelines use, targets with label
-                          noise), look_corpus() (short questions about where each shape is),
-                          pretrain_sft() (a three-stage curriculum), build_tiny(): the model every
-                          script starts from (--model tiny-base, committed in tiny-base/)
+                          noise), pretrain_sft(), build_tiny(): the model every script starts from
+                          (--model tiny-base, built and cached on first use)
   3. scores               task_scores(): greedy scores of a model on every shapes-world test task
   4. the shapes CLIP      build_shapes_clip(), load_shapes_clip(): Seg-RISE's default semantic
                           scorer, a small open_clip CLIP trained contrastively on shapes-world crops
@@ -228,15 +227,15 @@ def build_tiny(out, seed=0, pretrain=False, steps=None, n_train=400, record_scor
     if not (world / "vqa" / "test.jsonl").exists():
         data.make_shapes_world(world, n_train=n_train, n_test=1, seed=1000 + seed)
     examples = pretrain_corpus(world, seed)
-    where, alone, scenes = look_corpus(world, seed)
-    tokenizer = build_tokenizer(corpus_text(examples + alone + scenes))
+    look = look_corpus(world, seed)
+    tokenizer = build_tokenizer(corpus_text(examples + look))
     processor = tiny_processor(tokenizer)
     model = tiny_model(tokenizer, seed)
-    curve = pretrain_sft(model, processor, examples, where, alone, scenes, seed, steps=steps, log=log) if pretrain else []
+    curve = pretrain_sft(model, processor, examples, look, seed, steps=steps, log=log) if pretrain else []
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    (tmp / "build.json").write_text(json.dumps(build_record(seed, steps, n_train, examples, alone + scenes, t0, curve),
+    (tmp / "build.json").write_text(json.dumps(build_record(seed, steps, n_train, examples, look, t0, curve),
                                                indent=1))
     publish_dir(tmp, out)
     if pretrain and record_scores:
@@ -247,8 +246,8 @@ def build_tiny(out, seed=0, pretrain=False, steps=None, n_train=400, record_scor
 
 
 def default_steps():
-    """Pretraining steps when none are given: 4500, or the RISE_TINY_STEPS environment variable."""
-    return int(os.environ.get("RISE_TINY_STEPS", 4500))
+    """Pretraining steps when none are given: 2400, or the RISE_TINY_STEPS environment variable."""
+    return int(os.environ.get("RISE_TINY_STEPS", 2400))
 
 
 def build_record(seed, steps, n_train, examples, look, t0, curve):
@@ -394,20 +393,17 @@ def look_examples(scene, image):
 
 
 def look_corpus(root, seed=0):
-    """look_examples() for one shape of every training scene drawn alone, and for every training
-    scene whole. Returns (where, alone, scenes): the "Where is the red square?" questions about the
-    shapes drawn alone, all look questions about them, all look questions about the whole scenes:
-    the first three stages of pretrain_sft's curriculum."""
+    """look_examples() for every training scene of the shapes world at `root`, and for each of
+    its shapes drawn alone (the easy half of the curriculum: one object, nothing to confuse)."""
     rng = np.random.default_rng(seed + 1)
-    alone, scenes = [], []
+    examples = []
     for task in data.SHAPE_TASKS:
         records, _ = data.read_manifest(Path(root) / task / "train.jsonl", data.MANIFEST_TASK[task])
         for rec in records:
-            scenes += look_examples(rec["scene"], data.open_image(rec["image_path"]))
-            shape = rec["scene"][int(rng.integers(len(rec["scene"])))]
-            alone += look_examples([shape], data.render([shape], int(rng.integers(200, 246))))
-    where = [ex for ex in alone if ex[0][0]["content"][-1]["text"].startswith("Where")]
-    return tuple([pool[i] for i in rng.permutation(len(pool))] for pool in (where, alone, scenes))
+            examples += look_examples(rec["scene"], data.open_image(rec["image_path"]))
+            alone = rec["scene"][int(rng.integers(len(rec["scene"])))]
+            examples += look_examples([alone], data.render([alone], int(rng.integers(200, 246))))
+    return [examples[i] for i in rng.permutation(len(examples))]
 
 
 def _critic_examples(question, answer, scene, image, rng, n=2):
@@ -449,69 +445,37 @@ def warmup_cosine(optimizer, steps, warmup):
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
 
 
-def pretrain_sft(model, processor, examples, where=(), alone=(), scenes=(), seed=0, steps=None, batch_size=16,
-                 lr=1e-3, shares=(0.2, 0.2, 0.2), look_share=0.25, where_loss=0.5, log=print):
-    """Plain SFT from scratch (AdamW, batch 16) on the assistant tokens, as a curriculum of four
-    stages (look_corpus gives the first three pools); `shares` are stages 1-3's shares of `steps`:
+def pretrain_sft(model, processor, examples, look=(), seed=0, steps=None, batch_size=16, lr=1e-3,
+                 look_first=0.15, look_share=0.25, log=print):
+    """Plain SFT from scratch (AdamW, warm-up + cosine) on the assistant tokens of `examples`.
 
-      1. "Where is the red square?" about one shape drawn alone, at a constant lr, until the mean
-         loss of the last 50 steps is below `where_loss` nats (at most twice its share);
-      2. every look question (colour, position word, exact box) about one shape drawn alone;
-      3. the same about whole scenes, a quarter of each batch still about shapes alone;
-      4. the rest: `examples` (every pipeline format), a `look_share` of each batch look questions.
-
-    Why: trained from scratch on the long formats, or on boxes, the model never starts to use where
-    things are in the image (its loss sits at the answers' prior). On position words about one shape
-    it sits there too, for a few hundred to a thousand-odd steps, then learns them; exact boxes and
-    whole scenes build on that (README: "the tiny base"). Stages 2-4 each get a fresh warm-up + cosine
-    schedule. Returns the loss curve [(step, mean loss of the last steps)]; its last step is the
-    number of steps run (stage 1's length varies)."""
+    Curriculum: the first `look_first` of the steps draw only from `look` (one-word questions
+    about the image), the rest draw a `look_share` of each batch from it. Returns the loss
+    curve [(step, mean loss of the last 50 steps)]."""
     steps = steps or default_steps()
-    n1, n2, n3 = (round(f * steps) for f in shares)
-    n4 = steps - n1 - n2 - n3
-    k = round(look_share * batch_size)
-    stages = [(2 * n1, [(where, batch_size)]), (n2, [(alone, batch_size)]),
-              (n3, [(alone, batch_size // 4), (scenes, batch_size - batch_size // 4)]),
-              (n4, [(alone + scenes, k), (examples, batch_size - k)] if alone else [(examples, batch_size)])]
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = warmup_cosine(optimizer, steps, warmup=50)
     model.train()
-    curve, recent, window, step, every = [], [], [], 0, max(1, min(50, steps // 8))
-    bar = tqdm(desc="pretrain tiny base", mininterval=10)
-    for stage, (n_steps, pools) in enumerate(stages, 1):
-        pools = [(pool, n) for pool, n in pools if n and pool]
-        if not n_steps or not pools:
-            continue
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        warmup = min(50, max(1, n_steps // 10))
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / warmup)) \
-            if stage == 1 else warmup_cosine(optimizer, n_steps, warmup)
-        for i in range(n_steps):
-            batch = [pool[j] for pool, n in pools for j in torch.randint(len(pool), (n,), generator=g).tolist()]
-            convs, ims = zip(*batch)
-            loss = sft_loss(model, processor, list(convs), list(ims))
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            recent.append(loss.item())
-            window = (window + [loss.item()])[-50:]
-            step += 1
-            bar.update()
-            if step % every == 0:
-                curve.append((step, round(float(np.mean(recent)), 4)))
-                recent = []
-                bar.set_postfix(stage=stage, loss=f"{curve[-1][1]:.3f}")
-                log(f"[tiny] stage {stage} step {step} loss {curve[-1][1]:.3f}")
-            if stage == 1 and len(window) == 50 and np.mean(window) < where_loss:
-                break
-        if stage == 1:
-            log(f"[tiny] stage 1 (position words) ended after {i + 1} steps, loss {np.mean(window):.3f}")
-    if recent:
-        curve.append((step, round(float(np.mean(recent)), 4)))
-    bar.close()
+    curve, recent, every = [], [], max(1, min(50, steps // 8))
+    bar = tqdm(range(steps), desc="pretrain tiny base", mininterval=10)
+    for step in bar:
+        n_look = (batch_size if step < look_first * steps else round(look_share * batch_size)) if look else 0
+        batch = [look[i] for i in torch.randint(len(look), (n_look,), generator=g).tolist()] if n_look else []
+        batch += [examples[i] for i in torch.randint(len(examples), (batch_size - n_look,), generator=g).tolist()]
+        convs, ims = zip(*batch)
+        loss = sft_loss(model, processor, list(convs), list(ims))
+        optimizer.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        recent.append(loss.item())
+        if (step + 1) % every == 0 or step + 1 == steps:
+            curve.append((step + 1, round(float(np.mean(recent)), 4)))
+            recent = []
+            bar.set_postfix(loss=f"{curve[-1][1]:.3f}")
+            log(f"[tiny] step {step + 1}/{steps} loss {curve[-1][1]:.3f}")
     model.eval()
     return curve
 
@@ -852,7 +816,7 @@ def main(argv=None):
     base = sub.add_parser("base", help="build the tiny base: the tiny model SFT-pretrained on shapes world")
     base.add_argument("--out", required=True)
     base.add_argument("--steps", type=int, default=None,
-                      help="pretraining steps (default 4500, or RISE_TINY_STEPS); 0: random weights, same tokenizer")
+                      help="pretraining steps (default 2400, or RISE_TINY_STEPS); 0: random weights, same tokenizer")
     base.add_argument("--seed", type=int, default=0)
     base.add_argument("--n-train", type=int, default=400, help="shapes-world training scenes per task")
     record = sub.add_parser("record", help="(re)compute the scores in a built base's build.json")
