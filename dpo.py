@@ -67,6 +67,8 @@ def step_dpo_loss(box_logps, answer_logps, beta=0.1, box_weight=0.5):
 
 # ---- the model side: summed log-probs of chosen / rejected responses ----
 # The losses above need only torch; the helpers below run the model through vlm.py.
+import contextlib  # noqa: E402
+
 import vlm  # noqa: E402
 
 
@@ -84,24 +86,28 @@ def completion_tensors(processor, texts, device=None):
     return ids.to(device or "cpu"), mask.to(device or "cpu")
 
 
-def response_logps(model, processor, convs, images, responses, device, max_prompt_len=None):
+def response_logps(model, processor, convs, images, responses, device, max_prompt_len=None, group_size=1):
     """logp(y|x) in nats of each response y (its <|im_end|> included) after its conversation x,
     one forward: N conversations, N image lists, N response texts -> [N]. The vision tokens are
-    suppressed as in sampling (vlm.suppressed_ids), so these are the policy's own log-probs."""
+    suppressed as in sampling (vlm.suppressed_ids), so these are the policy's own log-probs.
+    group_size > 1: rows come in groups of that many copies of one conversation, run once."""
     prompt = vlm.chat_inputs(processor, convs, images, max_prompt_len=max_prompt_len)
     prompt = {k: v.to(device) for k, v in prompt.items()}
     ids, mask = completion_tensors(processor, responses, device)          # [N, T]
-    token_logp = vlm.completion_logprobs(model, prompt, ids, mask, suppress=vlm.suppressed_ids(processor))
+    token_logp = vlm.completion_logprobs(model, prompt, ids, mask, suppress=vlm.suppressed_ids(processor),
+                                         group_size=group_size)
     return sequence_logp(token_logp, mask)                                    # [N]
 
 
 def pair_logps(model, ref, processor, convs, images, chosen, rejected, device, max_prompt_len=None):
     """(chosen, rejected, ref_chosen, ref_rejected) summed log-probs of N preference pairs, [N]
-    each: the inputs of dpo_loss. Chosen and rejected share one forward (2N rows); the frozen
-    reference runs under no_grad."""
-    n = len(convs)
-    args = (processor, convs + convs, images + images, chosen + rejected, device, max_prompt_len)
+    each: the inputs of dpo_loss. Rows go chosen 0, rejected 0, chosen 1, ...: one forward, each
+    prompt run once for its two responses (group_size 2). The reference runs under no_grad;
+    ref None: the policy with its LoRA adapters off (peft), i.e. the model they started from."""
+    args = (processor, [c for c in convs for _ in range(2)], [im for im in images for _ in range(2)],
+            [y for pair in zip(chosen, rejected) for y in pair], device, max_prompt_len, 2)
     logp = response_logps(model, *args)
-    with torch.no_grad():
-        ref_logp = response_logps(ref, *args)
-    return logp[:n], logp[n:], ref_logp[:n], ref_logp[n:]
+    adapters_off = getattr(model, "module", model).disable_adapter() if ref is None else contextlib.nullcontext()
+    with torch.no_grad(), adapters_off:
+        ref_logp = response_logps(model if ref is None else ref, *args)
+    return logp[0::2], logp[1::2], ref_logp[0::2], ref_logp[1::2]

@@ -175,7 +175,8 @@ def grpo_update(model, segments, rewards, group_size, optimizer=None, ref_model=
     """Advantages -> GRPO loss -> one optimizer step, for completions made of one or more segments.
 
     segments: list of dicts {prompt, completion_ids [N, T_k], completion_mask [N, T_k], temperature,
-    max_new_tokens (the segment's generation budget, tokens)};
+    max_new_tokens (the segment's generation budget, tokens), group_size (optional: rows come in
+    groups of this many copies of one prompt, each run once by vlm.completion_logprobs)};
     one segment for a plain prompt -> answer rollout, two for RISE-CoT's trajectory (the CoT,
     then its reconstruction from a second prompt). Their tokens are concatenated along T, so
     every token of completion i shares advantage A_i and "seq" normalises over the whole trajectory.
@@ -188,14 +189,15 @@ def grpo_update(model, segments, rewards, group_size, optimizer=None, ref_model=
     """
     advantages = group_advantages(rewards, group_size, scale=scale_rewards)
     model.train()            # from_pretrained leaves eval mode, where gradient checkpointing is off
-    logp = torch.cat([vlm.completion_logprobs(model, s["prompt"], s["completion_ids"], s["completion_mask"],
-                                              s["temperature"], suppress) for s in segments], 1)
+    def logprobs(policy):
+        return torch.cat([vlm.completion_logprobs(policy, s["prompt"], s["completion_ids"], s["completion_mask"],
+                                                  s["temperature"], suppress, s.get("group_size", 1))
+                          for s in segments], 1)
+    logp = logprobs(model)
     ref_logp = None
     if beta != 0:
         with torch.no_grad():
-            ref_logp = torch.cat([vlm.completion_logprobs(ref_model, s["prompt"], s["completion_ids"],
-                                                          s["completion_mask"], s["temperature"], suppress)
-                                  for s in segments], 1)
+            ref_logp = logprobs(ref_model)
     mask = torch.cat([s["completion_mask"] for s in segments], 1)
     budget = None
     if norm == "fixed":
@@ -234,7 +236,7 @@ def grpo_step(model, processor, conversations, images, reward_fn, optimizer=None
         rollout = vlm.sample(module, processor, batch, group_size, max_new_tokens, temperature)
     n = len(rollout["texts"])
     rewards, parts = reward_tensor(reward_fn(rollout["texts"], [i // group_size for i in range(n)]))
-    segment = dict(rollout, temperature=temperature, max_new_tokens=max_new_tokens)
+    segment = dict(rollout, temperature=temperature, max_new_tokens=max_new_tokens, group_size=group_size)
     stats = grpo_update(model, [segment], rewards, group_size, optimizer, ref_model,
                         suppress=vlm.suppressed_ids(processor), **loss_args)
     stats.update(reward_stats(rewards, group_size), **parts)

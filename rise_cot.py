@@ -169,7 +169,9 @@ def main(argv=None):
         reward = torch.tensor([s["reward"] for s in scored])
         segments = []
         if args.train_on in ("cot", "both"):
-            segments.append(dict(cots, temperature=args.temperature, max_new_tokens=args.max_new_tokens))
+            segments.append(dict(cots, temperature=args.temperature, max_new_tokens=args.max_new_tokens,
+                                 group_size=G))                  # G CoTs of one prompt: it runs once
+        # the reconstruction prompts hold each CoT: all different, no prefix to share
         if args.train_on in ("rec", "both"):
             segments.append(dict(recs, temperature=args.rec_temperature or 1.0,
                                  max_new_tokens=args.rec_max_new_tokens))

@@ -166,6 +166,74 @@ def test_logprobs_equal_the_scores_generate_sampled_with(tiny):
     assert (at_one[mask] - roll["sampled_logp"][mask]).abs().max() > 1e-3
 
 
+@contextlib.contextmanager
+def shared_prefix(on):
+    saved, vlm.SHARED_PREFIX = vlm.SHARED_PREFIX, on
+    try:
+        yield
+    finally:
+        vlm.SHARED_PREFIX = saved
+
+
+def logprobs_and_grads(model, roll, processor, group_size, on):
+    """Our log-probs of a rollout (group_size as GRPO passes it) and the gradient of a fixed function
+    of them, with the shared-prefix path on or off."""
+    model.zero_grad()
+    with shared_prefix(on):
+        logp = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
+                                       1.3, vlm.suppressed_ids(processor), group_size=group_size)
+    (0.1 * logp.sum() + 0.01 * (logp ** 2).sum()).backward()
+    return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_shared_prefix_logprobs_equal_the_plain_path(tiny):
+    """Issue 16: each distinct prompt run once, its KV cache shared by its G completions: log-probs
+    (fp32, <= 1e-5), gradients and the scores generate() sampled with equal the plain path's, with 2
+    prompts of different lengths (left padding) and two images of different sizes (one portrait)."""
+    model, processor = tiny
+    convs = [[vlm.user_turn("Describe the image.")],
+             [vlm.user_turn("Give the box of the blue square as [x1,y1,x2,y2], in a longer prompt.")]]
+    images = [[solid((220, 40, 40), 112)], [solid((40, 80, 220), 84).resize((84, 140))]]
+    batch = vlm.chat_inputs(processor, convs, images)
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()          # row 0 is left-padded
+    torch.manual_seed(0)
+    with torch.no_grad():
+        roll = vlm.sample(model, processor, batch, 3, 10, temperature=1.3, return_scores=True)
+    model.train()
+    try:
+        plain, plain_grads = logprobs_and_grads(model, roll, processor, 3, on=False)
+        shared, shared_grads = logprobs_and_grads(model, roll, processor, 3, on=True)
+    finally:
+        model.zero_grad()
+        model.eval()
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
+    mask = roll["completion_mask"].bool()
+    torch.testing.assert_close(shared[mask], roll["sampled_logp"][mask], atol=1e-4, rtol=0)
+    assert shared_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="copies of one prompt"):        # rows 0-1 and 2-3 are not one prompt
+        vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"], group_size=2)
+
+
+def test_shared_prefix_dpo_pairs_equal_the_plain_path(tiny):
+    """dpo.pair_logps runs each prompt once for its chosen and rejected response: the four summed
+    log-probs equal the plain path's, and each equals a response scored alone."""
+    model, processor = tiny
+    convs = [[vlm.user_turn("Which colour?")], [vlm.user_turn("Where is the shape? Answer in one word.")]]
+    images = [[solid((220, 40, 40))], [solid((40, 170, 60), 112)]]
+    chosen, rejected = ["red", "[0.1,0.2,0.5,0.6]"], ["a green shape", "top"]
+    with torch.no_grad():
+        with shared_prefix(False):
+            plain = dpo.pair_logps(model, model, processor, convs, images, chosen, rejected, "cpu")
+        with shared_prefix(True):
+            shared = dpo.pair_logps(model, model, processor, convs, images, chosen, rejected, "cpu")
+        alone = dpo.response_logps(model, processor, convs[1:], images[1:], rejected[1:], "cpu")
+    for a, b in zip(shared, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert shared[1][1].item() == approx(alone[0].item(), abs=1e-4)
+
+
 def test_checkpoint_generation_config_never_changes_what_is_sampled(tiny):
     # Qwen checkpoints ship a generation_config.json with repetition_penalty 1.05, top_k, top_p:
     # generate() would apply them (it fills every unset option from it) while our log-probs do
@@ -523,6 +591,24 @@ def test_short_tiny_build_runs_end_to_end(cache, tmp_path):
     batch = vlm.chat_inputs(processor, [[vlm.user_turn(tiny_py.LOOK_COLOUR.format(shape="circle"))]],
                             [[solid((220, 40, 40), 112)]])
     assert vlm.sample(model, processor, batch, 1, 4, do_sample=False)["texts"][0] != ""
+
+
+def test_look_probe_trains_stage_by_stage_and_scores(cache):
+    """`python tiny.py probe`: one row per stage of the plan, scores that a fresh greedy pass over the
+    returned model reproduces, "where" pools of position questions about one shape drawn alone."""
+    model, processor, results = tiny_py.look_probe([("where_alone", 3), ("alone", 2)], n_train=6, n_test=4,
+                                                   log=lambda *a: None)
+    assert [(r["pool"], r["steps"]) for r in results] == [("where_alone", 3), ("alone", 2)]
+    again = tiny_py.look_scores(model, processor, tiny_py.scores_world(), 4)
+    assert {k: results[-1][k] for k in ("alone", "scenes")} == again
+    assert all(0 <= v <= 1 for kind in again.values() for v in kind.values())
+    pools = tiny_py.probe_pools(tiny_py.pretrain_world(0, 6))
+    assert len(pools["where_alone"]) == 6 * len(data.SHAPE_TASKS)           # one shape per training scene
+    for conv, (image,) in pools["where_alone"]:
+        assert conv[0]["content"][-1]["text"].startswith("Where ")
+        assert len({px for px in image.getdata() if len(set(px)) > 1}) == 1  # one shape colour, grey elsewhere
+    with pytest.raises(ValueError, match="unknown probe pool"):
+        tiny_py.look_probe([("boxes", 1)])
 
 
 def test_look_examples_ask_only_what_the_scene_answers():

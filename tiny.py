@@ -17,6 +17,7 @@ downloaded, and no pipeline code depends on them:
     python tiny.py base --out DIR [--steps N] [--seed S]   # the tiny base (--steps 0: random weights)
     python tiny.py clip [--out DIR] [--seed S]             # the shapes CLIP and its accuracy report
     python tiny.py scores [--model M] [--n N] [--json]     # a model's score per shapes-world task
+    python tiny.py probe --plan where_alone:1000,alone:1000 # look questions only: does a curriculum look?
 """
 import argparse
 import json
@@ -223,9 +224,7 @@ def build_tiny(out, seed=0, pretrain=False, steps=None, n_train=400, record_scor
     t0 = time.time()
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     steps = (steps or default_steps()) if pretrain else 0
-    world = vlm.CACHE / f"shapes-pretrain-{seed}-{n_train}"
-    if not (world / "vqa" / "test.jsonl").exists():
-        data.make_shapes_world(world, n_train=n_train, n_test=1, seed=1000 + seed)
+    world = pretrain_world(seed, n_train)
     examples = pretrain_corpus(world, seed)
     look = look_corpus(world, seed)
     tokenizer = build_tokenizer(corpus_text(examples + look))
@@ -243,6 +242,14 @@ def build_tiny(out, seed=0, pretrain=False, steps=None, n_train=400, record_scor
     log(f"[tiny] tiny model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
         f"pretrain={pretrain}) written to {out} in {time.time() - t0:.0f}s")
     return out
+
+
+def pretrain_world(seed=0, n_train=400):
+    """The shapes world the tiny base is pretrained on (cached): `n_train` training scenes per task."""
+    world = vlm.CACHE / f"shapes-pretrain-{seed}-{n_train}"
+    if not (world / "vqa" / "test.jsonl").exists():
+        data.make_shapes_world(world, n_train=n_train, n_test=1, seed=1000 + seed)
+    return world
 
 
 def default_steps():
@@ -607,6 +614,94 @@ def task_scores(model, processor, root, n=None, batch_size=16, max_new_tokens=96
     return scores
 
 
+# ---- look probes: is a curriculum teaching the tiny model to look? Minutes, not a full build.
+PROBE_POOLS = ("where_alone", "alone", "where_scenes", "scenes")
+
+
+def probe_pools(root, seed=0):
+    """look_examples() of the training scenes at `root` split four ways: about one shape of each
+    scene drawn alone or about the whole scene; position-word questions only ("where_...") or all."""
+    rng = np.random.default_rng(seed + 1)
+    pools = {name: [] for name in PROBE_POOLS}
+    for task in data.SHAPE_TASKS:
+        records, _ = data.read_manifest(Path(root) / task / "train.jsonl", data.MANIFEST_TASK[task])
+        for rec in records:
+            shape = rec["scene"][int(rng.integers(len(rec["scene"])))]
+            for kind, scene, image in (("alone", [shape], data.render([shape], int(rng.integers(200, 246)))),
+                                       ("scenes", rec["scene"], data.open_image(rec["image_path"]))):
+                examples = look_examples(scene, image)
+                pools[kind] += examples
+                pools["where_" + kind] += [ex for ex in examples if ex[0][0]["content"][-1]["text"].startswith("Where")]
+    return pools
+
+
+@torch.no_grad()
+def look_scores(model, processor, root, n=48):
+    """Greedy look answers for the first `n` det test targets at `root`, each drawn alone and in its
+    scene: {"alone" | "scenes": {"box_iou": mean IoU, "acc50": share with IoU >= 0.5, "where":
+    position-word accuracy}}. Boxes are read in the 0..1000 frame; unparsable counts IoU 0."""
+    records = data.read_manifest(Path(root) / "det" / "test.jsonl", "det")[0][:n]
+    model.eval()
+    result = {}
+    for kind in ("alone", "scenes"):
+        targets = [next(s for s in r["scene"] if s["box"] == r["boxes"][0]) for r in records]
+        images = [[data.render([t], 230) if kind == "alone" else data.open_image(r["image_path"])]
+                  for t, r in zip(targets, records)]
+        boxes = _greedy(model, processor, [[user_turn(LOOK_BOX.format(**t))] for t in targets], images, 24)
+        words = _greedy(model, processor, [[user_turn(LOOK_WHERE.format(**t))] for t in targets], images, 8)
+        ious = []
+        for text, t in zip(boxes, targets):
+            parsed = rewards.parse_boxes(text)
+            ious.append(rewards.box_iou(from_model_frame(parsed[0], "qwen2_vl", (data.IMAGE_SIZE,) * 2), t["box"])
+                        if parsed else 0.0)
+        result[kind] = {"box_iou": round(float(np.mean(ious)), 3),
+                        "acc50": round(float(np.mean([v >= 0.5 for v in ious])), 3),
+                        "where": round(float(np.mean([w.strip() == data.position_word(t["box"])
+                                                      for w, t in zip(words, targets)])), 3)}
+    return result
+
+
+def look_probe(plan, seed=0, n_train=400, n_test=48, init=None, lr=1e-3, batch_size=16, log=print):
+    """Train the tiny model on look questions only, stage by stage, scoring it after each stage:
+    the cheap check of a curriculum before a full build (README: "the tiny base").
+
+    plan: [(pool, steps)], pool one of PROBE_POOLS; one AdamW, each stage its own warm-up + cosine.
+    From scratch (the tokenizer build_tiny() would make for `seed` and `n_train`) or from `init`,
+    a saved model. Returns (model, processor, [{"pool", "steps", "loss" (mean of its last 50
+    steps), **look_scores()}])."""
+    unknown = [name for name, _ in plan if name not in PROBE_POOLS]
+    if unknown:
+        raise ValueError(f"unknown probe pool(s) {unknown}: choose from {PROBE_POOLS}")
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
+    world = pretrain_world(seed, n_train)
+    pools = probe_pools(world, seed)
+    if init:
+        model, processor = load_model(init)
+    else:
+        corpus = pretrain_corpus(world, seed) + look_corpus(world, seed)      # build_tiny's tokenizer
+        processor = tiny_processor(build_tokenizer(corpus_text(corpus)))
+        model = tiny_model(processor.tokenizer, seed)
+    g = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    root, results = scores_world(), []
+    for name, n_steps in plan:
+        schedule, losses = warmup_cosine(optimizer, n_steps, warmup=min(50, max(1, n_steps // 10))), []
+        model.train()
+        for _ in tqdm(range(n_steps), desc=f"probe {name}", mininterval=10):
+            convs, ims = zip(*[pools[name][i] for i in torch.randint(len(pools[name]), (batch_size,), generator=g)])
+            loss = sft_loss(model, processor, list(convs), list(ims))
+            optimizer.zero_grad()
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            schedule.step()
+            losses.append(loss.item())
+        results.append({"pool": name, "steps": n_steps, "loss": round(float(np.mean(losses[-50:])), 4),
+                        **look_scores(model, processor, root, n_test)})
+        log(f"[probe] {json.dumps(results[-1])}")
+    return model, processor, results
+
+
 # ============================================================================ 4. the shapes CLIP
 # The shapes-world CLIP: open_clip's CLIP class with a small ModifiedResNet image tower (the
 # architecture of CLIP RN50, one block per stage), a transformer text tower and open_clip's own BPE
@@ -825,6 +920,13 @@ def main(argv=None):
     clip.add_argument("--out", default=None, help="folder (default: the cache, where seg_rise.py looks)")
     clip.add_argument("--seed", type=int, default=0)
     clip.add_argument("--test", default=None, help="seg manifest for the reward profile (default: shapes world)")
+    probe = sub.add_parser("probe", help="train on look questions only, stage by stage, and score after each")
+    probe.add_argument("--plan", required=True, help="stages as POOL:STEPS,POOL:STEPS,... with POOL one of "
+                                                      + ", ".join(PROBE_POOLS))
+    probe.add_argument("--seed", type=int, default=0)
+    probe.add_argument("--n-train", type=int, default=400)
+    probe.add_argument("--init", default=None, help="start from this saved model (default: from scratch)")
+    probe.add_argument("--save", default=None, help="save the probed model here (a later --init)")
     scores = sub.add_parser("scores", help="greedy scores of a model on every shapes-world test task")
     scores.add_argument("--model", default=TINY_BASE)
     scores.add_argument("--data", default=None, help="shapes-world root (default: 128 test scenes per task, "
@@ -836,6 +938,15 @@ def main(argv=None):
         if args.steps is not None and args.steps < 0:
             parser.error("--steps must be >= 0")
         build_tiny(args.out, seed=args.seed, pretrain=args.steps != 0, steps=args.steps, n_train=args.n_train)
+    elif args.command == "probe":
+        try:
+            plan = [(name, int(n)) for name, n in (part.split(":") for part in args.plan.split(","))]
+        except ValueError:
+            parser.error(f"--plan: expected POOL:STEPS,... ; got {args.plan!r}")
+        model, processor, _ = look_probe(plan, seed=args.seed, n_train=args.n_train, init=args.init)
+        if args.save:
+            model.save_pretrained(args.save)
+            processor.save_pretrained(args.save)
     elif args.command == "record":
         record_build_scores(args.dir)
     elif args.command == "clip":

@@ -451,15 +451,7 @@ def step_logps(model, ref, processor, step, device, max_prompt_len=None):
     """(chosen, rejected, ref_chosen, ref_rejected) summed log-probs of one DPO step (box_step or
     answer_step data), [N] each (dpo.pair_logps). ref None (--lora-rank): the reference is the
     policy itself with its adapters off, i.e. the model the phase started from (no second copy)."""
-    if ref is not None:
-        return dpo.pair_logps(model, ref, processor, *step, device, max_prompt_len)
-    convs, images, chosen, rejected = step
-    n = len(convs)
-    args = (processor, convs + convs, images + images, chosen + rejected, device, max_prompt_len)
-    logp = dpo.response_logps(model, *args)
-    with torch.no_grad(), getattr(model, "module", model).disable_adapter():
-        ref_logp = dpo.response_logps(model, *args)
-    return logp[:n], logp[n:], ref_logp[:n], ref_logp[n:]
+    return dpo.pair_logps(model, ref, processor, *step, device, max_prompt_len)
 
 
 # ============================================================================ LoRA (--lora-rank)

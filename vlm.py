@@ -13,6 +13,7 @@ enough for a laptop CPU) with the same classes as Qwen2-VL-2B (Qwen2VLForConditi
 Qwen2VLProcessor), so every pipeline runs the same code on both.
 """
 import contextlib
+import inspect
 import json
 import math
 import os
@@ -134,28 +135,29 @@ def prompt_problem(processor, conversation, images, max_prompt_len=None):
     return None
 
 
-def repeat_batch(batch, repeats, vision_start_id):
-    """Repeat every sample `repeats` times in place order (s0,s0,..,s1,s1,..).
+def select_rows(batch, rows, vision_start_id):
+    """The samples `rows` (indices, repeats allowed) of a processor batch, in that order.
 
     pixel_values is a flat [sum of patches, D] tensor: the rows of image k are
     image_grid_thw[k].prod() rows. Repeating it wholesale is only right for batch 1 (a bug in
-    several public GRPO repos), so each sample's own image rows are repeated with it.
+    several public GRPO repos), so each sample's own image rows go with it.
     """
-    out = {k: v.repeat_interleave(repeats, 0) for k, v in batch.items()
-           if k not in ("pixel_values", "image_grid_thw")}
+    index = torch.as_tensor(rows, dtype=torch.long)
+    out = {k: v[index.to(v.device)] for k, v in batch.items() if k not in ("pixel_values", "image_grid_thw")}
     if "pixel_values" in batch:
-        rows = batch["image_grid_thw"].prod(-1).tolist()
-        per_image = list(torch.split(batch["pixel_values"], rows))
+        per_image = torch.split(batch["pixel_values"], batch["image_grid_thw"].prod(-1).tolist())
         counts = (batch["input_ids"] == vision_start_id).sum(1).tolist()       # images per sample
-        pixels, grids, k = [], [], 0
-        for n in counts:
-            for _ in range(repeats):
-                pixels += per_image[k:k + n]
-                grids.append(batch["image_grid_thw"][k:k + n])
-            k += n
-        out["pixel_values"] = torch.cat(pixels)
-        out["image_grid_thw"] = torch.cat(grids)
+        starts = [sum(counts[:i]) for i in range(len(counts))]
+        images = [k for r in index.tolist() for k in range(starts[r], starts[r] + counts[r])]
+        out["pixel_values"] = torch.cat([per_image[k] for k in images])
+        out["image_grid_thw"] = batch["image_grid_thw"][images]
     return out
+
+
+def repeat_batch(batch, repeats, vision_start_id):
+    """Repeat every sample `repeats` times in place order (s0,s0,..,s1,s1,..): select_rows()."""
+    n = batch["input_ids"].shape[0]
+    return select_rows(batch, [i for i in range(n) for _ in range(repeats)], vision_start_id)
 
 
 # ============================================================================ 3. sampling
@@ -247,8 +249,11 @@ def generation_mode(model):
 
 
 # ============================================================================ 4. log-probs
+SHARED_PREFIX = True     # completion_logprobs(group_size > 1) runs each prompt once; False: the plain path
+
+
 def completion_logprobs(model, prompt, completion_ids, completion_mask, temperature=1.0, suppress=None,
-                        chunk_rows=8, one_piece_bytes=2 ** 28):
+                        group_size=1, chunk_rows=8, one_piece_bytes=2 ** 28):
     """Per-token log-probs [N, T] of `completion_ids` given the (already repeated) prompt tensors.
 
     One forward over prompt + completion, but logits only for the T completion positions, and
@@ -258,16 +263,24 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask, temperat
     scored in one piece (recomputing would only cost time). Logits are divided by the sampling
     temperature and the `suppress` ids masked exactly as in sampling, so these are the log-probs
     of the distribution we sampled from. Positions after EOS (mask 0) are set to 0.
+    group_size > 1: the rows are groups of that many copies of one prompt (sample()'s order), and
+    each distinct prompt is run once (shared_prefix_hidden): same values and gradients, less compute
+    (not under gradient checkpointing, where transformers keeps no KV cache: the plain path).
     """
     module = hf_model(model)                                      # a DeepSpeed engine / LoRA -> the HF model
-    input_ids = torch.cat([prompt["input_ids"], completion_ids], 1)
-    attention_mask = torch.cat([prompt["attention_mask"], completion_mask.to(prompt["attention_mask"].dtype)], 1)
-    extra = {k: v for k, v in prompt.items() if k in ("pixel_values", "image_grid_thw")}
-    if "mm_token_type_ids" in prompt:                     # completion tokens are text (type 0)
-        extra["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1)
     T = completion_ids.shape[1]
-    hidden = module.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                          **extra).last_hidden_state[:, -(T + 1):-1]    # [N, T, H]: position t predicts token t
+    checkpointing = "is_activation_checkpointing" if hasattr(type(module), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"                        # renamed in transformers 5
+    if group_size > 1 and SHARED_PREFIX and not getattr(module, checkpointing, False):
+        hidden = shared_prefix_hidden(module, prompt, completion_ids, completion_mask, group_size)
+    else:
+        input_ids = torch.cat([prompt["input_ids"], completion_ids], 1)
+        attention_mask = torch.cat([prompt["attention_mask"], completion_mask.to(prompt["attention_mask"].dtype)], 1)
+        extra = {k: v for k, v in prompt.items() if k in ("pixel_values", "image_grid_thw")}
+        if "mm_token_type_ids" in prompt:                     # completion tokens are text (type 0)
+            extra["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1)
+        hidden = module.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                              **extra).last_hidden_state[:, -(T + 1):-1]    # [N, T, H]: position t predicts token t
     head, rows = module.get_output_embeddings(), []
     if hidden.shape[0] * T * head.out_features * 4 <= one_piece_bytes:   # small fp32 logits: one piece
         return _token_logp(head, hidden, completion_ids, temperature, suppress) * completion_mask
@@ -276,6 +289,40 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask, temperat
         rows.append(torch.utils.checkpoint.checkpoint(_token_logp, *args, use_reentrant=False)
                     if torch.is_grad_enabled() else _token_logp(*args))
     return torch.cat(rows) * completion_mask
+
+
+def shared_prefix_hidden(module, prompt, completion_ids, completion_mask, group_size):
+    """The hidden states [N, T, H] that predict each completion token, each distinct prompt run ONCE.
+
+    Rows come in groups of `group_size` copies of one prompt (prompt-major, as sample() returns).
+    The N / group_size distinct prompts are prefilled once (with gradients, for the policy), their
+    KV cache repeated to the N rows, then the completions run on it. Autograd sums a group's
+    gradients through its shared prefix, so values and gradients equal the full forward's, while a
+    prompt's image tokens (hundreds for a photo) pass the vision tower and the LLM once, not G times.
+    The 3-D (M-RoPE) positions come from the whole sequences, as the full forward computes them.
+    Raises ValueError when a group's rows are not copies of one prompt (ids, mask and pixels)."""
+    P, N = prompt["input_ids"].shape[1], completion_ids.shape[0]
+    mask = torch.cat([prompt["attention_mask"], completion_mask.to(prompt["attention_mask"].dtype)], 1)
+    ids = torch.cat([prompt["input_ids"], completion_ids], 1)
+    types = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1) \
+        if "mm_token_type_ids" in prompt else None
+    positions, _ = module.model.get_rope_index(input_ids=ids, mm_token_type_ids=types, attention_mask=mask,
+                                               image_grid_thw=prompt.get("image_grid_thw"))   # [3, N, P + T]
+    first = list(range(0, N, group_size))
+    unique = select_rows(prompt, first, module.config.vision_start_token_id)
+    again = select_rows(unique, [i for i in range(len(first)) for _ in range(group_size)],
+                        module.config.vision_start_token_id)
+    if N % group_size or any(not torch.equal(again[k], prompt[k]) for k in prompt):
+        raise ValueError(f"group_size {group_size}: every group of rows must hold copies of one prompt")
+    prefix = module.model(**unique, position_ids=positions[:, first, :P], use_cache=True)
+    cache = getattr(prefix, "cache", None)                       # transformers >= 5.24; before: past_key_values
+    cache = prefix.past_key_values if cache is None else cache
+    cache.batch_repeat_interleave(group_size)                     # [B, ...] -> [N, ...], differentiable
+    cache_arg = "cache" if "cache" in inspect.signature(module.model.forward).parameters else "past_key_values"
+    rest = module.model(input_ids=completion_ids, attention_mask=mask, position_ids=positions[:, :, P:],
+                        use_cache=True, **{cache_arg: cache}).last_hidden_state      # [N, T, H]
+    last = prefix.last_hidden_state[:, -1:].repeat_interleave(group_size, 0)      # predicts completion token 0
+    return torch.cat([last, rest[:, :-1]], 1)
 
 
 def _token_logp(head, hidden, ids, temperature, suppress):
