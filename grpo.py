@@ -330,8 +330,17 @@ def main(argv=None):
     if args.dump_rank_state:
         with vlm.gathered(engine.module):
             checksum = sum(p.detach().double().sum().item() for p in engine.module.parameters())
-        (out / f"rank{rank}.json").write_text(json.dumps({"rank": rank, "world": world, "checksum": checksum,
-                                                         "texts": rollout["texts"]}))
+        logp = {}                        # the last rollout scored both ways, under this run's ZeRO stage
+        with torch.no_grad():
+            for on in (True, False):
+                vlm.SHARED_PREFIX = on
+                logp[on] = vlm.completion_logprobs(
+                    engine, rollout["prompt"], rollout["completion_ids"], rollout["completion_mask"],
+                    suppress=vlm.suppressed_ids(processor), group_size=args.num_generations)
+        vlm.SHARED_PREFIX = True
+        (out / f"rank{rank}.json").write_text(json.dumps({
+            "rank": rank, "world": world, "checksum": checksum, "texts": rollout["texts"],
+            "shared_prefix_max_diff": (logp[True] - logp[False]).abs().max().item()}))
 
 
 if __name__ == "__main__":

@@ -56,6 +56,8 @@ def common_args(script, description, **defaults):
     p.add_argument("--loss-norm", default="seq", choices=["seq", "token", "fixed"])
     p.add_argument("--scale-rewards", default="group", choices=["group", "none"])
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--no-shared-prefix", dest="shared_prefix", action="store_false",
+                   help="score each completion with its own copy of the prompt (vlm.SHARED_PREFIX: the plain path)")
     p.add_argument("--deepspeed", default=None, help="ZeRO config JSON (default ds_zero2.json)")
     p.add_argument("--save-every", type=int, default=50, help="checkpoint every N optimizer updates (for --resume)")
     p.add_argument("--resume", action="store_true", help="continue from OUT/ckpt")
@@ -108,6 +110,7 @@ def start(args):
     is not seeded here (weights come from a checkpoint and DeepSpeed broadcasts them).
     """
     rank, world = vlm.init_distributed(force=True)
+    vlm.SHARED_PREFIX = getattr(args, "shared_prefix", True)
     seed = args.seed + 1000 * rank
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     out = Path(args.out)

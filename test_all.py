@@ -527,7 +527,8 @@ def test_paper_presets_fit_a_megapixel_photo_in_the_prompt_limit(real_arch):
 def test_two_rank_zero3_step_on_cpu(tiny_dir, tmp_path):
     """`deepspeed --num_gpus 2` on CPU (gloo): one GRPO step under ZeRO-3 leaves the same
     parameters on both ranks (gradients were all-reduced) while each rank sampled its own
-    completions (per-rank seeds)."""
+    completions (per-rank seeds); with sharded weights the shared-prefix log-probs of each rank's
+    rollout equal the plain path's."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29533", str(ROOT / "grpo.py"), "--model", str(tiny_dir),
            "--out", str(tmp_path), "--max-steps", "1", "--num-generations", "8", "--deepspeed",
@@ -538,6 +539,7 @@ def test_two_rank_zero3_step_on_cpu(tiny_dir, tmp_path):
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     assert ranks[0]["texts"] != ranks[1]["texts"]
+    assert max(r["shared_prefix_max_diff"] for r in ranks) <= 1e-5      # shared-prefix log-probs under ZeRO-3
     model, _ = vlm.load_model(tiny_dir)
     initial = sum(p.detach().double().sum().item() for p in model.parameters())
     assert abs(initial - ranks[0]["checksum"]) > 1e-3           # the step really changed the weights
