@@ -910,6 +910,47 @@ def test_dr_grpo_divides_by_the_generation_budget_not_the_longest_completion(tin
         model.eval()
 
 
+class CapturedGrads:
+    """An optimizer stand-in for grpo_update's plain-module path: keeps the gradients, changes nothing."""
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def step(self):
+        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+def test_shared_prefix_two_segment_update_equals_the_plain_path(tiny, monkeypatch):
+    """Issue 16: a RISE-CoT-shaped trajectory, a CoT segment whose G rows share one prompt (run once)
+    then reconstruction rows with different prompts (run plainly), with the KL to a reference: the
+    GRPO loss, its KL and every gradient equal the plain path's."""
+    model, processor = tiny
+    cot = dict(_segment(tiny, [6, 3], 6, budget=8), group_size=2)
+    convs = [[vlm.user_turn("Rebuild: a red circle.")], [vlm.user_turn("Rebuild from a much longer description.")]]
+    rec_prompt = vlm.chat_inputs(processor, convs, [[solid((200, 0, 0))], [solid((0, 0, 200), 84)]])
+    rec = dict(_segment(tiny, [2, 4], 4, budget=4), prompt=rec_prompt)         # no group_size: one row each
+    results, calls, real = {}, [], vlm.shared_prefix_hidden
+    monkeypatch.setattr(vlm, "shared_prefix_hidden", lambda *a: calls.append(a[4]) or real(*a))
+    try:
+        for on in (False, True):
+            capture = CapturedGrads(model)
+            with shared_prefix(on):
+                stats = grpo.grpo_update(model, [cot, rec], t([1.0, 0.0]), 2, optimizer=capture, ref_model=model,
+                                         beta=0.04, scale_rewards=False)
+            results[on] = stats, capture.grads
+    finally:
+        model.zero_grad()
+        model.eval()
+    assert calls == [2, 2]                     # shared path on: the CoT segment, policy and reference; off: none
+    (plain, plain_grads), (shared, shared_grads) = results[False], results[True]
+    assert shared["loss"] == approx(plain["loss"], abs=1e-6) and shared["kl"] == approx(plain["kl"], abs=1e-6)
+    assert shared_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 # --------------------------------------------------------------------------- dpo
 
 def test_sequence_logp():
