@@ -943,6 +943,8 @@ def main(argv=None):
             plan = [(name, int(n)) for name, n in (part.split(":") for part in args.plan.split(","))]
         except ValueError:
             parser.error(f"--plan: expected POOL:STEPS,... ; got {args.plan!r}")
+        if any(name not in PROBE_POOLS for name, _ in plan):
+            parser.error(f"--plan: pools are {', '.join(PROBE_POOLS)}; got {args.plan!r}")
         model, processor, _ = look_probe(plan, seed=args.seed, n_train=args.n_train, init=args.init)
         if args.save:
             model.save_pretrained(args.save)
