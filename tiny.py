@@ -452,6 +452,18 @@ def warmup_cosine(optimizer, steps, warmup):
         optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
 
 
+def sft_step(model, processor, optimizer, schedule, batch):
+    """One SFT update on a batch of (conversation, images): clipped at norm 1; returns the loss."""
+    convs, ims = zip(*batch)
+    loss = sft_loss(model, processor, list(convs), list(ims))
+    optimizer.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    schedule.step()
+    return loss.item()
+
+
 def pretrain_sft(model, processor, examples, look=(), seed=0, steps=None, batch_size=16, lr=1e-3,
                  look_first=0.15, look_share=0.25, log=print):
     """Plain SFT from scratch (AdamW, warm-up + cosine) on the assistant tokens of `examples`.
@@ -470,14 +482,7 @@ def pretrain_sft(model, processor, examples, look=(), seed=0, steps=None, batch_
         n_look = (batch_size if step < look_first * steps else round(look_share * batch_size)) if look else 0
         batch = [look[i] for i in torch.randint(len(look), (n_look,), generator=g).tolist()] if n_look else []
         batch += [examples[i] for i in torch.randint(len(examples), (batch_size - n_look,), generator=g).tolist()]
-        convs, ims = zip(*batch)
-        loss = sft_loss(model, processor, list(convs), list(ims))
-        optimizer.zero_grad()
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        schedule.step()
-        recent.append(loss.item())
+        recent.append(sft_step(model, processor, optimizer, schedule, batch))
         if (step + 1) % every == 0 or step + 1 == steps:
             curve.append((step + 1, round(float(np.mean(recent)), 4)))
             recent = []
@@ -688,14 +693,8 @@ def look_probe(plan, seed=0, n_train=400, n_test=48, init=None, lr=1e-3, batch_s
         schedule, losses = warmup_cosine(optimizer, n_steps, warmup=min(50, max(1, n_steps // 10))), []
         model.train()
         for _ in tqdm(range(n_steps), desc=f"probe {name}", mininterval=10):
-            convs, ims = zip(*[pools[name][i] for i in torch.randint(len(pools[name]), (batch_size,), generator=g)])
-            loss = sft_loss(model, processor, list(convs), list(ims))
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            schedule.step()
-            losses.append(loss.item())
+            batch = [pools[name][i] for i in torch.randint(len(pools[name]), (batch_size,), generator=g)]
+            losses.append(sft_step(model, processor, optimizer, schedule, batch))
         results.append({"pool": name, "steps": n_steps, "loss": round(float(np.mean(losses[-50:])), 4),
                         **look_scores(model, processor, root, n_test)})
         log(f"[probe] {json.dumps(results[-1])}")
