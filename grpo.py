@@ -301,6 +301,8 @@ def main(argv=None):
     random.seed(args.seed + rank)                  # each rank samples its own prompts
     torch.manual_seed(args.seed + rank)            # ... and its own completions
     out = Path(args.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     model_dir = args.model
     if model_dir is None:
         model_dir = out / "random-tiny"
