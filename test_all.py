@@ -530,12 +530,13 @@ def test_two_rank_zero3_step_on_cpu(tiny_dir, tmp_path):
     completions (per-rank seeds); with sharded weights the shared-prefix log-probs of each rank's
     rollout equal the plain path's."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = tmp_path / "new" / "run"                       # created by the script (it was not, with --model given)
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29533", str(ROOT / "grpo.py"), "--model", str(tiny_dir),
-           "--out", str(tmp_path), "--max-steps", "1", "--num-generations", "8", "--deepspeed",
+           "--out", str(out), "--max-steps", "1", "--num-generations", "8", "--deepspeed",
            str(ROOT / "ds_zero3.json"), "--dump-rank-state", "--lr", "1e-2"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["world"] for r in ranks] == [2, 2]
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     assert ranks[0]["texts"] != ranks[1]["texts"]
