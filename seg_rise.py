@@ -249,12 +249,17 @@ def box_mask(image_size, box):
 
 
 # ============================================================================ 5. evaluation
+def train_prompt(instruction, image, model_type, processor, args):
+    """The training prompt for one (image, instruction): --no-cot / --no-points, the model's box frame."""
+    return prompt_text(instruction, args.cot, args.points, vlm.box_frame(model_type, image.size, processor))
+
+
 def eval_prompt(rec, image, model_type, processor, args):
     """--eval's prompt for one record: the training prompt, or with --eval-prompt grounding the
     checkpoint's own grounding prompt, word for word (no frame note: the model knows its frame)."""
     if getattr(args, "eval_prompt", "seg") == "grounding":
         return data.prompt("grounding", rec)
-    return prompt_text(rec["instruction"], args.cot, args.points, vlm.box_frame(model_type, image.size, processor))
+    return train_prompt(rec["instruction"], image, model_type, processor, args)
 
 
 def eval_answer(text, image, model_type, processor, args):
@@ -272,8 +277,8 @@ def sample_problem(rec, processor, model_type, args, training=False):
         image = data.open_image(rec["image_path"])
     except OSError as e:
         return f"{type(e).__name__}: {e}"
-    text = prompt_text(rec["instruction"], args.cot, args.points, vlm.box_frame(model_type, image.size, processor)) \
-        if training else eval_prompt(rec, image, model_type, processor, args)
+    text = train_prompt(rec["instruction"], image, model_type, processor, args) if training \
+        else eval_prompt(rec, image, model_type, processor, args)
     conv = [vlm.user_turn(text)]
     return vlm.prompt_problem(processor, conv, [image], args.max_prompt_len)
 
@@ -430,7 +435,7 @@ def main(argv=None):
         batch = run.step_items(train, order, step, args.batch_size, rank, world)
         images = [data.open_image(r["image_path"]) for r in batch]
         instructions = [r["instruction"] for r in batch]
-        convs = [[vlm.user_turn(prompt_text(t, args.cot, args.points, vlm.box_frame(model_type, im.size, processor)))]
+        convs = [[vlm.user_turn(train_prompt(t, im, model_type, processor, args))]
                  for t, im in zip(instructions, images)]
 
         def reward_fn(texts, prompt_index):

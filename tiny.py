@@ -399,17 +399,22 @@ def look_examples(scene, image):
     return examples
 
 
+def look_scenes(root, rng):
+    """Per training scene of the shapes world at `root`: ("scenes", its look_examples()), then
+    ("alone", those of one of its shapes, picked by `rng`, drawn alone on a random grey)."""
+    for task in data.SHAPE_TASKS:
+        records, _ = data.read_manifest(Path(root) / task / "train.jsonl", data.MANIFEST_TASK[task])
+        for rec in records:
+            yield "scenes", look_examples(rec["scene"], data.open_image(rec["image_path"]))
+            shape = rec["scene"][int(rng.integers(len(rec["scene"])))]
+            yield "alone", look_examples([shape], data.render([shape], int(rng.integers(200, 246))))
+
+
 def look_corpus(root, seed=0):
     """look_examples() for every training scene of the shapes world at `root`, and for each of
     its shapes drawn alone (the easy half of the curriculum: one object, nothing to confuse)."""
     rng = np.random.default_rng(seed + 1)
-    examples = []
-    for task in data.SHAPE_TASKS:
-        records, _ = data.read_manifest(Path(root) / task / "train.jsonl", data.MANIFEST_TASK[task])
-        for rec in records:
-            examples += look_examples(rec["scene"], data.open_image(rec["image_path"]))
-            alone = rec["scene"][int(rng.integers(len(rec["scene"])))]
-            examples += look_examples([alone], data.render([alone], int(rng.integers(200, 246))))
+    examples = [ex for _, part in look_scenes(root, rng) for ex in part]
     return [examples[i] for i in rng.permutation(len(examples))]
 
 
@@ -624,19 +629,12 @@ PROBE_POOLS = ("where_alone", "alone", "where_scenes", "scenes")
 
 
 def probe_pools(root, seed=0):
-    """look_examples() of the training scenes at `root` split four ways: about one shape of each
-    scene drawn alone or about the whole scene; position-word questions only ("where_...") or all."""
-    rng = np.random.default_rng(seed + 1)
+    """look_examples() of the training scenes at `root` (look_scenes) split four ways: about one shape
+    of each scene drawn alone or about the whole scene; position-word questions only ("where_...") or all."""
     pools = {name: [] for name in PROBE_POOLS}
-    for task in data.SHAPE_TASKS:
-        records, _ = data.read_manifest(Path(root) / task / "train.jsonl", data.MANIFEST_TASK[task])
-        for rec in records:
-            shape = rec["scene"][int(rng.integers(len(rec["scene"])))]
-            for kind, scene, image in (("alone", [shape], data.render([shape], int(rng.integers(200, 246)))),
-                                       ("scenes", rec["scene"], data.open_image(rec["image_path"]))):
-                examples = look_examples(scene, image)
-                pools[kind] += examples
-                pools["where_" + kind] += [ex for ex in examples if ex[0][0]["content"][-1]["text"].startswith("Where")]
+    for kind, examples in look_scenes(root, np.random.default_rng(seed + 1)):
+        pools[kind] += examples
+        pools["where_" + kind] += [ex for ex in examples if ex[0][0]["content"][-1]["text"].startswith("Where")]
     return pools
 
 

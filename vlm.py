@@ -232,10 +232,17 @@ def sample(model, processor, batch, num_generations=1, max_new_tokens=64, temper
     return result
 
 
+def is_checkpointing(model):
+    """Whether gradient (activation) checkpointing is on; the attribute was renamed in transformers 5."""
+    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
+        else "is_gradient_checkpointing"
+    return bool(getattr(model, name, False))
+
+
 @contextlib.contextmanager
 def generation_mode(model):
     """Eval mode, gradient checkpointing off and (ZeRO-3) full weights while generating."""
-    was_training, checkpointing = model.training, getattr(model, "is_gradient_checkpointing", False)
+    was_training, checkpointing = model.training, is_checkpointing(model)
     model.eval()
     if checkpointing:
         model.gradient_checkpointing_disable()
@@ -269,9 +276,7 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask, temperat
     """
     module = hf_model(model)                                      # a DeepSpeed engine / LoRA -> the HF model
     T = completion_ids.shape[1]
-    checkpointing = "is_activation_checkpointing" if hasattr(type(module), "is_activation_checkpointing") \
-        else "is_gradient_checkpointing"                        # renamed in transformers 5
-    if group_size > 1 and SHARED_PREFIX and not getattr(module, checkpointing, False):
+    if group_size > 1 and SHARED_PREFIX and not is_checkpointing(module):
         hidden = shared_prefix_hidden(module, prompt, completion_ids, completion_mask, group_size)
     else:
         input_ids = torch.cat([prompt["input_ids"], completion_ids], 1)
