@@ -293,3 +293,4 @@ def eval_only(model, processor, args, rank=0, world=1, out=None):
 
 if __name__ == "__main__":
     main()
+    vlm.exit_finished()        # the run is complete: skip the interpreter's teardown

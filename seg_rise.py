@@ -505,3 +505,4 @@ def eval_only(args, rank, world, out, device):
 
 if __name__ == "__main__":
     main()
+    vlm.exit_finished()        # the run is complete: skip the interpreter's teardown

@@ -682,12 +682,6 @@ def load_records(args, rank):
     return sft, questions, test_path, skipped
 
 
-def write_jsonl(path, records):
-    path.write_text("")
-    for r in records:
-        run.append_jsonl(path, r)
-
-
 def generation_round(engine, critic, processor, questions, folder, args, rank, world, it):
     """Steps 1-2 of one iteration: every rank generates for its share of each chunk, rank 0 appends
     the merged records to candidates.jsonl (resumable: ids already there are skipped), then the
@@ -727,7 +721,38 @@ def generation_round(engine, critic, processor, questions, folder, args, rank, w
 
 def write_eval(out, metrics, preds, model, test_path):
     (out / "eval.json").write_text(json.dumps(dict(metrics, model=str(model), test=str(test_path)), indent=1))
-    write_jsonl(out / "predictions.jsonl", preds)
+    data.write_jsonl(out / "predictions.jsonl", preds)
+
+
+def phase_plan(args):
+    """The run's phases in order: "sft", then per iteration "iter{k}/generate", "iter{k}/stage1",
+    "iter{k}/stage2" (--stages picks the trained ones). Every phase but generate saves a model."""
+    plan = ["sft"] if "sft" in args.stages else []
+    for it in range(1, args.iters + 1):
+        plan += [f"iter{it}/generate"] + [f"iter{it}/{s}" for s in ("stage1", "stage2") if s in args.stages]
+    return plan
+
+
+def save_phase(engine, processor, out, name, args, cfg):
+    """Save the phase's model to OUT/<name>; returns the engine the next phase trains. With LoRA the
+    adapter is folded into the weights and the next phase trains a fresh one (a new engine), as the
+    released code trains each stage on the merged model of the last one."""
+    if not args.lora_rank:
+        run.save_final(engine, processor, out / Path(name).parent, Path(name).name)
+        return engine
+    base = merged(engine)
+    run.save_final(base, processor, out / Path(name).parent, Path(name).name)
+    return vlm.deepspeed_engine(lora_model(base, args.lora_rank), cfg)
+
+
+def save_progress(out, progress, rank):
+    """OUT/progress.json: the finished phases, the step counter and the record counts that
+    run.prepare_out cuts metrics.jsonl back to on --resume. Written atomically (kill -9 safe)."""
+    progress["records"] = run.record_counts(out)
+    if rank == 0:
+        (out / "progress.tmp").write_text(json.dumps(progress))
+        (out / "progress.tmp").replace(out / "progress.json")
+    vlm.barrier()
 
 
 def main(argv=None):
@@ -748,23 +773,21 @@ def main(argv=None):
               f"{len(test)} test records, {world} rank(s), K {args.num_generations}, iters {args.iters}, "
               f"stages {','.join(args.stages)}")
 
-    # ---- resume: the newest finished phase's model becomes the policy (phase granularity)
+    # ---- resume (phase granularity): OUT/progress.json lists the finished phases; the newest saved
+    # model becomes the policy, metrics.jsonl is cut back to that point (run.prepare_out)
     progress_path = out / "progress.json"
     progress = json.loads(progress_path.read_text()) if args.resume and progress_path.exists() else {"done": []}
     if not args.resume and rank == 0:
-        stale_files = ["metrics.jsonl", "phases.json", "progress.json", "eval.json"]
-        for stale in stale_files + [p.name for p in out.glob("iter*")]:
-            target = out / stale
-            shutil.rmtree(target) if target.is_dir() else target.unlink(missing_ok=True)
+        for stale in ["metrics.jsonl", "phases.json", "progress.json", "eval.json"] + [p.name for p in out.glob("iter*")]:
+            shutil.rmtree(out / stale) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
     vlm.barrier()
-    # --resume: metrics.jsonl cut back to the last checkpoint (the base scores or a finished phase)
     run.prepare_out(out, rank, progress if "records" in progress else None)
     phases = json.loads((out / "phases.json").read_text()) if args.resume and (out / "phases.json").exists() else []
     phases = [p for p in phases if p["phase"] in ["base"] * ("records" in progress) + progress["done"]]
+    latest = next((out / p for p in reversed(progress["done"]) if not p.endswith("generate")), args.model)
 
     # ---- models: the policy (a DeepSpeed engine) and the critic = the pre-SFT model, frozen
-    model, processor = vlm.load_model(out / progress["done"][-1] if progress["done"] else args.model,
-                                      max_pixels=args.max_pixels)
+    model, processor = vlm.load_model(latest, max_pixels=args.max_pixels)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if args.lora_rank and cfg.get("zero_optimization", {}).get("stage") == 3:
@@ -790,88 +813,57 @@ def main(argv=None):
             (out / "phases.json").write_text(json.dumps(phases, indent=1))
             run.log(out, rank, dict(metrics, step=log_state["step"], phase=f"eval/{name}"))
 
-    def checkpoint():
-        """OUT/progress.json: the finished phases, the step counter and the record counts (run.prepare_out)."""
-        progress["step"] = log_state["step"]
-        progress["records"] = run.record_counts(out)
-        if rank == 0:
-            progress_path.with_name("progress.tmp").write_text(json.dumps(progress))
-            progress_path.with_name("progress.tmp").replace(progress_path)     # atomic: kill -9 safe
-        vlm.barrier()
-
-    def finish(name):
-        """Save the phase's model to OUT/<name>, score it, record progress (for --resume). With LoRA the
-        phase's adapter is folded into the weights and the next phase trains a fresh adapter (a new
-        engine), as the released code trains each stage on the merged model of the last one."""
-        nonlocal engine
-        if args.lora_rank:
-            base = merged(engine)
-            run.save_final(base, processor, out / Path(name).parent, Path(name).name)
-            engine = vlm.deepspeed_engine(lora_model(base, args.lora_rank), cfg)
-        else:
-            run.save_final(engine, processor, out / Path(name).parent, Path(name).name)
-        score(name)
-        progress["done"].append(name)
-        checkpoint()
-
     if not phases:
         score("base")
-        checkpoint()
+        save_progress(out, progress, rank)
 
-    # ---- 0. SFT warm-up
-    if "sft" in args.stages and "sft" not in progress["done"]:
-        if not sft_records:
-            raise SystemExit("[visrl] the SFT warm-up needs boxed records (--sft-data, or boxes in --data)")
-        sft_phase(engine, processor, sft_records, args, rank, world, out, log_state)
-        finish("sft")
-    start_of_iter = out / "sft" if "sft" in args.stages else Path(args.model)
-
-    # ---- iterations: generate -> filter -> stage 1 -> stage 2
-    for it in range(1, args.iters + 1):
-        name, folder = f"iter{it}", out / f"iter{it}"
-        log_state["iter_name"] = name
-        last = f"{name}/stage2" if "stage2" in args.stages else f"{name}/stage1"
-        if last in progress["done"]:                   # --resume: this iteration is finished
-            start_of_iter = out / last
+    # ---- the phases, one after another: SFT warm-up, then per iteration generate -> stage 1 -> stage 2.
+    # Each DPO stage's reference is the model the stage starts from (`latest`): stage 1's the model its
+    # iteration started from (the SFT model first), stage 2's the stage-1 model.
+    pairs = None
+    for phase in phase_plan(args):
+        if phase in progress["done"]:
             continue
-        if rank == 0:
-            folder.mkdir(parents=True, exist_ok=True)
-        vlm.barrier()
-        # 1.-2. data generation + filter
-        if f"{name}/stage1" in progress["done"]:       # --resume in stage 2: the pairs are written and logged
-            pairs, stats = run.read_jsonl(folder / "pairs.jsonl"), None
-        elif it == 1 and args.pairs:
-            pairs = run.read_jsonl(args.pairs)
-            stats = {"survivors": {"given": len(pairs)}, "quality": {}}
-        else:
-            pairs, stats = generation_round(engine, critic, processor, questions, folder, args, rank, world, it)
-        if rank == 0 and stats is not None:
-            write_jsonl(folder / "pairs.jsonl", pairs)          # written even when no pair survived
-            (folder / "stats.json").write_text(json.dumps(stats, indent=1))
-            run.log(out, rank, {"step": log_state["step"], "phase": f"{name}/generate", "pairs": len(pairs),
-                                **{f"survive_{k}": v for k, v in stats["survivors"].items()},
-                                **{f"quality_{k}": v for k, v in stats["quality"].items()},
-                                **{k: stats[k] for k in ("candidates", "mean_s_b", "mean_s_r", "critic_sr_agreement")
-                                   if k in stats}})
-            print(f"[visrl] {name}: {len(pairs)} pairs; survivors {stats['survivors']}; quality {stats['quality']}")
-        # 3. stage 1: box DPO; reference = the model this iteration started from (the SFT model first)
-        if "stage1" in args.stages and f"{name}/stage1" not in progress["done"]:
+        it_name, _, kind = phase.rpartition("/")          # "iter1/stage2" -> ("iter1", "stage2"); "sft" -> ("", "sft")
+        folder, log_state["iter_name"] = out / it_name, it_name or "sft"
+        if kind == "sft":                                  # 0. SFT warm-up
+            if not sft_records:
+                raise SystemExit("[visrl] the SFT warm-up needs boxed records (--sft-data, or boxes in --data)")
+            sft_phase(engine, processor, sft_records, args, rank, world, out, log_state)
+        elif kind == "generate":                           # 1.-2. data generation + filter
+            if rank == 0:
+                folder.mkdir(parents=True, exist_ok=True)
+            vlm.barrier()
+            if it_name == "iter1" and args.pairs:
+                pairs = run.read_jsonl(args.pairs)
+                stats = {"survivors": {"given": len(pairs)}, "quality": {}}
+            else:
+                pairs, stats = generation_round(engine, critic, processor, questions, folder, args, rank, world,
+                                                int(it_name[4:]))
+            if rank == 0:
+                data.write_jsonl(folder / "pairs.jsonl", pairs)          # written even when no pair survived
+                (folder / "stats.json").write_text(json.dumps(stats, indent=1))
+                run.log(out, rank, {"step": log_state["step"], "phase": phase, "pairs": len(pairs),
+                                    **{f"survive_{k}": v for k, v in stats["survivors"].items()},
+                                    **{f"quality_{k}": v for k, v in stats["quality"].items()},
+                                    **{k: stats[k] for k in ("candidates", "mean_s_b", "mean_s_r",
+                                                             "critic_sr_agreement") if k in stats}})
+                print(f"[visrl] {it_name}: {len(pairs)} pairs; survivors {stats['survivors']}; "
+                      f"quality {stats['quality']}")
+        else:                                              # 3.-4. stage 1 (box DPO) / stage 2 (step DPO)
+            if pairs is None:                              # --resume after this iteration's generation
+                pairs = run.read_jsonl(folder / "pairs.jsonl")
             if pairs:
                 ref = None if args.lora_rank else \
-                    vlm.reference_model(start_of_iter, cfg, device=engine.device, max_pixels=args.max_pixels)
-                dpo_phase(engine, ref, processor, pairs, 1, args, rank, world, out, log_state)
+                    vlm.reference_model(latest, cfg, device=engine.device, max_pixels=args.max_pixels)
+                dpo_phase(engine, ref, processor, pairs, int(kind[-1]), args, rank, world, out, log_state)
                 del ref
-            finish(f"{name}/stage1")
-        # 4. stage 2: joint step-DPO; reference = the stage-1 model
-        if "stage2" in args.stages:
-            if pairs:
-                ref_dir = folder / "stage1" if "stage1" in args.stages else start_of_iter
-                ref = None if args.lora_rank else \
-                    vlm.reference_model(ref_dir, cfg, device=engine.device, max_pixels=args.max_pixels)
-                dpo_phase(engine, ref, processor, pairs, 2, args, rank, world, out, log_state)
-                del ref
-            finish(f"{name}/stage2")
-        start_of_iter = out / last
+        if kind != "generate":                             # save the phase's model, score it
+            engine, latest = save_phase(engine, processor, out, phase, args, cfg), out / phase
+            score(phase)
+        progress["done"].append(phase)
+        progress["step"] = log_state["step"]
+        save_progress(out, progress, rank)
 
     # ---- save + evaluate
     policy = merged(engine) if args.lora_rank else engine.module
@@ -906,3 +898,4 @@ def eval_only(args, cfg, rank, world, out):
 
 if __name__ == "__main__":
     main()
+    vlm.exit_finished()        # the run is complete: skip the interpreter's teardown
