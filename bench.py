@@ -61,6 +61,10 @@ p.add_argument("--no-grad-ckpt", action="store_true", help="gradient checkpointi
 p.add_argument("--deepspeed", help="ZeRO config for both sides, e.g. ds_zero3.json")
 p.add_argument("--wall-clock", action="store_true", help="CPU: time with the wall clock")
 p.add_argument("--skip-trl", action="store_true")
+p.add_argument("--scaling", action="store_true",
+               help="ours vs TRL over image tokens x G (GRPO) and image tokens (DPO), 64 new tokens: one table")
+p.add_argument("--tokens", default="16,64,256,1024", help="--scaling: image tokens per prompt (square images)")
+p.add_argument("--groups", default="4,8,16", help="--scaling: G values of the GRPO rows")
 PRESETS = {"quick": (2, 4, 32, 112, 3), "default": (4, 8, 64, 112, 5), "full": (8, 8, 256, 630, 3)}  # B G T side reps
 PROMPT = "What colour is this image?"
 CUDA = torch.cuda.is_available()
@@ -308,6 +312,70 @@ def bench_trl(algo, setup, args, mem):
     return summary(records[args.warmup:], setup["B"] * (setup["G"] if algo == "grpo" else 1))
 
 
+# ---------------------------------------------------------------- one comparison, and the scaling table
+def make_setup(model_dir, tmp, B, G, T, side, max_pixels):
+    """B solid-colour side x side images (prompts), G, T new tokens, and a DPO pair of ~T tokens per image."""
+    pairs = [(im.resize((side, side)), c) for im, c in grpo.colour_task(random.Random(0), B)]
+    return {"dir": str(model_dir), "tmp": tmp, "B": B, "G": G, "T": T, "pairs": pairs, "side": side,
+            "max_pixels": max_pixels, "dpo": [dpo_texts(c, T) for _, c in pairs]}
+
+
+def compare(setup, args, mem, algos):
+    """{algo: {"ours": summary(), "trl": summary()}} on one setup; a side that fails says why and is left out."""
+    results = {}
+    for algo in algos:
+        results[algo] = {}
+        for who, bench_fn in (("ours", bench_ours), ("trl", bench_trl)):
+            try:
+                if who == "ours" or not args.skip_trl:
+                    results[algo][who] = bench_fn(algo, setup, args, mem)
+            except (torch.OutOfMemoryError if who == "ours" else Exception) as e:  # say why, go on
+                mem.stop()
+                print(f"{who} {algo.upper()} failed: {type(e).__name__}: {e}")
+    return results
+
+
+def ratios(res):
+    """ours / TRL samples per second and peak memory of one comparison (None without TRL)."""
+    both = "trl" in res and "ours" in res
+    return {"ours_sps": round(res["ours"]["sps"], 4) if "ours" in res else None,
+            "trl_sps": round(res["trl"]["sps"], 4) if "trl" in res else None,
+            "ratio_vs_trl": round(res["ours"]["sps"] / res["trl"]["sps"], 3) if both else None,
+            "peak_ratio_vs_trl": round(res["ours"]["peak_mb"] / res["trl"]["peak_mb"], 3) if both else None,
+            "ours_phases": {k: round(res["ours"][k], 3) for k in ("gen", "logp", "update")} if "ours" in res else None,
+            "trl_phases": {k: round(res["trl"][k], 3) for k in ("gen", "logp", "update")} if "trl" in res else None}
+
+
+def scaling(args, model_dir, tmp, mem):
+    """--scaling: ours vs TRL, same process and weights, over image tokens per prompt (square images of
+    28 sqrt(n) pixels: the tiny processor merges 28x28 pixels into one token) x G for GRPO, and over image
+    tokens for DPO; --prompts prompts (default 2), 64 new tokens. Prints the table, and with --json one line
+    {"grpo": {"<tokens>x<G>": {...}}, "dpo": {"<tokens>": {...}}}."""
+    B, T = args.prompts or 2, args.max_new_tokens or 64
+    table = {"grpo": {}, "dpo": {}}
+    print(f"{'algo':6s}{'tokens':>8s}{'G':>4s}{'ours s/step':>13s}{'(gen/logp/update)':>22s}{'TRL s/step':>12s}"
+          f"{'(gen/logp/update)':>22s}{'speed':>8s}{'peak':>7s}")
+    for n in [int(v) for v in args.tokens.split(",")]:
+        side = round(28 * n ** 0.5)
+        rows = [("grpo", G) for G in [int(v) for v in args.groups.split(",")]] + [("dpo", 1)]
+        for algo, G in rows:
+            res = compare(make_setup(model_dir, tmp, B, G, T, side, side * side), args, mem, (algo,))[algo]
+            key = f"{n}x{G}" if algo == "grpo" else str(n)
+            table[algo][key] = r = ratios(res)
+            cells = []
+            for who in ("ours", "trl"):
+                ph = r[f"{who}_phases"]
+                cells.append(f"{res[who]['total']:13.3f}{'/'.join(f'{ph[k]:.2f}' for k in ('gen', 'logp', 'update')):>22s}"
+                             if ph else f"{'-':>13s}{'':>22s}")
+            speed = f"{r['ratio_vs_trl']:.2f}x" if r["ratio_vs_trl"] else "-"
+            peak = f"{r['peak_ratio_vs_trl']:.2f}x" if r["peak_ratio_vs_trl"] else "-"
+            print(f"{algo:6s}{n:8d}{G if algo == 'grpo' else '':>4}" + "".join(cells) + f"{speed:>8s}{peak:>7s}",
+                  flush=True)
+    if args.json:
+        print(json.dumps(table))
+    return table
+
+
 # ---------------------------------------------------------------- main: args, model, ours, TRL, table
 def main(argv=None):
     global WALL
@@ -333,22 +401,14 @@ def main(argv=None):
             model.resize_token_embeddings(args.vocab, mean_resizing=False)
             model_dir = tmp / "tiny-vocab"
             model.save_pretrained(model_dir), processor.save_pretrained(model_dir)
-        pairs = [(im.resize((side, side)), c) for im, c in grpo.colour_task(random.Random(0), B)]
-        setup = {"dir": str(model_dir), "tmp": tmp, "B": B, "G": G, "T": T, "pairs": pairs,
-                 "max_pixels": 401408 if args.full_size else None, "dpo": [dpo_texts(c, T) for _, c in pairs]}
         if not args.skip_trl and importlib.util.find_spec("trl") is None:
             print("trl is not installed (pip install trl): TRL skipped")
             args.skip_trl = True
-        mem, results = PeakMemory(), {}
-        for algo in ("grpo", "dpo"):
-            results[algo] = {}
-            for who, bench_fn in (("ours", bench_ours), ("trl", bench_trl)):
-                try:
-                    if who == "ours" or not args.skip_trl:
-                        results[algo][who] = bench_fn(algo, setup, args, mem)
-                except (torch.OutOfMemoryError if who == "ours" else Exception) as e:  # say why, go on
-                    mem.stop()
-                    print(f"{who} {algo.upper()} failed: {type(e).__name__}: {e}")
+        mem = PeakMemory()
+        if args.scaling:
+            return scaling(args, model_dir, tmp, mem)
+        setup = make_setup(model_dir, tmp, B, G, T, side, 401408 if args.full_size else None)
+        results = compare(setup, args, mem, ("grpo", "dpo"))
     print(f"\n{torch.cuda.get_device_name() if CUDA else 'cpu'}, {'bfloat16' if CUDA else 'float32'}, gradient "
           f"checkpointing {'off' if args.no_grad_ckpt else 'on'}, {args.deepspeed or 'no DeepSpeed'}, "
           f"{'wall' if WALL else 'CPU'} time; median of {args.reps} steps after {args.warmup} warm-up")

@@ -141,7 +141,7 @@ def main(argv=None):
               f"{world} rank(s), lr {args.lr}, G {args.num_generations}, {args.max_steps} steps")
 
     # ---- models
-    engine, processor, ref, cfg = vlm.training_models(args)
+    engine, processor, ref, cfg = run.training_models(args)
     model = engine.module
     model_type = model.config.model_type
     # a sample whose prompt cannot be processed is skipped (OUT/skipped.jsonl), never fatal

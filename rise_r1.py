@@ -175,7 +175,7 @@ def metrics_of(preds, records, task, baseline=None):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, out = run.start(args)
-    model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
+    model, processor = run.load_policy(args)
 
     if args.eval:                        # evaluation only: eval_only(), at the end of this file
         return eval_only(model, processor, args, rank, world, out)
@@ -191,10 +191,7 @@ def main(argv=None):
         print(f"[rise_r1] {len(records)} training samples ({skipped} skipped), stages {args.stages}")
 
     # ---- models
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    cfg = vlm.deepspeed_config(args.deepspeed or Path(__file__).with_name("ds_zero2.json"),
-                               lr=args.sft_lr or args.lr, weight_decay=args.weight_decay, grad_accum=args.grad_accum)
+    cfg = run.deepspeed_config(args, lr=args.sft_lr or args.lr)
     engine = vlm.deepspeed_engine(model, cfg)
     ckpt = run.load_checkpoint(engine, out) if args.resume else None
     run.prepare_out(out, rank, ckpt)                 # --resume: metrics.jsonl cut back to the checkpoint

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+import data
 import grpo
 import vlm
 
@@ -100,7 +101,42 @@ def manifest_path(name, split, seed, default_task, world=None):
     `name` (or default_task) of `world` (default: the cache's shapes world of `seed`)."""
     if name and Path(name).suffix == ".jsonl":
         return Path(name)
-    return Path(world or vlm.default_shapes_world(seed)) / (name or default_task) / f"{split}.jsonl"
+    return Path(world or default_shapes_world(seed)) / (name or default_task) / f"{split}.jsonl"
+
+
+def default_shapes_world(seed=0):
+    """The default data of every script: shapes world in the cache, made once (~2 s)."""
+    root = vlm.CACHE / f"shapes-{seed}"
+    if not (root / "vqa" / "test.jsonl").exists():
+        data.make_shapes_world(root, seed=seed)
+    return root
+
+
+# ---------------------------------------------------------------------------- models of a run
+def deepspeed_config(args, lr=None, micro_batch=1):
+    """The run's DeepSpeed config: --deepspeed's JSON (default ds_zero2.json) with AdamW at `lr`
+    (default --lr), --weight-decay and --grad-accum (vlm.deepspeed_config)."""
+    return vlm.deepspeed_config(args.deepspeed or Path(__file__).with_name("ds_zero2.json"), lr=lr or args.lr,
+                                weight_decay=args.weight_decay, grad_accum=args.grad_accum, micro_batch=micro_batch)
+
+
+def load_policy(args, name=None):
+    """(model, processor) of the policy: --model (or `name`) at --max-pixels, with gradient
+    checkpointing when --gradient-checkpointing asks for it."""
+    model, processor = vlm.load_model(name or args.model, max_pixels=args.max_pixels)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return model, processor
+
+
+def training_models(args):
+    """(engine, processor, ref, cfg): the policy as a DeepSpeed engine (AdamW inside) and, when
+    --beta > 0, its frozen reference (vlm.reference_model). The GRPO pipelines' set-up."""
+    model, processor = load_policy(args)
+    cfg = deepspeed_config(args)
+    engine = vlm.deepspeed_engine(model, cfg)
+    ref = vlm.reference_model(args.model, cfg, device=engine.device, max_pixels=args.max_pixels) if args.beta else None
+    return engine, processor, ref, cfg
 
 
 def start(args):

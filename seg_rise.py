@@ -413,7 +413,7 @@ def main(argv=None):
               f"R = {' + '.join('R_' + t for t in args.terms)}, cot {args.cot}, points {args.points}")
 
     # ---- models: the policy (DeepSpeed), its frozen reference, the frozen CLIP scorer
-    engine, processor, ref, cfg = vlm.training_models(args)
+    engine, processor, ref, cfg = run.training_models(args)
     model = engine.module
     clip = scorer(args, rank, engine.device)
     text_cache = {}                                  # one CLIP text embedding per instruction

@@ -234,6 +234,39 @@ def test_shared_prefix_dpo_pairs_equal_the_plain_path(tiny):
     assert shared[1][1].item() == approx(alone[0].item(), abs=1e-4)
 
 
+def test_shared_prefix_generation_samples_what_the_plain_path_samples(tiny):
+    """Issue 16: sample() prefills each prompt once and generate() decodes its G rows from the repeated
+    cache: the vision tower sees each image once (not G times), and greedy and seeded sampling give the
+    plain path's tokens and scores (fp32, <= 1e-5), with left padding and two image sizes."""
+    model, processor = tiny
+    convs = [[vlm.user_turn("Describe the image.")],
+             [vlm.user_turn("Give the box of the blue square as [x1,y1,x2,y2], in a longer prompt.")]]
+    images = [[solid((220, 40, 40), 112)], [solid((40, 80, 220), 84).resize((84, 140))]]
+    batch = vlm.chat_inputs(processor, convs, images)
+    seen = []                                     # images per vision-tower call
+    hook = model.model.visual.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(len(kwargs.get("grid_thw", args[-1]))), with_kwargs=True)
+    try:
+        runs = {}
+        for on in (False, True):
+            for greedy in (True, False):
+                seen.clear()
+                torch.manual_seed(3)
+                with shared_prefix(on):
+                    runs[on, greedy] = vlm.sample(model, processor, batch, 3, 10, temperature=1.3,
+                                                  do_sample=not greedy, return_scores=True)
+                assert seen == ([2] if on else [6])
+    finally:
+        hook.remove()
+    for greedy in (True, False):
+        plain, shared = runs[False, greedy], runs[True, greedy]
+        assert torch.equal(shared["completion_ids"], plain["completion_ids"]), greedy
+        assert shared["texts"] == plain["texts"]
+        mask = plain["completion_mask"].bool()
+        torch.testing.assert_close(shared["sampled_logp"][mask], plain["sampled_logp"][mask], atol=1e-5, rtol=0)
+    assert len(set(runs[False, False]["texts"])) > 1                 # sampling did sample
+
+
 def test_checkpoint_generation_config_never_changes_what_is_sampled(tiny):
     # Qwen checkpoints ship a generation_config.json with repetition_penalty 1.05, top_k, top_p:
     # generate() would apply them (it fills every unset option from it) while our log-probs do

@@ -37,7 +37,7 @@ from tqdm import tqdm
 import data
 import rewards
 import vlm
-from vlm import (TINY_BASE, VISION_TOKENS, assistant_turn, box_frame, chat_inputs, default_shapes_world,
+from vlm import (TINY_BASE, VISION_TOKENS, assistant_turn, box_frame, chat_inputs,
                  from_model_frame, load_model, sample, sft_loss, to_model_frame, user_turn)
 
 
@@ -953,7 +953,8 @@ def main(argv=None):
         folder = build_shapes_clip(shapes_clip_dir(args.out), seed=args.seed)
         model, preprocess, tokenizer = load_shapes_clip(folder)
         model.eval().requires_grad_(False)
-        test, _ = data.read_manifest(args.test or default_shapes_world(0) / "seg" / "test.jsonl", "seg")
+        import run                  # the pipelines' default data (run imports the training code)
+        test, _ = data.read_manifest(args.test or run.default_shapes_world(0) / "seg" / "test.jsonl", "seg")
         print(json.dumps({**json.loads((folder / "config.json").read_text()),
                           "reward_profile_on_seg_test": scorer_profile((model, preprocess, tokenizer), test)},
                          indent=1))

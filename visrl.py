@@ -758,9 +758,7 @@ def save_progress(out, progress, rank):
 def main(argv=None):
     args = parse_args(argv)
     rank, world, out = run.start(args)
-    cfg = vlm.deepspeed_config(args.deepspeed or Path(__file__).with_name("ds_zero2.json"), lr=args.lr,
-                               weight_decay=args.weight_decay, grad_accum=args.grad_accum,
-                               micro_batch=args.batch_size)
+    cfg = run.deepspeed_config(args, micro_batch=args.batch_size)
 
     if args.eval:                        # evaluation only: eval_only(), at the end of this file
         return eval_only(args, cfg, rank, world, out)
@@ -787,9 +785,7 @@ def main(argv=None):
     latest = next((out / p for p in reversed(progress["done"]) if not p.endswith("generate")), args.model)
 
     # ---- models: the policy (a DeepSpeed engine) and the critic = the pre-SFT model, frozen
-    model, processor = vlm.load_model(latest, max_pixels=args.max_pixels)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    model, processor = run.load_policy(args, latest)
     if args.lora_rank and cfg.get("zero_optimization", {}).get("stage") == 3:
         raise SystemExit("--lora-rank: use ZeRO-2 (ds_zero2.json); merging adapters needs whole weights")
     engine = vlm.deepspeed_engine(lora_model(model, args.lora_rank) if args.lora_rank else model, cfg)

@@ -28,6 +28,9 @@ import data
 # forward pass fail with "image features and image tokens do not match".
 VISION_TOKENS = ["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"]
 CACHE = Path(os.environ.get("RISE_CACHE", Path.home() / ".cache" / "rise-from-scratch"))
+# sample(num_generations > 1) and completion_logprobs(group_size > 1) run each prompt once (shared
+# prefix); False: the plain path, every row in full (the reference; run.py --no-shared-prefix)
+SHARED_PREFIX = True
 TINY_BASE = "tiny-base"   # the default --model of every script: the tiny base shipped in tiny-base/
 
 
@@ -50,14 +53,6 @@ def resolve_model(name):
         import tiny                 # only the embedded default needs it (tiny imports vlm)
         tiny.build_tiny(path, seed=0, pretrain=True)
     return str(path)
-
-
-def default_shapes_world(seed=0):
-    """The default data of every script: shapes world in the cache, made once (~2 s)."""
-    root = CACHE / f"shapes-{seed}"
-    if not (root / "vqa" / "test.jsonl").exists():
-        data.make_shapes_world(root, seed=seed)
-    return root
 
 
 def load_model(name, device=None, dtype=None, max_pixels=None):
@@ -197,6 +192,7 @@ def sample(model, processor, batch, num_generations=1, max_new_tokens=64, temper
     of the policy are exact. Nothing of the checkpoint's own generation_config (Qwen's ship
     repetition_penalty, top_k, top_p, temperature) applies: generate() fills every option we
     leave unset from model.generation_config, so it is swapped for a blank one meanwhile.
+    With num_generations > 1 each prompt is prefilled once (shared_prefix_cache), not G times.
     """
     vision_start = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
     expanded = repeat_batch(batch, num_generations, vision_start)
@@ -211,10 +207,17 @@ def sample(model, processor, batch, num_generations=1, max_new_tokens=64, temper
         gen.update(temperature=None, top_k=None, top_p=None)
     from transformers import GenerationConfig
     target = hf_model(model)            # a LoRA (peft) wrapper forwards generate() to the HF model
+    if num_generations > 1 and SHARED_PREFIX and not (target.training and is_checkpointing(target)):
+        # each prompt prefilled once: generate() continues the B*G rows from the repeated cache
+        # (a model training under checkpointing keeps no cache: the plain path)
+        gen[cache_argument(target)] = shared_prefix_cache(target, batch, num_generations)
+        inputs = {k: v for k, v in expanded.items() if k not in ("pixel_values", "image_grid_thw")}
+    else:
+        inputs = expanded
     saved = target.generation_config
     target.generation_config = GenerationConfig(bos_token_id=saved.bos_token_id)
     try:
-        out = model.generate(**expanded, **gen)
+        out = model.generate(**inputs, **gen)
     finally:
         target.generation_config = saved
     prompt_len = expanded["input_ids"].shape[1]
@@ -229,6 +232,27 @@ def sample(model, processor, batch, num_generations=1, max_new_tokens=64, temper
         scores = torch.stack(out.scores, 1).float().log_softmax(-1)        # [N, T, V], temperature applied
         result["sampled_logp"] = scores.gather(-1, completion_ids[:, :scores.shape[1], None]).squeeze(-1)
     return result
+
+
+def cache_argument(module):
+    """The name the model's forward() takes a KV cache by: "cache" from transformers 5.24, before "past_key_values"."""
+    return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
+
+
+def shared_prefix_cache(module, batch, group_size):
+    """The KV cache of every prompt of `batch` but its last token, each prompt run ONCE, repeated to
+    `group_size` rows per prompt (prompt-major, as sample() orders its B*G rows). generate() continues
+    from it: it runs the last prompt token and decodes, so the sampled distribution is the plain
+    path's. The image tokens sit in the prefix; their M-RoPE offsets (rope_deltas, one per row, the
+    same for the prefix as for the whole prompt since the last token is text) are repeated too."""
+    prefix = {k: v[:, :-1] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
+              for k, v in batch.items()}
+    out = module.model(**{k: v.to(module.device) for k, v in prefix.items()}, use_cache=True)
+    cache = getattr(out, "cache", None)                          # transformers >= 5.24; before: past_key_values
+    cache = out.past_key_values if cache is None else cache
+    cache.batch_repeat_interleave(group_size)
+    module.model.rope_deltas = module.model.rope_deltas.repeat_interleave(group_size, 0)
+    return cache
 
 
 def is_checkpointing(model):
@@ -255,9 +279,6 @@ def generation_mode(model):
 
 
 # ============================================================================ 4. log-probs
-SHARED_PREFIX = True     # completion_logprobs(group_size > 1) runs each prompt once; False: the plain path
-
-
 def completion_logprobs(model, prompt, completion_ids, completion_mask, temperature=1.0, suppress=None,
                         group_size=1, chunk_rows=8, one_piece_bytes=2 ** 28):
     """Per-token log-probs [N, T] of `completion_ids` given the (already repeated) prompt tensors.
@@ -322,9 +343,8 @@ def shared_prefix_hidden(module, prompt, completion_ids, completion_mask, group_
     cache = getattr(prefix, "cache", None)                       # transformers >= 5.24; before: past_key_values
     cache = prefix.past_key_values if cache is None else cache
     cache.batch_repeat_interleave(group_size)                     # [B, ...] -> [N, ...], differentiable
-    cache_arg = "cache" if "cache" in inspect.signature(module.model.forward).parameters else "past_key_values"
     rest = module.model(input_ids=completion_ids, attention_mask=mask, position_ids=positions[:, :, P:],
-                        use_cache=True, **{cache_arg: cache}).last_hidden_state      # [N, T, H]
+                        use_cache=True, **{cache_argument(module.model): cache}).last_hidden_state    # [N, T, H]
     last = prefix.last_hidden_state[:, -1:].repeat_interleave(group_size, 0)      # predicts completion token 0
     return torch.cat([last, rest[:, :-1]], 1)
 
@@ -492,19 +512,6 @@ def reference_model(name, cfg, device=None, max_pixels=None):
         model = deepspeed.initialize(model=model, config=inference_cfg)[0]
         model.eval()
     return model
-
-
-def training_models(args, lr=None):
-    """The policy as a DeepSpeed engine (optimizer inside) and, when args.beta > 0, its frozen
-    reference; returns (engine, processor, ref, cfg). Shared by every GRPO pipeline."""
-    model, processor = load_model(args.model, max_pixels=args.max_pixels)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    cfg = deepspeed_config(args.deepspeed or Path(__file__).with_name("ds_zero2.json"), lr=lr or args.lr,
-                           weight_decay=args.weight_decay, grad_accum=args.grad_accum)
-    engine = deepspeed_engine(model, cfg)
-    ref = reference_model(args.model, cfg, device=engine.device, max_pixels=args.max_pixels) if args.beta else None
-    return engine, processor, ref, cfg
 
 
 @contextlib.contextmanager
