@@ -625,17 +625,46 @@ def task_scores(model, processor, root, n=None, batch_size=16, max_new_tokens=96
 
 
 # ---- look probes: is a curriculum teaching the tiny model to look? Minutes, not a full build.
-PROBE_POOLS = ("where_alone", "alone", "where_scenes", "scenes")
+PROBE_POOLS = ("where_alone", "alone", "where_pairs_colour", "where_pairs", "pairs", "where_scenes", "scenes")
+LOOK_WHERE_COLOUR = "Where is the {color} shape?"
+
+
+def _is_where(example):
+    return example[0][0]["content"][-1]["text"].startswith("Where")
 
 
 def probe_pools(root, seed=0):
-    """look_examples() of the training scenes at `root` (look_scenes) split four ways: about one shape
-    of each scene drawn alone or about the whole scene; position-word questions only ("where_...") or all."""
+    """Look questions about the training scenes at `root`, by difficulty: one shape of each scene drawn
+    alone ("alone", look_scenes); two of its shapes with different colours drawn together ("pairs"; the
+    target named by colour only in "where_pairs_colour"); the whole scene ("scenes"). "where_...":
+    position-word questions only."""
     pools = {name: [] for name in PROBE_POOLS}
     for kind, examples in look_scenes(root, np.random.default_rng(seed + 1)):
         pools[kind] += examples
-        pools["where_" + kind] += [ex for ex in examples if ex[0][0]["content"][-1]["text"].startswith("Where")]
+        pools["where_" + kind] += [ex for ex in examples if _is_where(ex)]
+    rng = np.random.default_rng(seed + 2)
+    for task in data.SHAPE_TASKS:
+        for rec in data.read_manifest(Path(root) / task / "train.jsonl", data.MANIFEST_TASK[task])[0]:
+            first, others = rec["scene"][0], [s for s in rec["scene"][1:] if s["color"] != rec["scene"][0]["color"]]
+            if not others:
+                continue
+            pair = [first, others[int(rng.integers(len(others)))]]
+            image, target = data.render(pair, int(rng.integers(200, 246))), pair[int(rng.integers(2))]
+            pools["where_pairs_colour"].append(([user_turn(LOOK_WHERE_COLOUR.format(**target)),
+                                                 assistant_turn(data.position_word(target["box"]))], [image]))
+            examples = look_examples(pair, image)
+            pools["pairs"] += examples
+            pools["where_pairs"] += [ex for ex in examples if _is_where(ex)]
     return pools
+
+
+def set_image_pixels(processor, pixels):
+    """Resize every image to about pixels x pixels (the 112-px shapes world upscaled: 224 gives 64 image
+    tokens instead of 16, more tokens per shape)."""
+    ip = processor.image_processor
+    ip.min_pixels = ip.size["shortest_edge"] = pixels * pixels
+    ip.max_pixels = ip.size["longest_edge"] = max(pixels * pixels, ip.max_pixels)
+    return processor
 
 
 @torch.no_grad()
@@ -664,13 +693,13 @@ def look_scores(model, processor, root, n=48):
     return result
 
 
-def look_probe(plan, seed=0, n_train=400, n_test=48, init=None, lr=1e-3, batch_size=16, log=print):
+def look_probe(plan, seed=0, n_train=400, n_test=48, init=None, lr=1e-3, batch_size=16, pixels=None, log=print):
     """Train the tiny model on look questions only, stage by stage, scoring it after each stage:
     the cheap check of a curriculum before a full build (README: "the tiny base").
 
     plan: [(pool, steps)], pool one of PROBE_POOLS; one AdamW, each stage its own warm-up + cosine.
     From scratch (the tokenizer build_tiny() would make for `seed` and `n_train`) or from `init`,
-    a saved model. Returns (model, processor, [{"pool", "steps", "loss" (mean of its last 50
+    a saved model; `pixels`: set_image_pixels() first. Returns (model, processor, [{"pool", "steps", "loss" (mean of its last 50
     steps), **look_scores()}])."""
     unknown = [name for name, _ in plan if name not in PROBE_POOLS]
     if unknown:
@@ -684,6 +713,8 @@ def look_probe(plan, seed=0, n_train=400, n_test=48, init=None, lr=1e-3, batch_s
         corpus = pretrain_corpus(world, seed) + look_corpus(world, seed)      # build_tiny's tokenizer
         processor = tiny_processor(build_tokenizer(corpus_text(corpus)))
         model = tiny_model(processor.tokenizer, seed)
+    if pixels:
+        set_image_pixels(processor, pixels)
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     root, results = scores_world(), []
@@ -924,6 +955,8 @@ def main(argv=None):
     probe.add_argument("--n-train", type=int, default=400)
     probe.add_argument("--init", default=None, help="start from this saved model (default: from scratch)")
     probe.add_argument("--save", default=None, help="save the probed model here (a later --init)")
+    probe.add_argument("--pixels", type=int, default=None,
+                       help="resize every image to about PIXELS x PIXELS (default: the processor's; 224 = 64 tokens)")
     scores = sub.add_parser("scores", help="greedy scores of a model on every shapes-world test task")
     scores.add_argument("--model", default=TINY_BASE)
     scores.add_argument("--data", default=None, help="shapes-world root (default: 128 test scenes per task, "
@@ -942,7 +975,8 @@ def main(argv=None):
             parser.error(f"--plan: expected POOL:STEPS,... ; got {args.plan!r}")
         if any(name not in PROBE_POOLS for name, _ in plan):
             parser.error(f"--plan: pools are {', '.join(PROBE_POOLS)}; got {args.plan!r}")
-        model, processor, _ = look_probe(plan, seed=args.seed, n_train=args.n_train, init=args.init)
+        model, processor, _ = look_probe(plan, seed=args.seed, n_train=args.n_train, init=args.init,
+                                         pixels=args.pixels)
         if args.save:
             model.save_pretrained(args.save)
             processor.save_pretrained(args.save)
