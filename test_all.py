@@ -643,8 +643,19 @@ def test_look_probe_trains_stage_by_stage_and_scores(cache):
     for conv, (image,) in pools["where_alone"]:
         assert conv[0]["content"][-1]["text"].startswith("Where ")
         assert len({px for px in image.getdata() if len(set(px)) > 1}) == 1  # one shape colour, grey elsewhere
+    for conv, (image,) in pools["where_pairs_colour"]:                   # two shapes, two colours, one named
+        colours = {px for px in image.getdata() if len(set(px)) > 1}
+        assert len(colours) == 2 and conv[0]["content"][-1]["text"].endswith(" shape?")
+        named = conv[0]["content"][-1]["text"].split()[3]
+        assert data.COLORS[named] in colours
     with pytest.raises(ValueError, match="unknown probe pool"):
         tiny_py.look_probe([("boxes", 1)])
+    # --pixels 224: a 112-px scene becomes 16 x 16 patches = 64 merged image tokens (16 by default)
+    image = data.render([], 220)
+    before = vlm.chat_inputs(processor, [[vlm.user_turn("Where?")]], [[image]])["image_grid_thw"].tolist()
+    after = vlm.chat_inputs(tiny_py.set_image_pixels(processor, 224), [[vlm.user_turn("Where?")]], [[image]])
+    assert before == [[1, 8, 8]] and after["image_grid_thw"].tolist() == [[1, 16, 16]]
+    assert (after["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum() == 64
 
 
 def test_look_examples_ask_only_what_the_scene_answers():

@@ -663,7 +663,7 @@ def set_image_pixels(processor, pixels):
     tokens instead of 16, more tokens per shape)."""
     ip = processor.image_processor
     ip.min_pixels = ip.size["shortest_edge"] = pixels * pixels
-    ip.max_pixels = ip.size["longest_edge"] = max(pixels * pixels, ip.max_pixels)
+    ip.max_pixels = ip.size["longest_edge"] = max(pixels * pixels, ip.size["longest_edge"])
     return processor
 
 
