@@ -352,16 +352,20 @@ def scaling(args, model_dir, tmp, mem):
     tokens for DPO; --prompts prompts (default 2), 64 new tokens. Prints the table, and with --json one line
     {"grpo": {"<tokens>x<G>": {...}}, "dpo": {"<tokens>": {...}}}."""
     B, T = args.prompts or 2, args.max_new_tokens or 64
-    table = {"grpo": {}, "dpo": {}}
+    table, processor = {"grpo": {}, "dpo": {}}, transformers.AutoProcessor.from_pretrained(model_dir)
     print(f"{'algo':6s}{'tokens':>8s}{'G':>4s}{'ours s/step':>13s}{'(gen/logp/update)':>22s}{'TRL s/step':>12s}"
           f"{'(gen/logp/update)':>22s}{'speed':>8s}{'peak':>7s}")
     for n in [int(v) for v in args.tokens.split(",")]:
         side = round(28 * n ** 0.5)
+        processor.image_processor.max_pixels = processor.image_processor.size["longest_edge"] = side * side
+        image = grpo.colour_task(random.Random(0), 1)[0][0].resize((side, side))
+        probe = vlm.chat_inputs(processor, [[vlm.user_turn(PROMPT)]], [[image]])
+        tokens = int((probe["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
         rows = [("grpo", G) for G in [int(v) for v in args.groups.split(",")]] + [("dpo", 1)]
         for algo, G in rows:
             res = compare(make_setup(model_dir, tmp, B, G, T, side, side * side), args, mem, (algo,))[algo]
             key = f"{n}x{G}" if algo == "grpo" else str(n)
-            table[algo][key] = r = ratios(res)
+            table[algo][key] = r = dict(ratios(res), image_tokens=tokens, image_side=side)
             cells = []
             for who in ("ours", "trl"):
                 ph = r[f"{who}_phases"]

@@ -4391,6 +4391,23 @@ def test_bench_ours_json(capsys, tiny_dir):
     assert all(out[a]["trl_sps"] is None and out[a]["ratio_vs_trl"] is None for a in out)
 
 
+def test_bench_scaling_json(capsys, tiny_dir):
+    """`bench.py --scaling`: a row per (image tokens, G) for GRPO and per image tokens for DPO, keyed so in the
+    JSON line, each measured on images that really give the processor that many image tokens."""
+    threads = torch.get_num_threads()
+    try:
+        table = bench.main(["--model", str(tiny_dir), "--scaling", "--tokens", "16,64", "--groups", "2", "--reps", "1",
+                            "--warmup", "0", "--max-new-tokens", "4", "--no-grad-ckpt", "--skip-trl", "--json"])
+    finally:
+        torch.set_num_threads(threads)
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out == table and set(out["grpo"]) == {"16x2", "64x2"} and set(out["dpo"]) == {"16", "64"}
+    for algo, rows in out.items():
+        for key, row in rows.items():
+            assert row["image_tokens"] == int(key.split("x")[0]) and row["image_side"] in (112, 224)
+            assert row["ours_sps"] > 0 and row["trl_sps"] is None and row["ratio_vs_trl"] is None
+
+
 def test_bench_trl_json(capsys, tiny_dir):
     pytest.importorskip("trl")
     out = run_bench(capsys, tiny_dir)
