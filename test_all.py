@@ -234,30 +234,29 @@ def test_shared_prefix_dpo_pairs_equal_the_plain_path(tiny):
     assert shared[1][1].item() == approx(alone[0].item(), abs=1e-4)
 
 
-def test_shared_prefix_generation_samples_what_the_plain_path_samples(tiny):
-    """Issue 16: sample() prefills each prompt once and generate() decodes its G rows from the repeated
-    cache: the vision tower sees each image once (not G times), and greedy and seeded sampling give the
-    plain path's tokens and scores (fp32, <= 1e-5), with left padding and two image sizes."""
-    model, processor = tiny
+def two_prompt_batch(processor):
+    """2 prompts of different lengths (row 0 left-padded) with images of two sizes (one portrait)."""
     convs = [[vlm.user_turn("Describe the image.")],
              [vlm.user_turn("Give the box of the blue square as [x1,y1,x2,y2], in a longer prompt.")]]
     images = [[solid((220, 40, 40), 112)], [solid((40, 80, 220), 84).resize((84, 140))]]
-    batch = vlm.chat_inputs(processor, convs, images)
-    seen = []                                     # images per vision-tower call
-    hook = model.model.visual.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(len(kwargs.get("grid_thw", args[-1]))), with_kwargs=True)
-    try:
-        runs = {}
-        for on in (False, True):
-            for greedy in (True, False):
+    return vlm.chat_inputs(processor, convs, images)
+
+
+def assert_shared_rollouts_equal_plain(model, processor, batch, seen=None):
+    """sample() with and without the shared prefix, greedy and seeded sampling (G 3, 10 tokens): the same
+    tokens and texts, scores within 1e-5; `seen` (images per vision-tower call) cleared before each run
+    and checked: each image once when shared, G times when not."""
+    runs = {}
+    for on in (False, True):
+        for greedy in (True, False):
+            if seen is not None:
                 seen.clear()
-                torch.manual_seed(3)
-                with shared_prefix(on):
-                    runs[on, greedy] = vlm.sample(model, processor, batch, 3, 10, temperature=1.3,
-                                                  do_sample=not greedy, return_scores=True)
+            torch.manual_seed(3)
+            with shared_prefix(on):
+                runs[on, greedy] = vlm.sample(model, processor, batch, 3, 10, temperature=1.3, do_sample=not greedy,
+                                              return_scores=True)
+            if seen is not None:
                 assert seen == ([2] if on else [6])
-    finally:
-        hook.remove()
     for greedy in (True, False):
         plain, shared = runs[False, greedy], runs[True, greedy]
         assert torch.equal(shared["completion_ids"], plain["completion_ids"]), greedy
@@ -265,6 +264,21 @@ def test_shared_prefix_generation_samples_what_the_plain_path_samples(tiny):
         mask = plain["completion_mask"].bool()
         torch.testing.assert_close(shared["sampled_logp"][mask], plain["sampled_logp"][mask], atol=1e-5, rtol=0)
     assert len(set(runs[False, False]["texts"])) > 1                 # sampling did sample
+
+
+def test_shared_prefix_generation_samples_what_the_plain_path_samples(tiny):
+    """Issue 16: sample() prefills each prompt once and generate() decodes its G rows from the repeated
+    cache: the vision tower sees each image once (not G times), and greedy and seeded sampling give the
+    plain path's tokens and scores (fp32, <= 1e-5), with left padding and two image sizes."""
+    model, processor = tiny
+    batch = two_prompt_batch(processor)
+    seen = []                                     # images per vision-tower call
+    hook = model.model.visual.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(len(kwargs.get("grid_thw", args[-1]))), with_kwargs=True)
+    try:
+        assert_shared_rollouts_equal_plain(model, processor, batch, seen)
+    finally:
+        hook.remove()
 
 
 def test_checkpoint_generation_config_never_changes_what_is_sampled(tiny):
@@ -440,6 +454,14 @@ def real_arch(tiny_dir, tmp_path_factory):
     root = tmp_path_factory.mktemp("real_arch")
     return {family: tiny_py.build_real_arch(root / family, family, tiny_dir, layers=2, narrow=2)
             for family in ("qwen2_vl", "qwen2_5_vl")}
+
+
+def test_shared_prefix_generation_on_both_real_architectures(real_arch):
+    """The shared-prefix rollouts on Qwen2-VL and Qwen2.5-VL (window attention in the vision tower, its own
+    M-RoPE offsets): the plain path's tokens and scores."""
+    for family, path in real_arch.items():
+        model, processor = vlm.load_model(path)
+        assert_shared_rollouts_equal_plain(model, processor, two_prompt_batch(processor))
 
 
 def test_real_architectures_keep_the_published_structure(real_arch):

@@ -207,9 +207,10 @@ def sample(model, processor, batch, num_generations=1, max_new_tokens=64, temper
         gen.update(temperature=None, top_k=None, top_p=None)
     from transformers import GenerationConfig
     target = hf_model(model)            # a LoRA (peft) wrapper forwards generate() to the HF model
-    if num_generations > 1 and SHARED_PREFIX and not (target.training and is_checkpointing(target)):
-        # each prompt prefilled once: generate() continues the B*G rows from the repeated cache
-        # (a model training under checkpointing keeps no cache: the plain path)
+    if (num_generations > 1 and SHARED_PREFIX and "pixel_values" in batch
+            and not (target.training and is_checkpointing(target))):
+        # each prompt prefilled once: generate() continues the B*G rows from the repeated cache (text-only
+        # prompts, cheap anyway, and a model training under checkpointing, which keeps no cache: the plain path)
         gen[cache_argument(target)] = shared_prefix_cache(target, batch, num_generations)
         inputs = {k: v for k, v in expanded.items() if k not in ("pixel_values", "image_grid_thw")}
     else:
