@@ -315,6 +315,13 @@ def to_frame(box):
     return to_model_frame(box, "qwen2_vl", (data.IMAGE_SIZE, data.IMAGE_SIZE))
 
 
+def train_records(root):
+    """(shapes-world task, record) for every training record of the shapes world at `root`, task by task."""
+    for task in data.SHAPE_TASKS:
+        for rec in data.read_manifest(Path(root) / task / "train.jsonl", data.MANIFEST_TASK[task])[0]:
+            yield task, rec
+
+
 def pretrain_corpus(root, seed=0):
     """SFT examples (conversation, images) in every prompt format the pipelines use.
 
@@ -323,52 +330,50 @@ def pretrain_corpus(root, seed=0):
     """
     rng = np.random.default_rng(seed)
     examples = []
-    for task in data.SHAPE_TASKS:
-        records, _ = data.read_manifest(Path(root) / task / "train.jsonl", data.MANIFEST_TASK[task])
-        for rec in records:
-            image = data.open_image(rec["image_path"])
-            scene = rec["scene"]
+    for task, rec in train_records(root):
+        image = data.open_image(rec["image_path"])
+        scene = rec["scene"]
 
-            def add(prompt, answer, extra_turns=(), extra_images=()):
-                conv = [user_turn(prompt), assistant_turn(answer)] + list(extra_turns)
-                examples.append((conv, [image] + list(extra_images)))
+        def add(prompt, answer, extra_turns=(), extra_images=()):
+            conv = [user_turn(prompt), assistant_turn(answer)] + list(extra_turns)
+            examples.append((conv, [image] + list(extra_images)))
 
-            if task in ("soft_cls", "onehot_cls"):
-                classes = rec["classes"]
-                mask_names = task == "soft_cls" and bool(rng.integers(2))
-                desc = data.describe_scene(scene, rng, with_names=not mask_names)
-                noisy = data.format_probs(classes, _noisy_probs(rec["probs"], rng))
-                add(data.prompt("cot", rec, mask_names=mask_names), desc)
-                add(data.prompt("rec", rec, cot=desc), noisy)
-                add(data.prompt("r1", rec), f"<think>{data.describe_scene(scene, rng)}</think><answer>{noisy}</answer>")
-                add(data.prompt("plain", rec), noisy)
-            elif task in ("det", "multi_det"):
-                boxes = [to_frame(b) for b in rec["boxes"]]
-                answer = data.format_annotation(rec, [to_frame(_jitter_box(b, rng)) for b in rec["boxes"]])
-                target_shape = None if rec.get("multi") else next(s for s in scene if s["box"] == rec["boxes"][0])
-                desc = data.describe_scene(scene, rng, target=target_shape)
-                add(data.prompt("cot", rec, boxes=boxes, frame=FRAME), desc)
-                add(data.prompt("rec", rec, cot=desc, frame=FRAME), answer)
-                add(data.prompt("r1", rec, frame=FRAME), f"<think>{desc}</think><answer>{answer}</answer>")
-                add(data.prompt("plain", rec, frame=FRAME), answer)
-            elif task == "seg":
-                box = _jitter_box(rec["box"], rng)
-                x1, y1, x2, y2 = rec["box"]
-                points = [[(x1 * 2 + x2) / 3, (y1 + y2 * 2) / 3], [(x1 + x2 * 2) / 3, (y1 + y2 * 2) / 3]]
-                fb = to_frame(box)
-                fp = [to_frame(p + p)[:2] for p in points]
-                target_shape = next(s for s in scene if s["box"] == rec["box"])
-                answer = json.dumps({"bbox": fb, "points": fp})
-                add(data.prompt("seg", rec, frame=FRAME),
-                    f"<think>{data.describe_scene(scene, rng, target=target_shape)}</think><answer>{answer}</answer>")
-                add(data.prompt("seg_no_cot", rec, frame=FRAME), f"<answer>{answer}</answer>")
-            elif task == "vqa":
-                q, a = rec["question"], rec["answer"]
-                box = _jitter_box(rec["box"], rng)
-                crop = image.crop(box)
-                add(data.prompt("visrl", rec), data.format_norm_box(box, *image.size),
-                    [user_turn(data.VISRL_ANSWER_PROMPT.format(question=q)), assistant_turn(a)], [crop])
-                examples.extend(_critic_examples(q, a, scene, image, rng))
+        if task in ("soft_cls", "onehot_cls"):
+            classes = rec["classes"]
+            mask_names = task == "soft_cls" and bool(rng.integers(2))
+            desc = data.describe_scene(scene, rng, with_names=not mask_names)
+            noisy = data.format_probs(classes, _noisy_probs(rec["probs"], rng))
+            add(data.prompt("cot", rec, mask_names=mask_names), desc)
+            add(data.prompt("rec", rec, cot=desc), noisy)
+            add(data.prompt("r1", rec), f"<think>{data.describe_scene(scene, rng)}</think><answer>{noisy}</answer>")
+            add(data.prompt("plain", rec), noisy)
+        elif task in ("det", "multi_det"):
+            boxes = [to_frame(b) for b in rec["boxes"]]
+            answer = data.format_annotation(rec, [to_frame(_jitter_box(b, rng)) for b in rec["boxes"]])
+            target_shape = None if rec.get("multi") else next(s for s in scene if s["box"] == rec["boxes"][0])
+            desc = data.describe_scene(scene, rng, target=target_shape)
+            add(data.prompt("cot", rec, boxes=boxes, frame=FRAME), desc)
+            add(data.prompt("rec", rec, cot=desc, frame=FRAME), answer)
+            add(data.prompt("r1", rec, frame=FRAME), f"<think>{desc}</think><answer>{answer}</answer>")
+            add(data.prompt("plain", rec, frame=FRAME), answer)
+        elif task == "seg":
+            box = _jitter_box(rec["box"], rng)
+            x1, y1, x2, y2 = rec["box"]
+            points = [[(x1 * 2 + x2) / 3, (y1 + y2 * 2) / 3], [(x1 + x2 * 2) / 3, (y1 + y2 * 2) / 3]]
+            fb = to_frame(box)
+            fp = [to_frame(p + p)[:2] for p in points]
+            target_shape = next(s for s in scene if s["box"] == rec["box"])
+            answer = json.dumps({"bbox": fb, "points": fp})
+            add(data.prompt("seg", rec, frame=FRAME),
+                f"<think>{data.describe_scene(scene, rng, target=target_shape)}</think><answer>{answer}</answer>")
+            add(data.prompt("seg_no_cot", rec, frame=FRAME), f"<answer>{answer}</answer>")
+        elif task == "vqa":
+            q, a = rec["question"], rec["answer"]
+            box = _jitter_box(rec["box"], rng)
+            crop = image.crop(box)
+            add(data.prompt("visrl", rec), data.format_norm_box(box, *image.size),
+                [user_turn(data.VISRL_ANSWER_PROMPT.format(question=q)), assistant_turn(a)], [crop])
+            examples.extend(_critic_examples(q, a, scene, image, rng))
     order = rng.permutation(len(examples))
     return [examples[i] for i in order]
 
@@ -402,12 +407,10 @@ def look_examples(scene, image):
 def look_scenes(root, rng):
     """Per training scene of the shapes world at `root`: ("scenes", its look_examples()), then
     ("alone", those of one of its shapes, picked by `rng`, drawn alone on a random grey)."""
-    for task in data.SHAPE_TASKS:
-        records, _ = data.read_manifest(Path(root) / task / "train.jsonl", data.MANIFEST_TASK[task])
-        for rec in records:
-            yield "scenes", look_examples(rec["scene"], data.open_image(rec["image_path"]))
-            shape = rec["scene"][int(rng.integers(len(rec["scene"])))]
-            yield "alone", look_examples([shape], data.render([shape], int(rng.integers(200, 246))))
+    for _, rec in train_records(root):
+        yield "scenes", look_examples(rec["scene"], data.open_image(rec["image_path"]))
+        shape = rec["scene"][int(rng.integers(len(rec["scene"])))]
+        yield "alone", look_examples([shape], data.render([shape], int(rng.integers(200, 246))))
 
 
 def look_corpus(root, seed=0):
@@ -643,18 +646,18 @@ def probe_pools(root, seed=0):
         pools[kind] += examples
         pools["where_" + kind] += [ex for ex in examples if _is_where(ex)]
     rng = np.random.default_rng(seed + 2)
-    for task in data.SHAPE_TASKS:
-        for rec in data.read_manifest(Path(root) / task / "train.jsonl", data.MANIFEST_TASK[task])[0]:
-            first, others = rec["scene"][0], [s for s in rec["scene"][1:] if s["color"] != rec["scene"][0]["color"]]
-            if not others:
-                continue
-            pair = [first, others[int(rng.integers(len(others)))]]
-            image, target = data.render(pair, int(rng.integers(200, 246))), pair[int(rng.integers(2))]
-            pools["where_pairs_colour"].append(([user_turn(LOOK_WHERE_COLOUR.format(**target)),
-                                                 assistant_turn(data.position_word(target["box"]))], [image]))
-            examples = look_examples(pair, image)
-            pools["pairs"] += examples
-            pools["where_pairs"] += [ex for ex in examples if _is_where(ex)]
+    for _, rec in train_records(root):
+        first = rec["scene"][0]
+        others = [s for s in rec["scene"][1:] if s["color"] != first["color"]]
+        if not others:
+            continue
+        pair = [first, others[int(rng.integers(len(others)))]]
+        image, target = data.render(pair, int(rng.integers(200, 246))), pair[int(rng.integers(2))]
+        pools["where_pairs_colour"].append(([user_turn(LOOK_WHERE_COLOUR.format(**target)),
+                                             assistant_turn(data.position_word(target["box"]))], [image]))
+        examples = look_examples(pair, image)
+        pools["pairs"] += examples
+        pools["where_pairs"] += [ex for ex in examples if _is_where(ex)]
     return pools
 
 
@@ -699,8 +702,8 @@ def look_probe(plan, seed=0, n_train=400, n_test=48, init=None, lr=1e-3, batch_s
 
     plan: [(pool, steps)], pool one of PROBE_POOLS; one AdamW, each stage its own warm-up + cosine.
     From scratch (the tokenizer build_tiny() would make for `seed` and `n_train`) or from `init`,
-    a saved model; `pixels`: set_image_pixels() first. Returns (model, processor, [{"pool", "steps", "loss" (mean of its last 50
-    steps), **look_scores()}])."""
+    a saved model; `pixels`: set_image_pixels() first. Returns (model, processor, [{"pool", "steps",
+    "loss" (mean of its last 50 steps), **look_scores()}])."""
     unknown = [name for name, _ in plan if name not in PROBE_POOLS]
     if unknown:
         raise ValueError(f"unknown probe pool(s) {unknown}: choose from {PROBE_POOLS}")

@@ -737,18 +737,15 @@ def save_phase(engine, processor, out, name, args, cfg):
     """Save the phase's model to OUT/<name>; returns the engine the next phase trains. With LoRA the
     adapter is folded into the weights and the next phase trains a fresh one (a new engine), as the
     released code trains each stage on the merged model of the last one."""
-    if not args.lora_rank:
-        run.save_final(engine, processor, out / Path(name).parent, Path(name).name)
-        return engine
-    base = merged(engine)
-    run.save_final(base, processor, out / Path(name).parent, Path(name).name)
-    return vlm.deepspeed_engine(lora_model(base, args.lora_rank), cfg)
+    model = merged(engine) if args.lora_rank else engine
+    run.save_final(model, processor, out / Path(name).parent, Path(name).name)
+    return vlm.deepspeed_engine(lora_model(model, args.lora_rank), cfg) if args.lora_rank else engine
 
 
-def save_progress(out, progress, rank):
+def save_progress(out, progress, step, rank):
     """OUT/progress.json: the finished phases, the step counter and the record counts that
     run.prepare_out cuts metrics.jsonl back to on --resume. Written atomically (kill -9 safe)."""
-    progress["records"] = run.record_counts(out)
+    progress["step"], progress["records"] = step, run.record_counts(out)
     if rank == 0:
         (out / "progress.tmp").write_text(json.dumps(progress))
         (out / "progress.tmp").replace(out / "progress.json")
@@ -776,8 +773,9 @@ def main(argv=None):
     progress_path = out / "progress.json"
     progress = json.loads(progress_path.read_text()) if args.resume and progress_path.exists() else {"done": []}
     if not args.resume and rank == 0:
-        for stale in ["metrics.jsonl", "phases.json", "progress.json", "eval.json"] + [p.name for p in out.glob("iter*")]:
-            shutil.rmtree(out / stale) if (out / stale).is_dir() else (out / stale).unlink(missing_ok=True)
+        stale_files = [out / n for n in ("metrics.jsonl", "phases.json", "progress.json", "eval.json")]
+        for stale in stale_files + list(out.glob("iter*")):
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
     vlm.barrier()
     run.prepare_out(out, rank, progress if "records" in progress else None)
     phases = json.loads((out / "phases.json").read_text()) if args.resume and (out / "phases.json").exists() else []
@@ -811,7 +809,7 @@ def main(argv=None):
 
     if not phases:
         score("base")
-        save_progress(out, progress, rank)
+        save_progress(out, progress, log_state["step"], rank)
 
     # ---- the phases, one after another: SFT warm-up, then per iteration generate -> stage 1 -> stage 2.
     # Each DPO stage's reference is the model the stage starts from (`latest`): stage 1's the model its
@@ -858,8 +856,7 @@ def main(argv=None):
             engine, latest = save_phase(engine, processor, out, phase, args, cfg), out / phase
             score(phase)
         progress["done"].append(phase)
-        progress["step"] = log_state["step"]
-        save_progress(out, progress, rank)
+        save_progress(out, progress, log_state["step"], rank)
 
     # ---- save + evaluate
     policy = merged(engine) if args.lora_rank else engine.module

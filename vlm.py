@@ -235,6 +235,12 @@ def sample(model, processor, batch, num_generations=1, max_new_tokens=64, temper
     return result
 
 
+def output_cache(output):
+    """The KV cache a forward with use_cache=True returned: `cache` from transformers 5.24, before `past_key_values`."""
+    cache = getattr(output, "cache", None)
+    return output.past_key_values if cache is None else cache
+
+
 def cache_argument(module):
     """The name the model's forward() takes a KV cache by: "cache" from transformers 5.24, before "past_key_values"."""
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
@@ -248,9 +254,7 @@ def shared_prefix_cache(module, batch, group_size):
     same for the prefix as for the whole prompt since the last token is text) are repeated too."""
     prefix = {k: v[:, :-1] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
               for k, v in batch.items()}
-    out = module.model(**{k: v.to(module.device) for k, v in prefix.items()}, use_cache=True)
-    cache = getattr(out, "cache", None)                          # transformers >= 5.24; before: past_key_values
-    cache = out.past_key_values if cache is None else cache
+    cache = output_cache(module.model(**{k: v.to(module.device) for k, v in prefix.items()}, use_cache=True))
     cache.batch_repeat_interleave(group_size)
     module.model.rope_deltas = module.model.rope_deltas.repeat_interleave(group_size, 0)
     return cache
@@ -341,8 +345,7 @@ def shared_prefix_hidden(module, prompt, completion_ids, completion_mask, group_
     if N % group_size or any(not torch.equal(again[k], prompt[k]) for k in prompt):
         raise ValueError(f"group_size {group_size}: every group of rows must hold copies of one prompt")
     prefix = module.model(**unique, position_ids=positions[:, first, :P], use_cache=True)
-    cache = getattr(prefix, "cache", None)                       # transformers >= 5.24; before: past_key_values
-    cache = prefix.past_key_values if cache is None else cache
+    cache = output_cache(prefix)
     cache.batch_repeat_interleave(group_size)                     # [B, ...] -> [N, ...], differentiable
     rest = module.model(input_ids=completion_ids, attention_mask=mask, position_ids=positions[:, :, P:],
                         use_cache=True, **{cache_argument(module.model): cache}).last_hidden_state    # [N, T, H]
