@@ -332,17 +332,26 @@ def main(argv=None):
     if args.dump_rank_state:
         with vlm.gathered(engine.module):
             checksum = sum(p.detach().double().sum().item() for p in engine.module.parameters())
-        logp = {}                        # the last rollout scored both ways, under this run's ZeRO stage
-        with torch.no_grad():
-            for on in (True, False):
-                vlm.SHARED_PREFIX = on
-                logp[on] = vlm.completion_logprobs(
-                    engine, rollout["prompt"], rollout["completion_ids"], rollout["completion_mask"],
-                    suppress=vlm.suppressed_ids(processor), group_size=args.num_generations)
+        from deepspeed.utils import safe_get_full_grad   # the all-reduced gradient, gathered from its shards
+        batch = vlm.chat_inputs(processor, [[vlm.user_turn("What colour is this image?")]] * len(pairs),
+                                [[im] for im, _ in pairs])
+        with vlm.generation_mode(engine.module):      # 8 tokens, so that the shared cache is differentiated
+            rollout = vlm.sample(engine.module, processor, batch, args.num_generations, max_new_tokens=8)
+        logp, grads = {}, {}                           # scored both ways, under this run's ZeRO stage
+        for on in (True, False):
+            vlm.SHARED_PREFIX = on
+            logp[on] = vlm.completion_logprobs(
+                engine, rollout["prompt"], rollout["completion_ids"], rollout["completion_mask"],
+                suppress=vlm.suppressed_ids(processor), group_size=args.num_generations)
+            engine.backward(logp[on].sum())
+            grads[on] = torch.cat([safe_get_full_grad(p).flatten() for p in engine.module.parameters()])
+            engine.optimizer.zero_grad()
         vlm.SHARED_PREFIX = True
         (out / f"rank{rank}.json").write_text(json.dumps({
             "rank": rank, "world": world, "checksum": checksum, "texts": rollout["texts"],
-            "shared_prefix_max_diff": (logp[True] - logp[False]).abs().max().item()}))
+            "shared_prefix_max_diff": (logp[True] - logp[False]).abs().max().item(),
+            "grad_max": grads[False].abs().max().item(),
+            "shared_prefix_grad_max_diff": (grads[True] - grads[False]).abs().max().item()}))
 
 
 if __name__ == "__main__":

@@ -580,14 +580,14 @@ def test_paper_presets_fit_a_megapixel_photo_in_the_prompt_limit(real_arch):
 
 # ============================================================================ two ranks, ZeRO-3, CPU
 def test_two_rank_zero3_step_on_cpu(tiny_dir, tmp_path):
-    """`deepspeed --num_gpus 2` on CPU (gloo): one GRPO step under ZeRO-3 leaves the same
+    """`deepspeed --num_gpus 2` on CPU (gloo): two GRPO steps under ZeRO-3 leave the same
     parameters on both ranks (gradients were all-reduced) while each rank sampled its own
-    completions (per-rank seeds); with sharded weights the shared-prefix log-probs of each rank's
-    rollout equal the plain path's."""
+    completions (per-rank seeds). With sharded weights, the shared-prefix log-probs of an 8-token
+    rollout and their all-reduced gradients equal the plain path's."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = tmp_path / "new" / "run"                       # created by the script (it was not, with --model given)
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29533", str(ROOT / "grpo.py"), "--model", str(tiny_dir),
-           "--out", str(out), "--max-steps", "1", "--num-generations", "8", "--deepspeed",
+           "--out", str(out), "--max-steps", "2", "--num-generations", "8", "--deepspeed",
            str(ROOT / "ds_zero3.json"), "--dump-rank-state", "--lr", "1e-2"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -596,6 +596,8 @@ def test_two_rank_zero3_step_on_cpu(tiny_dir, tmp_path):
     assert ranks[0]["checksum"] == ranks[1]["checksum"]
     assert ranks[0]["texts"] != ranks[1]["texts"]
     assert max(r["shared_prefix_max_diff"] for r in ranks) <= 1e-5      # shared-prefix log-probs under ZeRO-3
+    assert ranks[0]["grad_max"] == ranks[1]["grad_max"] > 0.1           # the all-reduced gradient, not zero
+    assert max(r["shared_prefix_grad_max_diff"] for r in ranks) <= 1e-5 * ranks[0]["grad_max"]   # measured 4e-7 x
     model, _ = vlm.load_model(tiny_dir)
     initial = sum(p.detach().double().sum().item() for p in model.parameters())
     assert abs(initial - ranks[0]["checksum"]) > 1e-3           # the step really changed the weights
@@ -3149,11 +3151,14 @@ def kill_when(script, args, cwd, condition, env=None, timeout=600):
 
 
 def test_rise_cot_and_rise_r1_two_ranks(tiny_dir, rise_world, tmp_path):
+    """Both stages on two ranks under ZeRO-3. RISE-CoT runs the shipped base, whose CoTs end at
+    different lengths on the two ranks: with ZeRO-3's module hooks left on while generating, that
+    left a parameter "in flight" and the run failed (gathered() lifts them)."""
     train = rise_world / "soft_cls" / "train.jsonl"
     ids = [json.loads(line)["id"] for line in train.read_text().splitlines()]
-    cot_out = tmp_path / "cot"
-    ok(launch("rise_cot.py", ["--model", tiny_dir, "--data", train, "--out", cot_out, "--max-steps", "1",
-                              "--harvest-batch-size", "1", *SMALL], tmp_path, ranks=2))
+    cot_out, zero3 = tmp_path / "cot", ["--deepspeed", ROOT / "ds_zero3.json"]
+    ok(launch("rise_cot.py", ["--model", SHIPPED_BASE, "--data", train, "--out", cot_out, "--max-steps", "1",
+                              "--harvest-batch-size", "1", *zero3, *SMALL, "--max-new-tokens", "48"], tmp_path, ranks=2))
     cots = run.read_jsonl(cot_out / "cots.jsonl")
     assert sorted(c["id"] for c in cots) == sorted(ids)        # every sample exactly once, from two ranks
     assert all(0 <= c["reward"] <= 1 and set(c) >= {"id", "cot", "reconstruction", "reward"} for c in cots)
@@ -3163,7 +3168,7 @@ def test_rise_cot_and_rise_r1_two_ranks(tiny_dir, rise_world, tmp_path):
     r1_out = tmp_path / "r1"
     ok(launch("rise_r1.py", ["--model", tiny_dir, "--data", train, "--cots", cot_out / "cots.jsonl", "--tau", "0",
                              "--out", r1_out, "--sft-steps", "1", "--max-steps", "1", "--preset", "tiny", "-G", "2",
-                             "--batch-size", "1", "--max-new-tokens", "8", "--grad-accum", "2"],
+                             "--batch-size", "1", "--max-new-tokens", "8", "--grad-accum", "2", *zero3],
               tmp_path, ranks=2, port=29542))
     # --sft-steps / --max-steps count optimizer updates (as TRL/HF): 1 update = 2 micro-steps with
     # --grad-accum 2; DeepSpeed's own count of applied updates is logged as "updates"
@@ -3801,14 +3806,15 @@ def test_seg_rise_kill_and_resume_logs_every_step_once(tiny_dir, clip_dir, cache
 
 
 def test_seg_rise_two_rank_zero3_step_on_cpu(tiny_dir, clip_dir, cache, tmp_path):
-    """deepspeed --num_gpus 2 seg_rise.py on CPU (gloo), ZeRO-3, with the reference model."""
+    """deepspeed --num_gpus 2 seg_rise.py on CPU (gloo), ZeRO-3, with the reference model: two steps
+    (the second is the one a stale ZeRO-3 fetch schedule broke)."""
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29561", str(ROOT / "seg_rise.py"),
            "--model", str(tiny_dir), "--clip-ckpt", str(clip_dir), "--out", str(tmp_path / "run"),
-           "--max-steps", "1", "-G", "2", "--max-new-tokens", "8", "--deepspeed", str(ROOT / "ds_zero3.json")]
+           "--max-steps", "2", "-G", "2", "--max-new-tokens", "8", "--deepspeed", str(ROOT / "ds_zero3.json")]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env_for(cache), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 1 and rows[0]["step"] == 0 and math.isfinite(rows[0]["loss"])
+    assert [r["step"] for r in rows] == [0, 1] and all(math.isfinite(r["loss"]) for r in rows)
     assert (tmp_path / "run" / "final" / "config.json").exists()
 
 

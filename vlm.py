@@ -17,6 +17,7 @@ import inspect
 import json
 import os
 import sys
+import weakref
 from pathlib import Path
 
 import torch
@@ -499,6 +500,17 @@ def deepspeed_engine(model, cfg):
     import deepspeed
     engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
                                                                       if p.requires_grad], config=cfg)
+    return zero3_hooks(engine)
+
+
+ZERO3_HOOKS = weakref.WeakKeyDictionary()      # HF model -> the DeepSpeed object owning its ZeRO-3 hooks
+
+
+def zero3_hooks(engine):
+    """Note who owns the ZeRO-3 module hooks of `engine`'s model, for gathered(); returns the engine."""
+    owner = getattr(engine.optimizer, "parameter_offload", engine.optimizer)   # no optimizer: the offload itself
+    if hasattr(owner, "forward_hooks"):
+        ZERO3_HOOKS[engine.module] = owner
     return engine
 
 
@@ -513,7 +525,7 @@ def reference_model(name, cfg, device=None, max_pixels=None):
     if cfg.get("zero_optimization", {}).get("stage", 0) == 3:
         import deepspeed
         inference_cfg = {k: v for k, v in cfg.items() if k not in ("optimizer", "scheduler")}
-        model = deepspeed.initialize(model=model, config=inference_cfg)[0]
+        model = zero3_hooks(deepspeed.initialize(model=model, config=inference_cfg)[0])
         model.eval()
     return model
 
@@ -523,12 +535,26 @@ def gathered(model):
     """Full parameters for generation under ZeRO-3; a no-op otherwise.
 
     Sharded generation works but gathers every layer at every decoding step (unusably slow),
-    so the whole model is gathered once for the rollout and re-partitioned afterwards.
+    so the whole model is gathered once for the rollout and re-partitioned afterwards. The ZeRO-3
+    module hooks are lifted meanwhile (as TRL does): left on, they still run DeepSpeed's fetch
+    schedule on the gathered weights, and once two ranks' completions end at different lengths a
+    parameter is left "in flight" and the run fails (at the next step or on leaving this context).
     """
     params = [p for p in model.parameters() if hasattr(p, "ds_id")]
     if not params:
         yield
         return
     import deepspeed
+    owner = ZERO3_HOOKS.get(hf_model(model))
     with deepspeed.zero.GatheredParameters(params):
-        yield
+        if owner is not None:
+            for p in params:
+                p.ds_active_sub_modules.clear()
+            for hook in owner.forward_hooks + owner.backward_hooks:
+                hook.remove()
+            owner.forward_hooks, owner.backward_hooks = [], []
+        try:
+            yield
+        finally:
+            if owner is not None:
+                owner._register_deepspeed_module(owner.module)     # hooks back; the fetch trace re-recorded
