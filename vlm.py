@@ -536,9 +536,9 @@ def gathered(model):
 
     Sharded generation works but gathers every layer at every decoding step (unusably slow),
     so the whole model is gathered once for the rollout and re-partitioned afterwards. The ZeRO-3
-    module hooks are lifted meanwhile (as TRL does): left on, they still run DeepSpeed's fetch
-    schedule on the gathered weights, and once two ranks' completions end at different lengths a
-    parameter is left "in flight" and the run fails (at the next step or on leaving this context).
+    module hooks are lifted meanwhile (as TRL does): left on, they kept running DeepSpeed's fetch
+    schedule on the gathered weights and left a parameter "in flight": the second GRPO step failed,
+    and RISE-CoT's first once the two ranks' CoTs ended at different lengths.
     """
     params = [p for p in model.parameters() if hasattr(p, "ds_id")]
     if not params:
