@@ -41,6 +41,7 @@ import transformers
 
 import dpo
 import grpo
+import run
 import tiny
 import vlm
 
@@ -194,10 +195,10 @@ def our_trainer(setup, args, micro_batch, with_ref=True):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cfg, policy, optimizer = {}, model, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
     if args.deepspeed:
-        vlm.init_distributed(force=True)
-        cfg = vlm.deepspeed_config(args.deepspeed, lr=args.lr, weight_decay=0.0, micro_batch=micro_batch)
-        policy, optimizer = vlm.deepspeed_engine(model, cfg), None
-    ref = vlm.reference_model(setup["dir"], cfg, max_pixels=setup["max_pixels"]) if with_ref else None
+        run.init_distributed(force=True)
+        cfg = run.zero_config(args.deepspeed, lr=args.lr, weight_decay=0.0, micro_batch=micro_batch)
+        policy, optimizer = run.deepspeed_engine(model, cfg), None
+    ref = run.reference_model(setup["dir"], cfg, max_pixels=setup["max_pixels"]) if with_ref else None
     return model, processor, policy, optimizer, ref
 
 

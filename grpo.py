@@ -116,6 +116,7 @@ def grpo_loss(logp, old_logp, ref_logp, advantages, mask, beta=0.04,
 # The losses above need only torch; the step below drives the model through vlm.py.
 import math  # noqa: E402
 
+import run  # noqa: E402  (run imports this file too: each uses the other only inside functions)
 import vlm  # noqa: E402
 
 
@@ -297,7 +298,7 @@ def main(argv=None):
     parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
-    rank, world = vlm.init_distributed(force=True)
+    rank, world = run.init_distributed(force=True)
     random.seed(args.seed + rank)                  # each rank samples its own prompts
     torch.manual_seed(args.seed + rank)            # ... and its own completions
     out = Path(args.out)
@@ -308,12 +309,12 @@ def main(argv=None):
         model_dir = out / "random-tiny"
         if rank == 0 and not (model_dir / "config.json").exists():
             tiny.build_tiny(model_dir, seed=args.seed, pretrain=False)
-        vlm.barrier()
+        run.barrier()
     model, processor = vlm.load_model(model_dir)
-    cfg = vlm.deepspeed_config(args.deepspeed or Path(__file__).with_name("ds_zero2.json"), lr=args.lr,
+    cfg = run.zero_config(args.deepspeed or Path(__file__).with_name("ds_zero2.json"), lr=args.lr,
                                weight_decay=0.0, micro_batch=args.batch_size)
-    engine = vlm.deepspeed_engine(model, cfg)
-    ref = vlm.reference_model(model_dir, cfg, device=engine.device) if args.beta else None
+    engine = run.deepspeed_engine(model, cfg)
+    ref = run.reference_model(model_dir, cfg, device=engine.device) if args.beta else None
     rng, names = random.Random(args.seed + rank), args.colours.split(",")
     log = open(out / "metrics.jsonl", "a") if rank == 0 else None
     for step in range(args.max_steps):
@@ -356,4 +357,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-    vlm.exit_finished()        # the run is complete: skip the interpreter's teardown
+    run.exit_finished()        # the run is complete: skip the interpreter's teardown

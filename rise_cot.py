@@ -238,4 +238,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
-    vlm.exit_finished()        # the run is complete: skip the interpreter's teardown
+    run.exit_finished()        # the run is complete: skip the interpreter's teardown

@@ -192,7 +192,7 @@ def main(argv=None):
 
     # ---- models
     cfg = run.deepspeed_config(args, lr=args.sft_lr or args.lr)
-    engine = vlm.deepspeed_engine(model, cfg)
+    engine = run.deepspeed_engine(model, cfg)
     ckpt = run.load_checkpoint(engine, out) if args.resume else None
     run.prepare_out(out, rank, ckpt)                 # --resume: metrics.jsonl cut back to the checkpoint
     state = ckpt or {"stage": args.stages[0], "step": 0}
@@ -237,7 +237,7 @@ def main(argv=None):
                 group["lr"] = args.lr
         micro_steps = args.max_steps * args.grad_accum    # --max-steps counts optimizer updates
         ref_name = str(out / "sft") if "sft" in args.stages else args.model
-        ref = vlm.reference_model(ref_name, cfg, device=engine.device, max_pixels=args.max_pixels) \
+        ref = run.reference_model(ref_name, cfg, device=engine.device, max_pixels=args.max_pixels) \
             if args.beta else None
         G = args.num_generations
         order = run.data_order(len(records), args.seed)
@@ -290,4 +290,4 @@ def eval_only(model, processor, args, rank=0, world=1, out=None):
 
 if __name__ == "__main__":
     main()
-    vlm.exit_finished()        # the run is complete: skip the interpreter's teardown
+    run.exit_finished()        # the run is complete: skip the interpreter's teardown

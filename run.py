@@ -6,6 +6,8 @@ repeat the same plumbing. Nothing here knows about models or papers:
   common_args()      the command line every script has (--model --data --out --seed ...)
   parse_with_preset()   --preset paper|tiny|auto fills the options left unset (is_tiny())
   manifest_path()    --data / --test: a .jsonl path, or a shapes-world task in the cache
+  init_distributed(), barrier(), exit_finished()   the process group, and a clean exit
+  zero_config(), deepspeed_config(), deepspeed_engine(), reference_model()   DeepSpeed set-up
   start()            distributed start, per-rank seeds, OUT/args.json
   log()              one JSON line per step in OUT/metrics.jsonl (rank 0), flushed
   append_jsonl(), done_ids()   record-by-record outputs that survive kill -9 and resume
@@ -112,12 +114,96 @@ def default_shapes_world(seed=0):
     return root
 
 
+# ---------------------------------------------------------------------------- DeepSpeed
+def init_distributed(force=False):
+    """Start torch.distributed; returns (rank, world_size).
+
+    Under the `deepspeed` launcher (or torchrun) the environment names the rank and world size.
+    With `force`, a plain `python script.py` becomes a one-rank world, so the same DeepSpeed
+    code path runs everywhere. On CPU, DeepSpeed's CPU accelerator talks gloo: this is how
+    `deepspeed --num_gpus 2 script.py` runs two real ranks on a laptop (and in CI).
+    """
+    if "WORLD_SIZE" not in os.environ:
+        if not force:
+            return 0, 1
+        import socket
+        with socket.socket() as s:                 # a free port for the one-rank group
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(port))
+    import atexit
+    import deepspeed
+    if not torch.distributed.is_initialized():
+        deepspeed.init_distributed(dist_backend="nccl" if vlm.on_gpu() else "gloo")
+        # tear the process group down before the interpreter does: otherwise its threads can
+        # abort the exit ("terminate called without an active exception", exit code 250)
+        atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
+    if vlm.on_gpu():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.distributed.get_rank(), torch.distributed.get_world_size()
+
+
+def barrier():
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+def exit_finished():
+    """Leave a script whose main() returned: all ranks done, the process group torn down, stdout and
+    stderr flushed, then os._exit(0). It skips the interpreter's own teardown, in which gloo /
+    DeepSpeed threads can still abort a finished run ("terminate called without an active
+    exception", exit code 250: about one two-rank test run in twenty here). A failing main() never
+    gets here: its traceback and exit code stay Python's."""
+    barrier()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()
+    sys.stdout.flush(), sys.stderr.flush()
+    os._exit(0)
+
+
+def zero_config(path, lr, weight_decay=0.1, grad_accum=1, micro_batch=1, grad_clip=1.0):
+    """Read a ZeRO JSON config and fill the fields our command-line arguments own."""
+    cfg = json.loads(Path(path).read_text())
+    cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum,
+               gradient_clipping=grad_clip)
+    cfg.pop("train_batch_size", None)
+    cfg["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay,
+                                                     "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}}
+    cfg.setdefault("bf16", {})["enabled"] = vlm.on_gpu()
+    return cfg
+
+
+def deepspeed_engine(model, cfg):
+    """Wrap the policy in a DeepSpeed engine (optimizer included); returns the engine."""
+    import deepspeed
+    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
+                                                                      if p.requires_grad], config=cfg)
+    return vlm.zero3_hooks(engine)
+
+
+def reference_model(name, cfg, device=None, max_pixels=None):
+    """The frozen reference policy of the KL term of the GRPO loss (grpo.grpo_loss).
+
+    Under ZeRO-3 it is wrapped as an optimizer-less DeepSpeed engine, so it is sharded like the
+    policy; otherwise each rank keeps a full frozen copy.
+    """
+    model, _ = vlm.load_model(name, device=device, max_pixels=max_pixels)
+    model.requires_grad_(False).eval()
+    if cfg.get("zero_optimization", {}).get("stage", 0) == 3:
+        import deepspeed
+        inference_cfg = {k: v for k, v in cfg.items() if k not in ("optimizer", "scheduler")}
+        model = vlm.zero3_hooks(deepspeed.initialize(model=model, config=inference_cfg)[0])
+        model.eval()
+    return model
+
+
 # ---------------------------------------------------------------------------- models of a run
 def deepspeed_config(args, lr=None, micro_batch=1):
     """The run's DeepSpeed config: --deepspeed's JSON (default ds_zero2.json) with AdamW at `lr`
-    (default --lr), --weight-decay and --grad-accum (vlm.deepspeed_config)."""
-    return vlm.deepspeed_config(args.deepspeed or Path(__file__).with_name("ds_zero2.json"), lr=lr or args.lr,
-                                weight_decay=args.weight_decay, grad_accum=args.grad_accum, micro_batch=micro_batch)
+    (default --lr), --weight-decay and --grad-accum (zero_config)."""
+    return zero_config(args.deepspeed or Path(__file__).with_name("ds_zero2.json"), lr=lr or args.lr,
+                       weight_decay=args.weight_decay, grad_accum=args.grad_accum, micro_batch=micro_batch)
 
 
 def load_policy(args, name=None):
@@ -131,11 +217,11 @@ def load_policy(args, name=None):
 
 def training_models(args):
     """(engine, processor, ref, cfg): the policy as a DeepSpeed engine (AdamW inside) and, when
-    --beta > 0, its frozen reference (vlm.reference_model). The GRPO pipelines' set-up."""
+    --beta > 0, its frozen reference (reference_model). The GRPO pipelines' set-up."""
     model, processor = load_policy(args)
     cfg = deepspeed_config(args)
-    engine = vlm.deepspeed_engine(model, cfg)
-    ref = vlm.reference_model(args.model, cfg, device=engine.device, max_pixels=args.max_pixels) if args.beta else None
+    engine = deepspeed_engine(model, cfg)
+    ref = reference_model(args.model, cfg, device=engine.device, max_pixels=args.max_pixels) if args.beta else None
     return engine, processor, ref, cfg
 
 
@@ -145,7 +231,7 @@ def start(args):
     Every rank gets its own seed so ranks sample different completions; model initialisation
     is not seeded here (weights come from a checkpoint and DeepSpeed broadcasts them).
     """
-    rank, world = vlm.init_distributed(force=True)
+    rank, world = init_distributed(force=True)
     vlm.SHARED_PREFIX = getattr(args, "shared_prefix", True)
     seed = args.seed + 1000 * rank
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
@@ -153,7 +239,7 @@ def start(args):
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps(vars(args), indent=1, default=str))
-    vlm.barrier()
+    barrier()
     return rank, world, out
 
 
@@ -225,7 +311,7 @@ def prepare_out(out, rank, state, logged=("metrics.jsonl",), fresh=()):
         if state is None:
             for name in fresh:
                 (Path(out) / name).unlink(missing_ok=True)
-    vlm.barrier()
+    barrier()
 
 
 def done_ids(path):
@@ -319,7 +405,7 @@ def save_checkpoint(engine, out, step, state, logged=("metrics.jsonl",)):
         for old in (Path(out) / "ckpt").glob("step*"):
             if old.name != f"step{step}":
                 shutil.rmtree(old, ignore_errors=True)
-    vlm.barrier()
+    barrier()
 
 
 def load_checkpoint(engine, out):
@@ -362,7 +448,7 @@ def save_final(engine, processor, out, name="final"):
             processor.save_pretrained(tmp)
             shutil.rmtree(target, ignore_errors=True)
             tmp.rename(target)
-    vlm.barrier()
+    barrier()
     return target
 
 

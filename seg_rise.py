@@ -389,7 +389,7 @@ def scorer(args, rank, device):
     """The frozen CLIP scorer on every rank; a missing shapes CLIP is built once, by rank 0."""
     if rank == 0 and args.clip == "shapes":
         load_clip("shapes", args.clip_ckpt)
-    vlm.barrier()
+    run.barrier()
     return load_clip(args.clip, args.clip_ckpt, device=device)
 
 
@@ -500,9 +500,9 @@ def eval_only(args, rank, world, out, device):
             run.append_jsonl(out / "predictions.jsonl", row)
         (out / "eval.json").write_text(json.dumps(result, indent=1))
         print(json.dumps(result))
-    vlm.barrier()
+    run.barrier()
 
 
 if __name__ == "__main__":
     main()
-    vlm.exit_finished()        # the run is complete: skip the interpreter's teardown
+    run.exit_finished()        # the run is complete: skip the interpreter's teardown

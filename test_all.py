@@ -4204,12 +4204,12 @@ PHASES_SCRIPT = """
 import argparse, json, sys
 from pathlib import Path
 import torch
-import data, vlm, visrl
+import data, run, vlm, visrl
 tiny, shapes, out = sys.argv[1:4]
-vlm.init_distributed(force=True)
+run.init_distributed(force=True)
 model, processor = vlm.load_model(tiny)
-cfg = vlm.deepspeed_config(Path(vlm.__file__).with_name("ds_zero2.json"), lr=1e-3, weight_decay=0.0, grad_accum=2)
-engine = vlm.deepspeed_engine(model, cfg)
+cfg = run.zero_config(Path(vlm.__file__).with_name("ds_zero2.json"), lr=1e-3, weight_decay=0.0, grad_accum=2)
+engine = run.deepspeed_engine(model, cfg)
 recs = data.read_manifest(Path(shapes) / "vqa" / "train.jsonl", "vqa")[0]
 args = argparse.Namespace(sft_lr=1e-3, sft_batch_size=1, sft_epochs=1.0, max_steps=None, seed=0, grad_accum=2)
 state = {"step": 0}

@@ -664,7 +664,7 @@ def load_records(args, rank):
     if not args.data:
         if rank == 0 and not (root / "vqa" / "test.jsonl").exists():
             data.make_shapes_world(root, n_train=512, n_test=512, seed=args.seed)
-        vlm.barrier()
+        run.barrier()
     train_path = run.manifest_path(args.data, "train", args.seed, "vqa", world=root)
     test_path = (run.manifest_path(args.test, "test", args.seed, "vqa", world=root)
                  if args.test or not args.data else None)
@@ -739,7 +739,7 @@ def save_phase(engine, processor, out, name, args, cfg):
     released code trains each stage on the merged model of the last one."""
     model = merged(engine) if args.lora_rank else engine
     run.save_final(model, processor, out / Path(name).parent, Path(name).name)
-    return vlm.deepspeed_engine(lora_model(model, args.lora_rank), cfg) if args.lora_rank else engine
+    return run.deepspeed_engine(lora_model(model, args.lora_rank), cfg) if args.lora_rank else engine
 
 
 def save_progress(out, progress, step, rank):
@@ -749,7 +749,7 @@ def save_progress(out, progress, step, rank):
     if rank == 0:
         (out / "progress.tmp").write_text(json.dumps(progress))
         (out / "progress.tmp").replace(out / "progress.json")
-    vlm.barrier()
+    run.barrier()
 
 
 def main(argv=None):
@@ -776,7 +776,7 @@ def main(argv=None):
         stale_files = [out / n for n in ("metrics.jsonl", "phases.json", "progress.json", "eval.json")]
         for stale in stale_files + list(out.glob("iter*")):
             shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
-    vlm.barrier()
+    run.barrier()
     run.prepare_out(out, rank, progress if "records" in progress else None)
     phases = json.loads((out / "phases.json").read_text()) if args.resume and (out / "phases.json").exists() else []
     phases = [p for p in phases if p["phase"] in ["base"] * ("records" in progress) + progress["done"]]
@@ -786,9 +786,9 @@ def main(argv=None):
     model, processor = run.load_policy(args, latest)
     if args.lora_rank and cfg.get("zero_optimization", {}).get("stage") == 3:
         raise SystemExit("--lora-rank: use ZeRO-2 (ds_zero2.json); merging adapters needs whole weights")
-    engine = vlm.deepspeed_engine(lora_model(model, args.lora_rank) if args.lora_rank else model, cfg)
+    engine = run.deepspeed_engine(lora_model(model, args.lora_rank) if args.lora_rank else model, cfg)
     critic = "oracle" if args.critic == "oracle" else \
-        vlm.reference_model(args.critic or args.model, cfg, device=engine.device, max_pixels=args.max_pixels)
+        run.reference_model(args.critic or args.model, cfg, device=engine.device, max_pixels=args.max_pixels)
     # a sample whose prompt cannot be processed is skipped (OUT/skipped.jsonl), never fatal
     problem = lambda r: sample_problem(r, processor, args.max_prompt_len)  # noqa: E731
     sft_records, _ = run.usable(sft_records, problem, rank, world, out, split="sft")
@@ -827,7 +827,7 @@ def main(argv=None):
         elif kind == "generate":                           # 1.-2. data generation + filter
             if rank == 0:
                 folder.mkdir(parents=True, exist_ok=True)
-            vlm.barrier()
+            run.barrier()
             if it_name == "iter1" and args.pairs:
                 pairs = run.read_jsonl(args.pairs)
                 stats = {"survivors": {"given": len(pairs)}, "quality": {}}
@@ -849,7 +849,7 @@ def main(argv=None):
                 pairs = run.read_jsonl(folder / "pairs.jsonl")
             if pairs:
                 ref = None if args.lora_rank else \
-                    vlm.reference_model(latest, cfg, device=engine.device, max_pixels=args.max_pixels)
+                    run.reference_model(latest, cfg, device=engine.device, max_pixels=args.max_pixels)
                 dpo_phase(engine, ref, processor, pairs, int(kind[-1]), args, rank, world, out, log_state)
                 del ref
         if kind != "generate":                             # save the phase's model, score it
@@ -880,7 +880,7 @@ def eval_only(args, cfg, rank, world, out):
     test_path = Path(args.test) if args.test else load_records(args, rank)[2]
     test, _ = data.read_manifest(test_path, "vqa", skip_bad=args.skip_bad)
     model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
-    critic = vlm.reference_model(args.critic, cfg, device=model.device, max_pixels=args.max_pixels) \
+    critic = run.reference_model(args.critic, cfg, device=model.device, max_pixels=args.max_pixels) \
         if args.critic and args.critic != "oracle" else None
     metrics, preds = evaluate(model, processor, test[:args.n_test], args, rank, world, critic)
     if rank == 0:
@@ -891,4 +891,4 @@ def eval_only(args, cfg, rank, world, out):
 
 if __name__ == "__main__":
     main()
-    vlm.exit_finished()        # the run is complete: skip the interpreter's teardown
+    run.exit_finished()        # the run is complete: skip the interpreter's teardown

@@ -6,7 +6,7 @@
   4. log-probs     completion_logprobs(): completion tokens only, temperature applied, masked
   5. SFT           sft_loss(): next-token loss on the assistant turns only
   6. coordinates   to_model_frame() / from_model_frame(): the one place boxes change frame
-  7. DeepSpeed     init_distributed(), deepspeed_engine(), gathered() for ZeRO-3 generation
+  7. ZeRO-3        gathered(): full weights, module hooks lifted, while generating
 
 The default --model, "tiny-base", is built by tiny.py (a Qwen2-VL-architecture model small
 enough for a laptop CPU) with the same classes as Qwen2-VL-2B (Qwen2VLForConditionalGeneration,
@@ -14,9 +14,7 @@ Qwen2VLProcessor), so every pipeline runs the same code on both.
 """
 import contextlib
 import inspect
-import json
 import os
-import sys
 import weakref
 from pathlib import Path
 
@@ -435,74 +433,7 @@ def from_model_frame(box, model_type, image_size, processor=None):
     return [box[0] / sx, box[1] / sy, box[2] / sx, box[3] / sy]
 
 
-# ============================================================================ 7. DeepSpeed
-def init_distributed(force=False):
-    """Start torch.distributed; returns (rank, world_size).
-
-    Under the `deepspeed` launcher (or torchrun) the environment names the rank and world size.
-    With `force`, a plain `python script.py` becomes a one-rank world, so the same DeepSpeed
-    code path runs everywhere. On CPU, DeepSpeed's CPU accelerator talks gloo: this is how
-    `deepspeed --num_gpus 2 script.py` runs two real ranks on a laptop (and in CI).
-    """
-    if "WORLD_SIZE" not in os.environ:
-        if not force:
-            return 0, 1
-        import socket
-        with socket.socket() as s:                 # a free port for the one-rank group
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
-                          MASTER_PORT=str(port))
-    import atexit
-    import deepspeed
-    if not torch.distributed.is_initialized():
-        deepspeed.init_distributed(dist_backend="nccl" if on_gpu() else "gloo")
-        # tear the process group down before the interpreter does: otherwise its threads can
-        # abort the exit ("terminate called without an active exception", exit code 250)
-        atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
-    if on_gpu():
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-    return torch.distributed.get_rank(), torch.distributed.get_world_size()
-
-
-def barrier():
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-
-
-def exit_finished():
-    """Leave a script whose main() returned: all ranks done, the process group torn down, stdout and
-    stderr flushed, then os._exit(0). It skips the interpreter's own teardown, in which gloo /
-    DeepSpeed threads can still abort a finished run ("terminate called without an active
-    exception", exit code 250: about one two-rank test run in twenty here). A failing main() never
-    gets here: its traceback and exit code stay Python's."""
-    barrier()
-    if torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()
-    sys.stdout.flush(), sys.stderr.flush()
-    os._exit(0)
-
-
-def deepspeed_config(path, lr, weight_decay=0.1, grad_accum=1, micro_batch=1, grad_clip=1.0):
-    """Read a ZeRO JSON config and fill the fields our command-line arguments own."""
-    cfg = json.loads(Path(path).read_text())
-    cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=grad_accum,
-               gradient_clipping=grad_clip)
-    cfg.pop("train_batch_size", None)
-    cfg["optimizer"] = {"type": "AdamW", "params": {"lr": lr, "weight_decay": weight_decay,
-                                                     "betas": [0.9, 0.999], "eps": 1e-8, "torch_adam": True}}
-    cfg.setdefault("bf16", {})["enabled"] = on_gpu()
-    return cfg
-
-
-def deepspeed_engine(model, cfg):
-    """Wrap the policy in a DeepSpeed engine (optimizer included); returns the engine."""
-    import deepspeed
-    engine, *_ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()
-                                                                      if p.requires_grad], config=cfg)
-    return zero3_hooks(engine)
-
-
+# ============================================================================ 7. ZeRO-3 generation
 ZERO3_HOOKS = weakref.WeakKeyDictionary()      # HF model -> the DeepSpeed object owning its ZeRO-3 hooks
 
 
@@ -512,22 +443,6 @@ def zero3_hooks(engine):
     if hasattr(owner, "forward_hooks"):
         ZERO3_HOOKS[engine.module] = owner
     return engine
-
-
-def reference_model(name, cfg, device=None, max_pixels=None):
-    """The frozen reference policy of the KL term of the GRPO loss (grpo.grpo_loss).
-
-    Under ZeRO-3 it is wrapped as an optimizer-less DeepSpeed engine, so it is sharded like the
-    policy; otherwise each rank keeps a full frozen copy.
-    """
-    model, _ = load_model(name, device=device, max_pixels=max_pixels)
-    model.requires_grad_(False).eval()
-    if cfg.get("zero_optimization", {}).get("stage", 0) == 3:
-        import deepspeed
-        inference_cfg = {k: v for k, v in cfg.items() if k not in ("optimizer", "scheduler")}
-        model = zero3_hooks(deepspeed.initialize(model=model, config=inference_cfg)[0])
-        model.eval()
-    return model
 
 
 @contextlib.contextmanager
