@@ -65,6 +65,13 @@ def step_dpo_loss(box_logps, answer_logps, beta=0.1, box_weight=0.5):
     return loss, stats
 
 
+def chosen_nll(processor, targets, logp):
+    """Mean per-token negative log-likelihood of the chosen targets (for --nll-weight), a scalar."""
+    tok = processor.tokenizer
+    lengths = torch.tensor([len(tok.encode(t, add_special_tokens=False)) + 1 for t in targets], device=logp.device)
+    return (-logp / lengths).mean()
+
+
 # ---- the model side: summed log-probs of chosen / rejected responses ----
 # The losses above need only torch; the helpers below run the model through vlm.py.
 import contextlib  # noqa: E402

@@ -16,6 +16,7 @@ import ast
 import json
 import math
 import re
+import string
 from collections import defaultdict
 
 import numpy as np
@@ -519,6 +520,17 @@ def accuracy(pred_labels, gt_labels):
         raise ValueError("accuracy: lists differ in length")
     hits = sum(p is not None and p == g for p, g in zip(pred_labels, gt_labels))
     return hits / len(gt_labels) if gt_labels else 0.0
+
+
+def normalise_answer(text):
+    """Lower case, no punctuation, no articles, single spaces (SQuAD-style)."""
+    text = "".join(ch for ch in str(text).lower() if ch not in string.punctuation)
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def is_long(answer, words=3):
+    """More than `words` words after normalise_answer (VisRL: such answers are judged by the critic)."""
+    return len(normalise_answer(answer).split()) > words
 
 
 def _average_precision(dets, gts_by_img, iou_thresh):

@@ -215,6 +215,28 @@ def load_policy(args, name=None):
     return model, processor
 
 
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def lora_model(model, rank, seed=0):
+    """A fresh LoRA adapter (rank r, alpha 2r: LLaMA-Factory's defaults, which VisRL's released configs
+    use with lora_target all) on every linear layer of the language model; the rest frozen. peft is
+    imported only here, so it is needed only with --lora-rank."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise SystemExit("--lora-rank needs peft: pip install peft") from e
+    torch.manual_seed(seed)
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                            target_modules=LORA_TARGETS))
+
+
+def merged(model):
+    """The plain HF model with the adapter folded into its weights (a DeepSpeed engine or peft model in)."""
+    model = getattr(model, "module", model)
+    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
+
+
 def training_models(args):
     """(engine, processor, ref, cfg): the policy as a DeepSpeed engine (AdamW inside) and, when
     --beta > 0, its frozen reference (reference_model). The GRPO pipelines' set-up."""

@@ -4131,7 +4131,7 @@ def test_stage2_answers_are_conditioned_on_the_winning_crop(visrl_tiny, shapes):
 
     def logps(pair):
         with torch.no_grad():
-            return visrl.step_logps(model, model, processor, visrl.answer_step([pair], [image]), "cpu")
+            return dpo.pair_logps(model, model, processor, *visrl.answer_step([pair], [image]), "cpu")
 
     base = logps(make_pair(rec["image_path"], win, lose))
     moved_win = logps(make_pair(rec["image_path"], other, lose))
@@ -4162,7 +4162,7 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_model_without_them(t
     # --lora-rank (VisRL's released configs train LoRA adapters): the DPO reference is the policy with
     # its adapters off, which must score exactly as the untouched model does; only adapter weights move.
     base, processor = vlm.load_model(tiny_dir)
-    policy = visrl.lora_model(vlm.load_model(tiny_dir)[0], rank=4)
+    policy = run.lora_model(vlm.load_model(tiny_dir)[0], rank=4)
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
@@ -4172,20 +4172,20 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_model_without_them(t
     step = visrl.box_step([pair], [data.open_image(rec["image_path"])])
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):                  # step 1 moves B (initialised to 0), step 2 also A
-        loss, _ = step_dpo_loss(visrl.step_logps(policy, None, processor, step, "cpu"), None, box_weight=1.0)
+        loss, _ = step_dpo_loss(dpo.pair_logps(policy, None, processor, *step, "cpu"), None, box_weight=1.0)
         loss.backward()
         opt.step()
         opt.zero_grad()
     changed = {n for n, p in policy.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed and changed <= trainable
     with torch.no_grad():
-        chosen, rejected, ref_chosen, ref_rejected = visrl.step_logps(policy, None, processor, step, "cpu")
-        base_chosen, base_rejected, _, _ = visrl.step_logps(base, base, processor, step, "cpu")
+        chosen, rejected, ref_chosen, ref_rejected = dpo.pair_logps(policy, None, processor, *step, "cpu")
+        base_chosen, base_rejected, _, _ = dpo.pair_logps(base, base, processor, *step, "cpu")
         assert ref_chosen.item() == pytest.approx(base_chosen.item(), abs=1e-5)
         assert ref_rejected.item() == pytest.approx(base_rejected.item(), abs=1e-5)
         assert abs(chosen.item() - ref_chosen.item()) > 1e-3          # the adapters did change the policy
-        folded = visrl.merged(policy)          # the phase's saved model: adapter folded into the weights
-        merged_chosen, _, _, _ = visrl.step_logps(folded, folded, processor, step, "cpu")
+        folded = run.merged(policy)          # the phase's saved model: adapter folded into the weights
+        merged_chosen, _, _, _ = dpo.pair_logps(folded, folded, processor, *step, "cpu")
         assert merged_chosen.item() == pytest.approx(chosen.item(), abs=1e-4)
 
 
@@ -4254,8 +4254,8 @@ def test_each_phase_applies_its_own_partial_window_with_a_fresh_optimizer(tiny_d
 
 
 def test_normalised_answer_match():
-    assert visrl.normalise_answer(" The Red. ") == "red" == visrl.normalise_answer("red")
-    assert visrl.normalise_answer("red or blue") != visrl.normalise_answer("red")
+    assert rewards.normalise_answer(" The Red. ") == "red" == rewards.normalise_answer("red")
+    assert rewards.normalise_answer("red or blue") != rewards.normalise_answer("red")
 
 
 # ============================================================================ two ranks, one iteration

@@ -47,7 +47,6 @@ import math
 import random
 import re
 import shutil
-import string
 import time
 from pathlib import Path
 
@@ -275,7 +274,7 @@ def oracle_scores(items, records, boxes):
     one), s_r = 1 if the answer matches the reference after normalisation. How good could the pairs be?"""
     s_b = [float(r.get("box") is not None and rewards.covers(b, norm_box(r["box"], *it["image"].size)))
            for it, r, b in zip(items, records, boxes)]
-    s_r = [float(normalise_answer(it["answer"]) == normalise_answer(it["reference"])) for it in items]
+    s_r = [float(rewards.normalise_answer(it["answer"]) == rewards.normalise_answer(it["reference"])) for it in items]
     return s_b, s_r
 
 
@@ -429,7 +428,7 @@ def make_pairs(questions, win=0.8, lose=0.2, quality_iou=0.5):
     return pairs, survivors, fractions
 
 
-# ============================================================================ log-probs, step DPO
+# ============================================================================ step-level DPO data
 def box_step(pairs, images):
     """Stage 1's DPO data (eq. 5-6): x = image + question + instruction, y_w / y_l = box texts.
     Returns (convs, images, chosen texts, rejected texts)."""
@@ -445,43 +444,6 @@ def answer_step(pairs, images):
     convs = [answer_turns(p["question"], canonical_box(p["chosen"]["box"])[0]) for p in pairs]
     ims = [[im, crop(im, p["chosen"]["box"])] for p, im in zip(pairs, images)]
     return convs, ims, [p["chosen"]["answer"] for p in pairs], [p["rejected"]["answer"] for p in pairs]
-
-
-def step_logps(model, ref, processor, step, device, max_prompt_len=None):
-    """(chosen, rejected, ref_chosen, ref_rejected) summed log-probs of one DPO step (box_step or
-    answer_step data), [N] each (dpo.pair_logps). ref None (--lora-rank): the reference is the
-    policy itself with its adapters off, i.e. the model the phase started from (no second copy)."""
-    return dpo.pair_logps(model, ref, processor, *step, device, max_prompt_len)
-
-
-# ============================================================================ LoRA (--lora-rank)
-LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
-
-
-def lora_model(model, rank, seed=0):
-    """A fresh LoRA adapter (rank r, alpha 2r: LLaMA-Factory's defaults, which VisRL's released configs
-    use with lora_target all) on every linear layer of the language model; the rest frozen. peft is
-    imported only here, so it is needed only with --lora-rank."""
-    try:
-        from peft import LoraConfig, get_peft_model
-    except ImportError as e:
-        raise SystemExit("--lora-rank needs peft: pip install peft") from e
-    torch.manual_seed(seed)
-    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
-                                            target_modules=LORA_TARGETS))
-
-
-def merged(model):
-    """The plain HF model with the adapter folded into its weights (a DeepSpeed engine or peft model in)."""
-    model = getattr(model, "module", model)
-    return model.merge_and_unload() if hasattr(model, "merge_and_unload") else model
-
-
-def chosen_nll(processor, targets, logp):
-    """Mean per-token negative log-likelihood of the chosen targets (for --nll-weight), a scalar."""
-    tok = processor.tokenizer
-    lengths = torch.tensor([len(tok.encode(t, add_special_tokens=False)) + 1 for t in targets], device=logp.device)
-    return (-logp / lengths).mean()
 
 
 def phase_steps(n_items, per_step, epochs, max_steps=None, grad_accum=1):
@@ -509,17 +471,17 @@ def dpo_phase(engine, ref, processor, pairs, stage, args, rank, world, out, log_
         mine = run.step_items(pairs, order, step, args.batch_size, rank, world)
         images = [data.open_image(p["image"]) for p in mine]
         box_data = box_step(mine, images)
-        box = step_logps(engine, ref, processor, box_data, engine.device, args.max_prompt_len)
+        box = dpo.pair_logps(engine, ref, processor, *box_data, engine.device, args.max_prompt_len)
         if stage == 2:              # the answer step: both answers in the winning box's context
             answer_data = answer_step(mine, images)
-            answer = step_logps(engine, ref, processor, answer_data, engine.device, args.max_prompt_len)
+            answer = dpo.pair_logps(engine, ref, processor, *answer_data, engine.device, args.max_prompt_len)
         else:
             answer = None
         loss, stats = dpo.step_dpo_loss(box, answer, beta=args.beta, box_weight=1.0 if stage == 1 else 0.5)
         if args.nll_weight:         # optional RPO-style NLL on the chosen steps (not in the paper)
-            nll = chosen_nll(processor, box_data[2], box[0])
+            nll = dpo.chosen_nll(processor, box_data[2], box[0])
             if stage == 2:
-                nll = 0.5 * nll + 0.5 * chosen_nll(processor, answer_data[2], answer[0])
+                nll = 0.5 * nll + 0.5 * dpo.chosen_nll(processor, answer_data[2], answer[0])
             loss = loss + args.nll_weight * nll
             stats["nll"] = nll.item()
         # the phase's last, maybe partial, window is applied at its end
@@ -555,16 +517,6 @@ def sft_phase(engine, processor, records, args, rank, world, out, log_state):
 
 
 # ============================================================================ evaluation
-def normalise_answer(text):
-    """Lower case, no punctuation, no articles, single spaces (SQuAD-style)."""
-    text = "".join(ch for ch in str(text).lower() if ch not in string.punctuation)
-    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
-
-
-def is_long(answer, words=3):
-    return len(normalise_answer(answer).split()) > words
-
-
 @torch.no_grad()
 def evaluate(model, processor, records, args, rank=0, world=1, critic=None, batch_size=16):
     """Greedy two-step inference on `records` (sharded over ranks, gathered on all).
@@ -600,7 +552,7 @@ def evaluate(model, processor, records, args, rank=0, world=1, critic=None, batc
                                             [[images[i], crop(images[i], boxes[i][1])] for i in ok], 1,
                                             args.answer_max_new_tokens, 0, args.max_prompt_len)
             answers = {i: r.strip() for i, r in zip(ok, replies) if r is not None}   # None: prompt too long
-        long_items = [i for i in answers if critic is not None and is_long(chunk[i]["answer"])]
+        long_items = [i for i in answers if critic is not None and rewards.is_long(chunk[i]["answer"])]
         judged = {}
         if long_items:
             items = [{"question": chunk[i]["question"], "reference": chunk[i]["answer"], "answer": answers[i],
@@ -611,7 +563,7 @@ def evaluate(model, processor, records, args, rank=0, world=1, critic=None, batc
             gt = norm_box(rec["box"], *im.size) if rec.get("box") is not None else None
             ans = answers.get(i)
             correct = (judged[i] >= 0.5) if i in judged else \
-                (ans is not None and normalise_answer(ans) == normalise_answer(rec["answer"]))
+                (ans is not None and rewards.normalise_answer(ans) == rewards.normalise_answer(rec["answer"]))
             preds.append({"id": rec["id"], "question": rec["question"], "reference": rec["answer"],
                           "box_text": texts[i], "box": box, "answer": ans, "correct": bool(correct),
                           "gt_box": gt, "box_iou": rewards.box_iou(box, gt) if box and gt else (0.0 if gt else None)})
@@ -710,8 +662,8 @@ def generation_round(engine, critic, processor, questions, folder, args, rank, w
              "mean_s_b": sum(c["s_b"] for c in cands) / max(len(cands), 1),
              "mean_s_r": sum(c["s_r"] for c in cands) / max(len(cands), 1),
              # how often the critic's s_r agrees with a plain normalised match (a check on the critic)
-             "critic_sr_agreement": sum((c["s_r"] >= 0.5) == (normalise_answer(c["answer"]) ==
-                                                               normalise_answer(q["answer"]))
+             "critic_sr_agreement": sum((c["s_r"] >= 0.5) == (rewards.normalise_answer(c["answer"]) ==
+                                                               rewards.normalise_answer(q["answer"]))
                                         for q in generated for c in q["candidates"]) / max(len(cands), 1),
              "seconds": round(time.time() - t0, 1)}
     if rank == 0:
@@ -737,9 +689,9 @@ def save_phase(engine, processor, out, name, args, cfg):
     """Save the phase's model to OUT/<name>; returns the engine the next phase trains. With LoRA the
     adapter is folded into the weights and the next phase trains a fresh one (a new engine), as the
     released code trains each stage on the merged model of the last one."""
-    model = merged(engine) if args.lora_rank else engine
+    model = run.merged(engine) if args.lora_rank else engine
     run.save_final(model, processor, out / Path(name).parent, Path(name).name)
-    return run.deepspeed_engine(lora_model(model, args.lora_rank), cfg) if args.lora_rank else engine
+    return run.deepspeed_engine(run.lora_model(model, args.lora_rank), cfg) if args.lora_rank else engine
 
 
 def save_progress(out, progress, step, rank):
@@ -786,7 +738,7 @@ def main(argv=None):
     model, processor = run.load_policy(args, latest)
     if args.lora_rank and cfg.get("zero_optimization", {}).get("stage") == 3:
         raise SystemExit("--lora-rank: use ZeRO-2 (ds_zero2.json); merging adapters needs whole weights")
-    engine = run.deepspeed_engine(lora_model(model, args.lora_rank) if args.lora_rank else model, cfg)
+    engine = run.deepspeed_engine(run.lora_model(model, args.lora_rank) if args.lora_rank else model, cfg)
     critic = "oracle" if args.critic == "oracle" else \
         run.reference_model(args.critic or args.model, cfg, device=engine.device, max_pixels=args.max_pixels)
     # a sample whose prompt cannot be processed is skipped (OUT/skipped.jsonl), never fatal
@@ -859,7 +811,7 @@ def main(argv=None):
         save_progress(out, progress, log_state["step"], rank)
 
     # ---- save + evaluate
-    policy = merged(engine) if args.lora_rank else engine.module
+    policy = run.merged(engine) if args.lora_rank else engine.module
     run.save_final(policy, processor, out)
     if test:
         metrics, preds = evaluate(policy, processor, test[:args.n_test], args, rank, world, critic)
