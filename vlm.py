@@ -471,5 +471,6 @@ def gathered(model):
         try:
             yield
         finally:
-            if owner is not None:
-                owner._register_deepspeed_module(owner.module)     # hooks back; the fetch trace re-recorded
+            if owner is not None:                      # hooks back (the name before DeepSpeed 0.16.4: the second)
+                register = getattr(owner, "_register_deepspeed_module", None) or owner._register_hooks_recursively
+                register(owner.module)
