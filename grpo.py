@@ -316,16 +316,17 @@ def main(argv=None):
     engine = run.deepspeed_engine(model, cfg)
     ref = run.reference_model(model_dir, cfg, device=engine.device) if args.beta else None
     rng, names = random.Random(args.seed + rank), args.colours.split(",")
+    question = [vlm.user_turn("What colour is this image?")]
     log = open(out / "metrics.jsonl", "a") if rank == 0 else None
     for step in range(args.max_steps):
         for group in engine.optimizer.param_groups:
             group["lr"] = args.lr * (1 - step / args.max_steps)
         pairs = [p for k in range(args.batch_size) for p in colour_task(rng, 1, [names[k % len(names)]])]
         colours = [c for _, c in pairs]
-        stats, rollout, _ = grpo_step(engine, processor, [[vlm.user_turn("What colour is this image?")]] * len(pairs),
-                                      [[im] for im, _ in pairs], lambda t, i: colour_reward(t, i, colours),
-                                      ref_model=ref, group_size=args.num_generations, max_new_tokens=1,
-                                      beta=args.beta, scale_rewards=False)
+        stats, _, _ = grpo_step(engine, processor, [question] * len(pairs), [[im] for im, _ in pairs],
+                                lambda t, i: colour_reward(t, i, colours), ref_model=ref,
+                                group_size=args.num_generations, max_new_tokens=1, beta=args.beta,
+                                scale_rewards=False)
         if log:
             log.write(json.dumps({"step": step, **stats}) + "\n")
             log.flush()
@@ -334,8 +335,7 @@ def main(argv=None):
         with vlm.gathered(engine.module):
             checksum = sum(p.detach().double().sum().item() for p in engine.module.parameters())
         from deepspeed.utils import safe_get_full_grad   # the all-reduced gradient, gathered from its shards
-        batch = vlm.chat_inputs(processor, [[vlm.user_turn("What colour is this image?")]] * len(pairs),
-                                [[im] for im, _ in pairs])
+        batch = vlm.chat_inputs(processor, [question] * len(pairs), [[im] for im, _ in pairs])
         with vlm.generation_mode(engine.module):      # 8 tokens, so that the shared cache is differentiated
             rollout = vlm.sample(engine.module, processor, batch, args.num_generations, max_new_tokens=8)
         logp, grads = {}, {}                           # scored both ways, under this run's ZeRO stage

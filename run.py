@@ -1,13 +1,14 @@
 """run.py -- the run directory the four pipeline scripts share.
 
 Why a file of its own: rise_cot.py, rise_r1.py, seg_rise.py and visrl.py would otherwise each
-repeat the same plumbing. Nothing here knows about models or papers:
+repeat the same plumbing. Nothing here knows a paper's algorithm:
 
   common_args()      the command line every script has (--model --data --out --seed ...)
   parse_with_preset()   --preset paper|tiny|auto fills the options left unset (is_tiny())
   manifest_path()    --data / --test: a .jsonl path, or a shapes-world task in the cache
   init_distributed(), barrier(), exit_finished()   the process group, and a clean exit
   zero_config(), deepspeed_config(), deepspeed_engine(), reference_model()   DeepSpeed set-up
+  load_policy(), lora_model(), merged(), training_models()   the run's models (--lora-rank: peft adapters)
   start()            distributed start, per-rank seeds, OUT/args.json
   log()              one JSON line per step in OUT/metrics.jsonl (rank 0), flushed
   append_jsonl(), done_ids()   record-by-record outputs that survive kill -9 and resume
