@@ -110,21 +110,22 @@ def cot_prompt_det(target, boxes, multi=False):
         return COT_PROMPT_MULTI_DET.format(target=target, annotation=format_boxes(boxes), max_words=COT_MAX_WORDS)
     return COT_PROMPT_DET.format(target=target, annotation=format_box(boxes[0]), max_words=COT_MAX_WORDS)
 
+
 def prompt(style, record, cot=None, boxes=None, mask_names=True, frame=None):
-    """The user prompt for one manifest record: the one place that picks a template for a task.
+    """The user prompt for one manifest record: the one place that picks a prompt template.
 
     style: "cot" (RISE step 1: the annotation -> a description; for detection `boxes` are the
     record's boxes in the model's frame), "rec" (RISE step 2: the description `cot` -> the
     answer), "r1" (think, then answer), "plain" (the answer only), "seg" / "seg_no_cot"
     (Seg-RISE), "grounding" (Qwen2.5-VL's own grounding prompt, for testing a real checkpoint),
-    "visrl" (VisRL's first turn: the helpful region's box). The record's fields pick the task:
+    "visrl" (VisRL's first turn: the helpful region's box). The record's fields pick its schema:
     "probs" classification, "boxes" detection, "instruction" segmentation, "question" VQA.
     Single-box or box-list template: from the dataset's "multi" flag (COCO-Sub, shapes
     multi_det), never from the record's number of boxes, which would tell the model the label
     (RISE arXiv 2508.13229 evaluates COCO-Sub with one prompt for every image).
     frame: (width, height) of the frame the model writes boxes in (vlm.box_frame: 1000x1000
     for Qwen2-VL, the resized input's pixels for Qwen2.5-VL); box prompts then start by saying
-    it. Raises KeyError for a style the record's task has no prompt in."""
+    it. Raises KeyError for a style the record's schema has no prompt in."""
     note = frame_note(frame)
     if style in ("seg", "seg_no_cot", "grounding"):
         template = {"seg": SEG_PROMPT, "seg_no_cot": SEG_PROMPT_NO_COT, "grounding": GROUNDING_PROMPT}[style]
@@ -196,11 +197,11 @@ def box_problem(box):
     return None
 
 
-def _record_problem(rec, task, base, seen_ids):
+def _record_problem(rec, schema, base, seen_ids):
     """What is wrong with one parsed record, or None. Cheap checks first, the image last."""
     if not isinstance(rec, dict):
         return "record is not a JSON object"
-    missing = [k for k in REQUIRED[task] if k not in rec]
+    missing = [k for k in REQUIRED[schema] if k not in rec]
     if missing:
         return "missing field(s): " + ", ".join(missing)
     if not isinstance(rec["id"], (str, int)) or isinstance(rec["id"], bool):
@@ -209,7 +210,7 @@ def _record_problem(rec, task, base, seen_ids):
         return f"duplicate id {rec['id']!r} (first on line {seen_ids[rec['id']]})"
     if not _nonempty_str(rec["image"]):
         return "image is not a non-empty path"
-    if task == "cls":
+    if schema == "cls":
         classes, probs = rec["classes"], rec["probs"]
         if not isinstance(classes, list) or not classes or not all(map(_nonempty_str, classes)):
             return "classes is not a non-empty list of names"
@@ -225,7 +226,7 @@ def _record_problem(rec, task, base, seen_ids):
             return f"negative probability {min(probs)}"
         if abs(sum(probs) - 1.0) > 1e-2:
             return f"probs sum to {sum(probs):.4f}, not 1"
-    elif task == "det":
+    elif schema == "det":
         if not _nonempty_str(rec["target"]):
             return "target is not a non-empty string"
         if not isinstance(rec["boxes"], list) or not rec["boxes"]:
@@ -237,12 +238,12 @@ def _record_problem(rec, task, base, seen_ids):
         if problems:
             return problems[0]
     else:
-        for key in REQUIRED[task][2:]:
+        for key in REQUIRED[schema][2:]:
             if not _nonempty_str(rec[key]):
                 return f"{key} is not a non-empty string"
         if rec.get("box") is not None and box_problem(rec["box"]):
             return box_problem(rec["box"])
-        if task == "seg" and rec.get("mask") is not None:
+        if schema == "seg" and rec.get("mask") is not None:
             if not _nonempty_str(rec["mask"]):
                 return "mask is not a path"
             if not (base / rec["mask"]).is_file():
@@ -255,7 +256,7 @@ def _record_problem(rec, task, base, seen_ids):
             im.verify()        # reads headers/chunks only, no full decode
     except Exception as e:     # PIL raises many types for broken files
         return f"unreadable image {image}: {type(e).__name__}: {e}"
-    if task == "seg" and rec.get("mask") is not None:
+    if schema == "seg" and rec.get("mask") is not None:
         return _mask_problem(base / rec["mask"], image)
     return None
 
@@ -275,16 +276,16 @@ def _mask_problem(mask_path, image_path):
     return None
 
 
-def read_manifest(path, task, skip_bad=False):
+def read_manifest(path, schema, skip_bad=False):
     """Read and validate a manifest. Returns (records, n_skipped).
 
-    task: "cls" | "det" | "seg" | "vqa". Each record comes back with its original fields plus
+    schema: "cls" | "det" | "seg" | "vqa". Each record comes back with its original fields plus
     "image_path" (absolute) and, for a segmentation record with a mask, "mask_path".
     A bad record raises ManifestError naming file:line, or, with skip_bad=True, is skipped
     with a warning on stderr and counted. Blank lines are not records and are ignored.
     """
-    if task not in REQUIRED:
-        raise ValueError(f"task must be one of {sorted(REQUIRED)}, not {task!r}")
+    if schema not in REQUIRED:
+        raise ValueError(f"schema must be one of {sorted(REQUIRED)}, not {schema!r}")
     path = Path(path)
     base = path.parent.resolve()
     records, seen_ids, n_skipped = [], {}, 0
@@ -294,7 +295,7 @@ def read_manifest(path, task, skip_bad=False):
                 continue
             try:
                 rec = json.loads(line)
-                why = _record_problem(rec, task, base, seen_ids)
+                why = _record_problem(rec, schema, base, seen_ids)
             except json.JSONDecodeError as e:
                 why = f"invalid JSON ({e.msg}, column {e.colno})"
             if why is not None:
@@ -305,7 +306,7 @@ def read_manifest(path, task, skip_bad=False):
                 continue
             seen_ids[rec["id"]] = lineno
             rec = dict(rec, image_path=str(base / rec["image"]))
-            if task == "seg" and rec.get("mask") is not None:
+            if schema == "seg" and rec.get("mask") is not None:
                 rec["mask_path"] = str(base / rec["mask"])
             records.append(rec)
     if n_skipped:
@@ -481,7 +482,7 @@ def _round_probs(weights):
     return [c / 100 for c in cents]
 
 
-# Each generator returns (scene, task fields in record order, mask array or None).
+# Each generator returns (scene, its schema's fields in record order, mask array or None).
 def _gen_soft_cls(rng):
     n = int(rng.integers(2, 5))
     scene = _scene(rng, [(_pick(rng, list(COLORS)), _pick(rng, SHAPES), 14, 44) for _ in range(n)])
@@ -551,8 +552,8 @@ def _gen_vqa(rng):
 
 GENERATORS = {"soft_cls": _gen_soft_cls, "onehot_cls": _gen_onehot_cls, "det": _gen_det,
               "multi_det": _gen_multi_det, "seg": _gen_seg, "vqa": _gen_vqa}
-MANIFEST_TASK = {"soft_cls": "cls", "onehot_cls": "cls", "det": "det", "multi_det": "det",
-                 "seg": "seg", "vqa": "vqa"}   # the read_manifest task of each shapes task
+MANIFEST_SCHEMA = {"soft_cls": "cls", "onehot_cls": "cls", "det": "det", "multi_det": "det",
+                   "seg": "seg", "vqa": "vqa"}   # the read_manifest schema of each shapes task
 
 
 def make_shapes_world(out, n_train=64, n_test=32, seed=0):

@@ -329,23 +329,23 @@ _DET_LEAKS = [
 ]
 
 
-def leaks(cot, task, class_names=None):
+def leaks(cot, schema, class_names=None):
     """Does a RISE-CoT chain of thought leak the annotation? (arXiv 2508.13229, eq. 1's no-leak term)
 
-    task "cls": any number that could be a probability -- a decimal in [0, 1] ("0.3",
+    schema "cls": any number that could be a probability -- a decimal in [0, 1] ("0.3",
       ".25", "1.0"), any percentage ("30%", "30 percent"), a fraction a/b <= 1 ("3/10"),
       and the common spelled-out forms ("thirty percent", "zero point three", "point
       two five"). Plain integers ("two dogs") and word fractions ("half", "a third") are
       allowed: they are ordinary visual description. With class_names, naming a class
       (whole word, optional plural s/es, any case) also counts as a leak.
-    task "det": a coordinate-like group of two or more numbers ("12, 40", "[10 20 30 40]",
+    schema "det": a coordinate-like group of two or more numbers ("12, 40", "[10 20 30 40]",
       "120x80"), "x1=30"-style coordinates, or a pixel measure ("40 px"). A lone integer
       ("3 cars") is allowed. Thousands separators ("1,000") are a known false positive."""
-    if task not in ("cls", "det"):
-        raise ValueError("task must be 'cls' or 'det', got %r" % (task,))
+    if schema not in ("cls", "det"):
+        raise ValueError("schema must be 'cls' or 'det', got %r" % (schema,))
     if not isinstance(cot, str):
         return False
-    if task == "det":
+    if schema == "det":
         return any(r.search(cot) for r in _DET_LEAKS)
     names = [re.escape(n.strip()) for n in class_names or [] if n.strip()]
     return (any(r.search(cot) for r in _CLS_LEAKS)
@@ -362,10 +362,10 @@ def is_narrative(cot):
     return len(re.findall(r"[^\W\d_]+", cot)) >= MIN_NARRATIVE_WORDS
 
 
-def parse_and_score(text, gt, task):
-    """(a_hat, Sim(a_hat, a)) for task "cls" (class->prob dict) or "det" (list of boxes);
-    a_hat is None and Sim 0 when text does not parse in the task format."""
-    if task == "cls":
+def parse_and_score(text, gt, schema):
+    """(a_hat, Sim(a_hat, a)) for schema "cls" (class->prob dict) or "det" (list of boxes);
+    a_hat is None and Sim 0 when text does not parse in the schema format."""
+    if schema == "cls":
         pred = parse_class_probs(text)
         return pred, (cls_similarity(pred, gt) if pred is not None else 0.0)
     pred = parse_boxes(text)
@@ -373,7 +373,7 @@ def parse_and_score(text, gt, task):
 
 
 # ---------------------------------------------------------------------------- rewards
-def rise_cot_reward(cot, reconstruction, gt, task, forbid_class_names=True):
+def rise_cot_reward(cot, reconstruction, gt, schema, forbid_class_names=True):
     """RISE-CoT consistency reward (arXiv 2508.13229, section "RISE-CoT", eq. 1), in [0, 1]:
 
         R_CoT = 1[no leak(c)] * 1[format ok(c, a_hat)] * Sim(a_hat, a)
@@ -382,14 +382,14 @@ def rise_cot_reward(cot, reconstruction, gt, task, forbid_class_names=True):
     prob} ("cls") or a list of boxes ("det"). forbid_class_names (cls, on by default: the
     reasoning-generation prompt asks for no class names): naming a GT class in c is a leak.
     Returns reward and components."""
-    names = list(gt) if task == "cls" and forbid_class_names else None
-    leak = leaks(cot, task, class_names=names)
-    pred, sim = parse_and_score(reconstruction, gt, task)
+    names = list(gt) if schema == "cls" and forbid_class_names else None
+    leak = leaks(cot, schema, class_names=names)
+    pred, sim = parse_and_score(reconstruction, gt, schema)
     fmt = is_narrative(cot) and pred is not None
     return {"reward": float((not leak) * fmt * sim), "leak": leak, "format": fmt, "similarity": sim}
 
 
-def rise_r1_reward(text, gt, task):
+def rise_r1_reward(text, gt, schema):
     """RISE-R1 GRPO reward (arXiv 2508.13229, section "RISE-R1", eq. 9), in [0, 2]:
 
         R = Sim(a_hat, a) + R_fmt
@@ -397,11 +397,11 @@ def rise_r1_reward(text, gt, task):
     a_hat is parsed from the single <answer> block. R_fmt = 1 if the whole output is
     exactly <think>c</think><answer>a</answer> with a non-empty c and a parsable a
     (classification: times exp(-|sum q - 1|)), else 0."""
-    pred, sim = parse_and_score(answer_text(text), gt, task)
+    pred, sim = parse_and_score(answer_text(text), gt, schema)
     parts = parse_think_answer(text)
     fmt = 0.0
     if parts is not None and parts[0] and pred is not None:
-        fmt = 1.0 if task == "det" else math.exp(-min(abs(sum(pred.values()) - 1.0), 700.0))
+        fmt = 1.0 if schema == "det" else math.exp(-min(abs(sum(pred.values()) - 1.0), 700.0))
     return {"reward": sim + fmt, "similarity": sim, "format": fmt}
 
 

@@ -88,8 +88,8 @@ def closed_loop(model, processor, records, images, gts, args, group_size):
         greedy = args.rec_temperature == 0
         recs = vlm.sample(model, processor, rec_batch, 1, args.rec_max_new_tokens,
                           args.rec_temperature or 1.0, do_sample=not greedy)
-    task = lambda r: "cls" if "probs" in r else "det"  # noqa: E731
-    scored = [rewards.rise_cot_reward(c, a, gts[i], task(records[i]), forbid_class_names=args.mask_class_names)
+    schema = lambda r: "cls" if "probs" in r else "det"  # noqa: E731
+    scored = [rewards.rise_cot_reward(c, a, gts[i], schema(records[i]), forbid_class_names=args.mask_class_names)
               for i, c, a in zip(prompt_index, cots["texts"], recs["texts"])]
     return cots, recs, scored
 
@@ -134,8 +134,8 @@ def main(argv=None):
 
     # ---- data
     manifest = run.manifest_path(args.data, "train", args.seed, "soft_cls")
-    task = "cls" if "probs" in open(manifest).readline() else "det"
-    records, skipped = data.read_manifest(manifest, task, skip_bad=args.skip_bad)
+    schema = "cls" if "probs" in open(manifest).readline() else "det"
+    records, skipped = data.read_manifest(manifest, schema, skip_bad=args.skip_bad)
     if rank == 0:
         print(f"[rise_cot] {len(records)} training samples from {manifest} ({skipped} skipped), "
               f"{world} rank(s), lr {args.lr}, G {args.num_generations}, {args.max_steps} steps")

@@ -4,7 +4,7 @@ Paper: "RISE: Enhancing VLM Image Annotation with Self-Supervised Reasoning" (ar
 section "RISE-R1: Training VLM for Enhanced CoTs" (SFT loss eq. 8, reward eq. 9, objective eq. 10).
 
   1. D_high = records of cots.jsonl (from rise_cot.py) with reward >= tau   -> high_quality()
-  2. SFT on D_high: image + task prompt -> "<think>c*</think><answer>a</answer>",
+  2. SFT on D_high: image + prompt -> "<think>c*</think><answer>a</answer>",
      loss on the target tokens only                                          -> vlm.sft_loss
   3. GRPO on the full training set, same prompt,
      reward = Sim(a_hat, a) + R_fmt                                          -> rewards.rise_r1_reward
@@ -61,22 +61,22 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------- data and prompts
 def load(path, skip_bad):
-    task = "cls" if "probs" in Path(path).open().readline() else "det"
-    records, skipped = data.read_manifest(path, task, skip_bad=skip_bad)
-    return records, task, skipped
+    schema = "cls" if "probs" in Path(path).open().readline() else "det"
+    records, skipped = data.read_manifest(path, schema, skip_bad=skip_bad)
+    return records, schema, skipped
 
 
-def few_shot(records, task, k, seed):
+def few_shot(records, schema, k, seed):
     """The few-shot rows of RISE (arXiv 2508.13229, "Results on Image Annotation Tasks", Tables 1-2), seeded:
     K samples per class for classification (class = the argmax: Emotion6, ImageNet-Sub) and for
     class-labelled detection (COCO-Sub: every record has a category_id; one record per image and
     class); K in total for detection without classes (LISA: one instruction per image)."""
     rng = random.Random(seed)
-    if task == "det" and not all("category_id" in r for r in records):
+    if schema == "det" and not all("category_id" in r for r in records):
         return rng.sample(records, min(k, len(records)))
     by_class = {}
     for r in records:
-        cls = r["category_id"] if task == "det" else r["classes"][int(np.argmax(r["probs"]))]
+        cls = r["category_id"] if schema == "det" else r["classes"][int(np.argmax(r["probs"]))]
         by_class.setdefault(cls, []).append(r)
     return [r for cls in sorted(by_class) for r in rng.sample(by_class[cls], min(k, len(by_class[cls])))]
 
@@ -91,7 +91,7 @@ def annotation(record, image, model, processor):
 
 
 def sft_conversation(record, cot, image, model, processor):
-    """SFT example: task prompt -> "<think>c*</think><answer>a</answer>" (cot=None: plain answer)."""
+    """SFT example: the record's prompt -> "<think>c*</think><answer>a</answer>" (cot=None: plain answer)."""
     _, text = annotation(record, image, model, processor)
     if cot is None:
         return [vlm.user_turn(prompt("plain", record, image, model, processor)), vlm.assistant_turn(text)]
@@ -124,19 +124,19 @@ def high_quality(cots_path, records, tau):
 
 # ---------------------------------------------------------------------------- evaluation
 @torch.no_grad()
-def predict(model, processor, records, task, kind="r1", batch_size=16, max_new_tokens=128):
+def predict(model, processor, records, schema, style="r1", batch_size=16, max_new_tokens=128):
     """Greedy predictions, one dict per record; an unparsable answer is kept with parsed=False."""
     model.eval()
     preds = []
     for start in tqdm(range(0, len(records), batch_size), desc="eval"):
         chunk = records[start:start + batch_size]
         images = [data.open_image(r["image_path"]) for r in chunk]
-        batch = vlm.chat_inputs(processor, [[vlm.user_turn(prompt(kind, r, im, model, processor))] for r, im in zip(chunk, images)], [[im] for im in images])
+        batch = vlm.chat_inputs(processor, [[vlm.user_turn(prompt(style, r, im, model, processor))] for r, im in zip(chunk, images)], [[im] for im in images])
         texts = vlm.sample(model, processor, batch, 1, max_new_tokens, do_sample=False)["texts"]
         for r, im, text in zip(chunk, images, texts):
-            answer = (rewards.answer_text(text) if kind == "r1" else text) or ""
+            answer = (rewards.answer_text(text) if style == "r1" else text) or ""
             row = {"id": r["id"], "text": text}
-            if task == "cls":
+            if schema == "cls":
                 parsed = rewards.parse_class_probs(answer)
                 q = rewards.probs_vector(parsed, r["classes"]) if parsed else None
                 ok = q is not None and sum(q) > 0
@@ -150,11 +150,11 @@ def predict(model, processor, records, task, kind="r1", batch_size=16, max_new_t
     return preds
 
 
-def metrics_of(preds, records, task, baseline=None):
+def metrics_of(preds, records, schema, baseline=None):
     """eval.json: jsd + accuracy (+ win rate vs a baseline's predictions) or mAP@0.5, and the
     number of unparsable answers (scored as wrong: JSD ln 2, no label, no boxes)."""
     m = {"n": len(preds), "unparsable": sum(not p["parsed"] for p in preds)}
-    if task == "cls":
+    if schema == "cls":
         m["jsd"] = float(np.mean([p["jsd"] for p in preds])) if preds else math.log(2)
         m["accuracy"] = rewards.accuracy([p["label"] for p in preds],
                                          [r["classes"][int(np.argmax(r["probs"]))] for r in records])
@@ -181,9 +181,9 @@ def main(argv=None):
         return eval_only(model, processor, args, rank, world, out)
 
     # ---- data
-    records, task, skipped = load(run.manifest_path(args.data, "train", args.seed, "soft_cls"), args.skip_bad)
+    records, schema, skipped = load(run.manifest_path(args.data, "train", args.seed, "soft_cls"), args.skip_bad)
     if args.shots:
-        records = few_shot(records, task, args.shots, args.seed)
+        records = few_shot(records, schema, args.shots, args.seed)
     # a sample whose prompt cannot be processed is skipped (OUT/skipped.jsonl), never fatal
     records, _ = run.usable(records, lambda r: sample_problem(r, model, processor, "r1", args.max_prompt_len),
                             rank, world, out)
@@ -246,7 +246,7 @@ def main(argv=None):
             batch = run.step_items(records, order, step, args.batch_size, rank, world)
             images = [data.open_image(r["image_path"]) for r in batch]
             gts = [annotation(r, im, model, processor)[0] for r, im in zip(batch, images)]
-            reward_fn = lambda texts, prompt_index: [rewards.rise_r1_reward(t, gts[i], task)  # noqa: E731
+            reward_fn = lambda texts, prompt_index: [rewards.rise_r1_reward(t, gts[i], schema)  # noqa: E731
                                               for t, i in zip(texts, prompt_index)]
             stats, _, _ = grpo.grpo_step(engine, processor, [[vlm.user_turn(prompt("r1", r, im, model, processor))] for r, im in zip(batch, images)],
                                          [[im] for im in images], reward_fn, ref_model=ref, group_size=G,
@@ -269,18 +269,18 @@ def main(argv=None):
 
 def eval_only(model, processor, args, rank=0, world=1, out=None):
     """`--eval`: greedy answers on the test manifest -> OUT/predictions.jsonl and OUT/eval.json
-    (metrics_of: JSD / accuracy / mAP@0.5 by task). Unusable samples are skipped and counted."""
-    records, task, skipped = load(run.manifest_path(args.test or args.data, "test", args.seed, "soft_cls"), args.skip_bad)
+    (metrics_of: JSD / accuracy / mAP@0.5 by schema). Unusable samples are skipped and counted."""
+    records, schema, skipped = load(run.manifest_path(args.test or args.data, "test", args.seed, "soft_cls"), args.skip_bad)
     records = records[:args.n_test]
     # one sample that cannot be processed is skipped and counted, never the end of the evaluation
     records, bad = run.usable(records, lambda r: sample_problem(r, model, processor, args.eval_prompt or "r1"),
                               rank, world, out, split="test")
-    preds = run.gather_records(predict(model, processor, run.shard(records, rank, world), task,
+    preds = run.gather_records(predict(model, processor, run.shard(records, rank, world), schema,
                                        args.eval_prompt or "r1", max_new_tokens=args.max_new_tokens))
     if rank == 0:
         order = {r["id"]: i for i, r in enumerate(records)}
         preds.sort(key=lambda p: order[p["id"]])        # ranks evaluated interleaved shards
-        metrics = dict(metrics_of(preds, records, task, args.baseline), skipped_records=skipped,
+        metrics = dict(metrics_of(preds, records, schema, args.baseline), skipped_records=skipped,
                        skipped_samples=len(bad))
         (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
         (out / "eval.json").write_text(json.dumps(metrics, indent=1))

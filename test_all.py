@@ -1981,10 +1981,10 @@ def test_fuzz_parsers_and_rewards(text):
     assert R.leaks(text, "cls") in (True, False) and R.leaks(text, "det") in (True, False)
     assert R.think_reward(text) in (0.0, 1.0)
     assert R.seg_format_reward(text, 64, 48) in (0.0, 1.0)
-    for task, gt in (("cls", GT_CLS), ("det", [[0, 0, 10, 10], [5, 5, 20, 20]])):
-        out = R.rise_cot_reward(text, text, gt, task)
+    for schema, gt in (("cls", GT_CLS), ("det", [[0, 0, 10, 10], [5, 5, 20, 20]])):
+        out = R.rise_cot_reward(text, text, gt, schema)
         assert 0.0 <= out["reward"] <= 1.0 and 0.0 <= out["similarity"] <= 1.0
-        out = R.rise_r1_reward(text, gt, task)
+        out = R.rise_r1_reward(text, gt, schema)
         assert 0.0 <= out["reward"] <= 2.0 and 0.0 <= out["format"] <= 1.0
 
 
@@ -2040,7 +2040,7 @@ def world(tmp_path_factory):
 
 
 def _records(world, task, split="train"):
-    recs, skipped = data.read_manifest(world / task / f"{split}.jsonl", data.MANIFEST_TASK[task])
+    recs, skipped = data.read_manifest(world / task / f"{split}.jsonl", data.MANIFEST_SCHEMA[task])
     assert skipped == 0
     return recs
 
@@ -2200,7 +2200,7 @@ def _write(folder, lines, name="m.jsonl"):
     return path
 
 
-BAD = [  # (task, bad line, words the message must contain)
+BAD = [  # (schema, bad line, words the message must contain)
     ("cls", '{"id": "x", "image": ', "invalid JSON"),
     ("cls", '["not", "an", "object"]', "not a JSON object"),
     ("cls", {"id": "x", "image": "ok.png", "classes": ["a"]}, "missing field(s): probs"),
@@ -2234,21 +2234,21 @@ GOOD = {"cls": GOOD_CLS, "det": GOOD_DET,
         "vqa": {"id": "ok", "image": "ok.png", "question": "What?", "answer": "red"}}
 
 
-@pytest.mark.parametrize("task,line,words", BAD, ids=[b[2] for b in BAD])
-def test_bad_record_names_file_and_line(folder, task, line, words):
-    path = _write(folder, [GOOD[task], "", line])          # blank line 2: the bad one is line 3
+@pytest.mark.parametrize("schema,line,words", BAD, ids=[b[2] for b in BAD])
+def test_bad_record_names_file_and_line(folder, schema, line, words):
+    path = _write(folder, [GOOD[schema], "", line])          # blank line 2: the bad one is line 3
     with pytest.raises(data.ManifestError) as info:
-        data.read_manifest(path, task)
+        data.read_manifest(path, schema)
     assert isinstance(info.value, ValueError) and info.value.line == 3
     assert str(info.value).startswith(f"{path}:3: ") and words in str(info.value)
 
 
-@pytest.mark.parametrize("task", ["cls", "det", "seg", "vqa"])
-def test_skip_bad_skips_counts_and_warns(folder, task, capsys):
-    bad = [line for t, line, _ in BAD if t == task]
-    last_good = dict(GOOD[task], id="last")
-    path = _write(folder, [GOOD[task]] + bad + [last_good])
-    recs, skipped = data.read_manifest(path, task, skip_bad=True)
+@pytest.mark.parametrize("schema", ["cls", "det", "seg", "vqa"])
+def test_skip_bad_skips_counts_and_warns(folder, schema, capsys):
+    bad = [line for t, line, _ in BAD if t == schema]
+    last_good = dict(GOOD[schema], id="last")
+    path = _write(folder, [GOOD[schema]] + bad + [last_good])
+    recs, skipped = data.read_manifest(path, schema, skip_bad=True)
     assert [r["id"] for r in recs] == ["ok", "last"] and skipped == len(bad)
     err = capsys.readouterr().err
     for lineno in range(2, 2 + len(bad)):

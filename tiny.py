@@ -318,7 +318,7 @@ def to_frame(box):
 def train_records(root):
     """(shapes-world task, record) for every training record of the shapes world at `root`, task by task."""
     for task in data.SHAPE_TASKS:
-        for rec in data.read_manifest(Path(root) / task / "train.jsonl", data.MANIFEST_TASK[task])[0]:
+        for rec in data.read_manifest(Path(root) / task / "train.jsonl", data.MANIFEST_SCHEMA[task])[0]:
             yield task, rec
 
 
@@ -520,7 +520,7 @@ def grounding_examples(root, n=None, split="test"):
     and its exact answer (0..1000 frame for boxes), for measuring how much the answer needs the image."""
     examples = []
     for task in data.SHAPE_TASKS:
-        records, _ = data.read_manifest(Path(root) / task / f"{split}.jsonl", data.MANIFEST_TASK[task])
+        records, _ = data.read_manifest(Path(root) / task / f"{split}.jsonl", data.MANIFEST_SCHEMA[task])
         for rec in records[:n]:
             if task in ("soft_cls", "onehot_cls"):
                 prompt, answer = data.prompt("plain", rec), data.format_probs(rec["classes"], rec["probs"])
@@ -562,7 +562,7 @@ def task_scores(model, processor, root, n=None, batch_size=16, max_new_tokens=96
     model.eval()
     model_type, scores = model.config.model_type, {}
     for task in data.SHAPE_TASKS:
-        records, _ = data.read_manifest(Path(root) / task / "test.jsonl", data.MANIFEST_TASK[task])
+        records, _ = data.read_manifest(Path(root) / task / "test.jsonl", data.MANIFEST_SCHEMA[task])
         records = records[:n]
         results, bad = [], 0
         for start in range(0, len(records), batch_size):
