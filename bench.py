@@ -398,7 +398,7 @@ def main(argv=None):
     B, G, T, args.reps = args.prompts or B, args.num_generations or G, args.max_new_tokens or T, args.reps or reps
     with tempfile.TemporaryDirectory(prefix="bench-") as tmp:
         tmp = Path(tmp)
-        model_dir = args.model or tiny.build_tiny(tmp / "tiny", pretrain=False, log=lambda *_: None)
+        model_dir = args.model or tiny.build_tiny(tmp / "tiny", plan=(), pixels=None, log=lambda *_: None)
         if args.full_size and not args.model:
             model_dir = full_size_dir(model_dir, tmp / "qwen2-vl-2b-random")
         elif args.vocab:                           # new rows for ids no prompt uses: a full-size LM head

@@ -614,7 +614,8 @@ def _noun(shape, with_names):
     return " ".join(w for w in (size_word(shape["box"]), kind) if w)
 
 
-def _where(box):
+def where_phrase(box):
+    """position_word() as a phrase: "at the top-left", "in the centre", "on the left"."""
     word = position_word(box)
     return {"centre": "in the centre", "left": "on the left",
             "right": "on the right"}.get(word, f"at the {word}")
@@ -642,7 +643,7 @@ def describe_scene(scene, rng, with_names=True, target=None):
     Deterministic given rng (a numpy Generator)."""
     if target is None:
         shapes = sorted(scene, key=lambda s: -(s["box"][2] - s["box"][0]))   # biggest first
-        parts = [f"a {_noun(s, with_names)} {_where(s['box'])}" for s in shapes]
+        parts = [f"a {_noun(s, with_names)} {where_phrase(s['box'])}" for s in shapes]
         listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
         opener = _pick(rng, ["The image shows {}.", "There is {}.", "I can see {}.",
                              "On a grey background there is {}."])
@@ -650,7 +651,7 @@ def describe_scene(scene, rng, with_names=True, target=None):
     others = [s for s in scene if s != target]
     name = _noun(target, with_names)
     sentences = [_pick(rng, ["The {n} is {w} of the image.", "The {n} sits {w}.",
-                             "You can find the {n} {w}."]).format(n=name, w=_where(target["box"]))]
+                             "You can find the {n} {w}."]).format(n=name, w=where_phrase(target["box"]))]
     if others:
         tc = _centre(target["box"])
         near = min(others, key=lambda s: math.dist(tc, _centre(s["box"])))
@@ -662,7 +663,7 @@ def describe_scene(scene, rng, with_names=True, target=None):
         rest = [s for s in others if s != near][:2]
         if rest:
             sentences.append("There is also " + " and ".join(
-                f"a {_noun(s, with_names)} {_where(s['box'])}" for s in rest) + ".")
+                f"a {_noun(s, with_names)} {where_phrase(s['box'])}" for s in rest) + ".")
     return " ".join(sentences)
 
 

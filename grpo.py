@@ -308,7 +308,7 @@ def main(argv=None):
     if model_dir is None:
         model_dir = out / "random-tiny"
         if rank == 0 and not (model_dir / "config.json").exists():
-            tiny.build_tiny(model_dir, seed=args.seed, pretrain=False)
+            tiny.build_tiny(model_dir, seed=args.seed, plan=(), pixels=None)
         run.barrier()
     model, processor = vlm.load_model(model_dir)
     cfg = run.zero_config(args.deepspeed or Path(__file__).with_name("ds_zero2.json"), lr=args.lr,

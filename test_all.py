@@ -82,7 +82,7 @@ def cache(tmp_path_factory):
 @pytest.fixture(scope="session")
 def tiny_dir(cache, tmp_path_factory):
     """A random (not pretrained) tiny model, built by the tests themselves: nothing downloaded."""
-    return tiny_py.build_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0, pretrain=False)
+    return tiny_py.build_tiny(tmp_path_factory.mktemp("models") / "tiny", seed=0, plan=(), pixels=None)
 
 
 @pytest.fixture(scope="session")
@@ -638,30 +638,35 @@ def test_shipped_tiny_base_scores_as_its_build_record(cache):
             assert value == approx(record[task][name], abs=tol), (task, name)
 
 
-def test_short_tiny_build_runs_end_to_end(cache, tmp_path):
-    """`python tiny.py base` at toy size: a few dozen steps on 6 scenes per task; the loss falls,
-    the build record says how it was made, and the result loads and answers."""
-    out = tiny_py.build_tiny(tmp_path / "base", seed=0, pretrain=True, steps=24, n_train=6, record_scores=False,
-                             log=lambda *a: None)
+def test_short_tiny_build_runs_stage_by_stage(cache, tmp_path):
+    """`python tiny.py base` at toy size (6 scenes per task): each stage's loss falls, the build record says
+    how it was made (command, plan, per-stage look scores that a fresh greedy pass reproduces), a build
+    continued with --init carries its parent's record, and the saved model answers as it did when built."""
+    out = tiny_py.build_tiny(tmp_path / "base", seed=0, plan=[("where_alone", 12), ("formats", 12)], n_train=6,
+                             pixels=None, record_scores=False, look_n=4, log=lambda *a: None)
     record = json.loads((out / "build.json").read_text())
-    assert record["steps"] == 24 and "--steps 24 --n-train 6" in record["command"]
-    assert record["versions"]["torch"] == torch.__version__
-    assert record["loss_curve"][-1][0] == 24 and record["loss_curve"][-1][1] < record["loss_curve"][0][1]
-    model, processor = vlm.load_model(out)
+    assert record["steps"] == 24 and "--plan 'where_alone:12,formats:12' --n-train 6" in record["command"]
+    assert record["versions"]["torch"] == torch.__version__ and [s["stage"] for s in record["stages"]] == \
+        ["where_alone", "formats"]
+    curve = dict(record["loss_curve"])
+    assert curve[12] < curve[1] and curve[24] < curve[13]
+    more = tiny_py.build_tiny(tmp_path / "more", plan=[("alone", 2)], n_train=6, init=out, pixels=224,
+                              record_scores=False, look_n=4, log=lambda *a: None)
+    again = json.loads((more / "build.json").read_text())
+    assert again["init"]["steps"] == 24 and f"--init {out} --pixels 224" in again["command"]
+    model, processor = vlm.load_model(more)
+    assert tiny_py.look_scores(model, processor, tiny_py.scores_world(), 4) == \
+        {k: again["stages"][-1][k] for k in ("alone", "scenes")}
     batch = vlm.chat_inputs(processor, [[vlm.user_turn(tiny_py.LOOK_COLOUR.format(shape="circle"))]],
                             [[solid((220, 40, 40), 112)]])
-    assert vlm.sample(model, processor, batch, 1, 4, do_sample=False)["texts"][0] != ""
+    assert batch["image_grid_thw"].tolist() == [[1, 16, 16]]           # saved at 224 px: 64 image tokens
+    with pytest.raises(ValueError, match="unknown stage"):
+        tiny_py.build_tiny(tmp_path / "bad", plan=[("boxes", 1)])
 
 
-def test_look_probe_trains_stage_by_stage_and_scores(cache):
-    """`python tiny.py probe`: one row per stage of the plan, scores that a fresh greedy pass over the
-    returned model reproduces, "where" pools of position questions about one shape drawn alone."""
-    model, processor, results = tiny_py.look_probe([("where_alone", 3), ("alone", 2)], n_train=6, n_test=4,
-                                                   log=lambda *a: None)
-    assert [(r["pool"], r["steps"]) for r in results] == [("where_alone", 3), ("alone", 2)]
-    again = tiny_py.look_scores(model, processor, tiny_py.scores_world(), 4)
-    assert {k: results[-1][k] for k in ("alone", "scenes")} == again
-    assert all(0 <= v <= 1 for kind in again.values() for v in kind.values())
+def test_look_pools_go_from_one_shape_to_scenes(cache):
+    """The look-question pools of the recipe: "where" pools of position questions about one shape drawn
+    alone; two shapes of two colours, one named; --pixels 224 gives 64 image tokens instead of 16."""
     pools = tiny_py.probe_pools(tiny_py.pretrain_world(0, 6))
     assert len(pools["where_alone"]) == 6 * len(data.SHAPE_TASKS)           # one shape per training scene
     for conv, (image,) in pools["where_alone"]:
@@ -672,13 +677,11 @@ def test_look_probe_trains_stage_by_stage_and_scores(cache):
         assert len(colours) == 2 and conv[0]["content"][-1]["text"].endswith(" shape?")
         named = conv[0]["content"][-1]["text"].split()[3]
         assert data.COLORS[named] in colours
-    with pytest.raises(ValueError, match="unknown probe pool"):
-        tiny_py.look_probe([("boxes", 1)])
-    # --pixels 224: a 112-px scene becomes 16 x 16 patches = 64 merged image tokens (16 by default)
+    processor = vlm.load_model(vlm.TINY_BASE)[1]
     image = data.render([], 220)
-    before = vlm.chat_inputs(processor, [[vlm.user_turn("Where?")]], [[image]])["image_grid_thw"].tolist()
     after = vlm.chat_inputs(tiny_py.set_image_pixels(processor, 224), [[vlm.user_turn("Where?")]], [[image]])
-    assert before == [[1, 8, 8]] and after["image_grid_thw"].tolist() == [[1, 16, 16]]
+    before = vlm.chat_inputs(tiny_py.set_image_pixels(processor, 112), [[vlm.user_turn("Where?")]], [[image]])
+    assert before["image_grid_thw"].tolist() == [[1, 8, 8]] and after["image_grid_thw"].tolist() == [[1, 16, 16]]
     assert (after["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum() == 64
 
 

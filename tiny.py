@@ -7,22 +7,21 @@ downloaded, and no pipeline code depends on them:
   1. tokenizer and model  build_tokenizer(), tiny_model(), tiny_processor(): a ~3M-parameter
                           Qwen2VLForConditionalGeneration (the classes of Qwen2-VL-2B) with a BPE
                           tokenizer trained on shapes-world text
-  2. the tiny base        pretrain_corpus() (every prompt the pipelines use, targets with label
-                          noise), pretrain_sft(), build_tiny(): the model every script starts from
-                          (--model tiny-base, built and cached on first use)
+  2. the tiny base        look questions (probe_pools(): one shape, two, whole scenes), pretrain_corpus()
+                          (every prompt the pipelines use, targets with label noise), pretrain_sft(),
+                          build_tiny() with BASE_PLAN: the model every script starts from (--model tiny-base)
   3. scores               task_scores(): greedy scores of a model on every shapes-world test task
   4. the shapes CLIP      build_shapes_clip(), load_shapes_clip(): Seg-RISE's default semantic
                           scorer, a small open_clip CLIP trained contrastively on shapes-world crops
 
-    python tiny.py base --out DIR [--steps N] [--seed S]   # the tiny base (--steps 0: random weights)
+    python tiny.py base --out DIR [--seed S]               # the tiny base (the shipped recipe, BASE_PLAN)
+    python tiny.py base --out DIR --plan where_alone:300,alone:1000 --no-scores   # try a curriculum
     python tiny.py clip [--out DIR] [--seed S]             # the shapes CLIP and its accuracy report
     python tiny.py scores [--model M] [--n N] [--json]     # a model's score per shapes-world task
-    python tiny.py probe --plan where_alone:1000,alone:1000 # look questions only: does a curriculum look?
 """
 import argparse
 import json
 import math
-import os
 import random
 import time
 from pathlib import Path
@@ -213,34 +212,66 @@ def build_real_arch(out, family, tokenizer_dir, layers=2, narrow=1, seed=0):
 
 
 # ============================================================================ 2. the tiny base
-def build_tiny(out, seed=0, pretrain=False, steps=None, n_train=400, record_scores=True, log=print):
+# The shipped base's recipe (README "The tiny base"). Images at 224 px: 64 image tokens instead of 16 (at
+# 112 px even one shape's position was found only by chance, after 300-1250 steps). Look questions first,
+# from one shape drawn alone to two shapes to whole scenes (the box of a named shape among others came
+# only after ~3000 pair steps), then every pipeline format with look questions a quarter of each batch.
+BASE_PLAN = (("where_alone", 300), ("where_pairs_colour", 600), ("where_pairs", 400), ("where_scenes", 400),
+             ("alone", 1000), ("pairs", 4000), ("scenes", 2000), ("formats", 3000))
+BASE_PIXELS = 224
+LOOK_LR, FORMATS_LR = 1e-3, 5e-4
+
+
+def build_tiny(out, seed=0, plan=BASE_PLAN, n_train=400, init=None, pixels=BASE_PIXELS, record_scores=True,
+               look_n=48, log=print):
     """Build the tiny model + processor in `out` (save_pretrained: loadable offline by path).
 
-    The tokenizer is trained on shapes-world text (the pretraining corpus below), so it is
-    the same whether or not the model is pretrained. With `pretrain`, the model is SFT-trained
-    from scratch on that corpus: the "tiny base" every pipeline starts from.
+    plan: [(stage, steps)], each stage trained as a run of its own (fresh AdamW, warm-up + cosine):
+    a PROBE_POOLS name (look questions only, lr LOOK_LR; look_scores() on `look_n` targets after it,
+    in the build record)
+    or "formats" (pretrain_corpus(): every pipeline format, a quarter of each batch look questions,
+    lr FORMATS_LR). plan=(): random weights. From scratch (a tokenizer trained on the corpus text)
+    or from `init`, a saved model. pixels: set_image_pixels() (None: the processor's 112 px, 16 image
+    tokens, what the random test models use). Raises ValueError for an unknown stage.
     """
-    out = Path(out)
-    t0 = time.time()
+    unknown = [name for name, _ in plan if name not in PROBE_POOLS + ("formats",)]
+    if unknown:
+        raise ValueError(f"unknown stage(s) {unknown}: choose from {PROBE_POOLS + ('formats',)}")
+    out, t0 = Path(out), time.time()
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-    steps = (steps or default_steps()) if pretrain else 0
     world = pretrain_world(seed, n_train)
-    examples = pretrain_corpus(world, seed)
-    look = look_corpus(world, seed)
-    tokenizer = build_tokenizer(corpus_text(examples + look))
-    processor = tiny_processor(tokenizer)
-    model = tiny_model(tokenizer, seed)
-    curve = pretrain_sft(model, processor, examples, look, seed, steps=steps, log=log) if pretrain else []
+    examples, pools = pretrain_corpus(world, seed), probe_pools(world, seed)
+    look = pools["alone"] + pools["pairs"] + pools["scenes"] * 2     # whole scenes twice: the pipelines' images
+    if init:
+        model, processor = load_model(init)
+    else:
+        processor = tiny_processor(build_tokenizer(corpus_text(examples + look + pools["where_pairs_colour"])))
+        model = tiny_model(processor.tokenizer, seed)
+    if pixels:
+        set_image_pixels(processor, pixels)
+    curve, stages = [], []
+    root = scores_world() if any(name != "formats" for name, _ in plan) else None
+    for i, (name, steps) in enumerate(plan):
+        done = curve[-1][0] if curve else 0
+        if name == "formats":
+            part = pretrain_sft(model, processor, examples, look, seed + i, steps, lr=FORMATS_LR, log=log)
+        else:
+            part = pretrain_sft(model, processor, pools[name], (), seed + i, steps, lr=LOOK_LR, log=log)
+        curve += [(done + step, loss) for step, loss in part]
+        stages.append({"stage": name, "steps": steps, "loss": part[-1][1]})
+        if name != "formats":
+            stages[-1].update(look_scores(model, processor, root, look_n))
+        log(f"[tiny] {json.dumps(stages[-1])}")
     tmp = out.with_name(out.name + ".tmp")
     model.save_pretrained(tmp)
     processor.save_pretrained(tmp)
-    (tmp / "build.json").write_text(json.dumps(build_record(seed, steps, n_train, examples, look, t0, curve),
-                                               indent=1))
+    record = build_record(seed, plan, n_train, init, pixels, t0, curve, stages)
+    (tmp / "build.json").write_text(json.dumps(record, indent=1))
     publish_dir(tmp, out)
-    if pretrain and record_scores:
+    if plan and record_scores:
         record_build_scores(out, log=log)
     log(f"[tiny] tiny model ({sum(p.numel() for p in model.parameters()) / 1e6:.2f}M params, "
-        f"pretrain={pretrain}) written to {out} in {time.time() - t0:.0f}s")
+        f"{len(plan)} stages) written to {out} in {time.time() - t0:.0f}s")
     return out
 
 
@@ -252,21 +283,33 @@ def pretrain_world(seed=0, n_train=400):
     return world
 
 
-def default_steps():
-    """Pretraining steps when none are given: 2400, or the RISE_TINY_STEPS environment variable."""
-    return int(os.environ.get("RISE_TINY_STEPS", 2400))
+def format_plan(plan):
+    return ",".join(f"{name}:{steps}" for name, steps in plan)
 
 
-def build_record(seed, steps, n_train, examples, look, t0, curve):
-    """What rebuilds this model and what it took: command, seed, versions, steps, time, loss curve."""
+def parse_plan(text):
+    """"POOL:STEPS,POOL:STEPS,..." -> [(pool, steps)]; "" -> []. Raises ValueError."""
+    try:
+        return [(name, int(steps)) for name, steps in (part.split(":") for part in text.split(",") if part)]
+    except ValueError:
+        raise ValueError(f"expected STAGE:STEPS,STAGE:STEPS,... ; got {text!r}") from None
+
+
+def build_record(seed, plan, n_train, init, pixels, t0, curve, stages):
+    """What rebuilds this model and what it took: command, seed, versions, plan, time, loss curve, and per
+    stage its last loss and look scores; from `init`, that model's own build record under "init"."""
     import platform
     import transformers
-    return {"command": f"python tiny.py base --out DIR --seed {seed} --steps {steps} --n-train {n_train}", "seed": seed,
-            "steps": steps, "examples": len(examples), "look_examples": len(look),
-            "seconds": round(time.time() - t0, 1), "built_on": f"{platform.machine()} CPU, torch threads "
-            f"{torch.get_num_threads()}", "versions": {"python": platform.python_version(), "torch": torch.__version__,
-                                                      "transformers": transformers.__version__, "numpy": np.__version__},
-            "loss_curve": curve}
+    command = f"python tiny.py base --out DIR --seed {seed} --plan '{format_plan(plan)}' --n-train {n_train}"
+    command += (f" --init {init}" if init else "") + (f" --pixels {pixels}" if pixels else " --pixels 0")
+    init_record = Path(init or "", "build.json")
+    return {"command": command, "seed": seed, "plan": [list(p) for p in plan], "steps": sum(n for _, n in plan),
+            "pixels": pixels, "seconds": round(time.time() - t0, 1), "built_on": f"{platform.machine()} CPU, "
+            f"torch threads {torch.get_num_threads()}", "versions": {
+                "python": platform.python_version(), "torch": torch.__version__,
+                "transformers": transformers.__version__, "numpy": np.__version__},
+            "loss_curve": curve, "stages": stages,
+            "init": json.loads(init_record.read_text()) if init and init_record.exists() else init}
 
 
 CHECK_N = 16   # test scenes per task that test_all.py re-scores to check a shipped build
@@ -322,6 +365,28 @@ def train_records(root):
             yield task, rec
 
 
+def short_think(task, rec, scene):
+    """The think text of the tiny base's think-first targets: one sentence with what the answer needs (where
+    the target is, which colours cover most, the big shape's kind), in the words the look questions ground.
+    Why not a full scene description (data.describe_scene, what RISE-CoT's prompt asks for): with it before
+    the answer the think-first prompts stayed blind (det mAP@0.5 0.003 after 4500 format steps, the same
+    model 0.26 answer-only): the model wrote a plausible description of some other scene and copied its
+    answer from that."""
+    if task == "soft_cls":
+        order = [c for c, p in sorted(zip(rec["classes"], rec["probs"]), key=lambda cp: -cp[1]) if p > 0]
+        return "The shapes are mostly " + ", then ".join(order) + "."
+    if task == "onehot_cls":
+        return f"The large shape is a {rec['classes'][int(np.argmax(rec['probs']))]}."
+    if task == "multi_det":
+        kind = next(s["shape"] for s in scene if s["box"] == rec["boxes"][0])
+        where = [data.where_phrase(b) for b in rec["boxes"]]
+        return f"I see {data.PLURAL[kind]} " + (where[0] if len(where) == 1 else ", ".join(where[:-1]) + " and "
+                                               + where[-1]) + "."
+    box = rec["boxes"][0] if "boxes" in rec else rec["box"]
+    target = next(s for s in scene if s["box"] == box)
+    return f"The {target['color']} {target['shape']} is {data.where_phrase(box)}."
+
+
 def pretrain_corpus(root, seed=0):
     """SFT examples (conversation, images) in every prompt format the pipelines use.
 
@@ -333,6 +398,7 @@ def pretrain_corpus(root, seed=0):
     for task, rec in train_records(root):
         image = data.open_image(rec["image_path"])
         scene = rec["scene"]
+        think = f"<think>{short_think(task, rec, scene)}</think>"
 
         def add(prompt, answer, extra_turns=(), extra_images=()):
             conv = [user_turn(prompt), assistant_turn(answer)] + list(extra_turns)
@@ -345,7 +411,7 @@ def pretrain_corpus(root, seed=0):
             noisy = data.format_probs(classes, _noisy_probs(rec["probs"], rng))
             add(data.prompt("cot", rec, mask_names=mask_names), desc)
             add(data.prompt("rec", rec, cot=desc), noisy)
-            add(data.prompt("r1", rec), f"<think>{data.describe_scene(scene, rng)}</think><answer>{noisy}</answer>")
+            add(data.prompt("r1", rec), f"{think}<answer>{noisy}</answer>")
             add(data.prompt("plain", rec), noisy)
         elif task in ("det", "multi_det"):
             boxes = [to_frame(b) for b in rec["boxes"]]
@@ -354,7 +420,7 @@ def pretrain_corpus(root, seed=0):
             desc = data.describe_scene(scene, rng, target=target_shape)
             add(data.prompt("cot", rec, boxes=boxes, frame=FRAME), desc)
             add(data.prompt("rec", rec, cot=desc, frame=FRAME), answer)
-            add(data.prompt("r1", rec, frame=FRAME), f"<think>{desc}</think><answer>{answer}</answer>")
+            add(data.prompt("r1", rec, frame=FRAME), f"{think}<answer>{answer}</answer>")
             add(data.prompt("plain", rec, frame=FRAME), answer)
         elif task == "seg":
             box = _jitter_box(rec["box"], rng)
@@ -362,10 +428,8 @@ def pretrain_corpus(root, seed=0):
             points = [[(x1 * 2 + x2) / 3, (y1 + y2 * 2) / 3], [(x1 + x2 * 2) / 3, (y1 + y2 * 2) / 3]]
             fb = to_frame(box)
             fp = [to_frame(p + p)[:2] for p in points]
-            target_shape = next(s for s in scene if s["box"] == rec["box"])
             answer = json.dumps({"bbox": fb, "points": fp})
-            add(data.prompt("seg", rec, frame=FRAME),
-                f"<think>{data.describe_scene(scene, rng, target=target_shape)}</think><answer>{answer}</answer>")
+            add(data.prompt("seg", rec, frame=FRAME), f"{think}<answer>{answer}</answer>")
             add(data.prompt("seg_no_cot", rec, frame=FRAME), f"<answer>{answer}</answer>")
         elif task == "vqa":
             q, a = rec["question"], rec["answer"]
@@ -411,14 +475,6 @@ def look_scenes(root, rng):
         yield "scenes", look_examples(rec["scene"], data.open_image(rec["image_path"]))
         shape = rec["scene"][int(rng.integers(len(rec["scene"])))]
         yield "alone", look_examples([shape], data.render([shape], int(rng.integers(200, 246))))
-
-
-def look_corpus(root, seed=0):
-    """look_examples() for every training scene of the shapes world at `root`, and for each of
-    its shapes drawn alone (the easy half of the curriculum: one object, nothing to confuse)."""
-    rng = np.random.default_rng(seed + 1)
-    examples = [ex for _, part in look_scenes(root, rng) for ex in part]
-    return [examples[i] for i in rng.permutation(len(examples))]
 
 
 def _critic_examples(question, answer, scene, image, rng, n=2):
@@ -472,22 +528,19 @@ def sft_step(model, processor, optimizer, schedule, batch):
     return loss.item()
 
 
-def pretrain_sft(model, processor, examples, look=(), seed=0, steps=None, batch_size=16, lr=1e-3,
-                 look_first=0.15, look_share=0.25, log=print):
-    """Plain SFT from scratch (AdamW, warm-up + cosine) on the assistant tokens of `examples`.
-
-    Curriculum: the first `look_first` of the steps draw only from `look` (one-word questions
-    about the image), the rest draw a `look_share` of each batch from it. Returns the loss
-    curve [(step, mean loss of the last 50 steps)]."""
-    steps = steps or default_steps()
+def pretrain_sft(model, processor, examples, look=(), seed=0, steps=100, lr=1e-3, batch_size=16, look_share=0.25,
+                 log=print):
+    """Plain SFT (AdamW, warm-up + cosine) on the assistant tokens of `examples`, a `look_share` of
+    each batch drawn from `look` (if given). Returns the loss curve [(step, mean loss since the last
+    point)], a point every 50 steps (fewer for short runs)."""
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = warmup_cosine(optimizer, steps, warmup=50)
+    schedule = warmup_cosine(optimizer, steps, warmup=min(50, max(1, steps // 10)))
     model.train()
     curve, recent, every = [], [], max(1, min(50, steps // 8))
+    n_look = round(look_share * batch_size) if look else 0
     bar = tqdm(range(steps), desc="pretrain tiny base", mininterval=10)
     for step in bar:
-        n_look = (batch_size if step < look_first * steps else round(look_share * batch_size)) if look else 0
         batch = [look[i] for i in torch.randint(len(look), (n_look,), generator=g).tolist()] if n_look else []
         batch += [examples[i] for i in torch.randint(len(examples), (batch_size - n_look,), generator=g).tolist()]
         recent.append(sft_step(model, processor, optimizer, schedule, batch))
@@ -665,8 +718,7 @@ def set_image_pixels(processor, pixels):
     """Resize every image to about pixels x pixels (the 112-px shapes world upscaled: 224 gives 64 image
     tokens instead of 16, more tokens per shape)."""
     ip = processor.image_processor
-    ip.min_pixels = ip.size["shortest_edge"] = pixels * pixels
-    ip.max_pixels = ip.size["longest_edge"] = max(pixels * pixels, ip.size["longest_edge"])
+    vlm.set_pixel_limits(ip, min_pixels=pixels * pixels, max_pixels=max(pixels * pixels, ip.size["longest_edge"]))
     return processor
 
 
@@ -694,43 +746,6 @@ def look_scores(model, processor, root, n=48):
                         "where": round(float(np.mean([w.strip() == data.position_word(t["box"])
                                                       for w, t in zip(words, targets)])), 3)}
     return result
-
-
-def look_probe(plan, seed=0, n_train=400, n_test=48, init=None, lr=1e-3, batch_size=16, pixels=None, log=print):
-    """Train the tiny model on look questions only, stage by stage, scoring it after each stage:
-    the cheap check of a curriculum before a full build (README: "the tiny base").
-
-    plan: [(pool, steps)], pool one of PROBE_POOLS; one AdamW, each stage its own warm-up + cosine.
-    From scratch (the tokenizer build_tiny() would make for `seed` and `n_train`) or from `init`,
-    a saved model; `pixels`: set_image_pixels() first. Returns (model, processor, [{"pool", "steps",
-    "loss" (mean of its last 50 steps), **look_scores()}])."""
-    unknown = [name for name, _ in plan if name not in PROBE_POOLS]
-    if unknown:
-        raise ValueError(f"unknown probe pool(s) {unknown}: choose from {PROBE_POOLS}")
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
-    world = pretrain_world(seed, n_train)
-    pools = probe_pools(world, seed)
-    if init:
-        model, processor = load_model(init)
-    else:
-        corpus = pretrain_corpus(world, seed) + look_corpus(world, seed)      # build_tiny's tokenizer
-        processor = tiny_processor(build_tokenizer(corpus_text(corpus)))
-        model = tiny_model(processor.tokenizer, seed)
-    if pixels:
-        set_image_pixels(processor, pixels)
-    g = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    root, results = scores_world(), []
-    for name, n_steps in plan:
-        schedule, losses = warmup_cosine(optimizer, n_steps, warmup=min(50, max(1, n_steps // 10))), []
-        model.train()
-        for _ in tqdm(range(n_steps), desc=f"probe {name}", mininterval=10):
-            batch = [pools[name][i] for i in torch.randint(len(pools[name]), (batch_size,), generator=g)]
-            losses.append(sft_step(model, processor, optimizer, schedule, batch))
-        results.append({"pool": name, "steps": n_steps, "loss": round(float(np.mean(losses[-50:])), 4),
-                        **look_scores(model, processor, root, n_test)})
-        log(f"[probe] {json.dumps(results[-1])}")
-    return model, processor, results
 
 
 # ============================================================================ 4. the shapes CLIP
@@ -939,27 +954,25 @@ def scorer_profile(clip, records, seed=0):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    base = sub.add_parser("base", help="build the tiny base: the tiny model SFT-pretrained on shapes world")
+    base = sub.add_parser("base", help="build the tiny base: the tiny model SFT-trained on shapes world, stage by stage")
     base.add_argument("--out", required=True)
-    base.add_argument("--steps", type=int, default=None,
-                      help="pretraining steps (default 2400, or RISE_TINY_STEPS); 0: random weights, same tokenizer")
+    base.add_argument("--plan", default=format_plan(BASE_PLAN),
+                      help="stages as STAGE:STEPS,... with STAGE one of " + ", ".join(PROBE_POOLS) + " (look "
+                           "questions) or formats (every pipeline format); '' for random weights. Default: the "
+                           "shipped base's recipe")
     base.add_argument("--seed", type=int, default=0)
     base.add_argument("--n-train", type=int, default=400, help="shapes-world training scenes per task")
+    base.add_argument("--init", default=None, help="continue from this saved model (default: from scratch)")
+    base.add_argument("--pixels", type=int, default=BASE_PIXELS,
+                      help="resize every image to about PIXELS x PIXELS (224: 64 image tokens; 0: the processor's 112)")
+    base.add_argument("--no-scores", action="store_true",
+                      help="skip the greedy scores on 128 test scenes per task (a quick curriculum probe)")
     record = sub.add_parser("record", help="(re)compute the scores in a built base's build.json")
     record.add_argument("dir")
     clip = sub.add_parser("clip", help="build the shapes CLIP (Seg-RISE's default scorer) and report it")
     clip.add_argument("--out", default=None, help="folder (default: the cache, where seg_rise.py looks)")
     clip.add_argument("--seed", type=int, default=0)
     clip.add_argument("--test", default=None, help="seg manifest for the reward profile (default: shapes world)")
-    probe = sub.add_parser("probe", help="train on look questions only, stage by stage, and score after each")
-    probe.add_argument("--plan", required=True, help="stages as POOL:STEPS,POOL:STEPS,... with POOL one of "
-                                                      + ", ".join(PROBE_POOLS))
-    probe.add_argument("--seed", type=int, default=0)
-    probe.add_argument("--n-train", type=int, default=400)
-    probe.add_argument("--init", default=None, help="start from this saved model (default: from scratch)")
-    probe.add_argument("--save", default=None, help="save the probed model here (a later --init)")
-    probe.add_argument("--pixels", type=int, default=None,
-                       help="resize every image to about PIXELS x PIXELS (default: the processor's; 224 = 64 tokens)")
     scores = sub.add_parser("scores", help="greedy scores of a model on every shapes-world test task")
     scores.add_argument("--model", default=TINY_BASE)
     scores.add_argument("--data", default=None, help="shapes-world root (default: 128 test scenes per task, "
@@ -968,21 +981,12 @@ def main(argv=None):
     scores.add_argument("--json", action="store_true", help="print only the JSON line")
     args = parser.parse_args(argv)
     if args.command == "base":
-        if args.steps is not None and args.steps < 0:
-            parser.error("--steps must be >= 0")
-        build_tiny(args.out, seed=args.seed, pretrain=args.steps != 0, steps=args.steps, n_train=args.n_train)
-    elif args.command == "probe":
         try:
-            plan = [(name, int(n)) for name, n in (part.split(":") for part in args.plan.split(","))]
-        except ValueError:
-            parser.error(f"--plan: expected POOL:STEPS,... ; got {args.plan!r}")
-        if any(name not in PROBE_POOLS for name, _ in plan):
-            parser.error(f"--plan: pools are {', '.join(PROBE_POOLS)}; got {args.plan!r}")
-        model, processor, _ = look_probe(plan, seed=args.seed, n_train=args.n_train, init=args.init,
-                                         pixels=args.pixels)
-        if args.save:
-            model.save_pretrained(args.save)
-            processor.save_pretrained(args.save)
+            plan = parse_plan(args.plan)
+            build_tiny(args.out, seed=args.seed, plan=plan, n_train=args.n_train, init=args.init,
+                       pixels=args.pixels or None, record_scores=not args.no_scores)
+        except ValueError as e:
+            parser.error(f"--plan: {e}")
     elif args.command == "record":
         record_build_scores(args.dir)
     elif args.command == "clip":

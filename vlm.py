@@ -50,7 +50,7 @@ def resolve_model(name):
     if not (path / "config.json").exists():
         print(f"[vlm] no committed tiny base: building one in {path} (once; ~20 CPU minutes)")
         import tiny                 # only the embedded default needs it (tiny imports vlm)
-        tiny.build_tiny(path, seed=0, pretrain=True)
+        tiny.build_tiny(path, seed=0)
     return str(path)
 
 
@@ -75,10 +75,20 @@ def load_model(name, device=None, dtype=None, max_pixels=None):
     model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, attn_implementation=attn)
     processor = AutoProcessor.from_pretrained(name, padding_side="left")
     if max_pixels:
-        processor.image_processor.max_pixels = max_pixels
-        processor.image_processor.size["longest_edge"] = max_pixels
+        set_pixel_limits(processor.image_processor, max_pixels=max_pixels)
     processor.tokenizer.padding_side = "left"
     return model.to(device), processor
+
+
+def set_pixel_limits(image_processor, min_pixels=None, max_pixels=None):
+    """Bound the pixels an image is resized to (Qwen2-VL: size's shortest_edge / longest_edge are pixel
+    counts). The min_pixels / max_pixels attributes are updated only where a transformers version still
+    keeps them: setting them anew makes every processor call warn that they are deprecated."""
+    for key, name, value in (("shortest_edge", "min_pixels", min_pixels), ("longest_edge", "max_pixels", max_pixels)):
+        if value is not None:
+            image_processor.size[key] = value
+            if getattr(image_processor, name, None) is not None:
+                setattr(image_processor, name, value)
 
 
 # ============================================================================ 2. chat inputs
