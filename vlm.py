@@ -48,7 +48,7 @@ def resolve_model(name):
         return str(shipped)
     path = CACHE / "tiny-base"
     if not (path / "config.json").exists():
-        print(f"[vlm] no committed tiny base: building one in {path} (once; ~20 CPU minutes)")
+        print(f"[vlm] no committed tiny base: building one in {path} (once; hours on a CPU, see README)")
         import tiny                 # only the embedded default needs it (tiny imports vlm)
         tiny.build_tiny(path, seed=0)
     return str(path)
