@@ -662,6 +662,10 @@ def test_short_tiny_build_runs_stage_by_stage(cache, tmp_path):
     assert batch["image_grid_thw"].tolist() == [[1, 16, 16]]           # saved at 224 px: 64 image tokens
     with pytest.raises(ValueError, match="unknown stage"):
         tiny_py.build_tiny(tmp_path / "bad", plan=[("boxes", 1)])
+    assert tiny_py.parse_plan("where_alone:3,formats:2") == [("where_alone", 3), ("formats", 2)]
+    for bad in ("where_alone", "alone:x", "alone:0", "boxes:3"):
+        with pytest.raises(ValueError):
+            tiny_py.parse_plan(bad)
 
 
 def test_look_pools_go_from_one_shape_to_scenes(cache):

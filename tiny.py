@@ -234,9 +234,7 @@ def build_tiny(out, seed=0, plan=BASE_PLAN, n_train=400, init=None, pixels=BASE_
     or from `init`, a saved model. pixels: set_image_pixels() (None: the processor's 112 px, 16 image
     tokens, what the random test models use). Raises ValueError for an unknown stage.
     """
-    unknown = [name for name, _ in plan if name not in PROBE_POOLS + ("formats",)]
-    if unknown:
-        raise ValueError(f"unknown stage(s) {unknown}: choose from {PROBE_POOLS + ('formats',)}")
+    check_plan(plan)
     out, t0 = Path(out), time.time()
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     world = pretrain_world(seed, n_train)
@@ -287,12 +285,22 @@ def format_plan(plan):
     return ",".join(f"{name}:{steps}" for name, steps in plan)
 
 
+def check_plan(plan):
+    """The plan if every stage is a PROBE_POOLS name or "formats" with steps >= 1; else ValueError."""
+    stages = PROBE_POOLS + ("formats",)
+    bad = [f"{name}:{steps}" for name, steps in plan if name not in stages or steps < 1]
+    if bad:
+        raise ValueError(f"unknown stage or steps < 1 in {bad}: stages are {', '.join(stages)}")
+    return plan
+
+
 def parse_plan(text):
-    """"POOL:STEPS,POOL:STEPS,..." -> [(pool, steps)]; "" -> []. Raises ValueError."""
+    """"STAGE:STEPS,STAGE:STEPS,..." -> [(stage, steps)], checked (check_plan); "" -> []. Raises ValueError."""
     try:
-        return [(name, int(steps)) for name, steps in (part.split(":") for part in text.split(",") if part)]
+        plan = [(name, int(steps)) for name, steps in (part.split(":") for part in text.split(",") if part)]
     except ValueError:
         raise ValueError(f"expected STAGE:STEPS,STAGE:STEPS,... ; got {text!r}") from None
+    return check_plan(plan)
 
 
 def build_record(seed, plan, n_train, init, pixels, t0, curve, stages):
@@ -984,10 +992,10 @@ def main(argv=None):
     if args.command == "base":
         try:
             plan = parse_plan(args.plan)
-            build_tiny(args.out, seed=args.seed, plan=plan, n_train=args.n_train, init=args.init,
-                       pixels=args.pixels or None, record_scores=not args.no_scores)
         except ValueError as e:
             parser.error(f"--plan: {e}")
+        build_tiny(args.out, seed=args.seed, plan=plan, n_train=args.n_train, init=args.init,
+                   pixels=args.pixels or None, record_scores=not args.no_scores)
     elif args.command == "record":
         record_build_scores(args.dir)
     elif args.command == "clip":
