@@ -228,9 +228,8 @@ def build_tiny(out, seed=0, plan=BASE_PLAN, n_train=400, init=None, pixels=BASE_
 
     plan: [(stage, steps)], each stage trained as a run of its own (fresh AdamW, warm-up + cosine):
     a PROBE_POOLS name (look questions only, lr LOOK_LR; look_scores() on `look_n` targets after it,
-    in the build record)
-    or "formats" (pretrain_corpus(): every pipeline format, a quarter of each batch look questions,
-    lr FORMATS_LR). plan=(): random weights. From scratch (a tokenizer trained on the corpus text)
+    in the build record) or "formats" (pretrain_corpus(): every pipeline format, a quarter of each
+    batch look questions, lr FORMATS_LR). plan=(): random weights. From scratch (a tokenizer trained on the corpus text)
     or from `init`, a saved model. pixels: set_image_pixels() (None: the processor's 112 px, 16 image
     tokens, what the random test models use). Raises ValueError for an unknown stage.
     """
@@ -251,10 +250,8 @@ def build_tiny(out, seed=0, plan=BASE_PLAN, n_train=400, init=None, pixels=BASE_
     root = scores_world() if any(name != "formats" for name, _ in plan) else None
     for i, (name, steps) in enumerate(plan):
         done = curve[-1][0] if curve else 0
-        if name == "formats":
-            part = pretrain_sft(model, processor, examples, look, seed + i, steps, lr=FORMATS_LR, log=log)
-        else:
-            part = pretrain_sft(model, processor, pools[name], (), seed + i, steps, lr=LOOK_LR, log=log)
+        stage_data, mixed_in, lr = (examples, look, FORMATS_LR) if name == "formats" else (pools[name], (), LOOK_LR)
+        part = pretrain_sft(model, processor, stage_data, mixed_in, seed + i, steps, lr=lr, log=log)
         curve += [(done + step, loss) for step, loss in part]
         stages.append({"stage": name, "steps": steps, "loss": part[-1][1]})
         if name != "formats":
