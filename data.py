@@ -35,33 +35,33 @@ COT_PROMPT_DET = ("The {target} is at {annotation}. Describe where it is and wha
 COT_PROMPT_MULTI_DET = ("The {target} are at {annotation}. Describe where they are and what is "
                         "around them so that someone could find them from your description "
                         "alone, in at most {max_words} words. Do not write any numbers or coordinates.")
-REC_PROMPT_CLS = ("Description: {cot}\nUsing the image and the description, give the probability "
-                  "of each class in {class_list} as JSON.")
-REC_PROMPT_DET = ("Description: {cot}\nUsing the image and the description, give the box of "
-                  "{target} as [x1,y1,x2,y2].")
-REC_PROMPT_MULTI_DET = ("Description: {cot}\nUsing the image and the description, give the boxes "
-                        "of all {target} as [[x1,y1,x2,y2], ...].")
-R1_PROMPT_CLS = ("Give the probability of each class in {class_list}. Think in <think></think>, "
-                 "then answer in <answer></answer> with JSON.")
-R1_PROMPT_DET = ("Find {target}. Think in <think></think>, then answer in <answer></answer> "
-                 "with [x1,y1,x2,y2].")
-R1_PROMPT_MULTI_DET = ("Find {target}. Think in <think></think>, then answer in <answer></answer> "
-                       "with [[x1,y1,x2,y2], ...].")
-PLAIN_PROMPT_CLS = "Give the probability of each class in {class_list} as JSON."
-PLAIN_PROMPT_DET = "Give the box of {target} as [x1,y1,x2,y2]."
-PLAIN_PROMPT_MULTI_DET = "Give the boxes of all {target} as [[x1,y1,x2,y2], ...]."
-SEG_PROMPT = ('Find {instruction}. Think in <think></think>, then answer in <answer></answer> '
-              'with JSON {{"bbox": [x1,y1,x2,y2], "points": [[x,y],[x,y]]}}: its box and two points '
-              'inside it.')
-SEG_PROMPT_NO_COT = ('Find {instruction}. Answer in <answer></answer> with JSON '
-                     '{{"bbox": [x1,y1,x2,y2], "points": [[x,y],[x,y]]}}: its box and two points '
-                     'inside it.')
+REC_PROMPT_CLS = ("Description: {cot}\nUsing the image and the description, give as JSON the probability "
+                  "of each class in {class_list}.")
+REC_PROMPT_DET = ("Description: {cot}\nUsing the image and the description, answer with [x1,y1,x2,y2]: "
+                  "the box of {target}.")
+REC_PROMPT_MULTI_DET = ("Description: {cot}\nUsing the image and the description, answer with "
+                        "[[x1,y1,x2,y2], ...]: the boxes of all {target}.")
+R1_PROMPT_CLS = ("Think in <think></think>, then answer in <answer></answer> with JSON: the probability "
+                 "of each class in {class_list}.")
+R1_PROMPT_DET = ("Think in <think></think>, then answer in <answer></answer> with [x1,y1,x2,y2]. "
+                 "Find {target}.")
+R1_PROMPT_MULTI_DET = ("Think in <think></think>, then answer in <answer></answer> with "
+                       "[[x1,y1,x2,y2], ...]. Find {target}.")
+PLAIN_PROMPT_CLS = "Give as JSON the probability of each class in {class_list}."
+PLAIN_PROMPT_DET = "Answer with [x1,y1,x2,y2]: the box of {target}."
+PLAIN_PROMPT_MULTI_DET = "Answer with [[x1,y1,x2,y2], ...]: the boxes of all {target}."
+SEG_PROMPT = ('Think in <think></think>, then answer in <answer></answer> with JSON {{"bbox": '
+              '[x1,y1,x2,y2], "points": [[x,y],[x,y]]}}: the box of the object and two points inside it. '
+              'Find {instruction}.')
+SEG_PROMPT_NO_COT = ('Answer in <answer></answer> with JSON {{"bbox": [x1,y1,x2,y2], "points": '
+                     '[[x,y],[x,y]]}}: the box of the object and two points inside it. Find {instruction}.')
 # Qwen2.5-VL's own grounding prompt (its model card's spatial-understanding examples), for testing
 # a real checkpoint on RefCOCO/+/g as the RISE segmentation paper does (sec. 4, implementation details).
 GROUNDING_PROMPT = "Locate {instruction} in the image, output its bbox coordinates using JSON format."
 BOX_FRAME_NOTE = "The image is of resolution {width}x{height}. "
-VISRL_BOX_PROMPT = ("{question} Please first give the box of the region that helps answer the "
-                    "question as [x1,y1,x2,y2] in 0..1.")
+VISRL_BOX_PROMPT = ("Please first provide the bounding box coordinate of the region, then refer to the "
+                    "corresponding sub-image to answer the question better. Box: [x1,y1,x2,y2] in 0..1. "
+                    "{question}")
 VISRL_ANSWER_PROMPT = ("This is the region you chose. Now answer the question in one word: "
                        "{question}")
 CRITIC_BOX_PROMPT = ('Question: {question} Reference answer: {answer}. Does this image show what '

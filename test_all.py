@@ -638,6 +638,26 @@ def test_shipped_tiny_base_scores_as_its_build_record(cache):
             assert value == approx(record[task][name], abs=tol), (task, name)
 
 
+def test_shipped_tiny_base_looks_at_the_image(cache):
+    """The committed base's answer-only boxes follow the image: on 32 det test scenes the mean IoU of its
+    box with the named shape's is far higher with the right image than with the next scene's (same
+    prompts; the next scene's picture has the shape elsewhere or not at all)."""
+    model, processor = vlm.load_model(vlm.TINY_BASE)
+    records, _ = data.read_manifest(tiny_py.scores_world() / "det" / "test.jsonl", "det")
+    records = records[:32]
+    images = [data.open_image(r["image_path"]) for r in records]
+    prompts = [[vlm.user_turn(data.prompt("plain", r, frame=tiny_py.FRAME))] for r in records]
+
+    def mean_iou(shown):
+        texts = tiny_py._greedy(model, processor, prompts, [[im] for im in shown], 24)
+        boxes = [rewards.parse_boxes(t) for t in texts]
+        return np.mean([rewards.box_iou(vlm.from_model_frame(b[0], "qwen2_vl", im.size), r["boxes"][0]) if b
+                        else 0.0 for b, r, im in zip(boxes, records, images)])
+
+    right, rolled = mean_iou(images), mean_iou(images[1:] + images[:1])
+    assert right > rolled + 0.15, (right, rolled)
+
+
 def test_short_tiny_build_runs_stage_by_stage(cache, tmp_path):
     """`python tiny.py base` at toy size (6 scenes per task): each stage's loss falls, the build record says
     how it was made (command, plan, per-stage look scores that a fresh greedy pass reproduces), a build
@@ -2408,24 +2428,25 @@ def test_formatting_helpers():
     assert data.cot_prompt_det("circles", [[1, 2, 3, 4]], multi=True).startswith(
         "The circles are at [[1,2,3,4]].")
     assert data.SEG_PROMPT.format(instruction="the red circle").endswith(
-        'with JSON {"bbox": [x1,y1,x2,y2], "points": [[x,y],[x,y]]}: its box and two points inside it.')
+        'with JSON {"bbox": [x1,y1,x2,y2], "points": [[x,y],[x,y]]}: the box of the object and two points '
+        'inside it. Find the red circle.')
     assert data.CRITIC_BOX_PROMPT.format(question="Q?", answer="red").endswith(
         'Reply with JSON {"score": x}, x between 0 and 1.')
     assert data.REC_PROMPT_MULTI_DET.format(cot="c", target="circles").endswith(
-        "give the boxes of all circles as [[x1,y1,x2,y2], ...].")
+        "answer with [[x1,y1,x2,y2], ...]: the boxes of all circles.")
 
 
 def test_prompt_picks_the_template_of_the_record_task():
     cls = {"classes": ["red", "blue"], "probs": [0.75, 0.25]}
     det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]]}
     multi = {"target": "circles", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "multi": True}
-    assert data.prompt("plain", cls) == "Give the probability of each class in red, blue as JSON."
+    assert data.prompt("plain", cls) == "Give as JSON the probability of each class in red, blue."
     assert data.prompt("r1", cls) == data.R1_PROMPT_CLS.format(class_list="red, blue")
     assert data.prompt("rec", cls, cot="C") == data.REC_PROMPT_CLS.format(cot="C", class_list="red, blue")
     assert data.prompt("cot", cls, mask_names=False) == (
         'The answer is {"red": 0.75, "blue": 0.25}. Describe the image so that someone could infer this answer '
         'from your description alone, in at most 60 words. Do not write any numbers.')
-    assert data.prompt("plain", det) == "Give the box of the red circle as [x1,y1,x2,y2]."
+    assert data.prompt("plain", det) == "Answer with [x1,y1,x2,y2]: the box of the red circle."
     assert data.prompt("r1", multi) == data.R1_PROMPT_MULTI_DET.format(target="circles")
     assert data.prompt("rec", multi, cot="C") == data.REC_PROMPT_MULTI_DET.format(cot="C", target="circles")
     # the CoT prompt states the boxes it is given (the model's frame), not the record's pixels
@@ -2438,6 +2459,22 @@ def test_prompt_picks_the_template_of_the_record_task():
         data.prompt("seg", cls)
 
 
+def test_every_prompt_ends_with_what_to_look_for():
+    """The target, instruction, question or class list is the last thing a prompt says, right before the
+    image in the tiny chat template: the tiny base finds a named shape only then (README, "the tiny base":
+    its box IoU in scenes fell from 0.37 to 0.19 with "Please." after the name, to 0.09 with a sentence)."""
+    det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]]}
+    multi = {"target": "circles", "boxes": [[1, 2, 3, 4]], "multi": True}
+    cls = {"classes": ["red", "blue"], "probs": [0.75, 0.25]}
+    for style in ("rec", "r1", "plain"):
+        assert data.prompt(style, det, cot="C", frame=(1000, 1000)).endswith("the red circle.")
+        assert data.prompt(style, multi, cot="C").endswith("circles.")
+        assert data.prompt(style, cls, cot="C").endswith("red, blue.")
+    for style in ("seg", "seg_no_cot"):
+        assert data.prompt(style, {"instruction": "the dog on the left"}).endswith("the dog on the left.")
+    assert data.prompt("visrl", {"question": "What colour is it?"}).endswith("What colour is it?")
+
+
 def test_prompt_never_tells_the_number_of_objects():
     """RISE (arXiv 2508.13229) sec. 4: the COCO-Sub prompt is the dataset's, not the label's. A record of a
     multi-object dataset with ONE box still gets the box-list template and a list answer; a single-object
@@ -2446,7 +2483,7 @@ def test_prompt_never_tells_the_number_of_objects():
     two_of_many = {"target": "circles", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "multi": True}
     for style in ("r1", "plain"):
         assert data.prompt(style, one_of_many) == data.prompt(style, two_of_many)
-    assert data.prompt("plain", one_of_many) == "Give the boxes of all circles as [[x1,y1,x2,y2], ...]."
+    assert data.prompt("plain", one_of_many) == "Answer with [[x1,y1,x2,y2], ...]: the boxes of all circles."
     assert data.format_annotation(one_of_many, [[1, 2, 3, 4]]) == "[[1,2,3,4]]"
     assert data.format_annotation({"target": "the red circle"}, [[1, 2, 3, 4]]) == "[1,2,3,4]"
     bad = {"id": "a", "image": "x.png", "target": "the red circle", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]]}
@@ -2463,7 +2500,7 @@ def test_box_prompts_state_the_model_frame():
                                           "size": {"shortest_edge": 3136, "longest_edge": 401408}})
     assert vlm.box_frame("qwen2_5_vl", (640, 480), Proc) == (644, 476)
     det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]]}
-    assert data.prompt("r1", det, frame=(1000, 1000)).startswith("The image is of resolution 1000x1000. Find the red")
+    assert data.prompt("r1", det, frame=(1000, 1000)).startswith("The image is of resolution 1000x1000. Think in")
     assert data.prompt("seg", {"instruction": "x"}, frame=(644, 476)).startswith("The image is of resolution 644x476.")
     assert data.prompt("grounding", {"instruction": "the dog"}) == (
         "Locate the dog in the image, output its bbox coordinates using JSON format.")

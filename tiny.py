@@ -321,13 +321,15 @@ CHECK_N = 16   # test scenes per task that test_all.py re-scores to check a ship
 
 
 def record_build_scores(out, log=print):
-    """Add to OUT/build.json the model's greedy scores on 128 test scenes per task, the grounding
-    gap, and the same on the first CHECK_N scenes (what the tests compare a shipped build with)."""
+    """Add to OUT/build.json the model's greedy scores on 128 test scenes per task (think-first prompts, and
+    answer-only), the grounding gap, and the first on the first CHECK_N scenes (what the tests compare a
+    shipped build with)."""
     model, processor = load_model(out)
     root = scores_world()
     record = json.loads((Path(out) / "build.json").read_text())
     record["scores"] = task_scores(model, processor, root)
     record["scores"]["grounding_gap_nats"] = grounding_gap(model, processor, root)
+    record["scores_answer_only"] = task_scores(model, processor, root, answer_only=True)
     record["check"] = task_scores(model, processor, root, n=CHECK_N)
     record["check"]["grounding_gap_nats"] = grounding_gap(model, processor, root, n=CHECK_N)
     (Path(out) / "build.json").write_text(json.dumps(record, indent=1))
@@ -611,8 +613,10 @@ def grounding_gap(model, processor, root, n=None, batch_size=16):
 
 
 @torch.no_grad()
-def task_scores(model, processor, root, n=None, batch_size=16, max_new_tokens=96):
-    """Greedy scores of a model on every shapes-world test task, with the pipelines' prompts.
+def task_scores(model, processor, root, n=None, batch_size=16, max_new_tokens=96, answer_only=False):
+    """Greedy scores of a model on every shapes-world test task, with the pipelines' prompts: think-first
+    (RISE-R1's "r1", Seg-RISE's "seg"), or with answer_only the same tasks without the think ("plain",
+    "seg_no_cot": the SFT / Visual-RFT rows' prompts). VisRL's box-then-crop prompt either way.
 
     soft_cls: mean JSD (unparsable = ln 2); onehot_cls: accuracy; det / multi_det: mAP@0.5;
     seg: mean IoU of the predicted box with the GT box; vqa: answer accuracy after the box +
@@ -627,13 +631,15 @@ def task_scores(model, processor, root, n=None, batch_size=16, max_new_tokens=96
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
             images = [data.open_image(r["image_path"]) for r in chunk]
-            style = {"seg": "seg", "vqa": "visrl"}.get(task, "r1")
+            style = ({"seg": "seg_no_cot", "vqa": "visrl"} if answer_only else {"seg": "seg", "vqa": "visrl"}).get(
+                task, "plain" if answer_only else "r1")
             prompts = [data.prompt(style, r, frame=box_frame(model_type, im.size, processor))
                        for r, im in zip(chunk, images)]
             texts = _greedy(model, processor, [[user_turn(p)] for p in prompts], [[im] for im in images],
                             max_new_tokens)
             for r, im, text in zip(chunk, images, texts):
-                answer = rewards.answer_text(text) if task != "vqa" else text
+                tagged = task == "seg" or not (answer_only or task == "vqa")    # <answer>...</answer> expected
+                answer = rewards.answer_text(text) if tagged else text
                 if task in ("soft_cls", "onehot_cls"):
                     pred = rewards.parse_class_probs(answer or "")
                     bad += pred is None
@@ -985,6 +991,8 @@ def main(argv=None):
                                                      "seed 0, made once in the cache)")
     scores.add_argument("--n", type=int, default=None, help="test samples per task (default all)")
     scores.add_argument("--json", action="store_true", help="print only the JSON line")
+    scores.add_argument("--answer-only", action="store_true",
+                        help="the answer-only prompts (plain, seg_no_cot) instead of the think-first ones")
     args = parser.parse_args(argv)
     if args.command == "base":
         try:
@@ -1008,7 +1016,7 @@ def main(argv=None):
     else:
         model, processor = load_model(args.model)
         root = args.data or scores_world()
-        result = task_scores(model, processor, root, n=args.n)
+        result = task_scores(model, processor, root, n=args.n, answer_only=args.answer_only)
         result["grounding_gap_nats"] = grounding_gap(model, processor, root, n=args.n)
         if not args.json:
             for task, values in result.items():
