@@ -24,6 +24,9 @@ from PIL import Image, ImageDraw, ImageOps
 # The exact texts the tiny model is pretrained on; change them only together with tiny.py.
 # A real checkpoint needs what the papers' prompts tell it: the frame its boxes are written in
 # (box_frame_note), a length limit for the CoT, and for Seg-RISE that the points lie inside the object.
+# Every prompt the policy answers ENDS with what to look for (target, instruction, question, class list):
+# the tiny chat template puts the image right after the text, and the tiny base finds a named shape only
+# when the name is the last thing before the image (README, "Status": one word after it halves the box IoU).
 COT_MAX_WORDS = 60
 COT_PROMPT_CLS = ("The answer is {annotation}. Describe the image so that someone could infer "
                   "this answer from your description alone, in at most {max_words} words. "
@@ -59,6 +62,7 @@ SEG_PROMPT_NO_COT = ('Answer in <answer></answer> with JSON {{"bbox": [x1,y1,x2,
 # a real checkpoint on RefCOCO/+/g as the RISE segmentation paper does (sec. 4, implementation details).
 GROUNDING_PROMPT = "Locate {instruction} in the image, output its bbox coordinates using JSON format."
 BOX_FRAME_NOTE = "The image is of resolution {width}x{height}. "
+# VisRL (arXiv 2503.07523) sec. 4.1, Settings: the CoT prompt the authors add to the question, word for word
 VISRL_BOX_PROMPT = ("Please first provide the bounding box coordinate of the region, then refer to the "
                     "corresponding sub-image to answer the question better. Box: [x1,y1,x2,y2] in 0..1. "
                     "{question}")

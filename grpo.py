@@ -261,18 +261,19 @@ def colour_task(rng, n, colours=None, size=224):
 
 
 def colour_reward(texts, prompt_index, colours, partial=0.1):
-    """1.0 when the completion's first word is the image's colour name, else `partial` times
-    difflib's similarity ratio with it. The small graded part gives a random policy's group of
-    answers different rewards (a 0/1 reward gives all-zero groups: no signal); kept small so that
-    near-miss tokens are not worth settling on: with partial = 0.5 the random tiny model
-    settled on "ere" for red and "lu" for blue (reward 0.33 each) and never found the words;
-    with 0.1 it found both within 10 steps (see test_grpo_learns_to_name_the_colour)."""
-    import difflib
+    """1.0 when the completion's first word is the image's colour name; `partial` x the matched fraction when
+    it is a prefix of it ("bl" for blue: 0.05); else 0. The small graded part gives a random policy's group
+    of answers different rewards (a 0/1 reward gives all-zero groups: no signal). Prefixes only, because
+    any similar string is a trap: with difflib's similarity instead, the random tiny model settled on "lu"
+    for blue in 2 of 5 seeds; with prefixes it named both colours by step 20 in 6 of 8 seeds (seed 4 settled
+    on "re", seed 7 never sampled "blue"; README "GRPO learning from scratch")."""
     rewards = []
     for text, i in zip(texts, prompt_index):
         words = text.strip().lower().split()
         first = words[0].strip(".,!:;\"'") if words else ""
-        rewards.append(1.0 if first == colours[i] else partial * difflib.SequenceMatcher(None, first, colours[i]).ratio())
+        colour = colours[i]
+        prefix = bool(first) and colour.startswith(first)
+        rewards.append(1.0 if first == colour else partial * len(first) / len(colour) if prefix else 0.0)
     return rewards
 
 

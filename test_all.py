@@ -1200,10 +1200,10 @@ def test_grpo_learns_to_name_the_colour(tiny_dir):
     to >= 0.8. Same recipe as `deepspeed grpo.py`: G 16, 8 images per step (4 per colour),
     one new token, lr 2e-3 decaying linearly to 0 over 30 steps, beta 0.05 (KL to the initial
     model keeps the groups diverse), advantages not std-scaled.
-    Measured here: held-out 0.00 -> 1.00 by step 10 and still 1.00 at steps 20 and 30, with seeds 0
-    and 1 (~7 s/step while sharing the CPU). Weak spots: with colour_reward(partial=0.5) the policy
-    settled on near-miss tokens ("ere" / "lu", 0.33); with all four colours (2 images each) it
-    reached 0.56 (found "yellow" and "blue" only)."""
+    Measured here (this recipe, seeds 0-7 of torch and the image stream): held-out 1.00 at steps 20 and 30
+    in 6 of 8 seeds (seed 0: 0.50 -> 1.00 -> 1.00; ~2.4 s/step on one thread); seed 4 settled on "re" for
+    red, seed 7 never sampled "blue" (0.5). With difflib-similarity credit instead of prefixes (before)
+    the policy settled on near-miss tokens ("lu" for blue) in 2 of 5 seeds."""
     torch.manual_seed(0)
     rng, steps, colours = random.Random(0), 30, ["red", "blue"]
     model, processor = vlm.load_model(tiny_dir)
@@ -1280,11 +1280,11 @@ def test_dpo_learns_to_prefer_the_colour_name(tiny_dir):
 def test_colour_reward_hand_cases():
     # exact first word (case, trailing punctuation and the rest ignored) -> 1.0
     assert grpo.colour_reward(["Red.", " blue sky"], [0, 1], ["red", "blue"]) == [1.0, 1.0]
-    # "tre" vs "red": difflib matches "re" (2 chars), ratio = 2*2/(3+3) = 0.667 -> 0.1 * 0.667
-    # "" (empty completion) -> ratio 0 -> 0.0; "yellowish" vs "yellow": 2*6/15 = 0.8 -> 0.08
-    got = grpo.colour_reward(["tre", "", "yellowish"], [0, 1, 2], ["red", "green", "yellow"])
-    assert got == approx([0.2 / 3, 0.0, 0.08])
-    assert grpo.colour_reward(["tre"], [0], ["red"], partial=0.5) == approx([1 / 3])
+    # a prefix earns partial x its share of the word: "bl" of "blue" 0.1 * 2/4; "re" of "red" 0.5 * 2/3
+    # anything else 0: "tre" (contains "re" but is no prefix), "" (empty), "yellowish" (longer than the word)
+    got = grpo.colour_reward(["bl", "tre", "", "yellowish"], [0, 1, 2, 3], ["blue", "red", "green", "yellow"])
+    assert got == approx([0.05, 0.0, 0.0, 0.0])
+    assert grpo.colour_reward(["re"], [0], ["red"], partial=0.5) == approx([1 / 3])
 
 
 def _covered_pixels(box, crop):
@@ -2455,6 +2455,10 @@ def test_prompt_picks_the_template_of_the_record_task():
     assert data.prompt("seg", {"instruction": "x"}) == data.SEG_PROMPT.format(instruction="x")
     assert data.prompt("seg_no_cot", {"instruction": "x"}) == data.SEG_PROMPT_NO_COT.format(instruction="x")
     assert data.prompt("visrl", {"question": "Q?"}) == data.VISRL_BOX_PROMPT.format(question="Q?")
+    # VisRL (arXiv 2503.07523) sec. 4.1, Settings: the CoT prompt added to the question, word for word
+    assert data.prompt("visrl", {"question": "Q?"}).startswith(
+        "Please first provide the bounding box coordinate of the region, then refer to the corresponding "
+        "sub-image to answer the question better.")
     with pytest.raises(KeyError):
         data.prompt("seg", cls)
 
