@@ -641,7 +641,8 @@ def test_shipped_tiny_base_scores_as_its_build_record(cache):
 def test_shipped_tiny_base_looks_at_the_image(cache):
     """The committed base's answer-only boxes follow the image: on 32 det test scenes the mean IoU of its
     box with the named shape's is far higher with the right image than with the next scene's (same
-    prompts; the next scene's picture has the shape elsewhere or not at all)."""
+    prompts; the next scene's picture has the shape elsewhere or not at all). Measured: 0.40 vs 0.06; the
+    previous, blind base (commit ad8a71f): 0.09 vs 0.08."""
     model, processor = vlm.load_model(vlm.TINY_BASE)
     records, _ = data.read_manifest(tiny_py.scores_world() / "det" / "test.jsonl", "det")
     records = records[:32]
