@@ -17,7 +17,7 @@ downloaded, and no pipeline code depends on them:
     python tiny.py base --out DIR [--seed S]               # the tiny base (the shipped recipe, BASE_PLAN)
     python tiny.py base --out DIR --plan where_alone:300,alone:1000 --no-scores   # try a curriculum
     python tiny.py clip [--out DIR] [--seed S]             # the shapes CLIP and its accuracy report
-    python tiny.py scores [--model M] [--n N] [--json]     # a model's score per shapes-world task
+    python tiny.py scores [--model M] [--n N] [--json] [--answer-only]   # greedy scores per shapes-world task
 """
 import argparse
 import json
