@@ -229,9 +229,10 @@ def build_tiny(out, seed=0, plan=BASE_PLAN, n_train=400, init=None, pixels=BASE_
     plan: [(stage, steps)], each stage trained as a run of its own (fresh AdamW, warm-up + cosine):
     a PROBE_POOLS name (look questions only, lr LOOK_LR; look_scores() on `look_n` targets after it,
     in the build record) or "formats" (pretrain_corpus(): every pipeline format, a quarter of each
-    batch look questions, lr FORMATS_LR). plan=(): random weights. From scratch (a tokenizer trained on the corpus text)
-    or from `init`, a saved model. pixels: set_image_pixels() (None: the processor's 112 px, 16 image
-    tokens, what the random test models use). Raises ValueError for an unknown stage.
+    batch look questions, lr FORMATS_LR). plan=(): random weights. From scratch (a tokenizer trained
+    on the corpus text) or from `init`, a saved model. pixels: set_image_pixels() (None: the
+    processor's 112 px, 16 image tokens, what the random test models use). Raises ValueError for an
+    unknown stage.
     """
     check_plan(plan)
     out, t0 = Path(out), time.time()
@@ -379,9 +380,8 @@ def short_think(task, rec, scene):
     the answer the think-first prompts stayed blind (det mAP@0.5 0.003 after 4500 format steps, the same
     model 0.26 answer-only): the model wrote a plausible description of some other scene and copied its
     answer from that. Measured since: with this sentence they stay blind too after 3000 steps (the think
-    names the most common target, not the prompt's; README "Status"), at a fifth of the think tokens; so they
-    do with prompts that end with their target (det 0.005, the shipped base) and with a think that starts
-    with the box itself (0.004)."""
+    names the most common target, not the prompt's; README "Status"), at a fifth of the think tokens; and with
+    prompts that end with their target (det 0.005, the shipped base) or a think that starts with the box (0.004)."""
     if task == "soft_cls":
         order = [c for c, p in sorted(zip(rec["classes"], rec["probs"]), key=lambda cp: -cp[1]) if p > 0]
         return "The shapes are mostly " + ", then ".join(order) + "."
@@ -614,6 +614,12 @@ def grounding_gap(model, processor, root, n=None, batch_size=16):
     return float(np.mean(shuffled) - np.mean(right))
 
 
+# data.prompt() style per shapes-world task: the pipelines' think-first prompts, or the same without the think
+PIPELINE_STYLES = {"soft_cls": "r1", "onehot_cls": "r1", "det": "r1", "multi_det": "r1", "seg": "seg", "vqa": "visrl"}
+ANSWER_ONLY_STYLES = {**PIPELINE_STYLES, **{t: "plain" for t in ("soft_cls", "onehot_cls", "det", "multi_det")},
+                      "seg": "seg_no_cot"}
+
+
 @torch.no_grad()
 def task_scores(model, processor, root, n=None, batch_size=16, max_new_tokens=96, answer_only=False):
     """Greedy scores of a model on every shapes-world test task, with the pipelines' prompts: think-first
@@ -630,17 +636,16 @@ def task_scores(model, processor, root, n=None, batch_size=16, max_new_tokens=96
         records, _ = data.read_manifest(Path(root) / task / "test.jsonl", data.MANIFEST_SCHEMA[task])
         records = records[:n]
         results, bad = [], 0
+        style = (ANSWER_ONLY_STYLES if answer_only else PIPELINE_STYLES)[task]
+        tagged = style in ("r1", "seg", "seg_no_cot")         # the answer comes in <answer></answer>
         for start in range(0, len(records), batch_size):
             chunk = records[start:start + batch_size]
             images = [data.open_image(r["image_path"]) for r in chunk]
-            style = ({"seg": "seg_no_cot", "vqa": "visrl"} if answer_only else {"seg": "seg", "vqa": "visrl"}).get(
-                task, "plain" if answer_only else "r1")
             prompts = [data.prompt(style, r, frame=box_frame(model_type, im.size, processor))
                        for r, im in zip(chunk, images)]
             texts = _greedy(model, processor, [[user_turn(p)] for p in prompts], [[im] for im in images],
                             max_new_tokens)
             for r, im, text in zip(chunk, images, texts):
-                tagged = task == "seg" or not (answer_only or task == "vqa")    # <answer>...</answer> expected
                 answer = rewards.answer_text(text) if tagged else text
                 if task in ("soft_cls", "onehot_cls"):
                     pred = rewards.parse_class_probs(answer or "")
