@@ -373,7 +373,7 @@ def parse_and_score(text, gt, schema):
 
 
 # ---------------------------------------------------------------------------- rewards
-def rise_cot_reward(cot, reconstruction, gt, schema, forbid_class_names=True):
+def rise_cot_reward(cot, reconstruction, gt, schema, forbid_class_names=True, terms=("leak", "format")):
     """RISE-CoT consistency reward (arXiv 2508.13229, section "RISE-CoT", eq. 1), in [0, 1]:
 
         R_CoT = 1[no leak(c)] * 1[format ok(c, a_hat)] * Sim(a_hat, a)
@@ -381,12 +381,14 @@ def rise_cot_reward(cot, reconstruction, gt, schema, forbid_class_names=True):
     cot: the chain of thought c; reconstruction: the text a_hat is parsed from; gt: {class:
     prob} ("cls") or a list of boxes ("det"). forbid_class_names (cls, on by default: the
     reasoning-generation prompt asks for no class names): naming a GT class in c is a leak.
-    Returns reward and components."""
+    terms: the indicator factors kept (the paper's Table 5 ablation drops "leak" and/or "format").
+    Returns reward and components (leak and format are reported whether or not they count)."""
     names = list(gt) if schema == "cls" and forbid_class_names else None
     leak = leaks(cot, schema, class_names=names)
     pred, sim = parse_and_score(reconstruction, gt, schema)
     fmt = is_narrative(cot) and pred is not None
-    return {"reward": float((not leak) * fmt * sim), "leak": leak, "format": fmt, "similarity": sim}
+    reward = sim * (not leak or "leak" not in terms) * (fmt or "format" not in terms)
+    return {"reward": float(reward), "leak": leak, "format": fmt, "similarity": sim}
 
 
 def rise_r1_reward(text, gt, schema):

@@ -10,7 +10,7 @@ For every training sample (image I, annotation a):
   2. annotation reconstruction the same policy sees only I and c_i and rebuilds a_hat_i
                                                                          -> data.prompt("rec")
   3. consistency reward        R_CoT = 1[no leak(c)] * 1[format ok(c, a_hat)] * Sim(a_hat, a)
-                                                                     -> rewards.rise_cot_reward
+                               (--reward sim: Sim alone, the paper's Table 5) -> rewards.rise_cot_reward
   4. GRPO on the trajectory (c_i, a_hat_i): the loss covers the CoT and reconstruction tokens
      (--train-on cot|rec|both; the authors' released code trains on the reconstruction only)
                                                                           -> grpo.grpo_update
@@ -53,7 +53,12 @@ def parse_args(argv=None):
                    help="allow class names in classification CoTs (masked by default)")
     p.add_argument("--harvest-generations", type=int, default=None, help="G of the harvest pass (default G)")
     p.add_argument("--harvest-batch-size", type=int, default=8, help="samples per rank per harvest batch")
+    p.add_argument("--reward", default="sim,leak,format",
+                   help="factors of R_CoT: sim (always) and the indicators leak, format (paper Table 5 drops them)")
     args = run.parse_with_preset(p, argv, PAPER, TINY)
+    args.reward_terms = [t.strip() for t in args.reward.split(",") if t.strip()]
+    if "sim" not in args.reward_terms or set(args.reward_terms) - {"sim", "leak", "format"}:
+        p.error(f"--reward: sim plus any of leak, format (comma-separated); got {args.reward!r}")
     args.save_every = args.save_every or 50
     return args
 
@@ -89,7 +94,8 @@ def closed_loop(model, processor, records, images, gts, args, group_size):
         recs = vlm.sample(model, processor, rec_batch, 1, args.rec_max_new_tokens,
                           args.rec_temperature or 1.0, do_sample=not greedy)
     schema = lambda r: "cls" if "probs" in r else "det"  # noqa: E731
-    scored = [rewards.rise_cot_reward(c, a, gts[i], schema(records[i]), forbid_class_names=args.mask_class_names)
+    scored = [rewards.rise_cot_reward(c, a, gts[i], schema(records[i]), forbid_class_names=args.mask_class_names,
+                                      terms=args.reward_terms)
               for i, c, a in zip(prompt_index, cots["texts"], recs["texts"])]
     return cots, recs, scored
 
@@ -113,7 +119,8 @@ def best_per_sample(records, cots, recs, scored, group_size, source):
         rows = range(i * group_size, (i + 1) * group_size)
         j = max(rows, key=lambda k: scored[k]["reward"])
         best.append({"id": rec["id"], "cot": cots["texts"][j], "reconstruction": recs["texts"][j],
-                     "reward": scored[j]["reward"], "source": source})
+                     "reward": scored[j]["reward"], "leak": scored[j]["leak"], "format": scored[j]["format"],
+                     "source": source})
     return best
 
 
@@ -233,7 +240,7 @@ def main(argv=None):
                   f"{constant_answer_similarity(records):.3f}")
         print(f"[rise_cot] cots.jsonl: {len(cots)} samples, mean reward {sum(rewards_) / max(len(rewards_), 1):.3f} "
               f"-> {out / 'cots.jsonl'}")
-        print(f"[rise_cot] curves -> {run.plot(out)}; model -> {out / 'final'}")
+        print(f"[rise_cot] curves -> {run.plot(out) if curve else None}; model -> {out / 'final'}")   # no steps: none
 
 
 if __name__ == "__main__":

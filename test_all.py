@@ -19,6 +19,7 @@ Contents (sections in the README's file order; the shared fixtures open the firs
   visrl.py: VisRL
   run.py: presets, manifest paths, the guarded update (shared by the four pipelines)
   bench.py: the benchmark runs (one repetition, structure of its JSON line)
+  tables.py: the papers' tables in miniature (statistics, one row end to end)
 """
 import argparse
 import contextlib
@@ -58,6 +59,7 @@ import rise_cot
 import rise_r1
 import run
 import seg_rise as S
+import tables
 import tiny as tiny_py     # the fixture `tiny` is the loaded tiny model
 import visrl
 import vlm
@@ -1817,6 +1819,21 @@ def test_rise_cot_reward_det_and_format():
     assert not R.rise_cot_reward(cot + " <answer>[0,0,10,10]</answer>", "[0,0,10,10]", gt, "det")["format"]
     assert R.rise_cot_reward("   ", "[0,0,10,10]", gt, "det")["reward"] == 0.0
     assert R.rise_cot_reward("dog.", "[0,0,10,10]", gt, "det")["reward"] == 0.0   # < 3 words
+
+
+def test_rise_cot_reward_ablation_drops_only_the_named_factors():
+    """Paper Table 5: Sim alone, without the leak factor, without the format factor (rise_cot.py --reward)."""
+    leaky = "The dog is at 0, 0 up there."                       # leaks coordinates, format fine
+    short = "dog."                                              # no leak, not a narrative (< 3 words)
+    gt, rec = [[0, 0, 10, 10]], "[0, 0, 10, 5]"                  # Sim = IoU 0.5
+    expected = {("leak", "format"): (0.0, 0.0), ("format",): (0.5, 0.0), ("leak",): (0.0, 0.5), (): (0.5, 0.5)}
+    for terms, want in expected.items():
+        got = tuple(R.rise_cot_reward(cot, rec, gt, "det", terms=terms)["reward"] for cot in (leaky, short))
+        assert got == approx(want), terms
+    assert rise_cot.parse_args(["--reward", "sim,format"]).reward_terms == ["sim", "format"]
+    for bad in ("leak,format", "sim,length"):
+        with pytest.raises(SystemExit):
+            rise_cot.parse_args(["--reward", bad])
 
 
 # ------------------------------------------------------------------------ RISE-R1 reward
@@ -4491,3 +4508,76 @@ def test_bench_trl_json(capsys, tiny_dir):
     for algo in ("grpo", "dpo"):
         assert out[algo]["trl_sps"] > 0 and out[algo]["trl_peak_mb"] > 0
         assert out[algo]["ratio_vs_trl"] == pytest.approx(out[algo]["ours_sps"] / out[algo]["trl_sps"], rel=1e-2)
+
+
+# ====================================================================================================
+# tables.py: the papers' tables in miniature (statistics, one row end to end)
+# ====================================================================================================
+def test_roc_auc_is_the_share_of_rightly_ordered_pairs():
+    # positives {0.35, 0.8} vs negatives {0.1, 0.4}: 3 of the 4 (positive, negative) pairs ordered right
+    assert tables.roc_auc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == approx(0.75)
+    # positive 0.5 vs negatives {0.5 (a tie: one half), 0.9 (wrong)}: 0.5 / 2
+    assert tables.roc_auc([0.5, 0.5, 0.9], [True, False, False]) == approx(0.25)
+    assert tables.roc_auc([0.2, 0.3], [True, True]) is None
+    rng = np.random.default_rng(0)
+    scores, positive = rng.integers(0, 5, 40) / 4, rng.random(40) < 0.4     # many ties
+    from scipy.stats import mannwhitneyu
+    u = mannwhitneyu(scores[positive], scores[~positive]).statistic
+    assert tables.roc_auc(scores, positive) == approx(u / (positive.sum() * (~positive).sum()))
+
+
+def test_table_cells_are_the_mean_and_sample_std_over_seeds():
+    per_seed = [{"T": {"a": {"x": 0.2, "y": None}}}, {"T": {"a": {"x": 0.4, "y": 1.0}, "b": {"x": 1.0}}}]
+    summary = tables.summarise(per_seed)
+    assert summary["T"]["a"]["x"] == approx([0.3, 0.2 / math.sqrt(2), 2])    # std of (0.2, 0.4) with ddof 1
+    assert summary["T"]["a"]["y"] == [1.0, 0.0, 1] and summary["T"]["b"]["x"] == [1.0, 0.0, 1]
+    text = tables.markdown(summary, seeds=[0, 1])
+    assert "| a | 0.3 +- 0.14 | 1 +- 0 (n=1) |" in text      # a cell missing a seed says so
+    assert "| b | 1 +- 0 (n=1) | - |" in text
+
+
+def test_critic_auc_and_d_high_quality_from_run_files(tmp_path):
+    cands = [{"answer": "Red", "gt_box": [0.0, 0.0, 0.5, 0.5], "candidates": [
+        {"answer": "red.", "box": [0.0, 0.0, 0.5, 0.5], "s_r": 0.9, "s_b": 0.8},     # right, covers
+        {"answer": "blue", "box": [0.5, 0.5, 1.0, 1.0], "s_r": 0.95, "s_b": 0.1},    # wrong, misses
+        {"answer": "green", "box": [0.0, 0.0, 0.3, 0.3], "s_r": 0.1, "s_b": 0.9}]}]  # wrong, covers 0.36 < 0.5
+    data.write_jsonl(tmp_path / "candidates.jsonl", cands)
+    auc = tables.critic_auc(tmp_path / "candidates.jsonl")
+    # s_r: the right answer (0.9) beats 0.1 but not 0.95 -> 1/2; s_b: the covering crop (0.8) beats 0.1, not 0.9
+    assert auc["AUC s_r (right vs wrong answer)"] == approx(0.5)
+    assert auc["AUC s_b (crop covers the target vs not)"] == approx(0.5)
+    assert auc["right answers"] == approx(1 / 3) and auc["candidates"] == 3
+    data.write_jsonl(tmp_path / "cots.jsonl", [{"reward": 0.9, "leak": True, "format": True},
+                                               {"reward": 0.6, "leak": False, "format": False},
+                                               {"reward": 0.2, "leak": False, "format": True}])
+    assert tables.d_high_quality(tmp_path / "cots.jsonl", tau=0.5) == {
+        "pass rate": approx(2 / 3), "D_high leaks": 0.5, "D_high format ok": 0.5}
+
+
+def test_a_table_row_runs_end_to_end_and_a_failed_job_is_reported(cache, tmp_path):
+    out = tmp_path / "seg"
+    summary = tables.main(["seg", "--seeds", "0", "--jobs", "1", "--rows", "tiny base", "--out", str(out),
+                           "--script-args", "--n-test 3"])
+    eval_json = json.loads((out / "seed0" / "tiny_base" / "eval" / "eval.json").read_text())
+    boxes = {tuple(p["box"]) for p in run.read_jsonl(out / "seed0" / "tiny_base" / "eval" / "predictions.jsonl")
+             if p.get("box")}
+    row = summary["Seg-RISE (box executor)"]["tiny base"]
+    assert eval_json["n"] == 3 and row["box IoU"] == [approx(eval_json["box_iou"]), 0.0, 1]
+    assert row["distinct test boxes"] == [len(boxes), 0.0, 1]
+    assert "| tiny base |" in (out / "table.md").read_text() and (out / "table.png").stat().st_size > 0
+    assert list(summary["Seg-RISE (box executor)"]) == ["tiny base"]        # the rows not run are absent
+    # a finished job is not run again
+    assert tables.run_job("seed0 tiny base", [["no_such_script.py"]], out / "seed0", [], 1) == ("seed0 tiny base", 0.0,
+                                                                                                 None)
+    name, _, error = tables.run_job("seed0 broken", [["seg_rise.py", "--no-such-flag"]], out / "seed0", [], 1)
+    assert error.startswith("failed: seg_rise.py --no-such-flag") and not (out / "seed0" / "DONE_seed0_broken").exists()
+    assert "unrecognized arguments: --no-such-flag" in (out / "seed0" / "seed0_broken.log").read_text()
+    with pytest.raises(SystemExit):
+        tables.main(["seg", "--rows", "no such row", "--out", str(out)])
+
+
+def test_constant_prior_is_the_uniform_guess_scored_by_scipy(cache):
+    from scipy.spatial.distance import jensenshannon
+    test = run.read_jsonl(run.default_shapes_world(0) / "soft_cls" / "test.jsonl")[:5]
+    want = np.mean([jensenshannon(np.full(len(r["probs"]), 0.25), r["probs"]) ** 2 for r in test])  # natural log
+    assert tables.constant_prior(0, "soft_cls", 5) == {"JSD": approx(want)}

@@ -8,11 +8,11 @@
   6. coordinates   to_model_frame() / from_model_frame(): the one place boxes change frame
   7. ZeRO-3        gathered(): full weights, module hooks lifted, while generating
 
-The default --model, "tiny-base", is built by tiny.py (a Qwen2-VL-architecture model small
-enough for a laptop CPU) with the same classes as Qwen2-VL-2B (Qwen2VLForConditionalGeneration,
-Qwen2VLProcessor), so every pipeline runs the same code on both.
+The default --model "tiny-base" (committed in tiny-base/, built by tiny.py) is a Qwen2-VL small enough
+for a laptop CPU, with Qwen2-VL-2B's classes: every pipeline runs the same code on both.
 """
 import contextlib
+import importlib.util
 import inspect
 import os
 import weakref
@@ -40,18 +40,14 @@ def on_gpu():
 # ============================================================================ 1. loading
 def resolve_model(name):
     """`tiny-base` -> the tiny base committed beside this file (`tiny-base/`, loaded offline);
-    a checkout without it builds one into the cache once. Anything else is returned as is."""
+    anything else is returned as is (a hub id or a local dir)."""
     if name != TINY_BASE:
         return name
     shipped = Path(__file__).resolve().parent / TINY_BASE
-    if (shipped / "config.json").exists():
-        return str(shipped)
-    path = CACHE / "tiny-base"
-    if not (path / "config.json").exists():
-        print(f"[vlm] no committed tiny base: building one in {path} (once; hours on a CPU, see README)")
-        import tiny                 # only the embedded default needs it (tiny imports vlm)
-        tiny.build_tiny(path, seed=0)
-    return str(path)
+    if not (shipped / "config.json").exists():
+        raise FileNotFoundError(f"{shipped} is missing: `git checkout tiny-base` or rebuild it with "
+                                "`python tiny.py base --out tiny-base` (hours on a CPU, see README)")
+    return str(shipped)
 
 
 def load_model(name, device=None, dtype=None, max_pixels=None):
@@ -65,13 +61,8 @@ def load_model(name, device=None, dtype=None, max_pixels=None):
     name = resolve_model(name)
     device = device or ("cuda" if on_gpu() else "cpu")
     dtype = dtype or (torch.bfloat16 if str(device).startswith("cuda") else torch.float32)
-    attn = "sdpa"
-    if str(device).startswith("cuda"):
-        try:
-            import flash_attn  # noqa: F401
-            attn = "flash_attention_2"
-        except ImportError:
-            pass
+    flash = str(device).startswith("cuda") and importlib.util.find_spec("flash_attn") is not None
+    attn = "flash_attention_2" if flash else "sdpa"
     model = AutoModelForImageTextToText.from_pretrained(name, dtype=dtype, attn_implementation=attn)
     processor = AutoProcessor.from_pretrained(name, padding_side="left")
     if max_pixels:
@@ -82,8 +73,7 @@ def load_model(name, device=None, dtype=None, max_pixels=None):
 
 def set_pixel_limits(image_processor, min_pixels=None, max_pixels=None):
     """Bound the pixels an image is resized to (Qwen2-VL: size's shortest_edge / longest_edge are pixel
-    counts). The min_pixels / max_pixels attributes are updated only where a transformers version still
-    keeps them: setting them anew makes every processor call warn that they are deprecated."""
+    counts; the deprecated min_pixels / max_pixels attributes only where a version still has them)."""
     for key, name, value in (("shortest_edge", "min_pixels", min_pixels), ("longest_edge", "max_pixels", max_pixels)):
         if value is not None:
             image_processor.size[key] = value
@@ -104,28 +94,24 @@ def assistant_turn(text):
 def chat_inputs(processor, conversations, images, add_generation_prompt=True, max_prompt_len=None):
     """Render chat conversations with the processor's template and batch them, left-padded.
 
-    conversations: list of message lists; images: list (per conversation) of PIL images, in the
-    order their placeholders appear. Returns the processor's BatchFeature (input_ids,
-    attention_mask, pixel_values, image_grid_thw, mm_token_type_ids).
-    A prompt longer than `max_prompt_len` tokens is rejected, never cut: cutting could split
-    its image tokens, which crashes Qwen-VL.
-    """
+    conversations: list of message lists; images: per conversation, its PIL images in placeholder
+    order. Returns the processor's BatchFeature (input_ids, attention_mask, pixel_values,
+    image_grid_thw, mm_token_type_ids). Raises PromptTooLong for a prompt over `max_prompt_len`
+    tokens: it is never cut (that could split its image tokens, which crashes Qwen-VL)."""
     texts = [processor.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt)
              for c in conversations]
     flat = [data.open_image(im) for ims in images for im in ims]     # alpha on white, as opened
     batch = processor(text=texts, images=flat or None, padding=True, return_tensors="pt")
-    if max_prompt_len is not None:
-        lengths = batch["attention_mask"].sum(1)
-        too_long = [i for i, n in enumerate(lengths.tolist()) if n > max_prompt_len]
-        if too_long:
-            detail = ", ".join(f"prompt {i} has {lengths[i].item()} tokens" for i in too_long)
-            raise PromptTooLong(f"{detail} > max_prompt_len={max_prompt_len}; shorten the text or lower "
-                                "max_pixels (a prompt is never cut: that could split its image tokens)")
+    too_long = [f"prompt {i} has {n} tokens" for i, n in enumerate(batch["attention_mask"].sum(1).tolist())
+                if max_prompt_len is not None and n > max_prompt_len]
+    if too_long:
+        raise PromptTooLong(f"{', '.join(too_long)} > max_prompt_len={max_prompt_len}; shorten the text or lower "
+                            "max_pixels (a prompt is never cut: that could split its image tokens)")
     return batch
 
 
 class PromptTooLong(ValueError):
-    pass
+    """A prompt over max_prompt_len tokens (chat_inputs)."""
 
 
 def prompt_problem(processor, conversation, images, max_prompt_len=None):
@@ -191,35 +177,28 @@ def hf_model(model):
 @torch.no_grad()
 def sample(model, processor, batch, num_generations=1, max_new_tokens=64, temperature=1.0,
            do_sample=True, return_scores=False):
-    """Sample `num_generations` completions for every prompt of `batch` in ONE generate() call.
+    """Sample `num_generations` (G) completions for every prompt of `batch` in ONE generate() call.
 
-    Returns a dict: prompt tensors repeated per completion (prompt-major: prompt 0's G samples
-    first), completion_ids [B*G, T], completion_mask [B*G, T] (0 after EOS), texts (decoded,
-    special tokens dropped), and with return_scores the per-token log-probs generate sampled
-    from (for tests). Pure sampling (greedy: plain argmax) at `temperature`, with only the vision
-    tokens suppressed: completion_logprobs() applies exactly these two changes, so the log-probs
-    of the policy are exact. Nothing of the checkpoint's own generation_config (Qwen's ship
-    repetition_penalty, top_k, top_p, temperature) applies: generate() fills every option we
-    leave unset from model.generation_config, so it is swapped for a blank one meanwhile.
-    With num_generations > 1 each prompt is prefilled once (shared_prefix_cache), not G times.
-    """
-    vision_start = processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
-    expanded = repeat_batch(batch, num_generations, vision_start)
-    expanded = {k: v.to(model.device) for k, v in expanded.items()}
+    Returns a dict: prompt tensors repeated per completion (prompt-major), completion_ids [B*G, T],
+    completion_mask [B*G, T] (0 after EOS), texts (special tokens dropped), and with return_scores
+    the per-token log-probs generate sampled from. Pure sampling (greedy: argmax) at `temperature`
+    with only the vision tokens suppressed, the two changes completion_logprobs() applies, so the
+    policy's log-probs are exact. The checkpoint's generation_config (Qwen's repetition_penalty,
+    top_k, top_p...) would fill every option left unset: it is swapped for a blank one meanwhile.
+    With G > 1 each prompt is prefilled once (shared_prefix_cache), not G times."""
     tok = processor.tokenizer
-    gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, top_k=0, top_p=1.0,
-               suppress_tokens=suppressed_ids(processor), eos_token_id=eos_ids(processor),
-               pad_token_id=tok.pad_token_id, output_scores=return_scores, return_dict_in_generate=True)
-    if do_sample:
-        gen["temperature"] = temperature
-    else:
-        gen.update(temperature=None, top_k=None, top_p=None)
+    expanded = repeat_batch(batch, num_generations, tok.convert_tokens_to_ids("<|vision_start|>"))
+    expanded = {k: v.to(model.device) for k, v in expanded.items()}
+    pure = dict(temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(temperature=None, top_k=None,
+                                                                                      top_p=None)
+    gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, suppress_tokens=suppressed_ids(processor),
+               eos_token_id=eos_ids(processor), pad_token_id=tok.pad_token_id, output_scores=return_scores,
+               return_dict_in_generate=True, **pure)
     from transformers import GenerationConfig
     target = hf_model(model)            # a LoRA (peft) wrapper forwards generate() to the HF model
     if (num_generations > 1 and SHARED_PREFIX and "pixel_values" in batch
             and not (target.training and is_checkpointing(target))):
-        # each prompt prefilled once: generate() continues the B*G rows from the repeated cache (text-only
-        # prompts, cheap anyway, and a model training under checkpointing, which keeps no cache: the plain path)
+        # each prompt prefilled once (text-only prompts, cheap, and checkpointed training, no cache: plain path)
         gen[cache_argument(target)] = shared_prefix_cache(target, batch, num_generations)
         inputs = {k: v for k, v in expanded.items() if k not in ("pixel_values", "image_grid_thw")}
     else:
@@ -244,23 +223,19 @@ def sample(model, processor, batch, num_generations=1, max_new_tokens=64, temper
     return result
 
 
+# transformers 5.24 renamed the KV cache `past_key_values` -> `cache` (output field and forward() argument)
 def output_cache(output):
-    """The KV cache a forward with use_cache=True returned: `cache` from transformers 5.24, before `past_key_values`."""
-    cache = getattr(output, "cache", None)
-    return output.past_key_values if cache is None else cache
+    return output.past_key_values if getattr(output, "cache", None) is None else output.cache
 
 
 def cache_argument(module):
-    """The name the model's forward() takes a KV cache by: "cache" from transformers 5.24, before "past_key_values"."""
     return "cache" if "cache" in inspect.signature(module.forward).parameters else "past_key_values"
 
 
 def shared_prefix_cache(module, batch, group_size):
     """The KV cache of every prompt of `batch` but its last token, each prompt run ONCE, repeated to
-    `group_size` rows per prompt (prompt-major, as sample() orders its B*G rows). generate() continues
-    from it: it runs the last prompt token and decodes, so the sampled distribution is the plain
-    path's. The image tokens sit in the prefix; their M-RoPE offsets (rope_deltas, one per row, the
-    same for the prefix as for the whole prompt since the last token is text) are repeated too."""
+    `group_size` rows per prompt (sample()'s order). generate() runs the last prompt token on it and
+    decodes: the plain path's distribution. The M-RoPE offsets (rope_deltas) are repeated too."""
     prefix = {k: v[:, :-1] if k in ("input_ids", "attention_mask", "mm_token_type_ids") else v
               for k, v in batch.items()}
     cache = output_cache(module.model(**{k: v.to(module.device) for k, v in prefix.items()}, use_cache=True))
@@ -270,10 +245,9 @@ def shared_prefix_cache(module, batch, group_size):
 
 
 def is_checkpointing(model):
-    """Whether gradient (activation) checkpointing is on; the attribute was renamed in transformers 5."""
-    name = "is_activation_checkpointing" if hasattr(type(model), "is_activation_checkpointing") \
-        else "is_gradient_checkpointing"
-    return bool(getattr(model, name, False))
+    """Whether gradient (activation) checkpointing is on (the attribute's name changed in transformers 5)."""
+    new = hasattr(type(model), "is_activation_checkpointing")      # the old name warns that it is deprecated
+    return bool(getattr(model, "is_activation_checkpointing" if new else "is_gradient_checkpointing", False))
 
 
 @contextlib.contextmanager
@@ -295,31 +269,23 @@ def generation_mode(model):
 # ============================================================================ 4. log-probs
 def completion_logprobs(model, prompt, completion_ids, completion_mask, temperature=1.0, suppress=None,
                         group_size=1, chunk_rows=8, one_piece_bytes=2 ** 28):
-    """Per-token log-probs [N, T] of `completion_ids` given the (already repeated) prompt tensors.
+    """Per-token log-probs [N, T] (nats) of `completion_ids` given the (already repeated) prompt tensors.
 
-    One forward over prompt + completion, but logits only for the T completion positions, and
-    only `chunk_rows` rows at a time: Qwen's vocabulary has 151k entries, so [N, T, V] fp32
-    logits for a whole GRPO batch (8 x 8 x 256) would be ~10 GB per copy. Each chunk's logits are
-    recomputed in backward (checkpoint) instead of kept; a batch whose logits fit in 256 MB is
-    scored in one piece (recomputing would only cost time). Logits are divided by the sampling
-    temperature and the `suppress` ids masked exactly as in sampling, so these are the log-probs
-    of the distribution we sampled from. Positions after EOS (mask 0) are set to 0.
-    group_size > 1: the rows are groups of that many copies of one prompt (sample()'s order), and
-    each distinct prompt is run once (shared_prefix_hidden): same values and gradients, less compute
-    (not under gradient checkpointing, where transformers keeps no KV cache: the plain path).
-    """
+    One forward over prompt + completion; logits only for the T completion positions, `chunk_rows`
+    rows at a time and recomputed in backward: Qwen's 151k-entry vocabulary makes [N, T, V] fp32
+    logits of a GRPO batch (8 x 8 x 256) ~10 GB (logits under 256 MB: one piece). Logits are divided
+    by the sampling temperature and the `suppress` ids masked as in sampling: the log-probs of the
+    distribution sampled from. Positions after EOS (mask 0) are 0. group_size > 1: rows come in
+    groups of copies of one prompt (sample()'s order) and each prompt runs once (shared_prefix_hidden;
+    same values and gradients; not under gradient checkpointing, which keeps no KV cache)."""
     module = hf_model(model)                                      # a DeepSpeed engine / LoRA -> the HF model
     T = completion_ids.shape[1]
     if group_size > 1 and SHARED_PREFIX and not is_checkpointing(module):
         hidden = shared_prefix_hidden(module, prompt, completion_ids, completion_mask, group_size)
     else:
-        input_ids = torch.cat([prompt["input_ids"], completion_ids], 1)
-        attention_mask = torch.cat([prompt["attention_mask"], completion_mask.to(prompt["attention_mask"].dtype)], 1)
-        extra = {k: v for k, v in prompt.items() if k in ("pixel_values", "image_grid_thw")}
-        if "mm_token_type_ids" in prompt:                     # completion tokens are text (type 0)
-            extra["mm_token_type_ids"] = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1)
-        hidden = module.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                              **extra).last_hidden_state[:, -(T + 1):-1]    # [N, T, H]: position t predicts token t
+        full = dict(full_sequence(prompt, completion_ids, completion_mask),
+                    **{k: v for k, v in prompt.items() if k in ("pixel_values", "image_grid_thw")})
+        hidden = module.model(**full, use_cache=False).last_hidden_state[:, -(T + 1):-1]   # [N, T, H]: t predicts t
     head, rows = module.get_output_embeddings(), []
     if hidden.shape[0] * T * head.out_features * 4 <= one_piece_bytes:   # small fp32 logits: one piece
         return _token_logp(head, hidden, completion_ids, temperature, suppress) * completion_mask
@@ -330,22 +296,25 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask, temperat
     return torch.cat(rows) * completion_mask
 
 
+def full_sequence(prompt, completion_ids, completion_mask):
+    """input_ids, attention_mask and mm_token_type_ids (completion tokens are text: type 0) of the
+    prompts followed by their completions, [N, P + T] each."""
+    tails = {"input_ids": completion_ids, "attention_mask": completion_mask, "mm_token_type_ids": 0 * completion_ids}
+    return {k: torch.cat([prompt[k], tail.to(prompt[k].dtype)], 1) for k, tail in tails.items() if k in prompt}
+
+
 def shared_prefix_hidden(module, prompt, completion_ids, completion_mask, group_size):
     """The hidden states [N, T, H] that predict each completion token, each distinct prompt run ONCE.
 
-    Rows come in groups of `group_size` copies of one prompt (prompt-major, as sample() returns).
-    The N / group_size distinct prompts are prefilled once (with gradients, for the policy), their
-    KV cache repeated to the N rows, then the completions run on it. Autograd sums a group's
-    gradients through its shared prefix, so values and gradients equal the full forward's, while a
-    prompt's image tokens (hundreds for a photo) pass the vision tower and the LLM once, not G times.
-    The 3-D (M-RoPE) positions come from the whole sequences, as the full forward computes them.
-    Raises ValueError when a group's rows are not copies of one prompt (ids, mask and pixels)."""
+    Rows come in groups of `group_size` copies of one prompt (sample()'s order). The distinct prompts
+    are prefilled once (with gradients), their KV cache repeated to the N rows, the completions run on
+    it; autograd sums a group's gradients through the shared prefix, so values and gradients equal the
+    full forward's while a prompt's image tokens pass the model once, not G times. M-RoPE positions
+    come from the whole sequences. Raises ValueError unless each group holds copies of one prompt."""
     P, N = prompt["input_ids"].shape[1], completion_ids.shape[0]
-    mask = torch.cat([prompt["attention_mask"], completion_mask.to(prompt["attention_mask"].dtype)], 1)
-    ids = torch.cat([prompt["input_ids"], completion_ids], 1)
-    types = torch.cat([prompt["mm_token_type_ids"], torch.zeros_like(completion_ids)], 1) \
-        if "mm_token_type_ids" in prompt else None
-    positions, _ = module.model.get_rope_index(input_ids=ids, mm_token_type_ids=types, attention_mask=mask,
+    full = full_sequence(prompt, completion_ids, completion_mask)
+    positions, _ = module.model.get_rope_index(input_ids=full["input_ids"], attention_mask=full["attention_mask"],
+                                               mm_token_type_ids=full.get("mm_token_type_ids"),
                                                image_grid_thw=prompt.get("image_grid_thw"))   # [3, N, P + T]
     first = list(range(0, N, group_size))
     unique = select_rows(prompt, first, module.config.vision_start_token_id)
@@ -356,8 +325,9 @@ def shared_prefix_hidden(module, prompt, completion_ids, completion_mask, group_
     prefix = module.model(**unique, position_ids=positions[:, first, :P], use_cache=True)
     cache = output_cache(prefix)
     cache.batch_repeat_interleave(group_size)                     # [B, ...] -> [N, ...], differentiable
-    rest = module.model(input_ids=completion_ids, attention_mask=mask, position_ids=positions[:, :, P:],
-                        use_cache=True, **{cache_argument(module.model): cache}).last_hidden_state    # [N, T, H]
+    rest = module.model(input_ids=completion_ids, attention_mask=full["attention_mask"], use_cache=True,
+                        position_ids=positions[:, :, P:],
+                        **{cache_argument(module.model): cache}).last_hidden_state    # [N, T, H]
     last = prefix.last_hidden_state[:, -1:].repeat_interleave(group_size, 0)      # predicts completion token 0
     return torch.cat([last, rest[:, :-1]], 1)
 
@@ -374,21 +344,17 @@ def _token_logp(head, hidden, ids, temperature, suppress):
 def assistant_mask(input_ids, processor):
     """1 on the tokens of every assistant turn (its text and closing <|im_end|>), 0 elsewhere."""
     tok = processor.tokenizer
-    start = tok.convert_tokens_to_ids("<|im_start|>")
-    end = tok.convert_tokens_to_ids("<|im_end|>")
-    header = tok.encode("assistant\n", add_special_tokens=False)
+    header = tok.convert_tokens_to_ids(["<|im_start|>"]) + tok.encode("assistant\n", add_special_tokens=False)
+    end, n = tok.convert_tokens_to_ids("<|im_end|>"), len(header)
     mask = torch.zeros_like(input_ids)
     for row, ids in enumerate(input_ids.tolist()):
         inside = False
         for t in range(len(ids)):
-            if ids[t] == start and ids[t + 1:t + 1 + len(header)] == header:
-                inside, skip = True, len(header) + 1
-            if inside:
-                if skip > 0:
-                    skip -= 1
-                else:
-                    mask[row, t] = 1
-                    inside = ids[t] != end
+            if t >= n - 1 and ids[t - n + 1:t + 1] == header:     # a header ends here: the reply starts next
+                inside = True
+            elif inside:
+                mask[row, t] = 1
+                inside = ids[t] != end
     return mask
 
 
@@ -457,14 +423,10 @@ def zero3_hooks(engine):
 
 @contextlib.contextmanager
 def gathered(model):
-    """Full parameters for generation under ZeRO-3; a no-op otherwise.
-
-    Sharded generation works but gathers every layer at every decoding step (unusably slow),
-    so the whole model is gathered once for the rollout and re-partitioned afterwards. The ZeRO-3
-    module hooks are lifted meanwhile (as TRL does): left on, they kept running DeepSpeed's fetch
-    schedule on the gathered weights and left a parameter "in flight": the second GRPO step failed,
-    and RISE-CoT's first once the two ranks' CoTs ended at different lengths.
-    """
+    """Full parameters for generation under ZeRO-3 (sharded generation gathers every layer at every
+    decoding step: unusably slow); a no-op otherwise. The ZeRO-3 module hooks are lifted meanwhile
+    (as TRL does): left on, they ran DeepSpeed's fetch schedule on the gathered weights and left a
+    parameter "in flight" (the second GRPO step failed, and RISE-CoT's first on two ranks)."""
     params = [p for p in model.parameters() if hasattr(p, "ds_id")]
     if not params:
         yield
