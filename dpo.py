@@ -1,8 +1,8 @@
 """DPO and VisRL's step-level DPO.
 
 Direct Preference Optimization (Rafailov et al. 2023, arXiv 2305.18290, eq. 7) and VisRL's
-two-step version (VisRL, arXiv 2503.07523, section 3.3). The losses import only torch, so each
-can be copied alone; pair_logps() at the end computes their inputs with a model (vlm.py).
+two-step version (VisRL, arXiv 2503.07523, section 3.2). The losses import only torch, so each
+can be copied alone; pair_logps() and step_dpo_batch() at the end run a model (vlm.py).
 Everything is computed in float32, whatever dtype (bf16 on GPU) the inputs come in.
 """
 
@@ -118,3 +118,17 @@ def pair_logps(model, ref, processor, convs, images, chosen, rejected, device, m
     with torch.no_grad(), adapters_off:
         ref_logp = response_logps(model if ref is None else ref, *args)
     return logp[0::2], logp[1::2], ref_logp[0::2], ref_logp[1::2]
+
+
+def step_dpo_batch(model, ref, processor, steps, beta=0.1, nll_weight=0.0, device=None, max_prompt_len=None):
+    """VisRL's step-level DPO loss of one batch, from the model: steps = [box step] (stage 1, weight 1)
+    or [box step, answer step] (stage 2, 0.5 each: step_dpo_loss), each (convs, images, chosen texts,
+    rejected texts) as pair_logps takes them. nll_weight > 0 adds that x the chosen steps' per-token
+    NLL, same weights (RPO, Pang et al. 2024; not in VisRL). Returns (loss, stats)."""
+    weights = [1.0] if len(steps) == 1 else [0.5, 0.5]
+    logps = [pair_logps(model, ref, processor, *step, device, max_prompt_len) for step in steps]
+    loss, stats = step_dpo_loss(logps[0], logps[1] if len(steps) == 2 else None, beta=beta, box_weight=weights[0])
+    if nll_weight:
+        nll = sum(w * chosen_nll(processor, step[2], lp[0]) for w, step, lp in zip(weights, steps, logps))
+        loss, stats["nll"] = loss + nll_weight * nll, nll.item()
+    return loss, stats

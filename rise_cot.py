@@ -208,24 +208,17 @@ def main(argv=None):
             run.save_checkpoint(engine, out, step + 1, {}, LOGGED)
 
     # ---- harvest: G CoTs per training sample with the trained policy; keep the best per sample
-    done = run.done_ids(out / "cots.jsonl")
-    todo = [r for r in records if r["id"] not in done]
     HG = args.harvest_generations or G
-    # every rank walks the same number of batches (all_gather needs all ranks), some maybe empty
-    per_chunk = args.harvest_batch_size * world      # bigger batches than training: no backward here
-    chunks = [todo[k:k + per_chunk] for k in range(0, len(todo), per_chunk)]
-    for chunk in tqdm(chunks, desc="harvest", disable=rank != 0):
-        mine = run.shard(chunk, rank, world)
-        found = []
-        if mine:
-            images = [data.open_image(r["image_path"]) for r in mine]
-            gts = [ground_truth(r, im, model_type, processor) for r, im in zip(mine, images)]
-            cots, recs, scored = closed_loop(engine.module, processor, mine, images, gts, args, HG)
-            found = best_per_sample(mine, cots, recs, scored, HG, "harvest")
-        for rec in run.gather_records(found):
-            seen = best.get(rec["id"])
-            if rank == 0:
-                run.append_jsonl(out / "cots.jsonl", seen if seen and seen["reward"] > rec["reward"] else rec)
+
+    def harvest(mine):               # this rank's share of a chunk -> the best (CoT, reconstruction) per sample
+        images = [data.open_image(r["image_path"]) for r in mine]
+        gts = [ground_truth(r, im, model_type, processor) for r, im in zip(mine, images)]
+        cots, recs, scored = closed_loop(engine.module, processor, mine, images, gts, args, HG)
+        found = best_per_sample(mine, cots, recs, scored, HG, "harvest")
+        return [best[r["id"]] if r["id"] in best and best[r["id"]]["reward"] > r["reward"] else r for r in found]
+
+    # bigger chunks than training batches (no backward); cots.jsonl is appended per chunk, --resume skips its ids
+    run.map_jsonl(records, harvest, out / "cots.jsonl", rank, world, args.harvest_batch_size * world, "harvest")
 
     # ---- save
     run.save_final(engine, processor, out)

@@ -282,8 +282,7 @@ def eval_only(model, processor, args, rank=0, world=1, out=None):
         preds.sort(key=lambda p: order[p["id"]])        # ranks evaluated interleaved shards
         metrics = dict(metrics_of(preds, records, schema, args.baseline), skipped_records=skipped,
                        skipped_samples=len(bad))
-        (out / "predictions.jsonl").write_text("".join(json.dumps(p) + "\n" for p in preds))
-        (out / "eval.json").write_text(json.dumps(metrics, indent=1))
+        run.write_eval(out, metrics, preds)
         print(json.dumps(metrics))
     return metrics if rank == 0 else None
 

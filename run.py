@@ -9,16 +9,22 @@ repeat the same plumbing. Nothing here knows a paper's algorithm:
   init_distributed(), barrier(), exit_finished()   the process group, and a clean exit
   zero_config(), deepspeed_config(), deepspeed_engine(), reference_model()   DeepSpeed set-up
   load_policy(), lora_model(), merged(), training_models()   the run's models (--lora-rank: peft adapters)
+  policy_engine(), save_phase()   a run of phases: each trains its own engine (fresh LoRA adapters)
   start()            distributed start, per-rank seeds, OUT/args.json
   log()              one JSON line per step in OUT/metrics.jsonl (rank 0), flushed
-  append_jsonl(), done_ids()   record-by-record outputs that survive kill -9 and resume
+  append_jsonl(), done_ids(), map_jsonl()   record-by-record outputs that survive kill -9 and resume
   gather_records()   per-rank records -> rank 0, so one file gets every record exactly once
   save_checkpoint(), load_checkpoint()   model, optimizer, scheduler, step, RNG, data position
   record_counts(), prepare_out()   --resume: appended files cut back to the checkpoint, no record twice
+  load_progress(), save_progress()   --resume at phase granularity (OUT/progress.json)
   usable()           skip (count, list in OUT/skipped.jsonl) samples that cannot be processed
+  generate_texts()   batched sampling in which a prompt over --max-prompt-len gets None texts
   save_final()       OUT/final/ (save_pretrained, loadable by --model; ZeRO-3 weights gathered)
+  write_eval()       OUT/eval.json + OUT/predictions.jsonl
   NonFiniteGuard     update() skips a non-finite loss, three in a row stop the run
+  train_phase()      a training phase as a separate run: fresh AdamW, epochs, guarded updates, log
   plot()             reward / KL / length curves of a run as PNG: python run.py plot RUN_DIR
+  box_picture()      an image with coloured boxes and caption lines, as PNG
 """
 import argparse
 import json
@@ -27,10 +33,13 @@ import os
 import random
 import shutil
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 import data
 import grpo
@@ -248,6 +257,22 @@ def training_models(args):
     return engine, processor, ref, cfg
 
 
+def policy_engine(model, cfg, lora_rank=0):
+    """The DeepSpeed engine that trains `model`: all its weights, or fresh LoRA adapters of lora_rank."""
+    if lora_rank and cfg.get("zero_optimization", {}).get("stage") == 3:
+        raise SystemExit("--lora-rank: use ZeRO-2 (ds_zero2.json); merging adapters needs whole weights")
+    return deepspeed_engine(lora_model(model, lora_rank) if lora_rank else model, cfg)
+
+
+def save_phase(engine, processor, out, name, cfg, lora_rank=0):
+    """Save a phase's model to OUT/<name> (save_final); returns the engine the next phase trains. With
+    LoRA the adapters are folded into the weights first and the next phase trains fresh ones (a new
+    engine): each phase trains on the merged model of the last (VisRL's released code does so)."""
+    model = merged(engine) if lora_rank else engine
+    save_final(model, processor, Path(out) / Path(name).parent, Path(name).name)
+    return policy_engine(model, cfg, lora_rank) if lora_rank else engine
+
+
 def start(args):
     """Distributed start (one rank without a launcher), per-rank seeds, OUT/args.json.
 
@@ -341,6 +366,45 @@ def done_ids(path):
     return {r["id"] for r in read_jsonl(path)}
 
 
+def map_jsonl(items, fn, path, rank, world, chunk, desc=None):
+    """fn(this rank's share of a chunk of `items`) -> records with an "id", for the items whose id is
+    not in the JSONL `path` yet (--resume: those are done), `chunk` items at a time; rank 0 appends
+    the records of all ranks as they come. Returns {id: record} of every record, on every rank."""
+    done = {r["id"]: r for r in read_jsonl(path)}
+    todo = [r for r in items if r["id"] not in done]
+    for k in tqdm(range(0, len(todo), chunk), desc=desc, disable=rank != 0):
+        mine = shard(todo[k:k + chunk], rank, world)        # every rank walks every chunk (all_gather)
+        for rec in gather_records(fn(mine) if mine else []):
+            done[rec["id"]] = rec
+            if rank == 0:
+                append_jsonl(path, rec)
+    return done
+
+
+def load_progress(out, rank, resume, stale=()):
+    """--resume at phase granularity: OUT/progress.json's {"done": [finished phases], "step", "records"}
+    (save_progress). A fresh start ({"done": []}) first deletes progress.json and the `stale` paths
+    (glob patterns, files or folders). The appended files are cut back to the last save (prepare_out)."""
+    path = Path(out) / "progress.json"
+    progress = json.loads(path.read_text()) if resume and path.exists() else {"done": []}
+    if not resume and rank == 0:
+        for old in [p for pattern in ("progress.json", *stale) for p in sorted(Path(out).glob(pattern))]:
+            shutil.rmtree(old) if old.is_dir() else old.unlink(missing_ok=True)
+    barrier()
+    prepare_out(out, rank, progress if "records" in progress else None)
+    return progress
+
+
+def save_progress(out, rank, progress, step):
+    """Write OUT/progress.json after a phase: `progress` with the step counter and the record counts
+    prepare_out cuts the appended files back to on --resume. Atomic (kill -9 safe)."""
+    progress["step"], progress["records"] = step, record_counts(out)
+    if rank == 0:
+        (Path(out) / "progress.tmp").write_text(json.dumps(progress))
+        (Path(out) / "progress.tmp").replace(Path(out) / "progress.json")
+    barrier()
+
+
 def gather_records(records):
     """Every rank's list of records -> the concatenation on all ranks (one list per world)."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
@@ -394,6 +458,32 @@ def usable(records, problem, rank, world, out=None, split="train"):
         raise SystemExit(f"every one of the {len(records)} {split} samples was skipped: first reason: "
                          f"{bad[0]['reason']}")
     return kept, bad
+
+
+def generate_texts(model, processor, convs, images, n, max_new_tokens, temperature, max_prompt_len=None,
+                   batch_size=None):
+    """n texts per prompt (temperature 0: greedy), batch_size prompts a call (default: all), in generation
+    mode. A prompt over max_prompt_len gets n None texts instead of failing its batch: one long prompt
+    (e.g. one with a big crop in it) never aborts a run; the others are sampled on their own."""
+    texts, batch_size = [], batch_size or max(len(convs), 1)
+    with vlm.generation_mode(model):
+        for s in range(0, len(convs), batch_size):
+            texts += _fitting_texts(model, processor, convs[s:s + batch_size], images[s:s + batch_size], n,
+                                    max_new_tokens, temperature, max_prompt_len)
+    return texts
+
+
+def _fitting_texts(model, processor, convs, images, n, max_new_tokens, temperature, max_prompt_len):
+    try:
+        batch = vlm.chat_inputs(processor, convs, images, max_prompt_len=max_prompt_len)
+    except vlm.PromptTooLong:                     # sample the prompts that fit, on their own
+        fits = [k for k, (c, ims) in enumerate(zip(convs, images))
+                if vlm.prompt_problem(processor, c, ims, max_prompt_len) is None]
+        texts = iter(_fitting_texts(model, processor, [convs[k] for k in fits], [images[k] for k in fits], n,
+                                    max_new_tokens, temperature, max_prompt_len) if fits else [])
+        return [next(texts) if k in fits else None for k in range(len(convs)) for _ in range(n)]
+    return vlm.sample(model, processor, batch, n, max_new_tokens, temperature or 1.0,
+                      do_sample=temperature != 0)["texts"]
 
 
 def shard(items, rank, world):
@@ -475,6 +565,12 @@ def save_final(engine, processor, out, name="final"):
     return target
 
 
+def write_eval(out, metrics, preds, **info):
+    """OUT/eval.json (the metrics and `info`, e.g. model and test paths) and OUT/predictions.jsonl."""
+    (Path(out) / "eval.json").write_text(json.dumps(dict(metrics, **{k: str(v) for k, v in info.items()}), indent=1))
+    data.write_jsonl(Path(out) / "predictions.jsonl", preds)
+
+
 class NonFiniteGuard:
     """Counts consecutive skipped (non-finite) updates; three in a row stop the run."""
 
@@ -497,6 +593,28 @@ class NonFiniteGuard:
         if self.in_a_row >= self.limit:
             raise RuntimeError(f"{self.limit} non-finite losses in a row at step {step}: stopping. "
                                "Lower --lr, or check the rewards and the data for NaN/inf.")
+
+
+def train_phase(engine, items, loss_fn, name, lr, epochs, per_rank, seed, args, rank, world, out, step=0):
+    """One training phase, as a separate run would train it: a fresh AdamW at `lr`, `epochs` passes over
+    `items` in a seeded order (per_rank items a rank a micro-step; at most --max-steps updates of
+    --grad-accum micro-steps), guarded updates, its last (maybe partial) accumulation window applied
+    at its end. loss_fn(batch) -> (loss, stats dict); one metrics.jsonl line a micro-step, numbered
+    from `step`. Returns the number of micro-steps."""
+    grpo.fresh_optimizer(engine, lr)
+    steps = math.ceil(epochs * len(items) / (per_rank * world)) if items else 0
+    steps = min(steps, args.max_steps * args.grad_accum) if args.max_steps else steps
+    order, guard = data_order(len(items), seed), NonFiniteGuard()
+    engine.train()
+    bar = tqdm(range(steps), desc=name, disable=rank != 0)
+    for k in bar:
+        t0 = time.time()
+        loss, stats = loss_fn(step_items(items, order, k, per_rank, rank, world))
+        skipped = guard.update(engine, loss, step + k, window=grpo.accumulation(k, steps, args.grad_accum))
+        log(out, rank, dict(stats, step=step + k, phase=name, loss=loss.item(), skipped=skipped,
+                            updates=engine.global_steps, seconds=round(time.time() - t0, 2)))
+        bar.set_postfix(loss=f"{loss.item():.3f}")
+    return steps
 
 
 # ---------------------------------------------------------------------------- pictures
@@ -525,6 +643,23 @@ def plot(run_dir, keys=None):
     fig.savefig(run_dir / "curves.png", dpi=100)
     plt.close(fig)
     return run_dir / "curves.png"
+
+
+def box_picture(path, image, boxes, lines, size=256):
+    """PNG of `image`, scaled up by a whole factor to about `size` pixels, with the outlines of the
+    normalised boxes [(box or None, colour)] and the caption lines [(text, colour)] under it."""
+    scale = max(1, size // max(image.size))
+    im = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    canvas = Image.new("RGB", (im.width, im.height + 4 + 14 * len(lines)), "white")
+    canvas.paste(im, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for box, colour in boxes:
+        if box:
+            x1, y1, x2, y2 = box
+            draw.rectangle([x1 * im.width, y1 * im.height, x2 * im.width, y2 * im.height], outline=colour, width=2)
+    for k, (text, colour) in enumerate(lines):
+        draw.text((2, im.height + 2 + 14 * k), text, fill=colour)
+    canvas.save(path)
 
 
 if __name__ == "__main__":

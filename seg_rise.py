@@ -495,10 +495,7 @@ def eval_only(args, rank, world, out, device):
         if args.executor == "sam2":
             result.update(sam2_config=args.sam2_config, sam2_ckpt=args.sam2_ckpt,
                           sam2_random_weights=not args.sam2_ckpt)
-        (out / "predictions.jsonl").unlink(missing_ok=True)
-        for row in rows:
-            run.append_jsonl(out / "predictions.jsonl", row)
-        (out / "eval.json").write_text(json.dumps(result, indent=1))
+        run.write_eval(out, result, rows)
         print(json.dumps(result))
     run.barrier()
 

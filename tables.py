@@ -230,6 +230,12 @@ def rise_results(seed, d):
         if table:
             table["constant prior (uniform / mean box)"] = constant_prior(seed, task, n_test)
         out[f"RISE on {task}"] = table
+        curve = [r["reward"] for r in read_jsonl(d / task / "cot" / "metrics.jsonl")]
+        if curve:                                   # the RISE-CoT reward curve, first vs last 10 steps
+            cots = read_jsonl(d / task / "cot" / "cots.jsonl")
+            out.setdefault("RISE-CoT", {})[task] = {"R_CoT first 10 steps": np.mean(curve[:10]),
+                                                    "R_CoT last 10 steps": np.mean(curve[-10:]),
+                                                    "cots.jsonl mean reward": np.mean([c["reward"] for c in cots])}
         sweep = {}
         for tau in TAUS[task]:
             log = read_jsonl(d / task / f"tau{tau}" / "metrics.jsonl")

@@ -4027,11 +4027,11 @@ def test_critic_score_parsing():
 def test_critic_scores_crop_only_for_s_b_full_image_for_s_r(monkeypatch):
     calls = []
 
-    def fake(model, processor, convs, images, n, max_new_tokens, temperature, max_prompt_len=None):
+    def fake(model, processor, convs, images, n, max_new_tokens, temperature, max_prompt_len=None, batch_size=None):
         calls.append((convs, images, temperature))
         return ['{"score": 0.9}', 'garbage'] if len(calls) == 1 else ['{"score": 0.1}', '{"score": 7}']
 
-    monkeypatch.setattr(visrl, "_greedy_or_sample", fake)
+    monkeypatch.setattr(run, "generate_texts", fake)
     full, piece = Image.new("RGB", (112, 112)), Image.new("RGB", (20, 20))
     items = [{"question": "What colour?", "reference": "red", "answer": a, "image": full, "crop": piece}
              for a in ("red", "blue")]
@@ -4063,7 +4063,7 @@ def test_generate_candidates_with_scripted_policy_and_critic(monkeypatch, shapes
     script = iter([box_texts, ["red ", "blue", "green"],         # answers of the 3 valid boxes
                    ['{"score": 1}', '{"score": 0}', '{"score": 0}'],        # s_b
                    ['{"score": 1}', '{"score": 0}', '{"score": 0.1}']])     # s_r
-    monkeypatch.setattr(visrl, "_greedy_or_sample", lambda *a, **k: next(script))
+    monkeypatch.setattr(run, "generate_texts", lambda *a, **k: next(script))
     args = type("A", (), dict(num_generations=2, gen_batch_size=4, max_new_tokens=32, temperature=1.0,
                               answer_max_new_tokens=8,
                               answer_temperature=1.0, max_prompt_len=None, iou_thresh=0.05, size_tol=0.3))()

@@ -3,77 +3,49 @@
 Paper: "VisRL: Intention-Driven Visual Perception via Reinforced Reasoning" (arXiv 2503.07523):
 section 3.1 (data generation, eq. 4), 3.2 (step-level DPO, eqs. 5-7), 4.4, appendix C (critics).
 
-The model answers in two steps (a "visual chain of thought"):
-  step 1  image + question + instruction         -> a focus box "[x1,y1,x2,y2]", normalised 0..1
-  step 2  ... + that box + the crop of that box  -> the answer
-
-  0. SFT warm-up on the boxed subset: the two-turn chat (box, then crop + answer), loss on both
-     assistant turns. The pre-SFT model is kept, frozen, as the CRITIC (self-evolution: no
-     external judge).                                                          -> sft_phase()
-  1. data generation with the current policy: per question K attempts, each two boxes b1, b2
-     sampled at a high temperature; the diversity controller (eq. 3) replaces b2 by a random
-     box away from b1 when they overlap (IoU > 0.05)                        -> diversify_box()
-     each box is cropped and answered; the critic scores the crop alone (s_b: does it show
-     what the reference answer needs?) and the answer (s_r: how close to the reference,
-     given image + question), greedy, as {"score": x}                   -> generate_candidates()
-  2. filter + selection (eq. 4): W = candidates with s_b and s_r >= 0.8, L = those with s_b and
-     s_r <= 0.2; keep a question iff W and L are non-empty and W has a candidate holding the max
-     of both scores (chosen), L one holding the min of both (rejected)
-                                                                   -> select_pair(), make_pairs()
-  3. stage 1: DPO on the box step (eq. 5-6), reference = the SFT model      -> dpo_phase(stage=1)
-  4. stage 2: 0.5 DPO(box) + 0.5 DPO(answer) (eq. 7-10), both answers conditioned on the
-     WINNING box and crop, reference = the stage-1 model                     -> dpo_phase(stage=2)
-  5. --iters N: regenerate the pairs with the improved model and train again.
-  6. evaluation: answer accuracy (normalised exact match; the critic for long answers) and
-     box accuracy (IoU >= 0.5 with the GT box, where there is one)                -> evaluate()
+The model answers in two steps (a "visual chain of thought"): from image + question a focus box
+"[x1,y1,x2,y2]" (normalised 0..1), then, shown that box and its crop too, the answer.
+  0. SFT warm-up; the pre-SFT model, frozen, is the critic (no external judge)      sft_phase()
+  1. per question K attempts of two sampled boxes, b2 moved off b1 (eq. 3), each box cropped,
+     answered and critic-scored: the crop (s_b), the answer (s_r)           generate_candidates()
+  2. filter (eq. 4): per question a chosen and a rejected candidate, or none    select_pair()
+  3. stage 1: DPO on the box step (eqs. 5-6)                               dpo_phase(stage=1)
+  4. stage 2: 0.5 DPO(box) + 0.5 DPO(answer) given the WINNING box (eqs. 7-10) dpo_phase(stage=2)
+  5. --iters N: 1-4 again with the improved model; then answer and box accuracy    evaluate()
 
     deepspeed visrl.py                                           # tiny base + shapes world, CPU, ~10 min
     deepspeed visrl.py --eval --model runs/visrl/final           # OUT/eval.json
     deepspeed --num_gpus 8 visrl.py --model Qwen/Qwen2-VL-7B-Instruct --data viscot_rl.jsonl \\
         --sft-data viscot_sft.jsonl --deepspeed ds_zero3.json    # the paper's setting (PAPER below)
 
--G/--num-generations is K (attempts per question, two boxes each); --lr/--beta are the DPO
-stages' (--sft-lr the warm-up's); --max-steps caps the optimizer updates of every phase (default: epochs).
-Every phase (SFT, stage 1, stage 2) trains as a separate run would: fresh AdamW, its own lr, and its
-last (maybe partial) gradient-accumulation window applied before its model is saved.
---resume restarts at the newest finished phase (and skips questions already generated).
-
-Outputs: OUT/sft/, OUT/iter{k}/{candidates,pairs}.jsonl, OUT/iter{k}/{stage1,stage2}/,
-OUT/iter{k}/examples/*.png, OUT/metrics.jsonl, OUT/phases.json (test scores after every
-phase), OUT/final/, OUT/eval.json + OUT/predictions.jsonl.
+-G is K; --lr / --beta are the DPO stages' (--sft-lr the warm-up's); --max-steps caps each phase's
+updates (default: epochs); a DPO stage's reference is the model it starts from; --resume restarts
+after the newest finished phase. Outputs: OUT/{sft,final}/, OUT/iter{k}/ (candidates.jsonl, pairs.jsonl,
+stats.json, stage1/, stage2/, examples/), OUT/metrics.jsonl, OUT/phases.json (test scores after
+every phase), OUT/eval.json, OUT/predictions.jsonl.
 """
 import json
-import math
 import random
 import re
-import shutil
 import time
-from pathlib import Path
 
 import torch
-from PIL import Image, ImageDraw
-from tqdm import tqdm
 
 import data
 import dpo
-import grpo
 import rewards
 import run
 import vlm
 
-# The paper prints no training hyper-parameters; PAPER takes them from the authors' released
-# code (github.com/zhangquanchen/VisRL: configs/train_sft.yaml, configs/train_rl.yaml,
-# data_gen/generate.py, data_gen/filter.py). Those configs train LoRA adapters (lora_target all,
-# LLaMA-Factory's default rank 8) of Qwen2-VL-7B-Instruct at these rates: so does PAPER (--lora-rank 8;
-# --lora-rank 0 fine-tunes all weights, which wants lower rates).
-# K = 3 attempts x 2 boxes, temperature 2, thresholds 0.8 / 0.2, beta 0.1: paper + released code.
+# The paper prints no training hyper-parameters: PAPER takes them from the authors' released code
+# (github.com/zhangquanchen/VisRL): LoRA rank 8 on every linear layer of Qwen2-VL-7B-Instruct at these
+# rates (--lora-rank 0 trains all weights: it wants lower ones), LLaMA-Factory's image cap of 768 x 768
+# pixels (752 tokens; two images per answer prompt), cutoff 2048. K = 3 attempts x 2 boxes, temperature
+# 2, thresholds 0.8 / 0.2, beta 0.1: paper + released code.
 PAPER = dict(lr=5e-6, sft_lr=1e-4, sft_epochs=3.0, dpo_epochs=5.0, batch_size=3, grad_accum=8,
              sft_batch_size=2, num_generations=3, temperature=2.0, answer_temperature=2.0, iters=1,
              sft_fraction=1.0, gen_batch_size=8, phase_eval_n=0, max_new_tokens=64, answer_max_new_tokens=128,
              max_pixels=768 * 768, max_prompt_len=2048, lora_rank=8)
-# Images: two per answer prompt (image + crop). The released configs leave the size to LLaMA-Factory,
-# whose default cap is image_max_pixels = 768 x 768 (752 tokens each); their cutoff_len is 2048.
-# One CPU, the tiny base, shapes world: about 5 minutes for `deepspeed visrl.py`.
 TINY = dict(lr=2e-5, sft_lr=1e-4, sft_epochs=1.0, dpo_epochs=2.0, batch_size=8, grad_accum=1,
             sft_batch_size=8, num_generations=3, temperature=1.0, answer_temperature=1.0, iters=2,
             sft_fraction=0.25, gen_batch_size=16, phase_eval_n=512, max_new_tokens=32, answer_max_new_tokens=8,
@@ -81,50 +53,33 @@ TINY = dict(lr=2e-5, sft_lr=1e-4, sft_epochs=1.0, dpo_epochs=2.0, batch_size=8, 
 
 
 def parse_args(argv=None):
-    p = run.common_args("visrl", __doc__.split("\n")[0])
-    p.add_argument("--sft-data", default=None,
-                   help="boxed VQA manifest for the SFT warm-up (default: a --sft-fraction of --data's "
-                        "boxed records, which are then left out of the RL questions)")
-    p.add_argument("--sft-fraction", type=float, default=None,
-                   help="share of --data's boxed records used for SFT when no --sft-data is given")
-    p.add_argument("--sft-lr", type=float, default=None)
-    p.add_argument("--sft-epochs", type=float, default=None)
-    p.add_argument("--sft-batch-size", type=int, default=None)
-    p.add_argument("--dpo-epochs", type=float, default=None, help="epochs over the pairs, per stage")
-    p.add_argument("--iters", type=int, default=None, help="rounds of generation + stage 1 + stage 2")
-    p.add_argument("--stages", default="sft,stage1,stage2",
-                   help="which of sft,stage1,stage2 to run (the paper's ablations: e.g. sft,stage2)")
-    p.add_argument("--answer-temperature", type=float, default=None, help="sampling temperature of answers")
-    p.add_argument("--answer-max-new-tokens", type=int, default=None,
-                   help="answer length limit (--max-new-tokens limits the box step)")
-    p.add_argument("--gen-batch-size", type=int, default=None, help="questions per generate() call per rank")
-    p.add_argument("--lora-rank", type=int, default=None,
-                   help="train LoRA adapters of this rank on the language model's linear layers (peft; 0: all "
-                        "weights). The released configs: rank 8 (LLaMA-Factory's default), alpha 2 x rank")
+    p = run.common_args("visrl", __doc__.split("\n")[0], max_steps=None, beta=0.1)
+    p.add_argument("--sft-data", help="boxed VQA manifest for the SFT warm-up (default: held out of --data)")
+    p.add_argument("--sft-fraction", type=float, help="share of --data's boxed records held out for SFT")
+    p.add_argument("--sft-lr", type=float)
+    p.add_argument("--sft-epochs", type=float)
+    p.add_argument("--sft-batch-size", type=int)
+    p.add_argument("--dpo-epochs", type=float, help="epochs over the pairs, per stage")
+    p.add_argument("--iters", type=int, help="rounds of generation + stage 1 + stage 2")
+    p.add_argument("--stages", default="sft,stage1,stage2", help="which of them to run (e.g. sft,stage2)")
+    p.add_argument("--answer-temperature", type=float, help="sampling temperature of answers")
+    p.add_argument("--answer-max-new-tokens", type=int, help="answer length limit (--max-new-tokens: the box's)")
+    p.add_argument("--gen-batch-size", type=int, help="questions per generate call per rank")
+    p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank (peft; 0: all weights)")
     p.add_argument("--win-threshold", type=float, default=0.8, help="tau_w for s_b and s_r")
     p.add_argument("--lose-threshold", type=float, default=0.2, help="tau_l for s_b and s_r")
     p.add_argument("--iou-thresh", type=float, default=0.05, help="diversity controller: IoU(b1, b2) limit")
     p.add_argument("--size-tol", type=float, default=0.3, help="diversity controller: width/height tolerance")
-    p.add_argument("--quality-iou", type=float, default=0.5,
-                   help="a box is 'positive' for the data-quality table if IoU with the GT box >= this")
-    p.add_argument("--nll-weight", type=float, default=0.0,
-                   help="add this x the chosen steps' per-token NLL to the DPO loss (RPO, Pang et al. 2024; "
-                        "0 = the paper). Keeps DPO from pushing the chosen box's likelihood down too")
-    p.add_argument("--pairs", default=None,
-                   help="train iteration 1 on this pairs.jsonl instead of generating it (e.g. to rerun "
-                        "the DPO stages with other settings on the same data)")
-    p.add_argument("--critic", default=None,
-                   help="critic model (default: --model, the pre-SFT model, as in the paper); 'oracle' scores "
-                        "with the GT box and exact match instead: a diagnostic upper bound that needs box labels")
-    p.add_argument("--phase-eval-n", type=int, default=None,
-                   help="evaluate on the first N test records after every phase -> OUT/phases.json (0: off)")
+    p.add_argument("--quality-iou", type=float, default=0.5, help="data quality: IoU with the GT box of a 'P' box")
+    p.add_argument("--nll-weight", type=float, default=0.0, help="+ this x chosen NLL to the DPO loss (RPO; 0: paper)")
+    p.add_argument("--pairs", help="train iteration 1 on this pairs.jsonl instead of generating it")
+    p.add_argument("--critic", help="default: --model (the paper); 'oracle': GT box + exact match (diagnostic)")
+    p.add_argument("--phase-eval-n", type=int, help="test records scored after every phase (0: none)")
     p.add_argument("--n-examples", type=int, default=8, help="example PNGs per iteration")
-    p.set_defaults(max_steps=None, beta=0.1)
     args = run.parse_with_preset(p, argv, PAPER, TINY)
     args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    bad = set(args.stages) - {"sft", "stage1", "stage2"}
-    if bad:
-        p.error(f"--stages: unknown {sorted(bad)}")
+    if set(args.stages) - {"sft", "stage1", "stage2"}:
+        p.error(f"--stages: unknown {sorted(set(args.stages) - {'sft', 'stage1', 'stage2'})}")
     if not args.win_threshold > args.lose_threshold:
         p.error("--win-threshold must be above --lose-threshold (eq. 4's win and lose sets are disjoint)")
     return args
@@ -142,32 +97,21 @@ def pixel_box(box, width, height):
 
 
 def canonical_box(text_or_box):
-    """The box the model means, as VisRL's canonical 2-decimal text and numbers, or (None, None).
-
-    Takes the first box of a model output (or a list of 4 numbers), clips it to 0..1 and rounds
-    it to 2 decimals, exactly as it is written back into the chat. Unparsable, inverted, or
-    empty after rounding (e.g. "[0.3,0.3,0.301,0.5]") -> (None, None).
-    """
-    if isinstance(text_or_box, str):
-        boxes = rewards.parse_boxes(text_or_box)
-        if not boxes:
-            return None, None
-        box = boxes[0]
-    else:
-        box = rewards.valid_box(text_or_box)
-        if box is None:
-            return None, None
-    box = [round(min(max(v, 0.0), 1.0), 2) for v in box]
-    if box[2] <= box[0] or box[3] <= box[1]:
+    """(text, box) of the first box of a model output (or of 4 numbers), clipped to 0..1 and rounded
+    to 2 decimals, exactly as it is written back into the chat; (None, None) if unparsable, inverted
+    or empty after rounding (e.g. "[0.3,0.3,0.301,0.5]")."""
+    box = (rewards.parse_boxes(text_or_box) or [None])[0] if isinstance(text_or_box, str) \
+        else rewards.valid_box(text_or_box)
+    if box is not None:
+        box = [round(min(max(v, 0.0), 1.0), 2) for v in box]
+    if box is None or box[2] <= box[0] or box[3] <= box[1]:
         return None, None
     return data.format_norm_box(box, 1, 1), box
 
 
 def crop(image, box):
-    """Crop of a normalised box (rounded outwards to whole pixels), or None if it has no pixel.
-    A crop the processor could not take (a thin strip: aspect ratio over 200) is padded with white
-    to one it can (data.fit_image): data generation, the critic, DPO stage 2, the SFT warm-up and
-    evaluation all crop here."""
+    """Crop of a normalised box (rounded outwards to whole pixels), or None if it has no pixel. A thin
+    strip the processor could not take (aspect ratio over 200) is padded with white (data.fit_image)."""
     c = rewards.crop_box(image, pixel_box(box, *image.size))
     return data.fit_image(c) if c is not None else None
 
@@ -191,16 +135,18 @@ def sft_example(record, image):
     return conv, [image, crop(image, box)]
 
 
-# ============================================================================ diversity controller
-def diversify_box(b1, b2, rng, iou_thresh=0.05, size_tol=0.3, max_tries=100, widen=0.1, widen_every=20):
-    """VisRL's diversity controller (paper eq. 3): b2 if IoU(b1, b2) <= iou_thresh, else a random box.
+# ============================================================================ generation + critic
+# Counted in OUT/iter{k}/stats.json: why a sampled box gives no candidate (generate_candidates), and
+# the conditions a question's candidates must meet to give a pair, in order (select_pair).
+DROPPED = ("unparsable", "no_crop", "no_diverse_box", "too_long")
+FILTERS = ["questions", "with_candidates", "win_set", "lose_set", "chosen_holds_both_max", "rejected_holds_both_min"]
 
-    The random box lies inside the image (normalised [0,1]^2), does not overlap b1 (touching
-    edges is allowed) and has width and height each within +-size_tol of b1's. The tolerance
-    widens by `widen` after every `widen_every` failed tries; after `max_tries` it gives up
-    and returns None (the caller drops the candidate). rng: a random.Random.
-    Boxes are normalised [x1, y1, x2, y2].
-    """
+
+def diversify_box(b1, b2, rng, iou_thresh=0.05, size_tol=0.3, max_tries=100, widen=0.1, widen_every=20):
+    """VisRL's diversity controller (paper eq. 3): b2 if IoU(b1, b2) <= iou_thresh, else a random box
+    (normalised, inside [0,1]^2) not overlapping b1 (touching edges is allowed), its width and height
+    each within +-size_tol of b1's; the tolerance widens by `widen` after every `widen_every` failed
+    tries. After `max_tries`: None (the caller drops it). rng: a random.Random."""
     if rewards.box_iou(b1, b2) <= iou_thresh:
         return list(b2)
     w1, h1 = b1[2] - b1[0], b1[3] - b1[1]
@@ -220,25 +166,8 @@ def diversify_box(b1, b2, rng, iou_thresh=0.05, size_tol=0.3, max_tries=100, wid
     return None
 
 
-# ============================================================================ generation + critic
-def _greedy_or_sample(model, processor, convs, images, n, max_new_tokens, temperature, max_prompt_len=None):
-    """n texts per prompt (temperature 0: greedy). A prompt over max_prompt_len gets n None texts
-    instead of failing its whole batch (one long prompt never aborts a run)."""
-    try:
-        batch = vlm.chat_inputs(processor, convs, images, max_prompt_len=max_prompt_len)
-    except vlm.PromptTooLong:
-        fits = [vlm.prompt_problem(processor, c, ims, max_prompt_len) is None for c, ims in zip(convs, images)]
-        kept = [k for k, f in enumerate(fits) if f]
-        texts = iter(_greedy_or_sample(model, processor, [convs[k] for k in kept], [images[k] for k in kept], n,
-                                       max_new_tokens, temperature, max_prompt_len) if kept else [])
-        return [next(texts) if f else None for f in fits for _ in range(n)]
-    greedy = temperature == 0
-    return vlm.sample(model, processor, batch, n, max_new_tokens, temperature or 1.0, do_sample=not greedy)["texts"]
-
-
 def sample_problem(rec, processor, max_prompt_len=None):
-    """Why a question's first prompt (image + question) cannot be processed (over max_prompt_len, an
-    image the processor refuses or that cannot be opened), or None: such samples are skipped."""
+    """Why a question's first prompt cannot be processed (too long, a bad image), or None: it is skipped."""
     try:
         image = data.open_image(rec["image_path"])
     except OSError as e:
@@ -247,25 +176,16 @@ def sample_problem(rec, processor, max_prompt_len=None):
 
 
 def critic_scores(critic, processor, items, batch_size=32, max_new_tokens=24):
-    """Critic scores s_b, s_r (greedy, temperature 0) for items {question, reference, answer, image, crop}.
-
-    s_b sees the crop only: does it show what the reference answer needs, given the question?
-    s_r sees the full image: how close is the answer to the reference? Both are parsed from
-    '{"score": x}' with rewards.parse_score (unparsable -> 0). Returns (s_b list, s_r list, raw texts).
-    """
-    box_convs = [[vlm.user_turn(data.CRITIC_BOX_PROMPT.format(question=it["question"], answer=it["reference"]))]
-                 for it in items]
-    ans_convs = [[vlm.user_turn(data.CRITIC_ANSWER_PROMPT.format(question=it["question"], reference=it["reference"],
-                                                               answer=it["answer"]))] for it in items]
-    raw_b, raw_r = [], []
+    """Critic scores (greedy, sec. 3.1, app. C) of items {question, reference, answer, image, crop}: s_b
+    from the crop alone (does it show what the reference answer needs?), s_r from the full image (how
+    close is the answer to the reference?), '{"score": x}' parsed (else 0) -> (s_b, s_r, raw texts)."""
     critic = getattr(critic, "module", critic)          # a DeepSpeed inference engine under ZeRO-3
-    with vlm.generation_mode(critic):
-        for s in range(0, len(items), batch_size):
-            chunk = items[s:s + batch_size]
-            raw_b += _greedy_or_sample(critic, processor, box_convs[s:s + batch_size], [[it["crop"]] for it in chunk],
-                                       1, max_new_tokens, 0)
-            raw_r += _greedy_or_sample(critic, processor, ans_convs[s:s + batch_size], [[it["image"]] for it in chunk],
-                                       1, max_new_tokens, 0)
+    raw_b = run.generate_texts(critic, processor, [[vlm.user_turn(data.CRITIC_BOX_PROMPT.format(
+        question=it["question"], answer=it["reference"]))] for it in items], [[it["crop"]] for it in items],
+        1, max_new_tokens, 0, batch_size=batch_size)
+    raw_r = run.generate_texts(critic, processor, [[vlm.user_turn(data.CRITIC_ANSWER_PROMPT.format(
+        question=it["question"], reference=it["reference"], answer=it["answer"]))] for it in items],
+        [[it["image"]] for it in items], 1, max_new_tokens, 0, batch_size=batch_size)
     return [rewards.parse_score(t) for t in raw_b], [rewards.parse_score(t) for t in raw_r], list(zip(raw_b, raw_r))
 
 
@@ -279,97 +199,65 @@ def oracle_scores(items, records, boxes):
 
 
 def generate_candidates(policy, critic, processor, records, args, rng):
-    """Steps 1-2 of the data generation for a list of questions (one rank's share).
-
-    Per question: K attempts x (b1, b2) sampled in ONE generate call per batch of questions,
-    b2 diversified against b1, every valid box cropped and answered (one more generate call),
-    every (crop, answer) scored by the critic. Returns one record per question:
-    {id, question, answer, image, size, gt_box?, candidates: [{box, answer, s_b, s_r, attempt,
-    which, diversified}], dropped: {unparsable, no_crop, no_diverse_box}}.
-    """
-    K = args.num_generations
-    out = []
-    for s in range(0, len(records), args.gen_batch_size):
-        chunk = records[s:s + args.gen_batch_size]
+    """Steps 1-2 (sec. 3.1) for one rank's questions: per batch ONE generate call samples K x (b1, b2)
+    each, b2 is diversified, every box cropped and answered (one more call), each answer critic-scored.
+    -> per question {id, question, answer, image, size, gt_box?, candidates: [{box, attempt, which,
+    diversified, answer, s_b, s_r}], dropped: {DROPPED name: count}}."""
+    K, B, out = args.num_generations, args.gen_batch_size, []
+    for s in range(0, len(records), B):
+        chunk = records[s:s + B]
         images = [data.open_image(r["image_path"]) for r in chunk]
-        with vlm.generation_mode(policy):
-            box_texts = _greedy_or_sample(policy, processor, [box_turn(r["question"]) for r in chunk],
-                                          [[im] for im in images], 2 * K, args.max_new_tokens, args.temperature,
-                                          args.max_prompt_len)
-        cands, prompt_index = [], []
-        results = []
+        texts = run.generate_texts(policy, processor, [box_turn(r["question"]) for r in chunk],  # step 1: boxes
+                                   [[im] for im in images], 2 * K, args.max_new_tokens, args.temperature,
+                                   args.max_prompt_len)
+        results, cands = [], []                    # cands: (question index, candidate, its crop)
         for i, (rec, im) in enumerate(zip(chunk, images)):
             res = {"id": rec["id"], "question": rec["question"], "answer": rec["answer"], "image": rec["image_path"],
-                   "size": list(im.size), "candidates": [],
-                   "dropped": {"unparsable": 0, "no_crop": 0, "no_diverse_box": 0, "too_long": 0}}
+                   "size": list(im.size), "candidates": [], "dropped": dict.fromkeys(DROPPED, 0)}
             if rec.get("box") is not None:
                 res["gt_box"] = [round(v, 4) for v in norm_box(rec["box"], *im.size)]
+            results.append(res)
             for k in range(K):
-                t1, t2 = box_texts[i * 2 * K + 2 * k], box_texts[i * 2 * K + 2 * k + 1]
-                _, b1 = canonical_box(t1)
-                _, b2 = canonical_box(t2)
+                j = 2 * (i * K + k)                # texts: 2K per question, b1 and b2 of each attempt
+                b1, b2 = canonical_box(texts[j])[1], canonical_box(texts[j + 1])[1]
+                res["dropped"]["unparsable"] += (b1 is None) + (b2 is None)
                 diversified = False
                 if b1 is not None and b2 is not None:
                     new = diversify_box(b1, b2, rng, args.iou_thresh, args.size_tol)
+                    res["dropped"]["no_diverse_box"] += new is None
                     diversified = new is not None and new != b2
-                    if new is None:
-                        res["dropped"]["no_diverse_box"] += 1
                     b2 = canonical_box(new)[1] if new is not None else None
-                for which, b, raw in (("b1", b1, t1), ("b2", b2, t2)):
-                    if b is None:                  # unparsable, or no room for a diverse b2
-                        res["dropped"]["unparsable"] += canonical_box(raw)[1] is None
-                        continue
-                    c = crop(im, b)
-                    if c is None:
-                        res["dropped"]["no_crop"] += 1
-                        continue
-                    cands.append({"box": b, "attempt": k, "which": which,
-                                  "diversified": diversified and which == "b2", "crop": c})
-                    prompt_index.append(i)
-            results.append(res)
-        # step 2: answer every (box, crop), sampled
-        if cands:
-            with vlm.generation_mode(policy):
-                answers = []
-                for a in range(0, len(cands), args.gen_batch_size * 2):
-                    part = list(range(a, min(a + args.gen_batch_size * 2, len(cands))))
-                    answers += _greedy_or_sample(
-                        policy, processor,
-                        [answer_turns(chunk[prompt_index[j]]["question"], canonical_box(cands[j]["box"])[0])
-                         for j in part],
-                        [[images[prompt_index[j]], cands[j]["crop"]] for j in part], 1, args.answer_max_new_tokens,
-                        args.answer_temperature, args.max_prompt_len)
-            for j in [j for j, a in enumerate(answers) if a is None][::-1]:   # answer prompt over the limit
-                results[prompt_index[j]]["dropped"]["too_long"] += 1
-                del cands[j], prompt_index[j], answers[j]
-            items = [{"question": chunk[o]["question"], "reference": chunk[o]["answer"], "answer": a.strip(),
-                      "image": images[o], "crop": c["crop"]} for c, o, a in zip(cands, prompt_index, answers)]
-            if critic == "oracle":
-                s_b, s_r = oracle_scores(items, [chunk[o] for o in prompt_index], [c["box"] for c in cands])
-            else:
-                s_b, s_r, _ = critic_scores(critic, processor, items)
-            for c, o, it, sb, sr in zip(cands, prompt_index, items, s_b, s_r):
-                c.pop("crop")
-                results[o]["candidates"].append(dict(c, answer=it["answer"], s_b=sb, s_r=sr))
+                for which, b in (("b1", b1), ("b2", b2)):
+                    c = crop(im, b) if b is not None else None
+                    res["dropped"]["no_crop"] += b is not None and c is None
+                    if c is not None:
+                        cands.append((i, {"box": b, "attempt": k, "which": which,
+                                          "diversified": diversified and which == "b2"}, c))
         out += results
+        if not cands:
+            continue
+        answers = run.generate_texts(                # step 2: answer every (box, crop), sampled
+            policy, processor, [answer_turns(chunk[i]["question"], canonical_box(c["box"])[0]) for i, c, _ in cands],
+            [[images[i], cr] for i, _, cr in cands], 1, args.answer_max_new_tokens, args.answer_temperature,
+            args.max_prompt_len, 2 * B)
+        for (i, _, _), a in zip(cands, answers):   # None: the answer prompt is over --max-prompt-len
+            results[i]["dropped"]["too_long"] += a is None
+        kept = [(i, c, cr, a.strip()) for (i, c, cr), a in zip(cands, answers) if a is not None]
+        items = [{"question": chunk[i]["question"], "reference": chunk[i]["answer"], "answer": a,
+                  "image": images[i], "crop": cr} for i, _, cr, a in kept]
+        s_b, s_r = oracle_scores(items, [chunk[i] for i, *_ in kept], [c["box"] for _, c, *_ in kept]) \
+            if critic == "oracle" else critic_scores(critic, processor, items)[:2]
+        for (i, c, _, a), sb, sr in zip(kept, s_b, s_r):
+            results[i]["candidates"].append(dict(c, answer=a, s_b=sb, s_r=sr))
     return out
 
 
 # ============================================================================ filter + selection
-FILTERS = ["questions", "with_candidates", "win_set", "lose_set", "chosen_holds_both_max",
-           "rejected_holds_both_min"]
-
-
 def select_pair(candidates, win=0.8, lose=0.2):
-    """VisRL eq. 4 and the text after it (arXiv 2503.07523, sec. 3.1) for one question.
-
-    W = {c : s_b >= win and s_r >= win}, L = {c : s_b <= lose and s_r <= lose}. The question is
-    kept iff W and L are both non-empty; the chosen c_w is the candidate of W holding the maximum
-    of BOTH s_b and s_r within W, the rejected c_l the one of L holding the minimum of both
-    within L; if no candidate does, the question is dropped too (ties: the first).
-    Returns (chosen_index, rejected_index, reason); reason = the first condition failed
-    (a FILTERS name) or "ok". Raises ValueError unless win > lose (W and L must be disjoint).
-    """
+    """VisRL eq. 4 and the text after it (sec. 3.1) for one question: W = {c : s_b >= win and s_r >= win},
+    L = {c : s_b <= lose and s_r <= lose}; kept iff both are non-empty, W holds a candidate with the
+    maximum of BOTH scores within W (chosen) and L one with the minimum of both within L (rejected;
+    ties: the first). -> (chosen index, rejected index, the first FILTERS condition failed or "ok")."""
     if not win > lose:
         raise ValueError(f"the win threshold ({win}) must be above the lose threshold ({lose})")
     if not candidates:
@@ -404,8 +292,7 @@ def quality(pair, iou=0.5):
 def make_pairs(questions, win=0.8, lose=0.2, quality_iou=0.5):
     """Candidates of every question -> (pairs, survivors after each condition of select_pair, in
     FILTERS order, data-quality fractions)."""
-    failed = {name: 0 for name in FILTERS}
-    pairs = []
+    failed, pairs = dict.fromkeys(FILTERS, 0), []
     for q in questions:
         ci, ri, reason = select_pair(q["candidates"], win, lose)
         if reason != "ok":
@@ -415,10 +302,7 @@ def make_pairs(questions, win=0.8, lose=0.2, quality_iou=0.5):
         pair.update(chosen=q["candidates"][ci], rejected=q["candidates"][ri], gt_box=q.get("gt_box"))
         pair["quality"] = quality(pair, quality_iou)
         pairs.append(pair)
-    survivors, left = {}, len(questions)
-    for name in FILTERS:                       # survivors after each filter, in order
-        left -= failed[name]
-        survivors[name] = left
+    survivors = {name: len(questions) - sum(failed[f] for f in FILTERS[:k + 1]) for k, name in enumerate(FILTERS)}
     graded = [p for p in pairs if p["quality"]]
     mean = lambda xs: sum(xs) / len(xs) if xs else 0.0  # noqa: E731
     fractions = {k: mean([p["quality"] == k for p in graded]) for k in ("WP-LP", "WP-LN", "WN-LP", "WN-LN")}
@@ -428,140 +312,130 @@ def make_pairs(questions, win=0.8, lose=0.2, quality_iou=0.5):
     return pairs, survivors, fractions
 
 
-# ============================================================================ step-level DPO data
+def generation_round(engine, critic, processor, questions, args, rank, world, out, log_state):
+    """Steps 1-2 of iteration log_state["iter_name"] -> OUT/iter{k}/: candidates.jsonl (resumable), pairs.jsonl,
+    stats.json, examples/; --pairs replaces iteration 1's. Returns all the pairs, on every rank."""
+    it_name, folder, t0 = log_state["iter_name"], out / log_state["iter_name"], time.time()
+    folder.mkdir(parents=True, exist_ok=True)
+    if it_name == "iter1" and args.pairs:
+        pairs = run.read_jsonl(args.pairs)
+        stats = {"survivors": {"given": len(pairs)}, "quality": {}}
+    else:
+        rng = random.Random(args.seed + 1000 * rank + int(it_name[4:]))
+        generate = lambda mine: generate_candidates(engine.module, critic, processor, mine, args, rng)  # noqa: E731
+        done = run.map_jsonl(questions, generate, folder / "candidates.jsonl", rank, world,
+                             args.gen_batch_size * world, f"{it_name} generate")
+        generated = [done[q["id"]] for q in questions if q["id"] in done]
+        pairs, survivors, fractions = make_pairs(generated, args.win_threshold, args.lose_threshold, args.quality_iou)
+        cands = [(c, q) for q in generated for c in q["candidates"]]
+        mean = lambda xs: sum(xs) / max(len(cands), 1)  # noqa: E731
+        stats = {"survivors": survivors, "quality": fractions, "candidates": len(cands),
+                 "dropped": {k: sum(q["dropped"][k] for q in generated) for k in DROPPED},
+                 "diversified": sum(c["diversified"] for c, _ in cands),
+                 "mean_s_b": mean(c["s_b"] for c, _ in cands), "mean_s_r": mean(c["s_r"] for c, _ in cands),
+                 # how often the critic's s_r agrees with a plain normalised match (a check on the critic)
+                 "critic_sr_agreement": mean((c["s_r"] >= 0.5) == (rewards.normalise_answer(c["answer"]) ==
+                                                                   rewards.normalise_answer(q["answer"]))
+                                             for c, q in cands),
+                 "seconds": round(time.time() - t0, 1)}
+        if rank == 0:
+            save_examples(pairs, folder / "examples", args.n_examples)
+    if rank == 0:
+        data.write_jsonl(folder / "pairs.jsonl", pairs)          # written even when no pair survived
+        (folder / "stats.json").write_text(json.dumps(stats, indent=1))
+        run.log(out, rank, {"step": log_state["step"], "phase": f"{it_name}/generate", "pairs": len(pairs),
+                            **{f"survive_{k}": v for k, v in stats["survivors"].items()},
+                            **{f"quality_{k}": v for k, v in stats["quality"].items()},
+                            **{k: stats[k] for k in ("candidates", "mean_s_b", "mean_s_r", "critic_sr_agreement")
+                               if k in stats}})
+        print(f"[visrl] {it_name}: {len(pairs)} pairs; survivors {stats['survivors']}; quality {stats['quality']}")
+    return pairs
+
+
+def save_examples(pairs, folder, n=8):
+    """PNG per pair: the image with the chosen (green), rejected (red) and GT (blue) boxes."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for p in pairs[:n]:
+        c, r = p["chosen"], p["rejected"]
+        run.box_picture(folder / (re.sub(r"[^A-Za-z0-9_.-]", "_", str(p["id"])) + ".png"), data.open_image(p["image"]),
+                        [(p["gt_box"], "blue"), (r["box"], "red"), (c["box"], "green")],
+                        [(p["question"][:48], "black"),
+                         (f"win: {c['answer'][:14]} sb {c['s_b']:.1f} sr {c['s_r']:.1f}", "green"),
+                         (f"lose: {r['answer'][:14]} sb {r['s_b']:.1f} sr {r['s_r']:.1f}", "red")])
+
+
+# ============================================================================ SFT + step-level DPO
+def sft_phase(engine, processor, records, args, rank, world, out, log_state):
+    """SFT warm-up: the two-turn chat with the GT box, next-token loss on both assistant turns."""
+    def loss_fn(batch):
+        convs, images = zip(*[sft_example(r, data.open_image(r["image_path"])) for r in batch])
+        return vlm.sft_loss(engine, processor, list(convs), list(images)), {}
+    log_state["step"] += run.train_phase(engine, records, loss_fn, "sft", args.sft_lr, args.sft_epochs,
+                                         args.sft_batch_size, args.seed, args, rank, world, out, log_state["step"])
+
+
 def box_step(pairs, images):
-    """Stage 1's DPO data (eq. 5-6): x = image + question + instruction, y_w / y_l = box texts.
-    Returns (convs, images, chosen texts, rejected texts)."""
+    """Stage 1's DPO data (eqs. 5-6): x = image + question + instruction, y = box text -> (convs, images, y_w, y_l)."""
     convs = [box_turn(p["question"]) for p in pairs]
     return (convs, [[im] for im in images], [canonical_box(p["chosen"]["box"])[0] for p in pairs],
             [canonical_box(p["rejected"]["box"])[0] for p in pairs])
 
 
 def answer_step(pairs, images):
-    """Stage 2's answer-step DPO data (eq. 7): the context is the image, the question, the WINNING
-    box and the crop of the winning box, for BOTH the chosen and the rejected answer (the rejected
-    answer was produced from its own crop, but is scored here in the winner's context)."""
+    """Stage 2's answer-step DPO data (eq. 7): x = image, question, the WINNING box and its crop for BOTH
+    answers (the rejected one was produced from its own crop, but is scored in the winner's context)."""
     convs = [answer_turns(p["question"], canonical_box(p["chosen"]["box"])[0]) for p in pairs]
     ims = [[im, crop(im, p["chosen"]["box"])] for p, im in zip(pairs, images)]
     return convs, ims, [p["chosen"]["answer"] for p in pairs], [p["rejected"]["answer"] for p in pairs]
 
 
-def phase_steps(n_items, per_step, epochs, max_steps=None, grad_accum=1):
-    """Micro-steps of a phase: `epochs` passes over n_items, per_step items a micro-step, capped at
-    max_steps optimizer updates (max_steps * grad_accum micro-steps)."""
-    steps = math.ceil(epochs * n_items / per_step) if n_items else 0
-    return min(steps, max_steps * grad_accum) if max_steps else steps
-
-
 def dpo_phase(engine, ref, processor, pairs, stage, args, rank, world, out, log_state):
-    """Stage 1 (box DPO) or stage 2 (0.5 box DPO + 0.5 answer DPO) over `pairs` (every rank has all).
-
-    Each step every rank takes its share of batch_size * world pairs (round robin); ranks
-    walk the same number of steps (DeepSpeed all-reduces the gradients).
-    """
-    grpo.fresh_optimizer(engine, args.lr)     # each stage trains as a separate run (fresh AdamW, constant lr)
-    per_step = args.batch_size * world
-    steps = phase_steps(len(pairs), per_step, args.dpo_epochs, args.max_steps, args.grad_accum)
-    order = run.data_order(len(pairs), args.seed + stage)
-    guard = run.NonFiniteGuard()
-    engine.train()
-    bar = tqdm(range(steps), desc=f"{log_state['iter_name']} stage {stage}", disable=rank != 0)
-    for step in bar:
-        t0 = time.time()
-        mine = run.step_items(pairs, order, step, args.batch_size, rank, world)
-        images = [data.open_image(p["image"]) for p in mine]
-        box_data = box_step(mine, images)
-        box = dpo.pair_logps(engine, ref, processor, *box_data, engine.device, args.max_prompt_len)
-        if stage == 2:              # the answer step: both answers in the winning box's context
-            answer_data = answer_step(mine, images)
-            answer = dpo.pair_logps(engine, ref, processor, *answer_data, engine.device, args.max_prompt_len)
-        else:
-            answer = None
-        loss, stats = dpo.step_dpo_loss(box, answer, beta=args.beta, box_weight=1.0 if stage == 1 else 0.5)
-        if args.nll_weight:         # optional RPO-style NLL on the chosen steps (not in the paper)
-            nll = dpo.chosen_nll(processor, box_data[2], box[0])
-            if stage == 2:
-                nll = 0.5 * nll + 0.5 * dpo.chosen_nll(processor, answer_data[2], answer[0])
-            loss = loss + args.nll_weight * nll
-            stats["nll"] = nll.item()
-        # the phase's last, maybe partial, window is applied at its end
-        skipped = guard.update(engine, loss, log_state["step"], window=grpo.accumulation(step, steps, args.grad_accum))
-        stats.update(step=log_state["step"], phase=f"{log_state['iter_name']}/stage{stage}", loss=loss.item(),
-                     skipped=skipped, updates=engine.global_steps, seconds=round(time.time() - t0, 2))
-        stats["reward_accuracy"], stats["margin"] = stats["box_reward_accuracy"], stats["box_margin"]
-        run.log(out, rank, stats)
-        log_state["step"] += 1
-        bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{stats['reward_accuracy']:.2f}")
-    return steps
-
-
-def sft_phase(engine, processor, records, args, rank, world, out, log_state):
-    """SFT warm-up: the two-turn chat with the GT box, next-token loss on both assistant turns."""
-    grpo.fresh_optimizer(engine, args.sft_lr)
-    per_step = args.sft_batch_size * world
-    steps = phase_steps(len(records), per_step, args.sft_epochs, args.max_steps, args.grad_accum)
-    order = run.data_order(len(records), args.seed)
-    guard = run.NonFiniteGuard()
-    engine.train()
-    for step in tqdm(range(steps), desc="sft warm-up", disable=rank != 0):
-        examples = [sft_example(rec, data.open_image(rec["image_path"]))
-                    for rec in run.step_items(records, order, step, args.sft_batch_size, rank, world)]
-        convs, images = zip(*examples)
-        loss = vlm.sft_loss(engine, processor, list(convs), list(images))
-        # the phase's last, maybe partial, window is applied at its end
-        skipped = guard.update(engine, loss, log_state["step"], window=grpo.accumulation(step, steps, args.grad_accum))
-        run.log(out, rank, {"step": log_state["step"], "phase": "sft", "loss": loss.item(), "skipped": skipped,
-                            "updates": engine.global_steps})
-        log_state["step"] += 1
-    return steps
+    """Stage 1 (box DPO, eqs. 5-6) or stage 2 (0.5 box DPO + 0.5 answer DPO, eqs. 7-10) over `pairs`
+    (every rank has all of them). ref None: the policy with its LoRA adapters off."""
+    def loss_fn(batch):
+        images = [data.open_image(p["image"]) for p in batch]
+        steps = [box_step(batch, images)] + ([answer_step(batch, images)] if stage == 2 else [])
+        loss, stats = dpo.step_dpo_batch(engine, ref, processor, steps, args.beta, args.nll_weight, engine.device,
+                                         args.max_prompt_len)
+        stats["reward_accuracy"], stats["margin"] = stats["box_reward_accuracy"], stats["box_margin"]  # plotted
+        return loss, stats
+    log_state["step"] += run.train_phase(engine, pairs, loss_fn, f"{log_state['iter_name']}/stage{stage}", args.lr,
+                                         args.dpo_epochs, args.batch_size, args.seed + stage, args, rank, world, out,
+                                         log_state["step"])
 
 
 # ============================================================================ evaluation
 @torch.no_grad()
 def evaluate(model, processor, records, args, rank=0, world=1, critic=None, batch_size=16):
-    """Greedy two-step inference on `records` (sharded over ranks, gathered on all).
-
-    Answer accuracy: normalised exact match for short reference answers (<= 3 words); for long
-    ones the critic's s_r >= 0.5 when a critic is given, else exact match. Box accuracy: IoU >= 0.5
-    with the GT box, over the records that have one; also mean IoU and box coverage (the box holds
-    half of the GT box or more: the crop shows the evidence, however loose). An unparsable box
-    counts as wrong for all of them and is counted in "unparsable". A record whose prompt cannot be
-    processed (sample_problem) is left out of the scores, counted in "skipped_samples" and listed
-    in the predictions with the reason. Returns (metrics, predictions).
-    """
-    critic = None if critic == "oracle" else critic
-    mine = run.shard(records, rank, world)
-    preds, skipped = [], []
+    """Greedy two-step inference on `records` (sharded over ranks, gathered on all) -> (metrics, predictions).
+    Answer accuracy: normalised exact match; for long reference answers (> 3 words) the critic's
+    s_r >= 0.5 when a critic is given. Over the records with a GT box: box accuracy (IoU >= 0.5),
+    mean IoU, box coverage (the box holds half of the GT box or more); an unparsable box is wrong
+    for all of them. A record whose prompt cannot be processed is skipped, counted and listed."""
+    mine, preds, skipped = run.shard(records, rank, world), [], []
     for s in range(0, len(mine), batch_size):
-        # a sample that cannot be processed is skipped, counted
         chunk, bad = run.partition(mine[s:s + batch_size], lambda r: sample_problem(r, processor, args.max_prompt_len))
         skipped += [{"id": r["id"], "question": r["question"], "skipped": why} for r, why in bad]
         if not chunk:
             continue
         images = [data.open_image(r["image_path"]) for r in chunk]
-        with vlm.generation_mode(model):
-            texts = _greedy_or_sample(model, processor, [box_turn(r["question"]) for r in chunk],
-                                      [[im] for im in images], 1, args.max_new_tokens, 0, args.max_prompt_len)
-        boxes = [canonical_box(t) for t in texts]
-        ok = [i for i, (_, b) in enumerate(boxes) if b is not None and crop(images[i], b) is not None]
-        answers = {}
+        texts = run.generate_texts(model, processor, [box_turn(r["question"]) for r in chunk],
+                                   [[im] for im in images], 1, args.max_new_tokens, 0, args.max_prompt_len)
+        boxes = [canonical_box(t) for t in texts]                          # (text, box) or (None, None)
+        crops = [crop(im, b) if b is not None else None for im, (_, b) in zip(images, boxes)]
+        ok, answers = [i for i, c in enumerate(crops) if c is not None], {}
         if ok:
-            with vlm.generation_mode(model):
-                replies = _greedy_or_sample(model, processor,
-                                            [answer_turns(chunk[i]["question"], boxes[i][0]) for i in ok],
-                                            [[images[i], crop(images[i], boxes[i][1])] for i in ok], 1,
-                                            args.answer_max_new_tokens, 0, args.max_prompt_len)
+            replies = run.generate_texts(model, processor, [answer_turns(chunk[i]["question"], boxes[i][0])
+                                                            for i in ok], [[images[i], crops[i]] for i in ok],
+                                         1, args.answer_max_new_tokens, 0, args.max_prompt_len)
             answers = {i: r.strip() for i, r in zip(ok, replies) if r is not None}   # None: prompt too long
-        long_items = [i for i in answers if critic is not None and rewards.is_long(chunk[i]["answer"])]
-        judged = {}
-        if long_items:
-            items = [{"question": chunk[i]["question"], "reference": chunk[i]["answer"], "answer": answers[i],
-                      "image": images[i], "crop": crop(images[i], boxes[i][1])} for i in long_items]
-            judged = dict(zip(long_items, critic_scores(critic, processor, items)[1]))
+        long = [i for i in answers if critic not in (None, "oracle") and rewards.is_long(chunk[i]["answer"])]
+        judged = dict(zip(long, critic_scores(critic, processor, [
+            {"question": chunk[i]["question"], "reference": chunk[i]["answer"], "answer": answers[i],
+             "image": images[i], "crop": crops[i]} for i in long])[1])) if long else {}
         for i, (rec, im) in enumerate(zip(chunk, images)):
-            box = boxes[i][1] if i in answers else None
+            box, ans = boxes[i][1] if i in answers else None, answers.get(i)
             gt = norm_box(rec["box"], *im.size) if rec.get("box") is not None else None
-            ans = answers.get(i)
             correct = (judged[i] >= 0.5) if i in judged else \
                 (ans is not None and rewards.normalise_answer(ans) == rewards.normalise_answer(rec["answer"]))
             preds.append({"id": rec["id"], "question": rec["question"], "reference": rec["answer"],
@@ -569,111 +443,40 @@ def evaluate(model, processor, records, args, rank=0, world=1, critic=None, batc
                           "gt_box": gt, "box_iou": rewards.box_iou(box, gt) if box and gt else (0.0 if gt else None)})
     preds, skipped = run.gather_records(preds), run.gather_records(skipped)
     with_gt = [p for p in preds if p["gt_box"] is not None]
+    over_gt = lambda xs: sum(xs) / len(with_gt) if with_gt else None  # noqa: E731
     metrics = {"answer_accuracy": sum(p["correct"] for p in preds) / max(len(preds), 1),
-               "box_accuracy": (sum(p["box_iou"] >= 0.5 for p in with_gt) / len(with_gt)) if with_gt else None,
-               "mean_box_iou": (sum(p["box_iou"] for p in with_gt) / len(with_gt)) if with_gt else None,
+               "box_accuracy": over_gt(p["box_iou"] >= 0.5 for p in with_gt),
+               "mean_box_iou": over_gt(p["box_iou"] for p in with_gt),
                # ours, not the paper's: the box holds at least half of the GT box (the crop shows it)
-               "box_coverage": (sum(p["box"] is not None and rewards.covers(p["box"], p["gt_box"]) for p in with_gt)
-                                / len(with_gt)) if with_gt else None,
+               "box_coverage": over_gt(p["box"] is not None and rewards.covers(p["box"], p["gt_box"])
+                                       for p in with_gt),
                "unparsable": sum(p["box"] is None for p in preds), "n": len(preds), "n_with_box": len(with_gt),
                "skipped_samples": len(skipped)}
     return metrics, preds + skipped
 
 
-# ============================================================================ pictures
-def save_examples(pairs, folder, n=8):
-    """PNG per pair: the image with the chosen (green), rejected (red) and GT (blue) boxes."""
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    for p in pairs[:n]:
-        im = data.open_image(p["image"])
-        scale = max(1, 256 // max(im.size))
-        im = im.resize((im.width * scale, im.height * scale), Image.NEAREST)
-        canvas = Image.new("RGB", (im.width, im.height + 46), "white")
-        canvas.paste(im, (0, 0))
-        draw = ImageDraw.Draw(canvas)
-        for key, colour in (("gt_box", "blue"), ("rejected", "red"), ("chosen", "green")):
-            box = p[key] if key == "gt_box" else p[key]["box"]
-            if box:
-                draw.rectangle(pixel_box(box, im.width, im.height), outline=colour, width=2)
-        c, r = p["chosen"], p["rejected"]
-        draw.text((2, im.height + 2), p["question"][:48], fill="black")
-        draw.text((2, im.height + 16), f"win: {c['answer'][:14]} sb {c['s_b']:.1f} sr {c['s_r']:.1f}", fill="green")
-        draw.text((2, im.height + 30), f"lose: {r['answer'][:14]} sb {r['s_b']:.1f} sr {r['s_r']:.1f}", fill="red")
-        canvas.save(folder / (re.sub(r"[^A-Za-z0-9_.-]", "_", str(p["id"])) + ".png"))
-
-
 # ============================================================================ main
 def load_records(args, rank):
-    """(sft records, RL question records, test manifest). Default: a shapes-world VQA set in the cache.
-
-    With --sft-data, the SFT warm-up uses that boxed manifest and every --data record is an RL
-    question (the paper: 30k boxed VisCoT samples for SFT, 180k plain QA pairs for RL). Without it
-    a --sft-fraction of --data's boxed records is held out for SFT and the rest become RL
-    questions (their boxes are then used only to grade the pairs, never to train).
-    """
+    """(SFT records, RL questions, test manifest or None, skipped count); default: shapes-world VQA. With
+    --sft-data every --data record is an RL question (the paper: 30k boxed VisCoT samples for SFT, 180k
+    plain QA pairs for RL); else a --sft-fraction of --data's boxed records is held out for SFT (the
+    other records' boxes then only grade the pairs, never train)."""
     root = vlm.CACHE / f"shapes-visrl-{args.seed}"              # bigger than the default world: 512 + 512
-    if not args.data:
-        if rank == 0 and not (root / "vqa" / "test.jsonl").exists():
-            data.make_shapes_world(root, n_train=512, n_test=512, seed=args.seed)
-        run.barrier()
+    if not args.data and rank == 0 and not (root / "vqa" / "test.jsonl").exists():
+        data.make_shapes_world(root, n_train=512, n_test=512, seed=args.seed)
+    run.barrier()
     train_path = run.manifest_path(args.data, "train", args.seed, "vqa", world=root)
-    test_path = (run.manifest_path(args.test, "test", args.seed, "vqa", world=root)
-                 if args.test or not args.data else None)
+    test_path = run.manifest_path(args.test, "test", args.seed, "vqa", world=root) \
+        if args.test or not args.data else None
     records, skipped = data.read_manifest(train_path, "vqa", skip_bad=args.skip_bad)
     if args.sft_data:
         sft, _ = data.read_manifest(args.sft_data, "vqa", skip_bad=args.skip_bad)
-        sft = [r for r in sft if r.get("box") is not None]
-        questions = records
-    else:
-        boxed = [i for i, r in enumerate(records) if r.get("box") is not None]
-        random.Random(args.seed).shuffle(boxed)
-        take = set(boxed[:round(args.sft_fraction * len(boxed))])
-        sft = [records[i] for i in sorted(take)]
-        questions = [r for i, r in enumerate(records) if i not in take] if args.sft_fraction < 1 else records
-    return sft, questions, test_path, skipped
-
-
-def generation_round(engine, critic, processor, questions, folder, args, rank, world, it):
-    """Steps 1-2 of one iteration: every rank generates for its share of each chunk, rank 0 appends
-    the merged records to candidates.jsonl (resumable: ids already there are skipped), then the
-    filter makes the pairs. Every rank returns all pairs, in the same order."""
-    t0 = time.time()
-    done = {q["id"]: q for q in run.read_jsonl(folder / "candidates.jsonl")}
-    todo = [q for q in questions if q["id"] not in done]
-    rng = random.Random(args.seed + 1000 * rank + it)
-    per_chunk = args.gen_batch_size * world
-    chunks = [todo[k:k + per_chunk] for k in range(0, len(todo), per_chunk)]
-    for chunk in tqdm(chunks, desc=f"iter{it} generate", disable=rank != 0):
-        mine = run.shard(chunk, rank, world)          # every rank walks every chunk (all_gather)
-        found = generate_candidates(engine.module, critic, processor, mine, args, rng) if mine else []
-        for q in run.gather_records(found):
-            done[q["id"]] = q
-            if rank == 0:
-                run.append_jsonl(folder / "candidates.jsonl", q)
-    generated = [done[q["id"]] for q in questions if q["id"] in done]
-    pairs, survivors, fractions = make_pairs(generated, args.win_threshold, args.lose_threshold,
-                                             args.quality_iou)
-    cands = [c for q in generated for c in q["candidates"]]
-    stats = {"survivors": survivors, "quality": fractions, "candidates": len(cands),
-             "dropped": {k: sum(q["dropped"][k] for q in generated)
-                         for k in ("unparsable", "no_crop", "no_diverse_box", "too_long")},
-             "diversified": sum(c["diversified"] for c in cands),
-             "mean_s_b": sum(c["s_b"] for c in cands) / max(len(cands), 1),
-             "mean_s_r": sum(c["s_r"] for c in cands) / max(len(cands), 1),
-             # how often the critic's s_r agrees with a plain normalised match (a check on the critic)
-             "critic_sr_agreement": sum((c["s_r"] >= 0.5) == (rewards.normalise_answer(c["answer"]) ==
-                                                               rewards.normalise_answer(q["answer"]))
-                                        for q in generated for c in q["candidates"]) / max(len(cands), 1),
-             "seconds": round(time.time() - t0, 1)}
-    if rank == 0:
-        save_examples(pairs, folder / "examples", args.n_examples)
-    return pairs, stats
-
-
-def write_eval(out, metrics, preds, model, test_path):
-    (out / "eval.json").write_text(json.dumps(dict(metrics, model=str(model), test=str(test_path)), indent=1))
-    data.write_jsonl(out / "predictions.jsonl", preds)
+        return [r for r in sft if r.get("box") is not None], records, test_path, skipped
+    boxed = [i for i, r in enumerate(records) if r.get("box") is not None]
+    random.Random(args.seed).shuffle(boxed)
+    take = set(boxed[:round(args.sft_fraction * len(boxed))])
+    questions = [r for i, r in enumerate(records) if i not in take] if args.sft_fraction < 1 else records
+    return [records[i] for i in sorted(take)], questions, test_path, skipped
 
 
 def phase_plan(args):
@@ -685,30 +488,10 @@ def phase_plan(args):
     return plan
 
 
-def save_phase(engine, processor, out, name, args, cfg):
-    """Save the phase's model to OUT/<name>; returns the engine the next phase trains. With LoRA the
-    adapter is folded into the weights and the next phase trains a fresh one (a new engine), as the
-    released code trains each stage on the merged model of the last one."""
-    model = run.merged(engine) if args.lora_rank else engine
-    run.save_final(model, processor, out / Path(name).parent, Path(name).name)
-    return run.deepspeed_engine(run.lora_model(model, args.lora_rank), cfg) if args.lora_rank else engine
-
-
-def save_progress(out, progress, step, rank):
-    """OUT/progress.json: the finished phases, the step counter and the record counts that
-    run.prepare_out cuts metrics.jsonl back to on --resume. Written atomically (kill -9 safe)."""
-    progress["step"], progress["records"] = step, run.record_counts(out)
-    if rank == 0:
-        (out / "progress.tmp").write_text(json.dumps(progress))
-        (out / "progress.tmp").replace(out / "progress.json")
-    run.barrier()
-
-
 def main(argv=None):
     args = parse_args(argv)
     rank, world, out = run.start(args)
     cfg = run.deepspeed_config(args, micro_batch=args.batch_size)
-
     if args.eval:                        # evaluation only: eval_only(), at the end of this file
         return eval_only(args, cfg, rank, world, out)
 
@@ -720,25 +503,15 @@ def main(argv=None):
               f"{len(test)} test records, {world} rank(s), K {args.num_generations}, iters {args.iters}, "
               f"stages {','.join(args.stages)}")
 
-    # ---- resume (phase granularity): OUT/progress.json lists the finished phases; the newest saved
-    # model becomes the policy, metrics.jsonl is cut back to that point (run.prepare_out)
-    progress_path = out / "progress.json"
-    progress = json.loads(progress_path.read_text()) if args.resume and progress_path.exists() else {"done": []}
-    if not args.resume and rank == 0:
-        stale_files = [out / n for n in ("metrics.jsonl", "phases.json", "progress.json", "eval.json")]
-        for stale in stale_files + list(out.glob("iter*")):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink(missing_ok=True)
-    run.barrier()
-    run.prepare_out(out, rank, progress if "records" in progress else None)
-    phases = json.loads((out / "phases.json").read_text()) if args.resume and (out / "phases.json").exists() else []
+    # ---- resume: finished phases are skipped, the newest saved model is the policy, logs are cut back
+    progress = run.load_progress(out, rank, args.resume, stale=("metrics.jsonl", "phases.json", "eval.json", "iter*"))
+    phases = json.loads((out / "phases.json").read_text()) if (out / "phases.json").exists() else []
     phases = [p for p in phases if p["phase"] in ["base"] * ("records" in progress) + progress["done"]]
     latest = next((out / p for p in reversed(progress["done"]) if not p.endswith("generate")), args.model)
 
     # ---- models: the policy (a DeepSpeed engine) and the critic = the pre-SFT model, frozen
     model, processor = run.load_policy(args, latest)
-    if args.lora_rank and cfg.get("zero_optimization", {}).get("stage") == 3:
-        raise SystemExit("--lora-rank: use ZeRO-2 (ds_zero2.json); merging adapters needs whole weights")
-    engine = run.deepspeed_engine(run.lora_model(model, args.lora_rank) if args.lora_rank else model, cfg)
+    engine = run.policy_engine(model, cfg, args.lora_rank)       # --lora-rank: a new adapter every phase
     critic = "oracle" if args.critic == "oracle" else \
         run.reference_model(args.critic or args.model, cfg, device=engine.device, max_pixels=args.max_pixels)
     # a sample whose prompt cannot be processed is skipped (OUT/skipped.jsonl), never fatal
@@ -749,66 +522,44 @@ def main(argv=None):
 
     def score(name):
         """Test scores of the current policy -> OUT/phases.json (the SFT / +stage 1 / +stage 2 table)."""
-        if not (args.phase_eval_n and test):
-            return
-        metrics, _ = evaluate(engine.module, processor, test[:args.phase_eval_n], args, rank, world, critic)
-        phases.append(dict(metrics, phase=name))
-        if rank == 0:
-            print(f"[visrl] {name}: answer accuracy {metrics['answer_accuracy']:.3f}, "
-                  f"box accuracy {metrics['box_accuracy']}")
-            (out / "phases.json").write_text(json.dumps(phases, indent=1))
-            run.log(out, rank, dict(metrics, step=log_state["step"], phase=f"eval/{name}"))
+        if args.phase_eval_n and test:
+            metrics, _ = evaluate(engine.module, processor, test[:args.phase_eval_n], args, rank, world, critic)
+            phases.append(dict(metrics, phase=name))
+            if rank == 0:
+                print(f"[visrl] {name}: answer accuracy {metrics['answer_accuracy']:.3f}, "
+                      f"box accuracy {metrics['box_accuracy']}")
+                (out / "phases.json").write_text(json.dumps(phases, indent=1))
+                run.log(out, rank, dict(metrics, step=log_state["step"], phase=f"eval/{name}"))
 
     if not phases:
         score("base")
-        save_progress(out, progress, log_state["step"], rank)
+        run.save_progress(out, rank, progress, log_state["step"])
 
-    # ---- the phases, one after another: SFT warm-up, then per iteration generate -> stage 1 -> stage 2.
-    # Each DPO stage's reference is the model the stage starts from (`latest`): stage 1's the model its
-    # iteration started from (the SFT model first), stage 2's the stage-1 model.
+    # ---- the phases, one flat loop: SFT warm-up, then per iteration generate -> stage 1 -> stage 2
     pairs = None
     for phase in phase_plan(args):
         if phase in progress["done"]:
             continue
         it_name, _, kind = phase.rpartition("/")          # "iter1/stage2" -> ("iter1", "stage2"); "sft" -> ("", "sft")
-        folder, log_state["iter_name"] = out / it_name, it_name or "sft"
+        log_state["iter_name"] = it_name or "sft"
         if kind == "sft":                                  # 0. SFT warm-up
             if not sft_records:
                 raise SystemExit("[visrl] the SFT warm-up needs boxed records (--sft-data, or boxes in --data)")
             sft_phase(engine, processor, sft_records, args, rank, world, out, log_state)
         elif kind == "generate":                           # 1.-2. data generation + filter
-            if rank == 0:
-                folder.mkdir(parents=True, exist_ok=True)
-            run.barrier()
-            if it_name == "iter1" and args.pairs:
-                pairs = run.read_jsonl(args.pairs)
-                stats = {"survivors": {"given": len(pairs)}, "quality": {}}
-            else:
-                pairs, stats = generation_round(engine, critic, processor, questions, folder, args, rank, world,
-                                                int(it_name[4:]))
-            if rank == 0:
-                data.write_jsonl(folder / "pairs.jsonl", pairs)          # written even when no pair survived
-                (folder / "stats.json").write_text(json.dumps(stats, indent=1))
-                run.log(out, rank, {"step": log_state["step"], "phase": phase, "pairs": len(pairs),
-                                    **{f"survive_{k}": v for k, v in stats["survivors"].items()},
-                                    **{f"quality_{k}": v for k, v in stats["quality"].items()},
-                                    **{k: stats[k] for k in ("candidates", "mean_s_b", "mean_s_r",
-                                                             "critic_sr_agreement") if k in stats}})
-                print(f"[visrl] {it_name}: {len(pairs)} pairs; survivors {stats['survivors']}; "
-                      f"quality {stats['quality']}")
+            pairs = generation_round(engine, critic, processor, questions, args, rank, world, out, log_state)
         else:                                              # 3.-4. stage 1 (box DPO) / stage 2 (step DPO)
-            if pairs is None:                              # --resume after this iteration's generation
-                pairs = run.read_jsonl(folder / "pairs.jsonl")
-            if pairs:
+            pairs = run.read_jsonl(out / it_name / "pairs.jsonl") if pairs is None else pairs   # --resume
+            if pairs:                                      # reference: the model the stage starts from
                 ref = None if args.lora_rank else \
                     run.reference_model(latest, cfg, device=engine.device, max_pixels=args.max_pixels)
                 dpo_phase(engine, ref, processor, pairs, int(kind[-1]), args, rank, world, out, log_state)
                 del ref
         if kind != "generate":                             # save the phase's model, score it
-            engine, latest = save_phase(engine, processor, out, phase, args, cfg), out / phase
+            engine, latest = run.save_phase(engine, processor, out, phase, cfg, args.lora_rank), out / phase
             score(phase)
         progress["done"].append(phase)
-        save_progress(out, progress, log_state["step"], rank)
+        run.save_progress(out, rank, progress, log_state["step"])
 
     # ---- save + evaluate
     policy = run.merged(engine) if args.lora_rank else engine.module
@@ -816,7 +567,7 @@ def main(argv=None):
     if test:
         metrics, preds = evaluate(policy, processor, test[:args.n_test], args, rank, world, critic)
         if rank == 0:
-            write_eval(out, metrics, preds, out / "final", test_path)
+            run.write_eval(out, metrics, preds, model=out / "final", test=test_path)
             print(f"[visrl] final: {json.dumps(metrics)}")
     if rank == 0:
         try:
@@ -827,16 +578,17 @@ def main(argv=None):
 
 
 def eval_only(args, cfg, rank, world, out):
-    """`--eval`: two-step answers (box, then the crop) on the test manifest -> OUT/eval.json and
-    OUT/predictions.jsonl; answer and box accuracy."""
-    test_path = Path(args.test) if args.test else load_records(args, rank)[2]
+    """`--eval`: answer and box accuracy of --model on the test manifest -> OUT/eval.json, predictions.jsonl."""
+    test_path = load_records(args, rank)[2]            # --test: a manifest or a shapes-world task name
+    if test_path is None:
+        raise SystemExit("visrl.py --eval --data X: name the test manifest with --test")
     test, _ = data.read_manifest(test_path, "vqa", skip_bad=args.skip_bad)
     model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
     critic = run.reference_model(args.critic, cfg, device=model.device, max_pixels=args.max_pixels) \
         if args.critic and args.critic != "oracle" else None
     metrics, preds = evaluate(model, processor, test[:args.n_test], args, rank, world, critic)
     if rank == 0:
-        write_eval(out, metrics, preds, args.model, test_path)
+        run.write_eval(out, metrics, preds, model=args.model, test=test_path)
         print(json.dumps(metrics))
     return metrics
 
