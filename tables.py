@@ -221,7 +221,8 @@ def rise_results(seed, d):
             if "jsd" in m:
                 preds = [p for p in read_jsonl(d / task / folder / "eval" / "predictions.jsonl") if p["id"] in sft]
                 # the share of test images on which this row's JSD is below SFT's (rewards.win_rate, reversed)
-                beats = rewards.win_rate([p["jsd"] for p in preds], [sft[p["id"]] for p in preds]) if preds else None
+                beats = rewards.win_rate([p["jsd"] for p in preds], [sft[p["id"]] for p in preds]) \
+                    if preds and folder != "sft" else None
                 table[row] = {"JSD": m["jsd"], "accuracy": m["accuracy"], "beats SFT": beats}
             else:
                 table[row] = {"mAP@0.5": m["map50"]}
