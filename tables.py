@@ -296,6 +296,10 @@ def summarise(per_seed):
             for section, rows in out.items()}
 
 
+def number(x, digits):
+    return f"{x:.0f}" if abs(x) >= 100 else f"{x:.{digits}g}"      # 3 significant digits, no 1.01e+03
+
+
 def markdown(summary, seeds):
     lines = []
     for section, rows in summary.items():
@@ -306,7 +310,7 @@ def markdown(summary, seeds):
             for m in metrics:
                 mean, std, n = cells.get(m, [None, None, 0])
                 missing = "" if n == len(seeds) else f" (n={n})"
-                text.append("-" if mean is None else f"{mean:.3g} +- {std:.2g}{missing}")
+                text.append("-" if mean is None else f"{number(mean, 3)} +- {number(std, 2)}{missing}")
             lines.append(f"| {row} | " + " | ".join(text) + " |")
         lines.append("")
     return "\n".join(lines)
