@@ -39,6 +39,7 @@ def read_json(path):
 
 
 def read_jsonl(path):
+    """Read-only (run.read_jsonl also cuts a torn last line off the file, for a writer that resumes)."""
     path = Path(path)
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
 
