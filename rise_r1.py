@@ -8,7 +8,7 @@ section "RISE-R1: Training VLM for Enhanced CoTs" (SFT loss eq. 8, reward eq. 9,
      loss on the target tokens only                                          -> vlm.sft_loss
   3. GRPO on the full training set, same prompt,
      reward = Sim(a_hat, a) + R_fmt                                          -> rewards.rise_r1_reward
-  4. --eval: greedy decoding on the test set -> eval.json + predictions.jsonl -> evaluate()
+  4. --eval: greedy decoding on the test set -> eval.json + predictions.jsonl -> eval_only()
 
 The paper's rows (same budget each):
     SFT (plain answers)    --stages sft --sft-target plain
@@ -172,13 +172,9 @@ def metrics_of(preds, records, schema, baseline=None):
 
 
 # ---------------------------------------------------------------------------- main
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, out = run.start(args)
+def train(args, rank, world, out):
+    """RISE-R1: SFT on D_high, then GRPO (or the stages --stages names) -> OUT/final/."""
     model, processor = run.load_policy(args)
-
-    if args.eval:                        # evaluation only: eval_only(), at the end of this file
-        return eval_only(model, processor, args, rank, world, out)
 
     # ---- data
     records, schema, skipped = load(run.manifest_path(args.data, "train", args.seed, "soft_cls"), args.skip_bad)
@@ -267,9 +263,10 @@ def main(argv=None):
         run.plot(out)
 
 
-def eval_only(model, processor, args, rank=0, world=1, out=None):
-    """`--eval`: greedy answers on the test manifest -> OUT/predictions.jsonl and OUT/eval.json
+def eval_only(args, rank, world, out):
+    """`--eval`: greedy answers of --model on the test manifest -> OUT/predictions.jsonl and OUT/eval.json
     (metrics_of: JSD / accuracy / mAP@0.5 by schema). Unusable samples are skipped and counted."""
+    model, processor = run.load_policy(args)
     records, schema, skipped = load(run.manifest_path(args.test or args.data, "test", args.seed, "soft_cls"), args.skip_bad)
     records = records[:args.n_test]
     # one sample that cannot be processed is skipped and counted, never the end of the evaluation
@@ -285,6 +282,13 @@ def eval_only(model, processor, args, rank=0, world=1, out=None):
         run.write_eval(out, metrics, preds)
         print(json.dumps(metrics))
     return metrics if rank == 0 else None
+
+
+def main(argv=None):
+    """Train, or with --eval only evaluate --model."""
+    args = parse_args(argv)
+    rank, world, out = run.start(args)
+    return (eval_only if args.eval else train)(args, rank, world, out)
 
 
 if __name__ == "__main__":

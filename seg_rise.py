@@ -393,22 +393,16 @@ def scorer(args, rank, device):
     return load_clip(args.clip, args.clip_ckpt, device=device)
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, out = run.start(args)
-    device = "cuda" if vlm.on_gpu() else "cpu"
-
-    if args.eval:                        # evaluation only: eval_only(), at the end of this file
-        return eval_only(args, rank, world, out, device)
-
+def train(args, rank, world, out):
+    """Seg-RISE: GRPO with R = the --reward terms -> OUT/final/, then the test scores."""
     # ---- data: the policy and the reward see the image and the instruction, nothing else
     manifest = run.manifest_path(args.data, "train", args.seed, "seg")
     records, skipped = data.read_manifest(manifest, "seg", skip_bad=args.skip_bad)
-    train = [{"id": r["id"], "image_path": r["image_path"], "instruction": r["instruction"]} for r in records]
+    samples = [{"id": r["id"], "image_path": r["image_path"], "instruction": r["instruction"]} for r in records]
     # GT boxes, where the manifest has them, only for a logged diagnostic (never for the reward)
     diag_boxes = {r["id"]: r["box"] for r in records if r.get("box")}
     if rank == 0:
-        print(f"[seg_rise] {len(train)} training samples from {manifest} ({skipped} skipped), {world} rank(s), "
+        print(f"[seg_rise] {len(samples)} training samples from {manifest} ({skipped} skipped), {world} rank(s), "
               f"lr {args.lr}, G {args.num_generations}, beta {args.beta}, {args.max_steps} steps, "
               f"R = {' + '.join('R_' + t for t in args.terms)}, cot {args.cot}, points {args.points}")
 
@@ -419,20 +413,20 @@ def main(argv=None):
     text_cache = {}                                  # one CLIP text embedding per instruction
     model_type = model.config.model_type
     # a sample whose prompt cannot be processed is skipped and listed in OUT/skipped.jsonl, never fatal
-    train, _ = run.usable(train, lambda r: sample_problem(r, processor, model_type, args, training=True), rank, world,
-                          out)
+    samples, _ = run.usable(samples, lambda r: sample_problem(r, processor, model_type, args, training=True),
+                            rank, world, out)
     ckpt = run.load_checkpoint(engine, out) if args.resume else None
     run.prepare_out(out, rank, ckpt)                 # --resume: metrics.jsonl cut back to the checkpoint
     state = ckpt or {"step": 0}
 
     # ---- GRPO loop
     G, guard = args.num_generations, run.NonFiniteGuard()
-    order = run.data_order(len(train), args.seed)
+    order = run.data_order(len(samples), args.seed)
     micro_steps = args.max_steps * args.grad_accum       # --max-steps counts optimizer updates (as TRL/HF)
     bar = tqdm(range(state["step"], micro_steps), desc="seg_rise", disable=rank != 0)
     for step in bar:                                      # step: the micro-step (data position, checkpoints)
         t0 = time.time()
-        batch = run.step_items(train, order, step, args.batch_size, rank, world)
+        batch = run.step_items(samples, order, step, args.batch_size, rank, world)
         images = [data.open_image(r["image_path"]) for r in batch]
         instructions = [r["instruction"] for r in batch]
         convs = [[vlm.user_turn(train_prompt(t, im, model_type, processor, args))]
@@ -476,9 +470,10 @@ def main(argv=None):
                                        "completion_len") if any(k in r for r in rows)])
 
 
-def eval_only(args, rank, world, out, device):
+def eval_only(args, rank, world, out):
     """`--eval`: policy -> box + points -> SAM2 (or the box) -> mask -> gIoU / cIoU / box IoU,
     written to OUT/predictions.jsonl and OUT/eval.json."""
+    device = "cuda" if vlm.on_gpu() else "cpu"
     manifest = run.manifest_path(args.test, "test", args.seed, "seg")
     records, skipped = data.read_manifest(manifest, "seg", skip_bad=args.skip_bad)
     records = records[:args.n_test]
@@ -498,6 +493,13 @@ def eval_only(args, rank, world, out, device):
         run.write_eval(out, result, rows)
         print(json.dumps(result))
     run.barrier()
+
+
+def main(argv=None):
+    """Train, or with --eval only evaluate --model."""
+    args = parse_args(argv)
+    rank, world, out = run.start(args)
+    return (eval_only if args.eval else train)(args, rank, world, out)
 
 
 if __name__ == "__main__":

@@ -18,11 +18,10 @@ The model answers in two steps (a "visual chain of thought"): from image + quest
     deepspeed --num_gpus 8 visrl.py --model Qwen/Qwen2-VL-7B-Instruct --data viscot_rl.jsonl \\
         --sft-data viscot_sft.jsonl --deepspeed ds_zero3.json    # the paper's setting (PAPER below)
 
--G is K; --lr / --beta are the DPO stages' (--sft-lr the warm-up's); --max-steps caps each phase's
-updates (default: epochs); a DPO stage's reference is the model it starts from; --resume restarts
-after the newest finished phase. Outputs: OUT/{sft,final}/, OUT/iter{k}/ (candidates.jsonl, pairs.jsonl,
-stats.json, stage1/, stage2/, examples/), OUT/metrics.jsonl, OUT/phases.json (test scores after
-every phase), OUT/eval.json, OUT/predictions.jsonl.
+-G is K; --lr / --beta are the DPO stages' (--sft-lr the warm-up's); --max-steps caps each phase's updates
+(default: epochs); a DPO stage's reference is the model it starts from; --resume restarts after the newest
+finished phase. Outputs: OUT/{sft,final}/, OUT/iter{k}/{candidates,pairs}.jsonl, stats.json, stage1/, stage2/,
+examples/; OUT/metrics.jsonl, phases.json (test scores after every phase), eval.json, predictions.jsonl.
 """
 import json
 import random
@@ -480,28 +479,22 @@ def load_records(args, rank):
 
 
 def phase_plan(args):
-    """The run's phases in order: "sft", then per iteration "iter{k}/generate", "iter{k}/stage1",
-    "iter{k}/stage2" (--stages picks the trained ones). Every phase but generate saves a model."""
+    """The phases in order: "sft", then per iteration "iter{k}/generate", "iter{k}/stage1", "iter{k}/stage2"
+    (--stages picks the trained ones). Every phase but generate saves a model."""
     plan = ["sft"] if "sft" in args.stages else []
     for it in range(1, args.iters + 1):
         plan += [f"iter{it}/generate"] + [f"iter{it}/{s}" for s in ("stage1", "stage2") if s in args.stages]
     return plan
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    rank, world, out = run.start(args)
-    cfg = run.deepspeed_config(args, micro_batch=args.batch_size)
-    if args.eval:                        # evaluation only: eval_only(), at the end of this file
-        return eval_only(args, cfg, rank, world, out)
-
+def train(args, rank, world, out):
+    """SFT warm-up, then per iteration generate -> stage 1 -> stage 2 -> OUT/final/, then the test scores."""
     # ---- data
     sft_records, questions, test_path, skipped = load_records(args, rank)
     test = data.read_manifest(test_path, "vqa", skip_bad=args.skip_bad)[0] if test_path else []
     if rank == 0:
-        print(f"[visrl] {len(sft_records)} SFT records, {len(questions)} RL questions ({skipped} skipped), "
-              f"{len(test)} test records, {world} rank(s), K {args.num_generations}, iters {args.iters}, "
-              f"stages {','.join(args.stages)}")
+        print(f"[visrl] {len(sft_records)} SFT records, {len(questions)} RL questions ({skipped} skipped), {len(test)} "
+              f"test records, {world} rank(s), K {args.num_generations}, iters {args.iters}, stages {args.stages}")
 
     # ---- resume: finished phases are skipped, the newest saved model is the policy, logs are cut back
     progress = run.load_progress(out, rank, args.resume, stale=("metrics.jsonl", "phases.json", "eval.json", "iter*"))
@@ -510,6 +503,7 @@ def main(argv=None):
     latest = next((out / p for p in reversed(progress["done"]) if not p.endswith("generate")), args.model)
 
     # ---- models: the policy (a DeepSpeed engine) and the critic = the pre-SFT model, frozen
+    cfg = run.deepspeed_config(args, micro_batch=args.batch_size)
     model, processor = run.load_policy(args, latest)
     engine = run.policy_engine(model, cfg, args.lora_rank)       # --lora-rank: a new adapter every phase
     critic = "oracle" if args.critic == "oracle" else \
@@ -577,13 +571,14 @@ def main(argv=None):
         print(f"[visrl] model in {out / 'final'}")
 
 
-def eval_only(args, cfg, rank, world, out):
+def eval_only(args, rank, world, out):
     """`--eval`: answer and box accuracy of --model on the test manifest -> OUT/eval.json, predictions.jsonl."""
     test_path = load_records(args, rank)[2]            # --test: a manifest or a shapes-world task name
     if test_path is None:
         raise SystemExit("visrl.py --eval --data X: name the test manifest with --test")
     test, _ = data.read_manifest(test_path, "vqa", skip_bad=args.skip_bad)
     model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
+    cfg = run.deepspeed_config(args, micro_batch=args.batch_size)
     critic = run.reference_model(args.critic, cfg, device=model.device, max_pixels=args.max_pixels) \
         if args.critic and args.critic != "oracle" else None
     metrics, preds = evaluate(model, processor, test[:args.n_test], args, rank, world, critic)
@@ -591,6 +586,13 @@ def eval_only(args, cfg, rank, world, out):
         run.write_eval(out, metrics, preds, model=args.model, test=test_path)
         print(json.dumps(metrics))
     return metrics
+
+
+def main(argv=None):
+    """Train, or with --eval only evaluate --model."""
+    args = parse_args(argv)
+    rank, world, out = run.start(args)
+    return (eval_only if args.eval else train)(args, rank, world, out)
 
 
 if __name__ == "__main__":
