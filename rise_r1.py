@@ -285,10 +285,8 @@ def eval_only(args, rank, world, out):
 
 
 def main(argv=None):
-    """Train, or with --eval only evaluate --model."""
-    args = parse_args(argv)
-    rank, world, out = run.start(args)
-    return (eval_only if args.eval else train)(args, rank, world, out)
+    """RISE-R1 training (SFT on D_high, then GRPO), or with --eval only the evaluation of --model."""
+    return run.dispatch(parse_args(argv), train, eval_only)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,7 @@ repeat the same plumbing. Nothing here knows a paper's algorithm:
   zero_config(), deepspeed_config(), deepspeed_engine(), reference_model()   DeepSpeed set-up
   load_policy(), lora_model(), merged(), training_models()   the run's models (--lora-rank: peft adapters)
   policy_engine(), save_phase()   a run of phases: each trains its own engine (fresh LoRA adapters)
-  start()            distributed start, per-rank seeds, OUT/args.json
+  start(), dispatch()   distributed start, per-rank seeds, OUT/args.json; a pipeline main: train, or --eval only
   log()              one JSON line per step in OUT/metrics.jsonl (rank 0), flushed
   append_jsonl(), done_ids(), map_jsonl()   record-by-record outputs that survive kill -9 and resume
   gather_records()   per-rank records -> rank 0, so one file gets every record exactly once
@@ -289,6 +289,12 @@ def start(args):
         (out / "args.json").write_text(json.dumps(vars(args), indent=1, default=str))
     barrier()
     return rank, world, out
+
+
+def dispatch(args, train, evaluate):
+    """A pipeline's main: start the run (start()), then train(args, rank, world, out), or with --eval
+    only evaluate(args, rank, world, out). Returns what that function returns."""
+    return (evaluate if args.eval else train)(args, *start(args))
 
 
 def log(out, rank, record):

@@ -496,10 +496,8 @@ def eval_only(args, rank, world, out):
 
 
 def main(argv=None):
-    """Train, or with --eval only evaluate --model."""
-    args = parse_args(argv)
-    rank, world, out = run.start(args)
-    return (eval_only if args.eval else train)(args, rank, world, out)
+    """Seg-RISE training (GRPO on R_sem + R_think + R_seg), or with --eval only the evaluation of --model."""
+    return run.dispatch(parse_args(argv), train, eval_only)
 
 
 if __name__ == "__main__":
