@@ -130,12 +130,18 @@ def visrl_results(seed, d):
 COT_ROWS = [("full R_CoT", "sim,leak,format"), ("similarity only", "sim"), ("without the leak term", "sim,format"),
             ("without the format term", "sim,leak")]
 TAU = 0.5                      # rise_r1.py's default: D_high = CoTs with R_CoT >= 0.5
+# RISE-CoT's flags per task. soft_cls's classes are the colours, the only visual cue there is, so its CoTs
+# may name them (the paper's leak check is numbers only); with names masked, D_high describes shapes and
+# places, from which no colour distribution follows, and RISE-R1 trained on it writes 14 of 32 answers
+# unparsable (16-token CoTs, one seed) against 0 with colours named.
+COT_FLAGS = {"soft_cls": ["--no-mask-class-names"], "det": []}
 
 
 def cot_jobs(seed, d, task="soft_cls"):
     """RISE-CoT with the row's reward, then RISE-R1 (SFT on its D_high, GRPO), then evaluation."""
     s = ["--seed", str(seed)]
-    return {row: [["rise_cot.py", "--data", task, "--reward", terms, "--out", str(d / slug(row) / "cot")] + s,
+    return {row: [["rise_cot.py", "--data", task, "--reward", terms, "--out", str(d / slug(row) / "cot")]
+                  + COT_FLAGS[task] + s,
                   ["rise_r1.py", "--data", task, "--cots", str(d / slug(row) / "cot" / "cots.jsonl"),
                    "--out", str(d / slug(row) / "r1")] + s,
                   ["rise_r1.py", "--eval", "--test", task, "--model", str(d / slug(row) / "r1" / "final"),
@@ -183,12 +189,12 @@ def rise_jobs(seed, d):
         jobs[f"{task} grpo"] = [r1("grpo", "--stages", "grpo"), ev("grpo", str(t / "grpo" / "final"))]
         # the tau rows need the CoTs: one job, in order
         cots = str(t / "cot" / "cots.jsonl")
-        jobs[f"{task} rise"] = [["rise_cot.py", "--data", task, "--out", str(t / "cot")] + s]
+        jobs[f"{task} rise"] = [["rise_cot.py", "--data", task, "--out", str(t / "cot")] + COT_FLAGS[task] + s]
         for tau in TAUS[task]:
             jobs[f"{task} rise"] += [r1(f"tau{tau}", "--cots", cots, "--tau", str(tau)),
                                      ev(f"tau{tau}", str(t / f"tau{tau}" / "final"))]
         jobs[f"{task} base cot"] = [["rise_cot.py", "--data", task, "--max-steps", "0", "--out", str(t / "base_cot")]
-                                    + s, r1("base_cot_r1", "--cots", str(t / "base_cot" / "cots.jsonl")),
+                                    + COT_FLAGS[task] + s, r1("base_cot_r1", "--cots", str(t / "base_cot" / "cots.jsonl")),
                                     ev("base_cot_r1", str(t / "base_cot_r1" / "final"))]
     return jobs
 
