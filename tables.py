@@ -216,6 +216,12 @@ def constant_prior(seed, task, n):
     return {"mAP@0.5": rise_r1.metrics_of([{"boxes": [mean_box], "parsed": True}] * len(test), test, "det")["map50"]}
 
 
+def distinct_thinks(path):
+    """How many different <think> texts a row's greedy test answers hold (1: the same CoT for every image)."""
+    parsed = [rewards.parse_think_answer(p["text"]) for p in read_jsonl(path)]
+    return len({p[0] for p in parsed if p})
+
+
 def rise_results(seed, d):
     out = {}
     for task in RISE_TASKS:
@@ -234,6 +240,8 @@ def rise_results(seed, d):
             else:
                 table[row] = {"mAP@0.5": m["map50"]}
             table[row]["unparsable"] = m["unparsable"]
+            if folder not in ("base_plain", "sft"):          # think-first rows: does the CoT depend on the image?
+                table[row]["distinct thinks"] = distinct_thinks(d / task / folder / "eval" / "predictions.jsonl")
             n_test = m["n"]
         if table:
             table["constant prior (uniform / mean box)"] = constant_prior(seed, task, n_test)

@@ -4552,6 +4552,12 @@ def test_critic_auc_and_d_high_quality_from_run_files(tmp_path):
                                                {"reward": 0.2, "leak": False, "format": True}])
     assert tables.d_high_quality(tmp_path / "cots.jsonl", tau=0.5) == {
         "pass rate": approx(2 / 3), "D_high leaks": 0.5, "D_high format ok": 0.5}
+    # two thinks differ only by surrounding spaces (the same CoT); an answer without think tags has none
+    data.write_jsonl(tmp_path / "predictions.jsonl", [
+        {"text": "<think>a red square</think><answer>{}</answer>"},
+        {"text": "<think> a red square </think><answer>[1,2,3,4]</answer>"},
+        {"text": "<think>a blue circle</think><answer>{}</answer>"}, {"text": "{\"red\": 1.0}"}])
+    assert tables.distinct_thinks(tmp_path / "predictions.jsonl") == 2
 
 
 def test_a_table_row_runs_end_to_end_and_a_failed_job_is_reported(cache, tmp_path):
