@@ -332,22 +332,26 @@ def markdown(summary, seeds):
 
 
 def plot(summary, path):
-    """The first section's metrics, one panel each: a bar per row with its std as the error bar."""
+    """One row of panels per section, one panel per metric: a bar per row with its std as the error bar."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    section, rows = next(iter(summary.items()))
-    metrics = [m for m in dict.fromkeys(m for r in rows.values() for m in r) if m != "unparsable"]
-    fig, axes = plt.subplots(1, len(metrics), figsize=(3.2 * len(metrics), 3.6), squeeze=False)
-    for ax, m in zip(axes[0], metrics):
-        names = [r for r in rows if rows[r].get(m, [None])[0] is not None]
-        ax.bar(range(len(names)), [rows[r][m][0] for r in names], yerr=[rows[r][m][1] for r in names], capsize=3,
-               color="tab:blue")
-        ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
-        ax.set_title(m, fontsize=9)
-    fig.suptitle(section, fontsize=10)
+    panels = {section: [m for m in dict.fromkeys(m for r in rows.values() for m in r) if m != "unparsable"]
+              for section, rows in summary.items()}
+    n_cols = max(len(ms) for ms in panels.values())
+    fig, axes = plt.subplots(len(panels), n_cols, figsize=(3.2 * n_cols, 3.9 * len(panels)), squeeze=False)
+    for ax_row, (section, metrics) in zip(axes, panels.items()):
+        rows = summary[section]
+        for ax, m in zip(ax_row, metrics):
+            names = [r for r in rows if rows[r].get(m, [None])[0] is not None]
+            ax.bar(range(len(names)), [rows[r][m][0] for r in names], yerr=[rows[r][m][1] for r in names],
+                   capsize=3, color="tab:blue")
+            ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+            ax.set_title(f"{section}: {m}", fontsize=8)
+        for ax in ax_row[len(metrics):]:
+            ax.axis("off")
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
