@@ -113,7 +113,10 @@ def sample_problem(record, model, processor, style="r1", max_prompt_len=None):
 
 
 def high_quality(cots_path, records, tau):
-    """D_high: (record, CoT) pairs whose RISE-CoT reward >= tau; also returns the pass rate."""
+    """D_high: (record, CoT) pairs whose RISE-CoT reward >= tau; also returns the pass rate.
+    Raises SystemExit when cots_path is missing or holds no CoT of these records."""
+    if not Path(cots_path).is_file():
+        raise SystemExit(f"--cots {cots_path}: no such file (rise_cot.py writes OUT/cots.jsonl)")
     by_id = {r["id"]: r for r in records}
     cots = [c for c in run.read_jsonl(cots_path) if c["id"] in by_id]
     if not cots:

@@ -4552,6 +4552,8 @@ def test_critic_auc_and_d_high_quality_from_run_files(tmp_path):
                                                {"reward": 0.2, "leak": False, "format": True}])
     assert tables.d_high_quality(tmp_path / "cots.jsonl", tau=0.5) == {
         "pass rate": approx(2 / 3), "D_high leaks": 0.5, "D_high format ok": 0.5}
+    with pytest.raises(SystemExit, match="no such file"):           # a missing --cots says so, not "no CoT"
+        rise_r1.high_quality(tmp_path / "missing.jsonl", [], 0.5)
     # two thinks differ only by surrounding spaces (the same CoT); an answer without think tags has none
     data.write_jsonl(tmp_path / "predictions.jsonl", [
         {"text": "<think>a red square</think><answer>{}</answer>"},
