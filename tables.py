@@ -193,8 +193,9 @@ def rise_jobs(seed, d):
         for tau in TAUS[task]:
             jobs[f"{task} rise"] += [r1(f"tau{tau}", "--cots", cots, "--tau", str(tau)),
                                      ev(f"tau{tau}", str(t / f"tau{tau}" / "final"))]
-        jobs[f"{task} base cot"] = [["rise_cot.py", "--data", task, "--max-steps", "0", "--out", str(t / "base_cot")]
-                                    + COT_FLAGS[task] + s, r1("base_cot_r1", "--cots", str(t / "base_cot" / "cots.jsonl")),
+        base_cot = ["rise_cot.py", "--data", task, "--max-steps", "0", "--out", str(t / "base_cot")]
+        jobs[f"{task} base cot"] = [base_cot + COT_FLAGS[task] + s,
+                                    r1("base_cot_r1", "--cots", str(t / "base_cot" / "cots.jsonl")),
                                     ev("base_cot_r1", str(t / "base_cot_r1" / "final"))]
     return jobs
 
