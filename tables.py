@@ -217,9 +217,10 @@ def constant_prior(seed, task, n):
     return {"mAP@0.5": rise_r1.metrics_of([{"boxes": [mean_box], "parsed": True}] * len(test), test, "det")["map50"]}
 
 
-def distinct_thinks(path):
-    """How many different <think> texts a row's greedy test answers hold (1: the same CoT for every image)."""
-    parsed = [rewards.parse_think_answer(p["text"]) for p in read_jsonl(path)]
+def distinct_thinks(preds):
+    """How many different <think> texts a row's greedy test answers (predictions.jsonl records) hold
+    (1: the same CoT for every image)."""
+    parsed = [rewards.parse_think_answer(p["text"]) for p in preds]
     return len({p[0] for p in parsed if p})
 
 
@@ -232,8 +233,9 @@ def rise_results(seed, d):
             m = read_json(d / task / folder / "eval" / "eval.json")
             if not m:
                 continue
+            all_preds = read_jsonl(d / task / folder / "eval" / "predictions.jsonl")
             if "jsd" in m:
-                preds = [p for p in read_jsonl(d / task / folder / "eval" / "predictions.jsonl") if p["id"] in sft]
+                preds = [p for p in all_preds if p["id"] in sft]
                 # the share of test images on which this row's JSD is below SFT's (rewards.win_rate, reversed)
                 beats = rewards.win_rate([p["jsd"] for p in preds], [sft[p["id"]] for p in preds]) \
                     if preds and folder != "sft" else None
@@ -242,7 +244,7 @@ def rise_results(seed, d):
                 table[row] = {"mAP@0.5": m["map50"]}
             table[row]["unparsable"] = m["unparsable"]
             if folder not in ("base_plain", "sft"):          # think-first rows: does the CoT depend on the image?
-                table[row]["distinct thinks"] = distinct_thinks(d / task / folder / "eval" / "predictions.jsonl")
+                table[row]["distinct thinks"] = distinct_thinks(all_preds)
             n_test = m["n"]
         if table:
             table["constant prior (uniform / mean box)"] = constant_prior(seed, task, n_test)

@@ -4559,7 +4559,7 @@ def test_critic_auc_and_d_high_quality_from_run_files(tmp_path):
         {"text": "<think>a red square</think><answer>{}</answer>"},
         {"text": "<think> a red square </think><answer>[1,2,3,4]</answer>"},
         {"text": "<think>a blue circle</think><answer>{}</answer>"}, {"text": "{\"red\": 1.0}"}])
-    assert tables.distinct_thinks(tmp_path / "predictions.jsonl") == 2
+    assert tables.distinct_thinks(tables.read_jsonl(tmp_path / "predictions.jsonl")) == 2
 
 
 def test_a_table_row_runs_end_to_end_and_a_failed_job_is_reported(cache, tmp_path):
