@@ -24,9 +24,10 @@ from PIL import Image, ImageDraw, ImageOps
 # The exact texts the tiny model is pretrained on; change them only together with tiny.py.
 # A real checkpoint needs what the papers' prompts tell it: the frame its boxes are written in
 # (box_frame_note), a length limit for the CoT, and for Seg-RISE that the points lie inside the object.
-# Every prompt the policy answers ENDS with what to look for (target, instruction, question, class list):
-# the tiny chat template puts the image right after the text, and the tiny base finds a named shape only
-# when the name is the last thing before the image (README, "Status": one word after it halves the box IoU).
+# Every prompt the policy answers ENDS with what to look for (target, instruction, question, class list),
+# box prompts in the words of the tiny base's look question (": the box of the green square."): the tiny
+# chat template puts the image right after the text, and the tiny base finds a named shape only when the
+# name is the last thing before the image (README, "Status": one word after it halves the box IoU).
 COT_MAX_WORDS = 60
 COT_PROMPT_CLS = ("The answer is {annotation}. Describe the image so that someone could infer "
                   "this answer from your description alone, in at most {max_words} words. "
@@ -46,18 +47,17 @@ REC_PROMPT_MULTI_DET = ("Description: {cot}\nUsing the image and the description
                         "[[x1,y1,x2,y2], ...]: the boxes of all {target}.")
 R1_PROMPT_CLS = ("Think in <think></think>, then answer in <answer></answer> with JSON: the probability "
                  "of each class in {class_list}.")
-R1_PROMPT_DET = ("Think in <think></think>, then answer in <answer></answer> with [x1,y1,x2,y2]. "
-                 "Find {target}.")
+R1_PROMPT_DET = ("Think in <think></think>, then answer in <answer></answer> with [x1,y1,x2,y2]: "
+                 "the box of {target}.")
 R1_PROMPT_MULTI_DET = ("Think in <think></think>, then answer in <answer></answer> with "
-                       "[[x1,y1,x2,y2], ...]. Find {target}.")
+                       "[[x1,y1,x2,y2], ...]: the boxes of all {target}.")
 PLAIN_PROMPT_CLS = "Give as JSON the probability of each class in {class_list}."
 PLAIN_PROMPT_DET = "Answer with [x1,y1,x2,y2]: the box of {target}."
 PLAIN_PROMPT_MULTI_DET = "Answer with [[x1,y1,x2,y2], ...]: the boxes of all {target}."
 SEG_PROMPT = ('Think in <think></think>, then answer in <answer></answer> with JSON {{"bbox": '
-              '[x1,y1,x2,y2], "points": [[x,y],[x,y]]}}: the box of the object and two points inside it. '
-              'Find {instruction}.')
+              '[x1,y1,x2,y2], "points": [[x,y],[x,y]]}} (two points inside the object): the box of {instruction}.')
 SEG_PROMPT_NO_COT = ('Answer in <answer></answer> with JSON {{"bbox": [x1,y1,x2,y2], "points": '
-                     '[[x,y],[x,y]]}}: the box of the object and two points inside it. Find {instruction}.')
+                     '[[x,y],[x,y]]}} (two points inside the object): the box of {instruction}.')
 # Qwen2.5-VL's own grounding prompt (its model card's spatial-understanding examples), for testing
 # a real checkpoint on RefCOCO/+/g as the RISE segmentation paper does (sec. 4, implementation details).
 GROUNDING_PROMPT = "Locate {instruction} in the image, output its bbox coordinates using JSON format."

@@ -65,9 +65,9 @@ TINY = dict(lr=2e-4, beta=5e-3, max_steps=120, num_generations=8, batch_size=2, 
 TERMS = ("sem", "think", "seg")
 
 # --no-points: the same prompts without the two points (data.py holds the other two).
-SEG_PROMPT_NO_POINTS = ('Find {instruction}. Think in <think></think>, then answer in <answer></answer> '
-                        'with JSON {{"bbox": [x1,y1,x2,y2]}}.')
-SEG_PROMPT_NO_POINTS_NO_COT = 'Find {instruction}. Answer in <answer></answer> with JSON {{"bbox": [x1,y1,x2,y2]}}.'
+SEG_PROMPT_NO_POINTS = ('Think in <think></think>, then answer in <answer></answer> with JSON '
+                        '{{"bbox": [x1,y1,x2,y2]}}: the box of {instruction}.')
+SEG_PROMPT_NO_POINTS_NO_COT = 'Answer in <answer></answer> with JSON {{"bbox": [x1,y1,x2,y2]}}: the box of {instruction}.'
 
 
 def parse_args(argv=None):

@@ -2446,8 +2446,12 @@ def test_formatting_helpers():
     assert data.cot_prompt_det("circles", [[1, 2, 3, 4]], multi=True).startswith(
         "The circles are at [[1,2,3,4]].")
     assert data.SEG_PROMPT.format(instruction="the red circle").endswith(
-        'with JSON {"bbox": [x1,y1,x2,y2], "points": [[x,y],[x,y]]}: the box of the object and two points '
-        'inside it. Find the red circle.')
+        'with JSON {"bbox": [x1,y1,x2,y2], "points": [[x,y],[x,y]]} (two points inside the object): the box '
+        'of the red circle.')
+    # every box prompt the policy answers ends with the look question's words (the tiny base reads the box there)
+    for style in ("r1", "plain"):
+        assert data.prompt(style, {"target": "the red circle", "boxes": [[1, 2, 3, 4]]}).endswith(
+            "[x1,y1,x2,y2]: the box of the red circle.")
     assert data.CRITIC_BOX_PROMPT.format(question="Q?", answer="red").endswith(
         'Reply with JSON {"score": x}, x between 0 and 1.')
     assert data.REC_PROMPT_MULTI_DET.format(cot="c", target="circles").endswith(
