@@ -373,29 +373,23 @@ def train_records(root):
             yield task, rec
 
 
-def short_think(task, rec, scene, boxes=None):
-    """The think text of the tiny base's think-first targets: one sentence with what the answer needs (where
-    the target is, which colours cover most, the big shape's kind), in the words the look questions ground.
-    For box tasks (det, multi_det, seg) it OPENS with the answer's boxes `boxes` (model frame, as the answer
-    writes them), and the answer copies them: the box is then read from the image at the first generated
-    token, right after the prompt's "the box of the green square." as in the look question, where the
-    tiny base can read it; a box written after any think stayed blind (think-first det mAP@0.5 0.003-0.005
-    with a scene description, a sentence, a constant preamble; README "Status"). Measured (det-only, 600
-    steps from the previous base, 64 test scenes): box-first think + look-worded prompt, mean IoU 0.32;
-    the sentence alone, 0.11."""
+def short_think(task, rec, boxes=None):
+    """The think text of the tiny base's think-first targets. Classification: one sentence with what the
+    answer needs (which colours cover most, the big shape's kind), in the words the look questions ground.
+    Box tasks (det, multi_det, seg): the answer's boxes `boxes` themselves (model frame, as the answer
+    writes them), so the box is read from the image at the first generated token, right after the prompt's
+    "the box of the green square." as in the look question, where the tiny base can read it, and the
+    answer copies it. Measured (README "Status", ninth session): a box written after any think stayed blind
+    (think-first det mAP@0.5 0.003-0.005 after a scene description, a sentence, a constant preamble); a
+    think that opens with the box reads it (mean IoU 0.39-0.41 on 32 det test scenes) but the answer does
+    not copy it across a sentence (0.14-0.24); with nothing after the box the copy is learnt faster (answer
+    0.35 after 300 det-only steps)."""
     if task == "soft_cls":
         order = [c for c, p in sorted(zip(rec["classes"], rec["probs"]), key=lambda cp: -cp[1]) if p > 0]
         return "The shapes are mostly " + ", then ".join(order) + "."
     if task == "onehot_cls":
         return f"The large shape is a {rec['classes'][int(np.argmax(rec['probs']))]}."
-    if task == "multi_det":
-        kind = next(s["shape"] for s in scene if s["box"] == rec["boxes"][0])
-        where = [data.where_phrase(b) for b in rec["boxes"]]
-        return (f"{data.format_boxes(boxes)} are the {data.PLURAL[kind]}, "
-                + (where[0] if len(where) == 1 else ", ".join(where[:-1]) + " and " + where[-1]) + ".")
-    box = rec["boxes"][0] if "boxes" in rec else rec["box"]
-    target = next(s for s in scene if s["box"] == box)
-    return f"{data.format_box(boxes[0])} is the {target['color']} {target['shape']}, {data.where_phrase(box)}."
+    return data.format_boxes(boxes) if task == "multi_det" else data.format_box(boxes[0])
 
 
 def pretrain_corpus(root, seed=0):
@@ -421,7 +415,7 @@ def pretrain_corpus(root, seed=0):
             noisy = data.format_probs(classes, _noisy_probs(rec["probs"], rng))
             add(data.prompt("cot", rec, mask_names=mask_names), desc)
             add(data.prompt("rec", rec, cot=desc), noisy)
-            add(data.prompt("r1", rec), f"<think>{short_think(task, rec, scene)}</think><answer>{noisy}</answer>")
+            add(data.prompt("r1", rec), f"<think>{short_think(task, rec)}</think><answer>{noisy}</answer>")
             add(data.prompt("plain", rec), noisy)
         elif task in ("det", "multi_det"):
             boxes = [to_frame(b) for b in rec["boxes"]]
@@ -431,7 +425,7 @@ def pretrain_corpus(root, seed=0):
             desc = data.describe_scene(scene, rng, target=target_shape)
             add(data.prompt("cot", rec, boxes=boxes, frame=FRAME), desc)
             add(data.prompt("rec", rec, cot=desc, frame=FRAME), answer)
-            think = short_think(task, rec, scene, noisy)
+            think = short_think(task, rec, noisy)   # the boxes, as the answer writes them
             add(data.prompt("r1", rec, frame=FRAME), f"<think>{think}</think><answer>{answer}</answer>")
             add(data.prompt("plain", rec, frame=FRAME), answer)
         elif task == "seg":
@@ -440,8 +434,9 @@ def pretrain_corpus(root, seed=0):
             points = [[(x1 * 2 + x2) / 3, (y1 + y2 * 2) / 3], [(x1 + x2 * 2) / 3, (y1 + y2 * 2) / 3]]
             fb = to_frame(box)
             fp = [to_frame(p + p)[:2] for p in points]
-            answer = json.dumps({"bbox": fb, "points": fp})
-            think = short_think(task, rec, scene, [fb])
+            # the JSON as the prompt shows it, the box written as in the think (the copy is token for token)
+            answer = f'{{"bbox": {data.format_box(fb)}, "points": {data.format_boxes(fp)}}}'
+            think = short_think(task, rec, [fb])
             add(data.prompt("seg", rec, frame=FRAME), f"<think>{think}</think><answer>{answer}</answer>")
             add(data.prompt("seg_no_cot", rec, frame=FRAME), f"<answer>{answer}</answer>")
         elif task == "vqa":
@@ -624,7 +619,7 @@ ANSWER_ONLY_STYLES = {**PIPELINE_STYLES, **{t: "plain" for t in ("soft_cls", "on
 
 
 @torch.no_grad()
-def task_scores(model, processor, root, n=None, batch_size=16, max_new_tokens=96, answer_only=False):
+def task_scores(model, processor, root, n=None, batch_size=16, max_new_tokens=128, answer_only=False):
     """Greedy scores of a model on every shapes-world test task, with the pipelines' prompts: think-first
     (RISE-R1's "r1", Seg-RISE's "seg"), or with answer_only the same tasks without the think ("plain",
     "seg_no_cot": the SFT / Visual-RFT rows' prompts). VisRL's box-then-crop prompt either way.
@@ -632,6 +627,7 @@ def task_scores(model, processor, root, n=None, batch_size=16, max_new_tokens=96
     soft_cls: mean JSD (unparsable = ln 2); onehot_cls: accuracy; det / multi_det: mAP@0.5;
     seg: mean IoU of the predicted box with the GT box; vqa: answer accuracy after the box +
     crop turns, and box accuracy (IoU >= 0.5). `unparsable` counts answers that did not parse.
+    max_new_tokens 128: a think-first multi_det answer writes its boxes twice (think, then answer).
     """
     model.eval()
     model_type, scores = model.config.model_type, {}
