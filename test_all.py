@@ -648,7 +648,7 @@ def test_shipped_tiny_base_looks_at_the_image(cache):
     """The committed base's boxes follow the image: on 32 det test scenes the mean IoU of its box with the
     named shape's is far higher with the right image than with the next scene's (same prompts; the next
     scene's picture has the shape elsewhere or not at all), for the answer-only prompt's answer and for
-    the think-first prompt's think, which is the box (tiny.short_think), and its answer, which copies it.
+    the think-first prompt's think, which is the box (tiny.pretrain_corpus), and its answer, which copies it.
     Measured: answer-only 0.42 vs 0.03, think 0.39 vs 0.05, think-first answer 0.26 vs 0.06; the base
     before (commit 1bfcb05): answer-only 0.40 vs 0.06, think-first blind; the blind base (ad8a71f): 0.09 vs 0.08."""
     model, processor = vlm.load_model(vlm.TINY_BASE)

@@ -373,23 +373,14 @@ def train_records(root):
             yield task, rec
 
 
-def short_think(task, rec, boxes=None):
-    """The think text of the tiny base's think-first targets. Classification: one sentence with what the
-    answer needs (which colours cover most, the big shape's kind), in the words the look questions ground.
-    Box tasks (det, multi_det, seg): the answer's boxes `boxes` themselves (model frame, as the answer
-    writes them), so the box is read from the image at the first generated token, right after the prompt's
-    "the box of the green square." as in the look question, where the tiny base can read it, and the
-    answer copies it. Measured (README "Status", ninth session): a box written after any think stayed blind
-    (think-first det mAP@0.5 0.003-0.005 after a scene description, a sentence, a constant preamble); a
-    think that opens with the box reads it (mean IoU 0.39-0.41 on 32 det test scenes) but the answer does
-    not copy it across a sentence (0.14-0.24); with nothing after the box the copy is learnt faster (answer
-    0.35 after 300 det-only steps)."""
+def short_think(task, rec):
+    """The think of the tiny base's think-first classification targets: one sentence with what the answer
+    needs (which colours cover most, the big shape's kind), in the words the look questions ground.
+    (A box task's think is its answer's box: pretrain_corpus.)"""
     if task == "soft_cls":
         order = [c for c, p in sorted(zip(rec["classes"], rec["probs"]), key=lambda cp: -cp[1]) if p > 0]
         return "The shapes are mostly " + ", then ".join(order) + "."
-    if task == "onehot_cls":
-        return f"The large shape is a {rec['classes'][int(np.argmax(rec['probs']))]}."
-    return data.format_boxes(boxes) if task == "multi_det" else data.format_box(boxes[0])
+    return f"The large shape is a {rec['classes'][int(np.argmax(rec['probs']))]}."
 
 
 def pretrain_corpus(root, seed=0):
@@ -397,6 +388,15 @@ def pretrain_corpus(root, seed=0):
 
     Targets carry deliberate noise (jittered boxes, perturbed distributions), so the tiny base
     answers in the right format but imperfectly: RL has room to improve it.
+
+    A think-first box target's think is its answer's box, written the same way
+    (`<think>[62,339,330,670]</think><answer>[62,339,330,670]</answer>`): the box is read from the image
+    at the first generated token, right after the prompt's "the box of the green square." as in the look
+    question, where the tiny base can read it, and the answer copies it. Measured (README "Status", ninth
+    session): a box written after any think stayed blind (think-first det mAP@0.5 0.003-0.005 after a scene
+    description, a sentence, a constant preamble); a think that opens with the box reads it (mean IoU
+    0.39-0.41 on 32 det test scenes) but the answer does not copy it across a sentence (0.14-0.24); with
+    nothing after the box the copy is learnt faster (answer 0.35 after 300 det-only steps).
     """
     rng = np.random.default_rng(seed)
     examples = []
@@ -425,8 +425,7 @@ def pretrain_corpus(root, seed=0):
             desc = data.describe_scene(scene, rng, target=target_shape)
             add(data.prompt("cot", rec, boxes=boxes, frame=FRAME), desc)
             add(data.prompt("rec", rec, cot=desc, frame=FRAME), answer)
-            think = short_think(task, rec, noisy)   # the boxes, as the answer writes them
-            add(data.prompt("r1", rec, frame=FRAME), f"<think>{think}</think><answer>{answer}</answer>")
+            add(data.prompt("r1", rec, frame=FRAME), f"<think>{answer}</think><answer>{answer}</answer>")
             add(data.prompt("plain", rec, frame=FRAME), answer)
         elif task == "seg":
             box = _jitter_box(rec["box"], rng)
@@ -436,8 +435,7 @@ def pretrain_corpus(root, seed=0):
             fp = [to_frame(p + p)[:2] for p in points]
             # the JSON as the prompt shows it, the box written as in the think (the copy is token for token)
             answer = f'{{"bbox": {data.format_box(fb)}, "points": {data.format_boxes(fp)}}}'
-            think = short_think(task, rec, [fb])
-            add(data.prompt("seg", rec, frame=FRAME), f"<think>{think}</think><answer>{answer}</answer>")
+            add(data.prompt("seg", rec, frame=FRAME), f"<think>{data.format_box(fb)}</think><answer>{answer}</answer>")
             add(data.prompt("seg_no_cot", rec, frame=FRAME), f"<answer>{answer}</answer>")
         elif task == "vqa":
             q, a = rec["question"], rec["answer"]
