@@ -7,7 +7,7 @@
 
 Each side loads its own copy of one model directory (identical weights) and gets the same prompts, images,
 G, new tokens, beta, dtype, device, AdamW (constant lr, clip 1.0) and gradient checkpointing. One step is,
-for us, one grpo.grpo_step / one dpo_step() below; for TRL, one iteration of GRPOTrainer's / DPOTrainer's
+for us, one vlm.grpo_step / one dpo_step() below; for TRL, one iteration of GRPOTrainer's / DPOTrainer's
 training loop (batch fetch and collation, generation and scoring, loss, backward, clip, optimizer step),
 from one on_step_end to the next. Phases: gen = model.generate; logp = the log-prob forwards, policy and
 reference (TRL DPO: compute_loss); update = backward + clip + optimizer step; other = the rest.
@@ -40,7 +40,6 @@ import torch
 import transformers
 
 import dpo
-import grpo
 import run
 import tiny
 import vlm
@@ -194,11 +193,15 @@ def our_trainer(setup, args, micro_batch, with_ref=True):
     if not args.no_grad_ckpt:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     cfg, policy, optimizer = {}, model, torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
+    options = argparse.Namespace(deepspeed=args.deepspeed, grad_accum=1, lr=args.lr, weight_decay=0.0,
+                                 max_pixels=setup["max_pixels"])
     if args.deepspeed:
+        import deepspeed
         run.init_distributed(force=True)
-        cfg = run.zero_config(args.deepspeed, lr=args.lr, weight_decay=0.0, micro_batch=micro_batch)
-        policy, optimizer = run.deepspeed_engine(model, cfg), None
-    ref = run.reference_model(setup["dir"], cfg, max_pixels=setup["max_pixels"]) if with_ref else None
+        cfg = run.deepspeed_config(options, micro_batch=micro_batch)
+        policy, optimizer = vlm.zero3_hooks(deepspeed.initialize(model=model, model_parameters=model.parameters(),
+                                                                 config=cfg)[0]), None
+    ref = run.reference_model(setup["dir"], options) if with_ref else None
     return model, processor, policy, optimizer, ref
 
 
@@ -210,13 +213,13 @@ def dpo_texts(colour, n_tokens):
 
 # ---------------------------------------------------------------- ours
 def dpo_step(policy, ref, optimizer, processor, convs, images, chosen, rejected, beta=0.1):
-    """One DPO update on B pairs (dpo.pair_logps: chosen and rejected in one forward); returns the
+    """One DPO update on B pairs (vlm.pair_logps: chosen and rejected in one forward); returns the
     mean response length in tokens."""
     chosen, rejected = list(chosen), list(rejected)
-    logps = dpo.pair_logps(policy, ref, processor, convs, images, chosen, rejected, next(ref.parameters()).device)
+    logps = vlm.pair_logps(policy, ref, processor, convs, images, chosen, rejected, next(ref.parameters()).device)
     loss, stats = dpo.dpo_loss(*logps, beta=beta)
-    grpo.apply_update(policy, optimizer, loss)
-    return dpo.completion_tensors(processor, chosen + rejected)[1].sum(1).float().mean().item()
+    vlm.update(policy, loss, optimizer=optimizer)
+    return vlm.completion_tensors(processor, chosen + rejected)[1].sum(1).float().mean().item()
 
 
 def bench_ours(algo, setup, args, mem):
@@ -226,16 +229,16 @@ def bench_ours(algo, setup, args, mem):
                                                            with_ref=not grpo_algo or args.beta != 0)
     colours = [c for _, c in setup["pairs"]]
     convs, images = [[vlm.user_turn(PROMPT)]] * len(colours), [[im] for im, _ in setup["pairs"]]
-    targets = [(vlm, "sample", "gen"), (vlm, "completion_logprobs", "logp"), (grpo, "apply_update", "update")]
+    targets = [(vlm, "sample", "gen"), (vlm, "completion_logprobs", "logp"), (vlm, "update", "update")]
     records = []
     for _ in range(args.warmup + args.reps):
         mem.step_start()
         phases, t0 = Phases(), clock()
         with phases.wrap(targets):
             if grpo_algo:
-                length = grpo.grpo_step(policy, processor, convs, images, lambda t, i: grpo.colour_reward(t, i, colours),
-                                        optimizer=optimizer, ref_model=ref, group_size=setup["G"],
-                                        max_new_tokens=setup["T"], beta=args.beta, norm="seq")[0]["completion_len"]
+                length = vlm.grpo_step(policy, ref, processor, convs, images, lambda t, i: tiny.colour_reward(t, i, colours),
+                                       optimizer=optimizer, group_size=setup["G"], max_new_tokens=setup["T"],
+                                       beta=args.beta, norm="seq")[0]["completion_len"]
             else:
                 length = dpo_step(policy, ref, optimizer, processor, convs, images, *zip(*setup["dpo"]))
         sync()
@@ -289,7 +292,7 @@ def bench_trl(algo, setup, args, mem):
     if algo == "grpo":
         def reward(prompts, completions, colour, **_):    # ours, on the same decoded texts
             texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
-            return grpo.colour_reward(texts, range(len(texts)), colour)
+            return tiny.colour_reward(texts, range(len(texts)), colour)
         rows = [{"prompt": [vlm.user_turn(PROMPT)], "image": im, "colour": c} for im, c in setup["pairs"]]
         cfg = GRPOConfig(**common, per_device_train_batch_size=setup["B"] * setup["G"], num_generations=setup["G"],
                          max_completion_length=setup["T"], beta=args.beta, loss_type="grpo", scale_rewards="group",
@@ -316,7 +319,7 @@ def bench_trl(algo, setup, args, mem):
 # ---------------------------------------------------------------- one comparison, and the scaling table
 def make_setup(model_dir, tmp, B, G, T, side, max_pixels):
     """B solid-colour side x side images (prompts), G, T new tokens, and a DPO pair of ~T tokens per image."""
-    pairs = [(im.resize((side, side)), c) for im, c in grpo.colour_task(random.Random(0), B)]
+    pairs = [(im.resize((side, side)), c) for im, c in tiny.colour_task(random.Random(0), B)]
     return {"dir": str(model_dir), "tmp": tmp, "B": B, "G": G, "T": T, "pairs": pairs, "side": side,
             "max_pixels": max_pixels, "dpo": [dpo_texts(c, T) for _, c in pairs]}
 
@@ -359,7 +362,7 @@ def scaling(args, model_dir, tmp, mem):
     for n in [int(v) for v in args.tokens.split(",")]:
         side = round(28 * n ** 0.5)
         processor.image_processor.max_pixels = processor.image_processor.size["longest_edge"] = side * side
-        image = grpo.colour_task(random.Random(0), 1)[0][0].resize((side, side))
+        image = tiny.colour_task(random.Random(0), 1)[0][0].resize((side, side))
         probe = vlm.chat_inputs(processor, [[vlm.user_turn(PROMPT)]], [[image]])
         tokens = int((probe["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum())
         rows = [("grpo", G) for G in [int(v) for v in args.groups.split(",")]] + [("dpo", 1)]

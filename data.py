@@ -12,6 +12,7 @@ library, numpy and Pillow are used, so any function can be copied alone.
 import argparse
 import json
 import math
+import os
 import sys
 import zlib
 from pathlib import Path
@@ -320,12 +321,38 @@ def read_manifest(path, schema, skip_bad=False):
 
 
 def write_jsonl(path, records):
-    """Write records one per line, fields in their given order, UTF-8 kept as is."""
+    """Write records one per line, fields in their given order, UTF-8 kept as is. Atomic: written to
+    a temporary file that then replaces `path`, so a kill leaves the old file or the new one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", encoding="utf-8", newline="\n") as f:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8", newline="\n") as f:
         for rec in records:
             f.write(json.dumps(rec, ensure_ascii=False) + "\n")
+    os.replace(tmp, path)
+
+
+def is_shapes(records):
+    """True for shapes-world records (make_shapes_world writes each scene into its record): the data that
+    picks the demo's own prompt wording and scorer, never the model."""
+    return bool(records) and all("scene" in r for r in records)
+
+
+def manifest_task(path):
+    """The task of a manifest's records: "cls" (probs), "det" (boxes), "seg" (instruction) or "vqa"
+    (question), from its first record (blank lines skipped). Raises ManifestError naming the line."""
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    rec = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ManifestError(path, lineno, f"invalid JSON ({e.msg}, column {e.colno})") from None
+                for key, task in (("probs", "cls"), ("boxes", "det"), ("instruction", "seg"), ("question", "vqa")):
+                    if isinstance(rec, dict) and key in rec:
+                        return task
+                raise ManifestError(path, lineno, "no probs, boxes, instruction or question: not a record of any task")
+    raise ManifestError(path, 0, "no records")
 
 
 def open_image(path_or_image):

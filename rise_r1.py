@@ -8,7 +8,8 @@ section "RISE-R1: Training VLM for Enhanced CoTs" (SFT loss eq. 8, reward eq. 9,
      loss on the target tokens only                                          -> vlm.sft_loss
   3. GRPO on the full training set, same prompt,
      reward = Sim(a_hat, a) + R_fmt                                          -> rewards.rise_r1_reward
-  4. --eval: greedy decoding on the test set -> eval.json + predictions.jsonl -> eval_only()
+  4. --eval: greedy decoding on the test set, with the prompt the model was trained with
+     -> OUT/eval.json + OUT/predictions.jsonl                                -> evaluate()
 
 The paper's rows (same budget each):
     SFT (plain answers)    --stages sft --sft-target plain
@@ -16,7 +17,7 @@ The paper's rows (same budget each):
     RISE                   --stages sft,grpo --tau 0.5
     SFT Full + RFT         --stages sft,grpo --tau 0
     SFT High (no RL)       --stages sft
-    python rise_r1.py --eval --model runs/rise_r1/final [--baseline OTHER/predictions.jsonl]
+    python rise_r1.py --eval --model runs/rise_r1/final --out runs/rise_r1-eval [--baseline OTHER/predictions.jsonl]
 """
 import json
 import math
@@ -29,11 +30,12 @@ import torch
 from tqdm import tqdm
 
 import data
-import grpo
 import rewards
 import run
 import vlm
 
+# The paper's setting ("Implementation Details": AdamW, weight decay 0.1, ZeRO-3, batch 1, accumulation 2,
+# 200 steps per stage, 401,408 pixels, prompt length 1024) and the tiny base's (one CPU, a few minutes).
 PAPER = dict(lr=2e-6, max_steps=200, sft_steps=200, num_generations=8, batch_size=1, grad_accum=2,
              max_pixels=401408, max_new_tokens=256)
 TINY = dict(lr=1e-4, max_steps=40, sft_steps=60, num_generations=6, batch_size=4, grad_accum=1,
@@ -47,36 +49,114 @@ def parse_args(argv=None):
     p.add_argument("--stages", default="sft,grpo", help="sft | grpo | sft,grpo")
     p.add_argument("--sft-target", default="think", choices=["think", "plain"],
                    help="think: <think>c</think><answer>a</answer> on D_high; plain: the answer alone, all data")
-    p.add_argument("--sft-steps", type=int, default=None, help="SFT optimizer updates (as --max-steps)")
+    p.add_argument("--sft-steps", type=int, help="SFT optimizer updates (as --max-steps)")
     p.add_argument("--sft-lr", type=float, default=None, help="default: --lr")
     p.add_argument("--shots", type=int, default=None,
                    help="K per class (classification, COCO-Sub detection) or K in total (LISA detection)")
-    p.add_argument("--baseline", default=None, help="predictions.jsonl of a baseline, for the win rate")
+    p.add_argument("--baseline", default=None, help="--eval: predictions.jsonl of a baseline, for the win rate")
     p.add_argument("--eval-prompt", default=None, choices=["r1", "plain"],
-                   help="prompt at evaluation (default: plain for --sft-target plain models, else r1)")
-    args = run.parse_with_preset(p, argv, PAPER, TINY)
-    args.stages = [s for s in args.stages.split(",") if s]
+                   help="--eval's prompt (default: the one the model was trained with, from its training_args.json)")
+    args = run.parse_args(p, argv, PAPER, TINY)
+    args.stage_list = [s for s in args.stages.split(",") if s]
+    if not args.stage_list or set(args.stage_list) - {"sft", "grpo"}:
+        p.error(f"--stages: sft, grpo or sft,grpo; got {args.stages!r}")
     return args
 
 
-# ---------------------------------------------------------------------------- data and prompts
-def load(path, skip_bad):
-    schema = "cls" if "probs" in Path(path).open().readline() else "det"
-    records, skipped = data.read_manifest(path, schema, skip_bad=skip_bad)
-    return records, schema, skipped
+# ============================================================================ training
+def train(args, rank, world, out):
+    """RISE-R1: SFT on D_high, then GRPO (or the stages --stages names) -> OUT/final/."""
+    # ---- data
+    records, task, skipped = run.records(run.manifest_path(args.data, "train", args.seed, "soft_cls"), args.skip_bad)
+    if args.shots:
+        records = few_shot(records, task, args.shots, args.seed)
+
+    # ---- models
+    engine, processor = run.policy(args, lr=args.sft_lr or args.lr)
+    model = engine.module
+    run.open_tracker(args, out, rank)
+    records, _ = run.usable(records, lambda r: sample_problem(r, model, processor, "r1", args.max_prompt_len),
+                            rank, world, out)
+    if rank == 0:
+        print(f"[rise_r1] {len(records)} training samples ({skipped} skipped), stages {args.stage_list}")
+    state = run.resume(out, args, engine)
+    state.setdefault("stage", args.stage_list[0])
+
+    # ---- stage 1: SFT on D_high (paper eq. 8)
+    if state["stage"] == "sft":
+        if args.sft_target == "think":
+            pairs, pass_rate = high_quality(args.cots, records, args.tau)
+            if rank == 0:
+                print(f"[rise_r1] D_high: {len(pairs)} CoTs with reward >= {args.tau} (pass rate {pass_rate:.0%})")
+            if state["step"] == 0:
+                run.log(out, rank, {"step": 0, "stage": "sft", "tau": args.tau, "pass_rate": pass_rate})
+        else:
+            pairs = [(r, None) for r in records]
+        if not pairs:
+            raise SystemExit(f"no SFT data: no CoT reached tau={args.tau}")
+        total = args.sft_steps * args.grad_accum
+        run.new_stage(engine, args.sft_lr or args.lr, args.sft_steps, args, done=state["step"] // args.grad_accum)
+        for step in run.steps(state, total, rank, "sft"):
+            picks = torch.randint(len(pairs), (args.batch_size,), generator=torch.Generator().manual_seed(
+                args.seed * 100003 + step * world + rank)).tolist()
+            convs, images = [], []
+            for r, cot in (pairs[i] for i in picks):
+                im = data.open_image(r["image_path"])
+                convs.append(sft_conversation(r, cot, im, model, processor))
+                images.append([im])
+            loss = vlm.sft_loss(engine, processor, convs, images)
+            skipped = vlm.update(engine, loss, vlm.accumulation(step, total, args.grad_accum))
+            run.end_step(engine, out, state, step, total, {"stage": "sft", "loss": loss.item(), "skipped": skipped},
+                         args, rank, checkpoint_at_end=False)
+        run.save_final(engine, processor, out, name="sft")     # GRPO's reference policy
+        state.update(stage="grpo", step=0)                     # a checkpoint that resumes in GRPO needs it
+        run.save_checkpoint(out, state, engine)
+
+    # ---- stage 2: GRPO with reward = Sim + R_fmt (paper eqs. 9-10)
+    if "grpo" in args.stage_list:
+        total = args.max_steps * args.grad_accum
+        run.new_stage(engine, args.lr, args.max_steps, args, done=state["step"] // args.grad_accum)
+        ref = None
+        if args.beta and not args.lora_rank:
+            ref = run.reference_model(str(out / "sft") if "sft" in args.stage_list else args.model, args, engine.device)
+        G, order = args.num_generations, run.data_order(len(records), args.seed)
+        for step in run.steps(state, total, rank, "grpo"):
+            t0 = time.time()
+            batch = run.step_items(records, order, step, args.batch_size, rank, world)
+            images = [data.open_image(r["image_path"]) for r in batch]
+            answers = [annotation(r, im, model, processor)[0] for r, im in zip(batch, images)]
+            convs = [[vlm.user_turn(prompt("r1", r, im, model, processor))] for r, im in zip(batch, images)]
+            reward_fn = lambda texts, owner: [rewards.rise_r1_reward(t, answers[i], task)  # noqa: E731
+                                              for t, i in zip(texts, owner)]
+            stats, rollout, reward = vlm.grpo_step(
+                engine, ref, processor, convs, [[im] for im in images], reward_fn, group_size=G,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, max_prompt_len=args.max_prompt_len,
+                window=vlm.accumulation(step, total, args.grad_accum), **run.grpo_options(args))
+            run.log_completions(out, rank, step, [{"id": batch[k // G]["id"], "completion": t, "reward": r}
+                                                  for k, (t, r) in enumerate(zip(rollout["texts"], reward.tolist()))],
+                                args.log_completions_every)
+            run.end_step(engine, out, state, step, total, dict(stats, stage="grpo"), args, rank,
+                         seconds=time.time() - t0)
+
+    # ---- save
+    run.save_final(engine, processor, out)
+    if rank == 0:
+        print(f"[rise_r1] model in {out / 'final'}")
+        run.plot(out)
 
 
-def few_shot(records, schema, k, seed):
+# ============================================================================ data and prompts
+def few_shot(records, task, k, seed):
     """The few-shot rows of RISE (arXiv 2508.13229, "Results on Image Annotation Tasks", Tables 1-2), seeded:
     K samples per class for classification (class = the argmax: Emotion6, ImageNet-Sub) and for
     class-labelled detection (COCO-Sub: every record has a category_id; one record per image and
     class); K in total for detection without classes (LISA: one instruction per image)."""
     rng = random.Random(seed)
-    if schema == "det" and not all("category_id" in r for r in records):
+    if task == "det" and not all("category_id" in r for r in records):
         return rng.sample(records, min(k, len(records)))
     by_class = {}
     for r in records:
-        cls = r["category_id"] if schema == "det" else r["classes"][int(np.argmax(r["probs"]))]
+        cls = r["category_id"] if task == "det" else r["classes"][int(np.argmax(r["probs"]))]
         by_class.setdefault(cls, []).append(r)
     return [r for cls in sorted(by_class) for r in rng.sample(by_class[cls], min(k, len(by_class[cls])))]
 
@@ -125,21 +205,30 @@ def high_quality(cots_path, records, tau):
     return kept, len(kept) / len(cots)
 
 
-# ---------------------------------------------------------------------------- evaluation
+# ============================================================================ evaluation
+def trained_prompt(model_dir):
+    """The prompt a model saved by this script was trained with: "plain" after --sft-target plain alone
+    (the SFT baseline answers without a think), else "r1" (every other row, and any other model)."""
+    saved = Path(model_dir) / "training_args.json"
+    trained = json.loads(saved.read_text()) if saved.is_file() else {}
+    return "plain" if trained.get("sft_target") == "plain" and trained.get("stages") == "sft" else "r1"
+
+
 @torch.no_grad()
-def predict(model, processor, records, schema, style="r1", batch_size=16, max_new_tokens=128):
+def predict(model, processor, records, task, style="r1", batch_size=16, max_new_tokens=128):
     """Greedy predictions, one dict per record; an unparsable answer is kept with parsed=False."""
     model.eval()
     preds = []
     for start in tqdm(range(0, len(records), batch_size), desc="eval"):
         chunk = records[start:start + batch_size]
         images = [data.open_image(r["image_path"]) for r in chunk]
-        batch = vlm.chat_inputs(processor, [[vlm.user_turn(prompt(style, r, im, model, processor))] for r, im in zip(chunk, images)], [[im] for im in images])
+        batch = vlm.chat_inputs(processor, [[vlm.user_turn(prompt(style, r, im, model, processor))]
+                                            for r, im in zip(chunk, images)], [[im] for im in images])
         texts = vlm.sample(model, processor, batch, 1, max_new_tokens, do_sample=False)["texts"]
         for r, im, text in zip(chunk, images, texts):
             answer = (rewards.answer_text(text) if style == "r1" else text) or ""
             row = {"id": r["id"], "text": text}
-            if schema == "cls":
+            if task == "cls":
                 parsed = rewards.parse_class_probs(answer)
                 q = rewards.probs_vector(parsed, r["classes"]) if parsed else None
                 ok = q is not None and sum(q) > 0
@@ -153,11 +242,11 @@ def predict(model, processor, records, schema, style="r1", batch_size=16, max_ne
     return preds
 
 
-def metrics_of(preds, records, schema, baseline=None):
+def metrics_of(preds, records, task, baseline=None):
     """eval.json: jsd + accuracy (+ win rate vs a baseline's predictions) or mAP@0.5, and the
     number of unparsable answers (scored as wrong: JSD ln 2, no label, no boxes)."""
     m = {"n": len(preds), "unparsable": sum(not p["parsed"] for p in preds)}
-    if schema == "cls":
+    if task == "cls":
         m["jsd"] = float(np.mean([p["jsd"] for p in preds])) if preds else math.log(2)
         m["accuracy"] = rewards.accuracy([p["label"] for p in preds],
                                          [r["classes"][int(np.argmax(r["probs"]))] for r in records])
@@ -174,122 +263,34 @@ def metrics_of(preds, records, schema, baseline=None):
     return m
 
 
-# ---------------------------------------------------------------------------- main
-def train(args, rank, world, out):
-    """RISE-R1: SFT on D_high, then GRPO (or the stages --stages names) -> OUT/final/."""
-    model, processor = run.load_policy(args)
-
-    # ---- data
-    records, schema, skipped = load(run.manifest_path(args.data, "train", args.seed, "soft_cls"), args.skip_bad)
-    if args.shots:
-        records = few_shot(records, schema, args.shots, args.seed)
-    # a sample whose prompt cannot be processed is skipped (OUT/skipped.jsonl), never fatal
-    records, _ = run.usable(records, lambda r: sample_problem(r, model, processor, "r1", args.max_prompt_len),
-                            rank, world, out)
-    if rank == 0:
-        print(f"[rise_r1] {len(records)} training samples ({skipped} skipped), stages {args.stages}")
-
-    # ---- models
-    cfg = run.deepspeed_config(args, lr=args.sft_lr or args.lr)
-    engine = run.deepspeed_engine(model, cfg)
-    ckpt = run.load_checkpoint(engine, out) if args.resume else None
-    run.prepare_out(out, rank, ckpt)                 # --resume: metrics.jsonl cut back to the checkpoint
-    state = ckpt or {"stage": args.stages[0], "step": 0}
-    guard = run.NonFiniteGuard()
-
-    # ---- stage 1: SFT
-    if "sft" in args.stages and state["stage"] == "sft":
-        if args.sft_target == "think":
-            pairs, pass_rate = high_quality(args.cots, records, args.tau)
-            if rank == 0:
-                print(f"[rise_r1] D_high: {len(pairs)} CoTs with reward >= {args.tau} (pass rate {pass_rate:.0%})")
-            if state["step"] == 0:              # resumed later in the SFT: logged before its checkpoint
-                run.log(out, rank, {"step": 0, "stage": "sft", "tau": args.tau, "pass_rate": pass_rate})
-        else:
-            pairs = [(r, None) for r in records]
-        if not pairs:
-            raise SystemExit(f"no SFT data: no CoT reached tau={args.tau}")
-        sft_micro = args.sft_steps * args.grad_accum      # --sft-steps counts optimizer updates (as TRL/HF)
-        for step in tqdm(range(state["step"], sft_micro), desc="sft", disable=rank != 0):
-            picks = torch.randint(len(pairs), (args.batch_size,), generator=torch.Generator().manual_seed(
-                args.seed * 100003 + step * world + rank)).tolist()
-            convs, images = [], []
-            for r, cot in (pairs[i] for i in picks):
-                im = data.open_image(r["image_path"])
-                convs.append(sft_conversation(r, cot, im, model, processor))
-                images.append([im])
-            loss = vlm.sft_loss(engine, processor, convs, images)
-            guard.update(engine, loss, step, window=grpo.accumulation(step, sft_micro, args.grad_accum))
-            run.log(out, rank, {"step": step, "stage": "sft", "loss": loss.item(), "updates": engine.global_steps})
-            if (step + 1) % (args.save_every * args.grad_accum) == 0:
-                run.save_checkpoint(engine, out, step + 1, {"stage": "sft"})
-        run.save_final(engine, processor, out, name="sft")     # GRPO's reference policy, before the
-        state = {"stage": "grpo", "step": 0}                   # checkpoint that resumes in GRPO needs it
-        run.save_checkpoint(engine, out, 0, state)
-
-    # ---- stage 2: GRPO with reward = Sim + R_fmt
-    if "grpo" in args.stages:
-        if state["step"] == 0:                  # a new phase, as a separate run: fresh AdamW, GRPO's lr
-            grpo.fresh_optimizer(engine, args.lr)
-        else:                                   # resumed inside GRPO: the checkpoint's AdamW state
-            for group in engine.optimizer.param_groups:
-                group["lr"] = args.lr
-        micro_steps = args.max_steps * args.grad_accum    # --max-steps counts optimizer updates
-        ref_name = str(out / "sft") if "sft" in args.stages else args.model
-        ref = run.reference_model(ref_name, cfg, device=engine.device, max_pixels=args.max_pixels) \
-            if args.beta else None
-        G = args.num_generations
-        order = run.data_order(len(records), args.seed)
-        for step in tqdm(range(state["step"], micro_steps), desc="grpo", disable=rank != 0):
-            t0 = time.time()
-            batch = run.step_items(records, order, step, args.batch_size, rank, world)
-            images = [data.open_image(r["image_path"]) for r in batch]
-            gts = [annotation(r, im, model, processor)[0] for r, im in zip(batch, images)]
-            reward_fn = lambda texts, prompt_index: [rewards.rise_r1_reward(t, gts[i], schema)  # noqa: E731
-                                              for t, i in zip(texts, prompt_index)]
-            stats, _, _ = grpo.grpo_step(engine, processor, [[vlm.user_turn(prompt("r1", r, im, model, processor))] for r, im in zip(batch, images)],
-                                         [[im] for im in images], reward_fn, ref_model=ref, group_size=G,
-                                         max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                         max_prompt_len=args.max_prompt_len, beta=args.beta, norm=args.loss_norm,
-                                         scale_rewards=args.scale_rewards == "group",
-                                         window=grpo.accumulation(step, micro_steps, args.grad_accum))
-            guard.check(stats["skipped"], step)
-            run.log(out, rank, dict(stats, step=step, stage="grpo", updates=engine.global_steps,
-                                    seconds=round(time.time() - t0, 2)))
-            if (step + 1) % (args.save_every * args.grad_accum) == 0:
-                run.save_checkpoint(engine, out, step + 1, {"stage": "grpo"})
-
-    # ---- save
-    run.save_final(engine, processor, out)
-    if rank == 0:
-        print(f"[rise_r1] model in {out / 'final'}")
-        run.plot(out)
-
-
-def eval_only(args, rank, world, out):
+def evaluate(args, rank, world, out):
     """`--eval`: greedy answers of --model on the test manifest -> OUT/predictions.jsonl and OUT/eval.json
-    (metrics_of: JSD / accuracy / mAP@0.5 by schema). Unusable samples are skipped and counted."""
-    model, processor = run.load_policy(args)
-    records, schema, skipped = load(run.manifest_path(args.test or args.data, "test", args.seed, "soft_cls"), args.skip_bad)
+    (metrics_of: JSD / accuracy / mAP@0.5 by task). Unusable samples are skipped and counted."""
+    model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
+    records, task, skipped = run.records(run.manifest_path(args.test or args.data, "test", args.seed, "soft_cls"),
+                                         args.skip_bad)
     records = records[:args.n_test]
+    style = args.eval_prompt or trained_prompt(args.model)
     # one sample that cannot be processed is skipped and counted, never the end of the evaluation
-    records, bad = run.usable(records, lambda r: sample_problem(r, model, processor, args.eval_prompt or "r1"),
+    records, bad = run.usable(records, lambda r: sample_problem(r, model, processor, style, args.max_prompt_len),
                               rank, world, out, split="test")
-    preds = run.gather_records(predict(model, processor, run.shard(records, rank, world), schema,
-                                       args.eval_prompt or "r1", max_new_tokens=args.max_new_tokens))
+    preds = run.gather_records(predict(model, processor, run.shard(records, rank, world), task, style,
+                                       max_new_tokens=args.max_new_tokens))
     if rank == 0:
         order = {r["id"]: i for i, r in enumerate(records)}
         preds.sort(key=lambda p: order[p["id"]])        # ranks evaluated interleaved shards
-        metrics = dict(metrics_of(preds, records, schema, args.baseline), skipped_records=skipped,
-                       skipped_samples=len(bad))
-        run.write_eval(out, metrics, preds)
+        metrics = dict(metrics_of(preds, records, task, args.baseline), skipped_records=skipped,
+                       skipped_samples=len(bad), eval_prompt=style)
+        (out / "eval.json").write_text(json.dumps(dict(metrics, model=str(args.model)), indent=1))
+        data.write_jsonl(out / "predictions.jsonl", preds)
         print(json.dumps(metrics))
     return metrics if rank == 0 else None
 
 
 def main(argv=None):
     """RISE-R1 training (SFT on D_high, then GRPO), or with --eval only the evaluation of --model."""
-    return run.dispatch(parse_args(argv), train, eval_only)
+    args = parse_args(argv)
+    return (evaluate if args.eval else train)(args, *run.start(args, "rise_r1"))
 
 
 if __name__ == "__main__":

@@ -15,23 +15,22 @@ Training sees an image I and an instruction T only: no mask, no box.
        R_seg   = 1 if the answer is JSON with an in-image box and two points
                                                                     -> rewards.seg_format_reward
      (the ablations: --reward sem,think,seg picks the terms; --no-cot; --no-points)
-  3. GRPO on the G answers                                                    -> grpo.grpo_step
+  3. GRPO on the G answers                                                    -> vlm.grpo_step
 Inference (--eval): greedy answer -> box + points (pixels) -> frozen SAM2 image predictor (the box
 and both points as positive clicks; the best-scoring of its masks) -> mask      -> sam2_mask()
 -> gIoU, cIoU, box IoU, unparsable -> OUT/eval.json; --save-vis DIR draws overlays.
 
-The semantic scorer. The paper uses CLIP ViT-B/32 (--clip ViT-B-32 --clip-ckpt FILE_OR_TAG).
-A random CLIP gives a meaningless reward and nothing can be downloaded here, so the default,
---clip shapes, is a small open_clip CLIP the project trains contrastively on shapes-world crops
-and their names in a few CPU minutes, cached like the tiny base     -> tiny.build_shapes_clip()
+The semantic scorer is the paper's CLIP ViT-B/32 (open_clip, --clip-ckpt: a checkpoint file or a
+pretrained tag such as openai). On shapes-world data it is the shapes CLIP (shapes-clip/, committed; built
+by `python tiny.py clip`): a small open_clip CLIP trained on shapes-world crops and their names, since a
+CLIP of photos knows nothing of 112-px coloured shapes                  -> load_clip()
 
     deepspeed seg_rise.py                                        # tiny base + shapes world, CPU
-    deepspeed seg_rise.py --eval --model runs/seg_rise/final --save-vis runs/seg_rise/vis
-    python tiny.py clip                                          # (re)build the shapes CLIP, report it
-    deepspeed --num_gpus 8 seg_rise.py --model Qwen/Qwen2.5-VL-3B-Instruct \\
-        --data refcocog/train.jsonl --clip ViT-B-32 --clip-ckpt openai --deepspeed ds_zero3.json
+    deepspeed seg_rise.py --eval --model runs/seg_rise/final --save-vis runs/seg_rise-eval/vis
+    deepspeed --num_gpus 8 seg_rise.py --model Qwen/Qwen2.5-VL-3B-Instruct --data refcocog/train.jsonl \\
+        --deepspeed ds_zero3.json                                # the paper's setting (PAPER below)
     deepspeed seg_rise.py --eval --model runs/seg_rise/final --test reasonseg/test/seg.jsonl \\
-        --sam2-config configs/sam2.1/sam2.1_hiera_l.yaml --sam2-ckpt sam2.1_hiera_large.pt
+        --sam2-ckpt sam2.1_hiera_large.pt                        # SAM2.1-Large (the paper's executor)
 """
 import json
 import math
@@ -42,27 +41,28 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 import data
-import grpo
 import rewards
 import run
-import tiny
 import vlm
 
-# Paper: Qwen2.5-VL-3B, G = 8, lr 1e-6, KL 5e-3 (Seg-Zero's setting); 2,000 RefCOCOg pairs. The
-# paper prints neither the batch nor the number of steps: 125 steps x 2 prompts x 8 GPUs = one pass.
-# Images: Seg-Zero resizes every image to 840x840 = 705,600 pixels (900 image tokens of Qwen2.5-VL);
-# here the same pixel budget, with the aspect ratio kept by Qwen's own resize (smart_resize). The
-# prompt limit 1280 is ours (900 image tokens + the instruction; the paper states none).
+# The paper's setting: Qwen2.5-VL-3B, G = 8, lr 1e-6, KL 5e-3 (Seg-Zero's), 2,000 RefCOCOg pairs, SAM2-Large.
+# Neither the batch nor the number of steps is printed: 125 steps x 2 prompts x 8 GPUs = one pass. Images:
+# Seg-Zero resizes every image to 840x840 = 705,600 pixels (900 image tokens of Qwen2.5-VL); here the same
+# pixel budget, the aspect ratio kept by Qwen's own resize (smart_resize). The prompt limit 1280 is ours
+# (900 image tokens + the instruction; the paper states none).
 PAPER = dict(lr=1e-6, beta=5e-3, max_steps=125, num_generations=8, batch_size=2, grad_accum=1,
-             max_new_tokens=512, save_every=25, max_pixels=840 * 840, max_prompt_len=1280)
-# Tiny base on one CPU: ~4.5 minutes (~2.2 s a step); R_sem rises from ~0.14 to ~0.17 over the run
-# (see the README's Seg-RISE section for what that does and does not mean on the shapes world).
+             max_new_tokens=512, save_every=25, max_pixels=840 * 840, max_prompt_len=1280,
+             gradient_checkpointing=True, sam2_config="configs/sam2.1/sam2.1_hiera_l.yaml")
+# The tiny base on one CPU: ~4.5 minutes (~2.2 s a step).
 TINY = dict(lr=2e-4, beta=5e-3, max_steps=120, num_generations=8, batch_size=2, grad_accum=1,
-            max_new_tokens=128, save_every=25, max_pixels=None, max_prompt_len=1024)
+            max_new_tokens=128, save_every=25, max_pixels=None, max_prompt_len=1024,
+            sam2_config="configs/sam2.1/sam2.1_hiera_t.yaml")
 TERMS = ("sem", "think", "seg")
+SHAPES_CLIP = Path(__file__).resolve().parent / "shapes-clip"     # committed; python tiny.py clip rebuilds it
 
 # --no-points: the same prompts without the two points (data.py holds the other two).
 SEG_PROMPT_NO_POINTS = ('Think in <think></think>, then answer in <answer></answer> with JSON '
@@ -78,17 +78,16 @@ def parse_args(argv=None):
                    help="answer without <think> (paper Table 5); R_think is then not part of R")
     p.add_argument("--no-points", dest="points", action="store_false",
                    help="ask for the box only (paper Table 6); SAM2 then gets the box only")
-    p.add_argument("--clip", default="shapes",
-                   help="semantic scorer: 'shapes' (the project's shapes-world CLIP) or an open_clip "
-                        "model name, e.g. ViT-B-32 (the paper's)")
+    p.add_argument("--clip", default=None,
+                   help="semantic scorer: an open_clip model name (the paper: ViT-B-32) or 'shapes' (the shapes "
+                        "CLIP); default: shapes on shapes-world data, else ViT-B-32")
     p.add_argument("--clip-ckpt", default=None,
-                   help="open_clip checkpoint file or pretrained tag (e.g. openai) for --clip NAME; "
-                        "for --clip shapes a folder written by python tiny.py clip (default: the cache)")
+                   help="open_clip checkpoint file or pretrained tag (default: openai) for --clip NAME; for "
+                        "--clip shapes a folder written by python tiny.py clip (default: shapes-clip/)")
     p.add_argument("--executor", default="sam2", choices=["sam2", "box"],
                    help="mask maker for --eval: SAM2 (the paper), or the filled box (no SAM2; a quick "
                         "floor for the shapes world)")
-    p.add_argument("--sam2-config", default="configs/sam2.1/sam2.1_hiera_t.yaml",
-                   help="a config name inside the sam2 package (the paper: configs/sam2.1/sam2.1_hiera_l.yaml)")
+    p.add_argument("--sam2-config", help="a SAM2 config: a name inside the sam2 package or a file")
     p.add_argument("--sam2-ckpt", default=None,
                    help="SAM2 checkpoint file; without one SAM2 has RANDOM weights (plumbing only)")
     p.add_argument("--eval-prompt", default="seg", choices=["seg", "grounding"],
@@ -101,7 +100,7 @@ def parse_args(argv=None):
     p.add_argument("--eval-max-new-tokens", type=int, default=None,
                    help="token budget of --eval's greedy answers (default 2x --max-new-tokens: a greedy CoT "
                         "can repeat itself and would otherwise be cut before its answer)")
-    args = run.parse_with_preset(p, argv, PAPER, TINY)
+    args = run.parse_args(p, argv, PAPER, TINY)
     args.eval_max_new_tokens = args.eval_max_new_tokens or 2 * args.max_new_tokens
     args.terms = [t.strip() for t in args.reward.split(",") if t.strip()]
     unknown = sorted(set(args.terms) - set(TERMS))
@@ -112,6 +111,81 @@ def parse_args(argv=None):
         if not args.terms:
             p.error("--no-cot leaves nothing of --reward think: add sem and/or seg")
     return args
+
+
+# ============================================================================ training
+def train(args, rank, world, out):
+    """Seg-RISE: GRPO with R = the --reward terms -> OUT/final/, then the test scores."""
+    # ---- data: the policy and the reward see the image and the instruction, nothing else
+    manifest = run.manifest_path(args.data, "train", args.seed, "seg")
+    records, _, skipped = run.records(manifest, args.skip_bad, task="seg")
+    samples = [{"id": r["id"], "image_path": r["image_path"], "instruction": r["instruction"]} for r in records]
+    # GT boxes, where the manifest has them, only for a logged diagnostic (never for the reward)
+    diag_boxes = {r["id"]: r["box"] for r in records if r.get("box")}
+    if rank == 0:
+        print(f"[seg_rise] {len(samples)} training samples from {manifest} ({skipped} skipped), {world} rank(s), "
+              f"lr {args.lr}, G {args.num_generations}, beta {args.beta}, {args.max_steps} steps, "
+              f"R = {' + '.join('R_' + t for t in args.terms)}, cot {args.cot}, points {args.points}")
+
+    # ---- models: the policy (DeepSpeed), its frozen reference, the frozen CLIP scorer
+    engine, processor = run.policy(args)
+    ref = run.reference_model(args.model, args, engine.device) if args.beta and not args.lora_rank else None
+    clip = load_clip(*scorer_name(args, records), device=engine.device)
+    run.open_tracker(args, out, rank)
+    text_cache = {}                                  # one CLIP text embedding per instruction
+    model_type = engine.module.config.model_type
+    # a sample whose prompt cannot be processed is skipped and listed in OUT/skipped.jsonl, never fatal
+    samples, _ = run.usable(samples, lambda r: sample_problem(r, processor, model_type, args, training=True),
+                            rank, world, out)
+    total = args.max_steps * args.grad_accum
+    state = run.resume(out, args, engine)
+    run.new_stage(engine, args.lr, args.max_steps, args, done=state["step"] // args.grad_accum)
+
+    # ---- the GRPO loop (paper sec. 4)
+    G, order = args.num_generations, run.data_order(len(samples), args.seed)
+    for step in run.steps(state, total, rank, "seg_rise"):
+        t0 = time.time()
+        batch = run.step_items(samples, order, step, args.batch_size, rank, world)
+        images = [data.open_image(r["image_path"]) for r in batch]
+        instructions = [r["instruction"] for r in batch]
+        convs = [[vlm.user_turn(train_prompt(t, im, model_type, processor, args))]
+                 for t, im in zip(instructions, images)]
+
+        def reward_fn(texts, owner):                 # R = R_sem + R_think + R_seg (paper eq. 6)
+            return seg_rewards(texts, owner, images, instructions, clip, model_type, processor, args.terms,
+                               args.cot, args.points, text_cache)
+
+        stats, rollout, reward = vlm.grpo_step(
+            engine, ref, processor, convs, [[im] for im in images], reward_fn, group_size=G,
+            max_new_tokens=args.max_new_tokens, temperature=args.temperature, max_prompt_len=args.max_prompt_len,
+            window=vlm.accumulation(step, total, args.grad_accum), **run.grpo_options(args))
+        # diagnostic only: IoU of the sampled boxes with GT boxes the reward never sees
+        ious = [rewards.box_iou(read_answer(t, images[k // G], model_type, processor, False)[0] or [0, 0, 0, 0],
+                                diag_boxes[batch[k // G]["id"]])
+                for k, t in enumerate(rollout["texts"]) if batch[k // G]["id"] in diag_boxes]
+        if ious:
+            stats["diag_gt_box_iou"] = float(np.mean(ious))
+        run.log_completions(out, rank, step, [{"id": batch[k // G]["id"], "completion": t, "reward": r}
+                                              for k, (t, r) in enumerate(zip(rollout["texts"], reward.tolist()))],
+                            args.log_completions_every)
+        run.end_step(engine, out, state, step, total, stats, args, rank, seconds=time.time() - t0)
+
+    # ---- save
+    final = run.save_final(engine, processor, out)
+    if rank == 0:
+        report(out, final)
+
+
+def report(out, final):
+    """What a finished run prints (R_sem and R, first vs last fifth of the steps) and draws (curves.png)."""
+    rows = run.read_jsonl(out / "metrics.jsonl")
+    if rows:
+        k = max(1, len(rows) // 5)
+        mean = lambda rs, key: np.mean([r[key] for r in rs if key in r]) if any(key in r for r in rs) else float("nan")  # noqa: E731
+        print(f"[seg_rise] R_sem {mean(rows[:k], 'reward_sem'):.3f} -> {mean(rows[-k:], 'reward_sem'):.3f}, "
+              f"R {mean(rows[:k], 'reward'):.3f} -> {mean(rows[-k:], 'reward'):.3f} (first vs last fifth of the steps); "
+              f"model in {final}")
+        run.plot(out, ["reward", "reward_sem", "reward_think", "reward_seg", "diag_gt_box_iou", "kl", "completion_len"])
 
 
 # ============================================================================ 1. prompts and answers
@@ -186,19 +260,36 @@ def seg_rewards(texts, prompt_index, images, instructions, clip, model_type, pro
 
 
 # ============================================================================ 3. the semantic scorer
-# The paper uses CLIP ViT-B/32 (--clip ViT-B-32 --clip-ckpt FILE_OR_TAG); the default, --clip shapes,
-# is the small CLIP tiny.py trains on shapes-world crops (a random CLIP gives a meaningless reward).
+def scorer_name(args, records):
+    """(name, ckpt) of the semantic scorer: --clip, else the shapes CLIP when --clip-ckpt is a folder
+    holding one or the records are the shapes world's (data.is_shapes), else the paper's ViT-B-32 with
+    OpenAI's weights."""
+    shapes_folder = args.clip_ckpt and (Path(args.clip_ckpt) / "config.json").is_file()
+    name = args.clip or ("shapes" if shapes_folder or data.is_shapes(records) else "ViT-B-32")
+    return name, args.clip_ckpt or (None if name == "shapes" else "openai")
+
+
 def load_clip(name="shapes", ckpt=None, device="cpu"):
     """(model, preprocess, tokenizer) of the semantic scorer, frozen, in eval mode.
 
-    name "shapes": the project's shapes-world CLIP (tiny.load_shapes_clip) from `ckpt` (a folder)
-    or the cache, built there when missing. Any other name is an open_clip model (e.g. ViT-B-32)
-    whose weights come from `ckpt`: a checkpoint file, or a pretrained tag open_clip knows (it
-    downloads those).
-    """
+    name "shapes": the shapes CLIP in the folder `ckpt` (default: shapes-clip/ beside this file;
+    `python tiny.py clip --out DIR` writes one). Any other name is an open_clip model (e.g. ViT-B-32)
+    whose weights come from `ckpt`: a checkpoint file, or a pretrained tag open_clip knows (it downloads
+    those). Raises SystemExit for a missing folder or a missing ckpt (a random CLIP is never used)."""
     import open_clip
     if name == "shapes":
-        model, preprocess, tokenizer = tiny.load_shapes_clip(ckpt)
+        folder = Path(ckpt or SHAPES_CLIP)
+        if not (folder / "config.json").exists():
+            raise SystemExit(f"{folder} holds no shapes CLIP (config.json): `git checkout shapes-clip`, or build one "
+                             f"with `python tiny.py clip --out {folder}`")
+        from safetensors.torch import load_file
+        cfg = json.loads((folder / "config.json").read_text())
+        model = open_clip.model.CLIP(**cfg["model"])
+        model.load_state_dict({k: v.float() if v.is_floating_point() else v
+                               for k, v in load_file(folder / "model.safetensors").items()})
+        tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["model"]["text_cfg"]["context_length"])
+        size = cfg["model"]["vision_cfg"]["image_size"]
+        preprocess = lambda im: shapes_clip_preprocess(im, size)  # noqa: E731
     else:
         if not ckpt:
             raise SystemExit(f"--clip {name} needs --clip-ckpt (a checkpoint file, or a pretrained tag such "
@@ -207,6 +298,13 @@ def load_clip(name="shapes", ckpt=None, device="cpu"):
         tokenizer = open_clip.get_tokenizer(name)
     model = model.to(device).eval().requires_grad_(False)
     return model, preprocess, tokenizer
+
+
+def shapes_clip_preprocess(image, size=64):
+    """The shapes CLIP's image transform: a crop -> [3, size, size] in [-1, 1], squashed, not centre-cropped
+    (the whole box is seen). tiny.build_shapes_clip trains with it."""
+    a = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
+    return (torch.from_numpy(a).permute(2, 0, 1) - 0.5) / 0.5
 
 
 # ============================================================================ 4. the segmentation executor
@@ -385,119 +483,35 @@ def evaluate(model, processor, records, args, executor, rank=0, world=1, vis_dir
 
 
 # ============================================================================ 6. the run
-def scorer(args, rank, device):
-    """The frozen CLIP scorer on every rank; a missing shapes CLIP is built once, by rank 0."""
-    if rank == 0 and args.clip == "shapes":
-        load_clip("shapes", args.clip_ckpt)
-    run.barrier()
-    return load_clip(args.clip, args.clip_ckpt, device=device)
-
-
-def train(args, rank, world, out):
-    """Seg-RISE: GRPO with R = the --reward terms -> OUT/final/, then the test scores."""
-    # ---- data: the policy and the reward see the image and the instruction, nothing else
-    manifest = run.manifest_path(args.data, "train", args.seed, "seg")
-    records, skipped = data.read_manifest(manifest, "seg", skip_bad=args.skip_bad)
-    samples = [{"id": r["id"], "image_path": r["image_path"], "instruction": r["instruction"]} for r in records]
-    # GT boxes, where the manifest has them, only for a logged diagnostic (never for the reward)
-    diag_boxes = {r["id"]: r["box"] for r in records if r.get("box")}
-    if rank == 0:
-        print(f"[seg_rise] {len(samples)} training samples from {manifest} ({skipped} skipped), {world} rank(s), "
-              f"lr {args.lr}, G {args.num_generations}, beta {args.beta}, {args.max_steps} steps, "
-              f"R = {' + '.join('R_' + t for t in args.terms)}, cot {args.cot}, points {args.points}")
-
-    # ---- models: the policy (DeepSpeed), its frozen reference, the frozen CLIP scorer
-    engine, processor, ref, cfg = run.training_models(args)
-    model = engine.module
-    clip = scorer(args, rank, engine.device)
-    text_cache = {}                                  # one CLIP text embedding per instruction
-    model_type = model.config.model_type
-    # a sample whose prompt cannot be processed is skipped and listed in OUT/skipped.jsonl, never fatal
-    samples, _ = run.usable(samples, lambda r: sample_problem(r, processor, model_type, args, training=True),
-                            rank, world, out)
-    ckpt = run.load_checkpoint(engine, out) if args.resume else None
-    run.prepare_out(out, rank, ckpt)                 # --resume: metrics.jsonl cut back to the checkpoint
-    state = ckpt or {"step": 0}
-
-    # ---- GRPO loop
-    G, guard = args.num_generations, run.NonFiniteGuard()
-    order = run.data_order(len(samples), args.seed)
-    micro_steps = args.max_steps * args.grad_accum       # --max-steps counts optimizer updates (as TRL/HF)
-    bar = tqdm(range(state["step"], micro_steps), desc="seg_rise", disable=rank != 0)
-    for step in bar:                                      # step: the micro-step (data position, checkpoints)
-        t0 = time.time()
-        batch = run.step_items(samples, order, step, args.batch_size, rank, world)
-        images = [data.open_image(r["image_path"]) for r in batch]
-        instructions = [r["instruction"] for r in batch]
-        convs = [[vlm.user_turn(train_prompt(t, im, model_type, processor, args))]
-                 for t, im in zip(instructions, images)]
-
-        def reward_fn(texts, prompt_index):
-            return seg_rewards(texts, prompt_index, images, instructions, clip, model_type, processor, args.terms,
-                               args.cot, args.points, text_cache)
-
-        stats, rollout, _ = grpo.grpo_step(engine, processor, convs, [[im] for im in images], reward_fn,
-                                           ref_model=ref, group_size=G, max_new_tokens=args.max_new_tokens,
-                                           temperature=args.temperature, max_prompt_len=args.max_prompt_len,
-                                           beta=args.beta, norm=args.loss_norm,
-                                           scale_rewards=args.scale_rewards == "group",
-                                           window=grpo.accumulation(step, micro_steps, args.grad_accum))
-        guard.check(stats["skipped"], step)
-        # diagnostic only: IoU of the sampled boxes with GT boxes the reward never sees
-        ious = [rewards.box_iou(read_answer(t, images[k // G], model_type, processor, False)[0] or [0, 0, 0, 0],
-                                diag_boxes[batch[k // G]["id"]])
-                for k, t in enumerate(rollout["texts"]) if batch[k // G]["id"] in diag_boxes]
-        if ious:
-            stats["diag_gt_box_iou"] = float(np.mean(ious))
-        stats.update(step=step, updates=engine.global_steps, seconds=round(time.time() - t0, 2))
-        run.log(out, rank, stats)
-        bar.set_postfix(reward=f"{stats['reward']:.3f}", sem=f"{stats['reward_sem']:.3f}", kl=f"{stats['kl']:.4f}")
-        if (step + 1) % (args.save_every * args.grad_accum) == 0 or step + 1 == micro_steps:
-            run.save_checkpoint(engine, out, step + 1, {})
-
-    # ---- save
-    final = run.save_final(engine, processor, out)
-    if rank == 0:
-        rows = run.read_jsonl(out / "metrics.jsonl")
-        if rows:
-            k = max(1, len(rows) // 5)
-            first, last = rows[:k], rows[-k:]
-            mean = lambda rs, key: np.mean([r[key] for r in rs if key in r]) if any(key in r for r in rs) else float("nan")  # noqa: E731
-            print(f"[seg_rise] R_sem {mean(first, 'reward_sem'):.3f} -> {mean(last, 'reward_sem'):.3f}, "
-                  f"R {mean(first, 'reward'):.3f} -> {mean(last, 'reward'):.3f} (first vs last fifth of the steps); "
-                  f"model in {final}")
-            run.plot(out, [k for k in ("reward", "reward_sem", "reward_think", "reward_seg", "diag_gt_box_iou", "kl",
-                                       "completion_len") if any(k in r for r in rows)])
-
-
-def eval_only(args, rank, world, out):
+def evaluate_run(args, rank, world, out):
     """`--eval`: policy -> box + points -> SAM2 (or the box) -> mask -> gIoU / cIoU / box IoU,
     written to OUT/predictions.jsonl and OUT/eval.json."""
     device = "cuda" if vlm.on_gpu() else "cpu"
     manifest = run.manifest_path(args.test, "test", args.seed, "seg")
-    records, skipped = data.read_manifest(manifest, "seg", skip_bad=args.skip_bad)
+    records, _, skipped = run.records(manifest, args.skip_bad, task="seg")
     records = records[:args.n_test]
     model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
     if args.save_vis and rank == 0:
         Path(args.save_vis).mkdir(parents=True, exist_ok=True)
-    # R_sem of the predicted boxes too, when the scorer is at hand (never a random CLIP)
-    clip = scorer(args, rank, device) if args.clip == "shapes" or args.clip_ckpt else None
-    rows = evaluate(model, processor, records, args, make_executor(args, device), rank, world, args.save_vis,
-                    clip)
+    # R_sem of the predicted boxes too, when the scorer is at hand without a download
+    name, ckpt = scorer_name(args, records)
+    clip = load_clip(name, ckpt, device) if name == "shapes" or args.clip_ckpt else None
+    rows = evaluate(model, processor, records, args, make_executor(args, device), rank, world, args.save_vis, clip)
     if rank == 0:
         result = {**summarise(rows), "executor": args.executor, "eval_prompt": args.eval_prompt,
                   "model": str(args.model), "test": str(manifest), "skipped": skipped}
         if args.executor == "sam2":
-            result.update(sam2_config=args.sam2_config, sam2_ckpt=args.sam2_ckpt,
-                          sam2_random_weights=not args.sam2_ckpt)
-        run.write_eval(out, result, rows)
+            result.update(sam2_config=args.sam2_config, sam2_ckpt=args.sam2_ckpt, sam2_random_weights=not args.sam2_ckpt)
+        (out / "eval.json").write_text(json.dumps(result, indent=1))
+        data.write_jsonl(out / "predictions.jsonl", rows)
         print(json.dumps(result))
     run.barrier()
 
 
 def main(argv=None):
     """Seg-RISE training (GRPO on R_sem + R_think + R_seg), or with --eval only the evaluation of --model."""
-    return run.dispatch(parse_args(argv), train, eval_only)
+    args = parse_args(argv)
+    return (evaluate_run if args.eval else train)(args, *run.start(args, "seg_rise"))
 
 
 if __name__ == "__main__":

@@ -39,12 +39,6 @@ def read_json(path):
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def read_jsonl(path):
-    """Read-only (run.read_jsonl also cuts a torn last line off the file, for a writer that resumes)."""
-    path = Path(path)
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
-
 def roc_auc(scores, positive):
     """ROC AUC of `scores` for telling positive from negative items (ties count one half): the
     Mann-Whitney U statistic / (n_pos * n_neg). None when one class is empty."""
@@ -78,14 +72,14 @@ def seg_results(seed, d):
     for row, _ in SEG_ROWS:
         m = read_json(d / slug(row) / "eval" / "eval.json")
         if m:
-            boxes = {tuple(p["box"]) for p in read_jsonl(d / slug(row) / "eval" / "predictions.jsonl") if p.get("box")}
+            boxes = {tuple(p["box"]) for p in run.read_jsonl(d / slug(row) / "eval" / "predictions.jsonl") if p.get("box")}
             table[row] = {"gIoU": m["giou"], "cIoU": m["ciou"], "box IoU": m["box_iou"],
                           "distinct test boxes": len(boxes), "unparsable": m["unparsable"]}
     return {"Seg-RISE (box executor)": table}
 
 
 # ============================================================================ VisRL
-VISRL_PHASES = [("tiny base", "base"), ("SFT warm-up", "sft"), ("+ stage 1", "iter1/stage1"),
+VISRL_STAGES = [("tiny base", "base"), ("SFT warm-up", "sft"), ("+ stage 1", "iter1/stage1"),
                 ("+ stage 2", "iter1/stage2"), ("iteration 2, stage 1", "iter2/stage1"),
                 ("iteration 2, stage 2 (final)", "iter2/stage2")]
 
@@ -99,7 +93,7 @@ def critic_auc(candidates_path):
     (normalised exact match with the reference) and of s_b for crops that cover the target (hold half
     of the GT box or more) vs not."""
     right, s_r, covers, s_b = [], [], [], []
-    for q in read_jsonl(candidates_path):
+    for q in run.read_jsonl(candidates_path):
         for c in q["candidates"]:
             right.append(rewards.normalise_answer(c["answer"]) == rewards.normalise_answer(q["answer"]))
             s_r.append(c["s_r"])
@@ -113,14 +107,14 @@ def critic_auc(candidates_path):
 
 def visrl_results(seed, d):
     run_dir = d / "visrl"
-    phases = {p["phase"]: p for p in read_json(run_dir / "phases.json") or []}
-    scores = {row: {"answer accuracy": phases[ph]["answer_accuracy"], "box accuracy": phases[ph]["box_accuracy"],
-                    "mean box IoU": phases[ph]["mean_box_iou"]} for row, ph in VISRL_PHASES if ph in phases}
+    stages = {p["stage"]: p for p in run.read_jsonl(run_dir / "stages.jsonl")}
+    scores = {row: {"answer accuracy": stages[st]["answer_accuracy"], "box accuracy": stages[st]["box_accuracy"],
+                    "mean box IoU": stages[st]["mean_box_iou"]} for row, st in VISRL_STAGES if st in stages}
     quality, critic = {}, {}
     for it in (1, 2):
         stats = read_json(run_dir / f"iter{it}" / "stats.json")
         if stats:
-            quality[f"iteration {it}"] = dict(stats["quality"], pairs=len(read_jsonl(run_dir / f"iter{it}" /
+            quality[f"iteration {it}"] = dict(stats["quality"], pairs=len(run.read_jsonl(run_dir / f"iter{it}" /
                                                                                    "pairs.jsonl")))
             critic[f"iteration {it}"] = critic_auc(run_dir / f"iter{it}" / "candidates.jsonl")
     return {"VisRL": scores, "VisRL pairs (data quality)": quality, "VisRL critic": critic}
@@ -152,7 +146,7 @@ def cot_jobs(seed, d, task="soft_cls"):
 def d_high_quality(cots_path, tau=TAU):
     """D_high's size and quality: pass rate (share of samples with R_CoT >= tau) and, within D_high,
     the share of CoTs that leak the annotation and of those whose format (and reconstruction parse) fails."""
-    cots = read_jsonl(cots_path)
+    cots = run.read_jsonl(cots_path)
     high = [c for c in cots if c["reward"] >= tau]
     share = lambda key: float(np.mean([bool(c[key]) for c in high])) if high else None  # noqa: E731
     return {"pass rate": len(high) / len(cots) if cots else None, "D_high leaks": share("leak"),
@@ -208,11 +202,11 @@ RISE_ROWS = [("tiny base (think-first prompt)", "base"), ("tiny base (answer-onl
 def constant_prior(seed, task, n):
     """The input-blind answer every trained row must beat, on the first n test records (as rise_r1.py
     --eval scores them): the uniform distribution (soft_cls, JSD) or the mean training box (det, mAP@0.5)."""
-    world = run.default_shapes_world(seed)
-    test = read_jsonl(world / task / "test.jsonl")[:n]
+    world = run.shapes_world(seed)
+    test = run.read_jsonl(world / task / "test.jsonl")[:n]
     if task == "soft_cls":
         return {"JSD": float(np.mean([rewards.jsd(np.ones(len(r["probs"])), r["probs"]) for r in test]))}
-    mean_box = np.mean([b for r in read_jsonl(world / task / "train.jsonl") for b in r["boxes"]], 0).tolist()
+    mean_box = np.mean([b for r in run.read_jsonl(world / task / "train.jsonl") for b in r["boxes"]], 0).tolist()
     # scored by rise_r1's own metric (its labels: one class per target), as the trained rows are
     return {"mAP@0.5": rise_r1.metrics_of([{"boxes": [mean_box], "parsed": True}] * len(test), test, "det")["map50"]}
 
@@ -228,12 +222,12 @@ def rise_results(seed, d):
     out = {}
     for task in RISE_TASKS:
         table = {}
-        sft = {p["id"]: p["jsd"] for p in read_jsonl(d / task / "sft" / "eval" / "predictions.jsonl") if "jsd" in p}
+        sft = {p["id"]: p["jsd"] for p in run.read_jsonl(d / task / "sft" / "eval" / "predictions.jsonl") if "jsd" in p}
         for row, folder in RISE_ROWS:
             m = read_json(d / task / folder / "eval" / "eval.json")
             if not m:
                 continue
-            all_preds = read_jsonl(d / task / folder / "eval" / "predictions.jsonl")
+            all_preds = run.read_jsonl(d / task / folder / "eval" / "predictions.jsonl")
             if "jsd" in m:
                 preds = [p for p in all_preds if p["id"] in sft]
                 # the share of test images on which this row's JSD is below SFT's (rewards.win_rate, reversed)
@@ -249,15 +243,15 @@ def rise_results(seed, d):
         if table:
             table["constant prior (uniform / mean box)"] = constant_prior(seed, task, n_test)
         out[f"RISE on {task}"] = table
-        curve = [r["reward"] for r in read_jsonl(d / task / "cot" / "metrics.jsonl")]
+        curve = [r["reward"] for r in run.read_jsonl(d / task / "cot" / "metrics.jsonl")]
         if curve:                                   # the RISE-CoT reward curve, first vs last 10 steps
-            cots = read_jsonl(d / task / "cot" / "cots.jsonl")
+            cots = run.read_jsonl(d / task / "cot" / "cots.jsonl")
             out.setdefault("RISE-CoT", {})[task] = {"R_CoT first 10 steps": np.mean(curve[:10]),
                                                     "R_CoT last 10 steps": np.mean(curve[-10:]),
                                                     "cots.jsonl mean reward": np.mean([c["reward"] for c in cots])}
         sweep = {}
         for tau in TAUS[task]:
-            log = read_jsonl(d / task / f"tau{tau}" / "metrics.jsonl")
+            log = run.read_jsonl(d / task / f"tau{tau}" / "metrics.jsonl")
             m = read_json(d / task / f"tau{tau}" / "eval" / "eval.json")
             passed = [r["pass_rate"] for r in log if "pass_rate" in r]
             if m:
@@ -372,7 +366,7 @@ def main(argv=None):
     make_jobs, results = TABLES[args.table]
     threads = 1 if args.jobs > 1 else (os.cpu_count() or 1)
     for seed in seeds:                        # the default shapes worlds, made here once: jobs run at once
-        run.default_shapes_world(seed)
+        run.shapes_world(seed)
     todo = [(f"seed{seed} {name}", cmds, out / f"seed{seed}") for seed in seeds
             for name, cmds in make_jobs(seed, out / f"seed{seed}").items()]
     if args.rows:

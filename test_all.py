@@ -227,10 +227,10 @@ def test_shared_prefix_dpo_pairs_equal_the_plain_path(tiny):
     chosen, rejected = ["red", "[0.1,0.2,0.5,0.6]"], ["a green shape", "top"]
     with torch.no_grad():
         with shared_prefix(False):
-            plain = dpo.pair_logps(model, model, processor, convs, images, chosen, rejected, "cpu")
+            plain = vlm.pair_logps(model, model, processor, convs, images, chosen, rejected, "cpu")
         with shared_prefix(True):
-            shared = dpo.pair_logps(model, model, processor, convs, images, chosen, rejected, "cpu")
-        alone = dpo.response_logps(model, processor, convs[1:], images[1:], rejected[1:], "cpu")
+            shared = vlm.pair_logps(model, model, processor, convs, images, chosen, rejected, "cpu")
+        alone = vlm.response_logps(model, processor, convs[1:], images[1:], rejected[1:], "cpu")
     for a, b in zip(shared, plain):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
     assert shared[1][1].item() == approx(alone[0].item(), abs=1e-4)
@@ -501,19 +501,20 @@ import json, sys, time
 from pathlib import Path
 import data, rise_cot, rise_r1, seg_rise, visrl
 world, clip, root = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-S = ["--preset", "tiny", "-G", "2", "--batch-size", "1", "--max-new-tokens", "8", "--n-test", "2"]
+S = ["--preset", "tiny", "--batch-size", "1", "--max-new-tokens", "8", "--n-test", "2"]
+G = ["-G", "2"]
 det = world / "det"
 def go(fn, *argv):
     fn([str(a) for a in argv])
 for model in sys.argv[4:]:                  # one process for both: the imports are most of the time
   out = root / Path(model).name
   go(rise_cot.main, "--model", model, "--data", det / "train.jsonl", "--out", out / "cot", "--max-steps", "1",
-     "--rec-max-new-tokens", "8", "--harvest-batch-size", "4", *S)
+     "--rec-max-new-tokens", "8", "--harvest-batch-size", "4", *G, *S[:-2])
   go(rise_r1.main, "--model", model, "--data", det / "train.jsonl", "--cots", out / "cot" / "cots.jsonl", "--tau", "0",
-     "--sft-steps", "1", "--max-steps", "1", "--out", out / "r1", *S)
+     "--sft-steps", "1", "--max-steps", "1", "--out", out / "r1", *G, *S[:-2])
   go(rise_r1.main, "--eval", "--model", out / "r1" / "final", "--test", det / "test.jsonl", "--out", out / "r1_eval", *S)
   go(seg_rise.main, "--model", model, "--data", world / "seg" / "train.jsonl", "--out", out / "seg", "--max-steps", "1",
-     "--clip-ckpt", clip, *S)
+     "--clip-ckpt", clip, *G, *S[:-2])
   go(seg_rise.main, "--eval", "--executor", "box", "--model", out / "seg" / "final", "--test", world / "seg" / "test.jsonl",
      "--out", out / "seg_eval", "--clip-ckpt", clip, *S)
   r = data.read_manifest(world / "vqa" / "train.jsonl", "vqa")[0][0]
@@ -523,7 +524,7 @@ for model in sys.argv[4:]:                  # one process for both: the imports 
   (out / "pairs.jsonl").write_text(json.dumps(pair) + "\\n")
   go(visrl.main, "--model", model, "--data", world / "vqa" / "train.jsonl", "--test", world / "vqa" / "test.jsonl",
      "--out", out / "visrl", "--iters", "1", "--pairs", out / "pairs.jsonl", "--sft-fraction", "0.5",
-     "--num-generations", "1", "--sft-batch-size", "1", "--dpo-epochs", "1", "--phase-eval-n", "0",
+     "--attempts", "1", "--sft-batch-size", "1", "--dpo-epochs", "1", "--stage-eval-n", "0",
      "--answer-max-new-tokens", "4", *(["--lora-rank", "4"] if "2_5" in model else []), *S)
 """
 
@@ -550,8 +551,8 @@ def _check_real_arch_run(family, out):
     assert [m.get("stage") for m in run.read_jsonl(out / "r1" / "metrics.jsonl") if "loss" in m] == ["sft", "grpo"]
     assert json.loads((out / "r1_eval" / "eval.json").read_text())["n"] == 2
     assert json.loads((out / "seg_eval" / "eval.json").read_text())["n"] == 2
-    phases = [m["phase"] for m in run.read_jsonl(out / "visrl" / "metrics.jsonl")]
-    assert {"sft", "iter1/stage1", "iter1/stage2"} <= set(phases)
+    stages = [m["stage"] for m in run.read_jsonl(out / "visrl" / "metrics.jsonl")]
+    assert {"sft", "iter1/stage1", "iter1/stage2"} <= set(stages)
     assert json.loads((out / "visrl" / "eval.json").read_text())["n"] == 2
 
 
@@ -588,7 +589,7 @@ def test_two_rank_zero3_step_on_cpu(tiny_dir, tmp_path):
     rollout and their all-reduced gradients equal the plain path's."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = tmp_path / "new" / "run"                       # created by the script (it was not, with --model given)
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29533", str(ROOT / "grpo.py"), "--model", str(tiny_dir),
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29533", str(ROOT / "tiny.py"), "grpo", "--model", str(tiny_dir),
            "--out", str(out), "--max-steps", "2", "--num-generations", "8", "--deepspeed",
            str(ROOT / "ds_zero3.json"), "--dump-rank-state", "--lr", "1e-2"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
@@ -614,7 +615,7 @@ SHIPPED_BASE = ROOT / vlm.TINY_BASE
 def test_tiny_base_is_shipped_small_and_the_default():
     """`--model tiny-base` loads the committed build: nothing is built at first run."""
     assert vlm.resolve_model(vlm.TINY_BASE) == str(SHIPPED_BASE)
-    shipped = [f for d in (SHIPPED_BASE, tiny_py.SHIPPED_CLIP) for f in d.iterdir()]
+    shipped = [f for d in (SHIPPED_BASE, S.SHAPES_CLIP) for f in d.iterdir()]
     assert sum(f.stat().st_size for f in shipped) < 40 * 2 ** 20
     assert {"model.safetensors", "config.json", "tokenizer.json", "build.json"} <= {f.name for f in shipped}
     record = json.loads((SHIPPED_BASE / "build.json").read_text())
@@ -976,11 +977,11 @@ def test_grpo_bf16_inputs_computed_in_fp32():
 def test_accumulation_windows_close_every_phase():
     # 5 micro-steps, grad accumulation 2: windows {0,1}, {2,3}, {4}. The last, partial window is still
     # applied (boundary at 4) with its loss scaled by 2/1, because DeepSpeed divides every loss by 2.
-    assert [grpo.accumulation(m, 5, 2) for m in range(5)] == [(False, 1.0), (True, 1.0), (False, 1.0),
+    assert [vlm.accumulation(m, 5, 2) for m in range(5)] == [(False, 1.0), (True, 1.0), (False, 1.0),
                                                               (True, 1.0), (True, 2.0)]
     # one micro-step with accumulation 2 (the phase that changed nothing before): a full update
-    assert grpo.accumulation(0, 1, 2) == (True, 2.0)
-    assert [grpo.accumulation(m, 3, 1) for m in range(3)] == [(True, 1.0)] * 3
+    assert vlm.accumulation(0, 1, 2) == (True, 2.0)
+    assert [vlm.accumulation(m, 3, 1) for m in range(3)] == [(True, 1.0)] * 3
 
 
 def _segment(tiny, lengths, width, budget):
@@ -1003,18 +1004,18 @@ def test_dr_grpo_divides_by_the_generation_budget_not_the_longest_completion(tin
     sgd = torch.optim.SGD(model.parameters(), lr=0.0)
     try:
         one = _segment(tiny, [6, 3], 6, budget=8)
-        stats = grpo.grpo_update(model, [one], t([1.0, 0.0]), 2, optimizer=sgd, beta=0.0, norm="fixed",
-                                 scale_rewards=False)
+        stats = vlm.grpo_update(model, None, [one], t([1.0, 0.0]), 2, optimizer=sgd, beta=0.0, norm="fixed",
+                                scale_rewards=False)
         assert stats["loss"] == pytest.approx(-0.09375, abs=1e-6)
         # RISE-CoT's two-part trajectory: the budget is the sum, 8 + 4 = 12; tokens 6+2 and 3+4:
         #   -(0.5*8 - 0.5*7) / (2*12) = -0.5/24
         two = _segment(tiny, [2, 4], 4, budget=4)
-        stats = grpo.grpo_update(model, [one, two], t([1.0, 0.0]), 2, optimizer=sgd, beta=0.0, norm="fixed",
-                                 scale_rewards=False)
+        stats = vlm.grpo_update(model, None, [one, two], t([1.0, 0.0]), 2, optimizer=sgd, beta=0.0, norm="fixed",
+                                scale_rewards=False)
         assert stats["loss"] == pytest.approx(-0.5 / 24, abs=1e-6)
         with pytest.raises(ValueError, match="max_new_tokens"):
-            grpo.grpo_update(model, [dict(one, max_new_tokens=None)], t([1.0, 0.0]), 2, optimizer=sgd,
-                             beta=0.0, norm="fixed")
+            vlm.grpo_update(model, None, [dict(one, max_new_tokens=None)], t([1.0, 0.0]), 2, optimizer=sgd,
+                            beta=0.0, norm="fixed")
     finally:
         model.eval()
 
@@ -1046,8 +1047,8 @@ def test_shared_prefix_two_segment_update_equals_the_plain_path(tiny, monkeypatc
         for on in (False, True):
             capture = CapturedGrads(model)
             with shared_prefix(on):
-                stats = grpo.grpo_update(model, [cot, rec], t([1.0, 0.0]), 2, optimizer=capture, ref_model=model,
-                                         beta=0.04, scale_rewards=False)
+                stats = vlm.grpo_update(model, model, [cot, rec], t([1.0, 0.0]), 2, optimizer=capture,
+                                        beta=0.04, scale_rewards=False)
             results[on] = stats, capture.grads
     finally:
         model.zero_grad()
@@ -1203,7 +1204,7 @@ def colour_scores(model, processor, images, texts):
     """Summed log-prob of each answer text to "What colour is this image?" for its image."""
     batch = vlm.chat_inputs(processor, [[vlm.user_turn("What colour is this image?")]] * len(images),
                             [[im] for im in images])
-    ids, mask = dpo.completion_tensors(processor, texts)
+    ids, mask = vlm.completion_tensors(processor, texts)
     return sequence_logp(vlm.completion_logprobs(model, dict(batch), ids, mask), mask)
 
 
@@ -1225,21 +1226,21 @@ def test_grpo_learns_to_name_the_colour(tiny_dir):
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / steps)
     question = [vlm.user_turn("What colour is this image?")]
-    held = grpo.colour_task(random.Random(123), 16, ["red"]) + grpo.colour_task(random.Random(124), 16, ["blue"])
+    held = tiny_py.colour_task(random.Random(123), 16, ["red"]) + tiny_py.colour_task(random.Random(124), 16, ["blue"])
 
     def held_out_reward():
         batch = vlm.chat_inputs(processor, [question] * len(held), [[im] for im, _ in held])
         texts = vlm.sample(model, processor, batch, 1, 1, do_sample=False)["texts"]
-        return sum(grpo.colour_reward(texts, range(len(held)), [c for _, c in held])) / len(held)
+        return sum(tiny_py.colour_reward(texts, range(len(held)), [c for _, c in held])) / len(held)
 
     curve = [held_out_reward()]
     for step in range(steps):
-        pairs = [p for c in colours for p in grpo.colour_task(rng, 4, [c])]
+        pairs = [p for c in colours for p in tiny_py.colour_task(rng, 4, [c])]
         answers = [c for _, c in pairs]
-        stats, _, _ = grpo.grpo_step(model, processor, [question] * len(pairs), [[im] for im, _ in pairs],
-                                     lambda texts, prompt_index: grpo.colour_reward(texts, prompt_index, answers),
-                                     optimizer=optimizer, ref_model=ref, group_size=16, max_new_tokens=1,
-                                     beta=0.05, scale_rewards=False)
+        stats, _, _ = vlm.grpo_step(model, ref, processor, [question] * len(pairs), [[im] for im, _ in pairs],
+                                    lambda texts, prompt_index: tiny_py.colour_reward(texts, prompt_index, answers),
+                                    optimizer=optimizer, group_size=16, max_new_tokens=1, beta=0.05,
+                                    scale_rewards=False)
         schedule.step()
         if step % 10 == 9:
             curve.append(held_out_reward())
@@ -1259,7 +1260,7 @@ def test_dpo_learns_to_prefer_the_colour_name(tiny_dir):
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     colours, rng = list(data.COLORS), random.Random(0)
-    held = grpo.colour_task(random.Random(7), 16)
+    held = tiny_py.colour_task(random.Random(7), 16)
 
     def held_out_accuracy():    # fraction of (image, wrong colour) ranked below the right one; mean gap (nats)
         with torch.no_grad():
@@ -1270,7 +1271,7 @@ def test_dpo_learns_to_prefer_the_colour_name(tiny_dir):
 
     before, margins = held_out_accuracy(), []
     for step in range(12):
-        pairs = grpo.colour_task(rng, 8)
+        pairs = tiny_py.colour_task(rng, 8)
         images, chosen = [im for im, _ in pairs], [c for _, c in pairs]
         rejected = [rng.choice([o for o in colours if o != c]) for c in chosen]
         with torch.no_grad():
@@ -1292,12 +1293,12 @@ def test_dpo_learns_to_prefer_the_colour_name(tiny_dir):
 
 def test_colour_reward_hand_cases():
     # exact first word (case, trailing punctuation and the rest ignored) -> 1.0
-    assert grpo.colour_reward(["Red.", " blue sky"], [0, 1], ["red", "blue"]) == [1.0, 1.0]
+    assert tiny_py.colour_reward(["Red.", " blue sky"], [0, 1], ["red", "blue"]) == [1.0, 1.0]
     # a prefix earns partial x its share of the word: "bl" of "blue" 0.1 * 2/4; "re" of "red" 0.5 * 2/3
     # anything else 0: "tre" (contains "re" but is no prefix), "" (empty), "yellowish" (longer than the word)
-    got = grpo.colour_reward(["bl", "tre", "", "yellowish"], [0, 1, 2, 3], ["blue", "red", "green", "yellow"])
+    got = tiny_py.colour_reward(["bl", "tre", "", "yellowish"], [0, 1, 2, 3], ["blue", "red", "green", "yellow"])
     assert got == approx([0.05, 0.0, 0.0, 0.0])
-    assert grpo.colour_reward(["re"], [0], ["red"], partial=0.5) == approx([1 / 3])
+    assert tiny_py.colour_reward(["re"], [0], ["red"], partial=0.5) == approx([1 / 3])
 
 
 def _covered_pixels(box, crop):
@@ -3400,7 +3401,7 @@ def test_rise_r1_and_rise_cot_write_qwen25_boxes_in_resized_pixels(tiny):
     record = {"target": "the cat", "boxes": [[100, 100, 200, 200]]}
     image = Image.new("RGB", (640, 480))
     assert rise_r1.annotation(record, image, qwen25, processor) == ([[39, 35, 79, 70]], "[39,35,79,70]")
-    assert rise_cot.ground_truth(record, image, "qwen2_5_vl", processor) == [[39, 35, 79, 70]]
+    assert rise_cot.annotation(record, image, qwen25, processor) == [[39, 35, 79, 70]]
     with pytest.raises(ValueError, match="pass the processor"):       # never an AttributeError
         vlm.to_model_frame([100, 100, 200, 200], "qwen2_5_vl", (640, 480))
 
@@ -3668,7 +3669,7 @@ def test_shapes_clip_build_save_load_and_determinism(clip_dir, tmp_path):
     a = safetensors_load(clip_dir / "model.safetensors")
     b = safetensors_load(again / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(FileNotFoundError):
+    with pytest.raises(SystemExit, match="holds no shapes CLIP"):
         S.load_clip("shapes", tmp_path / "missing")
     with pytest.raises(SystemExit, match="random CLIP"):
         S.load_clip("ViT-B-32", None)                    # never a random CLIP by accident
@@ -3811,15 +3812,15 @@ def test_one_rank_train_then_eval(tiny_dir, clip_dir, cache, tmp_path):
     assert len(rows) == 1 and {"step", "loss", "reward", "reward_sem", "reward_think", "reward_seg"} <= rows[0].keys()
     assert json.loads((out / "args.json").read_text())["reward"] == "sem,think,seg"
     assert (out / "final" / "config.json").exists()
-    vis = tmp_path / "vis"
-    proc = subprocess.run([sys.executable, str(ROOT / "seg_rise.py"), *common[:2], *common[4:], "--out", str(out),
+    vis, evaluation = tmp_path / "vis", tmp_path / "eval"
+    proc = subprocess.run([sys.executable, str(ROOT / "seg_rise.py"), *common[:2], *common[4:], "--out", str(evaluation),
                            "--model", str(out / "final"), "--eval", "--executor", "box", "--n-test", "3",
                            "--save-vis", str(vis)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((out / "eval.json").read_text())
+    result = json.loads((evaluation / "eval.json").read_text())
     assert {"giou", "ciou", "box_iou", "unparsable"} <= result.keys() and result["n"] == 3
     assert 0 <= result["unparsable"] <= 3 and 0.0 <= result["giou"] <= 1.0
-    assert len((out / "predictions.jsonl").read_text().splitlines()) == 3
+    assert len((evaluation / "predictions.jsonl").read_text().splitlines()) == 3
     assert len(list(vis.glob("*.png"))) == 3
 
 
@@ -3857,13 +3858,14 @@ def test_one_overlong_sample_never_aborts_training_or_evaluation(tiny, tiny_dir,
     skipped = run.read_jsonl(out / "skipped.jsonl")
     assert [(r["id"], r["split"]) for r in skipped] == [("photo", "train"), ("strip", "train")]
     assert "max_prompt_len" in skipped[0]["reason"] and "aspect ratio" in skipped[1]["reason"]
+    evaluation = tmp_path / "eval"
     proc = subprocess.run([sys.executable, str(ROOT / "seg_rise.py"), "--eval", "--model", tiny_dir, "--test", manifest,
-                           "--out", out, "--executor", "box", *map(str, common)],
+                           "--out", evaluation, "--executor", "box", *map(str, common)],
                           cwd=tmp_path, env=env_for(cache), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((out / "eval.json").read_text())
+    result = json.loads((evaluation / "eval.json").read_text())
     assert result["n"] == 3 and result["skipped_samples"] == 2 and result["giou"] is not None
-    rows = {r["id"]: r for r in run.read_jsonl(out / "predictions.jsonl")}
+    rows = {r["id"]: r for r in run.read_jsonl(evaluation / "predictions.jsonl")}
     assert sorted(rows) == sorted([r["id"] for r in records] + ["photo", "strip"])
     assert "max_prompt_len" in rows["photo"]["skipped"] and "aspect ratio" in rows["strip"]["skipped"]
 
@@ -3876,7 +3878,7 @@ def test_seg_rise_kill_and_resume_logs_every_step_once(tiny_dir, clip_dir, cache
             "--max-steps", "6", "--save-every", "2"]
     kill_when("seg_rise.py", args, tmp_path, lambda: lines(out / "metrics.jsonl") >= 3, env=env_for(cache))
     before = run.read_jsonl(out / "metrics.jsonl")
-    assert 3 <= len(before) < 6 and (out / "ckpt" / "latest").exists()
+    assert 3 <= len(before) < 6 and (out / "ckpt" / "state.json").exists()
     proc = subprocess.run([sys.executable, str(ROOT / "seg_rise.py"), *map(str, args), "--resume"], cwd=tmp_path,
                           env=env_for(cache), capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -4045,11 +4047,11 @@ def test_critic_scores_crop_only_for_s_b_full_image_for_s_r(monkeypatch):
         calls.append((convs, images, temperature))
         return ['{"score": 0.9}', 'garbage'] if len(calls) == 1 else ['{"score": 0.1}', '{"score": 7}']
 
-    monkeypatch.setattr(run, "generate_texts", fake)
+    monkeypatch.setattr(visrl, "generate_texts", fake)
     full, piece = Image.new("RGB", (112, 112)), Image.new("RGB", (20, 20))
     items = [{"question": "What colour?", "reference": "red", "answer": a, "image": full, "crop": piece}
              for a in ("red", "blue")]
-    s_b, s_r, _ = visrl.critic_scores(torch.nn.Linear(1, 1), None, items)
+    s_b, s_r, _ = visrl.critic_scores((torch.nn.Linear(1, 1), None), items)
     assert s_b == [0.9, 0.0] and s_r == [0.1, 0.0]          # 7 is off the 0..1 scale: unparsable, not 1
     (box_convs, box_images, t_b), (ans_convs, ans_images, t_r) = calls
     assert t_b == 0 and t_r == 0                                              # greedy
@@ -4077,11 +4079,11 @@ def test_generate_candidates_with_scripted_policy_and_critic(monkeypatch, shapes
     script = iter([box_texts, ["red ", "blue", "green"],         # answers of the 3 valid boxes
                    ['{"score": 1}', '{"score": 0}', '{"score": 0}'],        # s_b
                    ['{"score": 1}', '{"score": 0}', '{"score": 0.1}']])     # s_r
-    monkeypatch.setattr(run, "generate_texts", lambda *a, **k: next(script))
-    args = type("A", (), dict(num_generations=2, gen_batch_size=4, max_new_tokens=32, temperature=1.0,
+    monkeypatch.setattr(visrl, "generate_texts", lambda *a, **k: next(script))
+    args = type("A", (), dict(attempts=2, gen_batch_size=4, max_new_tokens=32, temperature=1.0,
                               answer_max_new_tokens=8,
                               answer_temperature=1.0, max_prompt_len=None, iou_thresh=0.05, size_tol=0.3))()
-    (q,) = visrl.generate_candidates(torch.nn.Linear(1, 1), torch.nn.Linear(1, 1), None, [rec], args,
+    (q,) = visrl.generate_candidates(torch.nn.Linear(1, 1), (torch.nn.Linear(1, 1), None), None, [rec], args,
                                      random.Random(0))
     assert q["dropped"] == {"unparsable": 1, "no_crop": 0, "no_diverse_box": 0, "too_long": 0}
     c = q["candidates"]
@@ -4142,8 +4144,8 @@ def test_degenerate_crops_in_generation_sft_and_evaluation(visrl_tiny, monkeypat
                    ['{"score": 1}', '{"score": 0}'], ['{"score": 1}', '{"score": 0}'],   # s_b, s_r
                    [THIN], ["red"]])                             # evaluation: box step, answer step
     monkeypatch.setattr(vlm, "sample", lambda *a, **k: {"texts": next(script)})
-    args = visrl.parse_args(["--model", "x", "--preset", "tiny", "-G", "1", "--gen-batch-size", "1"])
-    (q,) = visrl.generate_candidates(model, model, processor, [rec], args, random.Random(0))
+    args = visrl.parse_args(["--model", "x", "--preset", "tiny", "-K", "1", "--gen-batch-size", "1"])
+    (q,) = visrl.generate_candidates(model, (model, processor), processor, [rec], args, random.Random(0))
     assert q["dropped"] == {"unparsable": 0, "no_crop": 0, "no_diverse_box": 0, "too_long": 0}
     assert [(c["box"], c["answer"], c["s_b"], c["s_r"]) for c in q["candidates"]] == [
         ([0.5, 0.1, 0.51, 0.9], "red", 1.0, 1.0), ([0.0, 0.0, 0.01, 0.01], "blue", 0.0, 0.0)]
@@ -4165,7 +4167,7 @@ def test_visrl_skips_samples_and_candidates_that_cannot_be_processed(visrl_tiny,
     (strip,) = data.read_manifest(_write(tmp_path, [rec], "strip.jsonl"), "vqa")[0]
     script = iter([["[0.00,0.00,1.00,1.00]"], [good["answer"]]])    # the good record: its box, its answer
     monkeypatch.setattr(vlm, "sample", lambda *a, **k: {"texts": next(script)})
-    args = visrl.parse_args(["--model", "x", "--preset", "tiny", "-G", "1", "--gen-batch-size", "2"])
+    args = visrl.parse_args(["--model", "x", "--preset", "tiny", "-K", "1", "--gen-batch-size", "2"])
     metrics, preds = visrl.evaluate(model, processor, [strip, good], args)
     assert (metrics["n"], metrics["skipped_samples"], metrics["answer_accuracy"]) == (1, 1, 1.0)
     assert preds[-1]["id"] == "strip" and "aspect ratio" in preds[-1]["skipped"]
@@ -4181,7 +4183,7 @@ def test_visrl_skips_samples_and_candidates_that_cannot_be_processed(visrl_tiny,
     script = iter([["[0.00,0.00,1.00,1.00]", "[0.00,0.00,0.01,0.01]"],  # K = 1: b1 the page, b2 a corner
                    ["blue"], ['{"score": 0}'], ['{"score": 0}']])         # only b2 is answered and judged
     args.max_prompt_len = limit
-    (q,) = visrl.generate_candidates(model, model, processor, [page], args, random.Random(0))
+    (q,) = visrl.generate_candidates(model, (model, processor), processor, [page], args, random.Random(0))
     assert q["dropped"] == {"unparsable": 0, "no_crop": 0, "no_diverse_box": 0, "too_long": 1}
     assert [(c["which"], c["answer"]) for c in q["candidates"]] == [("b2", "blue")]
 
@@ -4211,7 +4213,7 @@ def test_stage2_answers_are_conditioned_on_the_winning_crop(visrl_tiny, shapes):
 
     def logps(pair):
         with torch.no_grad():
-            return dpo.pair_logps(model, model, processor, *visrl.answer_step([pair], [image]), "cpu")
+            return vlm.pair_logps(model, model, processor, *visrl.answer_step([pair], [image]), "cpu")
 
     base = logps(make_pair(rec["image_path"], win, lose))
     moved_win = logps(make_pair(rec["image_path"], other, lose))
@@ -4230,10 +4232,10 @@ def test_sequence_logps_match_per_token_sum_and_box_step(visrl_tiny, shapes):
     convs, ims, chosen, rejected = visrl.box_step([pair], [image])
     assert (chosen, rejected) == (["[0.05,0.05,0.45,0.45]"], ["[0.55,0.55,0.95,0.95]"]) and len(ims[0]) == 1
     with torch.no_grad():
-        both = dpo.response_logps(model, processor, convs * 2, ims * 2, chosen + rejected, "cpu")
-        alone = dpo.response_logps(model, processor, convs, ims, rejected, "cpu")
+        both = vlm.response_logps(model, processor, convs * 2, ims * 2, chosen + rejected, "cpu")
+        alone = vlm.response_logps(model, processor, convs, ims, rejected, "cpu")
     assert both[1].item() == pytest.approx(alone[0].item(), abs=1e-4)      # padding changes nothing
-    ids, mask = dpo.completion_tensors(processor, ["red", "[0.05,0.05,0.45,0.45]"], "cpu")
+    ids, mask = vlm.completion_tensors(processor, ["red", "[0.05,0.05,0.45,0.45]"], "cpu")
     end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
     assert ids[0, mask[0].sum() - 1] == end and ids[1, -1] == end and mask[0, -1] == 0
 
@@ -4242,7 +4244,7 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_model_without_them(t
     # --lora-rank (VisRL's released configs train LoRA adapters): the DPO reference is the policy with
     # its adapters off, which must score exactly as the untouched model does; only adapter weights move.
     base, processor = vlm.load_model(tiny_dir)
-    policy = run.lora_model(vlm.load_model(tiny_dir)[0], rank=4)
+    policy = vlm.add_lora(vlm.load_model(tiny_dir)[0], rank=4)
     trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
@@ -4252,20 +4254,21 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_model_without_them(t
     step = visrl.box_step([pair], [data.open_image(rec["image_path"])])
     opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
     for _ in range(2):                  # step 1 moves B (initialised to 0), step 2 also A
-        loss, _ = step_dpo_loss(dpo.pair_logps(policy, None, processor, *step, "cpu"), None, box_weight=1.0)
+        loss, _ = step_dpo_loss(vlm.pair_logps(policy, None, processor, *step, "cpu"), None, box_weight=1.0)
         loss.backward()
         opt.step()
         opt.zero_grad()
     changed = {n for n, p in policy.named_parameters() if not torch.equal(p.detach(), before[n])}
     assert changed and changed <= trainable
     with torch.no_grad():
-        chosen, rejected, ref_chosen, ref_rejected = dpo.pair_logps(policy, None, processor, *step, "cpu")
-        base_chosen, base_rejected, _, _ = dpo.pair_logps(base, base, processor, *step, "cpu")
+        chosen, rejected, ref_chosen, ref_rejected = vlm.pair_logps(policy, None, processor, *step, "cpu")
+        base_chosen, base_rejected, _, _ = vlm.pair_logps(base, base, processor, *step, "cpu")
         assert ref_chosen.item() == pytest.approx(base_chosen.item(), abs=1e-5)
         assert ref_rejected.item() == pytest.approx(base_rejected.item(), abs=1e-5)
         assert abs(chosen.item() - ref_chosen.item()) > 1e-3          # the adapters did change the policy
-        folded = run.merged(policy)          # the phase's saved model: adapter folded into the weights
-        merged_chosen, _, _, _ = dpo.pair_logps(folded, folded, processor, *step, "cpu")
+        folded = vlm.load_model(tiny_dir)[0]          # the stage's saved model: adapters folded into the weights
+        folded.load_state_dict(vlm.merged_state_dict(policy))
+        merged_chosen, _, _, _ = vlm.pair_logps(folded, folded, processor, *step, "cpu")
         assert merged_chosen.item() == pytest.approx(chosen.item(), abs=1e-4)
 
 
@@ -4287,15 +4290,15 @@ import torch
 import data, run, vlm, visrl
 tiny, shapes, out = sys.argv[1:4]
 run.init_distributed(force=True)
-model, processor = vlm.load_model(tiny)
-cfg = run.zero_config(Path(vlm.__file__).with_name("ds_zero2.json"), lr=1e-3, weight_decay=0.0, grad_accum=2)
-engine = run.deepspeed_engine(model, cfg)
+args = argparse.Namespace(sft_lr=1e-3, sft_batch_size=1, sft_epochs=1.0, max_steps=None, seed=0, grad_accum=2,
+                          lr=1e-3, weight_decay=0.0, deepspeed=None, max_pixels=None, gradient_checkpointing=False,
+                          freeze_vision=False, lora_rank=0, lr_scheduler="constant", warmup_ratio=0.0)
+engine, processor = run.policy(args, tiny)
 recs = data.read_manifest(Path(shapes) / "vqa" / "train.jsonl", "vqa")[0]
-args = argparse.Namespace(sft_lr=1e-3, sft_batch_size=1, sft_epochs=1.0, max_steps=None, seed=0, grad_accum=2)
 state = {"step": 0}
-for k, lr in enumerate((1e-3, 3e-4)):          # two phases of ONE micro-step each, grad accumulation 2
+for k, lr in enumerate((1e-3, 3e-4)):          # two stages of ONE micro-step each, grad accumulation 2
     args.sft_lr = lr
-    visrl.sft_phase(engine, processor, recs[k:k + 1], args, 0, 1, Path(out), state)
+    visrl.sft_stage(engine, processor, recs[k:k + 1], args, 0, 1, Path(out), state)
     torch.save({n: p.detach().clone() for n, p in engine.module.named_parameters()}, Path(out) / f"phase{k}.pt")
 print(json.dumps({"updates": engine.global_steps}))
 """
@@ -4354,16 +4357,16 @@ def test_two_rank_iteration_on_cpu(visrl_tiny, shapes, tmp_path):
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29571", str(ROOT / "visrl.py"), "--model", str(path),
            "--data", str(shapes / "vqa" / "train.jsonl"), "--test", str(shapes / "vqa" / "test.jsonl"),
            "--out", str(out), "--preset", "tiny", "--iters", "2", "--pairs", str(pairs_file),
-           "--sft-fraction", "0.34", "--num-generations", "1", "--max-new-tokens", "8", "--batch-size", "1",
-           "--sft-batch-size", "1", "--dpo-epochs", "1", "--lr", "1e-3", "--phase-eval-n", "2"]
+           "--sft-fraction", "0.34", "--attempts", "1", "--max-new-tokens", "8", "--batch-size", "1",
+           "--sft-batch-size", "1", "--dpo-epochs", "1", "--lr", "1e-3", "--stage-eval-n", "2"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    phases = {m["phase"] for m in metrics}
-    assert {"sft", "iter1/stage1", "iter1/stage2", "iter2/generate"} <= phases
-    dpo_steps = [m for m in metrics if m["phase"].startswith("iter1/stage")]
+    stages = {m["stage"] for m in metrics}
+    assert {"sft", "iter1/stage1", "iter1/stage2", "iter2/generate"} <= stages
+    dpo_steps = [m for m in metrics if m["stage"].startswith("iter1/stage")]
     assert len(dpo_steps) == 2 * 2 and all(math.isfinite(m["loss"]) for m in dpo_steps)  # 4 pairs / (1 x 2 ranks)
-    assert all("answer_loss" in m for m in dpo_steps if m["phase"] == "iter1/stage2")
+    assert all("answer_loss" in m for m in dpo_steps if m["stage"] == "iter1/stage2")
     generated = [json.loads(line)["id"] for line in (out / "iter2" / "candidates.jsonl").read_text().splitlines()]
     sft_ids = {r["id"] for r in recs} - set(generated)
     assert len(generated) == len(set(generated)) == 4 and len(sft_ids) == 2   # each RL question once
@@ -4373,7 +4376,7 @@ def test_two_rank_iteration_on_cpu(visrl_tiny, shapes, tmp_path):
         assert (out / name / "config.json").exists(), name
     result = json.loads((out / "eval.json").read_text())
     assert result["n"] == 4 and result["n_with_box"] == 4 and 0 <= result["answer_accuracy"] <= 1
-    assert len(json.loads((out / "phases.json").read_text())) == 1 + 5       # base, sft, 2 x (stage1, stage2)
+    assert len(run.read_jsonl(out / "stages.jsonl")) == 1 + 5       # base, sft, 2 x (stage1, stage2)
 
 
 def test_visrl_kill_in_stage2_and_resume_logs_every_record_once(visrl_tiny, shapes, tmp_path):
@@ -4387,17 +4390,17 @@ def test_visrl_kill_in_stage2_and_resume_logs_every_record_once(visrl_tiny, shap
                                   + "\n" for r in recs[:4]))
     out = tmp_path / "run"
     args = ["--model", path, "--data", shapes / "vqa" / "train.jsonl", "--out", out, "--preset", "tiny",
-            "--iters", "1", "--pairs", pairs_file, "--sft-fraction", "0.34", "--num-generations", "1",
+            "--iters", "1", "--pairs", pairs_file, "--sft-fraction", "0.34", "--attempts", "1",
             "--max-new-tokens", "8", "--batch-size", "1", "--sft-batch-size", "1", "--dpo-epochs", "1",
-            "--lr", "1e-3", "--phase-eval-n", "0"]
+            "--lr", "1e-3", "--stage-eval-n", "0"]
     env = dict(os.environ, PYTHONPATH=str(ROOT), RISE_CACHE=str(vlm.CACHE), OMP_NUM_THREADS="1")
     metrics = out / "metrics.jsonl"
     kill_when("visrl.py", args, tmp_path, lambda: metrics.exists() and "iter1/stage2" in metrics.read_text(), env)
-    assert "iter1/stage1" in json.loads((out / "progress.json").read_text())["done"]
+    assert "iter1/stage1" in json.loads((out / "ckpt" / "state.json").read_text())["done"]
     proc = subprocess.run([sys.executable, str(ROOT / "visrl.py"), *map(str, args), "--resume"], cwd=tmp_path, env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    got = [(m["phase"], m["step"]) for m in run.read_jsonl(metrics)]
+    got = [(m["stage"], m["step"]) for m in run.read_jsonl(metrics)]
     # 2 SFT records (0.34 of the 6 boxed ones), batch 1: steps 0-1; 4 pairs, batch 1: 4 steps per stage
     assert got == ([("sft", 0), ("sft", 1), ("iter1/generate", 2)] + [("iter1/stage1", k) for k in range(2, 6)]
                    + [("iter1/stage2", k) for k in range(6, 10)])
@@ -4428,7 +4431,7 @@ def test_presets_fill_unset_options_tiny_for_a_tiny_model(tiny_dir):
             assert getattr(paper_args, key) == value, (module.__name__, key)
         given = module.parse_args(["--model", str(tiny_dir), "--preset", "paper", "--lr", "0.25"])
         assert given.lr == 0.25 and given.max_new_tokens == module.PAPER["max_new_tokens"]
-    assert run.is_tiny(vlm.TINY_BASE) and run.is_tiny(str(tiny_dir)) and not run.is_tiny("Qwen/Qwen2-VL-2B-Instruct")
+    assert vlm.is_tiny(vlm.TINY_BASE) and vlm.is_tiny(str(tiny_dir)) and not vlm.is_tiny("Qwen/Qwen2-VL-2B-Instruct")
 
 
 def test_manifest_path_takes_a_file_or_a_shapes_world_task(tmp_path):
@@ -4453,19 +4456,23 @@ class _EngineThatMustNotStep:
         self.calls.append(("step",))
 
 
-def test_guarded_update_never_applies_a_non_finite_loss(capsys):
-    engine, guard = _EngineThatMustNotStep(), run.NonFiniteGuard(limit=3)
-    assert guard.update(engine, torch.tensor(2.0), step=0, window=(True, 1.5)) is False
+def test_guarded_update_never_applies_a_non_finite_loss(capsys, tmp_path):
+    engine = _EngineThatMustNotStep()
+    assert vlm.update(engine, torch.tensor(2.0), window=(True, 1.5)) is False
     assert engine.calls == [("boundary", True), ("backward", 3.0), ("step",)]      # 2.0 x loss_scale 1.5
     engine.calls.clear()
-    assert guard.update(engine, torch.tensor(float("nan")), step=1) is True
-    assert guard.update(engine, torch.tensor(float("inf")), step=2) is True
-    assert engine.calls == [] and "non-finite loss" in capsys.readouterr().err
-    assert guard.update(engine, torch.tensor(1.0), step=3) is False                 # a finite loss resets the count
-    for step in (4, 5):
-        guard.update(engine, torch.tensor(float("nan")), step=step)
-    with pytest.raises(RuntimeError, match="3 non-finite losses in a row at step 6"):
-        guard.update(engine, torch.tensor(float("-inf")), step=6)
+    assert vlm.update(engine, torch.tensor(float("nan"))) is True
+    assert vlm.update(engine, torch.tensor(float("inf"))) is True
+    assert engine.calls == []
+    # end_step counts skipped updates: a finite loss resets the count, the third in a row stops the run
+    engine.global_steps, engine.optimizer = 0, torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=0.1)
+    args, state = argparse.Namespace(save_every=100, grad_accum=1), {"step": 0}
+    for step, skipped in enumerate([True, True, False, True, True]):
+        run.end_step(engine, tmp_path, state, step, 100, {"loss": 0.0, "skipped": skipped}, args, 0)
+    assert "non-finite loss: update skipped (2 in a row)" in capsys.readouterr().err
+    with pytest.raises(RuntimeError, match="3 non-finite losses in a row at step 5"):
+        run.end_step(engine, tmp_path, state, 5, 100, {"loss": 0.0, "skipped": True}, args, 0)
+    assert [m["lr"] for m in run.read_jsonl(tmp_path / "metrics.jsonl")] == [0.1] * 6
 
 
 # ====================================================================================================
@@ -4573,7 +4580,7 @@ def test_critic_auc_and_d_high_quality_from_run_files(tmp_path):
         {"text": "<think>a red square</think><answer>{}</answer>"},
         {"text": "<think> a red square </think><answer>[1,2,3,4]</answer>"},
         {"text": "<think>a blue circle</think><answer>{}</answer>"}, {"text": "{\"red\": 1.0}"}])
-    assert tables.distinct_thinks(tables.read_jsonl(tmp_path / "predictions.jsonl")) == 2
+    assert tables.distinct_thinks(run.read_jsonl(tmp_path / "predictions.jsonl")) == 2
 
 
 def test_a_table_row_runs_end_to_end_and_a_failed_job_is_reported(cache, tmp_path):
@@ -4600,6 +4607,6 @@ def test_a_table_row_runs_end_to_end_and_a_failed_job_is_reported(cache, tmp_pat
 
 def test_constant_prior_is_the_uniform_guess_scored_by_scipy(cache):
     from scipy.spatial.distance import jensenshannon
-    test = run.read_jsonl(run.default_shapes_world(0) / "soft_cls" / "test.jsonl")[:5]
+    test = run.read_jsonl(run.shapes_world(0) / "soft_cls" / "test.jsonl")[:5]
     want = np.mean([jensenshannon(np.full(len(r["probs"]), 0.25), r["probs"]) ** 2 for r in test])  # natural log
     assert tables.constant_prior(0, "soft_cls", 5) == {"JSD": approx(want)}

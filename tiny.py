@@ -11,18 +11,21 @@ downloaded, and no pipeline code depends on them:
                           (every prompt the pipelines use, targets with label noise), pretrain_sft(),
                           build_tiny() with BASE_PLAN: the model every script starts from (--model tiny-base)
   3. scores               task_scores(): greedy scores of a model on every shapes-world test task
-  4. the shapes CLIP      build_shapes_clip(), load_shapes_clip(): Seg-RISE's default semantic
-                          scorer, a small open_clip CLIP trained contrastively on shapes-world crops
+  4. the shapes CLIP      build_shapes_clip(): the semantic scorer of Seg-RISE on shapes-world data
+                          (seg_rise.load_clip loads it), a small open_clip CLIP trained on shapes-world crops
+  5. GRPO from scratch    grpo_colour(): a random tiny model learns to name an image's colour
 
     python tiny.py base --out DIR [--seed S]               # the tiny base (the shipped recipe, BASE_PLAN)
     python tiny.py base --out DIR --plan where_alone:300,alone:1000 --no-scores   # try a curriculum
     python tiny.py clip [--out DIR] [--seed S]             # the shapes CLIP and its accuracy report
     python tiny.py scores [--model M] [--n N] [--json] [--answer-only]   # greedy scores per shapes-world task
+    deepspeed tiny.py grpo                                 # GRPO from scratch: a random model learns colour names
 """
 import argparse
 import json
 import math
 import random
+import sys
 import time
 from pathlib import Path
 
@@ -30,11 +33,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 import data
 import rewards
+import run
+import seg_rise
 import vlm
 from vlm import (TINY_BASE, VISION_TOKENS, assistant_turn, box_frame, chat_inputs,
                  from_model_frame, load_model, sample, sft_loss, to_model_frame, user_turn)
@@ -785,12 +790,6 @@ CAPTIONS = [f"the {c} {s}" for c in data.COLORS for s in data.SHAPES]   # the 12
 BACKGROUND = "the background"                                          # crops with no shape
 
 
-def shapes_clip_preprocess(image, size=SHAPES_CLIP["vision_cfg"]["image_size"]):
-    """A crop -> [3, size, size] in [-1, 1]. Squashed, not centre-cropped: the whole box is seen."""
-    a = np.asarray(image.convert("RGB").resize((size, size), Image.BILINEAR), dtype=np.float32) / 255.0
-    return (torch.from_numpy(a).permute(2, 0, 1) - 0.5) / 0.5
-
-
 def clip_scenes(seed, n):
     """n shapes-world scenes (every task's generator in turn) as (image, shapes), in memory."""
     rng, tasks, out = np.random.default_rng(seed), data.SHAPE_TASKS, []
@@ -832,7 +831,7 @@ def clip_batch(scenes, rng, n):
         else:
             shape = scene[int(rng.integers(len(scene)))]
             box, label = jitter_box(shape["box"], rng), CAPTIONS.index(f"the {shape['color']} {shape['shape']}")
-        crops.append(shapes_clip_preprocess(image.crop(box)))
+        crops.append(seg_rise.shapes_clip_preprocess(image.crop(box)))
         labels.append(label)
     return torch.stack(crops), torch.tensor(labels)
 
@@ -859,7 +858,7 @@ def shapes_clip_accuracy(model, tokenizer, seed=1, n_scenes=200):
     crops, labels = [], []
     for image, scene in clip_scenes(10_000 + seed, n_scenes):
         for shape in scene:
-            crops.append(shapes_clip_preprocess(image.crop(shape["box"])))
+            crops.append(seg_rise.shapes_clip_preprocess(image.crop(shape["box"])))
             labels.append(CAPTIONS.index(f"the {shape['color']} {shape['shape']}"))
     img = F.normalize(model.encode_image(torch.stack(crops)), dim=-1)
     pred, labels = (img @ txt.T).argmax(1), torch.tensor(labels)
@@ -914,38 +913,6 @@ def build_shapes_clip(out, seed=0, steps=120, batch_size=128, n_scenes=1500, lr=
     return out
 
 
-SHIPPED_CLIP = Path(__file__).resolve().parent / "shapes-clip"   # committed beside this file
-
-
-def shapes_clip_dir(ckpt=None):
-    """The folder of the shapes CLIP: `ckpt` if given, else the committed one, else the cache."""
-    if ckpt:
-        return Path(ckpt)
-    return SHIPPED_CLIP if (SHIPPED_CLIP / "config.json").exists() else vlm.CACHE / "shapes-clip"
-
-
-def load_shapes_clip(ckpt=None):
-    """(model, preprocess, tokenizer) of the shapes CLIP in `ckpt` (a folder written by
-    build_shapes_clip) or the cache, built there when missing. Raises FileNotFoundError for a
-    given folder that holds none."""
-    import open_clip
-    folder = shapes_clip_dir(ckpt)
-    if not (folder / "config.json").exists():
-        if ckpt:
-            raise FileNotFoundError(f"{folder} holds no shapes CLIP (config.json); build one with "
-                                    f"python tiny.py clip --out {folder}")
-        print(f"[tiny] building the shapes-world CLIP in {folder} (once; a few CPU minutes)")
-        build_shapes_clip(folder)
-    cfg = json.loads((folder / "config.json").read_text())
-    model = open_clip.model.CLIP(**cfg["model"])
-    model.load_state_dict({k: v.float() if v.is_floating_point() else v
-                           for k, v in load_file(folder / "model.safetensors").items()})
-    tokenizer = open_clip.tokenizer.SimpleTokenizer(context_length=cfg["model"]["text_cfg"]["context_length"])
-    size = cfg["model"]["vision_cfg"]["image_size"]
-    preprocess = lambda im: shapes_clip_preprocess(im, size)  # noqa: E731
-    return model, preprocess, tokenizer
-
-
 def enlarge(box, factor, size):
     cx, cy, w, h = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2, box[2] - box[0], box[3] - box[1]
     return [max(0, cx - w * factor / 2), max(0, cy - h * factor / 2),
@@ -974,8 +941,114 @@ def scorer_profile(clip, records, seed=0):
     return {k: round(float(np.mean(v)), 4) for k, v in rows.items()}
 
 
-# ============================================================================ 5. command line
+# ============================================================================ 5. GRPO from scratch
+def colour_task(rng, n, colours=None, size=224):
+    """n (image, colour) pairs: a plain size x size image of one colour (from `colours`, default
+    every shapes-world colour), shade jittered. 224 px = 64 image tokens for the tiny model; with
+    fewer (56 px = 1 token) the random model learns the same task several times slower."""
+    names = list(colours or data.COLORS)
+    out = []
+    for _ in range(n):
+        name = names[rng.randrange(len(names))]
+        rgb = tuple(min(255, max(0, v + rng.randint(-20, 20))) for v in data.COLORS[name])
+        out.append((Image.new("RGB", (size, size), rgb), name))
+    return out
+
+
+def colour_reward(texts, prompt_index, colours, partial=0.1):
+    """1.0 when the completion's first word is the image's colour name; `partial` x the matched fraction when
+    it is a prefix of it ("bl" for blue: 0.05); else 0. The small graded part gives a random policy's group
+    of answers different rewards (a 0/1 reward gives all-zero groups: no signal). Prefixes only: a credit for
+    any similar string (difflib's ratio) lets the policy settle on a near miss such as "lu" for blue."""
+    rewards = []
+    for text, i in zip(texts, prompt_index):
+        words = text.strip().lower().split()
+        first = words[0].strip(".,!:;\"'") if words else ""
+        colour = colours[i]
+        prefix = bool(first) and colour.startswith(first)
+        rewards.append(1.0 if first == colour else partial * len(first) / len(colour) if prefix else 0.0)
+    return rewards
+
+
+def grpo_colour(argv=None):
+    """GRPO from scratch: a random tiny model learns to name an image's colour from the reward alone
+    (colour_reward on its first word), one new token per completion. deepspeed tiny.py grpo."""
+    parser = argparse.ArgumentParser(prog="tiny.py grpo", description="GRPO demo: learn to name an image's colour "
+                                                                     "from reward alone")
+    parser.add_argument("--model", default=None, help="model dir (default: a fresh random tiny model)")
+    parser.add_argument("--out", default="runs/grpo_colour")
+    parser.add_argument("--max-steps", type=int, default=30)
+    parser.add_argument("--batch-size", type=int, default=8, help="images per step (colours in turn)")
+    parser.add_argument("--num-generations", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-3, help="decays linearly to 0")
+    parser.add_argument("--beta", type=float, default=0.05, help="KL to the initial model (keeps groups diverse)")
+    parser.add_argument("--colours", default="red,blue", help="colours of the images (data.COLORS names)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--deepspeed", default=None, help="ZeRO config JSON (default ds_zero2.json)")
+    parser.add_argument("--dump-rank-state", action="store_true", help="write OUT/rank{r}.json (tests)")
+    parser.add_argument("--local_rank", type=int, default=-1, help=argparse.SUPPRESS)
+    parser.set_defaults(grad_accum=1, weight_decay=0.0, max_pixels=None, gradient_checkpointing=False,
+                        freeze_vision=False, lora_rank=0, lr_scheduler="linear", warmup_ratio=0.0)
+    args = parser.parse_args(argv)
+
+    rank, world = run.init_distributed(force=True)
+    random.seed(args.seed + rank)                  # each rank samples its own prompts
+    torch.manual_seed(args.seed + rank)            # ... and its own completions
+    out = Path(args.out)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    model_dir = args.model
+    if model_dir is None:
+        model_dir = out / "random-tiny"
+        if rank == 0 and not (model_dir / "config.json").exists():
+            build_tiny(model_dir, seed=args.seed, plan=(), pixels=None)
+        run.barrier()
+    engine, processor = run.policy(args, model_dir, micro_batch=args.batch_size)
+    run.new_stage(engine, args.lr, args.max_steps, args)           # linear decay to 0
+    ref = run.reference_model(model_dir, args, engine.device) if args.beta else None
+    rng, names = random.Random(args.seed + rank), args.colours.split(",")
+    question = [vlm.user_turn("What colour is this image?")]
+    log = open(out / "metrics.jsonl", "a") if rank == 0 else None
+    for step in range(args.max_steps):
+        pairs = [p for k in range(args.batch_size) for p in colour_task(rng, 1, [names[k % len(names)]])]
+        colours = [c for _, c in pairs]
+        stats, _, _ = vlm.grpo_step(engine, ref, processor, [question] * len(pairs), [[im] for im, _ in pairs],
+                                    lambda t, i: colour_reward(t, i, colours), group_size=args.num_generations,
+                                    max_new_tokens=1, beta=args.beta, scale_rewards=False)
+        if log:
+            log.write(json.dumps({"step": step, **stats}) + "\n")
+            log.flush()
+            print(f"step {step} reward {stats['reward']:.3f} zero-std {stats['zero_std_fraction']:.2f}")
+    if args.dump_rank_state:
+        with vlm.gathered(engine.module):
+            checksum = sum(p.detach().double().sum().item() for p in engine.module.parameters())
+        from deepspeed.utils import safe_get_full_grad   # the all-reduced gradient, gathered from its shards
+        batch = vlm.chat_inputs(processor, [question] * len(pairs), [[im] for im, _ in pairs])
+        with vlm.generation_mode(engine.module):      # 8 tokens, so that the shared cache is differentiated
+            rollout = vlm.sample(engine.module, processor, batch, args.num_generations, max_new_tokens=8)
+        logp, grads = {}, {}                           # scored both ways, under this run's ZeRO stage
+        for on in (True, False):
+            vlm.SHARED_PREFIX = on
+            logp[on] = vlm.completion_logprobs(
+                engine, rollout["prompt"], rollout["completion_ids"], rollout["completion_mask"],
+                suppress=vlm.suppressed_ids(processor), group_size=args.num_generations)
+            engine.backward(logp[on].sum())
+            grads[on] = torch.cat([safe_get_full_grad(p).flatten() for p in engine.module.parameters()])
+            engine.optimizer.zero_grad()
+        vlm.SHARED_PREFIX = True
+        (out / f"rank{rank}.json").write_text(json.dumps({
+            "rank": rank, "world": world, "checksum": checksum, "texts": rollout["texts"],
+            "shared_prefix_max_diff": (logp[True] - logp[False]).abs().max().item(),
+            "grad_max": grads[False].abs().max().item(),
+            "shared_prefix_grad_max_diff": (grads[True] - grads[False]).abs().max().item()}))
+
+
+# ============================================================================ 6. command line
 def main(argv=None):
+    argv = [a for a in (sys.argv[1:] if argv is None else argv) if not a.startswith("--local_rank")]  # deepspeed's
+    if argv[:1] == ["grpo"]:
+        grpo_colour(argv[1:])
+        return run.exit_finished()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     base = sub.add_parser("base", help="build the tiny base: the tiny model SFT-trained on shapes world, stage by stage")
@@ -994,7 +1067,8 @@ def main(argv=None):
     record = sub.add_parser("record", help="(re)compute the scores in a built base's build.json")
     record.add_argument("dir")
     clip = sub.add_parser("clip", help="build the shapes CLIP (Seg-RISE's default scorer) and report it")
-    clip.add_argument("--out", default=None, help="folder (default: the cache, where seg_rise.py looks)")
+    clip.add_argument("--out", default=str(seg_rise.SHAPES_CLIP), help="folder (default: shapes-clip/, where "
+                                                                       "seg_rise.py looks)")
     clip.add_argument("--seed", type=int, default=0)
     clip.add_argument("--test", default=None, help="seg manifest for the reward profile (default: shapes world)")
     scores = sub.add_parser("scores", help="greedy scores of a model on every shapes-world test task")
@@ -1017,13 +1091,10 @@ def main(argv=None):
         record_build_scores(args.dir)
     elif args.command == "clip":
         torch.manual_seed(args.seed)
-        folder = build_shapes_clip(shapes_clip_dir(args.out), seed=args.seed)
-        model, preprocess, tokenizer = load_shapes_clip(folder)
-        model.eval().requires_grad_(False)
-        import run                  # the pipelines' default data (run imports the training code)
-        test, _ = data.read_manifest(args.test or run.default_shapes_world(0) / "seg" / "test.jsonl", "seg")
+        folder = build_shapes_clip(args.out, seed=args.seed)
+        test, _ = data.read_manifest(args.test or run.shapes_world(0) / "seg" / "test.jsonl", "seg")
         print(json.dumps({**json.loads((folder / "config.json").read_text()),
-                          "reward_profile_on_seg_test": scorer_profile((model, preprocess, tokenizer), test)},
+                          "reward_profile_on_seg_test": scorer_profile(seg_rise.load_clip("shapes", folder), test)},
                          indent=1))
     else:
         model, processor = load_model(args.model)

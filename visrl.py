@@ -5,30 +5,33 @@ section 3.1 (data generation, eq. 4), 3.2 (step-level DPO, eqs. 5-7), 4.4, appen
 
 The model answers in two steps (a "visual chain of thought"): from image + question a focus box
 "[x1,y1,x2,y2]" (normalised 0..1), then, shown that box and its crop too, the answer.
-  0. SFT warm-up; the pre-SFT model, frozen, is the critic (no external judge)      sft_phase()
+  0. SFT warm-up; the pre-SFT model, frozen, is the critic (no external judge)      sft_stage()
   1. per question K attempts of two sampled boxes, b2 moved off b1 (eq. 3), each box cropped,
      answered and critic-scored: the crop (s_b), the answer (s_r)           generate_candidates()
   2. filter (eq. 4): per question a chosen and a rejected candidate, or none    select_pair()
-  3. stage 1: DPO on the box step (eqs. 5-6)                               dpo_phase(stage=1)
-  4. stage 2: 0.5 DPO(box) + 0.5 DPO(answer) given the WINNING box (eqs. 7-10) dpo_phase(stage=2)
+  3. stage 1: DPO on the box step (eqs. 5-6)                               dpo_stage(stage=1)
+  4. stage 2: 0.5 DPO(box) + 0.5 DPO(answer) given the WINNING box (eqs. 7-10) dpo_stage(stage=2)
   5. --iters N: 1-4 again with the improved model; then answer and box accuracy    evaluate()
 
     deepspeed visrl.py                                           # tiny base + shapes world, CPU, ~10 min
-    deepspeed visrl.py --eval --model runs/visrl/final           # OUT/eval.json
+    deepspeed visrl.py --eval --model runs/visrl/final           # runs/visrl-eval/eval.json
     deepspeed --num_gpus 8 visrl.py --model Qwen/Qwen2-VL-7B-Instruct --data viscot_rl.jsonl \\
         --sft-data viscot_sft.jsonl --deepspeed ds_zero3.json    # the paper's setting (PAPER below)
 
--G is K; --lr / --beta are the DPO stages' (--sft-lr the warm-up's); --max-steps caps each phase's updates
-(default: epochs); a DPO stage's reference is the model it starts from; --resume restarts after the newest
-finished phase. Outputs: OUT/{sft,final}/, OUT/iter{k}/{candidates,pairs}.jsonl, stats.json, stage1/, stage2/,
-examples/; OUT/metrics.jsonl, phases.json (test scores after every phase), eval.json, predictions.jsonl.
+--attempts is K; --lr / --beta are the DPO stages' (--sft-lr the warm-up's); --max-steps caps each stage's
+updates (default: epochs); a DPO stage's reference is the model it starts from; --resume restarts after the
+newest finished stage. Outputs: OUT/{sft,final}/, OUT/iter{k}/{candidates,pairs}.jsonl, stats.json, stage1/,
+stage2/, examples/; OUT/metrics.jsonl, stages.jsonl (test scores after every stage), eval.json, predictions.jsonl.
 """
 import json
+import math
 import random
 import re
 import time
 
 import torch
+from PIL import Image, ImageDraw
+from tqdm import tqdm
 
 import data
 import dpo
@@ -38,21 +41,26 @@ import vlm
 
 # The paper prints no training hyper-parameters: PAPER takes them from the authors' released code
 # (github.com/zhangquanchen/VisRL): LoRA rank 8 on every linear layer of Qwen2-VL-7B-Instruct at these
-# rates (--lora-rank 0 trains all weights: it wants lower ones), LLaMA-Factory's image cap of 768 x 768
-# pixels (752 tokens; two images per answer prompt), cutoff 2048. K = 3 attempts x 2 boxes, temperature
-# 2, thresholds 0.8 / 0.2, beta 0.1: paper + released code.
+# rates (--lora-rank 0 trains all weights: it wants lower ones), cosine schedule, 10 % warm-up, no weight
+# decay, LLaMA-Factory's image cap of 768 x 768 pixels (752 tokens; two images per answer prompt),
+# cutoff 2048. K = 3 attempts x 2 boxes, temperature 2, thresholds 0.8 / 0.2, beta 0.1: paper + code.
 PAPER = dict(lr=5e-6, sft_lr=1e-4, sft_epochs=3.0, dpo_epochs=5.0, batch_size=3, grad_accum=8,
-             sft_batch_size=2, num_generations=3, temperature=2.0, answer_temperature=2.0, iters=1,
-             sft_fraction=1.0, gen_batch_size=8, phase_eval_n=0, max_new_tokens=64, answer_max_new_tokens=128,
-             max_pixels=768 * 768, max_prompt_len=2048, lora_rank=8)
+             sft_batch_size=2, attempts=3, temperature=2.0, answer_temperature=2.0, iters=1,
+             sft_fraction=1.0, gen_batch_size=8, stage_eval_n=0, max_new_tokens=64, answer_max_new_tokens=128,
+             max_pixels=768 * 768, max_prompt_len=2048, lora_rank=8, lr_scheduler="cosine", warmup_ratio=0.1,
+             weight_decay=0.0, gradient_checkpointing=True)
 TINY = dict(lr=2e-5, sft_lr=1e-4, sft_epochs=1.0, dpo_epochs=2.0, batch_size=8, grad_accum=1,
-            sft_batch_size=8, num_generations=3, temperature=1.0, answer_temperature=1.0, iters=2,
-            sft_fraction=0.25, gen_batch_size=16, phase_eval_n=512, max_new_tokens=32, answer_max_new_tokens=8,
-            max_pixels=None, max_prompt_len=1024, lora_rank=0)
+            sft_batch_size=8, attempts=3, temperature=1.0, answer_temperature=1.0, iters=2,
+            sft_fraction=0.25, gen_batch_size=16, stage_eval_n=512, max_new_tokens=32, answer_max_new_tokens=8,
+            max_pixels=None, max_prompt_len=1024, lora_rank=0, lr_scheduler="constant", warmup_ratio=0.0,
+            weight_decay=0.1)
+LOGGED = ("metrics.jsonl",)
+STAGES = ("sft", "stage1", "stage2")
 
 
 def parse_args(argv=None):
-    p = run.common_args("visrl", __doc__.split("\n")[0], max_steps=None, beta=0.1)
+    p = run.common_args("visrl", __doc__.split("\n")[0], grpo_options=False, beta=0.1)
+    p.add_argument("--attempts", "-K", type=int, help="K: attempts per question, two sampled boxes each")
     p.add_argument("--sft-data", help="boxed VQA manifest for the SFT warm-up (default: held out of --data)")
     p.add_argument("--sft-fraction", type=float, help="share of --data's boxed records held out for SFT")
     p.add_argument("--sft-lr", type=float)
@@ -64,7 +72,6 @@ def parse_args(argv=None):
     p.add_argument("--answer-temperature", type=float, help="sampling temperature of answers")
     p.add_argument("--answer-max-new-tokens", type=int, help="answer length limit (--max-new-tokens: the box's)")
     p.add_argument("--gen-batch-size", type=int, help="questions per generate call per rank")
-    p.add_argument("--lora-rank", type=int, help="train LoRA adapters of this rank (peft; 0: all weights)")
     p.add_argument("--win-threshold", type=float, default=0.8, help="tau_w for s_b and s_r")
     p.add_argument("--lose-threshold", type=float, default=0.2, help="tau_l for s_b and s_r")
     p.add_argument("--iou-thresh", type=float, default=0.05, help="diversity controller: IoU(b1, b2) limit")
@@ -73,15 +80,138 @@ def parse_args(argv=None):
     p.add_argument("--nll-weight", type=float, default=0.0, help="+ this x chosen NLL to the DPO loss (RPO; 0: paper)")
     p.add_argument("--pairs", help="train iteration 1 on this pairs.jsonl instead of generating it")
     p.add_argument("--critic", help="default: --model (the paper); 'oracle': GT box + exact match (diagnostic)")
-    p.add_argument("--phase-eval-n", type=int, help="test records scored after every phase (0: none)")
+    p.add_argument("--stage-eval-n", type=int, help="test records scored after every stage (0: none)")
     p.add_argument("--n-examples", type=int, default=8, help="example PNGs per iteration")
-    args = run.parse_with_preset(p, argv, PAPER, TINY)
-    args.stages = [s.strip() for s in args.stages.split(",") if s.strip()]
-    if set(args.stages) - {"sft", "stage1", "stage2"}:
-        p.error(f"--stages: unknown {sorted(set(args.stages) - {'sft', 'stage1', 'stage2'})}")
+    args = run.parse_args(p, argv, PAPER, TINY)
+    args.stage_list = [s.strip() for s in args.stages.split(",") if s.strip()]
+    if set(args.stage_list) - set(STAGES):
+        p.error(f"--stages: unknown {sorted(set(args.stage_list) - set(STAGES))}")
     if not args.win_threshold > args.lose_threshold:
         p.error("--win-threshold must be above --lose-threshold (eq. 4's win and lose sets are disjoint)")
     return args
+
+
+# ============================================================================ training
+def train(args, rank, world, out):
+    """SFT warm-up, then per iteration generate -> stage 1 -> stage 2 -> OUT/final/, then the test scores."""
+    # ---- data
+    sft_records, questions, test_path, skipped = load_records(args)
+    test = run.records(test_path, args.skip_bad, task="vqa")[0] if test_path else []
+    if rank == 0:
+        print(f"[visrl] {len(sft_records)} SFT records, {len(questions)} RL questions ({skipped} skipped), {len(test)} "
+              f"test records, {world} rank(s), K {args.attempts}, iters {args.iters}, stages {args.stage_list}")
+
+    # ---- resume: finished stages are skipped, the newest saved model is the policy, logs are cut back
+    state = run.resume(out, args, None, LOGGED, fresh=("stages.jsonl", "eval.json", "predictions.jsonl", "iter*",
+                                                     "sft", "final"))
+    state.setdefault("done", [])
+    latest = next((out / p for p in reversed(state["done"]) if not p.endswith("generate")), args.model)
+
+    # ---- models: the policy (a DeepSpeed engine) and the critic = the pre-SFT model, frozen
+    engine, processor = run.policy(args, latest, micro_batch=args.batch_size)
+    critic = "oracle" if args.critic == "oracle" else run.reference_model(args.critic or args.model, args,
+                                                                          engine.device, with_processor=True)
+    run.open_tracker(args, out, rank)
+    # a sample whose prompt cannot be processed is skipped (OUT/skipped.jsonl), never fatal
+    problem = lambda r: sample_problem(r, processor, args.max_prompt_len)  # noqa: E731
+    sft_records, _ = run.usable(sft_records, problem, rank, world, out, split="sft")
+    questions, _ = run.usable(questions, problem, rank, world, out)
+    scores = run.read_jsonl(out / "stages.jsonl") if state["done"] else []
+
+    def score(name):
+        """Test scores of the current policy -> OUT/stages.jsonl (the SFT / +stage 1 / +stage 2 table)."""
+        if args.stage_eval_n and test:
+            metrics, _ = evaluate(engine.module, processor, test[:args.stage_eval_n], args, rank, world, critic)
+            scores.append(dict(metrics, stage=name))
+            if rank == 0:
+                print(f"[visrl] {name}: answer accuracy {metrics['answer_accuracy']:.3f}, "
+                      f"box accuracy {metrics['box_accuracy']}")
+                data.write_jsonl(out / "stages.jsonl", scores)
+                run.log(out, rank, dict(metrics, step=state["step"], stage=f"eval/{name}"))
+
+    if "base" not in state["done"]:
+        score("base")
+        state["done"].append("base")
+        run.save_checkpoint(out, state, None, LOGGED)
+
+    # ---- the stages, one flat loop: SFT warm-up, then per iteration generate -> stage 1 -> stage 2
+    pairs = None
+    for stage in stage_plan(args):
+        if stage in state["done"]:
+            continue
+        iteration, _, kind = stage.rpartition("/")       # "iter1/stage2" -> ("iter1", "stage2"); "sft" -> ("", "sft")
+        if kind == "sft":                                # 0. SFT warm-up
+            if not sft_records:
+                raise SystemExit("[visrl] the SFT warm-up needs boxed records (--sft-data, or boxes in --data)")
+            sft_stage(engine, processor, sft_records, args, rank, world, out, state)
+        elif kind == "generate":                         # 1.-2. data generation + filter
+            pairs = generation_round(engine, critic, processor, questions, args, rank, world, out, state, iteration)
+        else:                                            # 3.-4. stage 1 (box DPO) / stage 2 (step DPO)
+            pairs = run.read_jsonl(out / iteration / "pairs.jsonl") if pairs is None else pairs   # --resume
+            if pairs:                                    # reference: the model the stage starts from
+                ref = None if args.lora_rank else run.reference_model(latest, args, engine.device)
+                dpo_stage(engine, ref, processor, pairs, int(kind[-1]), args, rank, world, out, state, stage)
+                del ref
+        if kind != "generate":                           # save the stage's model, score it
+            engine, latest = next_policy(engine, processor, out, stage, args), out / stage
+            score(stage)
+        state["done"].append(stage)
+        run.save_checkpoint(out, state, None, LOGGED)
+
+    # ---- save + evaluate
+    final = run.save_final(engine, processor, out)
+    if test:
+        metrics, preds = evaluate(engine.module, processor, test[:args.n_test], args, rank, world, critic)
+        if rank == 0:
+            (out / "eval.json").write_text(json.dumps(dict(metrics, model=str(final), test=str(test_path)), indent=1))
+            data.write_jsonl(out / "predictions.jsonl", preds)
+            print(f"[visrl] final: {json.dumps(metrics)}")
+    if rank == 0:
+        try:
+            run.plot(out, keys=["loss", "reward_accuracy", "margin"])
+        except Exception as e:          # a picture must never fail a finished run
+            print(f"[visrl] no plot: {e}")
+        print(f"[visrl] model in {final}")
+
+
+def load_records(args):
+    """(SFT records, RL questions, test manifest or None, skipped count); default: shapes-world VQA. With
+    --sft-data every --data record is an RL question (the paper: 30k boxed VisCoT samples for SFT, 180k
+    plain QA pairs for RL); else a --sft-fraction of --data's boxed records is held out for SFT (the
+    other records' boxes then only grade the pairs, never train)."""
+    world = None if args.data else run.shapes_world(args.seed, n_train=512, n_test=512)   # more than the default
+    train_path = run.manifest_path(args.data, "train", args.seed, "vqa", world=world)
+    test_path = run.manifest_path(args.test, "test", args.seed, "vqa", world=world) if args.test or not args.data \
+        else None
+    records, _, skipped = run.records(train_path, args.skip_bad, task="vqa")
+    if args.sft_data:
+        sft, _, _ = run.records(args.sft_data, args.skip_bad, task="vqa")
+        return [r for r in sft if r.get("box") is not None], records, test_path, skipped
+    boxed = [i for i, r in enumerate(records) if r.get("box") is not None]
+    random.Random(args.seed).shuffle(boxed)
+    take = set(boxed[:round(args.sft_fraction * len(boxed))])
+    questions = [r for i, r in enumerate(records) if i not in take] if args.sft_fraction < 1 else records
+    return [records[i] for i in sorted(take)], questions, test_path, skipped
+
+
+def stage_plan(args):
+    """The stages in order: "sft", then per iteration "iter{k}/generate", "iter{k}/stage1", "iter{k}/stage2"
+    (--stages picks the trained ones). Every stage but generate saves a model."""
+    plan = ["sft"] if "sft" in args.stage_list else []
+    for it in range(1, args.iters + 1):
+        plan += [f"iter{it}/generate"] + [f"iter{it}/{s}" for s in ("stage1", "stage2") if s in args.stage_list]
+    return plan
+
+
+def next_policy(engine, processor, out, stage, args):
+    """Save the stage's model to OUT/<stage> and return the engine the next stage trains. With LoRA the
+    adapters are folded into the weights and the next stage trains fresh ones on the merged model (the
+    authors' released code does so): a new engine, loaded from the saved folder."""
+    run.save_final(engine, processor, out, stage)
+    if not args.lora_rank:
+        return engine
+    engine.destroy()
+    return run.policy(args, out / stage, micro_batch=args.batch_size)[0]
 
 
 # ============================================================================ boxes and the chat
@@ -174,15 +304,17 @@ def sample_problem(rec, processor, max_prompt_len=None):
     return vlm.prompt_problem(processor, box_turn(rec["question"]), [image], max_prompt_len)
 
 
-def critic_scores(critic, processor, items, batch_size=32, max_new_tokens=24):
+def critic_scores(critic, items, batch_size=32, max_new_tokens=24):
     """Critic scores (greedy, sec. 3.1, app. C) of items {question, reference, answer, image, crop}: s_b
     from the crop alone (does it show what the reference answer needs?), s_r from the full image (how
-    close is the answer to the reference?), '{"score": x}' parsed (else 0) -> (s_b, s_r, raw texts)."""
-    critic = getattr(critic, "module", critic)          # a DeepSpeed inference engine under ZeRO-3
-    raw_b = run.generate_texts(critic, processor, [[vlm.user_turn(data.CRITIC_BOX_PROMPT.format(
+    close is the answer to the reference?), '{"score": x}' parsed (else 0) -> (s_b, s_r, raw texts).
+    critic: (model, processor): the critic's prompts are tokenized by its own processor."""
+    model, processor = critic
+    model = getattr(model, "module", model)             # a DeepSpeed inference engine under ZeRO-3
+    raw_b = generate_texts(model, processor, [[vlm.user_turn(data.CRITIC_BOX_PROMPT.format(
         question=it["question"], answer=it["reference"]))] for it in items], [[it["crop"]] for it in items],
         1, max_new_tokens, 0, batch_size=batch_size)
-    raw_r = run.generate_texts(critic, processor, [[vlm.user_turn(data.CRITIC_ANSWER_PROMPT.format(
+    raw_r = generate_texts(model, processor, [[vlm.user_turn(data.CRITIC_ANSWER_PROMPT.format(
         question=it["question"], reference=it["reference"], answer=it["answer"]))] for it in items],
         [[it["image"]] for it in items], 1, max_new_tokens, 0, batch_size=batch_size)
     return [rewards.parse_score(t) for t in raw_b], [rewards.parse_score(t) for t in raw_r], list(zip(raw_b, raw_r))
@@ -202,11 +334,11 @@ def generate_candidates(policy, critic, processor, records, args, rng):
     each, b2 is diversified, every box cropped and answered (one more call), each answer critic-scored.
     -> per question {id, question, answer, image, size, gt_box?, candidates: [{box, attempt, which,
     diversified, answer, s_b, s_r}], dropped: {DROPPED name: count}}."""
-    K, B, out = args.num_generations, args.gen_batch_size, []
+    K, B, out = args.attempts, args.gen_batch_size, []
     for s in range(0, len(records), B):
         chunk = records[s:s + B]
         images = [data.open_image(r["image_path"]) for r in chunk]
-        texts = run.generate_texts(policy, processor, [box_turn(r["question"]) for r in chunk],  # step 1: boxes
+        texts = generate_texts(policy, processor, [box_turn(r["question"]) for r in chunk],  # step 1: boxes
                                    [[im] for im in images], 2 * K, args.max_new_tokens, args.temperature,
                                    args.max_prompt_len)
         results, cands = [], []                    # cands: (question index, candidate, its crop)
@@ -235,7 +367,7 @@ def generate_candidates(policy, critic, processor, records, args, rng):
         out += results
         if not cands:
             continue
-        answers = run.generate_texts(                # step 2: answer every (box, crop), sampled
+        answers = generate_texts(                    # step 2: answer every (box, crop), sampled
             policy, processor, [answer_turns(chunk[i]["question"], canonical_box(c["box"])[0]) for i, c, _ in cands],
             [[images[i], cr] for i, _, cr in cands], 1, args.answer_max_new_tokens, args.answer_temperature,
             args.max_prompt_len, 2 * B)
@@ -245,7 +377,7 @@ def generate_candidates(policy, critic, processor, records, args, rng):
         items = [{"question": chunk[i]["question"], "reference": chunk[i]["answer"], "answer": a,
                   "image": images[i], "crop": cr} for i, _, cr, a in kept]
         s_b, s_r = oracle_scores(items, [chunk[i] for i, *_ in kept], [c["box"] for _, c, *_ in kept]) \
-            if critic == "oracle" else critic_scores(critic, processor, items)[:2]
+            if critic == "oracle" else critic_scores(critic, items)[:2]
         for (i, c, _, a), sb, sr in zip(kept, s_b, s_r):
             results[i]["candidates"].append(dict(c, answer=a, s_b=sb, s_r=sr))
     return out
@@ -311,10 +443,10 @@ def make_pairs(questions, win=0.8, lose=0.2, quality_iou=0.5):
     return pairs, survivors, fractions
 
 
-def generation_round(engine, critic, processor, questions, args, rank, world, out, log_state):
-    """Steps 1-2 of iteration log_state["iter_name"] -> OUT/iter{k}/: candidates.jsonl (resumable), pairs.jsonl,
+def generation_round(engine, critic, processor, questions, args, rank, world, out, state, it_name):
+    """Steps 1-2 of iteration `it_name` ("iter1") -> OUT/iter{k}/: candidates.jsonl (resumable), pairs.jsonl,
     stats.json, examples/; --pairs replaces iteration 1's. Returns all the pairs, on every rank."""
-    it_name, folder, t0 = log_state["iter_name"], out / log_state["iter_name"], time.time()
+    folder, t0 = out / it_name, time.time()
     folder.mkdir(parents=True, exist_ok=True)
     if it_name == "iter1" and args.pairs:
         pairs = run.read_jsonl(args.pairs)
@@ -342,7 +474,7 @@ def generation_round(engine, critic, processor, questions, args, rank, world, ou
     if rank == 0:
         data.write_jsonl(folder / "pairs.jsonl", pairs)          # written even when no pair survived
         (folder / "stats.json").write_text(json.dumps(stats, indent=1))
-        run.log(out, rank, {"step": log_state["step"], "phase": f"{it_name}/generate", "pairs": len(pairs),
+        run.log(out, rank, {"step": state["step"], "stage": f"{it_name}/generate", "pairs": len(pairs),
                             **{f"survive_{k}": v for k, v in stats["survivors"].items()},
                             **{f"quality_{k}": v for k, v in stats["quality"].items()},
                             **{k: stats[k] for k in ("candidates", "mean_s_b", "mean_s_r", "critic_sr_agreement")
@@ -356,7 +488,7 @@ def save_examples(pairs, folder, n=8):
     folder.mkdir(parents=True, exist_ok=True)
     for p in pairs[:n]:
         c, r = p["chosen"], p["rejected"]
-        run.box_picture(folder / (re.sub(r"[^A-Za-z0-9_.-]", "_", str(p["id"])) + ".png"), data.open_image(p["image"]),
+        box_picture(folder / (re.sub(r"[^A-Za-z0-9_.-]", "_", str(p["id"])) + ".png"), data.open_image(p["image"]),
                         [(p["gt_box"], "blue"), (r["box"], "red"), (c["box"], "green")],
                         [(p["question"][:48], "black"),
                          (f"win: {c['answer'][:14]} sb {c['s_b']:.1f} sr {c['s_r']:.1f}", "green"),
@@ -364,13 +496,13 @@ def save_examples(pairs, folder, n=8):
 
 
 # ============================================================================ SFT + step-level DPO
-def sft_phase(engine, processor, records, args, rank, world, out, log_state):
+def sft_stage(engine, processor, records, args, rank, world, out, state):
     """SFT warm-up: the two-turn chat with the GT box, next-token loss on both assistant turns."""
     def loss_fn(batch):
         convs, images = zip(*[sft_example(r, data.open_image(r["image_path"])) for r in batch])
         return vlm.sft_loss(engine, processor, list(convs), list(images)), {}
-    log_state["step"] += run.train_phase(engine, records, loss_fn, "sft", args.sft_lr, args.sft_epochs,
-                                         args.sft_batch_size, args.seed, args, rank, world, out, log_state["step"])
+    train_stage(engine, records, loss_fn, "sft", args.sft_lr, args.sft_epochs, args.sft_batch_size, args.seed,
+                args, rank, world, out, state)
 
 
 def box_step(pairs, images):
@@ -388,19 +520,62 @@ def answer_step(pairs, images):
     return convs, ims, [p["chosen"]["answer"] for p in pairs], [p["rejected"]["answer"] for p in pairs]
 
 
-def dpo_phase(engine, ref, processor, pairs, stage, args, rank, world, out, log_state):
+def step_dpo_batch(model, ref, processor, steps, beta=0.1, nll_weight=0.0, device=None, max_prompt_len=None):
+    """VisRL's step-level DPO loss of one batch (dpo.step_dpo_loss), from the model: steps = [box step]
+    (stage 1, weight 1) or [box step, answer step] (stage 2, 0.5 each), each (convs, images, chosen texts,
+    rejected texts) as vlm.pair_logps takes them. nll_weight > 0 adds that x the chosen steps' per-token
+    NLL, same weights (RPO, Pang et al. 2024; not in VisRL). Returns (loss, stats)."""
+    weights = [1.0] if len(steps) == 1 else [0.5, 0.5]
+    logps = [vlm.pair_logps(model, ref, processor, *step, device, max_prompt_len) for step in steps]
+    loss, stats = dpo.step_dpo_loss(logps[0], logps[1] if len(steps) == 2 else None, beta=beta, box_weight=weights[0])
+    if nll_weight:
+        nll = sum(w * chosen_nll(processor, step[2], lp[0]) for w, step, lp in zip(weights, steps, logps))
+        loss, stats["nll"] = loss + nll_weight * nll, nll.item()
+    return loss, stats
+
+
+def chosen_nll(processor, targets, logp):
+    """Mean per-token negative log-likelihood of the chosen targets (for --nll-weight), a scalar."""
+    tok = processor.tokenizer
+    lengths = torch.tensor([len(tok.encode(t, add_special_tokens=False)) + 1 for t in targets], device=logp.device)
+    return (-logp / lengths).mean()
+
+
+def dpo_stage(engine, ref, processor, pairs, stage, args, rank, world, out, state, name):
     """Stage 1 (box DPO, eqs. 5-6) or stage 2 (0.5 box DPO + 0.5 answer DPO, eqs. 7-10) over `pairs`
     (every rank has all of them). ref None: the policy with its LoRA adapters off."""
     def loss_fn(batch):
         images = [data.open_image(p["image"]) for p in batch]
         steps = [box_step(batch, images)] + ([answer_step(batch, images)] if stage == 2 else [])
-        loss, stats = dpo.step_dpo_batch(engine, ref, processor, steps, args.beta, args.nll_weight, engine.device,
-                                         args.max_prompt_len)
+        loss, stats = step_dpo_batch(engine, ref, processor, steps, args.beta, args.nll_weight, engine.device,
+                                     args.max_prompt_len)
         stats["reward_accuracy"], stats["margin"] = stats["box_reward_accuracy"], stats["box_margin"]  # plotted
         return loss, stats
-    log_state["step"] += run.train_phase(engine, pairs, loss_fn, f"{log_state['iter_name']}/stage{stage}", args.lr,
-                                         args.dpo_epochs, args.batch_size, args.seed + stage, args, rank, world, out,
-                                         log_state["step"])
+    train_stage(engine, pairs, loss_fn, name, args.lr, args.dpo_epochs, args.batch_size, args.seed + stage, args,
+                rank, world, out, state)
+
+
+def train_stage(engine, items, loss_fn, name, lr, epochs, per_rank, seed, args, rank, world, out, state):
+    """One training stage, as a separate run would train it (run.new_stage: a fresh AdamW at `lr` and
+    --lr-scheduler): `epochs` passes over `items` in a seeded order, per_rank items a rank a micro-step,
+    at most --max-steps updates of --grad-accum micro-steps, guarded updates (vlm.update), the last
+    (maybe partial) accumulation window applied at its end. loss_fn(batch) -> (loss, stats dict); one
+    metrics.jsonl line a micro-step, numbered on from state["step"]."""
+    total = math.ceil(epochs * len(items) / (per_rank * world)) if items else 0
+    total = min(total, args.max_steps * args.grad_accum) if args.max_steps else total
+    run.new_stage(engine, lr, math.ceil(total / args.grad_accum), args)
+    order, first = run.data_order(len(items), seed), state["step"]
+    engine.train()
+    for k in tqdm(range(total), desc=name, disable=rank != 0):
+        t0 = time.time()
+        loss, stats = loss_fn(run.step_items(items, order, k, per_rank, rank, world))
+        skipped = vlm.update(engine, loss, vlm.accumulation(k, total, args.grad_accum))
+        state["skipped_in_a_row"] = state.get("skipped_in_a_row", 0) + 1 if skipped else 0
+        if state["skipped_in_a_row"] >= 3:
+            raise RuntimeError(f"3 non-finite losses in a row in {name}: stopping. Lower --lr, or check the data.")
+        run.log(out, rank, dict(stats, step=first + k, stage=name, loss=loss.item(), skipped=skipped,
+                                updates=engine.global_steps, lr=run.current_lr(engine), seconds=round(time.time() - t0, 2)))
+    state["step"] = first + total
 
 
 # ============================================================================ evaluation
@@ -418,18 +593,18 @@ def evaluate(model, processor, records, args, rank=0, world=1, critic=None, batc
         if not chunk:
             continue
         images = [data.open_image(r["image_path"]) for r in chunk]
-        texts = run.generate_texts(model, processor, [box_turn(r["question"]) for r in chunk],
+        texts = generate_texts(model, processor, [box_turn(r["question"]) for r in chunk],
                                    [[im] for im in images], 1, args.max_new_tokens, 0, args.max_prompt_len)
         boxes = [canonical_box(t) for t in texts]                          # (text, box) or (None, None)
         crops = [crop(im, b) if b is not None else None for im, (_, b) in zip(images, boxes)]
         ok, answers = [i for i, c in enumerate(crops) if c is not None], {}
         if ok:
-            replies = run.generate_texts(model, processor, [answer_turns(chunk[i]["question"], boxes[i][0])
+            replies = generate_texts(model, processor, [answer_turns(chunk[i]["question"], boxes[i][0])
                                                             for i in ok], [[images[i], crops[i]] for i in ok],
                                          1, args.answer_max_new_tokens, 0, args.max_prompt_len)
             answers = {i: r.strip() for i, r in zip(ok, replies) if r is not None}   # None: prompt too long
         long = [i for i in answers if critic not in (None, "oracle") and rewards.is_long(chunk[i]["answer"])]
-        judged = dict(zip(long, critic_scores(critic, processor, [
+        judged = dict(zip(long, critic_scores(critic, [
             {"question": chunk[i]["question"], "reference": chunk[i]["answer"], "answer": answers[i],
              "image": images[i], "crop": crops[i]} for i in long])[1])) if long else {}
         for i, (rec, im) in enumerate(zip(chunk, images)):
@@ -454,143 +629,72 @@ def evaluate(model, processor, records, args, rank=0, world=1, critic=None, batc
     return metrics, preds + skipped
 
 
-# ============================================================================ main
-def load_records(args, rank):
-    """(SFT records, RL questions, test manifest or None, skipped count); default: shapes-world VQA. With
-    --sft-data every --data record is an RL question (the paper: 30k boxed VisCoT samples for SFT, 180k
-    plain QA pairs for RL); else a --sft-fraction of --data's boxed records is held out for SFT (the
-    other records' boxes then only grade the pairs, never train)."""
-    root = vlm.CACHE / f"shapes-visrl-{args.seed}"              # bigger than the default world: 512 + 512
-    if not args.data and rank == 0 and not (root / "vqa" / "test.jsonl").exists():
-        data.make_shapes_world(root, n_train=512, n_test=512, seed=args.seed)
-    run.barrier()
-    train_path = run.manifest_path(args.data, "train", args.seed, "vqa", world=root)
-    test_path = run.manifest_path(args.test, "test", args.seed, "vqa", world=root) \
-        if args.test or not args.data else None
-    records, skipped = data.read_manifest(train_path, "vqa", skip_bad=args.skip_bad)
-    if args.sft_data:
-        sft, _ = data.read_manifest(args.sft_data, "vqa", skip_bad=args.skip_bad)
-        return [r for r in sft if r.get("box") is not None], records, test_path, skipped
-    boxed = [i for i, r in enumerate(records) if r.get("box") is not None]
-    random.Random(args.seed).shuffle(boxed)
-    take = set(boxed[:round(args.sft_fraction * len(boxed))])
-    questions = [r for i, r in enumerate(records) if i not in take] if args.sft_fraction < 1 else records
-    return [records[i] for i in sorted(take)], questions, test_path, skipped
+# ============================================================================ generation helpers
+def generate_texts(model, processor, convs, images, n, max_new_tokens, temperature, max_prompt_len=None,
+                   batch_size=None):
+    """n texts per prompt (temperature 0: greedy), batch_size prompts a call (default: all), in generation
+    mode. A prompt over max_prompt_len gets n None texts instead of failing its batch: one long prompt
+    (e.g. one with a big crop in it) never aborts a run; the others are sampled on their own."""
+    texts, batch_size = [], batch_size or max(len(convs), 1)
+    with vlm.generation_mode(model):
+        for s in range(0, len(convs), batch_size):
+            texts += _fitting_texts(model, processor, convs[s:s + batch_size], images[s:s + batch_size], n,
+                                    max_new_tokens, temperature, max_prompt_len)
+    return texts
 
 
-def phase_plan(args):
-    """The phases in order: "sft", then per iteration "iter{k}/generate", "iter{k}/stage1", "iter{k}/stage2"
-    (--stages picks the trained ones). Every phase but generate saves a model."""
-    plan = ["sft"] if "sft" in args.stages else []
-    for it in range(1, args.iters + 1):
-        plan += [f"iter{it}/generate"] + [f"iter{it}/{s}" for s in ("stage1", "stage2") if s in args.stages]
-    return plan
+def _fitting_texts(model, processor, convs, images, n, max_new_tokens, temperature, max_prompt_len):
+    try:
+        batch = vlm.chat_inputs(processor, convs, images, max_prompt_len=max_prompt_len)
+    except vlm.PromptTooLong:                     # sample the prompts that fit, on their own
+        fits = [k for k, (c, ims) in enumerate(zip(convs, images))
+                if vlm.prompt_problem(processor, c, ims, max_prompt_len) is None]
+        texts = iter(_fitting_texts(model, processor, [convs[k] for k in fits], [images[k] for k in fits], n,
+                                    max_new_tokens, temperature, max_prompt_len) if fits else [])
+        return [next(texts) if k in fits else None for k in range(len(convs)) for _ in range(n)]
+    return vlm.sample(model, processor, batch, n, max_new_tokens, temperature or 1.0,
+                      do_sample=temperature != 0)["texts"]
 
 
-def train(args, rank, world, out):
-    """SFT warm-up, then per iteration generate -> stage 1 -> stage 2 -> OUT/final/, then the test scores."""
-    # ---- data
-    sft_records, questions, test_path, skipped = load_records(args, rank)
-    test = data.read_manifest(test_path, "vqa", skip_bad=args.skip_bad)[0] if test_path else []
-    if rank == 0:
-        print(f"[visrl] {len(sft_records)} SFT records, {len(questions)} RL questions ({skipped} skipped), {len(test)} "
-              f"test records, {world} rank(s), K {args.num_generations}, iters {args.iters}, stages {args.stages}")
-
-    # ---- resume: finished phases are skipped, the newest saved model is the policy, logs are cut back
-    progress = run.load_progress(out, rank, args.resume, stale=("metrics.jsonl", "phases.json", "eval.json", "iter*"))
-    phases = json.loads((out / "phases.json").read_text()) if (out / "phases.json").exists() else []
-    phases = [p for p in phases if p["phase"] in ["base"] * ("records" in progress) + progress["done"]]
-    latest = next((out / p for p in reversed(progress["done"]) if not p.endswith("generate")), args.model)
-
-    # ---- models: the policy (a DeepSpeed engine) and the critic = the pre-SFT model, frozen
-    cfg = run.deepspeed_config(args, micro_batch=args.batch_size)
-    model, processor = run.load_policy(args, latest)
-    engine = run.policy_engine(model, cfg, args.lora_rank)       # --lora-rank: a new adapter every phase
-    critic = "oracle" if args.critic == "oracle" else \
-        run.reference_model(args.critic or args.model, cfg, device=engine.device, max_pixels=args.max_pixels)
-    # a sample whose prompt cannot be processed is skipped (OUT/skipped.jsonl), never fatal
-    problem = lambda r: sample_problem(r, processor, args.max_prompt_len)  # noqa: E731
-    sft_records, _ = run.usable(sft_records, problem, rank, world, out, split="sft")
-    questions, _ = run.usable(questions, problem, rank, world, out)
-    log_state = {"step": progress.get("step", 0), "iter_name": "sft"}
-
-    def score(name):
-        """Test scores of the current policy -> OUT/phases.json (the SFT / +stage 1 / +stage 2 table)."""
-        if args.phase_eval_n and test:
-            metrics, _ = evaluate(engine.module, processor, test[:args.phase_eval_n], args, rank, world, critic)
-            phases.append(dict(metrics, phase=name))
-            if rank == 0:
-                print(f"[visrl] {name}: answer accuracy {metrics['answer_accuracy']:.3f}, "
-                      f"box accuracy {metrics['box_accuracy']}")
-                (out / "phases.json").write_text(json.dumps(phases, indent=1))
-                run.log(out, rank, dict(metrics, step=log_state["step"], phase=f"eval/{name}"))
-
-    if not phases:
-        score("base")
-        run.save_progress(out, rank, progress, log_state["step"])
-
-    # ---- the phases, one flat loop: SFT warm-up, then per iteration generate -> stage 1 -> stage 2
-    pairs = None
-    for phase in phase_plan(args):
-        if phase in progress["done"]:
-            continue
-        it_name, _, kind = phase.rpartition("/")          # "iter1/stage2" -> ("iter1", "stage2"); "sft" -> ("", "sft")
-        log_state["iter_name"] = it_name or "sft"
-        if kind == "sft":                                  # 0. SFT warm-up
-            if not sft_records:
-                raise SystemExit("[visrl] the SFT warm-up needs boxed records (--sft-data, or boxes in --data)")
-            sft_phase(engine, processor, sft_records, args, rank, world, out, log_state)
-        elif kind == "generate":                           # 1.-2. data generation + filter
-            pairs = generation_round(engine, critic, processor, questions, args, rank, world, out, log_state)
-        else:                                              # 3.-4. stage 1 (box DPO) / stage 2 (step DPO)
-            pairs = run.read_jsonl(out / it_name / "pairs.jsonl") if pairs is None else pairs   # --resume
-            if pairs:                                      # reference: the model the stage starts from
-                ref = None if args.lora_rank else \
-                    run.reference_model(latest, cfg, device=engine.device, max_pixels=args.max_pixels)
-                dpo_phase(engine, ref, processor, pairs, int(kind[-1]), args, rank, world, out, log_state)
-                del ref
-        if kind != "generate":                             # save the phase's model, score it
-            engine, latest = run.save_phase(engine, processor, out, phase, cfg, args.lora_rank), out / phase
-            score(phase)
-        progress["done"].append(phase)
-        run.save_progress(out, rank, progress, log_state["step"])
-
-    # ---- save + evaluate
-    policy = run.merged(engine) if args.lora_rank else engine.module
-    run.save_final(policy, processor, out)
-    if test:
-        metrics, preds = evaluate(policy, processor, test[:args.n_test], args, rank, world, critic)
-        if rank == 0:
-            run.write_eval(out, metrics, preds, model=out / "final", test=test_path)
-            print(f"[visrl] final: {json.dumps(metrics)}")
-    if rank == 0:
-        try:
-            run.plot(out, keys=["loss", "reward_accuracy", "margin"])
-        except Exception as e:          # a picture must never fail a finished run
-            print(f"[visrl] no plot: {e}")
-        print(f"[visrl] model in {out / 'final'}")
+def box_picture(path, image, boxes, lines, size=256):
+    """PNG of `image`, scaled up by a whole factor to about `size` pixels, with the outlines of the
+    normalised boxes [(box or None, colour)] and the caption lines [(text, colour)] under it."""
+    scale = max(1, size // max(image.size))
+    im = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    canvas = Image.new("RGB", (im.width, im.height + 4 + 14 * len(lines)), "white")
+    canvas.paste(im, (0, 0))
+    draw = ImageDraw.Draw(canvas)
+    for box, colour in boxes:
+        if box:
+            x1, y1, x2, y2 = box
+            draw.rectangle([x1 * im.width, y1 * im.height, x2 * im.width, y2 * im.height], outline=colour, width=2)
+    for k, (text, colour) in enumerate(lines):
+        draw.text((2, im.height + 2 + 14 * k), text, fill=colour)
+    canvas.save(path)
 
 
-def eval_only(args, rank, world, out):
+# ============================================================================ --eval
+def evaluate_run(args, rank, world, out):
     """`--eval`: answer and box accuracy of --model on the test manifest -> OUT/eval.json, predictions.jsonl."""
-    test_path = load_records(args, rank)[2]            # --test: a manifest or a shapes-world task name
+    test_path = load_records(args)[2]                  # --test: a manifest or a shapes-world dataset name
     if test_path is None:
         raise SystemExit("visrl.py --eval --data X: name the test manifest with --test")
-    test, _ = data.read_manifest(test_path, "vqa", skip_bad=args.skip_bad)
+    test, _, _ = run.records(test_path, args.skip_bad, task="vqa")
     model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
-    cfg = run.deepspeed_config(args, micro_batch=args.batch_size)
-    critic = run.reference_model(args.critic, cfg, device=model.device, max_pixels=args.max_pixels) \
+    critic = run.reference_model(args.critic, args, model.device, with_processor=True) \
         if args.critic and args.critic != "oracle" else None
     metrics, preds = evaluate(model, processor, test[:args.n_test], args, rank, world, critic)
     if rank == 0:
-        run.write_eval(out, metrics, preds, model=args.model, test=test_path)
+        (out / "eval.json").write_text(json.dumps(dict(metrics, model=str(args.model), test=str(test_path)), indent=1))
+        data.write_jsonl(out / "predictions.jsonl", preds)
         print(json.dumps(metrics))
     return metrics
 
 
 def main(argv=None):
     """VisRL training (SFT, then iterative step-level DPO), or with --eval only the evaluation of --model."""
-    return run.dispatch(parse_args(argv), train, eval_only)
+    args = parse_args(argv)
+    return (evaluate_run if args.eval else train)(args, *run.start(args, "visrl"))
 
 
 if __name__ == "__main__":

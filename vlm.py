@@ -14,6 +14,8 @@ for a laptop CPU, with Qwen2-VL-2B's classes: every pipeline runs the same code 
 import contextlib
 import importlib.util
 import inspect
+import json
+import math
 import os
 import weakref
 from pathlib import Path
@@ -22,6 +24,8 @@ import torch
 import torch.nn.functional as F
 
 import data
+import dpo
+import grpo
 
 # Tokens that must never be sampled: a stray <|image_pad|> in a completion makes the next
 # forward pass fail with "image features and image tokens do not match".
@@ -48,6 +52,17 @@ def resolve_model(name):
         raise FileNotFoundError(f"{shipped} is missing: `git checkout tiny-base` or rebuild it with "
                                 "`python tiny.py base --out tiny-base` (hours on a CPU, see README)")
     return str(shipped)
+
+
+def is_tiny(model):
+    """The tiny base, or a local dir holding a model as small as it (its config says so)."""
+    if model == TINY_BASE:
+        return True
+    config = Path(model) / "config.json"
+    if not config.is_file():
+        return False
+    cfg = json.loads(config.read_text())
+    return cfg.get("text_config", cfg).get("hidden_size", 1e9) <= 512
 
 
 def load_model(name, device=None, dtype=None, max_pixels=None):
@@ -446,3 +461,209 @@ def gathered(model):
             if owner is not None:                      # hooks back (the name before DeepSpeed 0.16.4: the second)
                 register = getattr(owner, "_register_deepspeed_module", None) or owner._register_hooks_recursively
                 register(owner.module)
+
+
+# ============================================================================ 8. preference pairs (DPO)
+def completion_tensors(processor, texts, device=None):
+    """Completion texts -> (completion_ids, completion_mask) [N, T], each ending in <|im_end|> and
+    right-padded: the form completion_logprobs() scores (DPO's chosen and rejected responses)."""
+    tok = processor.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    seqs = [tok.encode(t, add_special_tokens=False) + [end] for t in texts]
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), tok.pad_token_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, :len(s)], mask[i, :len(s)] = torch.tensor(s), 1
+    return ids.to(device or "cpu"), mask.to(device or "cpu")
+
+
+def response_logps(model, processor, convs, images, responses, device, max_prompt_len=None, group_size=1):
+    """logp(y|x) in nats of each response y (its <|im_end|> included) after its conversation x, one
+    forward: N conversations, N image lists, N response texts -> [N]. The vision tokens are suppressed
+    as in sampling, so these are the policy's own log-probs. group_size > 1: rows come in groups of that
+    many copies of one conversation, run once (completion_logprobs)."""
+    prompt = chat_inputs(processor, convs, images, max_prompt_len=max_prompt_len)
+    prompt = {k: v.to(device) for k, v in prompt.items()}
+    ids, mask = completion_tensors(processor, responses, device)          # [N, T]
+    token_logp = completion_logprobs(model, prompt, ids, mask, suppress=suppressed_ids(processor),
+                                     group_size=group_size)
+    return dpo.sequence_logp(token_logp, mask)                            # [N]
+
+
+def pair_logps(model, ref, processor, convs, images, chosen, rejected, device, max_prompt_len=None):
+    """(chosen, rejected, ref_chosen, ref_rejected) summed log-probs of N preference pairs, [N] each:
+    the inputs of dpo.dpo_loss. Rows go chosen 0, rejected 0, chosen 1, ...: one forward, each prompt
+    run once for its two responses (group_size 2). The reference runs under no_grad; ref None: the
+    policy with its LoRA adapters off (peft), i.e. the model they started from."""
+    args = (processor, [c for c in convs for _ in range(2)], [im for im in images for _ in range(2)],
+            [y for pair in zip(chosen, rejected) for y in pair], device, max_prompt_len, 2)
+    logp = response_logps(model, *args)
+    adapters_off = getattr(model, "module", model).disable_adapter() if ref is None else contextlib.nullcontext()
+    with torch.no_grad(), adapters_off:
+        ref_logp = response_logps(model if ref is None else ref, *args)
+    return logp[0::2], logp[1::2], ref_logp[0::2], ref_logp[1::2]
+
+
+# ============================================================================ 9. LoRA and frozen parts
+LORA_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def add_lora(model, rank, seed=0):
+    """The model with fresh LoRA adapters of `rank` (alpha 2 rank, no dropout: LLaMA-Factory's defaults,
+    which VisRL's released configs use with lora_target all) on every linear layer of the language
+    model, everything else frozen: a peft model (TRL's peft_config does the same). peft is imported only
+    here: it is needed only with --lora-rank."""
+    try:
+        from peft import LoraConfig, get_peft_model
+    except ImportError as e:
+        raise SystemExit("--lora-rank needs peft: pip install peft") from e
+    torch.manual_seed(seed)                    # the same adapters on every rank
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                            target_modules=LORA_TARGETS))
+
+
+def merged_state_dict(model):
+    """{name: tensor} of the plain HF model with every LoRA delta folded into its base weight
+    (W + B A alpha / r, peft's get_delta_weight), named as the model without adapters names them; a model
+    without adapters: its own state dict. Needs whole weights: call it inside gathered() under ZeRO-3."""
+    wrapper, base = getattr(model, "module", model), hf_model(model)
+    if not hasattr(wrapper, "peft_config"):
+        return base.state_dict()
+    from peft.tuners.lora import LoraLayer
+    state = {}
+    for name, module in base.named_modules():
+        if isinstance(module, LoraLayer):
+            weight = module.base_layer.weight
+            delta = sum(module.get_delta_weight(a) for a in module.active_adapters)
+            state[f"{name}.weight"] = (weight + delta.to(weight.dtype)).detach().clone()
+    for name, tensor in base.state_dict().items():
+        if "lora_" not in name:
+            state.setdefault(name.replace(".base_layer.", "."), tensor.detach().clone())
+    return state
+
+
+def freeze_vision(model):
+    """Freeze the vision tower (patch embedding and blocks); its merger, the projection into the language
+    model, stays trainable (ms-swift's freeze_vit; VLM-R1's freeze_vision_modules). Returns the model."""
+    visual = hf_model(model).model.visual
+    for name, child in visual.named_children():
+        if name != "merger":
+            child.requires_grad_(False)
+    return model
+
+
+# ============================================================================ 10. the GRPO step on a model
+# grpo.py holds the math (advantages, loss); these run it on a model: rollout -> reward -> log-probs ->
+# loss -> one guarded update, with a DeepSpeed engine (or a plain module and its torch optimizer).
+def any_rank(flag):
+    """True on every rank if `flag` is true on any: decisions that change what ranks do next (skip an
+    update, stop) must be the same everywhere, or one rank waits forever in a collective."""
+    if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
+        return bool(flag)
+    t = torch.tensor([float(flag)], device="cuda" if on_gpu() else "cpu")
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return bool(t.item())
+
+
+def accumulation(micro, total, grad_accum):
+    """(boundary, loss_scale) of micro-step `micro` (0-based) of a stage of `total` micro-steps.
+
+    A stage is cut into windows of grad_accum micro-steps, one optimizer update each; its last window
+    may be shorter (size m) and is applied too, at the stage's end, never left pending for the next.
+    DeepSpeed divides every loss by grad_accum, so loss_scale = grad_accum / m makes the update the
+    mean over the window's micro-batches (1.0 for a full window)."""
+    begin = micro - micro % grad_accum
+    size = min(grad_accum, total - begin)
+    return micro - begin == size - 1, grad_accum / size
+
+
+def update(model, loss, window=None, optimizer=None, max_grad_norm=1.0):
+    """Backward + optimizer step of `loss`, unless it is NaN or infinite on any rank (then no rank
+    updates: the decision is shared, any_rank). A DeepSpeed engine (optimizer None) scales, accumulates,
+    clips and steps itself; window = (boundary, loss_scale) from accumulation(). A plain module steps
+    its torch optimizer at every call. Returns True when the update was skipped."""
+    if any_rank(not math.isfinite(loss.item())):
+        return True
+    if optimizer is None:
+        if window is not None:
+            model.set_gradient_accumulation_boundary(window[0])
+            loss = loss * window[1]
+        model.backward(loss)
+        model.step()
+        return False
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return False
+
+
+def reward_tensor(results):
+    """reward_fn results (floats, or dicts with "reward" and components) -> ([N] tensor, component means)."""
+    if results and isinstance(results[0], dict):
+        totals = torch.tensor([float(r["reward"]) for r in results])
+        parts = {f"reward_{k}": sum(float(r[k]) for r in results) / len(results)
+                 for k in results[0] if k != "reward" and isinstance(results[0][k], (int, float, bool))}
+        return totals, parts
+    return torch.tensor([float(r) for r in results]), {}
+
+
+def grpo_update(model, ref, segments, rewards, group_size, beta=0.04, norm="seq", scale_rewards=True,
+                eps_low=0.2, eps_high=0.2, suppress=None, window=None, optimizer=None):
+    """Advantages (grpo.group_advantages) -> log-probs of the policy and, under no_grad, of the reference
+    -> grpo.grpo_loss -> one guarded update, for completions made of one or more segments.
+
+    segments: dicts {prompt, completion_ids [N, T_k], completion_mask [N, T_k], temperature,
+    max_new_tokens (the segment's budget), group_size (optional: rows come in groups of that many copies
+    of one prompt, each run once by vlm.completion_logprobs)}: one segment for a prompt -> answer rollout,
+    two for RISE-CoT's trajectory (the CoT, then its reconstruction). Their tokens are concatenated along
+    T, so every token of completion i shares advantage A_i and "seq" normalises over the trajectory.
+    Each batch is used once (num_iterations 1): old_logp = logp.detach(), the ratio is 1 in value.
+    ref None with beta > 0: the policy with its LoRA adapters off. norm "fixed" (Dr. GRPO) divides by
+    N x the sum of the segments' max_new_tokens. Returns the loss statistics ("skipped": no update)."""
+    advantages = grpo.group_advantages(rewards, group_size, scale=scale_rewards)
+    model.train()            # from_pretrained leaves eval mode, where gradient checkpointing is off
+
+    def logprobs(m):
+        return torch.cat([completion_logprobs(m, s["prompt"], s["completion_ids"], s["completion_mask"],
+                                                  s["temperature"], suppress, s.get("group_size", 1))
+                          for s in segments], 1)
+    logp, ref_logp = logprobs(model), None
+    if beta != 0:
+        off = hf_model(model).disable_adapter() if ref is None else contextlib.nullcontext()      # hf_model: a peft model
+        with torch.no_grad(), off:
+            ref_logp = logprobs(model if ref is None else ref)
+    mask = torch.cat([s["completion_mask"] for s in segments], 1)
+    budget = None
+    if norm == "fixed":
+        if any(s.get("max_new_tokens") is None for s in segments):
+            raise ValueError("norm='fixed' (Dr. GRPO) needs every segment's max_new_tokens (its generation budget)")
+        budget = sum(s["max_new_tokens"] for s in segments)
+    loss, stats = grpo.grpo_loss(logp, logp.detach(), ref_logp, advantages.to(logp.device), mask, beta=beta,
+                                 eps_low=eps_low, eps_high=eps_high, norm=norm, max_len=budget)
+    stats["skipped"] = update(model, loss, window, optimizer)
+    stats.update(loss=loss.item(), completion_len=mask.sum(1).float().mean().item(),
+                 entropy=(-(logp.detach() * mask).sum() / mask.sum().clamp(min=1)).item())
+    return stats
+
+
+def grpo_step(model, ref, processor, conversations, images, reward_fn, group_size=8, max_new_tokens=64,
+              temperature=1.0, max_prompt_len=None, **loss_options):
+    """One GRPO step: rollout (vlm.sample, G completions per prompt) -> reward -> grpo_update.
+
+    model: the policy (a DeepSpeed engine, or a plain module with optimizer= in loss_options).
+    conversations/images: B prompts (vlm.chat_inputs). reward_fn(texts, prompt_index) gets the B*G
+    completions (prompt-major: text i answers prompt i // G) and returns one float, or one dict with
+    "reward" and its components, per text. Returns (stats, rollout, rewards [B*G])."""
+    module = getattr(model, "module", model)
+    batch = chat_inputs(processor, conversations, images, max_prompt_len=max_prompt_len)
+    with generation_mode(module):          # full weights under ZeRO-3, no gradient checkpointing
+        rollout = sample(module, processor, batch, group_size, max_new_tokens, temperature)
+    n = len(rollout["texts"])
+    rewards, parts = reward_tensor(reward_fn(rollout["texts"], [i // group_size for i in range(n)]))
+    segment = dict(rollout, temperature=temperature, max_new_tokens=max_new_tokens, group_size=group_size)
+    stats = grpo_update(model, ref, [segment], rewards, group_size, suppress=suppressed_ids(processor),
+                        **loss_options)
+    stats.update(grpo.reward_stats(rewards, group_size), **parts)
+    return stats, rollout, rewards
