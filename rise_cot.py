@@ -144,7 +144,7 @@ def main(argv=None):
 
     # ---- data
     manifest = run.manifest_path(args.data, "train", args.seed, "soft_cls")
-    schema = "cls" if "probs" in open(manifest).readline() else "det"
+    schema = data.manifest_task(manifest, allowed=("cls", "det"))
     records, skipped = data.read_manifest(manifest, schema, skip_bad=args.skip_bad)
     if rank == 0:
         print(f"[rise_cot] {len(records)} training samples from {manifest} ({skipped} skipped), "

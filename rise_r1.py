@@ -61,7 +61,7 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------------------- data and prompts
 def load(path, skip_bad):
-    schema = "cls" if "probs" in Path(path).open().readline() else "det"
+    schema = data.manifest_task(path, allowed=("cls", "det"))
     records, skipped = data.read_manifest(path, schema, skip_bad=skip_bad)
     return records, schema, skipped
 
