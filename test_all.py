@@ -2606,6 +2606,32 @@ def test_unreadable_images_one_rule_bad_header_bad_record_bad_pixels_skipped_sam
     assert all(b["reason"].startswith("UnreadableImage: unreadable image ") for b in bad)
 
 
+def test_sam2_config_by_bare_name_package_name_or_file(tmp_path, monkeypatch):
+    sam2 = pytest.importorskip("sam2")
+    torch.set_num_threads(1)
+    package = Path(sam2.__file__).resolve().parent
+    shipped = package / "configs" / "sam2.1" / "sam2.1_hiera_t.yaml"
+    assert S.sam2_config_name("sam2.1_hiera_t.yaml", package) == ("configs/sam2.1/sam2.1_hiera_t.yaml", None)
+    assert S.sam2_config_name("sam2_hiera_s", package)[0] in ("sam2_hiera_s.yaml", "configs/sam2/sam2_hiera_s.yaml")
+    assert S.sam2_config_name(str(shipped), package) == ("configs/sam2.1/sam2.1_hiera_t.yaml", None)
+    # a copy outside the package with another input size: loaded from its own folder, by relative path too
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "small_t.yaml").write_text(shipped.read_text().replace("image_size: 1024", "image_size: 512"))
+    monkeypatch.chdir(tmp_path)
+    reference = S.load_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, "cpu").model
+    shapes = {k: v.shape for k, v in reference.state_dict().items()}
+    for config, size in (("sam2.1_hiera_t.yaml", 1024), ("sam2.1_hiera_t", 1024), (str(shipped), 1024),
+                         ("mine/small_t.yaml", 512), (str(tmp_path / "mine" / "small_t.yaml"), 512),
+                         ("configs/sam2.1/sam2.1_hiera_t.yaml", 1024)):      # the package's search path is back
+        model = S.load_sam2(config, None, "cpu").model
+        assert model.image_size == size and model.sam_mask_decoder.dynamic_multimask_via_stability   # build_sam2's
+        assert {k: v.shape for k, v in model.state_dict().items() if "pos_embed" not in k} == \
+            {k: v for k, v in shapes.items() if "pos_embed" not in k}
+    with pytest.raises(SystemExit, match=r"'sam2\.1_hiera_tiny\.yaml': no such file, nor a config of the sam2 "
+                                         r"package .*configs/sam2\.1/sam2\.1_hiera_t\.yaml, .*configs/sam2/sam2_hiera_l"):
+        S.load_sam2("sam2.1_hiera_tiny.yaml", None, "cpu")
+
+
 # ------------------------------------------------------------------ prompts and text
 def test_formatting_helpers():
     classes = ["red", "green", "blue", "yellow"]
