@@ -2632,6 +2632,40 @@ def test_sam2_config_by_bare_name_package_name_or_file(tmp_path, monkeypatch):
         S.load_sam2("sam2.1_hiera_tiny.yaml", None, "cpu")
 
 
+def test_sampling_ends_at_every_eos_the_checkpoint_declares(real_arch):
+    """Qwen's generation_config ends a reply at <|im_end|> or <|endoftext|>, the tokenizer names only the
+    first: a completion that writes <|endoftext|> (forced here at step 3 of row 0, greedy) ends there."""
+    model, processor = vlm.load_model(real_arch["qwen2_vl"])
+    tok = processor.tokenizer
+    im_end, end_of_text = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert tok.eos_token_id == im_end and model.generation_config.eos_token_id == [im_end, end_of_text]
+    assert vlm.eos_ids(processor, model) == sorted([im_end, end_of_text])
+    batch = two_prompt_batch(processor)
+    free = vlm.sample(model, processor, batch, max_new_tokens=6, do_sample=False)
+    assert not torch.isin(free["completion_ids"][:, :3], torch.tensor([im_end, end_of_text])).any()
+    steps = []
+
+    def force(module, inputs, logits):              # the lm_head's logits of the third decoding step, row 0
+        steps.append(1)
+        if len(steps) == 3:
+            logits = logits.clone()
+            logits[0, -1, end_of_text] = logits[0, -1].max() + 10
+        return logits
+    hook = model.get_output_embeddings().register_forward_hook(force)
+    try:
+        forced = vlm.sample(model, processor, batch, max_new_tokens=6, do_sample=False)
+    finally:
+        hook.remove()
+    ids, mask = forced["completion_ids"], forced["completion_mask"]
+    assert ids.shape == (2, 6) and ids[0, 2] == end_of_text
+    assert torch.equal(ids[0, :2], free["completion_ids"][0, :2]) and (ids[0, 3:] == tok.pad_token_id).all()
+    assert mask.tolist() == [[1, 1, 1, 0, 0, 0], free["completion_mask"][1].tolist()]
+    assert forced["texts"] == [tok.decode(ids[0, :2]), free["texts"][1]]
+    assert torch.equal(ids[1], free["completion_ids"][1])          # the other row runs on
+    ids, mask = dpo.completion_tensors(processor, ["a box"])                # DPO's targets still end in <|im_end|>
+    assert ids[0, mask[0].sum() - 1] == im_end
+
+
 # ------------------------------------------------------------------ prompts and text
 def test_formatting_helpers():
     classes = ["red", "green", "blue", "yellow"]
