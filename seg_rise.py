@@ -258,7 +258,7 @@ def sam2_config_name(config, package):
         if file.is_relative_to(package):
             return file.relative_to(package).as_posix(), None
         return file.name, file.parent
-    name = config if config.endswith((".yaml", ".yml")) else config + ".yaml"
+    name = config if config.endswith(".yaml") else config + ".yaml"
     for folder in SAM2_CONFIG_FOLDERS:
         if (package / folder / name).is_file():
             return (Path(folder) / name).as_posix(), None
