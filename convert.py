@@ -30,7 +30,7 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as coco_api
 
-from data import ManifestError, box_problem, mask_box, open_image, write_jsonl
+from data import ManifestError, UnreadableImage, box_problem, mask_box, open_image, write_jsonl
 from data import _is_number, _nonempty_str, _rng      # the manifest checks and seeded streams
 
 
@@ -80,8 +80,8 @@ def _image_size(path):
         raise _Bad(f"image file not found: {path}", "image")
     try:
         return open_image(path).size    # a full decode: a truncated file is caught here too
-    except Exception as e:     # PIL raises many types for broken files
-        raise _Bad(f"unreadable image {path}: {type(e).__name__}: {e}", "image") from None
+    except UnreadableImage as e:        # "unreadable image <path>: <PIL's error>"
+        raise _Bad(str(e), "image") from None
 
 
 def _check_size(stated, size, image, source, where=None):

@@ -1,8 +1,9 @@
 """data.py -- the prompts, the manifests and the default data of the pipelines.
 
   1. prompts       the prompt templates, prompt() that picks one for a record, answer formats
-  2. manifests     read_manifest() validates a JSONL manifest, write_jsonl() writes one;
-                   open_image() opens an image as the model sees it (EXIF turned, alpha on white)
+  2. manifests     read_manifest() validates a JSONL manifest, manifest_task() tells its task,
+                   write_jsonl() writes one; open_image() opens an image as the model sees it
+                   (EXIF turned, alpha on white, 16-bit grey scaled to 8 bits)
   3. shapes world  a deterministic synthetic data set of coloured shapes (the default data),
                    and its scene descriptions (the "CoTs" the tiny model learns)
   4. command line  python data.py shapes --out DIR [--n-train N] [--n-test M] [--seed S]
@@ -10,10 +11,12 @@ The converters from the public datasets' own layouts are in convert.py. Only the
 library, numpy and Pillow are used, so any function can be copied alone.
 """
 import argparse
+import contextlib
 import json
 import math
 import os
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -181,6 +184,79 @@ class ManifestError(ValueError):
         self.path, self.line, self.reason = str(path), line, reason
 
 
+class NoRecordsError(ManifestError):
+    """A manifest with no usable record (empty, blank lines only, or every record skipped as bad):
+    "no usable records in <path>: <why>". Raised where it is read, not as a division by zero later."""
+
+    def __init__(self, path, reason):
+        ValueError.__init__(self, f"no usable records in {path}: {reason}")
+        self.path, self.line, self.reason = str(path), None, reason
+
+
+class UnreadableImage(OSError):
+    """An image file PIL cannot open or decode, or a decompression bomb (more pixels than PIL's
+    Image.MAX_IMAGE_PIXELS): "unreadable image <path>: <PIL's exception>: <its message>"."""
+
+    def __init__(self, path, cause):
+        hint = (f" (PIL's decompression-bomb check: over Image.MAX_IMAGE_PIXELS = {Image.MAX_IMAGE_PIXELS} pixels)"
+                if isinstance(cause, (Image.DecompressionBombError, Image.DecompressionBombWarning)) else "")
+        super().__init__(f"unreadable image {path}: {type(cause).__name__}: {cause}{hint}")
+
+
+@contextlib.contextmanager
+def _pil_errors(path):
+    """Any failure of PIL on `path` -> UnreadableImage; a DecompressionBombWarning (over
+    Image.MAX_IMAGE_PIXELS, under twice that) fails too, as its DecompressionBombError does above."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            yield
+    except Exception as e:     # PIL raises many types for broken files (OSError, SyntaxError, ValueError...)
+        raise UnreadableImage(path, e) from e
+
+
+def check_image(path):
+    """The manifest's image check: PIL identifies the file and reads its header and chunks
+    (verify(): no decode, so a file truncated inside its pixel data passes here and is a sample that
+    cannot be processed later: open_image raises, run.usable skips and counts it).
+    Raises UnreadableImage (decompression bombs included)."""
+    with _pil_errors(path), Image.open(path) as im:
+        im.verify()
+
+
+def displayed_size(path):
+    """(width, height) of an image file as open_image() shows it: the header's size, sides swapped
+    for the EXIF orientations 5-8 (turned by 90 degrees). Read from the header, no decode.
+    Raises UnreadableImage."""
+    with _pil_errors(path), Image.open(path) as im:
+        if im.format == "PNG" and not {"exif", "Raw profile type exif"} & set(im.info):
+            exif = _png_exif(im.fp)     # PIL's getexif() would decode the pixels to reach a later eXIf chunk
+        else:
+            exif = im.getexif()
+        return im.size[::-1] if exif.get(0x0112) in (5, 6, 7, 8) else im.size
+
+
+def _png_exif(fp):
+    """The EXIF of a PNG's eXIf chunk, wherever it lies (the PNG extensions allow it after the pixel
+    data), found by seeking from chunk to chunk; an empty Exif if there is none."""
+    exif = Image.Exif()
+    fp.seek(8)                                   # after the PNG signature
+    while len(head := fp.read(8)) == 8:          # chunk: length, type, data, CRC
+        length, kind = int.from_bytes(head[:4], "big"), head[4:]
+        if kind == b"eXIf":
+            exif.load(fp.read(length))
+            break
+        if kind == b"IEND":
+            break
+        fp.seek(length + 4, 1)
+    return exif
+
+
+# Where a record's task shows: each task has one field no other task's records need.
+TASK_FIELDS = {"probs": "cls", "boxes": "det", "instruction": "seg", "question": "vqa"}
+BOX_SLACK = 1.0   # pixels a ground-truth box may reach past the image (COCO has x + w = 640.01 in 640 px)
+
+
 def _is_number(x):
     return isinstance(x, (int, float)) and not isinstance(x, bool)
 
@@ -256,22 +332,26 @@ def _record_problem(rec, schema, base, seen_ids):
     image = base / rec["image"]
     if not image.is_file():
         return f"image file not found: {image}"
+    boxes = rec["boxes"] if schema == "det" else [rec["box"]] if rec.get("box") is not None else []
     try:
-        with Image.open(image) as im:
-            im.verify()        # reads headers/chunks only, no full decode
-    except Exception as e:     # PIL raises many types for broken files
-        return f"unreadable image {image}: {type(e).__name__}: {e}"
+        check_image(image)
+        size = displayed_size(image) if boxes or rec.get("mask") is not None else None
+    except UnreadableImage as e:
+        return str(e)
+    outside = [b for b in boxes if b[2] > size[0] + BOX_SLACK or b[3] > size[1] + BOX_SLACK]
+    if outside:      # evaluation would score every answer 0 on it
+        return (f"box {outside[0]!r} reaches past the {size[0]}x{size[1]} image {image} (its size as "
+                "displayed, EXIF orientation applied)")
     if schema == "seg" and rec.get("mask") is not None:
-        return _mask_problem(base / rec["mask"], image)
+        return _mask_problem(base / rec["mask"], size)
     return None
 
 
-def _mask_problem(mask_path, image_path):
-    """An unreadable or empty mask, or one whose size is not the (displayed) image's; else None."""
+def _mask_problem(mask_path, size):
+    """An unreadable or empty mask, or one whose size is not `size`, the image's (width, height) as
+    displayed; else None."""
     try:
         mask = read_mask(mask_path)
-        with Image.open(image_path) as im:
-            size = im.size[::-1] if im.getexif().get(0x0112) in (5, 6, 7, 8) else im.size   # EXIF: turned 90
     except Exception as e:     # PIL raises many types for broken files
         return f"unreadable mask {mask_path}: {type(e).__name__}: {e}"
     if not mask.any():
@@ -284,16 +364,21 @@ def _mask_problem(mask_path, image_path):
 def read_manifest(path, schema, skip_bad=False):
     """Read and validate a manifest. Returns (records, n_skipped).
 
-    schema: "cls" | "det" | "seg" | "vqa". Each record comes back with its original fields plus
-    "image_path" (absolute) and, for a segmentation record with a mask, "mask_path".
-    A bad record raises ManifestError naming file:line, or, with skip_bad=True, is skipped
-    with a warning on stderr and counted. Blank lines are not records and are ignored.
+    schema: "cls" | "det" | "seg" | "vqa" (manifest_task() tells it from the records). Each record
+    comes back with its original fields plus "image_path" (absolute) and, for a segmentation record
+    with a mask, "mask_path". A bad record raises ManifestError naming file:line, or, with
+    skip_bad=True, is skipped with a warning on stderr and counted. Bad: a missing or malformed
+    field, a box past the image (its size as displayed, BOX_SLACK pixels allowed), an image PIL
+    cannot identify or whose header is broken, a decompression bomb (check_image). An image that
+    fails only when decoded is a sample that cannot be processed: open_image raises UnreadableImage
+    and the pipelines' pre-scan (run.usable) skips and counts it. Blank lines are not records.
+    Raises NoRecordsError when no record is left (an empty manifest, or every record skipped).
     """
     if schema not in REQUIRED:
         raise ValueError(f"schema must be one of {sorted(REQUIRED)}, not {schema!r}")
     path = Path(path)
     base = path.parent.resolve()
-    records, seen_ids, n_skipped = [], {}, 0
+    records, seen_ids, n_skipped, first_bad = [], {}, 0, None
     with open(path, encoding="utf-8") as f:
         for lineno, line in enumerate(f, 1):
             if not line.strip():
@@ -308,16 +393,56 @@ def read_manifest(path, schema, skip_bad=False):
                     raise ManifestError(path, lineno, why)
                 print(f"warning: skipped {path}:{lineno}: {why}", file=sys.stderr)
                 n_skipped += 1
+                first_bad = first_bad or f"{path}:{lineno}: {why}"
                 continue
             seen_ids[rec["id"]] = lineno
             rec = dict(rec, image_path=str(base / rec["image"]))
             if schema == "seg" and rec.get("mask") is not None:
                 rec["mask_path"] = str(base / rec["mask"])
             records.append(rec)
+    if not records:
+        raise NoRecordsError(path, f"all {n_skipped} record(s) are bad (the first: {first_bad})" if n_skipped
+                             else "the file holds no record (it is empty or has blank lines only)")
     if n_skipped:
         print(f"warning: {path}: skipped {n_skipped} bad record(s), kept {len(records)}",
               file=sys.stderr)
     return records, n_skipped
+
+
+def manifest_task(path, allowed=tuple(REQUIRED)):
+    """The task of a manifest, its read_manifest schema: "cls", "det", "seg" or "vqa".
+
+    Told by the records' fields (TASK_FIELDS: "probs", "boxes", "instruction", "question"), never by
+    the first line alone. Blank lines, lines that are not JSON objects and records with none or
+    several of these fields decide nothing (read_manifest says what is wrong with them). Raises
+    ManifestError naming file:line for a record of another task than the first record that decides,
+    or for a task not in `allowed` (the tasks the calling script takes); NoRecordsError when no
+    record tells the task."""
+    path, task, first, n_records = Path(path), None, None, 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            n_records += 1
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            fields = [k for k in TASK_FIELDS if isinstance(rec, dict) and k in rec]
+            if len(fields) != 1:
+                continue
+            if task is None:
+                task, first = TASK_FIELDS[fields[0]], lineno
+            elif TASK_FIELDS[fields[0]] != task:
+                raise ManifestError(path, lineno, f'a {TASK_FIELDS[fields[0]]} record (field "{fields[0]}") in a '
+                                                  f"{task} manifest (line {first}): a manifest holds one task")
+    if task is None:
+        raise NoRecordsError(path, "no record has one of the fields that tell the task ("
+                             + ", ".join(f'"{k}": {t}' for k, t in TASK_FIELDS.items()) + ")" if n_records
+                             else "the file holds no record (it is empty or has blank lines only)")
+    if task not in allowed:
+        raise ManifestError(path, first, f"a {task} manifest, but this takes {' or '.join(allowed)} manifests")
+    return task
 
 
 def write_jsonl(path, records):
@@ -338,23 +463,6 @@ def is_shapes(records):
     return bool(records) and all("scene" in r for r in records)
 
 
-def manifest_task(path):
-    """The task of a manifest's records: "cls" (probs), "det" (boxes), "seg" (instruction) or "vqa"
-    (question), from its first record (blank lines skipped). Raises ManifestError naming the line."""
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise ManifestError(path, lineno, f"invalid JSON ({e.msg}, column {e.colno})") from None
-                for key, task in (("probs", "cls"), ("boxes", "det"), ("instruction", "seg"), ("question", "vqa")):
-                    if isinstance(rec, dict) and key in rec:
-                        return task
-                raise ManifestError(path, lineno, "no probs, boxes, instruction or question: not a record of any task")
-    raise ManifestError(path, 0, "no records")
-
-
 def open_image(path_or_image):
     """An image as the model should see it: an RGB PIL image in its displayed orientation.
 
@@ -363,18 +471,49 @@ def open_image(path_or_image):
     transparency (an alpha band, or a palette / grey / RGB transparency key) is composited on
     white, as the Qwen2-VL processor does (transformers' convert_to_rgb); a plain
     convert("RGB") would drop alpha and with it a drawing on a transparent background.
-    Accepts a path or a PIL image (not modified). Raises what PIL raises for a missing or
-    unreadable file (FileNotFoundError, PIL.UnidentifiedImageError, OSError)."""
+    Grey images of more than 8 bits are scaled to 8 bits (eight_bit_grey; convert("RGB") clips
+    them to 255: a 16-bit scan would be almost all white).
+    Accepts a path or a PIL image (not modified). Raises UnreadableImage (an OSError) for a
+    missing, unreadable or truncated file and a decompression bomb (check_image's rule)."""
     if isinstance(path_or_image, Image.Image):
-        image = ImageOps.exif_transpose(path_or_image)            # a copy
+        with _pil_errors(getattr(path_or_image, "filename", "") or "(PIL image)"):
+            image, png = ImageOps.exif_transpose(path_or_image), path_or_image.format == "PNG"   # a copy
     else:
-        with Image.open(path_or_image) as im:
-            image = ImageOps.exif_transpose(im)                    # loads, then copies
+        with _pil_errors(path_or_image), Image.open(path_or_image) as im:
+            image, png = ImageOps.exif_transpose(im), im.format == "PNG"     # loads, then copies
+    image = eight_bit_grey(image, sixteen_bit=png)        # a PNG holds at most 16 bits per sample
     if "A" in image.getbands() or image.info.get("transparency") is not None:
         rgba = image.convert("RGBA")
         white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(white, rgba).convert("RGB")
     return image.convert("RGB")
+
+
+def eight_bit_grey(image, sixteen_bit=False):
+    """A grey image of more than 8 bits as the 8-bit "L" image it shows; any other image unchanged.
+
+    Unsigned 16-bit ("I;16", "I;16B", ...: 16-bit PNG and TIFF; "I" with sixteen_bit=True: Pillow
+    before 10.3 opens 16-bit PNGs as "I"): round(v / 257), the full range 0..65535 onto 0..255
+    (65535 -> 255, 257 k -> k). Other 32-bit integer "I" and float "F" images (TIFF) have no
+    fixed full range: the image's own finite minimum..maximum maps linearly onto 0..255,
+    round((v - min) * 255 / (max - min)), non-finite values count as the minimum, and a constant
+    image keeps its value, clipped to 0..255. A grey transparency key (PNG tRNS) becomes the alpha
+    band of an "LA" image. Rounding: numpy's (half to even)."""
+    if not (image.mode.startswith("I") or image.mode == "F"):
+        return image
+    values = np.asarray(image).astype(np.float64)
+    if image.mode.startswith("I;16") or (sixteen_bit and image.mode == "I"):
+        grey = np.round(values / 257)
+    else:
+        finite = np.isfinite(values)
+        lo, hi = (values[finite].min(), values[finite].max()) if finite.any() else (0.0, 0.0)
+        values = np.where(finite, values, lo)
+        grey = np.round((values - lo) * 255 / (hi - lo)) if hi > lo else np.clip(np.round(values), 0, 255)
+    out = Image.fromarray(grey.astype(np.uint8))
+    key = image.info.get("transparency")
+    if isinstance(key, (int, float)):
+        out = Image.merge("LA", (out, Image.fromarray((np.asarray(image) != key).astype(np.uint8) * 255)))
+    return out
 
 
 MAX_ASPECT = 100       # Qwen2-VL's smart_resize refuses an aspect ratio above 200; stay well inside

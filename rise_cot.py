@@ -67,7 +67,7 @@ def train(args, rank, world, out):
     """RISE-CoT: GRPO on (CoT, reconstruction) trajectories -> OUT/final/, then the harvest -> OUT/cots.jsonl."""
     # ---- data: a classification or detection manifest (default: the shapes world's soft_cls)
     manifest = run.manifest_path(args.data, "train", args.seed, "soft_cls")
-    records, task, skipped = run.records(manifest, args.skip_bad)
+    records, task, skipped = run.records(manifest, args.skip_bad, allowed=("cls", "det"))
     if rank == 0:
         print(f"[rise_cot] {len(records)} training samples from {manifest} ({skipped} skipped), "
               f"{world} rank(s), lr {args.lr}, G {args.num_generations}, {args.max_steps} steps")

@@ -67,7 +67,8 @@ def parse_args(argv=None):
 def train(args, rank, world, out):
     """RISE-R1: SFT on D_high, then GRPO (or the stages --stages names) -> OUT/final/."""
     # ---- data
-    records, task, skipped = run.records(run.manifest_path(args.data, "train", args.seed, "soft_cls"), args.skip_bad)
+    records, task, skipped = run.records(run.manifest_path(args.data, "train", args.seed, "soft_cls"), args.skip_bad,
+                                          allowed=("cls", "det"))
     if args.shots:
         records = few_shot(records, task, args.shots, args.seed)
 
@@ -268,7 +269,7 @@ def evaluate(args, rank, world, out):
     (metrics_of: JSD / accuracy / mAP@0.5 by task). Unusable samples are skipped and counted."""
     model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
     records, task, skipped = run.records(run.manifest_path(args.test or args.data, "test", args.seed, "soft_cls"),
-                                         args.skip_bad)
+                                         args.skip_bad, allowed=("cls", "det"))
     records = records[:args.n_test]
     style = args.eval_prompt or trained_prompt(args.model)
     # one sample that cannot be processed is skipped and counted, never the end of the evaluation

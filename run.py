@@ -202,10 +202,10 @@ def exit_finished():
 
 
 # ============================================================================ data
-def records(path, skip_bad=False, task=None):
+def records(path, skip_bad=False, task=None, allowed=("cls", "det", "seg", "vqa")):
     """(records of a manifest, task, skipped count): validated by data.read_manifest, the task (cls / det /
-    seg / vqa) read from the records (data.manifest_task) unless given."""
-    task = task or data.manifest_task(path)
+    seg / vqa) told by the records (data.manifest_task: one of `allowed`) unless given."""
+    task = task or data.manifest_task(path, allowed)
     found, skipped = data.read_manifest(path, task, skip_bad=skip_bad)
     return found, task, skipped
 

@@ -310,19 +310,61 @@ def shapes_clip_preprocess(image, size=64):
 # ============================================================================ 4. the segmentation executor
 def load_sam2(config, ckpt=None, device="cpu"):
     """A frozen SAM2 image predictor. Without a checkpoint its weights are random: the masks are
-    then meaningless, so this says so loudly (the plumbing still runs end to end)."""
+    then meaningless, so this says so loudly (the plumbing still runs end to end).
+
+    config (--sam2-config): a model config of the sam2 package by its package name
+    ("configs/sam2.1/sam2.1_hiera_t.yaml") or by the bare file name SAM2's README shows
+    ("sam2.1_hiera_t.yaml", ".yaml" optional), or a YAML file anywhere (absolute or relative path).
+    SAM2's build_sam2 composes configs with hydra, which finds only names inside the package: a file
+    elsewhere is composed from its own folder. Raises SystemExit listing the package's names for
+    anything else."""
     try:
+        import sam2
         from sam2.build_sam import build_sam2
         from sam2.sam2_image_predictor import SAM2ImagePredictor
     except ImportError as e:
         raise SystemExit(f"SAM2 is not installed ({e}): pip install sam2 (on a machine without CUDA: "
                          "SAM2_BUILD_CUDA=0 pip install --no-build-isolation sam2), or use --executor box")
+    name, folder = sam2_config_name(config, Path(sam2.__file__).resolve().parent)
     if not ckpt:
         print("\n" + "!" * 88 + "\n!! SAM2 HAS RANDOM WEIGHTS (no --sam2-ckpt): its masks, gIoU and cIoU are MEANINGLESS."
               "\n!! Pass --sam2-ckpt sam2.1_hiera_tiny.pt (or _large.pt with the matching --sam2-config),"
               "\n!! or --executor box for a SAM-free floor. box_iou does not depend on SAM2.\n" + "!" * 88,
               file=sys.stderr, flush=True)
-    return SAM2ImagePredictor(build_sam2(config, ckpt_path=ckpt, device=device))
+    if folder is None:
+        return SAM2ImagePredictor(build_sam2(name, ckpt_path=ckpt, device=device))
+    from hydra import initialize_config_dir, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+    GlobalHydra.instance().clear()            # hydra has one search path at a time: the file's folder
+    try:
+        with initialize_config_dir(config_dir=str(folder), version_base="1.2"):
+            return SAM2ImagePredictor(build_sam2(name, ckpt_path=ckpt, device=device))
+    finally:
+        GlobalHydra.instance().clear()
+        initialize_config_module("sam2", version_base="1.2")       # the search path `import sam2` sets
+
+
+SAM2_CONFIG_FOLDERS = ("", "configs/sam2.1", "configs/sam2")   # where the sam2 package ships model configs
+
+
+def sam2_config_name(config, package):
+    """--sam2-config -> (config name, folder) for build_sam2: folder None for a config of the sam2
+    package (`package`: its directory), else the folder of a YAML file outside it (load_sam2)."""
+    file = Path(config).expanduser()
+    if file.is_file():
+        file = file.resolve()
+        if file.is_relative_to(package):
+            return file.relative_to(package).as_posix(), None
+        return file.name, file.parent
+    name = config if config.endswith(".yaml") else config + ".yaml"
+    for folder in SAM2_CONFIG_FOLDERS:
+        if (package / folder / name).is_file():
+            return (Path(folder) / name).as_posix(), None
+    known = sorted(p.relative_to(package).as_posix() for folder in SAM2_CONFIG_FOLDERS[1:]
+                   for p in (package / folder).glob("*.yaml"))
+    raise SystemExit(f"--sam2-config {config!r}: no such file, nor a config of the sam2 package ({package}). "
+                     "Give a YAML file, or one of " + ", ".join(known)
+                     + " (or its bare file name, e.g. sam2.1_hiera_t.yaml)")
 
 
 @torch.no_grad()

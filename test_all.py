@@ -37,13 +37,14 @@ import subprocess
 import sys
 import time
 import warnings
+import zlib
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from hypothesis import HealthCheck, given, settings, strategies as st
-from PIL import Image
+from PIL import Image, PngImagePlugin
 from pytest import approx
 from pycocotools import mask as coco_api
 from safetensors.torch import load_file as safetensors_load
@@ -2436,6 +2437,234 @@ def test_read_mask_any_nonzero_pixel_is_the_object(encoding, tmp_path):
     Image.new("RGB", (12, 8)).save(tmp_path / "im.png")
     path = _write(tmp_path, [{"id": 1, "image": "im.png", "instruction": "it", "mask": "m.png"}])
     assert len(data.read_manifest(path, "seg")[0]) == 1   # a valid manifest record in every encoding
+
+
+# ==== faults real runs meet: empty manifests, a manifest's task, boxes past the image, 16-bit and float
+# grey images, decompression bombs and truncated files, SAM2 config names, every EOS a checkpoint declares
+def test_manifest_without_usable_records_names_the_file(folder):
+    empty = _write(folder, [], "empty.jsonl")
+    blank = _write(folder, ["", "  "], "blank.jsonl")
+    for path in (empty, blank):
+        with pytest.raises(data.NoRecordsError, match=f"^no usable records in {re.escape(str(path))}: the file "
+                                                      "holds no record"):
+            data.read_manifest(path, "cls")
+    bad = _write(folder, [dict(GOOD_CLS, probs=[0.5, 0.6]), dict(GOOD_CLS, id="x", image="nowhere.png")])
+    with pytest.raises(data.ManifestError, match=r":1: probs sum to 1\.1000"):     # without --skip-bad: line 1
+        data.read_manifest(bad, "cls")
+    with pytest.raises(data.NoRecordsError) as info:
+        data.read_manifest(bad, "cls", skip_bad=True)
+    assert isinstance(info.value, data.ManifestError) and isinstance(info.value, ValueError)
+    assert str(info.value) == (f"no usable records in {bad}: all 2 record(s) are bad (the first: {bad}:1: probs "
+                               "sum to 1.1000, not 1)")
+
+
+def test_manifest_task_is_told_by_every_record_not_the_first_line(folder):
+    cls = _write(folder, ["", GOOD_CLS, dict(GOOD_CLS, id="b")], "cls.jsonl")      # blank first line
+    assert "probs" not in cls.open().readline()
+    assert data.manifest_task(cls) == "cls"
+    assert [r["id"] for r in run.records(cls, False, allowed=("cls", "det"))[0]] == ["ok", "b"]   # the RISE scripts' call
+    for schema, rec in GOOD.items():
+        assert data.manifest_task(_write(folder, ['{"id": ', {"id": 9}, rec], f"{schema}.jsonl")) == schema
+    mixed = _write(folder, [GOOD_CLS, "", dict(GOOD_DET, id="d")], "mixed.jsonl")
+    with pytest.raises(data.ManifestError, match=rf'mixed\.jsonl:3: a det record \(field "boxes"\) in a cls '
+                                                 r"manifest \(line 1\)"):
+        data.manifest_task(mixed)
+    seg = _write(folder, [GOOD["seg"]], "seg.jsonl")
+    with pytest.raises(data.ManifestError, match=r"seg\.jsonl:1: a seg manifest, but this takes cls or det"):
+        data.manifest_task(seg, allowed=("cls", "det"))
+    with pytest.raises(data.NoRecordsError, match="the file holds no record"):
+        data.manifest_task(_write(folder, [""], "none.jsonl"))
+    with pytest.raises(data.NoRecordsError, match='no record has one of the fields that tell the task \\("probs"'):
+        data.manifest_task(_write(folder, [{"id": 1, "image": "ok.png"}], "untold.jsonl"))
+
+
+def test_box_past_the_displayed_image_is_a_bad_record(folder, monkeypatch):
+    # ok.png is 50x50; a box may reach BOX_SLACK = 1 px past it (annotation rounding), no more
+    fits = [dict(GOOD_DET, boxes=[[10, 10, 50, 50]]), dict(GOOD_DET, id="b", boxes=[[10, 10, 51, 50.5]])]
+    assert len(data.read_manifest(_write(folder, fits), "det")[0]) == 2
+    past = [("det", dict(GOOD_DET, id="x", boxes=[[1, 2, 30, 40], [10, 10, 60, 40]], multi=True), "[10, 10, 60, 40]"),
+            ("det", dict(GOOD_DET, id="x", boxes=[[10, 10, 40, 51.5]]), "[10, 10, 40, 51.5]"),
+            ("seg", dict(GOOD["seg"], id="x", box=[0, 0, 10, 90]), "[0, 0, 10, 90]"),
+            ("vqa", dict(GOOD["vqa"], id="x", box=[45, 0, 70, 10]), "[45, 0, 70, 10]")]
+    for schema, rec, box in past:
+        path = _write(folder, [GOOD[schema], rec])
+        with pytest.raises(data.ManifestError) as info:
+            data.read_manifest(path, schema)
+        assert info.value.line == 2 and info.value.reason == (
+            f"box {box} reaches past the 50x50 image {folder / 'ok.png'} (its size as displayed, EXIF orientation "
+            "applied)")
+        assert data.read_manifest(path, schema, skip_bad=True)[1] == 1
+    # stored 200x100, displayed 100x200 (EXIF orientation 6): boxes are checked in the displayed frame
+    _oriented(folder / "turned.jpg", 6)
+    tall, wide = [0, 0, 90, 190], [0, 0, 150, 50]          # fits the displayed / only the stored image
+    path = _write(folder, [dict(GOOD_DET, image="turned.jpg", boxes=[tall]),
+                           dict(GOOD_DET, id="w", image="turned.jpg", boxes=[wide])])
+    with pytest.raises(data.ManifestError, match=r":2: box \[0, 0, 150, 50\] reaches past the 100x200 image"):
+        data.read_manifest(path, "det")
+    # a PNG may hold its EXIF after the pixel data: found by seeking, without decoding the pixels
+    png = _chunks(_oriented(folder / "turned.png", 6).read_bytes())
+    kinds = [kind for kind, _ in png]
+    assert kinds.index(b"eXIf") < kinds.index(b"IDAT")                    # where PIL writes it
+    png.insert(-1, png.pop(kinds.index(b"eXIf")))                          # now just before IEND
+    (folder / "late.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"".join(_chunk(kind, body) for kind, body in png))
+    assert data.open_image(folder / "late.png").size == (100, 200)        # PIL finds it after decoding
+    path = _write(folder, [dict(GOOD_DET, image="late.png", boxes=[tall]),
+                           dict(GOOD_DET, id="w", image="late.png", boxes=[wide])])
+    with monkeypatch.context() as m:
+        m.setattr(PngImagePlugin.PngImageFile, "load", None)              # no decode on the way
+        with pytest.raises(data.ManifestError, match=r":2: box \[0, 0, 150, 50\] reaches past the 100x200"):
+            data.read_manifest(path, "det")
+
+
+def _chunk(kind, body):
+    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+
+def _chunks(png):
+    """A PNG file's chunks, [(type, data)], in file order."""
+    chunks, at = [], 8
+    while at < len(png):
+        length = int.from_bytes(png[at:at + 4], "big")
+        chunks.append((png[at + 4:at + 8], png[at + 8:at + 8 + length]))
+        at += 12 + length
+    return chunks
+
+
+def test_grey_images_of_more_than_8_bits_scale_to_8_bits(tmp_path):
+    # 16-bit: round(v / 257); by hand 128 -> 0 (0.498), 129 -> 1 (0.502), 257 * 100 -> 100, 65535 -> 255
+    a = np.array([[0, 128, 129, 25700], [40000, 65535, 1000, 7]], np.uint16)
+    Image.fromarray(a).save(tmp_path / "scan.png")
+    assert Image.open(tmp_path / "scan.png").mode == "I;16"
+    assert np.asarray(Image.open(tmp_path / "scan.png").convert("RGB"))[1, 0, 0] == 255   # PIL clips, 40000 -> 255
+    expected = np.array([[0, 0, 1, 100], [156, 255, 4, 0]])          # 40000 / 257 = 155.6, 1000 / 257 = 3.9
+    np.testing.assert_array_equal(expected, np.round(a / 257))
+    older_pillow = Image.fromarray(a.astype(np.int32))           # Pillow < 10.3 opens a 16-bit PNG as "I"
+    older_pillow.format = "PNG"
+    for image in (tmp_path / "scan.png", Image.fromarray(a.astype(">u2")), older_pillow):   # I;16, I;16B, I
+        got = np.asarray(data.open_image(image))
+        assert got.shape == (2, 4, 3) and (got == expected[..., None]).all()
+    # 32-bit integer and float: the image's min..max onto 0..255, round((v - min) * 255 / (max - min))
+    ints = np.array([[-3000, -2000, 0], [2500, 5000, 8000]], np.int32)        # range 11000
+    Image.fromarray(ints).save(tmp_path / "depth.tif")
+    assert Image.open(tmp_path / "depth.tif").mode == "I"
+    got = np.asarray(data.open_image(tmp_path / "depth.tif"))[..., 0]
+    # by hand: 1000 * 255 / 11000 = 23.2, 3000 -> 69.5, 5500 -> 127.5 (half to even: 128), 8000 -> 185.5
+    np.testing.assert_array_equal(got, [[0, 23, 70], [128, 185, 255]])
+    floats = np.array([[0.25, np.nan, 1.0], [0.5, 0.75, 0.25]], np.float32)
+    Image.fromarray(floats).save(tmp_path / "ratio.tif")
+    got = np.asarray(data.open_image(tmp_path / "ratio.tif"))[..., 0]
+    np.testing.assert_array_equal(got, [[0, 0, 255], [85, 170, 0]])     # NaN counts as the minimum
+    assert (np.asarray(data.open_image(Image.fromarray(np.full((2, 2), 7.0, np.float32)))) == 7).all()
+    # a 16-bit transparency key (PNG tRNS) is composited on white like any transparency
+    Image.fromarray(a).save(tmp_path / "keyed.png", transparency=1000)
+    got = np.asarray(data.open_image(tmp_path / "keyed.png"))[..., 0]
+    np.testing.assert_array_equal(got, np.where(a == 1000, 255, expected))
+
+
+def _bomb_png(path, side=20000):
+    """A valid 1-bit PNG whose header says side x side pixels (4e8 > 2 x PIL's MAX_IMAGE_PIXELS), ~50 KB."""
+    z, rows = zlib.compressobj(9), bytes((1 + side // 8) * 1000)       # 1000 zero rows (filter byte + pixels)
+    idat = b"".join(z.compress(rows) for _ in range(side // 1000)) + z.flush()
+    header = side.to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
+    return path
+
+
+def test_unreadable_images_one_rule_bad_header_bad_record_bad_pixels_skipped_sample(folder, tiny, monkeypatch):
+    _bomb_png(folder / "bomb.png")
+    noise = np.random.default_rng(0).integers(0, 256, (128, 128, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(folder / "photo.jpg", quality=90)                 # ~25 KB, mostly pixel data
+    whole = (folder / "photo.jpg").read_bytes()
+    (folder / "cut.jpg").write_bytes(whole[:len(whole) // 2])                  # truncated in its pixel data
+    Image.new("RGB", (40, 40)).save(folder / "big.png")                        # over the lowered limit below
+    path = _write(folder, [GOOD_CLS, dict(GOOD_CLS, id="bomb", image="bomb.png"),
+                           dict(GOOD_CLS, id="cut", image="cut.jpg")])
+    # the header check: a decompression bomb is a bad record (file:line, or a counted skip) ...
+    with pytest.raises(data.ManifestError, match=r":2: unreadable image .*bomb\.png: DecompressionBombError: Image "
+                                                 r"size \(400000000 pixels\).*MAX_IMAGE_PIXELS"):
+        data.read_manifest(path, "cls")
+    records, skipped = data.read_manifest(path, "cls", skip_bad=True)
+    assert [r["id"] for r in records] == ["ok", "cut"] and skipped == 1       # the cut JPEG's header is fine
+    # ... and so is an image over MAX_IMAGE_PIXELS but under twice it (PIL only warns)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)                      # 40 x 40 = 1600 pixels
+    with pytest.raises(data.ManifestError, match=r":1: unreadable image .*big\.png: DecompressionBombWarning"):
+        data.read_manifest(_write(folder, [dict(GOOD_CLS, image="big.png")], "big.jsonl"), "cls")
+    with pytest.raises(data.UnreadableImage, match="DecompressionBombWarning"):
+        data.open_image(folder / "big.png")
+    monkeypatch.undo()
+    # failing when decoded: open_image raises an OSError naming the file; the pre-scan skips and counts it
+    with pytest.raises(data.UnreadableImage, match=r"unreadable image .*cut\.jpg: OSError: image file is truncated"):
+        data.open_image(folder / "cut.jpg")
+    model, processor = tiny
+    problem = lambda r: vlm.prompt_problem(processor, [vlm.user_turn("What is it?")], [r["image_path"]])  # noqa: E731
+    assert "DecompressionBombError" in problem({"image_path": folder / "bomb.png"})      # a reason, not raised
+    bomb = {"id": "bomb", "image_path": str(folder / "bomb.png"), "question": "What colour is it?"}
+    assert run.partition([bomb], lambda r: visrl.sample_problem(r, processor))[1][0][1].startswith(
+        "UnreadableImage: unreadable image")                     # VisRL's and Seg-RISE's evaluations: OSError
+    test = records + [bomb]
+    kept, bad = run.usable(test, problem, 0, 1, split="test")
+    assert [r["id"] for r in kept] == ["ok"] and [b["id"] for b in bad] == ["cut", "bomb"]
+    assert all(b["reason"].startswith("UnreadableImage: unreadable image ") for b in bad)
+
+
+def test_sam2_config_by_bare_name_package_name_or_file(tmp_path, monkeypatch):
+    sam2 = pytest.importorskip("sam2")
+    torch.set_num_threads(1)
+    package = Path(sam2.__file__).resolve().parent
+    shipped = package / "configs" / "sam2.1" / "sam2.1_hiera_t.yaml"
+    assert S.sam2_config_name("sam2.1_hiera_t.yaml", package) == ("configs/sam2.1/sam2.1_hiera_t.yaml", None)
+    assert S.sam2_config_name("sam2_hiera_s", package)[0] in ("sam2_hiera_s.yaml", "configs/sam2/sam2_hiera_s.yaml")
+    assert S.sam2_config_name(str(shipped), package) == ("configs/sam2.1/sam2.1_hiera_t.yaml", None)
+    # a copy outside the package with another input size: loaded from its own folder, by relative path too
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "small_t.yaml").write_text(shipped.read_text().replace("image_size: 1024", "image_size: 512"))
+    monkeypatch.chdir(tmp_path)
+    reference = S.load_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, "cpu").model
+    shapes = {k: v.shape for k, v in reference.state_dict().items()}
+    for config, size in (("sam2.1_hiera_t.yaml", 1024), ("sam2.1_hiera_t", 1024), (str(shipped), 1024),
+                         ("mine/small_t.yaml", 512), (str(tmp_path / "mine" / "small_t.yaml"), 512),
+                         ("configs/sam2.1/sam2.1_hiera_t.yaml", 1024)):      # the package's search path is back
+        model = S.load_sam2(config, None, "cpu").model
+        assert model.image_size == size and model.sam_mask_decoder.dynamic_multimask_via_stability   # build_sam2's
+        assert {k: v.shape for k, v in model.state_dict().items() if "pos_embed" not in k} == \
+            {k: v for k, v in shapes.items() if "pos_embed" not in k}
+    with pytest.raises(SystemExit, match=r"'sam2\.1_hiera_tiny\.yaml': no such file, nor a config of the sam2 "
+                                         r"package .*configs/sam2\.1/sam2\.1_hiera_t\.yaml, .*configs/sam2/sam2_hiera_l"):
+        S.load_sam2("sam2.1_hiera_tiny.yaml", None, "cpu")
+
+
+def test_sampling_ends_at_every_eos_the_checkpoint_declares(real_arch):
+    """Qwen's generation_config ends a reply at <|im_end|> or <|endoftext|>, the tokenizer names only the
+    first: a completion that writes <|endoftext|> (forced here at step 3 of row 0, greedy) ends there."""
+    model, processor = vlm.load_model(real_arch["qwen2_vl"])
+    tok = processor.tokenizer
+    im_end, end_of_text = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert tok.eos_token_id == im_end and model.generation_config.eos_token_id == [im_end, end_of_text]
+    assert vlm.eos_ids(processor, model) == sorted([im_end, end_of_text])
+    batch = two_prompt_batch(processor)
+    free = vlm.sample(model, processor, batch, max_new_tokens=6, do_sample=False)
+    assert not torch.isin(free["completion_ids"][:, :3], torch.tensor([im_end, end_of_text])).any()
+    steps = []
+
+    def force(module, inputs, logits):              # the lm_head's logits of the third decoding step, row 0
+        steps.append(1)
+        if len(steps) == 3:
+            logits = logits.clone()
+            logits[0, -1, end_of_text] = logits[0, -1].max() + 10
+        return logits
+    hook = model.get_output_embeddings().register_forward_hook(force)
+    try:
+        forced = vlm.sample(model, processor, batch, max_new_tokens=6, do_sample=False)
+    finally:
+        hook.remove()
+    ids, mask = forced["completion_ids"], forced["completion_mask"]
+    assert ids.shape == (2, 6) and ids[0, 2] == end_of_text
+    assert torch.equal(ids[0, :2], free["completion_ids"][0, :2]) and (ids[0, 3:] == tok.pad_token_id).all()
+    assert mask.tolist() == [[1, 1, 1, 0, 0, 0], free["completion_mask"][1].tolist()]
+    assert forced["texts"] == [tok.decode(ids[0, :2]), free["texts"][1]]
+    assert torch.equal(ids[1], free["completion_ids"][1])          # the other row runs on
+    ids, mask = vlm.completion_tensors(processor, ["a box"])                # DPO's targets still end in <|im_end|>
+    assert ids[0, mask[0].sum() - 1] == im_end
 
 
 # ------------------------------------------------------------------ prompts and text

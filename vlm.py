@@ -170,13 +170,24 @@ def suppressed_ids(processor):
     return [i for i in tok.convert_tokens_to_ids(VISION_TOKENS) if i is not None and i != tok.unk_token_id]
 
 
-def eos_ids(processor):
+def eos_ids(processor, model=None):
+    """The token ids that end a completion, sorted: the tokenizer's eos, <|im_end|> (a chat turn's end)
+    and, given the model, every id of its generation_config's and config's eos_token_id (an int or a
+    list: Qwen's instruct checkpoints list <|im_end|> and <|endoftext|>, and generate() with their own
+    config stops at either). sample() stops at each; its completion mask ends at the first."""
     tok = processor.tokenizer
-    return sorted({tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id} - {None})
+    ids = {tok.convert_tokens_to_ids("<|im_end|>"), tok.eos_token_id}
+    if model is not None:
+        module = hf_model(model)
+        for config in (getattr(module, "generation_config", None), module.config.get_text_config()):
+            declared = getattr(config, "eos_token_id", None)
+            ids.update(declared if isinstance(declared, (list, tuple)) else [declared])
+    return sorted(ids - {None})
 
 
 def completion_mask_from_ids(completion_ids, eos):
-    """1 for every token up to and including the first EOS, 0 after it (and for padding)."""
+    """1 for every token up to and including the first of any EOS id in `eos` (eos_ids()), 0 after
+    it (and for padding). completion_ids [N, T] -> [N, T] long."""
     is_eos = torch.isin(completion_ids, torch.tensor(eos, device=completion_ids.device))
     after_eos = (is_eos.cumsum(1) - is_eos.long()) > 0          # strictly after the first EOS
     return (~after_eos).long()
@@ -202,12 +213,13 @@ def sample(model, processor, batch, num_generations=1, max_new_tokens=64, temper
     top_k, top_p...) would fill every option left unset: it is swapped for a blank one meanwhile.
     With G > 1 each prompt is prefilled once (shared_prefix_cache), not G times."""
     tok = processor.tokenizer
+    eos = eos_ids(processor, model)          # before the checkpoint's generation_config is swapped out
     expanded = repeat_batch(batch, num_generations, tok.convert_tokens_to_ids("<|vision_start|>"))
     expanded = {k: v.to(model.device) for k, v in expanded.items()}
     pure = dict(temperature=temperature, top_k=0, top_p=1.0) if do_sample else dict(temperature=None, top_k=None,
                                                                                       top_p=None)
     gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, suppress_tokens=suppressed_ids(processor),
-               eos_token_id=eos_ids(processor), pad_token_id=tok.pad_token_id, output_scores=return_scores,
+               eos_token_id=eos, pad_token_id=tok.pad_token_id, output_scores=return_scores,
                return_dict_in_generate=True, **pure)
     from transformers import GenerationConfig
     target = hf_model(model)            # a LoRA (peft) wrapper forwards generate() to the HF model
@@ -228,7 +240,7 @@ def sample(model, processor, batch, num_generations=1, max_new_tokens=64, temper
     completion_ids = out.sequences[:, prompt_len:]
     if completion_ids.shape[1] == 0:                      # max_new_tokens=0: keep shapes valid
         completion_ids = completion_ids.new_full((completion_ids.shape[0], 1), tok.pad_token_id)
-    completion_mask = completion_mask_from_ids(completion_ids, eos_ids(processor))
+    completion_mask = completion_mask_from_ids(completion_ids, eos)
     result = {"prompt": expanded, "completion_ids": completion_ids, "completion_mask": completion_mask,
               "texts": tok.batch_decode(completion_ids * completion_mask + tok.pad_token_id * (1 - completion_mask),
                                         skip_special_tokens=True)}
