@@ -466,7 +466,7 @@ def resume(out, args, engine=None, logged=LOGGED, fresh=()):
                   f"(step {state['step']})", file=sys.stderr)
         if engine is not None:
             engine.load_checkpoint(str(ckpt), tag=state["tag"], load_module_strict=not hasattr(engine.module, "peft_config"))
-        _set_rng_state(torch.load(ckpt / state["tag"] / f"rng_rank{rank}.pt", weights_only=False))
+        _set_rng_state(torch.load(ckpt / state["tag"] / f"rng_rank{rank}.pt", weights_only=True))
     elif args.resume and rank == 0:
         print(f"[resume] no complete checkpoint in {ckpt}: starting from the beginning", file=sys.stderr)
     if rank == 0:
@@ -501,13 +501,17 @@ def _world():
 
 
 def _rng_state():
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
+    """This rank's random states as tensors, lists and numbers: loadable with weights_only=True."""
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"python": random.getstate(), "numpy": [name, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
 
 
 def _set_rng_state(s):
-    random.setstate(s["python"])
-    np.random.set_state(s["numpy"])
+    version, internal, gauss = s["python"]
+    random.setstate((version, tuple(internal), gauss))
+    name, keys, pos, has_gauss, cached = s["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), pos, has_gauss, cached))
     torch.set_rng_state(s["torch"])
     if s.get("cuda") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(s["cuda"])

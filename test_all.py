@@ -3525,6 +3525,145 @@ def test_rise_cot_kill_and_resume_loses_and_duplicates_nothing(tiny_dir, rise_wo
     assert [m["step"] for m in run.read_jsonl(out / "metrics.jsonl")] == [0, 1, 2]
 
 
+# ---------------------------------------------------------------- faults real runs meet (preemption, ranks)
+FAULTS = """
+import os, time
+spec = dict(item.split("=") for item in os.environ.get("RISE_FAULTS", "").split(",") if item)
+rank = int(os.environ.get("RANK", "-1"))
+if spec and rank >= 0:                       # a launched rank (not the launcher itself)
+    import torch
+    import grpo
+    if "nan_rank" in spec:                    # a non-finite loss on one rank only (a bf16 overflow on one GPU)
+        real_loss, calls = grpo.grpo_loss, [0]
+        def grpo_loss(*a, **k):
+            loss, stats = real_loss(*a, **k)
+            calls[0] += 1
+            if rank == int(spec["nan_rank"]) and calls[0] == int(spec["nan_call"]):
+                loss = loss * float("nan")
+            return loss, stats
+        grpo.grpo_loss = grpo_loss
+    if "slow_rank" in spec:                   # a slow disk on one rank: its files of one checkpoint come late
+        real_save = torch.save
+        def save(obj, f, *a, **k):
+            if rank == int(spec["slow_rank"]) and spec["slow_tag"] in str(f):
+                time.sleep(float(spec["slow_seconds"]))
+            return real_save(obj, f, *a, **k)
+        torch.save = save
+"""
+
+
+def launch_with_faults(args, cwd, faults, ranks=2, port=29551):
+    """Popen of `deepspeed --num_gpus N rise_cot.py ARGS` whose ranks import the FAULTS sitecustomize:
+    faults = "key=value,..." (nan_rank/nan_call, slow_rank/slow_tag/slow_seconds)."""
+    site = Path(cwd) / "faults"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(FAULTS)
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1", RISE_FAULTS=faults)
+    return subprocess.Popen(["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), str(ROOT / "rise_cot.py")]
+                            + [str(a) for a in args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def rank_pid(launcher, rank):
+    """The pid of one rank's worker under a deepspeed launcher process."""
+    import psutil
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        if any(a == f"--local_rank={rank}" for a in child.cmdline()):
+            return child.pid
+    return None
+
+
+def wait_for(proc, condition, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not condition():
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the fault: " + proc.communicate()[0][-3000:]
+
+
+def rewards_by_step(out):
+    return [(m["step"], round(m["reward"], 5), round(m["loss"], 5), m["skipped"])
+            for m in run.read_jsonl(out / "metrics.jsonl")]
+
+
+def test_sigterm_on_one_rank_and_nan_on_one_rank_resume_exactly(tiny_dir, rise_world, tmp_path):
+    """Two ranks (ZeRO-2), RISE-CoT. A non-finite loss on rank 1 only at step 1: both ranks skip that update
+    (the decision is all-reduced: a rank that skipped alone left the other waiting in backward forever).
+    SIGTERM (what SLURM sends before it kills) to rank 1 only after step 2: both ranks checkpoint and exit 143.
+    --resume then gives every step's reward exactly as the same run uninterrupted: each rank's own RNG comes
+    back (a checkpoint that held rank 0's only made both ranks draw alike), nothing is lost or logged twice."""
+    manifest = rise_world / "soft_cls" / "train.jsonl"
+    args = ["--model", SHIPPED_BASE, "--data", manifest, "--max-steps", "5", "--save-every", "100",
+            "--harvest-batch-size", "2", *SMALL, "--rec-max-new-tokens", "40"]   # rewards that vary: the base's
+    nan = "nan_rank=1,nan_call=2"
+    whole = launch_with_faults(args + ["--out", tmp_path / "whole"], tmp_path, nan)
+    assert whole.wait(timeout=900) == 0, whole.communicate()[0][-3000:]
+    expected = rewards_by_step(tmp_path / "whole")
+    assert [s for s, _, _, skipped in expected if skipped] == [1] and len(expected) == 5
+    assert len({r for _, r, _, _ in expected}) > 2                       # the rewards differ from step to step
+    out = tmp_path / "stopped"
+    proc = launch_with_faults(args + ["--out", out], tmp_path, nan, port=29552)
+    wait_for(proc, lambda: lines(out / "metrics.jsonl") >= 2)
+    os.kill(rank_pid(proc, 1), signal.SIGTERM)
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode != 0 and "stopped by a signal" in log, log[-3000:]
+    state = json.loads((out / "ckpt" / "state.json").read_text())
+    assert 2 <= state["step"] < 5 and len(run.read_jsonl(out / "metrics.jsonl")) == state["step"]
+    resumed = launch_with_faults(args + ["--out", out, "--resume"], tmp_path, "", port=29553)
+    assert resumed.wait(timeout=900) == 0, resumed.communicate()[0][-3000:]
+    assert rewards_by_step(out) == expected
+
+
+def test_a_checkpoint_counts_only_once_every_rank_has_written_it(tiny_dir, rise_world, tmp_path):
+    """Two ranks (ZeRO-2), a checkpoint every step; rank 1's disk is slow for the second one and the job is
+    killed while rank 0's files of it are on disk. --resume takes the last complete checkpoint (the first),
+    says so, and the run ends with every step logged once."""
+    manifest = rise_world / "soft_cls" / "train.jsonl"
+    out = tmp_path / "run"
+    args = ["--model", tiny_dir, "--data", manifest, "--out", out, "--max-steps", "3", "--save-every", "1",
+            "--harvest-batch-size", "2", *SMALL, "--max-new-tokens", "4", "--rec-max-new-tokens", "4"]
+    proc = launch_with_faults(args, tmp_path, "slow_rank=1,slow_tag=save2,slow_seconds=120", port=29554)
+    wait_for(proc, lambda: (out / "ckpt" / "save2" / "mp_rank_00_model_states.pt").exists())
+    os.killpg(proc.pid, signal.SIGKILL)                           # the whole job, as a node failure would
+    proc.communicate()
+    assert json.loads((out / "ckpt" / "state.json").read_text())["tag"] == "save1"
+    resumed = launch_with_faults(args + ["--resume"], tmp_path, "", port=29555)
+    log = resumed.communicate(timeout=900)[0]
+    assert resumed.returncode == 0, log[-3000:]
+    assert "ignoring incomplete checkpoint(s) save2: resuming from save1 (step 1)" in log
+    assert [m["step"] for m in run.read_jsonl(out / "metrics.jsonl")] == [0, 1, 2]
+
+
+def test_resume_under_another_zero_stage_says_what_changed(tiny_dir, rise_world, tmp_path):
+    out = tmp_path / "run"
+    args = ["--model", tiny_dir, "--data", rise_world / "det" / "train.jsonl", "--out", out, "--max-steps", "1",
+            "--harvest-batch-size", "6", *SMALL, "--max-new-tokens", "4", "--rec-max-new-tokens", "4"]
+    ok(launch("rise_cot.py", args + ["--deepspeed", ROOT / "ds_zero2.json"], tmp_path))
+    proc = launch("rise_cot.py", args + ["--deepspeed", ROOT / "ds_zero3.json", "--resume"], tmp_path)
+    assert proc.returncode != 0
+    assert "saved under ZeRO-2 and this run uses ZeRO-3: resume with --deepspeed ds_zero2.json" in proc.stderr
+
+
+def test_the_default_data_is_written_once_per_machine_and_never_torn(tmp_path, monkeypatch):
+    """run.shapes_world: on a machine only LOCAL_RANK 0 writes the cache's shapes world (the other ranks
+    wait at the barrier); two machines sharing the cache both write, each into a folder of its own renamed
+    into place, so the result is the one a single writer makes, byte for byte."""
+    monkeypatch.setattr(vlm, "CACHE", tmp_path / "one")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not run.shapes_world(0, n_train=2, n_test=1).exists()          # rank 1 of a machine writes nothing
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    single = run.shapes_world(0, n_train=2, n_test=1)
+    code = ("import sys, run, vlm\nfrom pathlib import Path\nvlm.CACHE = Path(sys.argv[1])\n"
+            "print(run.shapes_world(0, n_train=2, n_test=1))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), LOCAL_RANK="0")
+    nodes = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "shared")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    paths = {n.communicate(timeout=300)[0].strip() for n in nodes}
+    assert all(n.returncode == 0 for n in nodes) and len(paths) == 1
+    shared = Path(paths.pop())
+    assert _hashes(shared) == _hashes(single)
+    assert [p.name for p in (tmp_path / "shared").iterdir()] == [shared.name]      # no temporary folder left
+
+
 def test_rise_samples_that_cannot_be_processed_are_skipped_counted_and_listed(tiny, rise_world, tmp_path):
     """run.usable with each RISE script's check: a page the processor refuses (600x2, aspect ratio 300)
     and a prompt over --max-prompt-len are skipped and listed once in OUT/skipped.jsonl (also when the
