@@ -35,7 +35,7 @@ import vlm
 
 # The paper's setting (Qwen2-VL-2B, 8 GPUs; "Implementation Details") and the tiny base's (one CPU, ~1.5 min).
 PAPER = dict(lr=2e-6, max_steps=200, num_generations=8, batch_size=1, grad_accum=2, max_pixels=401408,
-             max_new_tokens=256, rec_max_new_tokens=128, save_every=50)
+             max_new_tokens=256, rec_max_new_tokens=128, save_every=50, deepspeed="ds_zero3.json", gradient_checkpointing=True)
 # Tiny CoTs are cut at 16 tokens (~12 words): the tiny base answers after one short sentence, not after a
 # long description (tiny-base/README.md).
 TINY = dict(lr=2e-4, max_steps=40, num_generations=6, batch_size=2, grad_accum=1, max_pixels=None,
@@ -84,7 +84,7 @@ def train(args, rank, world, out):
 
     # ---- the GRPO loop (paper eq. 7)
     G, order = args.num_generations, run.data_order(len(records), args.seed)
-    for step in run.steps(state, total, rank, "rise_cot"):
+    for step in run.steps(engine, state, total, rank, "rise_cot"):
         t0 = time.time()
         batch = run.step_items(records, order, step, args.batch_size, rank, world)
         images = [data.open_image(r["image_path"]) for r in batch]

@@ -37,7 +37,7 @@ import vlm
 # The paper's setting ("Implementation Details": AdamW, weight decay 0.1, ZeRO-3, batch 1, accumulation 2,
 # 200 steps per stage, 401,408 pixels, prompt length 1024) and the tiny base's (one CPU, a few minutes).
 PAPER = dict(lr=2e-6, max_steps=200, sft_steps=200, num_generations=8, batch_size=1, grad_accum=2,
-             max_pixels=401408, max_new_tokens=256)
+             max_pixels=401408, max_new_tokens=256, deepspeed="ds_zero3.json", gradient_checkpointing=True)
 TINY = dict(lr=1e-4, max_steps=40, sft_steps=60, num_generations=6, batch_size=4, grad_accum=1,
             max_pixels=None, max_new_tokens=96)
 
@@ -97,7 +97,7 @@ def train(args, rank, world, out):
             raise SystemExit(f"no SFT data: no CoT reached tau={args.tau}")
         total = args.sft_steps * args.grad_accum
         run.new_stage(engine, args.sft_lr or args.lr, args.sft_steps, args, done=state["step"] // args.grad_accum)
-        for step in run.steps(state, total, rank, "sft"):
+        for step in run.steps(engine, state, total, rank, "sft"):
             picks = torch.randint(len(pairs), (args.batch_size,), generator=torch.Generator().manual_seed(
                 args.seed * 100003 + step * world + rank)).tolist()
             convs, images = [], []
@@ -121,7 +121,7 @@ def train(args, rank, world, out):
         if args.beta and not args.lora_rank:
             ref = run.reference_model(str(out / "sft") if "sft" in args.stage_list else args.model, args, engine.device)
         G, order = args.num_generations, run.data_order(len(records), args.seed)
-        for step in run.steps(state, total, rank, "grpo"):
+        for step in run.steps(engine, state, total, rank, "grpo"):
             t0 = time.time()
             batch = run.step_items(records, order, step, args.batch_size, rank, world)
             images = [data.open_image(r["image_path"]) for r in batch]

@@ -55,7 +55,7 @@ def common_args(script, description, grpo_options=True, evaluation=True, **defau
     a("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=None)
     a("--no-shared-prefix", dest="shared_prefix", action="store_false",
       help="score each completion with its own copy of the prompt (vlm.SHARED_PREFIX: the plain path)")
-    a("--deepspeed", default=None, help="ZeRO config JSON (default ds_zero2.json)")
+    a("--deepspeed", help="ZeRO config JSON (ds_zero2.json, ds_zero3.json: the project's, or a path)")
     a("--lora-rank", type=int, default=0, help="train LoRA adapters of this rank (peft; 0: every weight)")
     a("--freeze-vision", action="store_true", help="train no weight of the vision tower (its merger still trains)")
     a("--save-every", type=int, default=50, help="checkpoint every N optimizer updates (for --resume)")
@@ -134,14 +134,14 @@ def start(args, script):
     """The process group (one rank without a launcher), per-rank seeds, and the run folder, with its
     args.json. Training writes into --out (default runs/SCRIPT); an evaluation into its own folder
     (default runs/SCRIPT-eval) and refuses one that holds a training run. Returns (rank, world, out)."""
-    rank, world = init_distributed(force=True)
-    vlm.SHARED_PREFIX = args.shared_prefix
-    seed = args.seed + 1000 * rank                 # ranks sample different completions
-    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     evaluating = getattr(args, "eval", False)
     out = Path(args.out or f"runs/{script}" + ("-eval" if evaluating else ""))
     if evaluating and ((out / "metrics.jsonl").exists() or (out / "ckpt").exists()):
         raise SystemExit(f"--eval: {out} holds a training run; an evaluation never writes into one: pass --out DIR")
+    rank, world = init_distributed(force=True)
+    vlm.SHARED_PREFIX = args.shared_prefix
+    seed = args.seed + 1000 * rank                 # ranks sample different completions
+    random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
         (out / "args.json").write_text(json.dumps({k: v for k, v in vars(args).items() if not k.startswith("_")},
@@ -285,7 +285,8 @@ def step_items(items, order, step, per_rank, rank, world):
 def deepspeed_config(args, lr=None, micro_batch=1):
     """--deepspeed's JSON (default ds_zero2.json) with the fields the command line owns: AdamW at `lr`
     (default --lr), --weight-decay, --grad-accum, clipping 1.0, bf16 on GPU."""
-    cfg = json.loads(Path(args.deepspeed or ROOT / "ds_zero2.json").read_text())
+    path = Path(args.deepspeed or "ds_zero2.json")
+    cfg = json.loads((path if path.exists() else ROOT / path).read_text())     # a bare name: the project's
     cfg.update(train_micro_batch_size_per_gpu=micro_batch, gradient_accumulation_steps=args.grad_accum,
                gradient_clipping=1.0)
     cfg.pop("train_batch_size", None)
@@ -380,22 +381,24 @@ def grpo_options(args):
 
 
 # ============================================================================ the loop
-def steps(state, total, rank, desc):
-    """The micro-steps a training loop still has to run (tqdm bar on rank 0); SIGTERM is caught while
-    it runs (end_step then checkpoints and exits)."""
+def steps(engine, state, total, rank, desc):
+    """The micro-steps a training loop still has to run (tqdm bar on rank 0), each with the lr its update
+    uses noted for end_step's log; SIGTERM is caught while it runs (end_step checkpoints and exits)."""
     STOP["armed"] = True
-    yield from tqdm(range(state["step"], total), desc=desc, disable=rank != 0)
+    for step in tqdm(range(state["step"], total), desc=desc, disable=rank != 0):
+        state["lr"] = current_lr(engine)
+        yield step
     STOP["armed"] = False
 
 
 def end_step(engine, out, state, step, total, stats, args, rank, logged=LOGGED, seconds=None, checkpoint_at_end=True):
-    """After micro-step `step` (0-based) of `total`: the metrics line (with the lr and the optimizer
-    updates so far); three non-finite losses in a row stop the run (RuntimeError); a checkpoint every
+    """After micro-step `step` (0-based) of `total`: the metrics line (with the lr of its update and the
+    optimizer updates so far); three non-finite losses in a row stop the run (RuntimeError); a checkpoint every
     --save-every updates and at the end (unless the caller saves one there itself); on SIGTERM /
     SIGUSR1 (any rank) a checkpoint, then exit 143."""
     state["step"] = step + 1
     state["skipped_in_a_row"] = state.get("skipped_in_a_row", 0) + 1 if stats.get("skipped") else 0
-    log(out, rank, dict(stats, step=step, updates=engine.global_steps, lr=current_lr(engine),
+    log(out, rank, dict(stats, step=step, updates=engine.global_steps, lr=state.pop("lr", current_lr(engine)),
                         **({"seconds": round(seconds, 2)} if seconds is not None else {})))
     if stats.get("skipped"):
         print(f"[step {step}] non-finite loss: update skipped ({state['skipped_in_a_row']} in a row)", file=sys.stderr)

@@ -56,7 +56,7 @@ import vlm
 # (900 image tokens + the instruction; the paper states none).
 PAPER = dict(lr=1e-6, beta=5e-3, max_steps=125, num_generations=8, batch_size=2, grad_accum=1,
              max_new_tokens=512, save_every=25, max_pixels=840 * 840, max_prompt_len=1280,
-             gradient_checkpointing=True, sam2_config="configs/sam2.1/sam2.1_hiera_l.yaml")
+             gradient_checkpointing=True, sam2_config="configs/sam2.1/sam2.1_hiera_l.yaml", deepspeed="ds_zero3.json")
 # The tiny base on one CPU: ~4.5 minutes (~2.2 s a step).
 TINY = dict(lr=2e-4, beta=5e-3, max_steps=120, num_generations=8, batch_size=2, grad_accum=1,
             max_new_tokens=128, save_every=25, max_pixels=None, max_prompt_len=1024,
@@ -143,7 +143,7 @@ def train(args, rank, world, out):
 
     # ---- the GRPO loop (paper sec. 4)
     G, order = args.num_generations, run.data_order(len(samples), args.seed)
-    for step in run.steps(state, total, rank, "seg_rise"):
+    for step in run.steps(engine, state, total, rank, "seg_rise"):
         t0 = time.time()
         batch = run.step_items(samples, order, step, args.batch_size, rank, world)
         images = [data.open_image(r["image_path"]) for r in batch]

@@ -4802,6 +4802,117 @@ def test_presets_fill_unset_options_tiny_for_a_tiny_model(tiny_dir):
     assert vlm.is_tiny(vlm.TINY_BASE) and vlm.is_tiny(str(tiny_dir)) and not vlm.is_tiny("Qwen/Qwen2-VL-2B-Instruct")
 
 
+def test_help_shows_both_presets_and_config_reruns_a_run(tiny_dir, rise_world, tmp_path, capsys):
+    """--help states each preset-controlled default (paper and tiny); --config OUT/args.json takes a finished
+    run's options as the defaults, so the run repeats exactly (same rewards and loss at every step)."""
+    with pytest.raises(SystemExit):
+        rise_cot.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "(paper: 2e-06, tiny: 0.0002)" in shown and "(paper: 200, tiny: 40)" in shown
+    out = tmp_path / "run"
+    args = ["--model", tiny_dir, "--data", rise_world / "det" / "train.jsonl", "--stages", "grpo", "--max-steps", "2",
+            "--out", out, "--preset", "tiny", "-G", "2", "--batch-size", "1", "--max-new-tokens", "6"]
+    ok(launch("rise_r1.py", args, tmp_path))
+    ok(launch("rise_r1.py", ["--config", out / "args.json", "--out", tmp_path / "again"], tmp_path))
+    first, again = (run.read_jsonl(d / "metrics.jsonl") for d in (out, tmp_path / "again"))
+    assert [(m["reward"], m["loss"]) for m in again] == [(m["reward"], m["loss"]) for m in first] and len(first) == 2
+
+
+def test_tracker_schedule_and_completions(tiny_dir, rise_world, tmp_path):
+    """--report-to tensorboard writes metrics.jsonl's scalars (readable by tensorboard's own reader) and, every
+    --log-completions-every steps, a table of sampled completions; OUT/completions.jsonl keeps every one.
+    --lr-scheduler cosine --warmup-ratio 0.5: each update's lr is transformers' get_cosine_schedule_with_warmup."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import get_cosine_schedule_with_warmup
+    out = tmp_path / "run"
+    ok(launch("rise_r1.py", ["--model", tiny_dir, "--data", rise_world / "det" / "train.jsonl", "--stages", "grpo",
+                             "--max-steps", "4", "--lr", "1e-3", "--lr-scheduler", "cosine", "--warmup-ratio", "0.5",
+                             "--report-to", "tensorboard", "--log-completions-every", "2", "--out", out,
+                             "--preset", "tiny", "-G", "2", "--batch-size", "1", "--max-new-tokens", "4"], tmp_path))
+    metrics = run.read_jsonl(out / "metrics.jsonl")
+    reference = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.zeros(1)], lr=1e-3), 2, 4)
+    expected = []
+    for _ in range(4):
+        expected.append(reference.get_last_lr()[0])
+        reference.optimizer.step(), reference.step()
+    assert [m["lr"] for m in metrics] == approx(expected) and expected[0] == 0.0 and max(expected) == approx(1e-3)
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    for key in ("reward", "loss", "lr", "kl"):
+        assert [(e.step, e.value) for e in events.Scalars(key)] == [(m["step"], approx(m[key])) for m in metrics]
+    tables = events.Tensors("completions/text_summary")
+    assert [e.step for e in tables] == [0, 2] and b"| id | completion | reward |" in tables[0].tensor_proto.string_val[0]
+    completions = run.read_jsonl(out / "completions.jsonl")
+    assert [c["step"] for c in completions] == [0, 0, 1, 1, 2, 2, 3, 3] and {"id", "completion", "reward"} <= completions[0].keys()
+    assert [sum(c["reward"] for c in completions if c["step"] == k) / 2 for k in range(4)] == approx([m["reward"] for m in metrics])
+
+
+def test_wandb_is_imported_only_when_asked_and_named_when_missing(tmp_path):
+    import importlib.util
+    code = "import rise_cot, rise_r1, seg_rise, visrl, sys; print('wandb' in sys.modules, 'peft' in sys.modules)"
+    proc = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, PYTHONPATH=str(ROOT)), capture_output=True,
+                          text=True, timeout=300)
+    assert proc.stdout.split() == ["False", "False"]
+    if importlib.util.find_spec("wandb") is None:
+        with pytest.raises(SystemExit, match="pip install wandb"):
+            run.open_tracker(argparse.Namespace(report_to="wandb"), tmp_path, 0)
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_lora_trains_only_adapters_saves_and_resumes_on_two_ranks(tiny_dir, rise_world, tmp_path, zero):
+    """--lora-rank under ZeRO-2 and ZeRO-3 on two CPU ranks (RISE-R1's GRPO; the KL reference is the policy with
+    its adapters off): after a --resume the run ends with each step logged once; OUT/final holds the merged
+    model (loadable by --model) and OUT/final/adapter the adapters; every weight outside the adapted layers is
+    the initial model's, bit for bit, and the adapted ones moved."""
+    out = tmp_path / "run"                                     # the shipped base: rewards that differ in a group
+    args = ["--model", SHIPPED_BASE, "--data", rise_world / "det" / "train.jsonl", "--stages", "grpo", "--lr", "1e-2",
+            "--lora-rank", "4", "--save-every", "1", "--out", out, "--deepspeed", ROOT / f"ds_zero{zero}.json",
+            "--preset", "tiny", "-G", "4", "--batch-size", "1", "--max-new-tokens", "64"]
+    ok(launch("rise_r1.py", args + ["--max-steps", "1"], tmp_path, ranks=2, port=29560 + zero))
+    ok(launch("rise_r1.py", args + ["--max-steps", "2", "--resume"], tmp_path, ranks=2, port=29570 + zero))
+    assert [m["step"] for m in run.read_jsonl(out / "metrics.jsonl")] == [0, 1]
+    assert (out / "final" / "adapter" / "adapter_config.json").exists()
+    before, after = vlm.load_model(SHIPPED_BASE)[0].state_dict(), vlm.load_model(out / "final")[0].state_dict()
+    adapted = {k for k in before if k.endswith(".weight") and re.search(vlm.LORA_TARGETS, k.rsplit(".", 1)[0])}
+    assert adapted and all(torch.equal(before[k], after[k]) for k in before if k not in adapted)
+    assert all(not torch.equal(before[k], after[k]) for k in adapted)
+
+
+def test_freeze_vision_trains_the_merger_only_of_the_vision_side(tiny_dir):
+    model, _ = vlm.load_model(tiny_dir)
+    vlm.freeze_vision(model)
+    visual = model.model.visual
+    assert not any(p.requires_grad for n, p in visual.named_parameters() if not n.startswith("merger."))
+    assert all(p.requires_grad for p in visual.merger.parameters())
+    assert all(p.requires_grad for p in model.model.language_model.parameters())
+
+
+def test_an_evaluation_never_writes_into_a_training_run(tmp_path):
+    """--eval refuses a folder holding a training run (before anything is loaded or written); rise_cot.py has no
+    evaluation and refuses --eval; VisRL warns when its run will end without one."""
+    trained = tmp_path / "trained"
+    trained.mkdir()
+    (trained / "metrics.jsonl").write_text('{"step": 0}\n')
+    for module in (rise_r1, S, visrl):
+        with pytest.raises(SystemExit, match="holds a training run"):
+            module.main(["--eval", "--model", vlm.TINY_BASE, "--out", str(trained)])
+    assert (trained / "metrics.jsonl").read_text() == '{"step": 0}\n' and sorted(trained.iterdir()) == [trained / "metrics.jsonl"]
+    for flag in ("--eval", "--test", "--n-test"):
+        with pytest.raises(SystemExit):
+            rise_cot.parse_args([flag, "x"] if flag != "--eval" else [flag])
+
+
+def test_every_flag_of_every_script_is_read():
+    """Every option a pipeline accepts is read somewhere (args.<name> in the script, run.py or vlm.py): a flag
+    that does nothing is not accepted."""
+    shared = (ROOT / "run.py").read_text() + (ROOT / "vlm.py").read_text()
+    for module in (rise_cot, rise_r1, S, visrl):
+        source = Path(module.__file__).read_text() + shared
+        for dest in vars(module.parse_args(["--model", vlm.TINY_BASE])):
+            if dest not in ("local_rank", "preset", "config"):        # read by the launcher / run.parse_args
+                assert re.search(rf"\bargs\.{dest}\b", source), (module.__name__, dest)
+
+
 def test_manifest_path_takes_a_file_or_a_shapes_world_task(tmp_path):
     assert run.manifest_path("a/b/train.jsonl", "test", 0, "seg") == Path("a/b/train.jsonl")
     assert run.manifest_path(None, "test", 3, "seg", world=tmp_path) == tmp_path / "seg" / "test.jsonl"

@@ -27,6 +27,7 @@ import json
 import math
 import random
 import re
+import sys
 import time
 
 import torch
@@ -48,13 +49,13 @@ PAPER = dict(lr=5e-6, sft_lr=1e-4, sft_epochs=3.0, dpo_epochs=5.0, batch_size=3,
              sft_batch_size=2, attempts=3, temperature=2.0, answer_temperature=2.0, iters=1,
              sft_fraction=1.0, gen_batch_size=8, stage_eval_n=0, max_new_tokens=64, answer_max_new_tokens=128,
              max_pixels=768 * 768, max_prompt_len=2048, lora_rank=8, lr_scheduler="cosine", warmup_ratio=0.1,
-             weight_decay=0.0, gradient_checkpointing=True)
+             weight_decay=0.0, gradient_checkpointing=True, deepspeed="ds_zero3.json")
 TINY = dict(lr=2e-5, sft_lr=1e-4, sft_epochs=1.0, dpo_epochs=2.0, batch_size=8, grad_accum=1,
             sft_batch_size=8, attempts=3, temperature=1.0, answer_temperature=1.0, iters=2,
             sft_fraction=0.25, gen_batch_size=16, stage_eval_n=512, max_new_tokens=32, answer_max_new_tokens=8,
             max_pixels=None, max_prompt_len=1024, lora_rank=0, lr_scheduler="constant", warmup_ratio=0.0,
             weight_decay=0.1)
-LOGGED = ("metrics.jsonl",)
+LOGGED = run.LOGGED
 STAGES = ("sft", "stage1", "stage2")
 
 
@@ -100,6 +101,8 @@ def train(args, rank, world, out):
     if rank == 0:
         print(f"[visrl] {len(sft_records)} SFT records, {len(questions)} RL questions ({skipped} skipped), {len(test)} "
               f"test records, {world} rank(s), K {args.attempts}, iters {args.iters}, stages {args.stage_list}")
+        if not test:
+            print("[visrl] warning: no --test manifest: the run ends without an evaluation", file=sys.stderr)
 
     # ---- resume: finished stages are skipped, the newest saved model is the policy, logs are cut back
     state = run.resume(out, args, None, LOGGED, fresh=("stages.jsonl", "eval.json", "predictions.jsonl", "iter*",
@@ -471,6 +474,10 @@ def generation_round(engine, critic, processor, questions, args, rank, world, ou
                  "seconds": round(time.time() - t0, 1)}
         if rank == 0:
             save_examples(pairs, folder / "examples", args.n_examples)
+        # the sampled candidates with their critic scores: OUT/completions.jsonl and a table in the tracker
+        rows = [{"id": q["id"], "box": c["box"], "answer": c["answer"], "s_b": c["s_b"], "s_r": c["s_r"]}
+                for c, q in cands] if rank == 0 else []
+        run.log_completions(out, rank, state["step"], rows, 1 if args.log_completions_every else 0)
     if rank == 0:
         data.write_jsonl(folder / "pairs.jsonl", pairs)          # written even when no pair survived
         (folder / "stats.json").write_text(json.dumps(stats, indent=1))

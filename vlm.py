@@ -444,7 +444,7 @@ def zero3_hooks(engine):
     """Note who owns the ZeRO-3 module hooks of `engine`'s model, for gathered(); returns the engine."""
     owner = getattr(engine.optimizer, "parameter_offload", engine.optimizer)   # no optimizer: the offload itself
     if hasattr(owner, "forward_hooks"):
-        ZERO3_HOOKS[engine.module] = owner
+        ZERO3_HOOKS[hf_model(engine.module)] = owner          # keyed as gathered() looks it up (peft: the base)
     return engine
 
 
@@ -643,7 +643,7 @@ def grpo_update(model, ref, segments, rewards, group_size, beta=0.04, norm="seq"
                           for s in segments], 1)
     logp, ref_logp = logprobs(model), None
     if beta != 0:
-        off = hf_model(model).disable_adapter() if ref is None else contextlib.nullcontext()      # hf_model: a peft model
+        off = getattr(model, "module", model).disable_adapter() if ref is None else contextlib.nullcontext()   # peft
         with torch.no_grad(), off:
             ref_logp = logprobs(model if ref is None else ref)
     mask = torch.cat([s["completion_mask"] for s in segments], 1)
