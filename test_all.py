@@ -284,6 +284,139 @@ def test_shared_prefix_generation_samples_what_the_plain_path_samples(tiny):
         hook.remove()
 
 
+# ==== shared-prefix log-probs under gradient checkpointing (issue 31)
+@contextlib.contextmanager
+def grad_checkpointing(model):
+    """Training mode with non-reentrant gradient checkpointing (as the pipelines train); off, eval mode after."""
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
+        model.zero_grad()
+        model.eval()
+
+
+@contextlib.contextmanager
+def forward_counts(model):
+    """{"images": images per vision-tower call, "attn": (rows, tokens) per call of the first text layer's
+    attention}. The attention is a submodule of the checkpointed layer, so its replays in backward count."""
+    seen = {"images": [], "attn": []}
+    hooks = [model.model.visual.register_forward_pre_hook(
+                 lambda m, args, kwargs: seen["images"].append(len(kwargs.get("grid_thw", args[-1]))),
+                 with_kwargs=True),
+             model.model.language_model.layers[0].self_attn.register_forward_pre_hook(
+                 lambda m, args, kwargs: seen["attn"].append(tuple(kwargs["hidden_states"].shape[:2])),
+                 with_kwargs=True)]
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def assert_checkpointed_shared_prefix_equals_plain(model, processor, batch, G=3):
+    """Under gradient checkpointing, G completions of each prompt of `batch`: the shared-prefix log-probs and
+    gradients equal the plain path's (fp32), and the shared path was taken: the vision tower saw each image
+    once, the text layers ran the B prompts once and the N = B x G completions alone, each pass twice
+    (forward, then its replay in backward)."""
+    torch.manual_seed(0)
+    roll = vlm.sample(model, processor, batch, G, 10, temperature=1.3)
+    B, P, T = batch["input_ids"].shape + roll["completion_ids"].shape[1:]
+    runs = {}
+    with grad_checkpointing(model):
+        for on in (False, True):
+            with forward_counts(model) as seen:
+                runs[on] = logprobs_and_grads(model, roll, processor, G, on)
+            runs[on] += (seen,)
+    (plain, plain_grads, plain_seen), (shared, shared_grads, shared_seen) = runs[False], runs[True]
+    assert plain_seen == {"images": [B * G], "attn": [(B * G, P + T)] * 2}
+    assert shared_seen == {"images": [B], "attn": [(B, P), (B * G, T), (B * G, T), (B, P)]}
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
+    assert shared_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    return roll
+
+
+def test_shared_prefix_logprobs_under_gradient_checkpointing_equal_the_plain_path(tiny):
+    """Issue 31: with gradient checkpointing on (how real runs train), each prompt still runs once with its
+    KV cache shared by its G completions, both passes checkpointed, the prefix replay storing nothing twice:
+    log-probs and gradients equal the plain path's, with left padding and two image sizes; and the
+    read-only-cache switch of the text layers is back to off afterwards."""
+    model, processor = tiny
+    batch = two_prompt_batch(processor)
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()          # row 0 is left-padded
+    roll = assert_checkpointed_shared_prefix_equals_plain(model, processor, batch)
+    assert not any(layer._can_checkpoint_with_cache for layer in model.model.language_model.layers)
+    with torch.no_grad():               # and the values are those of checkpointing off
+        off = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
+                                      1.3, vlm.suppressed_ids(processor), group_size=3)
+    with grad_checkpointing(model):
+        on = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
+                                     1.3, vlm.suppressed_ids(processor), group_size=3)
+    torch.testing.assert_close(on.detach(), off, atol=1e-5, rtol=0)
+
+
+def test_shared_prefix_under_gradient_checkpointing_on_both_real_architectures(real_arch):
+    """The same on Qwen2-VL and Qwen2.5-VL (window attention in the vision tower, its own M-RoPE)."""
+    for family, path in real_arch.items():
+        model, processor = vlm.load_model(path)
+        assert_checkpointed_shared_prefix_equals_plain(model, processor, two_prompt_batch(processor))
+
+
+def test_shared_prefix_dpo_pairs_under_gradient_checkpointing(tiny):
+    """DPO's pairs (group 2: chosen and rejected on one prompt run once) under gradient checkpointing, with
+    gradients: the DPO loss and every gradient equal the plain path's, and each prompt's image is seen once."""
+    model, processor = tiny
+    convs = [[vlm.user_turn("Which colour?")], [vlm.user_turn("Where is the shape? Answer in one word.")]]
+    images = [[solid((220, 40, 40))], [solid((40, 170, 60), 112)]]
+    chosen, rejected = ["red", "[0.1,0.2,0.5,0.6]"], ["a green shape", "top"]
+    results = {}
+    with grad_checkpointing(model):
+        for on in (False, True):
+            model.zero_grad()
+            with shared_prefix(on), forward_counts(model) as seen:
+                logps = dpo.pair_logps(model, model, processor, convs, images, chosen, rejected, "cpu")
+                loss, _ = dpo.dpo_loss(logps[0], logps[1], logps[2] - 0.3, logps[3] + 0.2)   # a non-zero margin
+                (loss + 0.01 * (logps[0] - logps[1]).square().sum()).backward()
+            results[on] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            assert seen["images"] == ([2, 2] if on else [4, 4])          # policy (with grad), then reference
+    (plain, plain_grads), (shared, shared_grads) = results[False], results[True]
+    assert shared == approx(plain, abs=1e-6)
+    assert shared_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_shared_prefix_two_segment_update_under_gradient_checkpointing(tiny, monkeypatch):
+    """RISE-CoT's trajectory (a CoT segment of G rows on one prompt, then reconstruction rows on their own
+    prompts) under gradient checkpointing: the GRPO loss, its KL and every gradient equal the plain path's,
+    and the CoT segment takes the shared path (policy and reference)."""
+    model, processor = tiny
+    cot = dict(_segment(tiny, [6, 3], 6, budget=8), group_size=2)
+    convs = [[vlm.user_turn("Rebuild: a red circle.")], [vlm.user_turn("Rebuild from a much longer description.")]]
+    rec = dict(_segment(tiny, [2, 4], 4, budget=4),
+               prompt=vlm.chat_inputs(processor, convs, [[solid((200, 0, 0))], [solid((0, 0, 200), 84)]]))
+    calls, real, results = [], vlm.shared_prefix_hidden, {}
+    monkeypatch.setattr(vlm, "shared_prefix_hidden", lambda *a: calls.append(a[4]) or real(*a))
+    with grad_checkpointing(model):
+        for on in (False, True):
+            capture = CapturedGrads(model)
+            with shared_prefix(on):
+                stats = grpo.grpo_update(model, [cot, rec], t([1.0, 0.0]), 2, optimizer=capture, ref_model=model,
+                                         beta=0.04, scale_rewards=False)
+            results[on] = stats, capture.grads
+            assert vlm.is_checkpointing(model)
+    assert calls == [2, 2]
+    (plain, plain_grads), (shared, shared_grads) = results[False], results[True]
+    assert shared["loss"] == approx(plain["loss"], abs=1e-6) and shared["kl"] == approx(plain["kl"], abs=1e-6)
+    assert shared_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
 def test_checkpoint_generation_config_never_changes_what_is_sampled(tiny):
     # Qwen checkpoints ship a generation_config.json with repetition_penalty 1.05, top_k, top_p:
     # generate() would apply them (it fills every unset option from it) while our log-probs do
