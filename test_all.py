@@ -720,7 +720,7 @@ def test_two_rank_zero3_step_on_cpu(tiny_dir, tmp_path):
     """`deepspeed --num_gpus 2` on CPU (gloo): two GRPO steps under ZeRO-3 leave the same
     parameters on both ranks (gradients were all-reduced) while each rank sampled its own
     completions (per-rank seeds). With sharded weights, the shared-prefix log-probs of an 8-token
-    rollout and their all-reduced gradients equal the plain path's."""
+    rollout and their all-reduced gradients equal the plain path's, gradient checkpointing off and on."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = tmp_path / "new" / "run"                       # created by the script (it was not, with --model given)
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29533", str(ROOT / "tiny.py"), "grpo", "--model", str(tiny_dir),
@@ -735,6 +735,8 @@ def test_two_rank_zero3_step_on_cpu(tiny_dir, tmp_path):
     assert max(r["shared_prefix_max_diff"] for r in ranks) <= 1e-5      # shared-prefix log-probs under ZeRO-3
     assert ranks[0]["grad_max"] == ranks[1]["grad_max"] > 0.1           # the all-reduced gradient, not zero
     assert max(r["shared_prefix_grad_max_diff"] for r in ranks) <= 1e-5 * ranks[0]["grad_max"]   # measured 4e-7 x
+    assert max(r["checkpointed_shared_prefix_max_diff"] for r in ranks) <= 1e-5     # and under gradient checkpointing
+    assert max(r["checkpointed_shared_prefix_grad_max_diff"] for r in ranks) <= 1e-5 * ranks[0]["grad_max"]
     model, _ = vlm.load_model(tiny_dir)
     initial = sum(p.detach().double().sum().item() for p in model.parameters())
     assert abs(initial - ranks[0]["checksum"]) > 1e-3           # the step really changed the weights
