@@ -296,12 +296,13 @@ def generation_mode(model):
 
 # ============================================================================ 4. log-probs
 def completion_logprobs(model, prompt, completion_ids, completion_mask, temperature=1.0, suppress=None,
-                        group_size=1, chunk_rows=8, one_piece_bytes=2 ** 28):
+                        group_size=1, chunk_rows=None, one_piece_bytes=2 ** 28):
     """Per-token log-probs [N, T] (nats) of `completion_ids` given the (already repeated) prompt tensors.
 
-    One forward over prompt + completion; logits only for the T completion positions, `chunk_rows`
-    rows at a time and recomputed in backward: Qwen's 151k-entry vocabulary makes [N, T, V] fp32
-    logits of a GRPO batch (8 x 8 x 256) ~10 GB (logits under 256 MB: one piece). Logits are divided
+    One forward over prompt + completion; logits only for the T completion positions, in one piece when
+    their fp32 [N, T, V] fit in `one_piece_bytes`, else `chunk_rows` rows at a time (default: as many as fit
+    in one_piece_bytes, at least 1) recomputed in backward: Qwen's 151k-entry vocabulary makes the fp32
+    logits of a GRPO batch (8 x 8 x 256) ~10 GB, one row of 256 tokens 156 MB. Logits are divided
     by the sampling temperature and the `suppress` ids masked as in sampling: the log-probs of the
     distribution sampled from. Positions after EOS (mask 0) are 0. group_size > 1: rows come in
     groups of copies of one prompt (sample()'s order) and each prompt runs once (shared_prefix_hidden;
@@ -315,8 +316,10 @@ def completion_logprobs(model, prompt, completion_ids, completion_mask, temperat
                     **{k: v for k, v in prompt.items() if k in ("pixel_values", "image_grid_thw")})
         hidden = module.model(**full, use_cache=False).last_hidden_state[:, -(T + 1):-1]   # [N, T, H]: t predicts t
     head, rows = module.get_output_embeddings(), []
-    if hidden.shape[0] * T * head.out_features * 4 <= one_piece_bytes:   # small fp32 logits: one piece
+    row_bytes = T * head.out_features * 4                                 # one row's fp32 logits
+    if hidden.shape[0] * row_bytes <= one_piece_bytes:                    # small logits: one piece
         return _token_logp(head, hidden, completion_ids, temperature, suppress) * completion_mask
+    chunk_rows = chunk_rows or max(1, one_piece_bytes // row_bytes)
     for i in range(0, len(hidden), chunk_rows):
         args = (head, hidden[i:i + chunk_rows], completion_ids[i:i + chunk_rows], temperature, suppress)
         rows.append(torch.utils.checkpoint.checkpoint(_token_logp, *args, use_reentrant=False)
