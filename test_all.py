@@ -4895,6 +4895,79 @@ def test_bench_trl_json(capsys, tiny_dir):
         assert out[algo]["ratio_vs_trl"] == pytest.approx(out[algo]["ours_sps"] / out[algo]["trl_sps"], rel=1e-2)
 
 
+# ==== bench: memory estimate, checkpointing flag (issue 31)
+def test_memory_estimate_by_hand():
+    """bench.memory_estimate against numbers worked out by hand (bytes; GiB = 2^30 bytes)."""
+    arch = dict(layers=2, hidden=10, intermediate=20, kv=4, vocab=100, vision_blocks=3, vision_width=8,
+                vision_block_bytes=50)
+    step = dict(prompts=2, group_size=3, prompt_tokens=5, image_patches=7, new_tokens=4)
+    z2 = bench.memory_estimate(1.0, 2, 4, arch=arch, **step)
+    # 1e9 parameters: bf16 weights 2e9 bytes (ZeRO-2: whole, the reference too), gradients 2e9 / 4 GPUs,
+    # AdamW fp32 master + 2 moments 12e9 / 4
+    assert z2["params"] * 2**30 == approx(2e9) and z2["reference"] * 2**30 == approx(2e9)
+    assert z2["grads"] * 2**30 == approx(5e8) and z2["optimizer"] * 2**30 == approx(3e9)
+    # activations, shared prefix, checkpointing: 6 rows; text tokens 2*5 + 6*4 = 34, patches 2*7 = 14;
+    # a text layer saves 20*10 + 6*4 + 8*20 = 384 bytes a token, kept under checkpointing: its input, 2*10 bytes
+    # -> 34 * (2 * 20 + 384) = 14416; vision 14 * (3 * 2 * 8 + 50) = 1372; logits: all 6 rows of 4 x 100 fp32
+    # (9600 bytes <= 256 MB) x 3 = 28800
+    assert z2["activations"] * 2**30 == approx(14416 + 1372 + 28800)
+    assert z2["total"] == approx(sum(z2[k] for k in ("params", "reference", "grads", "optimizer", "activations")))
+    z3 = bench.memory_estimate(1.0, 3, 4, arch=arch, **step)
+    assert z3["params"] * 2**30 == approx(5e8) and z3["reference"] * 2**30 == approx(5e8)
+    assert z3["activations"] == z2["activations"] and z3["optimizer"] == z2["optimizer"]
+    # the plain path without checkpointing, 2 logit rows: 6 * (5 + 4) = 54 tokens x 2 layers x 384 = 41472,
+    # 6 * 7 = 42 patches x 3 blocks x 50 = 6300, logits 2 x 1600 x 3 = 9600
+    plain = bench.memory_estimate(1.0, 2, 4, arch=arch, grad_ckpt=False, shared_prefix=False, logit_rows=2,
+                                  reference=False, **step)
+    assert plain["activations"] * 2**30 == approx(41472 + 6300 + 9600) and plain["reference"] == 0
+    # Qwen2-VL-2B at the paper's step, ZeRO-3 on 8 GPUs: weights 2 * 2.209e9 / 8 = 5.5225e8 bytes;
+    # tokens 620 + 8 * 256 = 2668, each 28 * 2 * 1536 + (20*1536 + 6*256 + 8*8960) = 86016 + 103936 bytes;
+    # patches 2048 x (32 * 2 * 1280 + 58952); logits: a row of 256 x 151936 fp32 is 155,582,464 bytes, so one
+    # row at a time (256 MB holds one), x 3
+    big = bench.memory_estimate(2.209, 3, 8, arch="Qwen2-VL-2B", **bench.PAPER_STEP)
+    assert big["params"] * 2**30 == approx(5.5225e8)
+    assert big["activations"] * 2**30 == approx(2668 * 189952 + 2048 * 140872 + 3 * 155582464)
+    with pytest.raises(ValueError, match="zero_stage"):
+        bench.memory_estimate(1.0, 1, 4, arch=arch)
+
+
+def test_memory_estimate_text_layer_matches_what_a_bf16_layer_saves(real_arch):
+    """The 20 h + 6 kv + 8 I bytes per token of memory_estimate: what a bf16 Qwen2-VL / Qwen2.5-VL decoder
+    layer really saves for backward (saved-tensor hooks; its weights excluded), within 1 %."""
+    for family, path in real_arch.items():
+        model, _ = vlm.load_model(path, dtype=torch.bfloat16)
+        model.train()
+        text, layer = model.config.text_config, model.model.language_model.layers[0]
+        h, n = text.hidden_size, 64
+        kv = text.num_key_value_heads * h // text.num_attention_heads
+        x = torch.randn(1, n, h, dtype=torch.bfloat16, requires_grad=True)
+        rope = model.model.language_model.rotary_emb(x, torch.arange(n).view(1, 1, -1).expand(3, 1, -1))
+        weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+        saved = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            layer(x, attention_mask=None, position_embeddings=rope)
+        assert sum(saved.values()) / n == approx(20 * h + 6 * kv + 8 * text.intermediate_size, rel=0.01), family
+
+
+def test_memory_table_and_the_checkpointing_flag(capsys):
+    """`bench.py --memory`: a row per model and ZeRO stage; ZeRO-3 shards the weights, the shared prefix keeps
+    fewer activations than the plain path. --grad-ckpt is on by default, --no-grad-ckpt turns it off."""
+    rows = bench.main(["--memory", "--gpus", "8"])
+    assert [(r["model"], r["zero_stage"]) for r in rows] == [(m, z) for m in bench.MODELS for z in (2, 3)]
+    assert "Qwen2.5-VL-7B" in capsys.readouterr().out
+    for zero2, zero3 in zip(rows[0::2], rows[1::2]):
+        assert zero3["params"] == approx(zero2["params"] / 8) and zero3["total"] < zero2["total"]
+        assert zero2["activations"] < zero2["plain_activations"]
+    assert bench.p.parse_args([]).grad_ckpt and bench.p.parse_args(["--scaling", "--grad-ckpt"]).grad_ckpt
+    assert not bench.p.parse_args(["--no-grad-ckpt"]).grad_ckpt
+
+
 # ====================================================================================================
 # tables.py: the papers' tables in miniature (statistics, one row end to end)
 # ====================================================================================================
