@@ -539,7 +539,8 @@ def memory_table(n_gpus=8, step=PAPER_STEP):
     activations of the plain path (every row in full, all logits at once). Prints the table; returns its rows."""
     print(f"per-GPU memory, GiB (estimate: bench.memory_estimate): bf16 + AdamW, {n_gpus} GPUs, gradient "
           f"checkpointing on; a step of {step['prompts']} prompt x G {step['group_size']}, "
-          f"{step['image_patches']}-patch image in a {step['prompt_tokens']}-token prompt, {step['new_tokens']} new tokens")
+          f"{step['image_patches']}-patch image in a {step['prompt_tokens']}-token prompt, "
+          f"{step['new_tokens']} new tokens")
     head = ("params", "ref.", "grads", "optim.", "activ.", "total", "plain act.")
     print(f"{'model':16s}{'ZeRO':>5s}" + "".join(f"{h:>11s}" for h in head))
     rows = []

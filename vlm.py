@@ -342,8 +342,8 @@ def shared_prefix_hidden(module, prompt, completion_ids, completion_mask, group_
     (each prompt's K/V serves its group_size rows); autograd sums a group's gradients through the shared
     prefix, so values and gradients equal the full forward's while a prompt's image tokens pass the model
     once, not G times. Under gradient checkpointing both passes are checkpointed layer by layer, the
-    decoder layers keeping the cache meanwhile (read_only_cache): the recomputation in backward neither
-    stores the prefix twice nor sees the completion's K/V. M-RoPE positions come from the whole
+    decoder layers keeping the cache meanwhile (cache_under_checkpointing): the recomputation in backward
+    neither stores the prefix twice nor sees the completion's K/V. M-RoPE positions come from the whole
     sequences. Raises ValueError unless each group holds copies of one prompt."""
     P, N = prompt["input_ids"].shape[1], completion_ids.shape[0]
     full = full_sequence(prompt, completion_ids, completion_mask)
@@ -357,7 +357,7 @@ def shared_prefix_hidden(module, prompt, completion_ids, completion_mask, group_
     if N % group_size or any(not torch.equal(again[k], prompt[k]) for k in prompt):
         raise ValueError(f"group_size {group_size}: every group of rows must hold copies of one prompt")
     argument, cache = cache_argument(module.model), PrefixCache()
-    with read_only_cache(module):
+    with cache_under_checkpointing(module):
         prefix = module.model(**unique, position_ids=positions[:, first, :P], use_cache=False, **{argument: cache})
         rest = module.model(input_ids=completion_ids, attention_mask=full["attention_mask"], use_cache=False,
                             position_ids=positions[:, :, P:],
@@ -403,12 +403,14 @@ def checkpointed_layers(module):
 def cache_survives_checkpointing(module):
     """Whether shared_prefix_hidden can run: always without checkpointing (or without gradients); under it,
     when the transformers version lets a layer keep a read-only cache (`_can_checkpoint_with_cache`)."""
-    return (not (is_checkpointing(module) and module.training and torch.is_grad_enabled())
-            or all(hasattr(m, "_can_checkpoint_with_cache") for m in checkpointed_layers(module)))
+    if not (is_checkpointing(module) and module.training and torch.is_grad_enabled()):
+        return True
+    layers = checkpointed_layers(module)
+    return bool(layers) and all(hasattr(m, "_can_checkpoint_with_cache") for m in layers)
 
 
 @contextlib.contextmanager
-def read_only_cache(module):
+def cache_under_checkpointing(module):
     """The text decoder's layers keep the KV cache under gradient checkpointing meanwhile (transformers'
     GradientCheckpointingLayer drops it otherwise, since a replay would write a growing cache twice; the
     PrefixCache / GroupCache replays are idempotent). Set per layer instance and restored after."""
