@@ -378,7 +378,7 @@ def test_shared_prefix_dpo_pairs_under_gradient_checkpointing(tiny):
         for on in (False, True):
             model.zero_grad()
             with shared_prefix(on), forward_counts(model) as seen:
-                logps = dpo.pair_logps(model, model, processor, convs, images, chosen, rejected, "cpu")
+                logps = vlm.pair_logps(model, model, processor, convs, images, chosen, rejected, "cpu")
                 loss, _ = dpo.dpo_loss(logps[0], logps[1], logps[2] - 0.3, logps[3] + 0.2)   # a non-zero margin
                 (loss + 0.01 * (logps[0] - logps[1]).square().sum()).backward()
             results[on] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
