@@ -284,6 +284,122 @@ def test_shared_prefix_generation_samples_what_the_plain_path_samples(tiny):
         hook.remove()
 
 
+# ==== shared-prefix log-probs under gradient checkpointing (issue 31)
+@contextlib.contextmanager
+def grad_checkpointing(model):
+    """Training mode with non-reentrant gradient checkpointing (as the pipelines train); off, eval mode after."""
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
+        model.zero_grad()
+        model.eval()
+
+
+@contextlib.contextmanager
+def forward_counts(model):
+    """{"images": images per vision-tower call, "attn": (rows, tokens) per call of the first text layer's
+    attention}. The attention is a submodule of the checkpointed layer, so its replays in backward count."""
+    seen = {"images": [], "attn": []}
+    hooks = [model.model.visual.register_forward_pre_hook(
+                 lambda m, args, kwargs: seen["images"].append(len(kwargs.get("grid_thw", args[-1]))),
+                 with_kwargs=True),
+             model.model.language_model.layers[0].self_attn.register_forward_pre_hook(
+                 lambda m, args, kwargs: seen["attn"].append(tuple(kwargs["hidden_states"].shape[:2])),
+                 with_kwargs=True)]
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def assert_checkpointed_shared_prefix_equals_plain(model, processor, batch, G=3):
+    """Under gradient checkpointing, G completions of each prompt of `batch`: the shared-prefix log-probs and
+    gradients equal the plain path's (fp32), and the shared path was taken: the vision tower saw each image
+    once, the text layers ran the B prompts once and the N = B x G completions alone, each pass twice
+    (forward, then its replay in backward)."""
+    torch.manual_seed(0)
+    roll = vlm.sample(model, processor, batch, G, 10, temperature=1.3)
+    B, P, T = batch["input_ids"].shape + roll["completion_ids"].shape[1:]
+    runs = {}
+    with grad_checkpointing(model):
+        for on in (False, True):
+            with forward_counts(model) as seen:
+                runs[on] = logprobs_and_grads(model, roll, processor, G, on)
+            runs[on] += (seen,)
+    (plain, plain_grads, plain_seen), (shared, shared_grads, shared_seen) = runs[False], runs[True]
+    assert plain_seen == {"images": [B * G], "attn": [(B * G, P + T)] * 2}
+    assert shared_seen == {"images": [B], "attn": [(B, P), (B * G, T), (B * G, T), (B, P)]}
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
+    assert shared_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    return roll
+
+
+def test_shared_prefix_logprobs_under_gradient_checkpointing_equal_the_plain_path(tiny):
+    """Issue 31: with gradient checkpointing on (how real runs train), each prompt still runs once with its
+    KV cache shared by its G completions, both passes checkpointed, the prefix replay storing nothing twice:
+    log-probs and gradients equal the plain path's, with left padding and two image sizes; and the
+    read-only-cache switch of the text layers is back to off afterwards."""
+    model, processor = tiny
+    batch = two_prompt_batch(processor)
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()          # row 0 is left-padded
+    roll = assert_checkpointed_shared_prefix_equals_plain(model, processor, batch)
+    assert not any(layer._can_checkpoint_with_cache for layer in model.model.language_model.layers)
+    with torch.no_grad():               # and the values are those of checkpointing off
+        off = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
+                                      1.3, vlm.suppressed_ids(processor), group_size=3)
+    with grad_checkpointing(model):
+        on = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
+                                     1.3, vlm.suppressed_ids(processor), group_size=3)
+    torch.testing.assert_close(on.detach(), off, atol=1e-5, rtol=0)
+
+
+def test_shared_prefix_under_gradient_checkpointing_on_both_real_architectures(real_arch):
+    """The same on Qwen2-VL and Qwen2.5-VL (window attention in the vision tower, its own M-RoPE)."""
+    for family, path in real_arch.items():
+        model, processor = vlm.load_model(path)
+        assert_checkpointed_shared_prefix_equals_plain(model, processor, two_prompt_batch(processor))
+
+
+def test_shared_prefix_dpo_pairs_under_gradient_checkpointing(tiny):
+    """DPO's pairs (group 2: chosen and rejected on one prompt run once) under gradient checkpointing, with
+    gradients: the DPO loss and every gradient equal the plain path's, and each prompt's image is seen once."""
+    model, processor = tiny
+    convs = [[vlm.user_turn("Which colour?")], [vlm.user_turn("Where is the shape? Answer in one word.")]]
+    images = [[solid((220, 40, 40))], [solid((40, 170, 60), 112)]]
+    chosen, rejected = ["red", "[0.1,0.2,0.5,0.6]"], ["a green shape", "top"]
+    results = {}
+    with grad_checkpointing(model):
+        for on in (False, True):
+            model.zero_grad()
+            with shared_prefix(on), forward_counts(model) as seen:
+                logps = vlm.pair_logps(model, model, processor, convs, images, chosen, rejected, "cpu")
+                loss, _ = dpo.dpo_loss(logps[0], logps[1], logps[2] - 0.3, logps[3] + 0.2)   # a non-zero margin
+                (loss + 0.01 * (logps[0] - logps[1]).square().sum()).backward()
+            results[on] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            assert seen["images"] == ([2, 2] if on else [4, 4])          # policy (with grad), then reference
+    (plain, plain_grads), (shared, shared_grads) = results[False], results[True]
+    assert shared == approx(plain, abs=1e-6)
+    assert shared_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_shared_prefix_two_segment_update_under_gradient_checkpointing(tiny, monkeypatch):
+    """RISE-CoT's trajectory (a CoT segment of G rows on one prompt, then reconstruction rows on their own
+    prompts) under gradient checkpointing: the two-segment test below, which checks the loss, its KL and
+    every gradient against the plain path's and that the CoT segment takes the shared path (policy and
+    reference), with checkpointing on throughout (grpo_update puts the model in training mode)."""
+    with grad_checkpointing(tiny[0]):
+        test_shared_prefix_two_segment_update_equals_the_plain_path(tiny, monkeypatch)
+        assert vlm.is_checkpointing(tiny[0])
+
+
 def test_checkpoint_generation_config_never_changes_what_is_sampled(tiny):
     # Qwen checkpoints ship a generation_config.json with repetition_penalty 1.05, top_k, top_p:
     # generate() would apply them (it fills every unset option from it) while our log-probs do
@@ -587,7 +703,7 @@ def test_two_rank_zero3_step_on_cpu(tiny_dir, tmp_path):
     """`deepspeed --num_gpus 2` on CPU (gloo): two GRPO steps under ZeRO-3 leave the same
     parameters on both ranks (gradients were all-reduced) while each rank sampled its own
     completions (per-rank seeds). With sharded weights, the shared-prefix log-probs of an 8-token
-    rollout and their all-reduced gradients equal the plain path's."""
+    rollout and their all-reduced gradients equal the plain path's, gradient checkpointing off and on."""
     env = dict(os.environ, PYTHONPATH=str(ROOT))
     out = tmp_path / "new" / "run"                       # created by the script (it was not, with --model given)
     cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29533", str(ROOT / "tiny.py"), "grpo", "--model", str(tiny_dir),
@@ -602,6 +718,8 @@ def test_two_rank_zero3_step_on_cpu(tiny_dir, tmp_path):
     assert max(r["shared_prefix_max_diff"] for r in ranks) <= 1e-5      # shared-prefix log-probs under ZeRO-3
     assert ranks[0]["grad_max"] == ranks[1]["grad_max"] > 0.1           # the all-reduced gradient, not zero
     assert max(r["shared_prefix_grad_max_diff"] for r in ranks) <= 1e-5 * ranks[0]["grad_max"]   # measured 4e-7 x
+    assert max(r["checkpointed_shared_prefix_max_diff"] for r in ranks) <= 1e-5     # and under gradient checkpointing
+    assert max(r["checkpointed_shared_prefix_grad_max_diff"] for r in ranks) <= 1e-5 * ranks[0]["grad_max"]
     model, _ = vlm.load_model(tiny_dir)
     initial = sum(p.detach().double().sum().item() for p in model.parameters())
     assert abs(initial - ranks[0]["checksum"]) > 1e-3           # the step really changed the weights
@@ -5008,6 +5126,79 @@ def test_bench_trl_json(capsys, tiny_dir):
     for algo in ("grpo", "dpo"):
         assert out[algo]["trl_sps"] > 0 and out[algo]["trl_peak_mb"] > 0
         assert out[algo]["ratio_vs_trl"] == pytest.approx(out[algo]["ours_sps"] / out[algo]["trl_sps"], rel=1e-2)
+
+
+# ==== bench: memory estimate, checkpointing flag (issue 31)
+def test_memory_estimate_by_hand():
+    """bench.memory_estimate against numbers worked out by hand (bytes; GiB = 2^30 bytes)."""
+    arch = dict(layers=2, hidden=10, intermediate=20, kv=4, vocab=100, vision_blocks=3, vision_width=8,
+                vision_block_bytes=50)
+    step = dict(prompts=2, group_size=3, prompt_tokens=5, image_patches=7, new_tokens=4)
+    z2 = bench.memory_estimate(1.0, 2, 4, arch=arch, **step)
+    # 1e9 parameters: bf16 weights 2e9 bytes (ZeRO-2: whole, the reference too), gradients 2e9 / 4 GPUs,
+    # AdamW fp32 master + 2 moments 12e9 / 4
+    assert z2["params"] * 2**30 == approx(2e9) and z2["reference"] * 2**30 == approx(2e9)
+    assert z2["grads"] * 2**30 == approx(5e8) and z2["optimizer"] * 2**30 == approx(3e9)
+    # activations, shared prefix, checkpointing: 6 rows; text tokens 2*5 + 6*4 = 34, patches 2*7 = 14;
+    # a text layer saves 20*10 + 6*4 + 8*20 = 384 bytes a token, kept under checkpointing: its input, 2*10 bytes
+    # -> 34 * (2 * 20 + 384) = 14416; vision 14 * (3 * 2 * 8 + 50) = 1372; logits: all 6 rows of 4 x 100 fp32
+    # (9600 bytes <= 256 MB) x 3 = 28800
+    assert z2["activations"] * 2**30 == approx(14416 + 1372 + 28800)
+    assert z2["total"] == approx(sum(z2[k] for k in ("params", "reference", "grads", "optimizer", "activations")))
+    z3 = bench.memory_estimate(1.0, 3, 4, arch=arch, **step)
+    assert z3["params"] * 2**30 == approx(5e8) and z3["reference"] * 2**30 == approx(5e8)
+    assert z3["activations"] == z2["activations"] and z3["optimizer"] == z2["optimizer"]
+    # the plain path without checkpointing, 2 logit rows: 6 * (5 + 4) = 54 tokens x 2 layers x 384 = 41472,
+    # 6 * 7 = 42 patches x 3 blocks x 50 = 6300, logits 2 x 1600 x 3 = 9600
+    plain = bench.memory_estimate(1.0, 2, 4, arch=arch, grad_ckpt=False, shared_prefix=False, logit_rows=2,
+                                  reference=False, **step)
+    assert plain["activations"] * 2**30 == approx(41472 + 6300 + 9600) and plain["reference"] == 0
+    # Qwen2-VL-2B at the paper's step, ZeRO-3 on 8 GPUs: weights 2 * 2.209e9 / 8 = 5.5225e8 bytes;
+    # tokens 620 + 8 * 256 = 2668, each 28 * 2 * 1536 + (20*1536 + 6*256 + 8*8960) = 86016 + 103936 bytes;
+    # patches 2048 x (32 * 2 * 1280 + 58952); logits: a row of 256 x 151936 fp32 is 155,582,464 bytes, so one
+    # row at a time (256 MB holds one), x 3
+    big = bench.memory_estimate(2.209, 3, 8, arch="Qwen2-VL-2B", **bench.PAPER_STEP)
+    assert big["params"] * 2**30 == approx(5.5225e8)
+    assert big["activations"] * 2**30 == approx(2668 * 189952 + 2048 * 140872 + 3 * 155582464)
+    with pytest.raises(ValueError, match="zero_stage"):
+        bench.memory_estimate(1.0, 1, 4, arch=arch)
+
+
+def test_memory_estimate_text_layer_matches_what_a_bf16_layer_saves(real_arch):
+    """The 20 h + 6 kv + 8 I bytes per token of memory_estimate: what a bf16 Qwen2-VL / Qwen2.5-VL decoder
+    layer really saves for backward (saved-tensor hooks; its weights excluded), within 1 %."""
+    for family, path in real_arch.items():
+        model, _ = vlm.load_model(path, dtype=torch.bfloat16)
+        model.train()
+        text, layer = model.config.text_config, model.model.language_model.layers[0]
+        h, n = text.hidden_size, 64
+        kv = text.num_key_value_heads * h // text.num_attention_heads
+        x = torch.randn(1, n, h, dtype=torch.bfloat16, requires_grad=True)
+        rope = model.model.language_model.rotary_emb(x, torch.arange(n).view(1, 1, -1).expand(3, 1, -1))
+        weights = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+        saved = {}
+
+        def pack(tensor):
+            storage = tensor.untyped_storage()
+            if storage.data_ptr() not in weights:
+                saved[storage.data_ptr()] = storage.nbytes()
+            return tensor
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+            layer(x, attention_mask=None, position_embeddings=rope)
+        assert sum(saved.values()) / n == approx(20 * h + 6 * kv + 8 * text.intermediate_size, rel=0.01), family
+
+
+def test_memory_table_and_the_checkpointing_flag(capsys):
+    """`bench.py --memory`: a row per model and ZeRO stage; ZeRO-3 shards the weights, the shared prefix keeps
+    fewer activations than the plain path. --grad-ckpt is on by default, --no-grad-ckpt turns it off."""
+    rows = bench.main(["--memory", "--gpus", "8"])
+    assert [(r["model"], r["zero_stage"]) for r in rows] == [(m, z) for m in bench.MODELS for z in (2, 3)]
+    assert "Qwen2.5-VL-7B" in capsys.readouterr().out
+    for zero2, zero3 in zip(rows[0::2], rows[1::2]):
+        assert zero3["params"] == approx(zero2["params"] / 8) and zero3["total"] < zero2["total"]
+        assert zero2["activations"] < zero2["plain_activations"]
+    assert bench.p.parse_args([]).grad_ckpt and bench.p.parse_args(["--scaling", "--grad-ckpt"]).grad_ckpt
+    assert not bench.p.parse_args(["--no-grad-ckpt"]).grad_ckpt
 
 
 # ====================================================================================================

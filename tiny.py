@@ -1026,21 +1026,25 @@ def grpo_colour(argv=None):
         batch = vlm.chat_inputs(processor, [question] * len(pairs), [[im] for im, _ in pairs])
         with vlm.generation_mode(engine.module):      # 8 tokens, so that the shared cache is differentiated
             rollout = vlm.sample(engine.module, processor, batch, args.num_generations, max_new_tokens=8)
-        logp, grads = {}, {}                           # scored both ways, under this run's ZeRO stage
-        for on in (True, False):
-            vlm.SHARED_PREFIX = on
-            logp[on] = vlm.completion_logprobs(
-                engine, rollout["prompt"], rollout["completion_ids"], rollout["completion_mask"],
-                suppress=vlm.suppressed_ids(processor), group_size=args.num_generations)
-            engine.backward(logp[on].sum())
-            grads[on] = torch.cat([safe_get_full_grad(p).flatten() for p in engine.module.parameters()])
-            engine.optimizer.zero_grad()
+        logp, grads = {}, {}                           # scored both ways, under this run's ZeRO stage,
+        for ckpt in (False, True):                     # gradient checkpointing off, then on
+            if ckpt:
+                engine.module.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            for on in (True, False):
+                vlm.SHARED_PREFIX = on
+                logp[ckpt, on] = vlm.completion_logprobs(
+                    engine, rollout["prompt"], rollout["completion_ids"], rollout["completion_mask"],
+                    suppress=vlm.suppressed_ids(processor), group_size=args.num_generations)
+                engine.backward(logp[ckpt, on].sum())
+                grads[ckpt, on] = torch.cat([safe_get_full_grad(p).flatten() for p in engine.module.parameters()])
+                engine.optimizer.zero_grad()
         vlm.SHARED_PREFIX = True
         (out / f"rank{rank}.json").write_text(json.dumps({
             "rank": rank, "world": world, "checksum": checksum, "texts": rollout["texts"],
-            "shared_prefix_max_diff": (logp[True] - logp[False]).abs().max().item(),
-            "grad_max": grads[False].abs().max().item(),
-            "shared_prefix_grad_max_diff": (grads[True] - grads[False]).abs().max().item()}))
+            "grad_max": grads[False, False].abs().max().item(), **{
+                f"{name}shared_prefix{what}": (value[ckpt, True] - value[ckpt, False]).abs().max().item()
+                for ckpt, name in ((False, ""), (True, "checkpointed_"))
+                for what, value in (("_max_diff", logp), ("_grad_max_diff", grads))}}))
 
 
 # ============================================================================ 6. command line

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import DynamicCache
 
 import data
 import dpo
@@ -295,27 +296,30 @@ def generation_mode(model):
 
 # ============================================================================ 4. log-probs
 def completion_logprobs(model, prompt, completion_ids, completion_mask, temperature=1.0, suppress=None,
-                        group_size=1, chunk_rows=8, one_piece_bytes=2 ** 28):
+                        group_size=1, chunk_rows=None, one_piece_bytes=2 ** 28):
     """Per-token log-probs [N, T] (nats) of `completion_ids` given the (already repeated) prompt tensors.
 
-    One forward over prompt + completion; logits only for the T completion positions, `chunk_rows`
-    rows at a time and recomputed in backward: Qwen's 151k-entry vocabulary makes [N, T, V] fp32
-    logits of a GRPO batch (8 x 8 x 256) ~10 GB (logits under 256 MB: one piece). Logits are divided
+    One forward over prompt + completion; logits only for the T completion positions, in one piece when
+    their fp32 [N, T, V] fit in `one_piece_bytes`, else `chunk_rows` rows at a time (default: as many as fit
+    in one_piece_bytes, at least 1) recomputed in backward: Qwen's 151k-entry vocabulary makes the fp32
+    logits of a GRPO batch (8 x 8 x 256) ~10 GB, one row of 256 tokens 156 MB. Logits are divided
     by the sampling temperature and the `suppress` ids masked as in sampling: the log-probs of the
     distribution sampled from. Positions after EOS (mask 0) are 0. group_size > 1: rows come in
     groups of copies of one prompt (sample()'s order) and each prompt runs once (shared_prefix_hidden;
-    same values and gradients; not under gradient checkpointing, which keeps no KV cache)."""
+    same values and gradients, with or without gradient checkpointing)."""
     module = hf_model(model)                                      # a DeepSpeed engine / LoRA -> the HF model
     T = completion_ids.shape[1]
-    if group_size > 1 and SHARED_PREFIX and not is_checkpointing(module):
+    if group_size > 1 and SHARED_PREFIX and cache_survives_checkpointing(module):
         hidden = shared_prefix_hidden(module, prompt, completion_ids, completion_mask, group_size)
     else:
         full = dict(full_sequence(prompt, completion_ids, completion_mask),
                     **{k: v for k, v in prompt.items() if k in ("pixel_values", "image_grid_thw")})
         hidden = module.model(**full, use_cache=False).last_hidden_state[:, -(T + 1):-1]   # [N, T, H]: t predicts t
     head, rows = module.get_output_embeddings(), []
-    if hidden.shape[0] * T * head.out_features * 4 <= one_piece_bytes:   # small fp32 logits: one piece
+    row_bytes = T * head.out_features * 4                                 # one row's fp32 logits
+    if hidden.shape[0] * row_bytes <= one_piece_bytes:                    # small logits: one piece
         return _token_logp(head, hidden, completion_ids, temperature, suppress) * completion_mask
+    chunk_rows = chunk_rows or max(1, one_piece_bytes // row_bytes)
     for i in range(0, len(hidden), chunk_rows):
         args = (head, hidden[i:i + chunk_rows], completion_ids[i:i + chunk_rows], temperature, suppress)
         rows.append(torch.utils.checkpoint.checkpoint(_token_logp, *args, use_reentrant=False)
@@ -334,10 +338,13 @@ def shared_prefix_hidden(module, prompt, completion_ids, completion_mask, group_
     """The hidden states [N, T, H] that predict each completion token, each distinct prompt run ONCE.
 
     Rows come in groups of `group_size` copies of one prompt (sample()'s order). The distinct prompts
-    are prefilled once (with gradients), their KV cache repeated to the N rows, the completions run on
-    it; autograd sums a group's gradients through the shared prefix, so values and gradients equal the
-    full forward's while a prompt's image tokens pass the model once, not G times. M-RoPE positions
-    come from the whole sequences. Raises ValueError unless each group holds copies of one prompt."""
+    are prefilled once (with gradients) into a PrefixCache, the completions run on its GroupCache view
+    (each prompt's K/V serves its group_size rows); autograd sums a group's gradients through the shared
+    prefix, so values and gradients equal the full forward's while a prompt's image tokens pass the model
+    once, not G times. Under gradient checkpointing both passes are checkpointed layer by layer, the
+    decoder layers keeping the cache meanwhile (cache_under_checkpointing): the recomputation in backward
+    neither stores the prefix twice nor sees the completion's K/V. M-RoPE positions come from the whole
+    sequences. Raises ValueError unless each group holds copies of one prompt."""
     P, N = prompt["input_ids"].shape[1], completion_ids.shape[0]
     full = full_sequence(prompt, completion_ids, completion_mask)
     positions, _ = module.model.get_rope_index(input_ids=full["input_ids"], attention_mask=full["attention_mask"],
@@ -349,14 +356,76 @@ def shared_prefix_hidden(module, prompt, completion_ids, completion_mask, group_
                         module.config.vision_start_token_id)
     if N % group_size or any(not torch.equal(again[k], prompt[k]) for k in prompt):
         raise ValueError(f"group_size {group_size}: every group of rows must hold copies of one prompt")
-    prefix = module.model(**unique, position_ids=positions[:, first, :P], use_cache=True)
-    cache = output_cache(prefix)
-    cache.batch_repeat_interleave(group_size)                     # [B, ...] -> [N, ...], differentiable
-    rest = module.model(input_ids=completion_ids, attention_mask=full["attention_mask"], use_cache=True,
-                        position_ids=positions[:, :, P:],
-                        **{cache_argument(module.model): cache}).last_hidden_state    # [N, T, H]
+    argument, cache = cache_argument(module.model), PrefixCache()
+    with cache_under_checkpointing(module):
+        prefix = module.model(**unique, position_ids=positions[:, first, :P], use_cache=False, **{argument: cache})
+        rest = module.model(input_ids=completion_ids, attention_mask=full["attention_mask"], use_cache=False,
+                            position_ids=positions[:, :, P:],
+                            **{argument: GroupCache(cache, group_size)}).last_hidden_state    # [N, T, H]
     last = prefix.last_hidden_state[:, -1:].repeat_interleave(group_size, 0)      # predicts completion token 0
     return torch.cat([last, rest[:, :-1]], 1)
+
+
+class PrefixCache(DynamicCache):
+    """The KV cache of shared_prefix_hidden's prefix pass, safe to replay: a layer's first forward stores
+    its K/V [B, heads, P, head_dim]; a replay of it (gradient checkpointing's recomputation in backward)
+    gets its fresh K/V back and stores nothing. Either way update() returns the fresh K/V, as a
+    DynamicCache does on an empty layer."""
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        if self.get_seq_length(layer_idx) == 0:
+            super().update(key_states, value_states, layer_idx, *args, **kwargs)
+        return key_states, value_states
+
+
+class GroupCache(DynamicCache):
+    """A read-only view of a PrefixCache for `group_size` rows per prefix row (the completion pass):
+    update() returns cat(the prefix's K/V repeated to the group, the new K/V) along the sequence and
+    stores nothing, so a replay in backward computes exactly what the forward did. The repeat happens
+    inside the (checkpointed) layer: only the prefix's B rows are kept, never its N = B x G copies."""
+
+    def __init__(self, prefix, group_size):
+        super().__init__()
+        self.layers, self.group_size = prefix.layers, group_size      # sequence lengths, masks: the prefix's
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        layer = self.layers[layer_idx]
+        return tuple(torch.cat([past.repeat_interleave(self.group_size, 0), new], -2)
+                     for past, new in ((layer.keys, key_states), (layer.values, value_states)))
+
+
+def checkpointed_layers(module):
+    """The text decoder's layers that gradient checkpointing wraps (GradientCheckpointingLayer)."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+    return [m for m in module.model.language_model.modules() if isinstance(m, GradientCheckpointingLayer)]
+
+
+def cache_survives_checkpointing(module):
+    """Whether shared_prefix_hidden can run: always without checkpointing (or without gradients); under it,
+    when the transformers version lets a layer keep a read-only cache (`_can_checkpoint_with_cache`)."""
+    if not (is_checkpointing(module) and module.training and torch.is_grad_enabled()):
+        return True
+    layers = checkpointed_layers(module)
+    return bool(layers) and all(hasattr(m, "_can_checkpoint_with_cache") for m in layers)
+
+
+@contextlib.contextmanager
+def cache_under_checkpointing(module):
+    """The text decoder's layers keep the KV cache under gradient checkpointing meanwhile (transformers'
+    GradientCheckpointingLayer drops it otherwise, since a replay would write a growing cache twice; the
+    PrefixCache / GroupCache replays are idempotent). Set per layer instance and restored after."""
+    layers = checkpointed_layers(module)
+    saved = [m.__dict__.get("_can_checkpoint_with_cache") for m in layers]
+    for m in layers:
+        m._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for m, old in zip(layers, saved):
+            if old is None:
+                del m._can_checkpoint_with_cache
+            else:
+                m._can_checkpoint_with_cache = old
 
 
 def _token_logp(head, hidden, ids, temperature, suppress):
