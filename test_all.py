@@ -1810,10 +1810,10 @@ def test_rise_cot_reward_cls():
     # leak: a probability in the CoT zeroes the reward, similarity is still logged
     out = R.rise_cot_reward("About 0.5 of it is warm and the rest cool.", '{"red": .5, "blue": .5}', GT_CLS, "cls")
     assert out["leak"] and out["reward"] == 0.0 and out["similarity"] == approx(1.0)
-    # naming a class is a leak by default, allowed with forbid_class_names=False
+    # the paper's leak is numbers: naming a class is allowed by default, a leak with forbid_class_names=True
     cot = "A red patch dominates the left side of the picture."
-    assert R.rise_cot_reward(cot, '{"red": .5, "blue": .5}', GT_CLS, "cls")["leak"]
-    assert R.rise_cot_reward(cot, '{"red": .5, "blue": .5}', GT_CLS, "cls", forbid_class_names=False)["reward"] == 1.0
+    assert R.rise_cot_reward(cot, '{"red": .5, "blue": .5}', GT_CLS, "cls")["reward"] == 1.0
+    assert R.rise_cot_reward(cot, '{"red": .5, "blue": .5}', GT_CLS, "cls", forbid_class_names=True)["leak"]
     # imperfect reconstruction {"red":1,"blue":1}: Sim = exp(-1.125) = 0.324652 (see cls hacks)
     assert R.rise_cot_reward(GOOD_COT, '{"red": 1, "blue": 1}', GT_CLS, "cls")["reward"] == approx(0.324652, abs=1e-6)
 
@@ -1854,10 +1854,10 @@ def test_rise_r1_reward():
     assert R.rise_r1_reward(good, GT_CLS, "cls") == {"reward": approx(2.0), "similarity": approx(1.0), "format": 1.0}
     # Hack: empty answer -> 0 similarity and 0 format
     assert R.rise_r1_reward("<think>a b c</think><answer></answer>", GT_CLS, "cls")["reward"] == 0.0
-    # Hack: every class at 1.0. Sim = exp(-1.125) = 0.324652; R_fmt = exp(-|2-1|) = 0.367879
-    # total = 0.692531
+    # Hack: every class at 1.0. Sim = exp(-0.5*0 - 0.5*0.25) * exp(-|2-1|) = exp(-1.125) = 0.324652 (the sum
+    # penalty is inside Sim, eqs. 2-5); the answer is well formed, R_fmt = 1 (eq. 9): total 1.324652
     out = R.rise_r1_reward('<think>x</think><answer>{"red": 1, "blue": 1}</answer>', GT_CLS, "cls")
-    assert out["format"] == approx(0.367879, abs=1e-6) and out["reward"] == approx(0.692531, abs=1e-6)
+    assert out["format"] == 1.0 and out["reward"] == approx(1.324652, abs=1e-6)
     # answer without think block: similarity 1, format 0 -> 1
     assert R.rise_r1_reward("<answer>[0,0,10,10]</answer>", [[0, 0, 10, 10]], "det")["reward"] == approx(1.0)
     # Hack: whole-image box for a small target: IoU 0.01 + format 1 = 1.01
@@ -2690,7 +2690,7 @@ def test_formatting_helpers():
         'of the red circle.')
     # every box prompt the policy answers ends with the look question's words (the tiny base reads the box there)
     for style in ("r1", "plain"):
-        assert data.prompt(style, {"target": "the red circle", "boxes": [[1, 2, 3, 4]]}).endswith(
+        assert data.prompt(style, {"target": "the red circle", "boxes": [[1, 2, 3, 4]], "scene": []}).endswith(
             "[x1,y1,x2,y2]: the box of the red circle.")
     assert data.CRITIC_BOX_PROMPT.format(question="Q?", answer="red").endswith(
         'Reply with JSON {"score": x}, x between 0 and 1.')
@@ -2699,9 +2699,9 @@ def test_formatting_helpers():
 
 
 def test_prompt_picks_the_template_of_the_record_task():
-    cls = {"classes": ["red", "blue"], "probs": [0.75, 0.25]}
-    det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]]}
-    multi = {"target": "circles", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "multi": True}
+    cls = {"classes": ["red", "blue"], "probs": [0.75, 0.25], "scene": []}
+    det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]], "scene": []}
+    multi = {"target": "circles", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "multi": True, "scene": []}
     assert data.prompt("plain", cls) == "Give as JSON the probability of each class in red, blue."
     assert data.prompt("r1", cls) == data.R1_PROMPT_CLS.format(class_list="red, blue")
     assert data.prompt("rec", cls, cot="C") == data.REC_PROMPT_CLS.format(cot="C", class_list="red, blue")
@@ -2729,9 +2729,9 @@ def test_every_prompt_ends_with_what_to_look_for():
     """The target, instruction, question or class list is the last thing a prompt says, right before the
     image in the tiny chat template: the tiny base finds a named shape only then (README, "the tiny base":
     its box IoU in scenes fell from 0.37 to 0.19 with "Please." after the name, to 0.09 with a sentence)."""
-    det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]]}
-    multi = {"target": "circles", "boxes": [[1, 2, 3, 4]], "multi": True}
-    cls = {"classes": ["red", "blue"], "probs": [0.75, 0.25]}
+    det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]], "scene": []}
+    multi = {"target": "circles", "boxes": [[1, 2, 3, 4]], "multi": True, "scene": []}
+    cls = {"classes": ["red", "blue"], "probs": [0.75, 0.25], "scene": []}
     for style in ("rec", "r1", "plain"):
         assert data.prompt(style, det, cot="C", frame=(1000, 1000)).endswith("the red circle.")
         assert data.prompt(style, multi, cot="C").endswith("circles.")
@@ -2745,8 +2745,8 @@ def test_prompt_never_tells_the_number_of_objects():
     """RISE (arXiv 2508.13229) sec. 4: the COCO-Sub prompt is the dataset's, not the label's. A record of a
     multi-object dataset with ONE box still gets the box-list template and a list answer; a single-object
     record gets the one-box template; a single-object record with two boxes is a manifest error."""
-    one_of_many = {"target": "circles", "boxes": [[1, 2, 3, 4]], "multi": True}
-    two_of_many = {"target": "circles", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "multi": True}
+    one_of_many = {"target": "circles", "boxes": [[1, 2, 3, 4]], "multi": True, "scene": []}
+    two_of_many = {"target": "circles", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "multi": True, "scene": []}
     for style in ("r1", "plain"):
         assert data.prompt(style, one_of_many) == data.prompt(style, two_of_many)
     assert data.prompt("plain", one_of_many) == "Answer with [[x1,y1,x2,y2], ...]: the boxes of all circles."
@@ -2765,12 +2765,12 @@ def test_box_prompts_state_the_model_frame():
         image_processor = type("IP", (), {"patch_size": 14, "merge_size": 2,
                                           "size": {"shortest_edge": 3136, "longest_edge": 401408}})
     assert vlm.box_frame("qwen2_5_vl", (640, 480), Proc) == (644, 476)
-    det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]]}
+    det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]], "scene": []}
     assert data.prompt("r1", det, frame=(1000, 1000)).startswith("The image is of resolution 1000x1000. Think in")
     assert data.prompt("seg", {"instruction": "x"}, frame=(644, 476)).startswith("The image is of resolution 644x476.")
     assert data.prompt("grounding", {"instruction": "the dog"}) == (
         "Locate the dog in the image, output its bbox coordinates using JSON format.")
-    cls = {"classes": ["a", "b"], "probs": [1.0, 0.0]}
+    cls = {"classes": ["a", "b"], "probs": [1.0, 0.0], "scene": []}
     assert "resolution" not in data.prompt("r1", cls, frame=(1000, 1000))    # no boxes, no frame
 
 
@@ -2928,17 +2928,21 @@ def test_reasonseg_det_and_seg(tmp_path):
     assert skipped == 0
     det, _ = data.read_manifest(paths["det"], "det")
     seg, _ = data.read_manifest(paths["seg"], "seg")
+    # a's queries are questions (is_sentence): no target description yet -> needs_target.jsonl, not det;
+    # b's phrase is the target, one sample per target shape, each with its own box
     assert [(r["id"], r["target"], r["boxes"]) for r in det] == [
-        ("a", "what holds the soup?", [[10, 10, 26, 21]]), ("b", "the two cups", [[5, 5, 51, 41]])]
+        ("b-0-0", "the two cups", [[5, 5, 10, 10]]), ("b-0-1", "the two cups", [[40, 30, 51, 41]])]
+    assert [(r["id"], r["question"], r["boxes"], r["target"]) for r in run.read_jsonl(paths["needs_target"])] == [
+        ("a-0-0", "what holds the soup?", [[10, 10, 26, 21]], None), ("a-1-0", "the bowl", [[10, 10, 26, 21]], None)]
     assert [(r["id"], r["instruction"], r["box"]) for r in seg] == [
         ("a-0", "what holds the soup?", [10, 10, 26, 21]), ("a-1", "the bowl", [10, 10, 26, 21]),
         ("b-0", "the two cups", [5, 5, 51, 41])]
-    assert det[0]["is_sentence"] is True and seg[2]["is_sentence"] is False
+    assert det[0]["is_sentence"] is False and seg[0]["is_sentence"] is True
     for rec in seg:
         mask = np.asarray(Image.open(rec["mask_path"]))
         assert set(np.unique(mask)) <= {0, 255}
         assert np.array_equal(mask == 255, expected[rec["id"][0]])
-    assert det[0]["image"] == "../ReasonSeg/val/a.jpg"
+    assert det[0]["image"] == "../ReasonSeg/val/b.jpg"
 
 
 @pytest.mark.parametrize("name, content, has_image, where", [
@@ -2962,7 +2966,7 @@ def test_reasonseg_bad_file(tmp_path, name, content, has_image, where):
     with pytest.raises(SystemExit, match=where):
         convert.main(["reasonseg", "--src", str(src), "--out", str(tmp_path / "out")])
     paths, skipped = convert.convert_reasonseg(src, tmp_path / "out", skip_bad=True)
-    assert skipped == 1 and _ids(paths["det"]) == ["a", "b"]
+    assert skipped == 1 and _ids(paths["seg"]) == ["a-0", "a-1", "b-0"]
 
 
 def _portrait_photo(path, object_box=(60, 10, 96, 51)):
@@ -2981,7 +2985,7 @@ def test_reasonseg_mask_lands_on_the_object_of_an_exif_rotated_photo(tmp_path):
     src = tmp_path / "val"
     _portrait_photo(src / "p.jpg")
     assert Image.open(src / "p.jpg").size == (200, 100)
-    (src / "p.json").write_text(json.dumps({"text": ["the red thing"], "imageWidth": 100,
+    (src / "p.json").write_text(json.dumps({"text": ["the red thing"], "is_sentence": False, "imageWidth": 100,
                                             "imageHeight": 200, "shapes": [_rect(60, 10, 95, 50)]}))
     paths, skipped = convert.convert_reasonseg(src, tmp_path / "out")
     det, _ = data.read_manifest(paths["det"], "det")
@@ -3008,7 +3012,7 @@ def test_reasonseg_refuses_a_labelme_size_that_is_not_the_displayed_one(tmp_path
     with pytest.raises(data.ManifestError, match=where):
         convert.convert_reasonseg(src, tmp_path / "out")
     paths, skipped = convert.convert_reasonseg(src, tmp_path / "out", skip_bad=True)
-    assert skipped == 1 and _ids(paths["det"]) == ["ok"]
+    assert skipped == 1 and _ids(paths["seg"]) == ["ok-0"]
 
 
 # ------------------------------------------------------------------------------- COCO-Sub
@@ -3176,7 +3180,7 @@ def test_imagenet_bad_input(tmp_path):
                                               n_train=2, n_test=1, skip_bad=True)
     assert skipped == 1 and len(_ids(paths["train"])) + len(_ids(paths["test"])) == 2
     with pytest.raises(data.ManifestError, match=r"train:class n00000000: 3 images"):
-        convert.convert_imagenet(root, tmp_path / "o", n_train=3, n_test=1)
+        convert.convert_imagenet(root, tmp_path / "o", n_classes=5, n_train=3, n_test=1)
     convert.main(["imagenet", "--root", str(root), "--out", str(tmp_path / "cli"), "--n-classes",
                   "2", "--n-train", "1", "--n-test", "1", "--skip-bad", "--as-seg"])
     assert len(_ids(tmp_path / "cli" / "train.jsonl")) >= 1
