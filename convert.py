@@ -278,7 +278,7 @@ def convert_reasonseg(src, out, targets=None, queries="all", skip_bad=False):
         raise ValueError(f"queries must be 'all' or 'first', got {queries!r}")
     src, out, skip = Path(src), Path(out), _Skips(skip_bad)
     described = _read_targets(targets) if targets else {}
-    det, seg, todo = [], [], []
+    det, seg, todo, known = [], [], [], set()       # known: every (query, target) id, whatever `queries`
     for js in sorted(src.glob("*.json")):
         name = js.stem
         try:
@@ -311,6 +311,7 @@ def convert_reasonseg(src, out, targets=None, queries="all", skip_bad=False):
         _save_mask(mask, out / "masks" / f"{name}.png")
         extra = {"is_sentence": ann["is_sentence"]} if "is_sentence" in ann else {}
         phrases = ann.get("is_sentence") is False
+        known.update(f"{name}-{k}-{j}" for k in range(len(texts)) for j in range(len(regions)))
         for k, query in enumerate(texts[:1] if queries == "first" else texts):
             for j, (i, region) in enumerate(regions):
                 region_box = mask_box(region)
@@ -327,7 +328,6 @@ def convert_reasonseg(src, out, targets=None, queries="all", skip_bad=False):
                     todo.append({**rec, **fields, "target": None})
         seg += [{"id": f"{name}-{k}", "image": _rel(image, out), "instruction": t.strip(),
                  "mask": f"masks/{name}.png", "box": box, **extra} for k, t in enumerate(texts)]
-    known = {r["id"] for r in det + todo}
     unknown = sorted(set(described) - known, key=lambda i: described[i][1])
     if unknown:
         raise ManifestError(targets, described[unknown[0]][1], f"{len(unknown)} id(s) name no LISA question "

@@ -65,7 +65,8 @@ def parse_args(argv=None):
     p.add_argument("--class-names", choices=["allow", "remove", "forbid"],
                    help="class names in classification CoTs: allow (the paper: its leak check is numbers), "
                         "remove (the authors' code: sentences naming a class are deleted before the "
-                        "reconstruction and from the kept CoT), forbid (naming a class is a leak: reward 0)")
+                        "reconstruction and from the kept CoT), forbid (naming a class is a leak: reward 0; "
+                        "the shapes world's CoT prompt then asks for no class names)")
     p.add_argument("--no-mask-class-names", dest="class_names", action="store_const", const="allow",
                    help="the same as --class-names allow")
     p.add_argument("--harvest-generations", type=int, default=None, help="G of the harvest pass (default G)")
@@ -168,7 +169,7 @@ def closed_loop(model, processor, records, images, answers, args, group_size):
     rows are prompt-major (sample i owns rows i*G .. i*G+G-1). With --class-names remove the cot
     rollout's texts are the cleaned CoTs (the sampled ones in sampled_texts, its tokens unchanged)."""
     frames = [vlm.box_frame(model.config.model_type, im.size, processor) for im in images]
-    cot_prompts = [[vlm.user_turn(data.prompt("cot", r, boxes=a, frame=f, mask_names=args.class_names != "allow"))]
+    cot_prompts = [[vlm.user_turn(data.prompt("cot", r, boxes=a, frame=f, mask_names=args.class_names == "forbid"))]
                    for r, a, f in zip(records, answers, frames)]
     cot_batch = vlm.chat_inputs(processor, cot_prompts, [[im] for im in images], max_prompt_len=args.max_prompt_len)
     with vlm.generation_mode(model):
@@ -198,7 +199,7 @@ def sample_problem(record, model, processor, args):
     image = data.open_image(record["image_path"])
     frame = vlm.box_frame(model.config.model_type, image.size, processor)
     cot = [vlm.user_turn(data.prompt("cot", record, boxes=annotation(record, image, model, processor), frame=frame,
-                                     mask_names=args.class_names != "allow"))]
+                                     mask_names=args.class_names == "forbid"))]
     rec = [vlm.user_turn(data.prompt("rec", record, cot="", frame=frame))]
     return (vlm.prompt_problem(processor, cot, [image], args.max_prompt_len)
             or vlm.prompt_problem(processor, rec, [image], args.max_prompt_len))
