@@ -30,7 +30,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as coco_api
 
-from data import EMOTION6_CLASSES, ManifestError, UnreadableImage, box_problem, mask_box, open_image, write_jsonl
+from data import (EMOTION6_CLASSES, ManifestError, UnreadableImage, box_problem, mask_box,
+                  open_image, write_jsonl)
 from data import _is_number, _nonempty_str, _rng      # the manifest checks and seeded streams
 
 
@@ -189,10 +190,10 @@ def lisa_regions(shapes, width, height):
     wins where they overlap; a label containing "ignore" marks pixels to leave out, any other label
     marks target pixels. As LISA's cv2.fillPoly on int32 points, the points are truncated to
     integers and the polygon is filled with its boundary (PIL does too).
-    Returns (mask, regions): mask = LISA's target mask (HxW bool); regions = [(i, region_mask)], one
-    per target shape in file order (i: its index in shapes), each that polygon's pixels less those an
-    ignore shape drawn after it takes (another target drawn over it takes nothing: both are targets).
-    A region can be empty. Raises _Bad naming the shape for a malformed one."""
+    Returns (mask, regions): mask = LISA's target mask (HxW bool); regions = [(i, region_mask)],
+    one per target shape in file order (i: its index in shapes), each that polygon's pixels less
+    those an ignore shape drawn after it takes (another target drawn over it takes nothing: both
+    are targets). A region can be empty. Raises _Bad naming the shape for a malformed one."""
     layers = []
     for i, shape in enumerate(shapes):
         label = str(shape.get("label", "")).lower() if isinstance(shape, dict) else ""
@@ -214,8 +215,8 @@ def lisa_regions(shapes, width, height):
     regions = []
     for k, (_, i, ignore, layer) in enumerate(layers):
         if not ignore:
-            later_ignores = [lay for _, _, ign, lay in layers[k + 1:] if ign]
-            regions.append((i, layer & ~np.logical_or.reduce(later_ignores) if later_ignores else layer))
+            later = [lay for _, _, ign, lay in layers[k + 1:] if ign]
+            regions.append((i, layer & ~np.logical_or.reduce(later) if later else layer))
     return canvas == 1, sorted(regions, key=lambda r: r[0])
 
 
@@ -225,9 +226,9 @@ def lisa_mask(shapes, width, height):
 
 
 def _read_targets(path):
-    """A target-description file -> {det record id: (description or None, line)}: JSON lines {"id": ...,
-    "target": "..." or null} (the needs_target.jsonl convert_reasonseg writes, filled in), or one
-    JSON object {id: description}. Raises ManifestError naming the file and line."""
+    """A target-description file -> {det record id: (description or None, line)}: JSON lines
+    {"id": ..., "target": "..." or null} (the needs_target.jsonl convert_reasonseg writes, filled
+    in), or one JSON object {id: description}. Raises ManifestError naming the file and line."""
     text = Path(path).read_text(encoding="utf-8")
     try:
         whole = json.loads(text)
@@ -242,13 +243,15 @@ def _read_targets(path):
                 try:
                     items.append((lineno, json.loads(line)))
                 except json.JSONDecodeError as e:
-                    raise ManifestError(path, lineno, f"invalid JSON ({e.msg}, column {e.colno})") from None
+                    raise ManifestError(path, lineno,
+                                        f"invalid JSON ({e.msg}, column {e.colno})") from None
     targets = {}
     for lineno, item in items:
         target = item.get("target") if isinstance(item, dict) else None
         if not isinstance(item, dict) or not _nonempty_str(item.get("id")) or not (
                 target is None or _nonempty_str(target)):
-            raise ManifestError(path, lineno, 'expected {"id": "<det record id>", "target": "<description>"}')
+            raise ManifestError(path, lineno,
+                                'expected {"id": "<det record id>", "target": "<description>"}')
         targets[item["id"]] = (target.strip() if target else None, lineno)
     return targets
 
@@ -278,7 +281,8 @@ def convert_reasonseg(src, out, targets=None, queries="all", skip_bad=False):
         raise ValueError(f"queries must be 'all' or 'first', got {queries!r}")
     src, out, skip = Path(src), Path(out), _Skips(skip_bad)
     described = _read_targets(targets) if targets else {}
-    det, seg, todo, known = [], [], [], set()       # known: every (query, target) id, whatever `queries`
+    det, seg, todo = [], [], []
+    known = set()                 # every (query, target) id of the folder, whatever `queries`
     for js in sorted(src.glob("*.json")):
         name = js.stem
         try:
@@ -320,7 +324,8 @@ def convert_reasonseg(src, out, targets=None, queries="all", skip_bad=False):
                           file=sys.stderr)
                     continue
                 rec = {"id": f"{name}-{k}-{j}", "image": _rel(image, out)}
-                target = described.get(rec["id"], (None,))[0] or (query.strip() if phrases else None)
+                target = described.get(rec["id"], (None,))[0] or (query.strip() if phrases
+                                                                   else None)
                 fields = {"question": query.strip(), "boxes": [region_box], **extra}
                 if target:
                     det.append({**rec, "target": target, **fields})
@@ -330,17 +335,19 @@ def convert_reasonseg(src, out, targets=None, queries="all", skip_bad=False):
                  "mask": f"masks/{name}.png", "box": box, **extra} for k, t in enumerate(texts)]
     unknown = sorted(set(described) - known, key=lambda i: described[i][1])
     if unknown:
-        raise ManifestError(targets, described[unknown[0]][1], f"{len(unknown)} id(s) name no LISA question "
-                                                               f"of {src}: " + ", ".join(unknown[:5]))
+        raise ManifestError(targets, described[unknown[0]][1],
+                            f"{len(unknown)} id(s) name no LISA question of {src}: "
+                            + ", ".join(unknown[:5]))
     paths = {"det": out / "det.jsonl", "seg": out / "seg.jsonl"}
     write_jsonl(paths["det"], det)
     write_jsonl(paths["seg"], seg)
     if todo:
         paths["needs_target"] = out / "needs_target.jsonl"
         write_jsonl(paths["needs_target"], todo)
-        print(f"note: {len(todo)} LISA question(s) have no target description (RISE detects the target a "
-              f"question asks for, described): they are in {paths['needs_target']}, not in det.jsonl; "
-              "fill in their \"target\" and pass the file with --targets", file=sys.stderr)
+        print(f"note: {len(todo)} LISA question(s) have no target description (RISE detects the "
+              f"target a question asks for, described): they are in {paths['needs_target']}, not "
+              "in det.jsonl; fill in their \"target\" and pass the file with --targets",
+              file=sys.stderr)
     elif (out / "needs_target.jsonl").exists():
         (out / "needs_target.jsonl").unlink()
     return paths, skip.count
@@ -487,15 +494,15 @@ def convert_coco(instances, image_dir, out, classes=None, n_train=25, n_test=10,
 
 
 # ------------------------------------------------ ImageNet-Sub (RISE cls., Seg-RISE ClsOnly)
-# The RISE authors' 20 ImageNet-Sub classes (HSH55/RISE, dataset_generate.py, object_classes, in its order:
-# the ImageNet-1k folders n02708093 .. n02992529 sorted), with their ImageNet folder (wnid).
+# The RISE authors' 20 ImageNet-Sub classes (HSH55/RISE, dataset_generate.py, object_classes, in
+# its order: their ImageNet-1k folders sorted), keyed by that folder (wnid).
 IMAGENET_SUB = {"n02708093": "analog clock", "n02769748": "backpack", "n02783161": "ballpoint",
                 "n02786058": "Band Aid", "n02790996": "barbell", "n02791124": "barber chair",
                 "n02823428": "beer bottle", "n02823750": "beer glass", "n02841315": "binoculars",
                 "n02865351": "bolo tie", "n02870880": "bookcase", "n02877765": "bottlecap",
-                "n02892767": "brassiere", "n02906734": "broom", "n02909870": "bucket", "n02910353": "buckle",
-                "n02948072": "candle", "n02951585": "can opener", "n02971356": "carton",
-                "n02992529": "cellular telephone"}
+                "n02892767": "brassiere", "n02906734": "broom", "n02909870": "bucket",
+                "n02910353": "buckle", "n02948072": "candle", "n02951585": "can opener",
+                "n02971356": "carton", "n02992529": "cellular telephone"}
 
 
 def _read_names(path):
@@ -541,8 +548,9 @@ def convert_imagenet(root, out, classes=None, names=None, n_classes=None, n_trai
     else:
         missing = [f"{w} ({n})" for w, n in IMAGENET_SUB.items() if w not in folders]
         if missing:
-            raise ValueError(f"{root}: no folder for {len(missing)} of the RISE authors' 20 ImageNet-Sub "
-                             f"classes: {', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} (choose "
+            more = " ..." if len(missing) > 4 else ""
+            raise ValueError(f"{root}: no folder for {len(missing)} of the RISE authors' 20 "
+                             f"ImageNet-Sub classes: {', '.join(missing[:4])}{more} (choose "
                              "classes with --classes, or a seeded --n-classes N)")
         chosen = list(IMAGENET_SUB)
     picked = {}                          # folder -> {"train": files, "test": files}
@@ -814,8 +822,8 @@ def _add_converter_commands(sub):
     p.add_argument("--seed", type=int, default=0)
     p = command("reasonseg", "one LISA/ReasonSeg split folder -> OUT/det.jsonl, OUT/seg.jsonl")
     p.add_argument("--src", required=True, help="split folder with <name>.jpg + <name>.json")
-    p.add_argument("--targets", help='target descriptions of det records: JSON lines {"id", "target"} '
-                                     "(OUT/needs_target.jsonl filled in)")
+    p.add_argument("--targets", help='target descriptions of det records: JSON lines {"id", '
+                                     '"target"} (OUT/needs_target.jsonl filled in)')
     p.add_argument("--det-queries", default="all", choices=["all", "first"],
                    help="det.jsonl: a sample per query (all) or per image's first query (first)")
     p = command("coco", "COCO instances -> COCO-Sub OUT/{train,test}.jsonl (detection)")
@@ -826,8 +834,8 @@ def _add_converter_commands(sub):
     p = command("imagenet", "class-folder tree -> ImageNet-Sub OUT/{train,test}.jsonl")
     p.add_argument("--root", required=True, help="folder of class folders")
     p.add_argument("--names", help='file of "<folder> <class name>" lines (LOC_synset_mapping.txt)')
-    p.add_argument("--classes", help="comma-separated folder or class names (default: the RISE authors' "
-                                     "20 ImageNet-Sub classes, convert.IMAGENET_SUB)")
+    p.add_argument("--classes", help="comma-separated folder or class names (default: the RISE "
+                                     "authors' 20 ImageNet-Sub classes, convert.IMAGENET_SUB)")
     p.add_argument("--n-classes", type=int, help="a seeded choice of N class folders instead")
     p.add_argument("--as-seg", action="store_true",
                    help="write Seg-RISE ClsOnly records {id, image, instruction: class name}")

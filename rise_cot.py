@@ -169,7 +169,8 @@ def closed_loop(model, processor, records, images, answers, args, group_size):
     rows are prompt-major (sample i owns rows i*G .. i*G+G-1). With --class-names remove the cot
     rollout's texts are the cleaned CoTs (the sampled ones in sampled_texts, its tokens unchanged)."""
     frames = [vlm.box_frame(model.config.model_type, im.size, processor) for im in images]
-    cot_prompts = [[vlm.user_turn(data.prompt("cot", r, boxes=a, frame=f, mask_names=args.class_names == "forbid"))]
+    forbid = args.class_names == "forbid"       # the shapes world's CoT prompt then asks for no class names
+    cot_prompts = [[vlm.user_turn(data.prompt("cot", r, boxes=a, frame=f, mask_names=forbid))]
                    for r, a, f in zip(records, answers, frames)]
     cot_batch = vlm.chat_inputs(processor, cot_prompts, [[im] for im in images], max_prompt_len=args.max_prompt_len)
     with vlm.generation_mode(model):
@@ -187,7 +188,7 @@ def closed_loop(model, processor, records, images, answers, args, group_size):
         recs = vlm.sample(model, processor, rec_batch, 1, args.rec_max_new_tokens, args.rec_temperature or 1.0,
                           do_sample=args.rec_temperature != 0, repetition_penalty=args.rec_repetition_penalty)
     task = lambda r: "cls" if "probs" in r else "det"  # noqa: E731
-    scored = [rewards.rise_cot_reward(c, a, answers[i], task(records[i]), forbid_class_names=args.class_names == "forbid",
+    scored = [rewards.rise_cot_reward(c, a, answers[i], task(records[i]), forbid_class_names=forbid,
                                       terms=args.reward_terms)
               for i, c, a in zip(owner, cots["texts"], recs["texts"])]
     return cots, recs, scored

@@ -154,9 +154,10 @@ def few_shot(records, task, k, seed):
     class); K in total for detection without classes (LISA).
     The SFT stage's CoTs are those --cots holds for the chosen records: RISE-CoT's run, normally on the
     full training set. The paper does not say where its few-shot CoTs came from; the authors' code
-    selects few-shot samples in its RISE-R1 scripts only (the first K per class, HSH55/RISE
-    RISE-R1/grpo_emo6.py; its RISE-CoT scripts use the whole set), which is what this default does.
-    For CoTs made from the K labelled samples alone, run rise_cot.py on a manifest of those samples."""
+    selects few-shot samples in its RISE-R1 scripts only (HSH55/RISE RISE-R1/grpo_emo6.py, the first
+    K per class in file order where this takes a seeded random K; its RISE-CoT scripts use the whole
+    set), which is what this default does. For CoTs made from the K labelled samples alone, run
+    rise_cot.py on a manifest of those samples."""
     rng = random.Random(seed)
     if task == "det" and not all("category_id" in r for r in records):
         return rng.sample(records, min(k, len(records)))
@@ -258,10 +259,10 @@ def metrics_of(preds, records, task, baseline=None):
     AP averaged over the categories. LISA: the target is the record's own target description, so nearly
     every record is a class of its own with one GT box: with one predicted box per record, mAP@0.5 is
     the share of records whose box has IoU >= 0.5 with the target, whatever the order of the test set
-    (extra boxes lower their record's AP). A single class for all of LISA would rank confidence-less boxes by file order and make AP
-    depend on it; the paper does not say which convention its LISA mAP uses and its authors' evaluation
-    code is not released. Records that share a description (one question split over several target
-    regions) share a class."""
+    (extra boxes lower their record's AP). A single class for all of LISA would rank confidence-less
+    boxes by file order and make AP depend on it; the paper does not say which convention its LISA
+    mAP uses and its authors' evaluation code is not released. Records that share a description (one
+    question split over several target regions) share a class."""
     m = {"n": len(preds), "unparsable": sum(not p["parsed"] for p in preds)}
     if task == "cls":
         m["jsd"] = float(np.mean([p["jsd"] for p in preds])) if preds else math.log(2)

@@ -3484,7 +3484,8 @@ def _real_datasets(tmp_path):
     out["COCO-Sub"] = next(r for r in data.read_manifest(paths["train"], "det")[0] if r["target"] == "traffic light")
     paths, _ = convert.convert_imagenet(_authors_imagenet_tree(tmp_path / "imagenet" / "train"), tmp_path / "in",
                                         n_train=1, n_test=1)
-    out["ImageNet-Sub"] = next(r for r in data.read_manifest(paths["train"], "cls")[0] if r["id"].startswith("n02786058"))
+    out["ImageNet-Sub"] = next(r for r in data.read_manifest(paths["train"], "cls")[0]
+                               if r["id"].startswith("n02786058"))                   # a Band Aid image
     return {name: (rec, data.open_image(rec["image_path"])) for name, rec in out.items()}
 
 
@@ -3584,7 +3585,8 @@ def test_rise_answers_parse_and_score_with_multi_word_classes(tmp_path):
         "[[1,2,3,4],[5,6,7,8]]"
     assert R.parse_boxes("[10, 20, 30, 40]") == [[10, 20, 30, 40]]
     gt = dict(zip(IMAGENET_SUB_AUTHORS, [0.0] * 3 + [1.0] + [0.0] * 16))                  # Band Aid
-    authors_gt = "{" + ", ".join("'%s':%s" % (c, "1.0" if c == "Band Aid" else "0.0") for c in IMAGENET_SUB_AUTHORS) + "}"
+    authors_gt = "{" + ", ".join("'%s':%s" % (c, "1.0" if c == "Band Aid" else "0.0")
+                                 for c in IMAGENET_SUB_AUTHORS) + "}"            # their `solution` text
     assert R.cls_similarity(R.parse_class_probs(authors_gt), gt) == approx(1.0)
     for spelled in ("band aid", "Band_Aid", "BAND-AID", "bandaid"):
         assert R.cls_similarity({spelled: 1.0}, gt) == approx(1.0), spelled
@@ -3598,7 +3600,8 @@ def test_rise_r1_format_reward_is_one_for_a_well_formed_answer():
     """RISE eq. 9: R = Sim + R_fmt with R_fmt the format compliance alone; the probability-sum penalty lives in
     Sim_cls (eqs. 2-5) and counts once. {"red": 0.3, "blue": 0.3} vs (0.5, 0.5): renormalised q = p, KL 0,
     MSE = (0.2^2 + 0.2^2) / 2 = 0.04, sum 0.6 -> Sim = exp(-0.02) * exp(-0.4) = exp(-0.42) = 0.657047."""
-    out = R.rise_r1_reward('<think>both halves are alike</think><answer>{"red": 0.3, "blue": 0.3}</answer>', GT_CLS, "cls")
+    out = R.rise_r1_reward('<think>both halves are alike</think><answer>{"red": 0.3, "blue": 0.3}</answer>',
+                           GT_CLS, "cls")
     assert out["similarity"] == approx(math.exp(-0.42), abs=1e-9) == approx(0.657047, abs=1e-6)
     assert out["format"] == 1.0 and out["reward"] == approx(1.657047, abs=1e-6)
     assert R.rise_r1_reward('<answer>{"red": 0.3, "blue": 0.3}</answer>', GT_CLS, "cls")["format"] == 0.0   # no think
