@@ -189,9 +189,10 @@ RISE_COT_OBJECTS = (
     "classification probabilities. Avoid directly stating the object names or probabilities; instead, focus on "
     "the visual cues and their implications.")
 # RISE-CoT reasoning generation, Emotion6: ADAPTED, not the authors' text. Their Emotion6 prompts were built
-# offline and are not released; their trainer (RISE-R1/trainer/grpo_class_multithink_trainer_emo6.py,
-# _generate_responses) shows only that the prompt ended "...this distribution." and that " concisely in under
-# 100 words." was added at run time. This is RISE_COT_OBJECTS with the objects' words turned into emotions'.
+# offline and are not released; their trainer (RISE-R1/trainer/grpo_class_multithink_trainer_emo6.py L440,
+# _generate_responses) shows only that the prompt held "...this distribution.", which it turned into "...this
+# distribution concisely in under 100 words." at run time. This is RISE_COT_OBJECTS with the objects' words
+# turned into emotions'.
 RISE_COT_EMOTIONS = (
     "Analyze the image to explain how the visual elements support the emotion probability distribution "
     "{answer_str}, concisely in under 100 words. Describe key objects, facial expressions, colors, scene "
@@ -207,13 +208,13 @@ RISE_COT_DET = (
     "visual and contextual features, explain why this region is recognized as {object_name}. Provide a clear "
     "Chain-of-Thought (CoT) to justify the conclusion.")
 # RISE-CoT annotation reconstruction, classification: RISE-R1/trainer/grpo_class_multithink_trainer_emo6.py
-# L503-509, word for word for Emotion6 (its example outputs are EMOTION6_EXAMPLE / _INCORRECT). Other class
+# L505-509, word for word for Emotion6 (its example outputs are EMOTION6_EXAMPLE / _INCORRECT). Other class
 # lists (ImageNet-Sub; the authors' trainer for it is not released) get the same text with "object categories"
 # and examples over their own classes: uniform probabilities, and all-integer zeros as the incorrect one.
 RISE_REC_CLS = (
     "Please analyze the provided image description and generate a probability distribution across the "
     "following {kind} categories: {categories}. Description: {description}. Do not provide any additional "
-    "explanations or reasoning. Only return the result in the following format. Each probability must be a "
+    "explanations or reasoning. Only return the result in the specified format. Each probability must be a "
     "floating-point number between 0 and 1, rounded to 6 decimal places. The sum of all probabilities must be "
     "exactly 1.000000 (allowing for minor floating-point errors). Example output: {example}. Incorrect output: "
     "{incorrect}.")

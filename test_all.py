@@ -3429,11 +3429,11 @@ IMAGENET_SUB_AUTHORS = [      # HSH55/RISE dataset_generate.py, object_classes
     "analog clock", "backpack", "ballpoint", "Band Aid", "barbell", "barber chair", "beer bottle", "beer glass",
     "binoculars", "bolo tie", "bookcase", "bottlecap", "brassiere", "broom", "bucket", "buckle", "candle",
     "can opener", "carton", "cellular telephone"]
-# RISE-R1/trainer/grpo_class_multithink_trainer_emo6.py L503-509, as rendered (only the description varies)
+# RISE-R1/trainer/grpo_class_multithink_trainer_emo6.py L505-509, as rendered (only the description varies)
 E6_REC = ("Please analyze the provided image description and generate a probability distribution across the "
           "following emotion categories: 'anger', 'disgust', 'fear', 'joy', 'sadness', 'surprise', 'neutral'. "
           "Description: %s. Do not provide any additional explanations or reasoning. Only return the result in the "
-          "following format. Each probability must be a floating-point number between 0 and 1, rounded to 6 "
+          "specified format. Each probability must be a floating-point number between 0 and 1, rounded to 6 "
           "decimal places. The sum of all probabilities must be exactly 1.000000 (allowing for minor "
           "floating-point errors). Example output: {'anger': 0.0, 'disgust': 0.1666667, 'fear': 0.1, 'joy': "
           "0.466667, 'sadness': 0.1, 'surprise': 0.166667, 'neutral': 0.0}. Incorrect output: {'anger': 0, "
