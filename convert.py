@@ -30,7 +30,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 from pycocotools import mask as coco_api
 
-from data import ManifestError, UnreadableImage, box_problem, mask_box, open_image, write_jsonl
+from data import (EMOTION6_CLASSES, ManifestError, UnreadableImage, box_problem, mask_box,
+                  open_image, write_jsonl)
 from data import _is_number, _nonempty_str, _rng      # the manifest checks and seeded streams
 
 
@@ -42,7 +43,6 @@ from data import _is_number, _nonempty_str, _rng      # the manifest checks and 
 # is dropped silently. Random choices use _rng(seed, dataset, class or split), so the same
 # seed gives byte-identical files and one class's sample does not depend on the others.
 # Every converter returns ({name: manifest path}, number of skipped records).
-EMOTION6_CLASSES = ["anger", "disgust", "fear", "joy", "sadness", "surprise", "neutral"]
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp")
 VISCOT_COT_PROMPTS = (   # appended to every VisCoT question (tools/convert_data_to_llava_format.py)
     "Please provide the bounding box coordinate of the region that can help you answer the "
@@ -184,12 +184,16 @@ def convert_emotion6(root, out, seed=0, test_frac=0.3, skip_bad=False):
 
 
 # ------------------------------------------------- LISA / ReasonSeg (RISE det. and Seg-RISE)
-def lisa_mask(shapes, width, height):
-    """The target mask of a LISA annotation, by LISA's own rule (get_mask_from_json):
-    shapes labelled "flag" are dropped; the others are drawn largest first, so a smaller shape
-    drawn later wins where they overlap; a label containing "ignore" marks pixels to leave out,
-    any other label marks target pixels. As LISA's cv2.fillPoly on int32 points, the points
-    are truncated to integers and the polygon is filled with its boundary (PIL does too)."""
+def lisa_regions(shapes, width, height):
+    """The target pixels of a LISA annotation, by LISA's own rule (get_mask_from_json): shapes
+    labelled "flag" are dropped; the others are drawn largest first, so a smaller shape drawn later
+    wins where they overlap; a label containing "ignore" marks pixels to leave out, any other label
+    marks target pixels. As LISA's cv2.fillPoly on int32 points, the points are truncated to
+    integers and the polygon is filled with its boundary (PIL does too).
+    Returns (mask, regions): mask = LISA's target mask (HxW bool); regions = [(i, region_mask)],
+    one per target shape in file order (i: its index in shapes), each that polygon's pixels less
+    those an ignore shape drawn after it takes (another target drawn over it takes nothing: both
+    are targets). A region can be empty. Raises _Bad naming the shape for a malformed one."""
     layers = []
     for i, shape in enumerate(shapes):
         label = str(shape.get("label", "")).lower() if isinstance(shape, dict) else ""
@@ -204,25 +208,81 @@ def lisa_mask(shapes, width, height):
         ImageDraw.Draw(layer).polygon([(int(x), int(y)) for x, y in pts], fill=1)
         layer = np.asarray(layer, dtype=bool)
         layers.append((-int(layer.sum()), i, "ignore" in label, layer))
+    layers.sort(key=lambda t: t[:2])                      # LISA's drawing order
     canvas = np.zeros((height, width), np.uint8)          # 0 background, 1 target, 2 ignore
-    for _, _, ignore, layer in sorted(layers, key=lambda t: t[:2]):
+    for _, _, ignore, layer in layers:
         canvas[layer] = 2 if ignore else 1
-    return canvas == 1
+    regions = []
+    for k, (_, i, ignore, layer) in enumerate(layers):
+        if not ignore:
+            later = [lay for _, _, ign, lay in layers[k + 1:] if ign]
+            regions.append((i, layer & ~np.logical_or.reduce(later) if later else layer))
+    return canvas == 1, sorted(regions, key=lambda r: r[0])
 
 
-def convert_reasonseg(src, out, skip_bad=False):
+def lisa_mask(shapes, width, height):
+    """The target mask of a LISA annotation (lisa_regions' first value)."""
+    return lisa_regions(shapes, width, height)[0]
+
+
+def _read_targets(path):
+    """A target-description file -> {det record id: (description or None, line)}: JSON lines
+    {"id": ..., "target": "..." or null} (the needs_target.jsonl convert_reasonseg writes, filled
+    in), or one JSON object {id: description}. Raises ManifestError naming the file and line."""
+    text = Path(path).read_text(encoding="utf-8")
+    try:
+        whole = json.loads(text)
+    except json.JSONDecodeError:
+        whole = None
+    if isinstance(whole, dict) and "id" not in whole:
+        items = [(1, {"id": k, "target": v}) for k, v in whole.items()]
+    else:
+        items = []
+        for lineno, line in enumerate(text.splitlines(), 1):
+            if line.strip():
+                try:
+                    items.append((lineno, json.loads(line)))
+                except json.JSONDecodeError as e:
+                    raise ManifestError(path, lineno,
+                                        f"invalid JSON ({e.msg}, column {e.colno})") from None
+    targets = {}
+    for lineno, item in items:
+        target = item.get("target") if isinstance(item, dict) else None
+        if not isinstance(item, dict) or not _nonempty_str(item.get("id")) or not (
+                target is None or _nonempty_str(target)):
+            raise ManifestError(path, lineno,
+                                'expected {"id": "<det record id>", "target": "<description>"}')
+        targets[item["id"]] = (target.strip() if target else None, lineno)
+    return targets
+
+
+def convert_reasonseg(src, out, targets=None, queries="all", skip_bad=False):
     """One LISA / ReasonSeg split folder (<name>.jpg + <name>.json, the JSON holding "text":
     [queries], "is_sentence" and labelme "shapes") -> OUT/det.jsonl, OUT/seg.jsonl, OUT/masks/.
 
-    det.jsonl (RISE's LISA detection, single target): one record per image, target = the first
-    query, boxes = [the tight box of the target mask] (the union of all target polygons).
-    seg.jsonl (Seg-RISE): one record per query, id "<name>-<k>", with the mask PNG
-    masks/<name>.png (0/255) and the same box. Run once per split folder (train, val, test).
-    Polygons are drawn on the image as displayed (EXIF orientation applied, as labelme shows
-    it); a stated imageWidth / imageHeight that is not that size is a bad record (file:line).
+    det.jsonl, RISE's LISA detection (arXiv 2508.13229, "Datasets"): "(1) extracting a single target
+    per question, (2) converting masks to bounding boxes, and (3) splitting images with multiple
+    question-specific targets into single-target samples". One record per (query, target shape), id
+    "<name>-<query k>-<target shape j>", boxes = [the tight box of that shape's region]
+    (lisa_regions), "question" = the query. queries="first" takes each image's first query only (the
+    paper's 239 training samples are as many as ReasonSeg's training images). "target" is the
+    target's description, never the question: from `targets` (a file of {"id", "target"}, see
+    _read_targets) when it names the record, else the query itself when the annotation's queries are
+    phrases ("is_sentence": false, e.g. "the bowl"). The paper's descriptions of the questions are
+    not released, so a question without one is written to OUT/needs_target.jsonl ({"id", "image",
+    "question", "boxes", "target": null}; fill in "target" and pass the file as `targets`), not to
+    det.jsonl, and counted in the returned paths ("needs_target").
+    seg.jsonl (Seg-RISE): one record per query, id "<name>-<k>", instruction = the query, with the
+    mask PNG masks/<name>.png (0/255) and its box. Run once per split folder (train, val, test).
+    Polygons are drawn on the image as displayed (EXIF orientation applied, as labelme shows it); a
+    stated imageWidth / imageHeight that is not that size is a bad record (file:line).
     """
+    if queries not in ("all", "first"):
+        raise ValueError(f"queries must be 'all' or 'first', got {queries!r}")
     src, out, skip = Path(src), Path(out), _Skips(skip_bad)
-    det, seg = [], []
+    described = _read_targets(targets) if targets else {}
+    det, seg, todo = [], [], []
+    known = set()                 # every (query, target) id of the folder, whatever `queries`
     for js in sorted(src.glob("*.json")):
         name = js.stem
         try:
@@ -244,7 +304,7 @@ def convert_reasonseg(src, out, skip_bad=False):
                 key = '"imageWidth"' if '"imageWidth"' in text else '"imageHeight"'
                 _check_size((ann.get("imageWidth"), ann.get("imageHeight")), size, image,
                             "imageWidth/imageHeight", text[:text.find(key)].count("\n") + 1)
-            mask = lisa_mask(ann["shapes"], *size)
+            mask, regions = lisa_regions(ann["shapes"], *size)
             box = mask_box(mask)
             if box is None:
                 raise _Bad("no target pixels (every shape is ignore/flag or off the image)",
@@ -254,13 +314,42 @@ def convert_reasonseg(src, out, skip_bad=False):
             continue
         _save_mask(mask, out / "masks" / f"{name}.png")
         extra = {"is_sentence": ann["is_sentence"]} if "is_sentence" in ann else {}
-        det.append({"id": name, "image": _rel(image, out), "target": texts[0].strip(),
-                    "boxes": [box], **extra})
+        phrases = ann.get("is_sentence") is False
+        known.update(f"{name}-{k}-{j}" for k in range(len(texts)) for j in range(len(regions)))
+        for k, query in enumerate(texts[:1] if queries == "first" else texts):
+            for j, (i, region) in enumerate(regions):
+                region_box = mask_box(region)
+                if region_box is None:           # wholly covered by ignore shapes: no sample
+                    print(f"note: {js}: shapes[{i}] has no target pixels left; no detection sample",
+                          file=sys.stderr)
+                    continue
+                rec = {"id": f"{name}-{k}-{j}", "image": _rel(image, out)}
+                target = described.get(rec["id"], (None,))[0] or (query.strip() if phrases
+                                                                   else None)
+                fields = {"question": query.strip(), "boxes": [region_box], **extra}
+                if target:
+                    det.append({**rec, "target": target, **fields})
+                else:
+                    todo.append({**rec, **fields, "target": None})
         seg += [{"id": f"{name}-{k}", "image": _rel(image, out), "instruction": t.strip(),
                  "mask": f"masks/{name}.png", "box": box, **extra} for k, t in enumerate(texts)]
+    unknown = sorted(set(described) - known, key=lambda i: described[i][1])
+    if unknown:
+        raise ManifestError(targets, described[unknown[0]][1],
+                            f"{len(unknown)} id(s) name no LISA question of {src}: "
+                            + ", ".join(unknown[:5]))
     paths = {"det": out / "det.jsonl", "seg": out / "seg.jsonl"}
     write_jsonl(paths["det"], det)
     write_jsonl(paths["seg"], seg)
+    if todo:
+        paths["needs_target"] = out / "needs_target.jsonl"
+        write_jsonl(paths["needs_target"], todo)
+        print(f"note: {len(todo)} LISA question(s) have no target description (RISE detects the "
+              f"target a question asks for, described): they are in {paths['needs_target']}, not "
+              "in det.jsonl; fill in their \"target\" and pass the file with --targets",
+              file=sys.stderr)
+    elif (out / "needs_target.jsonl").exists():
+        (out / "needs_target.jsonl").unlink()
     return paths, skip.count
 
 
@@ -405,6 +494,17 @@ def convert_coco(instances, image_dir, out, classes=None, n_train=25, n_test=10,
 
 
 # ------------------------------------------------ ImageNet-Sub (RISE cls., Seg-RISE ClsOnly)
+# The RISE authors' 20 ImageNet-Sub classes (HSH55/RISE, dataset_generate.py, object_classes, in
+# its order: their ImageNet-1k folders sorted), keyed by that folder (wnid).
+IMAGENET_SUB = {"n02708093": "analog clock", "n02769748": "backpack", "n02783161": "ballpoint",
+                "n02786058": "Band Aid", "n02790996": "barbell", "n02791124": "barber chair",
+                "n02823428": "beer bottle", "n02823750": "beer glass", "n02841315": "binoculars",
+                "n02865351": "bolo tie", "n02870880": "bookcase", "n02877765": "bottlecap",
+                "n02892767": "brassiere", "n02906734": "broom", "n02909870": "bucket",
+                "n02910353": "buckle", "n02948072": "candle", "n02951585": "can opener",
+                "n02971356": "carton", "n02992529": "cellular telephone"}
+
+
 def _read_names(path):
     """A "wnid name" file (ImageNet's LOC_synset_mapping.txt: "n01440764 tench, Tinca tinca")
     -> {wnid: first synonym}. One name only: class lists are joined with ", " in prompts."""
@@ -418,31 +518,41 @@ def _read_names(path):
     return names
 
 
-def convert_imagenet(root, out, classes=None, names=None, n_classes=20, n_train=25, n_test=10,
+def convert_imagenet(root, out, classes=None, names=None, n_classes=None, n_train=25, n_test=10,
                      seed=0, as_seg=False, skip_bad=False):
     """ROOT/<class folder>/*.JPEG -> OUT/{train,test}.jsonl of ImageNet-Sub.
 
-    Classes: `classes` (folder names or, with `names`, class names), else all folders if there
-    are at most n_classes, else a seeded choice of n_classes of them. Per class, a seeded
-    permutation of its image files (sorted): the first n_test to test, the next n_train to
-    train. Records are one-hot over the chosen classes' names (the folder name unless the
-    `names` file maps it; a name shared by two chosen classes gets its folder in brackets).
-    as_seg=True writes Seg-RISE "ClsOnly" records {id, image, instruction: class name} instead.
+    Classes: `classes` (folder names or, with `names`, class names); else with n_classes a seeded
+    choice of n_classes folders (all of them if there are no more); else the RISE authors' 20
+    (IMAGENET_SUB: their folders, in their order; ValueError naming those missing). Per class, a
+    seeded permutation of its image files (sorted): the first n_test to test, the next n_train to
+    train. Records are one-hot over the chosen classes' names: the `names` file's, else the authors'
+    name of an IMAGENET_SUB folder, else the folder name (a name shared by two chosen classes gets
+    its folder in brackets). as_seg=True writes Seg-RISE "ClsOnly" records {id, image, instruction:
+    class name} instead.
     """
     root, out, skip = Path(root), Path(out), _Skips(skip_bad)
     folders = sorted(p.name for p in root.iterdir() if p.is_dir())
-    label = _read_names(names) if names else {}
+    label = {**IMAGENET_SUB, **(_read_names(names) if names else {})}
     if classes:
         by_label = {label.get(f, f): f for f in folders}
         unknown = [c for c in classes if c not in folders and c not in by_label]
         if unknown:
             raise ValueError(f"{root}: no class folder for {', '.join(map(repr, unknown))}")
         chosen = [c if c in folders else by_label[c] for c in classes]
-    elif len(folders) > n_classes:
+    elif n_classes is not None and len(folders) > n_classes:
         pick = _rng(seed, "imagenet", "classes").choice(len(folders), n_classes, replace=False)
         chosen = [folders[i] for i in sorted(pick)]
-    else:
+    elif n_classes is not None:
         chosen = folders
+    else:
+        missing = [f"{w} ({n})" for w, n in IMAGENET_SUB.items() if w not in folders]
+        if missing:
+            more = " ..." if len(missing) > 4 else ""
+            raise ValueError(f"{root}: no folder for {len(missing)} of the RISE authors' 20 "
+                             f"ImageNet-Sub classes: {', '.join(missing[:4])}{more} (choose "
+                             "classes with --classes, or a seeded --n-classes N)")
+        chosen = list(IMAGENET_SUB)
     picked = {}                          # folder -> {"train": files, "test": files}
     for f in chosen:
         files = sorted(p for p in (root / f).iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
@@ -712,6 +822,10 @@ def _add_converter_commands(sub):
     p.add_argument("--seed", type=int, default=0)
     p = command("reasonseg", "one LISA/ReasonSeg split folder -> OUT/det.jsonl, OUT/seg.jsonl")
     p.add_argument("--src", required=True, help="split folder with <name>.jpg + <name>.json")
+    p.add_argument("--targets", help='target descriptions of det records: JSON lines {"id", '
+                                     '"target"} (OUT/needs_target.jsonl filled in)')
+    p.add_argument("--det-queries", default="all", choices=["all", "first"],
+                   help="det.jsonl: a sample per query (all) or per image's first query (first)")
     p = command("coco", "COCO instances -> COCO-Sub OUT/{train,test}.jsonl (detection)")
     p.add_argument("--instances", required=True, help="instances_*.json")
     p.add_argument("--images", required=True, help="the folder of its images")
@@ -720,9 +834,9 @@ def _add_converter_commands(sub):
     p = command("imagenet", "class-folder tree -> ImageNet-Sub OUT/{train,test}.jsonl")
     p.add_argument("--root", required=True, help="folder of class folders")
     p.add_argument("--names", help='file of "<folder> <class name>" lines (LOC_synset_mapping.txt)')
-    p.add_argument("--classes", help="comma-separated folder or class names (default: a seeded "
-                                     "choice of --n-classes)")
-    p.add_argument("--n-classes", type=int, default=20)
+    p.add_argument("--classes", help="comma-separated folder or class names (default: the RISE "
+                                     "authors' 20 ImageNet-Sub classes, convert.IMAGENET_SUB)")
+    p.add_argument("--n-classes", type=int, help="a seeded choice of N class folders instead")
     p.add_argument("--as-seg", action="store_true",
                    help="write Seg-RISE ClsOnly records {id, image, instruction: class name}")
     sampling(p)
@@ -751,7 +865,8 @@ def _run_converter(args):
             paths, skipped = convert_emotion6(args.root, args.out, args.seed, args.test_frac,
                                               args.skip_bad)
         elif args.command == "reasonseg":
-            paths, skipped = convert_reasonseg(args.src, args.out, args.skip_bad)
+            paths, skipped = convert_reasonseg(args.src, args.out, args.targets, args.det_queries,
+                                               args.skip_bad)
         elif args.command == "coco":
             paths, skipped = convert_coco(args.instances, args.images, args.out,
                                           listed(args.classes), args.n_train, args.n_test,

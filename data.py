@@ -26,6 +26,7 @@ from PIL import Image, ImageDraw, ImageOps
 
 # ============================================================================ 1. prompts
 # The exact texts the tiny model is pretrained on; change them only together with tiny.py.
+# (Real classification and detection datasets get the RISE authors' prompts: the block after format_annotation.)
 # A real checkpoint needs what the papers' prompts tell it: the frame its boxes are written in
 # (box_frame_note), a length limit for the CoT, and for Seg-RISE that the points lie inside the object.
 # Every prompt the policy answers ENDS with what to look for (target, instruction, question, class list),
@@ -128,6 +129,9 @@ def prompt(style, record, cot=None, boxes=None, mask_names=True, frame=None):
     (Seg-RISE), "grounding" (Qwen2.5-VL's own grounding prompt, for testing a real checkpoint),
     "visrl" (VisRL's first turn: the helpful region's box). The record's fields pick its schema:
     "probs" classification, "boxes" detection, "instruction" segmentation, "question" VQA.
+    Classification and detection: a shapes-world record (it has a "scene") gets the templates the
+    tiny base is trained on; every other record gets the RISE authors' prompts (rise_prompt), whatever
+    the model. mask_names (shapes world only): the CoT prompt also forbids class names.
     Single-box or box-list template: from the dataset's "multi" flag (COCO-Sub, shapes
     multi_det), never from the record's number of boxes, which would tell the model the label
     (RISE arXiv 2508.13229 evaluates COCO-Sub with one prompt for every image).
@@ -140,6 +144,8 @@ def prompt(style, record, cot=None, boxes=None, mask_names=True, frame=None):
         return note + template.format(instruction=record["instruction"])
     if style == "visrl":
         return VISRL_BOX_PROMPT.format(question=record["question"])
+    if "scene" not in record:                   # a real dataset: the RISE authors' prompts
+        return rise_prompt(style, record, cot=cot, boxes=boxes, frame=frame)
     if "probs" in record:
         if style == "cot":
             return cot_prompt_cls(record["classes"], record["probs"], mask_names=mask_names)
@@ -163,6 +169,154 @@ def format_annotation(record, boxes):
     """The answer text of a detection record: one box, or a list for a multi-object dataset
     (even when this image has one object: the format must not depend on the label)."""
     return format_boxes(boxes) if record.get("multi") else format_box(boxes[0])
+
+
+# ------------------------------------------------------------------ RISE prompts for real datasets
+# Records without a "scene" (every dataset convert.py makes) get the RISE annotation paper's prompts. The
+# paper's Appendix A (its templates) is not in the text; its authors' code is (HSH55/RISE at 4ff62cc, the
+# file of each template named above it), and where it holds no template the one used is built from its
+# nearest released text and says so. Numbers and names are filled in as the authors' code fills them.
+EMOTION6_CLASSES = ["anger", "disgust", "fear", "joy", "sadness", "surprise", "neutral"]
+# The authors' box-frame sentence (their reconstruction prompts, below), with the model's own frame filled in:
+# Qwen2-VL writes boxes in 0..1000 of each side (1000×1000, the authors' words exactly), Qwen2.5-VL in pixels
+# of its resized input (vlm.box_frame). × is U+00D7, as theirs.
+RISE_FRAME = "The image is of resolution {width}×{height}."
+# RISE-CoT reasoning generation, object classes (ImageNet-Sub): dataset_generate.py, `question`, word for word.
+RISE_COT_OBJECTS = (
+    "Analyze the image to explain how the visual elements support the object classification probability "
+    "distribution {answer_str}, concisely in under 100 words. Describe key objects, shapes, textures, and "
+    "contextual details that contribute to the inferred object category, highlighting their connection to the "
+    "classification probabilities. Avoid directly stating the object names or probabilities; instead, focus on "
+    "the visual cues and their implications.")
+# RISE-CoT reasoning generation, Emotion6: ADAPTED, not the authors' text. Their Emotion6 prompts were built
+# offline and are not released; their trainer (RISE-R1/trainer/grpo_class_multithink_trainer_emo6.py L440,
+# _generate_responses) shows only that the prompt held "...this distribution.", which it turned into "...this
+# distribution concisely in under 100 words." at run time. This is RISE_COT_OBJECTS with the objects' words
+# turned into emotions'.
+RISE_COT_EMOTIONS = (
+    "Analyze the image to explain how the visual elements support the emotion probability distribution "
+    "{answer_str}, concisely in under 100 words. Describe key objects, facial expressions, colors, scene "
+    "settings, and contextual details that contribute to the evoked emotions, highlighting their connection to "
+    "the emotion probabilities. Avoid directly stating the emotion names or probabilities; instead, focus on "
+    "the visual cues and their implications.")
+# RISE-CoT reasoning generation, detection (LISA, COCO-Sub): newprompt_build() of RISE-COT/trainer/
+# grpo_lisa_trainer.py (the same in grpo_coco_trainer.py), word for word. It states the GT box; the
+# no-coordinates rule is the reward's leak check. The frame sentence is put before it (rise_prompt).
+RISE_COT_DET = (
+    "Describe why the region is identified as the target object. The region's coordinates are {bounding_box}, "
+    "and it contains {contains_content} Analyze its shape, color, texture, and contextual clues. Using these "
+    "visual and contextual features, explain why this region is recognized as {object_name}. Provide a clear "
+    "Chain-of-Thought (CoT) to justify the conclusion.")
+# RISE-CoT annotation reconstruction, classification: RISE-R1/trainer/grpo_class_multithink_trainer_emo6.py
+# L505-509, word for word for Emotion6 (its example outputs are EMOTION6_EXAMPLE / _INCORRECT). Other class
+# lists (ImageNet-Sub; the authors' trainer for it is not released) get the same text with "object categories"
+# and examples over their own classes: uniform probabilities, and all-integer zeros as the incorrect one.
+RISE_REC_CLS = (
+    "Please analyze the provided image description and generate a probability distribution across the "
+    "following {kind} categories: {categories}. Description: {description}. Do not provide any additional "
+    "explanations or reasoning. Only return the result in the specified format. Each probability must be a "
+    "floating-point number between 0 and 1, rounded to 6 decimal places. The sum of all probabilities must be "
+    "exactly 1.000000 (allowing for minor floating-point errors). Example output: {example}. Incorrect output: "
+    "{incorrect}.")
+EMOTION6_EXAMPLE = ("{'anger': 0.0, 'disgust': 0.1666667, 'fear': 0.1, 'joy': 0.466667, 'sadness': 0.1, "
+                    "'surprise': 0.166667, 'neutral': 0.0}")
+EMOTION6_INCORRECT = ("{'anger': 0, 'disgust': 0, 'fear': 0, 'joy': 1.0, 'sadness': 0, 'surprise': 0, "
+                      "'neutral': 0}")
+# RISE-CoT annotation reconstruction, detection: LISA RISE-COT/trainer/grpo_lisa_trainer.py L583 (one box),
+# COCO-Sub grpo_coco_trainer.py L631 (a box list), word for word but the frame ("1000×1000" for Qwen2-VL).
+# No space after "region." is theirs.
+RISE_REC_DET = (
+    '{frame} Based on the following reasoning, which describes the region corresponding to the target category '
+    '"{target}": {description}, please extract and output the exact bounding box coordinates of that region.'
+    'Only return the result in the following format:{box_format}.')
+RISE_BOX_FORMAT, RISE_BOXES_FORMAT = "[x1, y1, x2, y2]", "[[x1,y1,x2,y2],...,[x1,y1,x2,y2]]"
+# RISE-R1 (think, then answer) and the SFT baseline (the answer only): not released by the authors. The paper
+# says only that every method but SFT gets the same think-answer prompt. So: the task in the authors' words
+# (their reconstruction prompts; COCO-Sub: Visual-RFT's COCO prompt, coco_evaluation/Qwen2_VL_coco_infere.py,
+# Liuziyu77/Visual-RFT at 9486633, the baseline RISE compares with), then Visual-RFT's think-answer block
+# (same file; its answer format replaced by the RISE answer format) or, for the SFT baseline, the authors'
+# "Only return the result in the following format" sentence.
+RISE_TASK_CLS = ("Please analyze the image and generate a probability distribution across the following "
+                 "{kind} categories: {categories}.")
+RISE_TASK_DET = 'Detect the region corresponding to the target category "{target}" and provide its bounding box.'
+RISE_TASK_MULTI_DET = ("Detect all objects belonging to the category '{target}' in the image, and provide the "
+                       "bounding boxes.")
+RISE_R1 = ("{task}\nOutput the thinking process in <think> </think> and final answer in <answer> </answer> "
+           "tags.The output answer format should be as follows:\n<think> ... </think> <answer>{answer_format}"
+           "</answer>\nPlease strictly follow the format.")
+RISE_PLAIN = "{task} Only return the result in the following format: {answer_format}."
+
+
+def rise_prompt(style, record, cot=None, boxes=None, frame=None):
+    """The RISE prompt of a real classification or detection record (data.prompt picks it for records
+    without a "scene"): style "cot" (the annotation -> a CoT; detection: `boxes` in the model's frame),
+    "rec" (the CoT `cot` -> the annotation), "r1" (think, then answer), "plain" (the answer only).
+    Classification: Emotion6's wording for a record over the Emotion6 classes, the object wording otherwise.
+    Detection: one box, or a box list for a multi-object dataset (record "multi": COCO-Sub), never from the
+    number of boxes. frame: (width, height) of the model's box frame (vlm.box_frame), required for
+    detection: RISE_FRAME states it. Raises KeyError for another style, ValueError for a detection record
+    without frame."""
+    if "probs" in record:
+        classes = record["classes"]
+        emotions = set(classes) == set(EMOTION6_CLASSES)
+        kind, categories = ("emotion" if emotions else "object"), ", ".join(map(repr, map(str, classes)))
+        if style == "cot":
+            template = RISE_COT_EMOTIONS if emotions else RISE_COT_OBJECTS
+            return template.format(answer_str=rise_probs(classes, record["probs"], sep=":"))
+        if style == "rec":
+            example = EMOTION6_EXAMPLE if emotions else rise_probs(classes, [1 / len(classes)] * len(classes))
+            incorrect = EMOTION6_INCORRECT if emotions else "{" + ", ".join(f"{c!r}: 0" for c in classes) + "}"
+            return RISE_REC_CLS.format(kind=kind, categories=categories, description=cot, example=example,
+                                       incorrect=incorrect)
+        task = RISE_TASK_CLS.format(kind=kind, categories=categories)
+        answer_format = "{" + ", ".join(f"{c!r}: probability" for c in map(str, classes)) + "}"
+        return {"r1": RISE_R1, "plain": RISE_PLAIN}[style].format(task=task, answer_format=answer_format)
+    if style not in ("cot", "rec", "r1", "plain"):
+        raise KeyError(style)
+    if frame is None:
+        raise ValueError("a RISE detection prompt states the model's box frame: pass frame=vlm.box_frame(...)")
+    multi, target = bool(record.get("multi")), record["target"].strip()
+    note = RISE_FRAME.format(width=frame[0], height=frame[1])
+    if style == "cot":
+        name = target.rstrip(".?!")
+        return note + " " + RISE_COT_DET.format(bounding_box=rise_boxes(boxes, multi), object_name=name,
+                                                 contains_content=name + ".")
+    box_format = RISE_BOXES_FORMAT if multi else RISE_BOX_FORMAT
+    if style == "rec":
+        return RISE_REC_DET.format(frame=note, target=target, description=cot, box_format=box_format)
+    task = (RISE_TASK_MULTI_DET if multi else RISE_TASK_DET).format(target=target)
+    return note + " " + {"r1": RISE_R1, "plain": RISE_PLAIN}[style].format(task=task, answer_format=box_format)
+
+
+def rise_number(p):
+    """A probability as the authors write it: at most 6 decimals, at least one ("1.0", "0.0", "0.166667")."""
+    text = f"{round(float(p), 6) + 0.0:.6f}".rstrip("0")
+    return text + "0" if text.endswith(".") else text
+
+
+def rise_probs(classes, probs, sep=": "):
+    """{class: prob} as the authors' Python-dict text: "{'anger': 0.0, 'joy': 0.466667}" (their answers and
+    reconstruction examples); sep=":" gives their CoT prompt's "{'analog clock':1.0, 'backpack':0.0}".
+    Names are quoted as Python does (repr), so "lady's slipper" stays a valid literal."""
+    return "{" + ", ".join(f"{str(c)!r}{sep}{rise_number(p)}" for c, p in zip(classes, probs)) + "}"
+
+
+def rise_boxes(boxes, multi):
+    """Boxes (model frame) in the format the RISE prompt asks for: "[x1, y1, x2, y2]" (one box) or
+    "[[x1,y1,x2,y2],[x1,y1,x2,y2]]" (a multi-object dataset), integers."""
+    if multi:
+        return format_boxes(boxes)
+    return "[" + ", ".join(str(int(round(v))) for v in boxes[0]) + "]"
+
+
+def format_answer(record, boxes=None):
+    """The answer text of a record, as its prompts ask for it (SFT targets): the class distribution, or
+    `boxes` (model frame) as one box or a list. Shapes-world records keep the tiny base's formats
+    (format_probs, format_annotation), real records the RISE authors' (rise_probs, rise_boxes)."""
+    shapes = "scene" in record
+    if "probs" in record:
+        return (format_probs if shapes else rise_probs)(record["classes"], record["probs"])
+    return format_annotation(record, boxes) if shapes else rise_boxes(boxes, bool(record.get("multi")))
 
 
 # =================================================================== 2. manifests and images

@@ -244,8 +244,8 @@ def cls_similarity(pred, gt):
 
         Sim = exp(-0.5 KL(p || q) - 0.5 MSE(p_raw, q_raw)) * exp(-|sum(q_raw) - 1|)
 
-    p = ground truth, q = prediction over the ground truth's classes (matched case- and
-    whitespace-insensitively; missing classes count 0). KL uses p and q clipped at 1e-10
+    p = ground truth, q = prediction over the ground truth's classes (matched by class_key: case,
+    spaces, underscores and hyphens ignored; missing classes count 0). KL uses p and q clipped at 1e-10
     and renormalised; MSE = mean over classes of the unclipped values. sum(q_raw) runs
     over *all* predicted values, so probability mass on made-up classes is not free.
     Non-numeric, NaN, inf or negative values, or a prediction with no mass on any true
@@ -336,8 +336,9 @@ def leaks(cot, schema, class_names=None):
       ".25", "1.0"), any percentage ("30%", "30 percent"), a fraction a/b <= 1 ("3/10"),
       and the common spelled-out forms ("thirty percent", "zero point three", "point
       two five"). Plain integers ("two dogs") and word fractions ("half", "a third") are
-      allowed: they are ordinary visual description. With class_names, naming a class
-      (whole word, optional plural s/es, any case) also counts as a leak.
+      allowed: they are ordinary visual description. The paper's check is this numerical
+      content alone; with class_names (rise_cot.py --class-names forbid), naming a class
+      (class_name_pattern) also counts as a leak.
     schema "det": a coordinate-like group of two or more numbers ("12, 40", "[10 20 30 40]",
       "120x80"), "x1=30"-style coordinates, or a pixel measure ("40 px"). A lone integer
       ("3 cars") is allowed. Thousands separators ("1,000") are a known false positive."""
@@ -347,11 +348,44 @@ def leaks(cot, schema, class_names=None):
         return False
     if schema == "det":
         return any(r.search(cot) for r in _DET_LEAKS)
-    names = [re.escape(n.strip()) for n in class_names or [] if n.strip()]
+    names = class_name_pattern(class_names)
     return (any(r.search(cot) for r in _CLS_LEAKS)
             or any(float(m) <= 1.0 for m in _DECIMAL.findall(cot))
             or any(0 < int(b) and int(a) <= int(b) for a, b in _FRACTION.findall(cot))
-            or any(re.search(r"\b%s(?:s|es)?\b" % n, cot, re.I) for n in names))
+            or bool(names and names.search(cot)))
+
+
+def class_name_pattern(class_names):
+    """A regex that finds any of class_names used as a word in a text, or None for no names: any case,
+    an optional plural s/es, the words of a multi-word name joined by any spaces, underscores or
+    hyphens or none ("Band Aid": "band-aid", "bandaid"), the name not part of a longer word ("red" is
+    not found in "reddish", "anger" not in "danger", "joy" not in "joyful"). It is a lexical rule: it
+    finds the word in any sense ("neutral tones" names the Emotion6 class "neutral"), so forbidding
+    class names costs a real dataset such descriptions; the paper's leak check has no class names."""
+    alternatives = {r"[\s_\-]*".join(map(re.escape, words)) for words in
+                    (re.findall(r"[^\s_\-]+", str(n)) for n in class_names or []) if words}
+    if not alternatives:
+        return None
+    alternatives = sorted(alternatives, key=len, reverse=True)    # the longest name first
+    return re.compile(r"(?<!\w)(?:%s)(?:s|es)?(?!\w)" % "|".join(alternatives), re.I)
+
+
+_SENTENCE = re.compile(r"[^。！？.!?]*(?:[。！？.!?]+|$)")
+
+
+def remove_class_sentences(text, class_names):
+    """The CoT cleaning of the RISE authors' code (HSH55/RISE, remove_sentences_with_word_and_clean_newlines
+    in RISE-R1/trainer/grpo_class_multithink_trainer_emo6.py), used before the reconstruction and kept as
+    the CoT (rise_cot.py --class-names remove): newlines become spaces, every sentence (up to . ! ? or
+    the CJK 。！？) that names a class (class_name_pattern) is deleted, runs of white space become one
+    space. Theirs matches a name as a case-sensitive substring ("Joy" stays, "enjoy" and "danger" go)
+    and keeps a last sentence without end punctuation; here a name is a word in any case and the last
+    sentence goes too when it names a class. Returns "" when every sentence names a class."""
+    text = str(text).replace("\n", " ")
+    names = class_name_pattern(class_names)
+    if names is not None:
+        text = "".join(s for s in _SENTENCE.findall(text) if not names.search(s))
+    return re.sub(r"\s+", " ", text).strip()
 
 
 def is_narrative(cot):
@@ -373,14 +407,15 @@ def parse_and_score(text, gt, schema):
 
 
 # ---------------------------------------------------------------------------- rewards
-def rise_cot_reward(cot, reconstruction, gt, schema, forbid_class_names=True, terms=("leak", "format")):
+def rise_cot_reward(cot, reconstruction, gt, schema, forbid_class_names=False, terms=("leak", "format")):
     """RISE-CoT consistency reward (arXiv 2508.13229, section "RISE-CoT", eq. 1), in [0, 1]:
 
         R_CoT = 1[no leak(c)] * 1[format ok(c, a_hat)] * Sim(a_hat, a)
 
     cot: the chain of thought c; reconstruction: the text a_hat is parsed from; gt: {class:
-    prob} ("cls") or a list of boxes ("det"). forbid_class_names (cls, on by default: the
-    reasoning-generation prompt asks for no class names): naming a GT class in c is a leak.
+    prob} ("cls") or a list of boxes ("det"). The leak is the paper's "numerical content
+    (probabilities or coordinate values)"; forbid_class_names=True (cls; rise_cot.py --class-names
+    forbid, the tiny demo's setting) also counts naming a GT class in c as a leak.
     terms: the indicator factors kept (the paper's Table 5 ablation drops "leak" and/or "format").
     Returns reward and components (leak and format are reported whether or not they count)."""
     names = list(gt) if schema == "cls" and forbid_class_names else None
@@ -397,13 +432,13 @@ def rise_r1_reward(text, gt, schema):
         R = Sim(a_hat, a) + R_fmt
 
     a_hat is parsed from the single <answer> block. R_fmt = 1 if the whole output is
-    exactly <think>c</think><answer>a</answer> with a non-empty c and a parsable a
-    (classification: times exp(-|sum q - 1|)), else 0."""
+    exactly <think>c</think><answer>a</answer> with a non-empty c and a parsable a, else 0.
+    The probability-sum penalty exp(-|sum q - 1|) is part of Sim_cls (eqs. 2-5), not of R_fmt:
+    the paper's R_fmt is format compliance alone. (The authors' code puts the sum penalty in its
+    format reward and leaves it out of its accuracy reward, so there too it counts once.)"""
     pred, sim = parse_and_score(answer_text(text), gt, schema)
     parts = parse_think_answer(text)
-    fmt = 0.0
-    if parts is not None and parts[0] and pred is not None:
-        fmt = 1.0 if schema == "det" else math.exp(-min(abs(sum(pred.values()) - 1.0), 700.0))
+    fmt = 1.0 if parts is not None and parts[0] and pred is not None else 0.0
     return {"reward": sim + fmt, "similarity": sim, "format": fmt}
 
 
@@ -498,13 +533,22 @@ def jsd(p, q):
     return float(min(max(d, 0.0), LN2))
 
 
+def class_key(name):
+    """A class name as matched between a prediction and the ground truth: lower case, without spaces,
+    underscores and hyphens, so "Analog Clock", "analog_clock" and "analogclock" are one class. The
+    RISE authors' reward lower-cases and strips spaces and underscores from both answers but not from
+    its class list (HSH55/RISE, RISE-R1/grpo_IMD.py), so a multi-word or capitalised ImageNet-Sub
+    class ("analog clock", "Band Aid") never matched there; here every name gets the same key."""
+    return re.sub(r"[\s_\-]+", "", str(name)).lower()
+
+
 def probs_vector(pred, classes):
-    """{class: prob} -> list aligned with classes. Names match case- and whitespace-
-    insensitively (duplicates after that are summed); missing classes are 0."""
+    """{class: prob} -> list aligned with classes. Names match by class_key (case, spaces,
+    underscores and hyphens ignored; duplicates after that are summed); missing classes are 0."""
     merged = defaultdict(float)
     for k, v in (pred or {}).items():
-        merged[k.strip().lower()] += v
-    return [merged.get(c.strip().lower(), 0.0) for c in classes]
+        merged[class_key(k)] += v
+    return [merged.get(class_key(c), 0.0) for c in classes]
 
 
 def win_rate(baseline_jsds, our_jsds):

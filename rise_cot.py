@@ -11,9 +11,15 @@ For every training sample (image I, annotation a):
                                                                       -> closed_loop, data.prompt("rec")
   3. consistency reward        R_CoT = 1[no leak(c)] * 1[format ok(c, a_hat)] * Sim(a_hat, a)
                                (--reward sim: Sim alone, the paper's Table 5) -> rewards.rise_cot_reward
+                               The leak is numbers (probabilities, coordinates), as the paper's; class
+                               names in a CoT: --class-names allow (the paper), remove (the authors' code:
+                               sentences naming a class are deleted before the reconstruction and from the
+                               kept CoT) or forbid (a leak: the tiny demo's setting, with the shapes prompt
+                               asking for no class names)
   4. GRPO on the trajectory (c_i, a_hat_i): the loss covers the CoT and reconstruction tokens
-     (--train-on cot|rec|both; the authors' released code trains on the reconstruction only)
-                                                                      -> vlm.grpo_update
+     (--train-on cot|rec|both; the authors' released code trains on the reconstruction only). The
+     reconstruction is sampled with --rec-repetition-penalty (the authors' 1.2); its log-probs here are
+     the policy's own, without the penalty                      -> vlm.grpo_update
   5. cots.jsonl: per training sample the best CoT seen, from a final harvest pass with the trained
      policy and the best seen during training (the paper's D_CoT, which rise_r1.py filters at tau).
 
@@ -33,13 +39,17 @@ import rewards
 import run
 import vlm
 
-# The paper's setting (Qwen2-VL-2B, 8 GPUs; "Implementation Details") and the tiny base's (one CPU, ~1.5 min).
+# The paper's setting (Qwen2-VL-2B, 8 GPUs; "Implementation Details"; the reconstruction's repetition penalty
+# 1.2 of the authors' RISE-CoT trainers, HSH55/RISE) and the tiny base's (one CPU, ~1.5 min).
 PAPER = dict(lr=2e-6, max_steps=200, num_generations=8, batch_size=1, grad_accum=2, max_pixels=401408,
-             max_new_tokens=256, rec_max_new_tokens=128, save_every=50, deepspeed="ds_zero3.json", gradient_checkpointing=True)
+             max_new_tokens=256, rec_max_new_tokens=128, save_every=50, rec_repetition_penalty=1.2,
+             class_names="allow", deepspeed="ds_zero3.json", gradient_checkpointing=True)
 # Tiny CoTs are cut at 16 tokens (~12 words): the tiny base answers after one short sentence, not after a
-# long description (tiny-base/README.md).
+# long description (tiny-base/README.md). Its CoT prompt forbids the shapes' class names (colours), and the
+# reward enforces it: a colour named in the CoT would be the answer itself.
 TINY = dict(lr=2e-4, max_steps=40, num_generations=6, batch_size=2, grad_accum=1, max_pixels=None,
-            max_new_tokens=16, rec_max_new_tokens=40, save_every=10)
+            max_new_tokens=16, rec_max_new_tokens=40, save_every=10, rec_repetition_penalty=1.0,
+            class_names="forbid")
 LOGGED = run.LOGGED + ("seen.jsonl",)      # appended per step: cut back to the checkpoint on --resume
 
 
@@ -49,8 +59,16 @@ def parse_args(argv=None):
                    help="which tokens of the trajectory get the GRPO loss")
     p.add_argument("--rec-temperature", type=float, default=0.7, help="0 = greedy reconstruction")
     p.add_argument("--rec-max-new-tokens", type=int)
-    p.add_argument("--no-mask-class-names", dest="mask_class_names", action="store_false",
-                   help="allow class names in classification CoTs (masked by default)")
+    p.add_argument("--rec-repetition-penalty", type=float,
+                   help="repetition penalty of the reconstruction sampling (1 = none); GRPO scores its tokens "
+                        "with the un-penalised policy")
+    p.add_argument("--class-names", choices=["allow", "remove", "forbid"],
+                   help="class names in classification CoTs: allow (the paper: its leak check is numbers), "
+                        "remove (the authors' code: sentences naming a class are deleted before the "
+                        "reconstruction and from the kept CoT), forbid (naming a class is a leak: reward 0; "
+                        "the shapes world's CoT prompt then asks for no class names)")
+    p.add_argument("--no-mask-class-names", dest="class_names", action="store_const", const="allow",
+                   help="the same as --class-names allow")
     p.add_argument("--harvest-generations", type=int, default=None, help="G of the harvest pass (default G)")
     p.add_argument("--harvest-batch-size", type=int, default=8, help="samples per rank per harvest batch")
     p.add_argument("--reward", default="sim,leak,format",
@@ -148,23 +166,29 @@ def closed_loop(model, processor, records, images, answers, args, group_size):
     """Steps 1-3 for a batch: G CoTs per sample, one reconstruction per CoT, their rewards.
 
     Returns (cot rollout, reconstruction rollout, reward dicts); one batched generate() call each;
-    rows are prompt-major (sample i owns rows i*G .. i*G+G-1)."""
+    rows are prompt-major (sample i owns rows i*G .. i*G+G-1). With --class-names remove the cot
+    rollout's texts are the cleaned CoTs (the sampled ones in sampled_texts, its tokens unchanged)."""
     frames = [vlm.box_frame(model.config.model_type, im.size, processor) for im in images]
-    cot_prompts = [[vlm.user_turn(data.prompt("cot", r, boxes=a, frame=f, mask_names=args.mask_class_names))]
+    forbid = args.class_names == "forbid"       # the shapes world's CoT prompt then asks for no class names
+    cot_prompts = [[vlm.user_turn(data.prompt("cot", r, boxes=a, frame=f, mask_names=forbid))]
                    for r, a, f in zip(records, answers, frames)]
     cot_batch = vlm.chat_inputs(processor, cot_prompts, [[im] for im in images], max_prompt_len=args.max_prompt_len)
     with vlm.generation_mode(model):
         cots = vlm.sample(model, processor, cot_batch, group_size, args.max_new_tokens, args.temperature)
         owner = [i // group_size for i in range(len(cots["texts"]))]
+        if args.class_names == "remove":     # the CoT the reconstruction reads and cots.jsonl keeps; the
+            cots = dict(cots, sampled_texts=cots["texts"], texts=[    # GRPO loss stays on the sampled tokens
+                rewards.remove_class_sentences(c, records[i]["classes"]) if "probs" in records[i] else c
+                for i, c in zip(owner, cots["texts"])])
         # no length check: the prompt without its CoT passed one (sample_problem) and a CoT has at most
         # max_new_tokens tokens, so one long CoT never aborts the run
         rec_prompts = [[vlm.user_turn(data.prompt("rec", records[i], cot=c, frame=frames[i]))]
                        for i, c in zip(owner, cots["texts"])]
         rec_batch = vlm.chat_inputs(processor, rec_prompts, [[images[i]] for i in owner])
         recs = vlm.sample(model, processor, rec_batch, 1, args.rec_max_new_tokens, args.rec_temperature or 1.0,
-                          do_sample=args.rec_temperature != 0)
+                          do_sample=args.rec_temperature != 0, repetition_penalty=args.rec_repetition_penalty)
     task = lambda r: "cls" if "probs" in r else "det"  # noqa: E731
-    scored = [rewards.rise_cot_reward(c, a, answers[i], task(records[i]), forbid_class_names=args.mask_class_names,
+    scored = [rewards.rise_cot_reward(c, a, answers[i], task(records[i]), forbid_class_names=forbid,
                                       terms=args.reward_terms)
               for i, c, a in zip(owner, cots["texts"], recs["texts"])]
     return cots, recs, scored
@@ -176,7 +200,7 @@ def sample_problem(record, model, processor, args):
     image = data.open_image(record["image_path"])
     frame = vlm.box_frame(model.config.model_type, image.size, processor)
     cot = [vlm.user_turn(data.prompt("cot", record, boxes=annotation(record, image, model, processor), frame=frame,
-                                     mask_names=args.mask_class_names))]
+                                     mask_names=args.class_names == "forbid"))]
     rec = [vlm.user_turn(data.prompt("rec", record, cot="", frame=frame))]
     return (vlm.prompt_problem(processor, cot, [image], args.max_prompt_len)
             or vlm.prompt_problem(processor, rec, [image], args.max_prompt_len))

@@ -151,7 +151,13 @@ def few_shot(records, task, k, seed):
     """The few-shot rows of RISE (arXiv 2508.13229, "Results on Image Annotation Tasks", Tables 1-2), seeded:
     K samples per class for classification (class = the argmax: Emotion6, ImageNet-Sub) and for
     class-labelled detection (COCO-Sub: every record has a category_id; one record per image and
-    class); K in total for detection without classes (LISA: one instruction per image)."""
+    class); K in total for detection without classes (LISA).
+    The SFT stage's CoTs are those --cots holds for the chosen records: RISE-CoT's run, normally on the
+    full training set. The paper does not say where its few-shot CoTs came from; the authors' code
+    selects few-shot samples in its RISE-R1 scripts only (HSH55/RISE RISE-R1/grpo_emo6.py, the first
+    K per class in file order where this takes a seeded random K; its RISE-CoT scripts use the whole
+    set), which is what this default does. For CoTs made from the K labelled samples alone, run
+    rise_cot.py on a manifest of those samples."""
     rng = random.Random(seed)
     if task == "det" and not all("category_id" in r for r in records):
         return rng.sample(records, min(k, len(records)))
@@ -163,12 +169,13 @@ def few_shot(records, task, k, seed):
 
 
 def annotation(record, image, model, processor):
-    """(ground truth for the reward, its text for the SFT target), boxes in the model's frame
-    (Qwen2.5-VL: pixels of the processor's resized input, so the processor is needed)."""
+    """(ground truth for the reward, its text for the SFT target: data.format_answer, the format the
+    record's prompt asks for), boxes in the model's frame (Qwen2.5-VL: pixels of the processor's resized
+    input, so the processor is needed)."""
     if "probs" in record:
-        return dict(zip(record["classes"], record["probs"])), data.format_probs(record["classes"], record["probs"])
+        return dict(zip(record["classes"], record["probs"])), data.format_answer(record)
     boxes = [vlm.to_model_frame(b, model.config.model_type, image.size, processor) for b in record["boxes"]]
-    return boxes, data.format_annotation(record, boxes)
+    return boxes, data.format_answer(record, boxes)
 
 
 def sft_conversation(record, cot, image, model, processor):
@@ -245,7 +252,17 @@ def predict(model, processor, records, task, style="r1", batch_size=16, max_new_
 
 def metrics_of(preds, records, task, baseline=None):
     """eval.json: jsd + accuracy (+ win rate vs a baseline's predictions) or mAP@0.5, and the
-    number of unparsable answers (scored as wrong: JSD ln 2, no label, no boxes)."""
+    number of unparsable answers (scored as wrong: JSD ln 2, no label, no boxes).
+
+    mAP@0.5 (rewards.map50): a record's class is its "target" text, and predictions carry no confidence
+    (1.0 each, in output order). COCO-Sub: the target is the category name, so this is COCO's per-class
+    AP averaged over the categories. LISA: the target is the record's own target description, so nearly
+    every record is a class of its own with one GT box: with one predicted box per record, mAP@0.5 is
+    the share of records whose box has IoU >= 0.5 with the target, whatever the order of the test set
+    (extra boxes lower their record's AP). A single class for all of LISA would rank confidence-less
+    boxes by file order and make AP depend on it; the paper does not say which convention its LISA
+    mAP uses and its authors' evaluation code is not released. Records that share a description (one
+    question split over several target regions) share a class."""
     m = {"n": len(preds), "unparsable": sum(not p["parsed"] for p in preds)}
     if task == "cls":
         m["jsd"] = float(np.mean([p["jsd"] for p in preds])) if preds else math.log(2)

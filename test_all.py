@@ -1928,10 +1928,10 @@ def test_rise_cot_reward_cls():
     # leak: a probability in the CoT zeroes the reward, similarity is still logged
     out = R.rise_cot_reward("About 0.5 of it is warm and the rest cool.", '{"red": .5, "blue": .5}', GT_CLS, "cls")
     assert out["leak"] and out["reward"] == 0.0 and out["similarity"] == approx(1.0)
-    # naming a class is a leak by default, allowed with forbid_class_names=False
+    # the paper's leak is numbers: naming a class is allowed by default, a leak with forbid_class_names=True
     cot = "A red patch dominates the left side of the picture."
-    assert R.rise_cot_reward(cot, '{"red": .5, "blue": .5}', GT_CLS, "cls")["leak"]
-    assert R.rise_cot_reward(cot, '{"red": .5, "blue": .5}', GT_CLS, "cls", forbid_class_names=False)["reward"] == 1.0
+    assert R.rise_cot_reward(cot, '{"red": .5, "blue": .5}', GT_CLS, "cls")["reward"] == 1.0
+    assert R.rise_cot_reward(cot, '{"red": .5, "blue": .5}', GT_CLS, "cls", forbid_class_names=True)["leak"]
     # imperfect reconstruction {"red":1,"blue":1}: Sim = exp(-1.125) = 0.324652 (see cls hacks)
     assert R.rise_cot_reward(GOOD_COT, '{"red": 1, "blue": 1}', GT_CLS, "cls")["reward"] == approx(0.324652, abs=1e-6)
 
@@ -1972,10 +1972,10 @@ def test_rise_r1_reward():
     assert R.rise_r1_reward(good, GT_CLS, "cls") == {"reward": approx(2.0), "similarity": approx(1.0), "format": 1.0}
     # Hack: empty answer -> 0 similarity and 0 format
     assert R.rise_r1_reward("<think>a b c</think><answer></answer>", GT_CLS, "cls")["reward"] == 0.0
-    # Hack: every class at 1.0. Sim = exp(-1.125) = 0.324652; R_fmt = exp(-|2-1|) = 0.367879
-    # total = 0.692531
+    # Hack: every class at 1.0. Sim = exp(-0.5*0 - 0.5*0.25) * exp(-|2-1|) = exp(-1.125) = 0.324652 (the sum
+    # penalty is inside Sim, eqs. 2-5); the answer is well formed, R_fmt = 1 (eq. 9): total 1.324652
     out = R.rise_r1_reward('<think>x</think><answer>{"red": 1, "blue": 1}</answer>', GT_CLS, "cls")
-    assert out["format"] == approx(0.367879, abs=1e-6) and out["reward"] == approx(0.692531, abs=1e-6)
+    assert out["format"] == 1.0 and out["reward"] == approx(1.324652, abs=1e-6)
     # answer without think block: similarity 1, format 0 -> 1
     assert R.rise_r1_reward("<answer>[0,0,10,10]</answer>", [[0, 0, 10, 10]], "det")["reward"] == approx(1.0)
     # Hack: whole-image box for a small target: IoU 0.01 + format 1 = 1.01
@@ -2808,7 +2808,7 @@ def test_formatting_helpers():
         'of the red circle.')
     # every box prompt the policy answers ends with the look question's words (the tiny base reads the box there)
     for style in ("r1", "plain"):
-        assert data.prompt(style, {"target": "the red circle", "boxes": [[1, 2, 3, 4]]}).endswith(
+        assert data.prompt(style, {"target": "the red circle", "boxes": [[1, 2, 3, 4]], "scene": []}).endswith(
             "[x1,y1,x2,y2]: the box of the red circle.")
     assert data.CRITIC_BOX_PROMPT.format(question="Q?", answer="red").endswith(
         'Reply with JSON {"score": x}, x between 0 and 1.')
@@ -2817,9 +2817,9 @@ def test_formatting_helpers():
 
 
 def test_prompt_picks_the_template_of_the_record_task():
-    cls = {"classes": ["red", "blue"], "probs": [0.75, 0.25]}
-    det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]]}
-    multi = {"target": "circles", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "multi": True}
+    cls = {"classes": ["red", "blue"], "probs": [0.75, 0.25], "scene": []}
+    det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]], "scene": []}
+    multi = {"target": "circles", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "multi": True, "scene": []}
     assert data.prompt("plain", cls) == "Give as JSON the probability of each class in red, blue."
     assert data.prompt("r1", cls) == data.R1_PROMPT_CLS.format(class_list="red, blue")
     assert data.prompt("rec", cls, cot="C") == data.REC_PROMPT_CLS.format(cot="C", class_list="red, blue")
@@ -2847,9 +2847,9 @@ def test_every_prompt_ends_with_what_to_look_for():
     """The target, instruction, question or class list is the last thing a prompt says, right before the
     image in the tiny chat template: the tiny base finds a named shape only then (README, "the tiny base":
     its box IoU in scenes fell from 0.37 to 0.19 with "Please." after the name, to 0.09 with a sentence)."""
-    det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]]}
-    multi = {"target": "circles", "boxes": [[1, 2, 3, 4]], "multi": True}
-    cls = {"classes": ["red", "blue"], "probs": [0.75, 0.25]}
+    det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]], "scene": []}
+    multi = {"target": "circles", "boxes": [[1, 2, 3, 4]], "multi": True, "scene": []}
+    cls = {"classes": ["red", "blue"], "probs": [0.75, 0.25], "scene": []}
     for style in ("rec", "r1", "plain"):
         assert data.prompt(style, det, cot="C", frame=(1000, 1000)).endswith("the red circle.")
         assert data.prompt(style, multi, cot="C").endswith("circles.")
@@ -2863,8 +2863,8 @@ def test_prompt_never_tells_the_number_of_objects():
     """RISE (arXiv 2508.13229) sec. 4: the COCO-Sub prompt is the dataset's, not the label's. A record of a
     multi-object dataset with ONE box still gets the box-list template and a list answer; a single-object
     record gets the one-box template; a single-object record with two boxes is a manifest error."""
-    one_of_many = {"target": "circles", "boxes": [[1, 2, 3, 4]], "multi": True}
-    two_of_many = {"target": "circles", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "multi": True}
+    one_of_many = {"target": "circles", "boxes": [[1, 2, 3, 4]], "multi": True, "scene": []}
+    two_of_many = {"target": "circles", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "multi": True, "scene": []}
     for style in ("r1", "plain"):
         assert data.prompt(style, one_of_many) == data.prompt(style, two_of_many)
     assert data.prompt("plain", one_of_many) == "Answer with [[x1,y1,x2,y2], ...]: the boxes of all circles."
@@ -2883,12 +2883,12 @@ def test_box_prompts_state_the_model_frame():
         image_processor = type("IP", (), {"patch_size": 14, "merge_size": 2,
                                           "size": {"shortest_edge": 3136, "longest_edge": 401408}})
     assert vlm.box_frame("qwen2_5_vl", (640, 480), Proc) == (644, 476)
-    det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]]}
+    det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]], "scene": []}
     assert data.prompt("r1", det, frame=(1000, 1000)).startswith("The image is of resolution 1000x1000. Think in")
     assert data.prompt("seg", {"instruction": "x"}, frame=(644, 476)).startswith("The image is of resolution 644x476.")
     assert data.prompt("grounding", {"instruction": "the dog"}) == (
         "Locate the dog in the image, output its bbox coordinates using JSON format.")
-    cls = {"classes": ["a", "b"], "probs": [1.0, 0.0]}
+    cls = {"classes": ["a", "b"], "probs": [1.0, 0.0], "scene": []}
     assert "resolution" not in data.prompt("r1", cls, frame=(1000, 1000))    # no boxes, no frame
 
 
@@ -3046,17 +3046,21 @@ def test_reasonseg_det_and_seg(tmp_path):
     assert skipped == 0
     det, _ = data.read_manifest(paths["det"], "det")
     seg, _ = data.read_manifest(paths["seg"], "seg")
+    # a's queries are questions (is_sentence): no target description yet -> needs_target.jsonl, not det;
+    # b's phrase is the target, one sample per target shape, each with its own box
     assert [(r["id"], r["target"], r["boxes"]) for r in det] == [
-        ("a", "what holds the soup?", [[10, 10, 26, 21]]), ("b", "the two cups", [[5, 5, 51, 41]])]
+        ("b-0-0", "the two cups", [[5, 5, 10, 10]]), ("b-0-1", "the two cups", [[40, 30, 51, 41]])]
+    assert [(r["id"], r["question"], r["boxes"], r["target"]) for r in run.read_jsonl(paths["needs_target"])] == [
+        ("a-0-0", "what holds the soup?", [[10, 10, 26, 21]], None), ("a-1-0", "the bowl", [[10, 10, 26, 21]], None)]
     assert [(r["id"], r["instruction"], r["box"]) for r in seg] == [
         ("a-0", "what holds the soup?", [10, 10, 26, 21]), ("a-1", "the bowl", [10, 10, 26, 21]),
         ("b-0", "the two cups", [5, 5, 51, 41])]
-    assert det[0]["is_sentence"] is True and seg[2]["is_sentence"] is False
+    assert det[0]["is_sentence"] is False and seg[0]["is_sentence"] is True
     for rec in seg:
         mask = np.asarray(Image.open(rec["mask_path"]))
         assert set(np.unique(mask)) <= {0, 255}
         assert np.array_equal(mask == 255, expected[rec["id"][0]])
-    assert det[0]["image"] == "../ReasonSeg/val/a.jpg"
+    assert det[0]["image"] == "../ReasonSeg/val/b.jpg"
 
 
 @pytest.mark.parametrize("name, content, has_image, where", [
@@ -3080,7 +3084,7 @@ def test_reasonseg_bad_file(tmp_path, name, content, has_image, where):
     with pytest.raises(SystemExit, match=where):
         convert.main(["reasonseg", "--src", str(src), "--out", str(tmp_path / "out")])
     paths, skipped = convert.convert_reasonseg(src, tmp_path / "out", skip_bad=True)
-    assert skipped == 1 and _ids(paths["det"]) == ["a", "b"]
+    assert skipped == 1 and _ids(paths["seg"]) == ["a-0", "a-1", "b-0"]
 
 
 def _portrait_photo(path, object_box=(60, 10, 96, 51)):
@@ -3099,7 +3103,7 @@ def test_reasonseg_mask_lands_on_the_object_of_an_exif_rotated_photo(tmp_path):
     src = tmp_path / "val"
     _portrait_photo(src / "p.jpg")
     assert Image.open(src / "p.jpg").size == (200, 100)
-    (src / "p.json").write_text(json.dumps({"text": ["the red thing"], "imageWidth": 100,
+    (src / "p.json").write_text(json.dumps({"text": ["the red thing"], "is_sentence": False, "imageWidth": 100,
                                             "imageHeight": 200, "shapes": [_rect(60, 10, 95, 50)]}))
     paths, skipped = convert.convert_reasonseg(src, tmp_path / "out")
     det, _ = data.read_manifest(paths["det"], "det")
@@ -3126,7 +3130,7 @@ def test_reasonseg_refuses_a_labelme_size_that_is_not_the_displayed_one(tmp_path
     with pytest.raises(data.ManifestError, match=where):
         convert.convert_reasonseg(src, tmp_path / "out")
     paths, skipped = convert.convert_reasonseg(src, tmp_path / "out", skip_bad=True)
-    assert skipped == 1 and _ids(paths["det"]) == ["ok"]
+    assert skipped == 1 and _ids(paths["seg"]) == ["ok-0"]
 
 
 # ------------------------------------------------------------------------------- COCO-Sub
@@ -3294,7 +3298,7 @@ def test_imagenet_bad_input(tmp_path):
                                               n_train=2, n_test=1, skip_bad=True)
     assert skipped == 1 and len(_ids(paths["train"])) + len(_ids(paths["test"])) == 2
     with pytest.raises(data.ManifestError, match=r"train:class n00000000: 3 images"):
-        convert.convert_imagenet(root, tmp_path / "o", n_train=3, n_test=1)
+        convert.convert_imagenet(root, tmp_path / "o", n_classes=5, n_train=3, n_test=1)
     convert.main(["imagenet", "--root", str(root), "--out", str(tmp_path / "cli"), "--n-classes",
                   "2", "--n-train", "1", "--n-test", "1", "--skip-bad", "--as-seg"])
     assert len(_ids(tmp_path / "cli" / "train.jsonl")) >= 1
@@ -3533,6 +3537,353 @@ def test_viscot_jsonl_and_bad_entries(tmp_path):
                   str(tmp_path / "out"), "--skip-bad"])
     recs, _ = data.read_manifest(tmp_path / "out" / "gqa_cot_train.jsonl", "vqa")
     assert [(r["id"], r["box"]) for r in recs] == [(1, [1, 1, 20, 12])]   # union of the boxes
+
+
+# ==== RISE on real datasets: the authors' prompts per dataset layout, class names, repetition penalty, LISA
+# targets, ImageNet-Sub classes, R_fmt. Expected texts are typed from the RISE authors' code (HSH55/RISE at
+# 4ff62cc; the file is named at each) and Visual-RFT's (Liuziyu77/Visual-RFT at 9486633), not built from
+# data.py's templates.
+IMAGENET_SUB_AUTHORS = [      # HSH55/RISE dataset_generate.py, object_classes
+    "analog clock", "backpack", "ballpoint", "Band Aid", "barbell", "barber chair", "beer bottle", "beer glass",
+    "binoculars", "bolo tie", "bookcase", "bottlecap", "brassiere", "broom", "bucket", "buckle", "candle",
+    "can opener", "carton", "cellular telephone"]
+# RISE-R1/trainer/grpo_class_multithink_trainer_emo6.py L505-509, as rendered (only the description varies)
+E6_REC = ("Please analyze the provided image description and generate a probability distribution across the "
+          "following emotion categories: 'anger', 'disgust', 'fear', 'joy', 'sadness', 'surprise', 'neutral'. "
+          "Description: %s. Do not provide any additional explanations or reasoning. Only return the result in the "
+          "specified format. Each probability must be a floating-point number between 0 and 1, rounded to 6 "
+          "decimal places. The sum of all probabilities must be exactly 1.000000 (allowing for minor "
+          "floating-point errors). Example output: {'anger': 0.0, 'disgust': 0.1666667, 'fear': 0.1, 'joy': "
+          "0.466667, 'sadness': 0.1, 'surprise': 0.166667, 'neutral': 0.0}. Incorrect output: {'anger': 0, "
+          "'disgust': 0, 'fear': 0, 'joy': 1.0, 'sadness': 0, 'surprise': 0, 'neutral': 0}.")
+# dataset_generate.py, question (ImageNet-Sub reasoning generation)
+IMAGENET_COT = ("Analyze the image to explain how the visual elements support the object classification probability "
+                "distribution %s, concisely in under 100 words. Describe key objects, shapes, textures, and contextual "
+                "details that contribute to the inferred object category, highlighting their connection to the "
+                "classification probabilities. Avoid directly stating the object names or probabilities; instead, "
+                "focus on the visual cues and their implications.")
+# RISE-COT/trainer/grpo_lisa_trainer.py newprompt_build(): the detection reasoning-generation text
+DET_COT = ("Describe why the region is identified as the target object. The region's coordinates are %s, and it "
+           "contains %s. Analyze its shape, color, texture, and contextual clues. Using these visual and contextual "
+           "features, explain why this region is recognized as %s. Provide a clear Chain-of-Thought (CoT) to justify "
+           "the conclusion.")
+# grpo_lisa_trainer.py L583 (LISA) and grpo_coco_trainer.py L631 (COCO-Sub): the reconstruction
+DET_REC = ('The image is of resolution %s. Based on the following reasoning, which describes the region corresponding '
+           'to the target category "%s": %s, please extract and output the exact bounding box coordinates of that '
+           'region.Only return the result in the following format:%s.')
+# Visual-RFT coco_evaluation/Qwen2_VL_coco_infere.py: the think-answer block (its answer format replaced)
+VRFT_THINK = ("\nOutput the thinking process in <think> </think> and final answer in <answer> </answer> tags.The "
+              "output answer format should be as follows:\n<think> ... </think> <answer>%s</answer>\nPlease strictly "
+              "follow the format.")
+
+
+def _authors_imagenet_tree(root, per_class=2):
+    """ImageNet's own layout (train/<wnid>/<wnid>_<n>.JPEG) for the authors' 20 ImageNet-Sub classes."""
+    for k, wnid in enumerate(convert.IMAGENET_SUB):
+        for n in range(per_class):
+            _image(root / wnid / f"{wnid}_{n}.JPEG", (40, 30), value=5 * k + n)
+    return root
+
+
+def _real_datasets(tmp_path):
+    """One converted record per RISE dataset layout, made by convert.py from fixtures in each dataset's own
+    layout: {name: (record, image)}."""
+    out = {}
+    paths, _ = convert.convert_emotion6(_emotion6(tmp_path / "Emotion6"), tmp_path / "e6")
+    out["Emotion6"] = next(r for r in data.read_manifest(paths["train"], "cls")[0] + data.read_manifest(
+        paths["test"], "cls")[0] if r["id"] == "emotion6-joy-3")
+    src = tmp_path / "ReasonSeg" / "train"
+    _reasonseg(src)
+    (tmp_path / "targets.jsonl").write_text(json.dumps({"id": "a-0-0", "target": "the bowl holding the soup"}) + "\n")
+    paths, _ = convert.convert_reasonseg(src, tmp_path / "lisa", targets=tmp_path / "targets.jsonl")
+    out["LISA"] = next(r for r in data.read_manifest(paths["det"], "det")[0] if r["id"] == "a-0-0")
+    inst, _ = _coco(tmp_path / "coco")
+    paths, _ = convert.convert_coco(inst, tmp_path / "coco" / "images", tmp_path / "cs", n_train=3, n_test=2)
+    out["COCO-Sub"] = next(r for r in data.read_manifest(paths["train"], "det")[0] if r["target"] == "traffic light")
+    paths, _ = convert.convert_imagenet(_authors_imagenet_tree(tmp_path / "imagenet" / "train"), tmp_path / "in",
+                                        n_train=1, n_test=1)
+    out["ImageNet-Sub"] = next(r for r in data.read_manifest(paths["train"], "cls")[0]
+                               if r["id"].startswith("n02786058"))                   # a Band Aid image
+    return {name: (rec, data.open_image(rec["image_path"])) for name, rec in out.items()}
+
+
+def test_rise_prompts_of_every_dataset_layout_are_the_authors_for_both_model_families(real_arch, tmp_path):
+    """The user text a real Qwen2-VL / Qwen2.5-VL gets, for a record convert.py made from each RISE dataset's own
+    layout (printed; `pytest -s` shows them), against the authors' sentences. The box frame is the model's: 1000x1000
+    for Qwen2-VL, for Qwen2.5-VL the pixels of the input its processor makes (its image grid x 14)."""
+    from transformers import AutoConfig, AutoProcessor
+    datasets = _real_datasets(tmp_path)
+    e6, _ = datasets["Emotion6"]
+    lisa, lisa_image = datasets["LISA"]
+    coco, coco_image = datasets["COCO-Sub"]
+    imnet, _ = datasets["ImageNet-Sub"]
+    assert imnet["classes"] == IMAGENET_SUB_AUTHORS and imnet["probs"][3] == 1.0          # Band Aid
+    assert (lisa["target"], lisa["question"], lisa["boxes"]) == ("the bowl holding the soup", "what holds the soup?",
+                                                               [[10, 10, 26, 21]])
+    assert coco["multi"] and coco["boxes"] == [[30, 20, 34, 26]]
+    cot = "A smiling crowd gathers under bright lanterns."
+    # classification prompts have no box frame: the same for both families
+    e6_dist = ("{'anger':0.40201, 'disgust':0.100503, 'fear':0.100503, 'joy':0.201005, 'sadness':0.095477, "
+               "'surprise':0.050251, 'neutral':0.050251}")   # ground_truth.txt's ratings / 0.995, 6 decimals
+    assert data.prompt("cot", e6) == (      # adapted from IMAGENET_COT: the authors' Emotion6 text is unreleased
+        "Analyze the image to explain how the visual elements support the emotion probability distribution "
+        + e6_dist + ", concisely in under 100 words. Describe key objects, facial expressions, colors, scene settings, "
+        "and contextual details that contribute to the evoked emotions, highlighting their connection to the emotion "
+        "probabilities. Avoid directly stating the emotion names or probabilities; instead, focus on the visual cues "
+        "and their implications.")
+    assert data.prompt("rec", e6, cot=cot) == E6_REC % cot
+    one_hot = "{" + ", ".join("'%s':%s" % (c, "1.0" if c == "Band Aid" else "0.0") for c in IMAGENET_SUB_AUTHORS) + "}"
+    assert data.prompt("cot", imnet) == IMAGENET_COT % one_hot
+    assert data.prompt("rec", imnet, cot=cot).startswith(
+        "Please analyze the provided image description and generate a probability distribution across the following "
+        "object categories: 'analog clock', 'backpack', 'ballpoint', 'Band Aid', ")
+    e6_keys = "{'anger': probability, 'disgust': probability, 'fear': probability, 'joy': probability, " \
+              "'sadness': probability, 'surprise': probability, 'neutral': probability}"
+    e6_task = ("Please analyze the image and generate a probability distribution across the following emotion "
+               "categories: 'anger', 'disgust', 'fear', 'joy', 'sadness', 'surprise', 'neutral'.")
+    assert data.prompt("r1", e6) == e6_task + VRFT_THINK % e6_keys
+    assert data.prompt("plain", e6) == e6_task + " Only return the result in the following format: " + e6_keys + "."
+    for family, path in real_arch.items():
+        processor = AutoProcessor.from_pretrained(path)
+        model_type = AutoConfig.from_pretrained(path).model_type
+        for (name, (rec, image)), box_format in zip((("LISA", datasets["LISA"]), ("COCO-Sub", datasets["COCO-Sub"])),
+                                                    ("[x1, y1, x2, y2]", "[[x1,y1,x2,y2],...,[x1,y1,x2,y2]]")):
+            if family == "qwen2_vl":
+                fw, fh = 1000, 1000
+            else:       # the processor's own resized input: its grid of 14-pixel patches
+                _, gh, gw = processor.image_processor(images=[image], return_tensors="pt")["image_grid_thw"][0].tolist()
+                fw, fh = gw * 14, gh * 14
+            frame = vlm.box_frame(model_type, image.size, processor)
+            assert frame == (fw, fh)
+            sx, sy = fw / image.size[0], fh / image.size[1]
+            scaled = [[round(b[0] * sx), round(b[1] * sy), round(b[2] * sx), round(b[3] * sy)] for b in rec["boxes"]]
+            boxes = [vlm.to_model_frame(b, model_type, image.size, processor) for b in rec["boxes"]]
+            assert boxes == scaled
+            stated = "[%d, %d, %d, %d]" % tuple(scaled[0]) if name == "LISA" else json.dumps(scaled).replace(" ", "")
+            resolution = f"{fw}×{fh}"
+            prompts = {style: data.prompt(style, rec, cot=cot, boxes=boxes, frame=frame)
+                       for style in ("cot", "rec", "r1", "plain")}
+            target = rec["target"]
+            assert prompts["cot"] == f"The image is of resolution {resolution}. " + DET_COT % (stated, target, target)
+            assert prompts["rec"] == DET_REC % (resolution, target, cot, box_format)
+            task = (f'Detect the region corresponding to the target category "{target}" and provide its bounding box.'
+                    if name == "LISA" else
+                    "Detect all objects belonging to the category 'traffic light' in the image, and provide the "
+                    "bounding boxes.")
+            assert prompts["r1"] == f"The image is of resolution {resolution}. " + task + VRFT_THINK % box_format
+            assert prompts["plain"] == (f"The image is of resolution {resolution}. {task} Only return the result in "
+                                        f"the following format: {box_format}.")
+            for style, text in prompts.items():
+                assert "boxes of all" not in text and " are at " not in text and "what holds" not in text
+                # what the model reads: the authors' message [image, text], no system message of ours
+                rendered = processor.apply_chat_template([vlm.user_turn(text)], add_generation_prompt=True,
+                                                         tokenize=False)
+                assert rendered.startswith("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n")
+                assert rendered.endswith("<|vision_start|><|image_pad|><|vision_end|>" + text
+                                         + "<|im_end|>\n<|im_start|>assistant\n")
+                print(f"\n--- {name}, {family}, {style}:\n{text}")
+    for name, rec in (("Emotion6", e6), ("ImageNet-Sub", imnet)):
+        for style in ("cot", "rec", "r1", "plain"):
+            print(f"\n--- {name}, both families, {style}:\n{data.prompt(style, rec, cot=cot)}")
+
+
+def test_rise_answers_parse_and_score_with_multi_word_classes(tmp_path):
+    """The answer texts of real records (SFT targets) read back exactly; class names are matched by one key on
+    both sides, so ImageNet-Sub's multi-word names score however the model spaces or cases them (the authors'
+    reward never matched "analog clock" or "Band Aid": it keyed only the answers)."""
+    e6 = {"classes": data.EMOTION6_CLASSES, "probs": [0, 1 / 6, 0.1, 7 / 15, 0.1, 1 / 6, 0]}
+    assert data.format_answer(e6) == ("{'anger': 0.0, 'disgust': 0.166667, 'fear': 0.1, 'joy': 0.466667, "
+                                      "'sadness': 0.1, 'surprise': 0.166667, 'neutral': 0.0}")
+    assert R.parse_class_probs(data.format_answer(e6)) == {
+        "anger": 0.0, "disgust": 0.166667, "fear": 0.1, "joy": 0.466667, "sadness": 0.1, "surprise": 0.166667,
+        "neutral": 0.0}
+    assert R.parse_class_probs(data.EMOTION6_EXAMPLE)["disgust"] == 0.1666667       # the authors' example parses
+    assert data.format_answer({"target": "x", "boxes": [[1, 2, 3, 4]]}, [[10, 20, 30, 40]]) == "[10, 20, 30, 40]"
+    assert data.format_answer({"target": "x", "multi": True, "boxes": []}, [[1, 2, 3, 4], [5, 6, 7, 8]]) == \
+        "[[1,2,3,4],[5,6,7,8]]"
+    assert R.parse_boxes("[10, 20, 30, 40]") == [[10, 20, 30, 40]]
+    gt = dict(zip(IMAGENET_SUB_AUTHORS, [0.0] * 3 + [1.0] + [0.0] * 16))                  # Band Aid
+    authors_gt = "{" + ", ".join("'%s':%s" % (c, "1.0" if c == "Band Aid" else "0.0")
+                                 for c in IMAGENET_SUB_AUTHORS) + "}"            # their `solution` text
+    assert R.cls_similarity(R.parse_class_probs(authors_gt), gt) == approx(1.0)
+    for spelled in ("band aid", "Band_Aid", "BAND-AID", "bandaid"):
+        assert R.cls_similarity({spelled: 1.0}, gt) == approx(1.0), spelled
+    assert R.cls_similarity({"Analog Clock": 1.0}, gt) < 1e-3                            # the wrong class
+    assert R.probs_vector({"analog_clock": 0.25, "Analog clock": 0.25}, ["analog clock"]) == [0.5]   # merged
+    out = R.rise_r1_reward("<think>a small adhesive strip on skin</think><answer>{'band aid': 1.0}</answer>", gt, "cls")
+    assert out == {"reward": approx(2.0), "similarity": approx(1.0), "format": 1.0}
+
+
+def test_rise_r1_format_reward_is_one_for_a_well_formed_answer():
+    """RISE eq. 9: R = Sim + R_fmt with R_fmt the format compliance alone; the probability-sum penalty lives in
+    Sim_cls (eqs. 2-5) and counts once. {"red": 0.3, "blue": 0.3} vs (0.5, 0.5): renormalised q = p, KL 0,
+    MSE = (0.2^2 + 0.2^2) / 2 = 0.04, sum 0.6 -> Sim = exp(-0.02) * exp(-0.4) = exp(-0.42) = 0.657047."""
+    out = R.rise_r1_reward('<think>both halves are alike</think><answer>{"red": 0.3, "blue": 0.3}</answer>',
+                           GT_CLS, "cls")
+    assert out["similarity"] == approx(math.exp(-0.42), abs=1e-9) == approx(0.657047, abs=1e-6)
+    assert out["format"] == 1.0 and out["reward"] == approx(1.657047, abs=1e-6)
+    assert R.rise_r1_reward('<answer>{"red": 0.3, "blue": 0.3}</answer>', GT_CLS, "cls")["format"] == 0.0   # no think
+
+
+def test_class_names_allowed_removed_or_forbidden():
+    """The three --class-names modes on hand-written CoTs: allow (the paper: only numbers leak), forbid (a class
+    word in any sense is a leak, "neutral tones" too), remove (the sentences naming a class go)."""
+    e6 = data.EMOTION6_CLASSES
+    cot = "Neutral tones fill the room. A child laughs with joy! The sky is grey"
+    assert not R.leaks(cot, "cls")                                       # allow: no number, no leak
+    assert R.leaks(cot, "cls", class_names=["neutral"])                  # forbid: the word, whatever its sense
+    assert R.leaks("Joys abound.", "cls", class_names=e6)                # plural, any case
+    for innocent in ("The children enjoy the game.", "A danger sign hangs there.", "A joyful, fearless dog.",
+                     "Reddish light."):
+        assert not R.leaks(innocent, "cls", class_names=e6 + ["red"]), innocent
+    pattern = R.class_name_pattern(["Band Aid", "R.V."])
+    assert all(pattern.search(t) for t in ("a band-aid here", "two BandAids", "a Band_Aid", "the R.V. is parked"))
+    assert R.class_name_pattern([]) is None and R.class_name_pattern(["  "]) is None
+    # remove: the sentences with "Neutral" and "joy" go, the last one (no end punctuation) stays
+    assert R.remove_class_sentences(cot, e6) == "The sky is grey"
+    assert R.remove_class_sentences("Calm water.\nA fearful face! Is it surprise? Dark trees", e6) == \
+        "Calm water. A fearful face! Dark trees"
+    assert R.remove_class_sentences("The joy is clear", e6) == ""       # a last sentence that names one goes too
+    assert R.remove_class_sentences("Two  lines\nof text.", []) == "Two lines of text."
+    gt = {"joy": 1.0, "neutral": 0.0}
+    good = R.rise_cot_reward(cot, "{'joy': 1.0, 'neutral': 0.0}", gt, "cls")
+    assert good["reward"] == approx(1.0) and not good["leak"]
+    assert R.rise_cot_reward(cot, "{'joy': 1.0, 'neutral': 0.0}", gt, "cls", forbid_class_names=True)["reward"] == 0.0
+
+
+def test_rise_cot_presets_and_class_name_options():
+    """The tiny demo keeps its behaviour (class names forbidden, asked for in its prompt; no repetition penalty);
+    a real model gets the paper's (class names allowed) and the authors' penalty 1.2."""
+    tiny_args = rise_cot.parse_args([])
+    assert (tiny_args.class_names, tiny_args.rec_repetition_penalty) == ("forbid", 1.0)
+    paper = rise_cot.parse_args(["--preset", "paper"])
+    assert (paper.class_names, paper.rec_repetition_penalty) == ("allow", 1.2)
+    assert rise_cot.parse_args(["--no-mask-class-names"]).class_names == "allow"
+    assert rise_cot.parse_args(["--preset", "paper", "--class-names", "remove"]).class_names == "remove"
+    with pytest.raises(SystemExit):
+        rise_cot.parse_args(["--class-names", "drop"])
+
+
+def test_remove_mode_reconstructs_from_the_cleaned_cot(cache, tmp_path):
+    """--class-names remove with the tiny base on shapes soft_cls: the shapes prompt does not forbid names, so the
+    base names colours; the reconstruction prompt, the reward and the kept CoT all use the CoT without the
+    sentences that name a class, while the sampled tokens (the GRPO loss's) stay as sampled."""
+    data.make_shapes_world(tmp_path / "w", n_train=2, n_test=1, seed=4)
+    records, _ = data.read_manifest(tmp_path / "w" / "soft_cls" / "train.jsonl", "cls")
+    model, processor = vlm.load_model(vlm.TINY_BASE)
+    args = rise_cot.parse_args(["--class-names", "remove", "--max-new-tokens", "24"])
+    images = [data.open_image(r["image_path"]) for r in records]
+    answers = [dict(zip(r["classes"], r["probs"])) for r in records]
+    torch.manual_seed(0)
+    cots, recs, scored = rise_cot.closed_loop(model, processor, records, images, answers, args, 4)
+    owner = [k // 4 for k in range(8)]
+    assert cots["texts"] == [R.remove_class_sentences(t, records[i]["classes"])
+                             for i, t in zip(owner, cots["sampled_texts"])]
+    named = [k for k, t in enumerate(cots["sampled_texts"]) if R.leaks(t, "cls", records[owner[k]]["classes"])]
+    assert named, cots["sampled_texts"]                 # the base named a colour: something was removed
+    tok = processor.tokenizer
+    for k in range(8):
+        assert not R.leaks(cots["texts"][k], "cls", records[owner[k]]["classes"])
+        assert cots["texts"][k] in tok.decode(recs["prompt"]["input_ids"][k], skip_special_tokens=True)
+        assert scored[k]["reward"] == R.rise_cot_reward(cots["texts"][k], recs["texts"][k], answers[owner[k]], "cls",
+                                                        terms=args.reward_terms)["reward"]
+    assert tok.batch_decode(cots["completion_ids"] * cots["completion_mask"], skip_special_tokens=True) == \
+        cots["sampled_texts"]
+
+
+def test_repetition_penalty_is_transformers_rule_and_off_by_default(tiny):
+    """vlm.sample(repetition_penalty=p) decodes greedily as a hand loop over full forwards that divides the
+    positive logits (multiplies the negative ones) of every token already in the sequence by p; None, 1.0 and
+    leaving it out sample the same tokens."""
+    model, processor = tiny
+    batch = vlm.chat_inputs(processor, [[vlm.user_turn("Describe the image.")]], [[solid((220, 40, 40))]])
+    runs = []
+    for extra in ({}, {"repetition_penalty": None}, {"repetition_penalty": 1.0}):
+        torch.manual_seed(5)
+        runs.append(vlm.sample(model, processor, batch, 2, 8, temperature=1.0, **extra)["completion_ids"])
+    assert torch.equal(runs[0], runs[1]) and torch.equal(runs[0], runs[2])
+    got = vlm.sample(model, processor, batch, 1, 8, do_sample=False, repetition_penalty=1.5)
+    ids, suppress = batch["input_ids"].clone(), vlm.suppressed_ids(processor)
+    eos = vlm.eos_ids(processor, model)
+    with torch.no_grad():
+        for _ in range(8):
+            types = torch.cat([batch["mm_token_type_ids"], batch["mm_token_type_ids"].new_zeros(
+                1, ids.shape[1] - batch["input_ids"].shape[1])], 1)           # generated tokens are text
+            logits = model(input_ids=ids, attention_mask=torch.ones_like(ids), pixel_values=batch["pixel_values"],
+                           image_grid_thw=batch["image_grid_thw"], mm_token_type_ids=types).logits[0, -1].float()
+            seen = ids[0].unique()
+            logits[seen] = torch.where(logits[seen] < 0, logits[seen] * 1.5, logits[seen] / 1.5)
+            logits[suppress] = -math.inf
+            nxt = int(logits.argmax())
+            ids = torch.cat([ids, torch.tensor([[nxt]])], 1)
+            if nxt in eos:
+                break
+    manual = ids[0, batch["input_ids"].shape[1]:].tolist()
+    assert got["completion_ids"][0, :len(manual)].tolist() == manual
+    plain = vlm.sample(model, processor, batch, 1, 8, do_sample=False)["completion_ids"][0].tolist()
+    assert plain != manual            # the random tiny model repeats itself; the penalty changes its greedy text
+
+
+def test_lisa_detection_is_one_sample_per_question_and_target(tmp_path):
+    """RISE's LISA conversion: a record per (query, target shape) with that shape's own box (less the ignore
+    shapes drawn after it), the target description from a targets file or the phrase itself, never the question;
+    the questions without one are listed for filling in, and the filled list passed back completes det.jsonl."""
+    src = tmp_path / "train"
+    _image(src / "c.jpg", (64, 48))
+    # two targets overlapping at columns 20..24 (both keep them), an ignore shape drawn after the larger one
+    # carving its rows 30..33, a flag dropped
+    (src / "c.json").write_text(json.dumps({
+        "text": ["Which items would you carry to a picnic?", "What could hold the food?"], "is_sentence": True,
+        "shapes": [_rect(2, 2, 24, 33), _rect(20, 5, 40, 12), _rect(0, 30, 30, 40, "ignore"),
+                   _rect(0, 0, 63, 47, "flag")]}))
+    paths, skipped = convert.convert_reasonseg(src, tmp_path / "o")
+    assert skipped == 0 and run.read_jsonl(paths["det"]) == []          # questions only, no description yet
+    todo = run.read_jsonl(paths["needs_target"])
+    assert [(r["id"], r["question"], r["boxes"]) for r in todo] == [
+        ("c-0-0", "Which items would you carry to a picnic?", [[2, 2, 25, 30]]),
+        ("c-0-1", "Which items would you carry to a picnic?", [[20, 5, 41, 13]]),
+        ("c-1-0", "What could hold the food?", [[2, 2, 25, 30]]),
+        ("c-1-1", "What could hold the food?", [[20, 5, 41, 13]])]
+    filled = tmp_path / "filled.jsonl"
+    filled.write_text("".join(json.dumps(dict(r, target=f"the picnic item {r['id'][-1]}")) + "\n" for r in todo[:3]))
+    paths, _ = convert.convert_reasonseg(src, tmp_path / "o", targets=filled)
+    det, _ = data.read_manifest(paths["det"], "det")
+    assert [(r["id"], r["target"], r["boxes"]) for r in det] == [
+        ("c-0-0", "the picnic item 0", [[2, 2, 25, 30]]), ("c-0-1", "the picnic item 1", [[20, 5, 41, 13]]),
+        ("c-1-0", "the picnic item 0", [[2, 2, 25, 30]])]
+    assert [r["id"] for r in run.read_jsonl(paths["needs_target"])] == ["c-1-1"]
+    filled.write_text("".join(json.dumps(dict(r, target="x")) + "\n" for r in todo))
+    paths, _ = convert.convert_reasonseg(src, tmp_path / "o", targets=filled, queries="first")
+    assert _ids(paths["det"]) == ["c-0-0", "c-0-1"] and "needs_target" not in paths
+    assert not (tmp_path / "o" / "needs_target.jsonl").exists()
+    # a description for a question the folder does not have is a mistake, named with its line
+    filled.write_text(json.dumps({"id": "c-0-0", "target": "x"}) + "\n" + json.dumps({"id": "z-0-0", "target": "y"}))
+    with pytest.raises(data.ManifestError, match=r"filled\.jsonl:2: 1 id\(s\) name no LISA question .*z-0-0"):
+        convert.convert_reasonseg(src, tmp_path / "o", targets=filled)
+    convert.main(["reasonseg", "--src", str(src), "--out", str(tmp_path / "cli"), "--det-queries", "first"])
+    assert len(run.read_jsonl(tmp_path / "cli" / "needs_target.jsonl")) == 2
+
+
+def test_imagenet_sub_default_is_the_authors_20_classes(tmp_path):
+    root = _authors_imagenet_tree(tmp_path / "train")
+    paths, skipped = convert.convert_imagenet(root, tmp_path / "o", n_train=1, n_test=1)
+    train, _ = data.read_manifest(paths["train"], "cls")
+    assert skipped == 0 and len(train) == 20 and train[0]["classes"] == IMAGENET_SUB_AUTHORS
+    assert [r["classes"][r["probs"].index(1.0)] for r in train] == IMAGENET_SUB_AUTHORS    # folder -> its name
+    (root / "n02992529").rename(root / "phones")
+    with pytest.raises(ValueError, match=r"no folder for 1 of the RISE authors' 20 .*n02992529 \(cellular telephone\)"):
+        convert.convert_imagenet(root, tmp_path / "o", n_train=1, n_test=1)
+
+
+def test_lisa_map_is_the_share_of_samples_found_whatever_their_order():
+    """rise_r1.metrics_of on LISA-style records (every target its own description): mAP@0.5 = hits / samples,
+    2/3 here in any order of the test set; a COCO-style class shared by images pools them."""
+    records = [{"target": f"thing {k}", "boxes": [[0, 0, 10, 10]]} for k in range(3)]
+    preds = [{"parsed": True, "boxes": b} for b in ([[0, 0, 10, 9]], [[20, 20, 30, 30]], [[1, 0, 10, 10]])]
+    for order in itertools.permutations(range(3)):
+        got = rise_r1.metrics_of([preds[i] for i in order], [records[i] for i in order], "det")["map50"]
+        assert got == approx(2 / 3)
+
 
 
 # ====================================================================================================
@@ -3886,7 +4237,7 @@ def test_rise_r1_and_rise_cot_write_qwen25_boxes_in_resized_pixels(tiny):
     qwen25 = type("M", (), {"config": type("C", (), {"model_type": "qwen2_5_vl"})()})()
     record = {"target": "the cat", "boxes": [[100, 100, 200, 200]]}
     image = Image.new("RGB", (640, 480))
-    assert rise_r1.annotation(record, image, qwen25, processor) == ([[39, 35, 79, 70]], "[39,35,79,70]")
+    assert rise_r1.annotation(record, image, qwen25, processor) == ([[39, 35, 79, 70]], "[39, 35, 79, 70]")
     assert rise_cot.annotation(record, image, qwen25, processor) == [[39, 35, 79, 70]]
     with pytest.raises(ValueError, match="pass the processor"):       # never an AttributeError
         vlm.to_model_frame([100, 100, 200, 200], "qwen2_5_vl", (640, 480))

@@ -203,7 +203,7 @@ def hf_model(model):
 
 @torch.no_grad()
 def sample(model, processor, batch, num_generations=1, max_new_tokens=64, temperature=1.0,
-           do_sample=True, return_scores=False):
+           do_sample=True, return_scores=False, repetition_penalty=None):
     """Sample `num_generations` (G) completions for every prompt of `batch` in ONE generate() call.
 
     Returns a dict: prompt tensors repeated per completion (prompt-major), completion_ids [B*G, T],
@@ -212,6 +212,10 @@ def sample(model, processor, batch, num_generations=1, max_new_tokens=64, temper
     with only the vision tokens suppressed, the two changes completion_logprobs() applies, so the
     policy's log-probs are exact. The checkpoint's generation_config (Qwen's repetition_penalty,
     top_k, top_p...) would fill every option left unset: it is swapped for a blank one meanwhile.
+    repetition_penalty (None or 1.0: none): transformers' penalty on every token already in the prompt
+    or the completion (RISE-CoT's reconstruction uses 1.2, as its authors' code). The completions then
+    come from the penalised distribution while completion_logprobs() scores the policy's own: GRPO's
+    log-probs and KL for such tokens are the un-penalised policy's.
     With G > 1 each prompt is prefilled once (shared_prefix_cache), not G times."""
     tok = processor.tokenizer
     eos = eos_ids(processor, model)          # before the checkpoint's generation_config is swapped out
@@ -222,6 +226,8 @@ def sample(model, processor, batch, num_generations=1, max_new_tokens=64, temper
     gen = dict(max_new_tokens=max_new_tokens, do_sample=do_sample, suppress_tokens=suppressed_ids(processor),
                eos_token_id=eos, pad_token_id=tok.pad_token_id, output_scores=return_scores,
                return_dict_in_generate=True, **pure)
+    if repetition_penalty not in (None, 1.0):
+        gen["repetition_penalty"] = float(repetition_penalty)
     from transformers import GenerationConfig
     target = hf_model(model)            # a LoRA (peft) wrapper forwards generate() to the HF model
     if (num_generations > 1 and SHARED_PREFIX and "pixel_values" in batch
