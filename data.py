@@ -880,11 +880,12 @@ MANIFEST_SCHEMA = {"soft_cls": "cls", "onehot_cls": "cls", "det": "det", "multi_
                    "seg": "seg", "vqa": "vqa"}   # the read_manifest schema of each shapes task
 
 
-def make_shapes_world(out, n_train=64, n_test=32, seed=0):
-    """Write OUT/<task>/{train,test}.jsonl, images/ (and masks/ for seg) for every task.
+def make_shapes_world(out, n_train=64, n_test=32, seed=0, n_val=None):
+    """Write OUT/<task>/{train,val,test}.jsonl, images/ (and masks/ for seg) for every task; n_val
+    (default n_test) validation scenes to choose recipes on, so that the test split is only reported.
 
-    Deterministic: the same arguments give byte-identical files. Returns
-    {task: {"train": manifest path, "test": manifest path}}.
+    Deterministic: the same arguments give byte-identical files, each split from its own random
+    stream (the train and test files do not depend on n_val). Returns {task: {split: manifest path}}.
     """
     out, paths = Path(out), {}
     for task in SHAPE_TASKS:
@@ -893,7 +894,7 @@ def make_shapes_world(out, n_train=64, n_test=32, seed=0):
         if task == "seg":
             (folder / "masks").mkdir(exist_ok=True)
         paths[task] = {}
-        for split, n in (("train", n_train), ("test", n_test)):
+        for split, n in (("train", n_train), ("val", n_test if n_val is None else n_val), ("test", n_test)):
             rng, records = _rng(seed, task, split), []
             for i in range(n):
                 background = int(rng.integers(200, 246))

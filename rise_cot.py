@@ -124,15 +124,13 @@ def train(args, rank, world, out):
                 best[found["id"]] = found
                 if rank == 0:
                     run.append_jsonl(out / "seen.jsonl", found)
-        stats.update(grpo.reward_stats(reward, G), no_leak=sum(not s["leak"] for s in scored) / len(scored),
-                     format_ok=sum(s["format"] for s in scored) / len(scored),
-                     similarity=sum(s["similarity"] for s in scored) / len(scored))
-        run.log_completions(out, rank, step, [
-            {"id": batch[k // G]["id"], "cot": c, "reconstruction": a, **s}
-            for k, (c, a, s) in enumerate(zip(cots["texts"], recs["texts"], scored))], args.log_completions_every)
+        stats.update(grpo.reward_stats(reward, G), **factor_means(scored))
+        run.log_completions(out, rank, step, [dict(id=batch[k // G]["id"], cot=c, reconstruction=a, **s) for k, (c, a, s)
+                                              in enumerate(zip(cots["texts"], recs["texts"], scored))],
+                            args.log_completions_every)
         if rank == 0:
             tqdm.write(f"[rise_cot] step {step + 1}/{total} R_CoT {stats['reward']:.3f} (similarity {stats['similarity']:.3f}, "
-                  f"no leak {stats['no_leak']:.2f}, format {stats['format_ok']:.2f}) {time.time() - t0:.1f}s")
+                       f"no leak {stats['no_leak']:.2f}, format {stats['format_ok']:.2f}) {time.time() - t0:.1f}s")
         run.end_step(engine, out, state, step, total, stats, args, rank, LOGGED, time.time() - t0)
 
     # ---- step 5: the harvest, G CoTs per training sample with the trained policy; the best per sample
@@ -192,6 +190,13 @@ def closed_loop(model, processor, records, images, answers, args, group_size):
                                       terms=args.reward_terms)
               for i, c, a in zip(owner, cots["texts"], recs["texts"])]
     return cots, recs, scored
+
+
+def factor_means(scored):
+    """The batch's share of CoTs that do not leak, that are in format, and the mean Sim (R_CoT's factors)."""
+    n = max(len(scored), 1)
+    return {"no_leak": sum(not s["leak"] for s in scored) / n, "format_ok": sum(s["format"] for s in scored) / n,
+            "similarity": sum(s["similarity"] for s in scored) / n}
 
 
 def sample_problem(record, model, processor, args):

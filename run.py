@@ -113,7 +113,7 @@ def shapes_world(seed=0, n_train=64, n_test=32):
     """The default data: a shapes world in the cache (vlm.CACHE), made once (~2 s). One process per
     machine writes it (LOCAL_RANK 0), into a folder of its own that it then renames into place, so
     ranks and nodes that share a cache never write the same files; the others wait."""
-    name = f"shapes-{seed}" if (n_train, n_test) == (64, 32) else f"shapes-{seed}-{n_train}-{n_test}"
+    name = f"shapes-v2-{seed}" if (n_train, n_test) == (64, 32) else f"shapes-v2-{seed}-{n_train}-{n_test}"
     root = vlm.CACHE / name
     if int(os.environ.get("LOCAL_RANK", 0)) == 0 and not root.exists():
         tmp = root.with_name(f"{name}.tmp-{os.getpid()}")

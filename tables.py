@@ -15,6 +15,7 @@ bars). --script-args appends arguments to every pipeline command (e.g. "--max-st
 for a plumbing check).
 """
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -32,6 +33,12 @@ import rise_r1
 import run
 
 ROOT = Path(__file__).resolve().parent
+SPLIT = {"eval": "test"}          # every evaluation's split: "val" while a recipe is chosen (--split val), else "test"
+
+
+def eval_manifest(seed, dataset, n_train=64, n_test=32):
+    """The manifest every row of a table is scored on: the shapes world's `dataset` of `seed`, SPLIT's split."""
+    return str(run.shapes_world(seed, n_train, n_test) / dataset / f"{SPLIT['eval']}.jsonl")
 
 
 def read_json(path):
@@ -60,7 +67,8 @@ def seg_jobs(seed, d):
     jobs = {}
     for row, flags in SEG_ROWS:
         out = d / slug(row)
-        ev = ["seg_rise.py", "--eval", "--executor", "box", "--seed", str(seed), "--out", str(out / "eval")]
+        ev = ["seg_rise.py", "--eval", "--executor", "box", "--seed", str(seed), "--out", str(out / "eval"),
+              "--test", eval_manifest(seed, "seg")]
         jobs[row] = ([ev + ["--model", "tiny-base"]] if flags is None else
                      [["seg_rise.py", "--seed", str(seed), "--out", str(out)] + flags,
                       ev + ["--model", str(out / "final")] + [f for f in flags if f.startswith("--no-")]])
@@ -85,7 +93,8 @@ VISRL_STAGES = [("tiny base", "base"), ("SFT warm-up", "sft"), ("+ stage 1", "it
 
 
 def visrl_jobs(seed, d):
-    return {"visrl": [["visrl.py", "--seed", str(seed), "--out", str(d / "visrl")]]}
+    return {"visrl": [["visrl.py", "--seed", str(seed), "--out", str(d / "visrl"),
+                       "--test", eval_manifest(seed, "vqa", 512, 512)]]}
 
 
 def critic_auc(candidates_path):
@@ -138,7 +147,7 @@ def cot_jobs(seed, d, task="soft_cls"):
                   + COT_FLAGS[task] + s,
                   ["rise_r1.py", "--data", task, "--cots", str(d / slug(row) / "cot" / "cots.jsonl"),
                    "--out", str(d / slug(row) / "r1")] + s,
-                  ["rise_r1.py", "--eval", "--test", task, "--model", str(d / slug(row) / "r1" / "final"),
+                  ["rise_r1.py", "--eval", "--test", eval_manifest(seed, task), "--model", str(d / slug(row) / "r1" / "final"),
                    "--out", str(d / slug(row) / "eval")] + s]
             for row, terms in COT_ROWS}
 
@@ -174,7 +183,7 @@ def rise_jobs(seed, d):
     s, jobs = ["--seed", str(seed)], {}
     for task in RISE_TASKS:
         t = d / task
-        ev = lambda row, model, *extra: ["rise_r1.py", "--eval", "--test", task, "--model", model,  # noqa: E731
+        ev = lambda row, model, *extra: ["rise_r1.py", "--eval", "--test", eval_manifest(seed, task), "--model", model,  # noqa: E731
                                          "--out", str(t / row / "eval"), *extra] + s
         r1 = lambda row, *extra: ["rise_r1.py", "--data", task, "--out", str(t / row), *extra] + s  # noqa: E731
         jobs[f"{task} base"] = [ev("base", "tiny-base"), ev("base_plain", "tiny-base", "--eval-prompt", "plain")]
@@ -203,7 +212,7 @@ def constant_prior(seed, task, n):
     """The input-blind answer every trained row must beat, on the first n test records (as rise_r1.py
     --eval scores them): the uniform distribution (soft_cls, JSD) or the mean training box (det, mAP@0.5)."""
     world = run.shapes_world(seed)
-    test = run.read_jsonl(world / task / "test.jsonl")[:n]
+    test = run.read_jsonl(world / task / f"{SPLIT['eval']}.jsonl")[:n]
     if task == "soft_cls":
         return {"JSD": float(np.mean([rewards.jsd(np.ones(len(r["probs"])), r["probs"]) for r in test]))}
     mean_box = np.mean([b for r in run.read_jsonl(world / task / "train.jsonl") for b in r["boxes"]], 0).tolist()
@@ -360,13 +369,16 @@ def main(argv=None):
     p.add_argument("--out", default=None, help="default: runs/tables/TABLE")
     p.add_argument("--script-args", default="", help="appended to every pipeline command")
     p.add_argument("--rows", default=None, help="comma-separated job names to run (as printed), e.g. 'tiny base'")
+    p.add_argument("--split", default="test", choices=["test", "val"],
+                   help="what every row is scored on: val to choose a recipe, test to report it")
     args = p.parse_args(argv)
+    SPLIT["eval"] = args.split
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out or ROOT / "runs" / "tables" / args.table)
     make_jobs, results = TABLES[args.table]
     threads = 1 if args.jobs > 1 else (os.cpu_count() or 1)
     for seed in seeds:                        # the default shapes worlds, made here once: jobs run at once
-        run.shapes_world(seed)
+        run.shapes_world(seed), run.shapes_world(seed, 512, 512)
     todo = [(f"seed{seed} {name}", cmds, out / f"seed{seed}") for seed in seeds
             for name, cmds in make_jobs(seed, out / f"seed{seed}").items()]
     if args.rows:
@@ -386,8 +398,10 @@ def main(argv=None):
             failed += [f"{name}: {error}"] if error else []
     summary = summarise([results(seed, out / f"seed{seed}") for seed in seeds])
     wall = time.time() - t0
-    (out / "table.json").write_text(json.dumps({"seeds": seeds, "summary": summary, "failed": failed,
-                                                "seconds": round(wall)}, indent=1))
+    base = hashlib.sha256((ROOT / "tiny-base" / "model.safetensors").read_bytes()).hexdigest()
+    (out / "table.json").write_text(json.dumps({"seeds": seeds, "split": args.split, "summary": summary, "failed": failed,
+                                                "seconds": round(wall), "script_args": args.script_args,
+                                                "tiny_base_sha256": base}, indent=1))
     text = markdown(summary, seeds) + (f"\nFailed jobs: {failed}\n" if failed else "")
     (out / "table.md").write_text(text)
     plot(summary, out / "table.png")

@@ -2231,16 +2231,19 @@ def _colour_mask(img, name):
 # ------------------------------------------------------------------ shapes world: files
 def test_same_seed_same_bytes_different_seed_differs(world, tmp_path):
     first = _hashes(world)
-    n_images = N_TRAIN + N_TEST
-    assert len(first) == len(data.SHAPE_TASKS) * (2 + n_images) + n_images   # + seg masks
+    n_images = N_TRAIN + 2 * N_TEST                                         # train, val (n_test scenes), test
+    assert len(first) == len(data.SHAPE_TASKS) * (3 + n_images) + n_images   # + seg masks
     data.make_shapes_world(tmp_path / "again", N_TRAIN, N_TEST, seed=0)
     assert _hashes(tmp_path / "again") == first
     data.make_shapes_world(tmp_path / "other", N_TRAIN, N_TEST, seed=1)
     other = _hashes(tmp_path / "other")
     assert set(other) == set(first)
     assert sum(other[k] != first[k] for k in first) > len(first) // 2
-    for task in data.SHAPE_TASKS:                   # train and test are different streams
-        assert first[f"{task}/images/train_00000.png"] != first[f"{task}/images/test_00000.png"]
+    for task in data.SHAPE_TASKS:                   # train, val and test are different streams
+        assert len({first[f"{task}/images/{split}_00000.png"] for split in ("train", "val", "test")}) == 3
+    data.make_shapes_world(tmp_path / "more_val", N_TRAIN, N_TEST, seed=0, n_val=N_TEST + 3)
+    more_val = _hashes(tmp_path / "more_val")         # the validation split's size changes no other file
+    assert all(more_val[k] == v for k, v in first.items() if "val" not in k)
 
 
 def test_cli_matches_function(tmp_path):
