@@ -185,11 +185,18 @@ def convert_emotion6(root, out, seed=0, test_frac=0.3, skip_bad=False):
 
 # ------------------------------------------------- LISA / ReasonSeg (RISE det. and Seg-RISE)
 def lisa_mask(shapes, width, height):
-    """The target mask of a LISA annotation, by LISA's own rule (get_mask_from_json):
+    """The target mask of a LISA annotation (lisa_masks), HxW bool."""
+    return lisa_masks(shapes, width, height)[0]
+
+
+def lisa_masks(shapes, width, height):
+    """(target, ignore) HxW bool masks of a LISA annotation, by LISA's own rule (get_mask_from_json):
     shapes labelled "flag" are dropped; the others are drawn largest first, so a smaller shape
-    drawn later wins where they overlap; a label containing "ignore" marks pixels to leave out,
-    any other label marks target pixels. As LISA's cv2.fillPoly on int32 points, the points
-    are truncated to integers and the polygon is filled with its boundary (PIL does too)."""
+    drawn later wins where they overlap; a label containing "ignore" marks pixels to leave out of
+    the evaluation (LISA writes 255 there, which its intersectionAndUnionGPU removes from both the
+    intersection and the union), any other label marks target pixels. As LISA's cv2.fillPoly on
+    int32 points, the points are truncated to integers and the polygon is filled with its boundary
+    (PIL does too)."""
     layers = []
     for i, shape in enumerate(shapes):
         label = str(shape.get("label", "")).lower() if isinstance(shape, dict) else ""
@@ -207,7 +214,7 @@ def lisa_mask(shapes, width, height):
     canvas = np.zeros((height, width), np.uint8)          # 0 background, 1 target, 2 ignore
     for _, _, ignore, layer in sorted(layers, key=lambda t: t[:2]):
         canvas[layer] = 2 if ignore else 1
-    return canvas == 1
+    return canvas == 1, canvas == 2
 
 
 def convert_reasonseg(src, out, skip_bad=False):
@@ -217,7 +224,10 @@ def convert_reasonseg(src, out, skip_bad=False):
     det.jsonl (RISE's LISA detection, single target): one record per image, target = the first
     query, boxes = [the tight box of the target mask] (the union of all target polygons).
     seg.jsonl (Seg-RISE): one record per query, id "<name>-<k>", with the mask PNG
-    masks/<name>.png (0/255) and the same box. Run once per split folder (train, val, test).
+    masks/<name>.png (0/255) and the same box; where the annotation has "ignore" shapes, also
+    "ignore_mask": masks/ignore/<name>.png (0/255), the pixels LISA's evaluation leaves out of
+    both the intersection and the union (rewards.mask_counts). Run once per split folder (train,
+    val, test).
     Polygons are drawn on the image as displayed (EXIF orientation applied, as labelme shows
     it); a stated imageWidth / imageHeight that is not that size is a bad record (file:line).
     """
@@ -244,7 +254,7 @@ def convert_reasonseg(src, out, skip_bad=False):
                 key = '"imageWidth"' if '"imageWidth"' in text else '"imageHeight"'
                 _check_size((ann.get("imageWidth"), ann.get("imageHeight")), size, image,
                             "imageWidth/imageHeight", text[:text.find(key)].count("\n") + 1)
-            mask = lisa_mask(ann["shapes"], *size)
+            mask, ignore = lisa_masks(ann["shapes"], *size)
             box = mask_box(mask)
             if box is None:
                 raise _Bad("no target pixels (every shape is ignore/flag or off the image)",
@@ -256,8 +266,11 @@ def convert_reasonseg(src, out, skip_bad=False):
         extra = {"is_sentence": ann["is_sentence"]} if "is_sentence" in ann else {}
         det.append({"id": name, "image": _rel(image, out), "target": texts[0].strip(),
                     "boxes": [box], **extra})
+        if ignore.any():
+            _save_mask(ignore, out / "masks" / "ignore" / f"{name}.png")
+        left_out = {"ignore_mask": f"masks/ignore/{name}.png"} if ignore.any() else {}
         seg += [{"id": f"{name}-{k}", "image": _rel(image, out), "instruction": t.strip(),
-                 "mask": f"masks/{name}.png", "box": box, **extra} for k, t in enumerate(texts)]
+                 "mask": f"masks/{name}.png", **left_out, "box": box, **extra} for k, t in enumerate(texts)]
     paths = {"det": out / "det.jsonl", "seg": out / "seg.jsonl"}
     write_jsonl(paths["det"], det)
     write_jsonl(paths["seg"], seg)
