@@ -185,15 +185,17 @@ def convert_emotion6(root, out, seed=0, test_frac=0.3, skip_bad=False):
 
 # ------------------------------------------------- LISA / ReasonSeg (RISE det. and Seg-RISE)
 def lisa_regions(shapes, width, height):
-    """The target pixels of a LISA annotation, by LISA's own rule (get_mask_from_json): shapes
-    labelled "flag" are dropped; the others are drawn largest first, so a smaller shape drawn later
-    wins where they overlap; a label containing "ignore" marks pixels to leave out, any other label
-    marks target pixels. As LISA's cv2.fillPoly on int32 points, the points are truncated to
-    integers and the polygon is filled with its boundary (PIL does too).
-    Returns (mask, regions): mask = LISA's target mask (HxW bool); regions = [(i, region_mask)],
-    one per target shape in file order (i: its index in shapes), each that polygon's pixels less
-    those an ignore shape drawn after it takes (another target drawn over it takes nothing: both
-    are targets). A region can be empty. Raises _Bad naming the shape for a malformed one."""
+    """The pixels of a LISA annotation, by LISA's own rule (get_mask_from_json): shapes labelled "flag"
+    are dropped; the others are drawn largest first, so a smaller shape drawn later wins where they
+    overlap; a label containing "ignore" marks pixels to leave out of the evaluation (LISA writes 255
+    there, which its intersectionAndUnionGPU removes from both the intersection and the union), any
+    other label marks target pixels. As LISA's cv2.fillPoly on int32 points, the points are truncated
+    to integers and the polygon is filled with its boundary (PIL does too).
+    Returns (mask, ignore, regions): mask = LISA's target mask, ignore = its ignored pixels (HxW bool
+    each); regions = [(i, region_mask)], one per target shape in file order (i: its index in shapes),
+    each that polygon's pixels less those an ignore shape drawn after it takes (another target drawn
+    over it takes nothing: both are targets). A region can be empty. Raises _Bad naming the shape for
+    a malformed one."""
     layers = []
     for i, shape in enumerate(shapes):
         label = str(shape.get("label", "")).lower() if isinstance(shape, dict) else ""
@@ -217,7 +219,7 @@ def lisa_regions(shapes, width, height):
         if not ignore:
             later = [lay for _, _, ign, lay in layers[k + 1:] if ign]
             regions.append((i, layer & ~np.logical_or.reduce(later) if later else layer))
-    return canvas == 1, sorted(regions, key=lambda r: r[0])
+    return canvas == 1, canvas == 2, sorted(regions, key=lambda r: r[0])
 
 
 def lisa_mask(shapes, width, height):
@@ -273,7 +275,9 @@ def convert_reasonseg(src, out, targets=None, queries="all", skip_bad=False):
     "question", "boxes", "target": null}; fill in "target" and pass the file as `targets`), not to
     det.jsonl, and counted in the returned paths ("needs_target").
     seg.jsonl (Seg-RISE): one record per query, id "<name>-<k>", instruction = the query, with the
-    mask PNG masks/<name>.png (0/255) and its box. Run once per split folder (train, val, test).
+    mask PNG masks/<name>.png (0/255) and its box; where the annotation has "ignore" shapes, also
+    "ignore_mask": masks/ignore/<name>.png (0/255), the pixels LISA's evaluation leaves out of both
+    the intersection and the union (rewards.mask_counts). Run once per split folder (train, val, test).
     Polygons are drawn on the image as displayed (EXIF orientation applied, as labelme shows it); a
     stated imageWidth / imageHeight that is not that size is a bad record (file:line).
     """
@@ -304,7 +308,7 @@ def convert_reasonseg(src, out, targets=None, queries="all", skip_bad=False):
                 key = '"imageWidth"' if '"imageWidth"' in text else '"imageHeight"'
                 _check_size((ann.get("imageWidth"), ann.get("imageHeight")), size, image,
                             "imageWidth/imageHeight", text[:text.find(key)].count("\n") + 1)
-            mask, regions = lisa_regions(ann["shapes"], *size)
+            mask, ignore, regions = lisa_regions(ann["shapes"], *size)
             box = mask_box(mask)
             if box is None:
                 raise _Bad("no target pixels (every shape is ignore/flag or off the image)",
@@ -331,8 +335,11 @@ def convert_reasonseg(src, out, targets=None, queries="all", skip_bad=False):
                     det.append({**rec, "target": target, **fields})
                 else:
                     todo.append({**rec, **fields, "target": None})
+        if ignore.any():
+            _save_mask(ignore, out / "masks" / "ignore" / f"{name}.png")
+        left_out = {"ignore_mask": f"masks/ignore/{name}.png"} if ignore.any() else {}
         seg += [{"id": f"{name}-{k}", "image": _rel(image, out), "instruction": t.strip(),
-                 "mask": f"masks/{name}.png", "box": box, **extra} for k, t in enumerate(texts)]
+                 "mask": f"masks/{name}.png", **left_out, "box": box, **extra} for k, t in enumerate(texts)]
     unknown = sorted(set(described) - known, key=lambda i: described[i][1])
     if unknown:
         raise ManifestError(targets, described[unknown[0]][1],

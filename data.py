@@ -63,11 +63,14 @@ SEG_PROMPT = ('Think in <think></think>, then answer in <answer></answer> with J
               '[x1,y1,x2,y2], "points": [[x,y],[x,y]]}} (two points inside the object): the box of {instruction}.')
 SEG_PROMPT_NO_COT = ('Answer in <answer></answer> with JSON {{"bbox": [x1,y1,x2,y2], "points": '
                      '[[x,y],[x,y]]}} (two points inside the object): the box of {instruction}.')
-# Qwen2.5-VL's own grounding prompt (its model card's spatial-understanding examples), for testing
-# a real checkpoint on RefCOCO/+/g as the RISE segmentation paper does (sec. 4, implementation details).
-GROUNDING_PROMPT = "Locate {instruction} in the image, output its bbox coordinates using JSON format."
+# Qwen2.5-VL's own grounding prompt, the sentence of its spatial-understanding cookbook ("Locate the top right
+# brown cake, output its bbox coordinates using JSON format.") with the expression in place of "the top right
+# brown cake": the Seg-RISE paper tests RefCOCO/+/g with "the official prompt consistent with that of
+# Qwen2.5VL" (sec. 5). No article is added: RefCOCO(g) expressions carry their own ("the man in red").
+GROUNDING_PROMPT = "Locate {instruction}, output its bbox coordinates using JSON format."
 BOX_FRAME_NOTE = "The image is of resolution {width}x{height}. "
-# VisRL (arXiv 2503.07523) sec. 4.1, Settings: the CoT prompt the authors add to the question, word for word
+# Shapes world (the tiny base is trained on these): VisRL's two turns (the paper's CoT sentence, then the shapes
+# world's box format and question) and its critic's two questions
 VISRL_BOX_PROMPT = ("Please first provide the bounding box coordinate of the region, then refer to the "
                     "corresponding sub-image to answer the question better. Box: [x1,y1,x2,y2] in 0..1. "
                     "{question}")
@@ -79,6 +82,91 @@ CRITIC_BOX_PROMPT = ('Question: {question} Reference answer: {answer}. Does this
 CRITIC_ANSWER_PROMPT = ('Question: {question} Reference answer: {reference} Candidate answer: '
                         '{answer}. How close is the candidate to the reference? Reply with JSON '
                         '{{"score": x}}, x between 0 and 1.')
+# Shapes world, Seg-RISE's --no-points ablation (not in the tiny base's training)
+SEG_PROMPT_NO_POINTS = ('Think in <think></think>, then answer in <answer></answer> with JSON '
+                        '{{"bbox": [x1,y1,x2,y2]}}: the box of {instruction}.')
+SEG_PROMPT_NO_POINTS_NO_COT = 'Answer in <answer></answer> with JSON {{"bbox": [x1,y1,x2,y2]}}: the box of {instruction}.'
+
+# Seg-RISE, real data: the paper keeps "consistency with the Seg-Zero configuration" (sec. 5, implementation
+# details), so a real model gets Seg-Zero's single-object prompt word for word (dvlab-research/Seg-Zero,
+# verl/utils/rl_dataset.py and inference_scripts/infer.py of its first release): the sentences joined with
+# no space, as Seg-Zero's adjacent string literals are; '{question}' the instruction lower-cased with its
+# dots stripped (Seg-Zero: problem.lower().strip(".")); its example answer in single quotes as Seg-Zero
+# writes it (the answer itself must be JSON: Seg-Zero's reward reads it with json.loads). No frame note:
+# Qwen2.5-VL writes pixels of the image it is shown, here 840 x 840 (seg_rise.py --image-side).
+SEG_ZERO_FIND = "Please find '{question}' with bbox and points."
+SEG_ZERO_COMPARE = "Compare the difference between objects and find the most closely matched one."
+SEG_ZERO_TAGS = "Output the thinking process in <think> </think> and final answer in <answer> </answer> tags."
+SEG_ZERO_JSON = ("Output the one bbox and points of two largest inscribed circles inside the interested object "
+                 "in JSON format.")
+SEG_ZERO_EXAMPLE = "i.e., <think> thinking process here </think><answer>{answer}</answer>"
+SEG_ZERO_ANSWER = "{'bbox': [10,100,200,210], 'points_1': [30,110], 'points_2': [35,180]}"
+SEG_ZERO_PROMPT = SEG_ZERO_FIND + SEG_ZERO_COMPARE + SEG_ZERO_TAGS + SEG_ZERO_JSON + SEG_ZERO_EXAMPLE
+# The paper's ablations have no published prompt (Tab. 5 "w/o CoT": "not prompted to produce a
+# <think>...</think> block"; Tab. 6 "w/o Points"). Ours are Seg-Zero's with words deleted, nothing added:
+# w/o CoT drops "the thinking process in <think> </think> and" and the example's think; w/o points drops
+# " and points", " and points of two largest inscribed circles" and the example's two points.
+SEG_ZERO_NO_POINTS = {"find": ("with bbox and points.", "with bbox."),
+                      "json": ("bbox and points of two largest inscribed circles inside", "bbox inside"),
+                      "answer": (", 'points_1': [30,110], 'points_2': [35,180]", "")}
+SEG_ZERO_NO_COT = {"tags": ("Output the thinking process in <think> </think> and final answer",
+                            "Output the final answer"),
+                   "example": ("<think> thinking process here </think>", "")}
+
+# VisRL, real data (arXiv 2503.07523 sec. 4, Settings): "we add a CoT prompt (...) to the question", word for
+# word; the released code (zhangquanchen/VisRL data_gen/generate.py) puts it where VisCoT's own sentence was:
+# "{question} Please first provide ... better." Its answer step is a NEW user turn with the same text and the
+# crop after it (visrl.answer_turns): no second instruction, no box in context.
+VISRL_COT_PROMPT = ("Please first provide the bounding box coordinate of the region, then refer to the "
+                    "corresponding sub-image to answer the question better.")
+VISRL_QUESTION = "{question} " + VISRL_COT_PROMPT
+# The critic's prompts of the released code (data_gen/generate.py, judge_score_prompt and judge_bbox_prompt),
+# word for word with the indentation its f-strings keep and their last line of four spaces. "Question: " is
+# followed by the question and one space: the code removes the CoT sentence from "{question} Please first ...".
+VISRL_JUDGE_ANSWER_PROMPT = (
+    "You are responsible for proofreading the answers, you need to give the score to the model's answer by "
+    "referring to the standard answer, based on the given question and image.\n"
+    "    The full score is 1 point and the minimum score is 0 points. Please directly provide the score in JSON "
+    "format, for example, {{\"score\": 0.8}}, without showing the intermediate process.\n"
+    "    The evaluation criteria require that the closer the model's answer is to the standard answer, the "
+    "higher the score.\n"
+    "\n"
+    "    Question: {question} \n"
+    "    Standard answer: {reference}\n"
+    "    Model's answer: {answer}\n"
+    "    ")
+VISRL_JUDGE_BOX_PROMPT = (
+    "You are responsible for verifying the relevance of the image based on the provided question and standard "
+    "answer, you need to assess whether the image aligns with the standard answer.\n"
+    "    The full score is 1 point and the minimum score is 0 points. Please directly provide the score in JSON "
+    "format, for example, {{\"score\": 0.8}}, without showing the intermediate process.\n"
+    "    The evaluation criteria is that, the higher score will be if the image effectively encompasses the "
+    "information provided in the standard answer based on question.\n"
+    "\n"
+    "    Question: {question} \n"
+    "    Standard answer: {answer}\n"
+    "    ")
+VISCOT_BOX = "[{:.3f}, {:.3f}, {:.3f}, {:.3f}]"   # VisCoT's and VisRL's box text: '[%0.3f, %0.3f, %0.3f, %0.3f]'
+
+
+def seg_prompt(instruction, cot=True, points=True, shapes=False):
+    """Seg-RISE's prompt for one instruction: the shapes world's (SEG_PROMPT ...), or for real data
+    Seg-Zero's (SEG_ZERO_PROMPT; --no-cot / --no-points: its words deleted, SEG_ZERO_NO_COT / _NO_POINTS)."""
+    if shapes:
+        return [[SEG_PROMPT_NO_POINTS_NO_COT, SEG_PROMPT_NO_POINTS], [SEG_PROMPT_NO_COT, SEG_PROMPT]][points][cot] \
+            .format(instruction=instruction)
+    parts = {"find": SEG_ZERO_FIND, "compare": SEG_ZERO_COMPARE, "tags": SEG_ZERO_TAGS, "json": SEG_ZERO_JSON,
+             "example": SEG_ZERO_EXAMPLE, "answer": SEG_ZERO_ANSWER}
+    for deletions, on in ((SEG_ZERO_NO_POINTS, not points), (SEG_ZERO_NO_COT, not cot)):
+        for key, (old, new) in deletions.items() if on else ():
+            parts[key] = parts[key].replace(old, new)
+    template = "".join(parts[k] for k in ("find", "compare", "tags", "json", "example"))
+    return template.format(question=instruction.lower().strip("."), answer=parts["answer"])
+
+
+def format_viscot_box(box):
+    """A box normalised to 0..1 as VisCoT and VisRL write it: '[0.123, 0.456, 0.789, 0.901]' (3 decimals)."""
+    return VISCOT_BOX.format(*(min(max(float(v), 0.0), 1.0) + 0.0 for v in box))
 
 
 def class_list(classes):
@@ -125,9 +213,12 @@ def prompt(style, record, cot=None, boxes=None, mask_names=True, frame=None):
 
     style: "cot" (RISE step 1: the annotation -> a description; for detection `boxes` are the
     record's boxes in the model's frame), "rec" (RISE step 2: the description `cot` -> the
-    answer), "r1" (think, then answer), "plain" (the answer only), "seg" / "seg_no_cot"
-    (Seg-RISE), "grounding" (Qwen2.5-VL's own grounding prompt, for testing a real checkpoint),
-    "visrl" (VisRL's first turn: the helpful region's box). The record's fields pick its schema:
+    answer), "r1" (think, then answer), "plain" (the answer only), "seg" / "seg_no_cot" /
+    "seg_no_points" / "seg_no_points_no_cot" (Seg-RISE and its ablations: seg_prompt), "grounding"
+    (Qwen2.5-VL's own grounding prompt, for testing a real checkpoint), "visrl" (VisRL's first turn:
+    the question and the helpful region's box). Seg-RISE and VisRL: a shapes-world record (is_shapes)
+    gets the shapes world's wording, any other the papers' (Seg-Zero's; VisRL's), which states no
+    frame. The record's fields pick its schema:
     "probs" classification, "boxes" detection, "instruction" segmentation, "question" VQA.
     Classification and detection: a shapes-world record (it has a "scene") gets the templates the
     tiny base is trained on; every other record gets the RISE authors' prompts (rise_prompt), whatever
@@ -139,11 +230,14 @@ def prompt(style, record, cot=None, boxes=None, mask_names=True, frame=None):
     for Qwen2-VL, the resized input's pixels for Qwen2.5-VL); box prompts then start by saying
     it. Raises KeyError for a style the record's schema has no prompt in."""
     note = frame_note(frame)
-    if style in ("seg", "seg_no_cot", "grounding"):
-        template = {"seg": SEG_PROMPT, "seg_no_cot": SEG_PROMPT_NO_COT, "grounding": GROUNDING_PROMPT}[style]
-        return note + template.format(instruction=record["instruction"])
+    if style in ("seg", "seg_no_cot", "seg_no_points", "seg_no_points_no_cot"):
+        shapes = is_shapes([record])
+        return (note if shapes else "") + seg_prompt(record["instruction"], cot="no_cot" not in style,
+                                                     points="no_points" not in style, shapes=shapes)
+    if style == "grounding":
+        return GROUNDING_PROMPT.format(instruction=record["instruction"])
     if style == "visrl":
-        return VISRL_BOX_PROMPT.format(question=record["question"])
+        return (VISRL_BOX_PROMPT if is_shapes([record]) else VISRL_QUESTION).format(question=record["question"])
     if "scene" not in record:                   # a real dataset: the RISE authors' prompts
         return rise_prompt(style, record, cot=cot, boxes=boxes, frame=frame)
     if "probs" in record:
@@ -325,7 +419,7 @@ def format_answer(record, boxes=None):
 REQUIRED = {
     "cls": ("id", "image", "classes", "probs"),
     "det": ("id", "image", "target", "boxes"),
-    "seg": ("id", "image", "instruction"),            # optional: "mask", "box"
+    "seg": ("id", "image", "instruction"),            # optional: "mask", "ignore_mask", "box"
     "vqa": ("id", "image", "question", "answer"),     # optional: "box"
 }
 
@@ -483,6 +577,11 @@ def _record_problem(rec, schema, base, seen_ids):
                 return "mask is not a path"
             if not (base / rec["mask"]).is_file():
                 return f"mask file not found: {base / rec['mask']}"
+        if schema == "seg" and rec.get("ignore_mask") is not None:     # pixels no score counts (ReasonSeg)
+            if rec.get("mask") is None or not _nonempty_str(rec["ignore_mask"]):
+                return "ignore_mask is not a path, or comes without a mask"
+            if not (base / rec["ignore_mask"]).is_file():
+                return f"ignore_mask file not found: {base / rec['ignore_mask']}"
     image = base / rec["image"]
     if not image.is_file():
         return f"image file not found: {image}"
@@ -497,18 +596,19 @@ def _record_problem(rec, schema, base, seen_ids):
         return (f"box {outside[0]!r} reaches past the {size[0]}x{size[1]} image {image} (its size as "
                 "displayed, EXIF orientation applied)")
     if schema == "seg" and rec.get("mask") is not None:
-        return _mask_problem(base / rec["mask"], size)
+        return _mask_problem(base / rec["mask"], size) or (
+            _mask_problem(base / rec["ignore_mask"], size, empty_ok=True) if rec.get("ignore_mask") else None)
     return None
 
 
-def _mask_problem(mask_path, size):
-    """An unreadable or empty mask, or one whose size is not `size`, the image's (width, height) as
-    displayed; else None."""
+def _mask_problem(mask_path, size, empty_ok=False):
+    """An unreadable or (unless empty_ok) empty mask, or one whose size is not `size`, the image's
+    (width, height) as displayed; else None."""
     try:
         mask = read_mask(mask_path)
     except Exception as e:     # PIL raises many types for broken files
         return f"unreadable mask {mask_path}: {type(e).__name__}: {e}"
-    if not mask.any():
+    if not mask.any() and not empty_ok:
         return f"mask {mask_path} is empty (no non-zero pixel): there is no object to segment"
     if mask.shape[::-1] != tuple(size):
         return f"mask {mask_path} is {mask.shape[1]}x{mask.shape[0]} but the image is {size[0]}x{size[1]}"
@@ -520,7 +620,8 @@ def read_manifest(path, schema, skip_bad=False):
 
     schema: "cls" | "det" | "seg" | "vqa" (manifest_task() tells it from the records). Each record
     comes back with its original fields plus "image_path" (absolute) and, for a segmentation record
-    with a mask, "mask_path". A bad record raises ManifestError naming file:line, or, with
+    with a mask, "mask_path" (and "ignore_mask_path" with an ignore mask). A bad record raises
+    ManifestError naming file:line, or, with
     skip_bad=True, is skipped with a warning on stderr and counted. Bad: a missing or malformed
     field, a box past the image (its size as displayed, BOX_SLACK pixels allowed), an image PIL
     cannot identify or whose header is broken, a decompression bomb (check_image). An image that
@@ -553,6 +654,8 @@ def read_manifest(path, schema, skip_bad=False):
             rec = dict(rec, image_path=str(base / rec["image"]))
             if schema == "seg" and rec.get("mask") is not None:
                 rec["mask_path"] = str(base / rec["mask"])
+            if schema == "seg" and rec.get("ignore_mask") is not None:
+                rec["ignore_mask_path"] = str(base / rec["ignore_mask"])
             records.append(rec)
     if not records:
         raise NoRecordsError(path, f"all {n_skipped} record(s) are bad (the first: {first_bad})" if n_skipped

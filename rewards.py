@@ -161,18 +161,28 @@ def parse_boxes(text):
     return boxes or None
 
 
-def parse_seg_answer(text):
-    """Seg-RISE answer JSON {"bbox": [x1,y1,x2,y2], "points": [[x,y],[x,y]]} (text around
-    it allowed) -> (bbox, points) of finite floats, else None. Image bounds: seg_format_reward."""
+def parse_seg_answer(text, points_format=None):
+    """A Seg-RISE answer (text around it allowed) -> (bbox, [point, point]) of finite floats, else None.
+
+    points_format "seg_zero": Seg-Zero's keys, which the Seg-RISE paper keeps (real data):
+    {"bbox": [x1,y1,x2,y2], "points_1": [x,y], "points_2": [x,y]} (Seg-Zero's
+    seg_segmentation_format_reward: the three keys, 4 and 2 and 2 values); "shapes": the shapes
+    world's {"bbox": [...], "points": [[x,y],[x,y]]}; None: either (the first object that holds one).
+    Strict JSON, as Seg-Zero reads it (json.loads): single-quoted dicts do not parse. Box order and
+    image bounds: seg_format_reward."""
     if not isinstance(text, str):
         return None
     for obj in _json_objects(text):
-        box, pts = (obj.get("bbox"), obj.get("points")) if isinstance(obj, dict) else (None, None)
-        if (isinstance(box, list) and len(box) == 4 and isinstance(pts, list) and len(pts) == 2
-                and all(isinstance(p, list) and len(p) == 2 for p in pts)):
-            box, pts = [_number(v) for v in box], [[_number(v) for v in p] for p in pts]
-            if None not in box + pts[0] + pts[1]:
-                return box, pts
+        if not isinstance(obj, dict):
+            continue
+        box = obj.get("bbox")
+        for fmt in [points_format] if points_format else ["seg_zero", "shapes"]:
+            pts = obj.get("points") if fmt == "shapes" else [obj.get("points_1"), obj.get("points_2")]
+            if (isinstance(box, list) and len(box) == 4 and isinstance(pts, list) and len(pts) == 2
+                    and all(isinstance(p, list) and len(p) == 2 for p in pts)):
+                nums, points = [_number(v) for v in box], [[_number(v) for v in p] for p in pts]
+                if None not in nums + points[0] + points[1]:
+                    return nums, points
     return None
 
 
@@ -219,26 +229,27 @@ _BARE_SCORE_RE = re.compile(r"""\s*["']?({num}){scale}["']?\s*""".format(num=NUM
 
 
 def parse_score(text):
-    """VisRL critic output (paper section 3.2) -> a score in [0, 1], read on the scale the text states.
+    """VisRL critic output (paper section 3.1, appendix C) -> a score in [0, 1] read on the scale the
+    text states, or None when it cannot be read (the candidate is then dropped, as the released
+    data_gen/filter.py drops a judgement json.loads could not read: never a score of 0).
 
-    '{"score": 0.7}' and 'Score: 0.7' -> 0.7; 'Score: 2/10' and '2 out of 10' -> 0.2;
-    'Score: 80%' -> 0.8. Text without the word "score" is read only when it is the number alone
-    ("0.7", "80%", "2/10"). Unparsable, NaN, infinite, a zero or negative scale, or a number
-    outside its scale (1.5, 12/10, 150%, -0.2) -> 0.0: never clamped, so a critic writing on a
+    '{"score": 0.7}', '```json {"score": 0.7} ```' and 'Score: 0.7' -> 0.7; 'Score: 2/10' and
+    '2 out of 10' -> 0.2; 'Score: 80%' -> 0.8. Text without the word "score" is read only when it is
+    the number alone ("0.7", "80%", "2/10"). Unparsable, NaN, infinite, a zero or negative scale, or a
+    number outside its scale (1.5, 12/10, 150%, -0.2) -> None: never clamped, so a critic writing on a
     scale it was not asked for cannot make a poor answer the chosen one."""
     if not isinstance(text, str):
-        return 0.0
+        return None
     m = _SCORE_RE.search(text) or _BARE_SCORE_RE.fullmatch(text)
     if not m:
-        return 0.0
+        return None
     x, percent, scale = float(m.group(1)), m.group(2), m.group(3)
     top = 100.0 if percent else float(scale) if scale is not None else 1.0
     if not (math.isfinite(x) and math.isfinite(top) and top > 0 and 0.0 <= x <= top):
-        return 0.0
+        return None
     return x / top
 
 
-# ------------------------------------------------------------------------ similarities
 def cls_similarity(pred, gt):
     """RISE Sim_cls (RISE annotation paper, arXiv 2508.13229, eqs. 2-5), in [0, 1]:
 
@@ -449,16 +460,21 @@ def think_reward(text):
     return 1.0 if parts is not None and parts[0] and parts[1] else 0.0
 
 
-def seg_format_reward(text, width, height):
-    """Seg-RISE R_seg (Seg-RISE paper, section 4, format rewards): 1 if the answer is valid JSON with a 4-number box,
-    0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height, and two 2-number (finite) points;
-    else 0. Point positions are not checked: point accuracy is never rewarded. The answer
-    is the <answer> block, or the whole text when it has no <answer> tag (--no-cot)."""
-    parsed = parse_seg_answer(seg_answer(text))
+def seg_format_reward(text, width, height, points_format=None):
+    """Seg-RISE R_seg (Seg-RISE paper, section 4, format rewards: "a parsable bounding box and two
+    points in the correct JSON format with valid coordinate values"): 1 if the answer is JSON with a
+    4-number box, 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height, and two 2-number points inside
+    the image, 0 <= x <= width and 0 <= y <= height (width x height: the model's frame), else 0.
+    Whether the points lie inside the object is not checked: point accuracy is never rewarded. The
+    answer is the <answer> block, or the whole text when it has no <answer> tag (--no-cot).
+    points_format: parse_seg_answer's ("seg_zero" for real data, "shapes" for the shapes world, None
+    either)."""
+    parsed = parse_seg_answer(seg_answer(text), points_format)
     if parsed is None:
         return 0.0
-    x1, y1, x2, y2 = parsed[0]
-    return 1.0 if 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height else 0.0
+    (x1, y1, x2, y2), points = parsed
+    inside = all(0 <= x <= width and 0 <= y <= height for x, y in points)
+    return 1.0 if inside and 0 <= x1 < x2 <= width and 0 <= y1 < y2 <= height else 0.0
 
 
 def seg_box_format_reward(text, width, height):
@@ -632,13 +648,17 @@ def map50(predictions, ground_truths, iou_thresh=0.5):
     return float(np.mean(aps)) if aps else 0.0
 
 
-def mask_counts(pred, gt):
-    """(|P & G|, |P | G|) of two HxW masks, in pixels; a None prediction (an unparsable
+def mask_counts(pred, gt, ignore=None):
+    """(|P & G|, |P | G|) of two HxW masks, in pixels, leaving out the `ignore` pixels (an HxW mask,
+    or None) from both: LISA's ReasonSeg protocol (utils.intersectionAndUnionGPU: the prediction is
+    set to the ignore value wherever the ground truth holds it). A None prediction (an unparsable
     answer) is an empty mask. Raises ValueError when the shapes differ."""
     g = np.asarray(gt, dtype=bool)
     p = np.zeros_like(g) if pred is None else np.asarray(pred, dtype=bool)
-    if p.shape != g.shape:
-        raise ValueError("mask shapes differ %s vs %s" % (p.shape, g.shape))
+    keep = np.ones_like(g) if ignore is None else ~np.asarray(ignore, dtype=bool)
+    if p.shape != g.shape or keep.shape != g.shape:
+        raise ValueError("mask shapes differ %s vs %s (ignore %s)" % (p.shape, g.shape, keep.shape))
+    p, g = p & keep, g & keep
     return int(np.logical_and(p, g).sum()), int(np.logical_or(p, g).sum())
 
 

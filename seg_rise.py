@@ -4,15 +4,18 @@ Paper: "Reasoning via Implicit Self-supervised Emergence for Instruction Segment
 2025; no arXiv id printed), section 4 "Method: RISE" (rewards eqs. 4-6), section 5 (evaluation).
 
 Training sees an image I and an instruction T only: no mask, no box.
-  1. the policy writes G answers per (I, T)                                   -> prompt_text()
-         <think>CoT</think><answer>{"bbox": [x1,y1,x2,y2], "points": [[x,y],[x,y]]}</answer>
-     in its own coordinate frame (Qwen2-VL: 0..1000; Qwen2.5-VL: pixels of the resized input),
-     converted to original-image pixels in one place                -> vlm.from_model_frame
+  1. the policy writes G answers per (I, T), for real data to Seg-Zero's prompt word for word (the
+     paper keeps "consistency with the Seg-Zero configuration")    -> prompt_text(), data.seg_prompt
+         <think>CoT</think><answer>{"bbox": [x1,y1,x2,y2], "points_1": [x,y], "points_2": [x,y]}</answer>
+     (shapes-world data: its own prompt and {"bbox": [...], "points": [[x,y],[x,y]]}), in its own
+     coordinate frame (Qwen2-VL: 0..1000; Qwen2.5-VL: pixels of the resized input; real data: of the
+     840x840 image Seg-Zero resizes every photo to, --image-side), converted to original-image
+     pixels in one place                                     -> box_to_pixels, vlm.from_model_frame
   2. reward  R = R_sem + R_think + R_seg                       (paper eq. 6)  -> seg_rewards()
        R_sem   = cos(CLIP_img(crop of the box), CLIP_txt(T)), 0 without a valid box  (eqs. 4-5)
                                                                   -> rewards.clip_semantic_reward
        R_think = 1 if <think>...</think><answer>...</answer>         -> rewards.think_reward
-       R_seg   = 1 if the answer is JSON with an in-image box and two points
+       R_seg   = 1 if the answer is JSON with an in-image box and two in-image points
                                                                     -> rewards.seg_format_reward
      (the ablations: --reward sem,think,seg picks the terms; --no-cot; --no-points)
   3. GRPO on the G answers                                                    -> vlm.grpo_step
@@ -32,6 +35,7 @@ CLIP of photos knows nothing of 112-px coloured shapes                  -> load_
     deepspeed seg_rise.py --eval --model runs/seg_rise/final --test reasonseg/test/seg.jsonl \\
         --sam2-ckpt sam2.1_hiera_large.pt                        # SAM2.1-Large (the paper's executor)
 """
+import copy
 import json
 import math
 import sys
@@ -51,23 +55,19 @@ import vlm
 
 # The paper's setting: Qwen2.5-VL-3B, G = 8, lr 1e-6, KL 5e-3 (Seg-Zero's), 2,000 RefCOCOg pairs, SAM2-Large.
 # Neither the batch nor the number of steps is printed: 125 steps x 2 prompts x 8 GPUs = one pass. Images:
-# Seg-Zero resizes every image to 840x840 = 705,600 pixels (900 image tokens of Qwen2.5-VL); here the same
-# pixel budget, the aspect ratio kept by Qwen's own resize (smart_resize). The prompt limit 1280 is ours
-# (900 image tokens + the instruction; the paper states none).
+# the paper prints no size; Seg-Zero, whose configuration it keeps, resizes every image to 840x840 (training
+# data refCOCOg_2k_840, inference image.resize((840, 840))) and maps the answer back by W/840, H/840: so does
+# image_side=840 (real data only; --image-side 0 keeps the aspect ratio at the same budget of 840x840 pixels,
+# Qwen's own smart_resize). The prompt limit 1280 is ours (900 image tokens + the instruction).
 PAPER = dict(lr=1e-6, beta=5e-3, max_steps=125, num_generations=8, batch_size=2, grad_accum=1,
-             max_new_tokens=512, save_every=25, max_pixels=840 * 840, max_prompt_len=1280,
+             max_new_tokens=512, save_every=25, max_pixels=840 * 840, image_side=840, max_prompt_len=1280,
              gradient_checkpointing=True, sam2_config="configs/sam2.1/sam2.1_hiera_l.yaml", deepspeed="ds_zero3.json")
 # The tiny base on one CPU: ~4.5 minutes (~2.2 s a step).
 TINY = dict(lr=2e-4, beta=5e-3, max_steps=120, num_generations=8, batch_size=2, grad_accum=1,
-            max_new_tokens=128, save_every=25, max_pixels=None, max_prompt_len=1024,
+            max_new_tokens=128, save_every=25, max_pixels=None, image_side=0, max_prompt_len=1024,
             sam2_config="configs/sam2.1/sam2.1_hiera_t.yaml")
 TERMS = ("sem", "think", "seg")
 SHAPES_CLIP = Path(__file__).resolve().parent / "shapes-clip"     # committed; python tiny.py clip rebuilds it
-
-# --no-points: the same prompts without the two points (data.py holds the other two).
-SEG_PROMPT_NO_POINTS = ('Think in <think></think>, then answer in <answer></answer> with JSON '
-                        '{{"bbox": [x1,y1,x2,y2]}}: the box of {instruction}.')
-SEG_PROMPT_NO_POINTS_NO_COT = 'Answer in <answer></answer> with JSON {{"bbox": [x1,y1,x2,y2]}}: the box of {instruction}.'
 
 
 def parse_args(argv=None):
@@ -78,6 +78,11 @@ def parse_args(argv=None):
                    help="answer without <think> (paper Table 5); R_think is then not part of R")
     p.add_argument("--no-points", dest="points", action="store_false",
                    help="ask for the box only (paper Table 6); SAM2 then gets the box only")
+    p.add_argument("--image-side", type=int,
+                   help="real data: every image is resized to SIDE x SIDE before the model sees it, as Seg-Zero "
+                        "does (840), and the answer mapped back to the original pixels; 0 keeps the aspect "
+                        "ratio (Qwen's resize within --max-pixels). Shapes-world data is never resized, nor "
+                        "is the image of --eval-prompt grounding")
     p.add_argument("--clip", default=None,
                    help="semantic scorer: an open_clip model name (the paper: ViT-B-32) or 'shapes' (the shapes "
                         "CLIP); default: shapes on shapes-world data, else ViT-B-32")
@@ -122,10 +127,12 @@ def train(args, rank, world, out):
     samples = [{"id": r["id"], "image_path": r["image_path"], "instruction": r["instruction"]} for r in records]
     # GT boxes, where the manifest has them, only for a logged diagnostic (never for the reward)
     diag_boxes = {r["id"]: r["box"] for r in records if r.get("box")}
+    args.shapes = data.is_shapes(records)            # the data pick the prompt and answer format, never the model
     if rank == 0:
         print(f"[seg_rise] {len(samples)} training samples from {manifest} ({skipped} skipped), {world} rank(s), "
               f"lr {args.lr}, G {args.num_generations}, beta {args.beta}, {args.max_steps} steps, "
-              f"R = {' + '.join('R_' + t for t in args.terms)}, cot {args.cot}, points {args.points}")
+              f"R = {' + '.join('R_' + t for t in args.terms)}, cot {args.cot}, points {args.points}, "
+              f"prompt {'shapes world' if args.shapes else 'Seg-Zero'}, image side {input_side(args)}")
 
     # ---- models: the policy (DeepSpeed), its frozen reference, the frozen CLIP scorer
     engine, processor = run.policy(args)
@@ -153,14 +160,16 @@ def train(args, rank, world, out):
 
         def reward_fn(texts, owner):                 # R = R_sem + R_think + R_seg (paper eq. 6)
             return seg_rewards(texts, owner, images, instructions, clip, model_type, processor, args.terms,
-                               args.cot, args.points, text_cache)
+                               args.cot, args.points, text_cache, args.shapes, input_side(args))
 
         stats, rollout, reward = vlm.grpo_step(
-            engine, ref, processor, convs, [[im] for im in images], reward_fn, group_size=G,
+            engine, ref, processor, convs, [[model_image(im, input_side(args))] for im in images], reward_fn,
+            group_size=G,
             max_new_tokens=args.max_new_tokens, temperature=args.temperature, max_prompt_len=args.max_prompt_len,
             window=vlm.accumulation(step, total, args.grad_accum), **run.grpo_options(args))
         # diagnostic only: IoU of the sampled boxes with GT boxes the reward never sees
-        ious = [rewards.box_iou(read_answer(t, images[k // G], model_type, processor, False)[0] or [0, 0, 0, 0],
+        ious = [rewards.box_iou(read_answer(t, images[k // G], model_type, processor, False, args.shapes,
+                                            input_side(args))[0] or [0, 0, 0, 0],
                                 diag_boxes[batch[k // G]["id"]])
                 for k, t in enumerate(rollout["texts"]) if batch[k // G]["id"] in diag_boxes]
         if ious:
@@ -189,59 +198,86 @@ def report(out, final):
 
 
 # ============================================================================ 1. prompts and answers
-def prompt_text(instruction, cot=True, points=True, frame=None):
-    """The Seg-RISE prompt; `frame` = vlm.box_frame(...) states the box frame to a real model."""
-    if points:
-        return data.prompt("seg" if cot else "seg_no_cot", {"instruction": instruction}, frame=frame)
-    template = SEG_PROMPT_NO_POINTS if cot else SEG_PROMPT_NO_POINTS_NO_COT
-    return data.frame_note(frame) + template.format(instruction=instruction)
+def prompt_text(instruction, cot=True, points=True, frame=None, shapes=False):
+    """The Seg-RISE prompt (data.seg_prompt): for real data Seg-Zero's word for word, which states no
+    frame; for shapes-world data (shapes=True) the shapes world's, after the sentence stating `frame`
+    (vlm.box_frame(...)), as the tiny base was trained. cot / points: False for the --no-cot /
+    --no-points ablations (paper Tab. 5 / 6)."""
+    return (data.frame_note(frame) if shapes else "") + data.seg_prompt(instruction, cot, points, shapes)
+
+
+def points_format(shapes):
+    """The answer's point keys (rewards.parse_seg_answer): Seg-Zero's, or the shapes world's."""
+    return "shapes" if shapes else "seg_zero"
 
 
 # ---- the model's coordinate frame (Qwen2-VL 0..1000, Qwen2.5-VL resized pixels) <-> pixels.
-# Every conversion goes through vlm.to_model_frame / vlm.from_model_frame.
-def frame_size(image, model_type, processor=None):
-    """(width, height) of the image in the model's frame: (1000, 1000) for Qwen2-VL."""
+# Every conversion goes through vlm.to_model_frame / vlm.from_model_frame, applied to the image the model
+# is shown: the original, or with side=S the S x S resize of it (model_image; Seg-Zero's 840 x 840), whose
+# pixels map back to the original by W/S, H/S (Seg-Zero's x_factor, y_factor).
+def model_image(image, side=None):
+    """The image the model is shown: `image`, or resized to side x side (bilinear, as Seg-Zero's
+    inference; the aspect ratio is not kept)."""
+    return image.resize((side, side), Image.BILINEAR) if side else image
+
+
+def _view(image, side):
+    """(size of the image the model is shown, its x and y factors back to original pixels)."""
     w, h = image.size
-    return tuple(vlm.to_model_frame([0, 0, w, h], model_type, (w, h), processor)[2:])
+    return ((side, side), (w / side, h / side)) if side else ((w, h), (1.0, 1.0))
 
 
-def box_to_pixels(box, image, model_type, processor=None):
-    return vlm.from_model_frame(box, model_type, image.size, processor)
+def frame_size(image, model_type, processor=None, side=None):
+    """(width, height) of the image in the model's frame: (1000, 1000) for Qwen2-VL; for Qwen2.5-VL the
+    pixels of its resize of the image it is shown (side x side with `side`)."""
+    size, _ = _view(image, side)
+    return tuple(vlm.to_model_frame([0, 0, *size], model_type, size, processor)[2:])
 
 
-def point_to_pixels(point, image, model_type, processor=None):
-    return vlm.from_model_frame([point[0], point[1], point[0], point[1]], model_type, image.size, processor)[:2]
+def box_to_pixels(box, image, model_type, processor=None, side=None):
+    """A box in the model's frame -> pixels of the original `image` (floats)."""
+    size, (fx, fy) = _view(image, side)
+    x1, y1, x2, y2 = vlm.from_model_frame(box, model_type, size, processor)
+    return [x1 * fx, y1 * fy, x2 * fx, y2 * fy]
 
 
-def point_to_model_frame(point, image, model_type, processor=None):
-    return vlm.to_model_frame([point[0], point[1], point[0], point[1]], model_type, image.size, processor)[:2]
+def point_to_pixels(point, image, model_type, processor=None, side=None):
+    return box_to_pixels([point[0], point[1], point[0], point[1]], image, model_type, processor, side)[:2]
 
 
-def read_answer(text, image, model_type, processor=None, points=True):
-    """A completion -> (box, points) in original-image pixels; box None when unparsable,
-    points [] when absent (or with points=False)."""
+def point_to_model_frame(point, image, model_type, processor=None, side=None):
+    size, (fx, fy) = _view(image, side)
+    return vlm.to_model_frame([point[0] / fx, point[1] / fy] * 2, model_type, size, processor)[:2]
+
+
+def read_answer(text, image, model_type, processor=None, points=True, shapes=False, side=None):
+    """A completion -> (box, points) in original-image pixels; box None when unparsable, points []
+    when absent (or with points=False). Points in the data's format (points_format(shapes))."""
     answer = rewards.seg_answer(text)
     box = rewards.parse_seg_box(answer)
     if box is None:
         return None, []
     pts = []
-    parsed = rewards.parse_seg_answer(answer) if points else None
+    parsed = rewards.parse_seg_answer(answer, points_format(shapes)) if points else None
     if parsed and parsed[0] == box:
-        pts = [point_to_pixels(p, image, model_type, processor) for p in parsed[1]]
-    return box_to_pixels(box, image, model_type, processor), pts
+        pts = [point_to_pixels(p, image, model_type, processor, side) for p in parsed[1]]
+    return box_to_pixels(box, image, model_type, processor, side), pts
 
 
 # ============================================================================ 2. the reward
 def seg_rewards(texts, prompt_index, images, instructions, clip, model_type, processor=None, terms=TERMS,
-                cot=True, points=True, text_cache=None):
+                cot=True, points=True, text_cache=None, shapes=False, side=None):
     """R = sum of the chosen terms of {R_sem, R_think, R_seg} for each completion (Seg-RISE eq. 6).
 
-    texts[k] answers prompt i = prompt_index[k] (image images[i], instruction instructions[i]).
+    texts[k] answers prompt i = prompt_index[k] (original image images[i], instruction instructions[i]).
     clip: (model, preprocess, tokenizer) of open_clip. All crops of one prompt's group go through
-    CLIP in one batch; text_cache keeps one text embedding per instruction across calls.
+    CLIP in one batch; text_cache keeps one text embedding per instruction across calls. The crop is
+    taken from the original image; R_seg's bounds are the model's frame of the image it was shown
+    (side x side with `side`). shapes: the shapes world's answer format, else Seg-Zero's.
     Every component is returned (and logged) even when it is not part of R.
     """
-    boxes = [read_answer(t, images[o], model_type, processor, points=False)[0] for t, o in zip(texts, prompt_index)]
+    boxes = [read_answer(t, images[o], model_type, processor, False, shapes, side)[0]
+             for t, o in zip(texts, prompt_index)]
     sem = [0.0] * len(texts)
     for i, image in enumerate(images):
         rows = [k for k, o in enumerate(prompt_index) if o == i]
@@ -251,10 +287,10 @@ def seg_rewards(texts, prompt_index, images, instructions, clip, model_type, pro
                 sem[k] = s
     out = []
     for k, text in enumerate(texts):
-        fw, fh = frame_size(images[prompt_index[k]], model_type, processor)
-        parts = {"sem": sem[k],
-                 "think": rewards.think_reward(text) if cot else 0.0,
-                 "seg": (rewards.seg_format_reward if points else rewards.seg_box_format_reward)(text, fw, fh)}
+        fw, fh = frame_size(images[prompt_index[k]], model_type, processor, side)
+        seg = rewards.seg_format_reward(text, fw, fh, points_format(shapes)) if points \
+            else rewards.seg_box_format_reward(text, fw, fh)
+        parts = {"sem": sem[k], "think": rewards.think_reward(text) if cot else 0.0, "seg": seg}
         out.append({"reward": sum(parts[t] for t in terms), **parts})
     return out
 
@@ -389,25 +425,40 @@ def box_mask(image_size, box):
 
 
 # ============================================================================ 5. evaluation
+# A run's data decide its wording: args.shapes = data.is_shapes(the records), set where they are read.
+def grounding(args):
+    return getattr(args, "eval_prompt", "seg") == "grounding"
+
+
+def input_side(args):
+    """The side of the square the model's images are resized to (--image-side, Seg-Zero's 840), or None:
+    never for shapes-world data, nor for the grounding prompt (Qwen2.5-VL as it is used)."""
+    side = getattr(args, "image_side", 0)
+    return side if side and not getattr(args, "shapes", False) and not grounding(args) else None
+
+
 def train_prompt(instruction, image, model_type, processor, args):
-    """The training prompt for one (image, instruction): --no-cot / --no-points, the model's box frame."""
-    return prompt_text(instruction, args.cot, args.points, vlm.box_frame(model_type, image.size, processor))
+    """The training prompt for one (image, instruction): the data's wording, --no-cot / --no-points,
+    and for shapes-world data the model's box frame."""
+    return prompt_text(instruction, args.cot, args.points, vlm.box_frame(model_type, image.size, processor),
+                       getattr(args, "shapes", False))
 
 
 def eval_prompt(rec, image, model_type, processor, args):
     """--eval's prompt for one record: the training prompt, or with --eval-prompt grounding the
     checkpoint's own grounding prompt, word for word (no frame note: the model knows its frame)."""
-    if getattr(args, "eval_prompt", "seg") == "grounding":
+    if grounding(args):
         return data.prompt("grounding", rec)
     return train_prompt(rec["instruction"], image, model_type, processor, args)
 
 
 def eval_answer(text, image, model_type, processor, args):
     """--eval's reading of a greedy answer -> (box, points) in pixels, as read_answer()."""
-    if getattr(args, "eval_prompt", "seg") == "grounding":
+    if grounding(args):
         box = rewards.parse_grounding_box(text)
         return (box_to_pixels(box, image, model_type, processor), []) if box else (None, [])
-    return read_answer(text, image, model_type, processor, points=args.points)
+    return read_answer(text, image, model_type, processor, args.points, getattr(args, "shapes", False),
+                       input_side(args))
 
 
 def sample_problem(rec, processor, model_type, args, training=False):
@@ -420,7 +471,7 @@ def sample_problem(rec, processor, model_type, args, training=False):
     text = train_prompt(rec["instruction"], image, model_type, processor, args) if training \
         else eval_prompt(rec, image, model_type, processor, args)
     conv = [vlm.user_turn(text)]
-    return vlm.prompt_problem(processor, conv, [image], args.max_prompt_len)
+    return vlm.prompt_problem(processor, conv, [model_image(image, input_side(args))], args.max_prompt_len)
 
 
 def summarise(rows):
@@ -484,9 +535,14 @@ def evaluate(model, processor, records, args, executor, rank=0, world=1, vis_dir
     """Greedy answers on `records` -> masks -> per-sample rows (all ranks' rows, merged).
 
     Unparsable answers get an empty mask and count as `unparsable`; nothing raises on bad text.
-    box_iou compares the predicted box with the tight box of the GT mask. With a
+    The model sees model_image(image, input_side(args)); SAM2 and the scores use the original image.
+    A record's "ignore" pixels (ReasonSeg's, convert.convert_reasonseg) are in neither the intersection
+    nor the union. box_iou compares the predicted box with the tight box of the GT mask. With a
     `clip` scorer each row also gets r_sem, the training reward of its box (0 when unparsable).
+    The records' data pick the prompt and answer format (data.is_shapes), never the model.
     """
+    args = copy.copy(args)
+    args.shapes = data.is_shapes(records)
     model_type, rows, n_vis = model.config.model_type, [], 0
     mine = run.shard(records, rank, world)
     bs = args.eval_batch_size
@@ -498,7 +554,8 @@ def evaluate(model, processor, records, args, executor, rank=0, world=1, vis_dir
             continue
         images = [data.open_image(r["image_path"]) for r in chunk]
         batch = vlm.chat_inputs(processor, [[vlm.user_turn(eval_prompt(r, im, model_type, processor, args))]
-                                            for r, im in zip(chunk, images)], [[im] for im in images],
+                                            for r, im in zip(chunk, images)],
+                                [[model_image(im, input_side(args))] for im in images],
                                 max_prompt_len=args.max_prompt_len)
         with vlm.generation_mode(model):
             texts = vlm.sample(model, processor, batch, 1, args.eval_max_new_tokens, do_sample=False)["texts"]
@@ -513,8 +570,9 @@ def evaluate(model, processor, records, args, executor, rank=0, world=1, vis_dir
                    "box": [round(v, 2) for v in box] if box else None,
                    "points": [[round(v, 2) for v in p] for p in points],
                    "box_iou": (rewards.box_iou(box, gt_box) if box else 0.0) if gt_box else None}
-            if gt_mask is not None:
-                row["inter"], row["union"] = rewards.mask_counts(pred_mask, gt_mask)
+            if gt_mask is not None:       # ReasonSeg's "ignore" pixels count in neither (LISA's protocol)
+                ignore = data.read_mask(rec["ignore_mask_path"]) if rec.get("ignore_mask_path") else None
+                row["inter"], row["union"] = rewards.mask_counts(pred_mask, gt_mask, ignore)
             if clip is not None:
                 row["r_sem"] = rewards.clip_semantic_reward(*clip, image, [box], rec["instruction"])[0]
             rows.append(row)
@@ -532,6 +590,7 @@ def evaluate_run(args, rank, world, out):
     manifest = run.manifest_path(args.test, "test", args.seed, "seg")
     records, _, skipped = run.records(manifest, args.skip_bad, task="seg")
     records = records[:args.n_test]
+    args.shapes = data.is_shapes(records)            # the data pick the prompt and answer format, never the model
     model, processor = vlm.load_model(args.model, max_pixels=args.max_pixels)
     if args.save_vis and rank == 0:
         Path(args.save_vis).mkdir(parents=True, exist_ok=True)
@@ -541,6 +600,7 @@ def evaluate_run(args, rank, world, out):
     rows = evaluate(model, processor, records, args, make_executor(args, device), rank, world, args.save_vis, clip)
     if rank == 0:
         result = {**summarise(rows), "executor": args.executor, "eval_prompt": args.eval_prompt,
+                  "image_side": input_side(args),
                   "model": str(args.model), "test": str(manifest), "skipped": skipped}
         if args.executor == "sam2":
             result.update(sam2_config=args.sam2_config, sam2_ckpt=args.sam2_ckpt, sam2_random_weights=not args.sam2_ckpt)

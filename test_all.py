@@ -636,6 +636,7 @@ for model in sys.argv[4:]:                  # one process for both: the imports 
      "--out", out / "seg_eval", "--clip-ckpt", clip, *S)
   r = data.read_manifest(world / "vqa" / "train.jsonl", "vqa")[0][0]
   pair = {"id": r["id"], "question": r["question"], "answer": r["answer"], "image": r["image_path"], "size": [112, 112],
+          "shapes": True,
           "chosen": {"box": visrl.norm_box(r["box"], 112, 112), "answer": r["answer"], "s_b": 1.0, "s_r": 1.0},
           "rejected": {"box": [0.0, 0.0, 0.1, 0.1], "answer": "x", "s_b": 0.0, "s_r": 0.0}}
   (out / "pairs.jsonl").write_text(json.dumps(pair) + "\\n")
@@ -1593,25 +1594,25 @@ def test_parse_seg_box_reads_the_first_valid_box_points_optional():
 @pytest.mark.parametrize("text,expected", [
     ('{"score": 0.7}', 0.7),
     ("The crop shows the sign. {'score': 0.25} ", 0.25),
-    ('{"score": 1.5}', 0.0),     # out of range on the 0..1 scale: unparsable, never clamped to 1
-    ('{"score": -2}', 0.0),      # out of range
+    ('{"score": 1.5}', None),    # out of range on the 0..1 scale: unparsable, never clamped to 1
+    ('{"score": -2}', None),     # out of range
     ('{"score": "0.4"}', 0.4),   # quoted number tolerated
-    ('{"score": NaN}', 0.0), ('{"score": 1e400}', 0.0),  # non-finite -> 0
-    ("I cannot judge this.", 0.0), ("", 0.0), (None, 0.0),
+    ('{"score": NaN}', None), ('{"score": 1e400}', None),  # non-finite: unreadable
+    ("I cannot judge this.", None), ("", None), (None, None),
 ])
 def test_parse_score(text, expected):
-    assert R.parse_score(text) == approx(expected)
+    assert R.parse_score(text) == (None if expected is None else approx(expected))
 
 
 @pytest.mark.parametrize("text,expected", [
     ("Score: 2/10", 0.2),                    # issue 14 example: 2 on a 10-point scale, not "2 -> clamped 1.0"
     ('{"score": "8/10"}', 0.8), ("score: 10/10", 1.0), ("Score: 7 out of 10", 0.7), ("score = 3 / 4", 0.75),
     ("80%", 0.8), ("Score: 80 %", 0.8), ('{"score": "45%"}', 0.45), ("2/10", 0.2), ("0.7", 0.7),
-    ("score: 12/10", 0.0), ("score: 150%", 0.0), ("score: 3/0", 0.0),   # outside the stated scale / no scale
-    ("Score: 7", 0.0), ("score: 4/-5", 0.0), ("I'd say 7/10 overall.", 0.0),  # no "score" and not alone
+    ("score: 12/10", None), ("score: 150%", None), ("score: 3/0", None),   # outside the stated scale / no scale
+    ("Score: 7", None), ("score: 4/-5", None), ("I'd say 7/10 overall.", None),  # no "score" and not alone
 ])
 def test_parse_score_reads_the_stated_scale(text, expected):
-    assert R.parse_score(text) == approx(expected)
+    assert R.parse_score(text) == (None if expected is None else approx(expected))
 
 
 # ------------------------------------------------------------------------ cls_similarity
@@ -2152,7 +2153,7 @@ def test_fuzz_parsers_and_rewards(text):
     assert boxes is None or all(R.box_iou(b, b) == 1.0 for b in boxes)
     seg = R.parse_seg_answer(text)
     assert seg is None or all(math.isfinite(v) for v in seg[0] + seg[1][0] + seg[1][1])
-    assert 0.0 <= R.parse_score(text) <= 1.0
+    assert R.parse_score(text) is None or 0.0 <= R.parse_score(text) <= 1.0
     assert R.leaks(text, "cls") in (True, False) and R.leaks(text, "det") in (True, False)
     assert R.think_reward(text) in (0.0, 1.0)
     assert R.seg_format_reward(text, 64, 48) in (0.0, 1.0)
@@ -2835,11 +2836,13 @@ def test_prompt_picks_the_template_of_the_record_task():
     # the CoT prompt states the boxes it is given (the model's frame), not the record's pixels
     assert data.prompt("cot", det, boxes=[[10, 20, 30, 40]]) == data.COT_PROMPT_DET.format(
         target="red circle", annotation="[10,20,30,40]", max_words=60)
-    assert data.prompt("seg", {"instruction": "x"}) == data.SEG_PROMPT.format(instruction="x")
-    assert data.prompt("seg_no_cot", {"instruction": "x"}) == data.SEG_PROMPT_NO_COT.format(instruction="x")
-    assert data.prompt("visrl", {"question": "Q?"}) == data.VISRL_BOX_PROMPT.format(question="Q?")
+    # Seg-RISE and VisRL: a shapes-world record (it carries its "scene") gets the shapes world's wording
+    assert data.prompt("seg", {"instruction": "x", "scene": []}) == data.SEG_PROMPT.format(instruction="x")
+    assert data.prompt("seg_no_cot", {"instruction": "x", "scene": []}) == \
+        data.SEG_PROMPT_NO_COT.format(instruction="x")
+    assert data.prompt("visrl", {"question": "Q?", "scene": []}) == data.VISRL_BOX_PROMPT.format(question="Q?")
     # VisRL (arXiv 2503.07523) sec. 4.1, Settings: the CoT prompt added to the question, word for word
-    assert data.prompt("visrl", {"question": "Q?"}).startswith(
+    assert data.prompt("visrl", {"question": "Q?", "scene": []}).startswith(
         "Please first provide the bounding box coordinate of the region, then refer to the corresponding "
         "sub-image to answer the question better.")
     with pytest.raises(KeyError):
@@ -2858,8 +2861,8 @@ def test_every_prompt_ends_with_what_to_look_for():
         assert data.prompt(style, multi, cot="C").endswith("circles.")
         assert data.prompt(style, cls, cot="C").endswith("red, blue.")
     for style in ("seg", "seg_no_cot"):
-        assert data.prompt(style, {"instruction": "the dog on the left"}).endswith("the dog on the left.")
-    assert data.prompt("visrl", {"question": "What colour is it?"}).endswith("What colour is it?")
+        assert data.prompt(style, {"instruction": "the dog on the left", "scene": []}).endswith("the dog on the left.")
+    assert data.prompt("visrl", {"question": "What colour is it?", "scene": []}).endswith("What colour is it?")
 
 
 def test_prompt_never_tells_the_number_of_objects():
@@ -2888,9 +2891,10 @@ def test_box_prompts_state_the_model_frame():
     assert vlm.box_frame("qwen2_5_vl", (640, 480), Proc) == (644, 476)
     det = {"target": "the red circle", "boxes": [[1, 2, 3, 4]], "scene": []}
     assert data.prompt("r1", det, frame=(1000, 1000)).startswith("The image is of resolution 1000x1000. Think in")
-    assert data.prompt("seg", {"instruction": "x"}, frame=(644, 476)).startswith("The image is of resolution 644x476.")
+    assert data.prompt("seg", {"instruction": "x", "scene": []}, frame=(644, 476)).startswith(
+        "The image is of resolution 644x476.")
     assert data.prompt("grounding", {"instruction": "the dog"}) == (
-        "Locate the dog in the image, output its bbox coordinates using JSON format.")
+        "Locate the dog, output its bbox coordinates using JSON format.")
     cls = {"classes": ["a", "b"], "probs": [1.0, 0.0], "scene": []}
     assert "resolution" not in data.prompt("r1", cls, frame=(1000, 1000))    # no boxes, no frame
 
@@ -4303,11 +4307,11 @@ def test_frames_both_ways_both_families(tiny):
     assert S.box_to_pixels([55, 50, 110, 100], big, "qwen2_5_vl", processor) == approx([100, 100, 200, 200])
     assert S.point_to_pixels([110, 70], big, "qwen2_5_vl", processor) == approx([200, 140])
     assert S.point_to_model_frame([200, 140], big, "qwen2_5_vl", processor) == [110, 70]
-    # read_answer: the whole completion -> box and points in pixels, for both families
+    # read_answer: the whole completion -> box and points in pixels, for both families (shapes-world format)
     text = '<think>t</think><answer>{"bbox": [55, 50, 110, 100], "points": [[110, 70], [66, 60]]}</answer>'
-    box, pts = S.read_answer(text, big, "qwen2_5_vl", processor)
+    box, pts = S.read_answer(text, big, "qwen2_5_vl", processor, shapes=True)
     assert box == approx([100, 100, 200, 200]) and pts == [approx([200, 140]), approx([120, 120])]
-    box, pts = S.read_answer(text, wide, "qwen2_vl")
+    box, pts = S.read_answer(text, wide, "qwen2_vl", shapes=True)
     assert box == approx([11, 5, 22, 10]) and pts == [approx([22, 7]), approx([13.2, 6])]
 
 
@@ -4326,10 +4330,10 @@ def test_frames_both_ways_both_families(tiny):
 ])
 def test_read_answer_formats_and_garbage(text, box, n_points):
     image = Image.new("RGB", (200, 100))            # Qwen2-VL frame: x / 5, y / 10
-    got_box, pts = S.read_answer(text, image, "qwen2_vl")
+    got_box, pts = S.read_answer(text, image, "qwen2_vl", shapes=True)     # the shapes world's "points"
     assert (got_box is None) if box is None else got_box == approx(box)
     assert len(pts) == n_points
-    assert S.read_answer(text, image, "qwen2_vl", points=False)[1] == []
+    assert S.read_answer(text, image, "qwen2_vl", points=False, shapes=True)[1] == []
 
 
 @pytest.mark.parametrize("text, box", [
@@ -4348,7 +4352,7 @@ def test_grounding_eval_prompt_and_answer(tiny, text, box):
     image, rec = Image.new("RGB", (200, 100)), {"instruction": "the red circle"}
     args = argparse.Namespace(eval_prompt="grounding", cot=True, points=True)
     assert S.eval_prompt(rec, image, "qwen2_vl", processor, args) == \
-        "Locate the red circle in the image, output its bbox coordinates using JSON format."
+        "Locate the red circle, output its bbox coordinates using JSON format."
     got, points = S.eval_answer(text, image, "qwen2_vl", processor, args)
     assert (got is None if box is None else got == approx(box)) and points == []
     args.eval_prompt = "seg"                   # the default: the training prompt and its reading
@@ -4367,10 +4371,10 @@ def test_box_format_reward_no_points():
 
 
 def test_prompts_and_ablation_switches(tiny_dir):
-    assert S.prompt_text("the red circle") == data.SEG_PROMPT.format(instruction="the red circle")
-    assert S.prompt_text("x", cot=False) == data.SEG_PROMPT_NO_COT.format(instruction="x")
+    assert S.prompt_text("the red circle", shapes=True) == data.SEG_PROMPT.format(instruction="the red circle")
+    assert S.prompt_text("x", cot=False, shapes=True) == data.SEG_PROMPT_NO_COT.format(instruction="x")
     for cot in (True, False):
-        p = S.prompt_text("the red circle", cot=cot, points=False)
+        p = S.prompt_text("the red circle", cot=cot, points=False, shapes=True)
         assert "bbox" in p and "points" not in p and ("<think>" in p) == cot
     args = S.parse_args(["--model", str(tiny_dir)])
     assert args.terms == ["sem", "think", "seg"] and args.cot and args.points
@@ -4439,14 +4443,15 @@ def test_seg_rewards_by_hand_crops_in_pixels():
     tok = lambda t: (counting.append(list(t)), torch.zeros(len(t), 4, dtype=torch.long))[1]  # noqa: E731
     clip = (model, seg_stub_preprocess, tok)
     image = red_green()
-    out = S.seg_rewards(TEXTS, [0] * len(TEXTS), [image], ["the red half"], clip, "qwen2_vl")
+    out = S.seg_rewards(TEXTS, [0] * len(TEXTS), [image], ["the red half"], clip, "qwen2_vl", shapes=True)
     for got, (sem, think, seg) in zip(out, EXPECTED):
         assert got["sem"] == approx(sem, abs=1e-6) and got["think"] == think and got["seg"] == seg
         assert got["reward"] == approx(sem + think + seg, abs=1e-6)
     # the group's 5 valid crops in ONE image batch, the text once
     assert model.image_calls == 1 and model.batch_sizes == [5] and model.text_calls == 1
     # a reward subset sums only its terms; the components are still reported
-    out = S.seg_rewards(TEXTS, [0] * len(TEXTS), [image], ["the red half"], clip, "qwen2_vl", terms=["think", "seg"])
+    out = S.seg_rewards(TEXTS, [0] * len(TEXTS), [image], ["the red half"], clip, "qwen2_vl", terms=["think", "seg"],
+                        shapes=True)
     assert [o["reward"] for o in out] == [2, 2, 2, 0, 0, 1] and out[0]["sem"] == approx(1.0)
     # --no-cot: no R_think; --no-points: a box alone is a valid segmentation answer
     out = S.seg_rewards(TEXTS, [0] * len(TEXTS), [image], ["x"], clip, "qwen2_vl", cot=False, points=False)
@@ -4765,36 +4770,55 @@ class CountingRandom(random.Random):
         return super().uniform(a, b)
 
 
+def within_size_bound(out, b1, tol, mode):
+    """VisRL eq. 3's size bound: the area within [1 - tol, 1 + tol] x b1's, b1's aspect ratio kept (mode
+    "area", the paper), or the width and height each within +-tol of b1's ("sides", the released code)."""
+    w1, h1, w, h = b1[2] - b1[0], b1[3] - b1[1], out[2] - out[0], out[3] - out[1]
+    if mode == "area":
+        return ((1 - tol) * w1 * h1 - 1e-9 <= w * h <= (1 + tol) * w1 * h1 + 1e-9
+                and w / h == approx(w1 / h1, rel=1e-6))
+    return w1 * (1 - tol) - 1e-9 <= w <= w1 * (1 + tol) + 1e-9 and h1 * (1 - tol) - 1e-9 <= h <= h1 * (1 + tol) + 1e-9
+
+
 @settings(max_examples=300, deadline=None)
-@given(norm_boxes(), norm_boxes(), st.integers(0, 2 ** 32 - 1))
-def test_diversify_box_properties(b1, b2, seed):
+@given(norm_boxes(), norm_boxes(), st.integers(0, 2 ** 32 - 1), st.sampled_from(["area", "sides"]))
+def test_diversify_box_properties(b1, b2, seed, mode):
     rng = CountingRandom(seed)
-    out = visrl.diversify_box(b1, b2, rng)
+    out = visrl.diversify_box(b1, b2, rng, mode=mode)
     assert rng.calls <= 4 * 100                                   # terminates: 100 tries of 4 draws at most
     if rewards.box_iou(b1, b2) <= 0.05:
         assert out == b2 and rng.calls == 0                       # a diverse b2 is kept as it is
         return
     if out is None:                                               # gave up: no room around b1
         return
-    w1, h1 = b1[2] - b1[0], b1[3] - b1[1]
-    w, h = out[2] - out[0], out[3] - out[1]
     assert 0.0 <= out[0] < out[2] <= 1.0 and 0.0 <= out[1] < out[3] <= 1.0     # inside the image
     assert overlap_area(out, b1) == 0.0                                          # outside b1
-    tol = 0.3 + 0.1 * 4                                           # widened 4 times in 100 tries at most
-    assert w1 * (1 - tol) - 1e-9 <= w <= w1 * (1 + tol) + 1e-9
-    assert h1 * (1 - tol) - 1e-9 <= h <= h1 * (1 + tol) + 1e-9
+    assert within_size_bound(out, b1, 0.3 + 0.1 * 4, mode)       # widened 4 times in 100 tries at most
 
 
 @settings(max_examples=200, deadline=None)
-@given(norm_boxes(min_size=0.02, max_size=0.3), st.integers(0, 2 ** 32 - 1))
-def test_diversify_box_base_tolerance_and_small_boxes_always_succeed(b1, seed):
-    """With no widening (20 tries) the size stays within +-30%; a small b1 always leaves room."""
-    out = visrl.diversify_box(b1, list(b1), random.Random(seed), max_tries=20)
-    w1, h1 = b1[2] - b1[0], b1[3] - b1[1]
+@given(norm_boxes(min_size=0.02, max_size=0.3), st.integers(0, 2 ** 32 - 1), st.sampled_from(["area", "sides"]))
+def test_diversify_box_base_tolerance_and_small_boxes_always_succeed(b1, seed, mode):
+    """With no widening (20 tries) the size stays within the +-30% bound; a small b1 always leaves room."""
+    out = visrl.diversify_box(b1, list(b1), random.Random(seed), mode=mode, max_tries=20)
     if out is not None:
-        assert 0.7 * w1 - 1e-9 <= out[2] - out[0] <= 1.3 * w1 + 1e-9
-        assert 0.7 * h1 - 1e-9 <= out[3] - out[1] <= 1.3 * h1 + 1e-9
-    assert visrl.diversify_box(b1, list(b1), random.Random(seed)) is not None
+        assert within_size_bound(out, b1, 0.3, mode)
+    assert visrl.diversify_box(b1, list(b1), random.Random(seed), mode=mode) is not None
+
+
+def test_diversify_box_area_is_the_default_and_differs_from_sides():
+    """The paper's area bound by default (--diversity area); the released code's per-side bound on request:
+    over 200 draws for a 0.1 x 0.1 b1 the area form keeps the aspect ratio 1, the sides form does not."""
+    b1 = [0.45, 0.45, 0.55, 0.55]
+    rng_a, rng_d = random.Random(3), random.Random(3)
+    assert visrl.diversify_box(b1, b1, rng_a) == visrl.diversify_box(b1, b1, rng_d, mode="area")
+    aspects = {m: [(b[2] - b[0]) / (b[3] - b[1]) for b in (visrl.diversify_box(b1, b1, random.Random(k), mode=m)
+                                                          for k in range(200))] for m in ("area", "sides")}
+    assert max(abs(a - 1) for a in aspects["area"]) < 1e-9 and max(abs(a - 1) for a in aspects["sides"]) > 0.2
+    with pytest.raises(ValueError, match="area"):
+        visrl.diversify_box(b1, b1, random.Random(0), mode="width")
+    assert visrl.parse_args(["--model", "x"]).diversity == "area"
+    assert visrl.parse_args(["--model", "x", "--diversity", "sides"]).diversity == "sides"
 
 
 def test_diversify_box_gives_up_and_is_reproducible():
@@ -4805,10 +4829,12 @@ def test_diversify_box_gives_up_and_is_reproducible():
 
 
 def test_canonical_box():
-    assert visrl.canonical_box("[0.123,0.4,0.5,0.61] and more") == ("[0.12,0.40,0.50,0.61]", [0.12, 0.4, 0.5, 0.61])
-    assert visrl.canonical_box("[-0.2,0.1,1.7,0.5]") == ("[0.00,0.10,1.00,0.50]", [0.0, 0.1, 1.0, 0.5])
+    """Shapes world: 2 decimals for the text and the box (the tiny base's format)."""
+    assert visrl.canonical_box("[0.123,0.4,0.5,0.61] and more", shapes=True) == (
+        "[0.12,0.40,0.50,0.61]", [0.12, 0.4, 0.5, 0.61])
+    assert visrl.canonical_box("[-0.2,0.1,1.7,0.5]", shapes=True) == ("[0.00,0.10,1.00,0.50]", [0.0, 0.1, 1.0, 0.5])
     for bad in ("", "no box", "[0.5,0.5,0.2,0.9]", "[0.3,0.3,0.301,0.5]", "[nan,0,1,1]", "x" * 10000):
-        assert visrl.canonical_box(bad) == (None, None)
+        assert visrl.canonical_box(bad, shapes=True) == (None, None)
 
 
 # ============================================================================ filter + selection
@@ -4875,9 +4901,9 @@ def test_make_pairs_counts_survivors_and_quality():
 def test_critic_score_parsing():
     assert rewards.parse_score('{"score": 0.7}') == 0.7
     assert rewards.parse_score('The answer: {"score": 1}') == 1.0
-    assert rewards.parse_score('{"score": 1.5}') == 0.0 and rewards.parse_score('{"score": -3}') == 0.0
+    assert rewards.parse_score('{"score": 1.5}') is None and rewards.parse_score('{"score": -3}') is None
     for bad in ("", "no idea", '{"score": NaN}', '{"score": "high"}', '{"scores": }', None, "9" * 5000):
-        assert rewards.parse_score(bad) == 0.0
+        assert rewards.parse_score(bad) is None
 
 
 def test_critic_scores_crop_only_for_s_b_full_image_for_s_r(monkeypatch):
@@ -4889,10 +4915,10 @@ def test_critic_scores_crop_only_for_s_b_full_image_for_s_r(monkeypatch):
 
     monkeypatch.setattr(visrl, "generate_texts", fake)
     full, piece = Image.new("RGB", (112, 112)), Image.new("RGB", (20, 20))
-    items = [{"question": "What colour?", "reference": "red", "answer": a, "image": full, "crop": piece}
-             for a in ("red", "blue")]
+    items = [{"question": "What colour?", "reference": "red", "answer": a, "image": full, "crop": piece,
+              "shapes": True} for a in ("red", "blue")]
     s_b, s_r, _ = visrl.critic_scores((torch.nn.Linear(1, 1), None), items)
-    assert s_b == [0.9, 0.0] and s_r == [0.1, 0.0]          # 7 is off the 0..1 scale: unparsable, not 1
+    assert s_b == [0.9, None] and s_r == [0.1, None]        # 7 is off the 0..1 scale: unparsable, not 1
     (box_convs, box_images, t_b), (ans_convs, ans_images, t_r) = calls
     assert t_b == 0 and t_r == 0                                              # greedy
     assert box_images == [[piece], [piece]] and ans_images == [[full], [full]]  # s_b: crop only; s_r: image
@@ -4913,7 +4939,7 @@ def test_generate_candidates_with_scripted_policy_and_critic(monkeypatch, shapes
     rec = recs[0]
     gt = visrl.norm_box(rec["box"], 112, 112)
     box1 = data.format_norm_box(rec["box"], 112, 112)
-    near = visrl.canonical_box([gt[0] + 0.01, gt[1], gt[2] + 0.01, gt[3]])[0]   # overlaps b1: diversified
+    near = visrl.canonical_box([gt[0] + 0.01, gt[1], gt[2] + 0.01, gt[3]], shapes=True)[0]   # overlaps b1
     far = "[0.80,0.80,0.95,0.95]"
     box_texts = [box1, near, "broken [", far]                     # K = 2 attempts x (b1, b2)
     script = iter([box_texts, ["red ", "blue", "green"],         # answers of the 3 valid boxes
@@ -4925,7 +4951,7 @@ def test_generate_candidates_with_scripted_policy_and_critic(monkeypatch, shapes
                               answer_temperature=1.0, max_prompt_len=None, iou_thresh=0.05, size_tol=0.3))()
     (q,) = visrl.generate_candidates(torch.nn.Linear(1, 1), (torch.nn.Linear(1, 1), None), None, [rec], args,
                                      random.Random(0))
-    assert q["dropped"] == {"unparsable": 1, "no_crop": 0, "no_diverse_box": 0, "too_long": 0}
+    assert q["dropped"] == {"unparsable": 1, "no_crop": 0, "no_diverse_box": 0, "too_long": 0, "critic_unparsable": 0}
     c = q["candidates"]
     assert [(x["attempt"], x["which"], x["diversified"]) for x in c] == [(0, "b1", False), (0, "b2", True),
                                                                           (1, "b2", False)]
@@ -4986,13 +5012,14 @@ def test_degenerate_crops_in_generation_sft_and_evaluation(visrl_tiny, monkeypat
     monkeypatch.setattr(vlm, "sample", lambda *a, **k: {"texts": next(script)})
     args = visrl.parse_args(["--model", "x", "--preset", "tiny", "-K", "1", "--gen-batch-size", "1"])
     (q,) = visrl.generate_candidates(model, (model, processor), processor, [rec], args, random.Random(0))
-    assert q["dropped"] == {"unparsable": 0, "no_crop": 0, "no_diverse_box": 0, "too_long": 0}
+    assert q["dropped"] == {"unparsable": 0, "no_crop": 0, "no_diverse_box": 0, "too_long": 0, "critic_unparsable": 0}
     assert [(c["box"], c["answer"], c["s_b"], c["s_r"]) for c in q["candidates"]] == [
         ([0.5, 0.1, 0.51, 0.9], "red", 1.0, 1.0), ([0.0, 0.0, 0.01, 0.01], "blue", 0.0, 0.0)]
     metrics, preds = visrl.evaluate(model, processor, [rec], args)
     assert metrics["answer_accuracy"] == 1.0 and metrics["unparsable"] == 0 and preds[0]["box"] == [0.5, 0.1, 0.51, 0.9]
-    conv, images = visrl.sft_example(dict(rec, box=[200, 200, 204, 1800]), data.open_image(rec["image_path"]))
-    loss = vlm.sft_loss(model, processor, [conv], [images])
+    (box_conv, box_images), (conv, images) = visrl.sft_examples(dict(rec, box=[200, 200, 204, 1800]),
+                                                                data.open_image(rec["image_path"]))
+    loss = vlm.sft_loss(model, processor, [box_conv, conv], [box_images, images])
     assert images[1].size == (16, 1600) and math.isfinite(loss.item())
 
 
@@ -5024,7 +5051,7 @@ def test_visrl_skips_samples_and_candidates_that_cannot_be_processed(visrl_tiny,
                    ["blue"], ['{"score": 0}'], ['{"score": 0}']])         # only b2 is answered and judged
     args.max_prompt_len = limit
     (q,) = visrl.generate_candidates(model, (model, processor), processor, [page], args, random.Random(0))
-    assert q["dropped"] == {"unparsable": 0, "no_crop": 0, "no_diverse_box": 0, "too_long": 1}
+    assert q["dropped"] == {"unparsable": 0, "no_crop": 0, "no_diverse_box": 0, "too_long": 1, "critic_unparsable": 0}
     assert [(c["which"], c["answer"]) for c in q["candidates"]] == [("b2", "blue")]
 
 
@@ -5037,7 +5064,7 @@ def visrl_tiny(tiny_dir):
 
 def make_pair(image_path, chosen_box, rejected_box):
     return {"id": "p", "question": "What colour is the shape in the top-left?", "answer": "red", "image": image_path,
-            "size": [112, 112], "chosen": {"box": chosen_box, "answer": "red", "s_b": 1.0, "s_r": 1.0},
+            "size": [112, 112], "shapes": True, "chosen": {"box": chosen_box, "answer": "red", "s_b": 1.0, "s_r": 1.0},
             "rejected": {"box": rejected_box, "answer": "blue", "s_b": 0.0, "s_r": 0.0}}
 
 
@@ -5115,7 +5142,7 @@ def test_lora_trains_only_adapters_and_its_reference_is_the_model_without_them(t
 def test_sft_example_is_the_two_turn_chat(shapes):
     rec = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0][0]
     image = Image.open(rec["image_path"]).convert("RGB")
-    conv, images = visrl.sft_example(rec, image)
+    (conv, images), = visrl.sft_examples(rec, image)       # the shapes world: one two-turn chat
     assert [m["role"] for m in conv] == ["user", "assistant", "user", "assistant"]
     assert conv[1]["content"][0]["text"] == data.format_norm_box(rec["box"], 112, 112)
     assert conv[3]["content"][0]["text"] == rec["answer"] and len(images) == 2
@@ -5161,7 +5188,7 @@ def test_each_phase_applies_its_own_partial_window_with_a_fresh_optimizer(tiny_d
     recs = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0]
     for k, lr in enumerate((1e-3, 3e-4)):
         opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
-        conv, ims = visrl.sft_example(recs[k], data.open_image(recs[k]["image_path"]))
+        (conv, ims), = visrl.sft_examples(recs[k], data.open_image(recs[k]["image_path"]))
         vlm.sft_loss(model, processor, [conv], [ims]).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         clear = {n: p.grad.abs() > 1e-7 for n, p in model.named_parameters()}   # Adam's first step divides
@@ -5256,6 +5283,265 @@ def test_oracle_critic_reads_gt_box_and_exact_match():
     s_b, s_r = visrl.oracle_scores(items, records, boxes)
     assert s_b == [1.0, 0.0, 0.0] and s_r == [1.0, 0.0, 1.0]      # (0.2..0.3)^2 is 1/4 of the GT box
     assert rewards.covers([0, 0, 1, 1], [0.2, 0.2, 0.4, 0.4]) and not rewards.covers([0, 0, 0.3, 0.3], [0.2, 0.2, 0.6, 0.6])
+
+
+# ==== the real-model path of Seg-RISE and VisRL: the papers' and the authors' prompts, boxes and scores
+# The expected texts are typed from the sources, not read from data.py: Seg-Zero's single-object prompt
+# (dvlab-research/Seg-Zero, verl/utils/rl_dataset.py of its first release), Qwen2.5-VL's grounding sentence,
+# VisRL's CoT sentence (arXiv 2503.07523 sec. 4) and its released judge prompts (data_gen/generate.py).
+# Records come from convert.py run on fixtures in each dataset's own layout (the converter tests' fixtures);
+# prompts are rendered with Qwen2-VL's published chat template (tiny.QWEN_CHAT_TEMPLATE).
+SEG_ZERO_TEXT = ("Please find '{}' with bbox and points.Compare the difference between objects and find the most "
+                 "closely matched one.Output the thinking process in <think> </think> and final answer in <answer> "
+                 "</answer> tags.Output the one bbox and points of two largest inscribed circles inside the "
+                 "interested object in JSON format.i.e., <think> thinking process here </think><answer>{{'bbox': "
+                 "[10,100,200,210], 'points_1': [30,110], 'points_2': [35,180]}}</answer>")
+VISRL_COT = ("Please first provide the bounding box coordinate of the region, then refer to the corresponding "
+             "sub-image to answer the question better.")
+JUDGE_SCORE = """You are responsible for proofreading the answers, you need to give the score to the model's answer by referring to the standard answer, based on the given question and image.
+    The full score is 1 point and the minimum score is 0 points. Please directly provide the score in JSON format, for example, {{"score": 0.8}}, without showing the intermediate process.
+    The evaluation criteria require that the closer the model's answer is to the standard answer, the higher the score.
+
+    Question: {} 
+    Standard answer: {}
+    Model's answer: {}
+    """
+JUDGE_BBOX = """You are responsible for verifying the relevance of the image based on the provided question and standard answer, you need to assess whether the image aligns with the standard answer.
+    The full score is 1 point and the minimum score is 0 points. Please directly provide the score in JSON format, for example, {{"score": 0.8}}, without showing the intermediate process.
+    The evaluation criteria is that, the higher score will be if the image effectively encompasses the information provided in the standard answer based on question.
+
+    Question: {} 
+    Standard answer: {}
+    """
+QWEN_USER = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+QWEN_ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
+PICTURE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def qwen_rendered(processor, conv):
+    return processor.apply_chat_template(conv, chat_template=tiny_py.QWEN_CHAT_TEMPLATE, tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def converted_layouts(root):
+    """Seg-RISE and VisRL records, each built by convert.py from a fixture in its dataset's own layout."""
+    refs, inst, img_dir, _ = _refcoco(root / "refcoco")
+    refcoco = convert.convert_refcoco(refs, inst, img_dir, root / "refcoco-out", split="val")[0]["val"]
+    _reasonseg(root / "ReasonSeg" / "val")
+    reasonseg = convert.convert_reasonseg(root / "ReasonSeg" / "val", root / "reasonseg-out")[0]["seg"]
+    viscot_json, _ = _viscot(root / "viscot")
+    viscot = convert.convert_viscot(viscot_json, root / "viscot", root / "viscot-out")[0]["viscot_363k"]
+    return (data.read_manifest(refcoco, "seg")[0], data.read_manifest(reasonseg, "seg")[0],
+            data.read_manifest(viscot, "vqa")[0])
+
+
+def test_real_model_prompts_of_each_dataset_layout(tiny, tmp_path):
+    """What a real Qwen2-VL / Qwen2.5-VL gets for one record of RefCOCO(g), ReasonSeg and VisCoT (printed:
+    pytest -s shows them), word for word against the papers' and the authors' texts."""
+    _, processor = tiny
+    refcoco, reasonseg, viscot = converted_layouts(tmp_path)
+    args = S.parse_args(["--model", "Qwen/Qwen2.5-VL-3B-Instruct"])
+    shown = {}
+    for name, records in (("RefCOCO", refcoco), ("ReasonSeg", reasonseg)):
+        rec, image = records[0], data.open_image(records[0]["image_path"])
+        args.shapes = data.is_shapes(records)          # what seg_rise.train and evaluate set from the data
+        assert args.shapes is False
+        shown[name] = qwen_rendered(processor, [vlm.user_turn(S.train_prompt(rec["instruction"], image, "qwen2_5_vl",
+                                                                            processor, args))])
+    # Seg-Zero's: the image, then its sentences with no space between them, no frame note, system prompt default
+    assert shown["RefCOCO"] == QWEN_USER + PICTURE + SEG_ZERO_TEXT.format("man on the left") + QWEN_ASSISTANT
+    assert shown["ReasonSeg"] == QWEN_USER + PICTURE + SEG_ZERO_TEXT.format("what holds the soup?") + QWEN_ASSISTANT
+    assert S.prompt_text("The Man on the LEFT.") == SEG_ZERO_TEXT.format("the man on the left")   # .lower().strip(".")
+    # the ablations: Seg-Zero's words with the think (Tab. 5) or the points (Tab. 6) deleted, nothing added
+    assert S.prompt_text("the bowl", cot=False) == (
+        "Please find 'the bowl' with bbox and points.Compare the difference between objects and find the most closely "
+        "matched one.Output the final answer in <answer> </answer> tags.Output the one bbox and points of two largest "
+        "inscribed circles inside the interested object in JSON format.i.e., <answer>{'bbox': [10,100,200,210], "
+        "'points_1': [30,110], 'points_2': [35,180]}</answer>")
+    assert S.prompt_text("the bowl", points=False) == (
+        "Please find 'the bowl' with bbox.Compare the difference between objects and find the most closely matched "
+        "one.Output the thinking process in <think> </think> and final answer in <answer> </answer> tags.Output the "
+        "one bbox inside the interested object in JSON format.i.e., <think> thinking process here </think><answer>"
+        "{'bbox': [10,100,200,210]}</answer>")
+    assert "think" not in S.prompt_text("the bowl", cot=False, points=False).replace("thinking", "")
+    # RefCOCO testing: Qwen2.5-VL's own grounding sentence with the expression in place of its example's
+    args.eval_prompt = "grounding"
+    shown["RefCOCO grounding"] = S.eval_prompt(refcoco[0], None, "qwen2_5_vl", processor, args)
+    assert shown["RefCOCO grounding"] == "Locate man on the left, output its bbox coordinates using JSON format."
+    # VisCoT -> VisRL: step 1 as LLaMA-Factory renders "<image>\n{question} Please first ... better."
+    rec = next(r for r in viscot if r["id"] == 1)           # a 200 x 100 photo, its box [20, 30, 100, 70]
+    image, question = data.open_image(rec["image_path"]), "Which colour is the car?"
+    assert rec["question"] == question and not data.is_shapes([rec])
+    shown["VisCoT box step"] = qwen_rendered(processor, visrl.box_turn(question))
+    assert shown["VisCoT box step"] == QWEN_USER + PICTURE + "\n" + question + " " + VISRL_COT + QWEN_ASSISTANT
+    # step 2 (the released code): a new user turn, the same text between the image and the crop, no box
+    shown["VisCoT answer step"] = qwen_rendered(processor, visrl.answer_turns(question, "[0.100, 0.300, 0.500, 0.700]"))
+    assert shown["VisCoT answer step"] == (QWEN_USER + PICTURE + "\n" + question + " " + VISRL_COT + "\n" + PICTURE
+                                           + QWEN_ASSISTANT)
+    # the SFT warm-up: two single-turn examples; the box in VisCoT's 3 decimals, normalised to the image itself
+    # (the converter turned VisCoT's padded-square [0.100, 0.400, 0.500, 0.600] into pixels [20, 30, 100, 70])
+    (box_conv, box_images), (answer_conv, answer_images) = visrl.sft_examples(rec, image)
+    assert box_conv[-1]["content"][0]["text"] == "[0.100, 0.300, 0.500, 0.700]" and len(box_images) == 1
+    assert answer_conv[-1]["content"][0]["text"] == "red" and answer_images[1].size == (80, 40)
+    # the critic: the released judge prompts word for word, the question followed by one space
+    (box_judge,), (answer_judge,) = visrl.critic_conversations(
+        [{"question": question, "reference": "red", "answer": "A red car.", "shapes": False}])
+    shown["VisRL critic s_b"] = qwen_rendered(processor, box_judge)
+    shown["VisRL critic s_r"] = qwen_rendered(processor, answer_judge)
+    assert shown["VisRL critic s_b"] == QWEN_USER + PICTURE + JUDGE_BBOX.format(question, "red") + QWEN_ASSISTANT
+    assert shown["VisRL critic s_r"] == (QWEN_USER + PICTURE + JUDGE_SCORE.format(question, "red", "A red car.")
+                                         + QWEN_ASSISTANT)
+    for name, text in shown.items():
+        print(f"---- {name}\n{text}")
+
+
+def seg_zero_answer(box, p1, p2, think="the one on the left"):
+    return f'<think>{think}</think><answer>{json.dumps({"bbox": box, "points_1": p1, "points_2": p2})}</answer>'
+
+
+def test_seg_zero_answers_and_r_seg():
+    """R_seg (Seg-RISE sec. 4: "a parsable bounding box and two points in the correct JSON format with valid
+    coordinate values") reads Seg-Zero's keys for real data, the shapes world's for shapes data, and wants
+    the points in the image."""
+    ok = seg_zero_answer([10, 20, 60, 80], [30, 40], [35, 50])
+    assert R.parse_seg_answer(R.seg_answer(ok), "seg_zero") == ([10, 20, 60, 80], [[30, 40], [35, 50]])
+    assert R.seg_format_reward(ok, 100, 100, "seg_zero") == 1.0
+    shapes_answer = '<think>t</think><answer>{"bbox": [10, 20, 60, 80], "points": [[30, 40], [35, 50]]}</answer>'
+    assert R.seg_format_reward(shapes_answer, 100, 100, "seg_zero") == 0.0
+    assert R.seg_format_reward(shapes_answer, 100, 100, "shapes") == 1.0
+    assert R.seg_format_reward(ok, 100, 100, "shapes") == 0.0
+    # the prompt's own example, single-quoted, is not JSON: Seg-Zero's json.loads refuses it too
+    assert R.seg_format_reward("<think>t</think><answer>{'bbox': [10,100,200,210], 'points_1': [30,110], "
+                               "'points_2': [35,180]}</answer>", 840, 840, "seg_zero") == 0.0
+    # the points: on the image's edge is inside; past it, or negative, is not
+    assert R.seg_format_reward(seg_zero_answer([10, 20, 60, 80], [30, 40], [100, 100]), 100, 100, "seg_zero") == 1.0
+    assert R.seg_format_reward(seg_zero_answer([10, 20, 60, 80], [101, 40], [35, 50]), 100, 100, "seg_zero") == 0.0
+    assert R.seg_format_reward(seg_zero_answer([10, 20, 60, 80], [30, 40], [35, -1]), 100, 100, "seg_zero") == 0.0
+    assert R.seg_format_reward(seg_zero_answer([10, 20, 60, 80], [30, 40], [35, 50, 1]), 100, 100, "seg_zero") == 0.0
+    # read for real data: Qwen2-VL's 0..1000 frame of a 200 x 100 image, x / 5 and y / 10
+    box, points = S.read_answer(ok, Image.new("RGB", (200, 100)), "qwen2_vl")
+    assert box == approx([2, 2, 12, 8]) and points == [approx([6, 4]), approx([7, 5])]
+    assert S.read_answer(shapes_answer, Image.new("RGB", (200, 100)), "qwen2_vl") == (approx([2, 2, 12, 8]), [])
+
+
+def test_seg_zero_square_input_maps_back_to_the_original_pixels(tiny):
+    """Real data: the model sees the photo resized to 840 x 840 (Seg-Zero's) and writes Qwen2.5-VL pixels of its
+    own resize of that; the box goes back to the original by W / 840, H / 840. The tiny processor (max 224 x 224
+    pixels) resizes 840 x 840 to 224 x 224: frame x -> original x * (840 / 224) * (1680 / 840) = 7.5 x, y * 1.875."""
+    _, processor = tiny
+    image = red_green(1680, 420)                     # left half red
+    assert S.model_image(image, 840).size == (840, 840) and S.model_image(image, None) is image
+    assert S.frame_size(image, "qwen2_5_vl", processor, 840) == (224, 224)
+    assert S.box_to_pixels([56, 56, 112, 112], image, "qwen2_5_vl", processor, 840) == approx([420, 105, 840, 210])
+    assert S.point_to_model_frame([420, 105], image, "qwen2_5_vl", processor, 840) == [56, 56]
+    box, points = S.read_answer(seg_zero_answer([56, 56, 112, 112], [84, 84], [224, 0]), image, "qwen2_5_vl",
+                                processor, side=840)
+    assert box == approx([420, 105, 840, 210]) and points == [approx([630, 157.5]), approx([1680, 0])]
+    # R_seg's bounds are the 224 x 224 frame the model wrote in; R_sem crops the original photo
+    texts = [seg_zero_answer([0, 0, 112, 224], [56, 112], [10, 10]),     # -> [0, 0, 840, 420]: the red half
+             seg_zero_answer([0, 0, 112, 225], [56, 112], [10, 10]),     # y2 past the frame
+             seg_zero_answer([0, 0, 112, 224], [225, 112], [10, 10])]    # a point past the frame
+    clip = (StubClip([1.0, 0.0]), seg_stub_preprocess, lambda t: torch.zeros(len(t), 4, dtype=torch.long))
+    out = S.seg_rewards(texts, [0, 0, 0], [image], ["red"], clip, "qwen2_5_vl", processor, side=840)
+    assert [o["seg"] for o in out] == [1, 0, 0] and [o["sem"] for o in out] == approx([1.0, 1.0, 1.0])
+    # the paper preset resizes real data to 840 x 840; never the shapes world, the grounding prompt, or with 0
+    args = S.parse_args(["--model", "Qwen/Qwen2.5-VL-3B-Instruct"])
+    assert args.image_side == 840 and S.input_side(args) == 840
+    assert S.input_side(argparse.Namespace(**{**vars(args), "shapes": True})) is None
+    assert S.input_side(argparse.Namespace(**{**vars(args), "eval_prompt": "grounding"})) is None
+    assert S.input_side(S.parse_args(["--model", "Qwen/Qwen2.5-VL-3B-Instruct", "--image-side", "0"])) is None
+    assert S.parse_args(["--model", "x", "--preset", "tiny"]).image_side == 0
+
+
+def test_reasonseg_ignore_pixels_are_left_out_of_the_scores(tiny, monkeypatch, tmp_path):
+    """ReasonSeg marks pixels to leave out with labelme shapes labelled "ignore" (LISA's get_mask_from_json: 255
+    there, which its intersectionAndUnionGPU drops from both the intersection and the union). The converter
+    writes them as masks/ignore/<name>.png; evaluation leaves them out of both counts."""
+    model, processor = tiny
+    src = tmp_path / "ReasonSeg" / "val"
+    _reasonseg(src)
+    paths, _ = convert.convert_reasonseg(src, tmp_path / "out")
+    records, _ = data.read_manifest(paths["seg"], "seg")
+    a = records[0]
+    assert a["ignore_mask"] == "masks/ignore/a.png"
+    assert a["ignore_mask_path"] == str(tmp_path / "out" / "masks" / "ignore" / "a.png")
+    ignore = np.zeros((48, 64), bool)
+    ignore[8:23, 26:36] = True                       # the "ignore" rectangle (26, 8)-(35, 22), boundary included
+    assert np.array_equal(data.read_mask(a["ignore_mask_path"]), ignore)
+    # in b the ignore shape is larger, drawn first: the two targets win over it
+    b_ignore = data.read_mask(records[2]["ignore_mask_path"])
+    assert b_ignore[0:21, 0:21].sum() == 21 * 21 - 5 * 5 and not b_ignore[5:10, 5:10].any()
+    # a Seg-Zero answer whose box, pixels [10.5, 12.5, 39.5, 17.5] in Qwen2-VL's 0..1000 frame of 64 x 48, fills
+    # columns 10..39 and rows 12..17 (the box executor rounds outwards)
+    texts = [seg_zero_answer([10.5 / 64 * 1000, 12.5 / 48 * 1000, 39.5 / 64 * 1000, 17.5 / 48 * 1000],
+                             [200, 300], [300, 300])]
+    monkeypatch.setattr(vlm, "sample", lambda *a, **k: {"texts": texts})
+    args = S.parse_args(["--model", "x", "--executor", "box"])
+    (row,) = S.evaluate(model, processor, [a], args, S.make_executor(args, "cpu"))
+    # target: columns 10..25, rows 10..20 (176 px); the box: 30 x 6 = 180 px, of which 16 x 6 = 96 on the target
+    # and 10 x 6 = 60 ignored. Without them: union 180 + 176 - 96 = 260; with LISA's rule: 120 + 176 - 96 = 200
+    assert (row["inter"], row["union"]) == (96, 200) and len(row["points"]) == 2
+    gt = data.read_mask(a["mask_path"])
+    pred = S.box_mask((64, 48), row["box"])
+    assert R.mask_counts(pred, gt) == (96, 260) and R.mask_counts(pred, gt, ignore) == (96, 200)
+    with pytest.raises(ValueError, match="differ"):
+        R.mask_counts(pred, gt, ignore[:, :10])
+    # an ignore mask the image does not match is a bad record, named with its line
+    Image.new("L", (10, 10)).save(tmp_path / "out" / "masks" / "ignore" / "a.png")
+    with pytest.raises(data.ManifestError, match=r"seg\.jsonl:1: mask .*ignore.* is 10x10 but the image is 64x48"):
+        data.read_manifest(paths["seg"], "seg")
+
+
+def test_visrl_real_boxes_keep_three_decimals_and_are_never_rounded():
+    """VisCoT writes boxes with 3 decimals; the shapes world's 2 would cost a small text line its IoU
+    (here 0.738) or its box (a line 0.4 % of the image high rounds to an empty box)."""
+    text, box = visrl.canonical_box("[0.1234, 0.5, 0.6789, 0.5039]")
+    assert box == [0.1234, 0.5, 0.6789, 0.5039] and text == "[0.123, 0.500, 0.679, 0.504]"
+    line = [0.213, 0.402, 0.577, 0.417]              # 1.5 % of the image high
+    assert rewards.box_iou(visrl.canonical_box(data.format_viscot_box(line))[1], line) == approx(1.0)
+    # 2 decimals: [0.21, 0.40, 0.58, 0.42]: intersection 0.364 x 0.015, union 0.37 x 0.02
+    rounded = visrl.canonical_box(data.format_viscot_box(line), shapes=True)[1]
+    assert rewards.box_iou(rounded, line) == approx(0.364 * 0.015 / (0.37 * 0.02))
+    thin = [0.312, 0.500, 0.688, 0.504]
+    assert visrl.canonical_box(data.format_viscot_box(thin))[1] == approx(thin)
+    assert visrl.canonical_box(data.format_viscot_box(thin), shapes=True) == (None, None)
+    assert data.format_viscot_box([-0.0, 0.25, 1.2, 0.5]) == "[0.000, 0.250, 1.000, 0.500]"
+
+
+def test_visrl_unreadable_judgement_drops_the_candidate(monkeypatch, tmp_path):
+    """A judgement the critic wrote out of format drops its candidate (the released filter.py drops a None
+    score) and is counted; before, it scored 0 and made the candidate the rejected one. The real record gets
+    the paper's answer step (image, question, crop) and the released judge prompts."""
+    viscot = converted_layouts(tmp_path)[2]
+    rec = next(r for r in viscot if r["id"] == 1)
+    calls = []
+    script = iter([["[0.100, 0.300, 0.500, 0.700]", "[0.600, 0.000, 0.900, 0.400]"],   # K = 1: b1, b2 (IoU 0)
+                   ["A red car.", "blue"],                                             # their answers
+                   ['{"score": 0.9}', "The crop shows a car, I would rate it highly."],  # s_b: b2 unreadable
+                   ['{"score": 1.0}', '{"score": 0.1}']])                              # s_r
+
+    def fake(model, processor, convs, images, *a, **k):
+        calls.append((convs, images))
+        return next(script)
+
+    monkeypatch.setattr(visrl, "generate_texts", fake)
+    args = type("A", (), dict(attempts=1, gen_batch_size=1, max_new_tokens=32, temperature=2.0,
+                              answer_max_new_tokens=128, answer_temperature=2.0, max_prompt_len=None,
+                              iou_thresh=0.05, size_tol=0.3))()
+    (q,) = visrl.generate_candidates(None, (None, None), None, [rec], args, random.Random(0))
+    assert q["dropped"]["critic_unparsable"] == 1 and q["shapes"] is False
+    assert [(c["which"], c["box"], c["s_b"], c["s_r"]) for c in q["candidates"]] == [("b1", [0.1, 0.3, 0.5, 0.7], 0.9, 1.0)]
+    pairs, survivors, _ = visrl.make_pairs([q])
+    assert pairs == [] and survivors["win_set"] == 1 and survivors["lose_set"] == 0      # no candidate to lose
+    (answer_convs, answer_images), (box_convs, box_images), (score_convs, score_images) = calls[1:]
+    assert [part["type"] for part in answer_convs[0][0]["content"]] == ["image", "text", "image"]
+    assert answer_convs[0][0]["content"][1]["text"] == "\nWhich colour is the car? " + VISRL_COT + "\n"
+    assert [im.size for im in answer_images[0]] == [(200, 100), (80, 40)]            # full image, crop of b1
+    assert box_convs[0][0]["content"][-1]["text"] == JUDGE_BBOX.format("Which colour is the car?", "red")
+    assert [im.size for im in box_images[0]] == [(80, 40)]                            # s_b: the crop alone
+    assert score_convs[1][0]["content"][-1]["text"] == JUDGE_SCORE.format("Which colour is the car?", "red", "blue")
+    assert [im.size for im in score_images[1]] == [(200, 100)]                        # s_r: the full image
+    assert "critic_unparsable" in visrl.DROPPED                 # generation_round sums DROPPED into stats.json
 
 
 # ====================================================================================================

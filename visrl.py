@@ -4,7 +4,10 @@ Paper: "VisRL: Intention-Driven Visual Perception via Reinforced Reasoning" (arX
 section 3.1 (data generation, eq. 4), 3.2 (step-level DPO, eqs. 5-7), 4.4, appendix C (critics).
 
 The model answers in two steps (a "visual chain of thought"): from image + question a focus box
-"[x1,y1,x2,y2]" (normalised 0..1), then, shown that box and its crop too, the answer.
+"[x1,y1,x2,y2]" (normalised 0..1), then, shown the image, the question and the box's crop, the answer.
+Real data get the paper's CoT sentence after the question, VisCoT's 3-decimal boxes and, for the answer,
+a new user turn with the same text and the crop (the authors' released code); the critic gets their judge
+prompts word for word. Shapes-world data keep the tiny base's own prompts (a two-turn chat, 2 decimals).
   0. SFT warm-up; the pre-SFT model, frozen, is the critic (no external judge)      sft_stage()
   1. per question K attempts of two sampled boxes, b2 moved off b1 (eq. 3), each box cropped,
      answered and critic-scored: the crop (s_b), the answer (s_r)           generate_candidates()
@@ -76,7 +79,11 @@ def parse_args(argv=None):
     p.add_argument("--win-threshold", type=float, default=0.8, help="tau_w for s_b and s_r")
     p.add_argument("--lose-threshold", type=float, default=0.2, help="tau_l for s_b and s_r")
     p.add_argument("--iou-thresh", type=float, default=0.05, help="diversity controller: IoU(b1, b2) limit")
-    p.add_argument("--size-tol", type=float, default=0.3, help="diversity controller: width/height tolerance")
+    p.add_argument("--diversity", default="area", choices=["area", "sides"],
+                   help="diversity controller's size bound on the replacement box: its area within --size-tol of "
+                        "b1's (area: the paper, eq. 3) or its width and height each (sides: the released code)")
+    p.add_argument("--size-tol", type=float, default=0.3,
+                   help="diversity controller: relative tolerance of the size bound (--diversity)")
     p.add_argument("--quality-iou", type=float, default=0.5, help="data quality: IoU with the GT box of a 'P' box")
     p.add_argument("--nll-weight", type=float, default=0.0, help="+ this x chosen NLL to the DPO loss (RPO; 0: paper)")
     p.add_argument("--pairs", help="train iteration 1 on this pairs.jsonl instead of generating it")
@@ -228,17 +235,21 @@ def pixel_box(box, width, height):
     return [box[0] * width, box[1] * height, box[2] * width, box[3] * height]
 
 
-def canonical_box(text_or_box):
-    """(text, box) of the first box of a model output (or of 4 numbers), clipped to 0..1 and rounded
-    to 2 decimals, exactly as it is written back into the chat; (None, None) if unparsable, inverted
-    or empty after rounding (e.g. "[0.3,0.3,0.301,0.5]")."""
+def canonical_box(text_or_box, shapes=False):
+    """(text, box) of the first box of a model output (or of 4 numbers), clipped to 0..1: the text as it
+    is written into the chat and the DPO targets, the box as it is cropped and scored.
+    Real data: the box as the model wrote it, never rounded (a 3-decimal VisCoT box of a small text
+    line must not lose its IoU), the text VisCoT's and VisRL's '[0.123, 0.456, 0.789, 0.901]'.
+    Shapes world (shapes=True): both rounded to 2 decimals, '[0.12,0.46,0.79,0.90]', the tiny base's format.
+    (None, None) if unparsable, inverted or empty (after rounding: "[0.3,0.3,0.301,0.5]" in the shapes world)."""
     box = (rewards.parse_boxes(text_or_box) or [None])[0] if isinstance(text_or_box, str) \
         else rewards.valid_box(text_or_box)
     if box is not None:
-        box = [round(min(max(v, 0.0), 1.0), 2) for v in box]
+        box = [min(max(v, 0.0), 1.0) for v in box]
+        box = [round(v, 2) for v in box] if shapes else box
     if box is None or box[2] <= box[0] or box[3] <= box[1]:
         return None, None
-    return data.format_norm_box(box, 1, 1), box
+    return (data.format_norm_box(box, 1, 1) if shapes else data.format_viscot_box(box)), box
 
 
 def crop(image, box):
@@ -248,47 +259,85 @@ def crop(image, box):
     return data.fit_image(c) if c is not None else None
 
 
-def box_turn(question):
-    """Step 1's prompt: image + question + the CoT instruction."""
-    return [vlm.user_turn(data.VISRL_BOX_PROMPT.format(question=question))]
+# Real data: the layout of the released code's messages as LLaMA-Factory renders them for Qwen2-VL:
+# "<image>\n{question} Please first ... better." (step 1) and the same + "\n<image>" (step 2), each <image>
+# one picture (data_gen/generate.py, preprocess/sft_format_round2.py).
+def box_turn(question, shapes=False):
+    """Step 1's prompt: the image, then the question with the CoT instruction (data.VISRL_QUESTION; shapes
+    world: data.VISRL_BOX_PROMPT)."""
+    if shapes:
+        return [vlm.user_turn(data.VISRL_BOX_PROMPT.format(question=question))]
+    return [{"role": "user", "content": [{"type": "image"},
+                                         {"type": "text", "text": "\n" + data.VISRL_QUESTION.format(question=question)}]}]
 
 
-def answer_turns(question, box_text):
-    """Step 2's prompt: step 1 with the box as the assistant's reply, then the crop + question.
-    Images, in placeholder order: [full image, crop]."""
-    return box_turn(question) + [vlm.assistant_turn(box_text),
-                                 vlm.user_turn(data.VISRL_ANSWER_PROMPT.format(question=question))]
+def answer_turns(question, box_text, shapes=False):
+    """Step 2's prompt; images, in placeholder order: [full image, crop of the box].
+    Real data (the paper: "the cropped region ..., together with the original image and the question, is
+    fed into the multimodal model"; the released code): ONE new user turn, step 1's text between the image
+    and the crop; the box is not in it (box_text unused). Shapes world: step 1, the box as the assistant's
+    reply, then the crop and data.VISRL_ANSWER_PROMPT (the tiny base's two-turn chat)."""
+    if shapes:
+        return box_turn(question, True) + [vlm.assistant_turn(box_text),
+                                           vlm.user_turn(data.VISRL_ANSWER_PROMPT.format(question=question))]
+    text = "\n" + data.VISRL_QUESTION.format(question=question) + "\n"
+    return [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": text}, {"type": "image"}]}]
 
 
-def sft_example(record, image):
-    """(conversation, images) of the two-turn warm-up chat with the GT box: loss on both replies."""
-    box_text, box = canonical_box(norm_box(record["box"], *image.size))
-    conv = answer_turns(record["question"], box_text) + [vlm.assistant_turn(record["answer"])]
-    return conv, [image, crop(image, box)]
+def sft_examples(record, image):
+    """[(conversation, images)] of the SFT warm-up with the GT box, the loss on every assistant reply.
+    Real data: two single-turn examples, as the released code's SFT data (sft_format_round1/round2):
+    step 1 -> the box (VisCoT's 3 decimals), step 2 (image, question, crop of the box) -> the answer.
+    Shapes world: the two-turn chat (box, then crop and answer) the tiny base knows."""
+    shapes = data.is_shapes([record])
+    box_text, box = canonical_box(norm_box(record["box"], *image.size), shapes)
+    answer = [vlm.assistant_turn(record["answer"])]
+    if shapes:
+        return [(answer_turns(record["question"], box_text, True) + answer, [image, crop(image, box)])]
+    return [(box_turn(record["question"]) + [vlm.assistant_turn(box_text)], [image]),
+            (answer_turns(record["question"], box_text) + answer, [image, crop(image, box)])]
 
 
 # ============================================================================ generation + critic
-# Counted in OUT/iter{k}/stats.json: why a sampled box gives no candidate (generate_candidates), and
-# the conditions a question's candidates must meet to give a pair, in order (select_pair).
-DROPPED = ("unparsable", "no_crop", "no_diverse_box", "too_long")
+# Counted in OUT/iter{k}/stats.json: why a sampled box gives no candidate (generate_candidates; a
+# critic_unparsable candidate had a judgement parse_score could not read: the released filter drops those),
+# and the conditions a question's candidates must meet to give a pair, in order (select_pair).
+DROPPED = ("unparsable", "no_crop", "no_diverse_box", "too_long", "critic_unparsable")
 FILTERS = ["questions", "with_candidates", "win_set", "lose_set", "chosen_holds_both_max", "rejected_holds_both_min"]
 
 
-def diversify_box(b1, b2, rng, iou_thresh=0.05, size_tol=0.3, max_tries=100, widen=0.1, widen_every=20):
-    """VisRL's diversity controller (paper eq. 3): b2 if IoU(b1, b2) <= iou_thresh, else a random box
-    (normalised, inside [0,1]^2) not overlapping b1 (touching edges is allowed), its width and height
-    each within +-size_tol of b1's; the tolerance widens by `widen` after every `widen_every` failed
-    tries. After `max_tries`: None (the caller drops it). rng: a random.Random."""
+def diversify_box(b1, b2, rng, iou_thresh=0.05, size_tol=0.3, mode="area", max_tries=100, widen=0.1,
+                  widen_every=20):
+    """VisRL's diversity controller (paper eq. 3) on normalised boxes: b2 if IoU(b1, b2) <= iou_thresh,
+    else a random box inside [0,1]^2 that does not overlap b1 (touching edges is allowed), of b1's size
+    within a tolerance tol:
+      mode "area" (the paper: "an area differing by no more than delta compared to b1"): its area drawn
+      uniformly in [(1 - tol), (1 + tol)] x b1's (and at most what fits the image), its aspect ratio
+      b1's (the paper leaves the shape open);
+      mode "sides" (the released code, generate_random_bounding_box): its width and height drawn
+      independently, each within +-tol of b1's (and at most 1).
+    tol starts at size_tol and widens by `widen` after every `widen_every` failed tries (the released
+    code's schedule); the position is uniform over where the box fits. After `max_tries`: None (the
+    caller drops it). rng: a random.Random, at most 4 of its uniform() draws a try."""
+    if mode not in ("area", "sides"):
+        raise ValueError(f"diversity mode {mode!r}: 'area' or 'sides'")
     if rewards.box_iou(b1, b2) <= iou_thresh:
         return list(b2)
     w1, h1 = b1[2] - b1[0], b1[3] - b1[1]
     for t in range(max_tries):
         tol = size_tol + widen * (t // widen_every)
-        w_lo, w_hi = max(w1 * (1 - tol), 0.0), min(w1 * (1 + tol), 1.0)
-        h_lo, h_hi = max(h1 * (1 - tol), 0.0), min(h1 * (1 + tol), 1.0)
-        if w_lo >= w_hi or h_lo >= h_hi:          # even the smallest allowed box is wider than the image
-            continue
-        w, h = rng.uniform(w_lo, w_hi), rng.uniform(h_lo, h_hi)
+        if mode == "area":            # scale both sides by s, s^2 (the area ratio) uniform in its range
+            lo, hi = max(1 - tol, 0.0), min(1 + tol, 1 / w1 ** 2, 1 / h1 ** 2)
+            if lo >= hi:
+                continue
+            s = math.sqrt(rng.uniform(lo, hi))
+            w, h = min(w1 * s, 1.0), min(h1 * s, 1.0)
+        else:
+            w_lo, w_hi = max(w1 * (1 - tol), 0.0), min(w1 * (1 + tol), 1.0)
+            h_lo, h_hi = max(h1 * (1 - tol), 0.0), min(h1 * (1 + tol), 1.0)
+            if w_lo >= w_hi or h_lo >= h_hi:      # even the smallest allowed box is wider than the image
+                continue
+            w, h = rng.uniform(w_lo, w_hi), rng.uniform(h_lo, h_hi)
         if w <= 0 or h <= 0:
             continue
         x1, y1 = rng.uniform(0.0, 1.0 - w), rng.uniform(0.0, 1.0 - h)
@@ -304,22 +353,44 @@ def sample_problem(rec, processor, max_prompt_len=None):
         image = data.open_image(rec["image_path"])
     except OSError as e:
         return f"{type(e).__name__}: {e}"
-    return vlm.prompt_problem(processor, box_turn(rec["question"]), [image], max_prompt_len)
+    return vlm.prompt_problem(processor, box_turn(rec["question"], data.is_shapes([rec])), [image], max_prompt_len)
 
 
-def critic_scores(critic, items, batch_size=32, max_new_tokens=24):
-    """Critic scores (greedy, sec. 3.1, app. C) of items {question, reference, answer, image, crop}: s_b
-    from the crop alone (does it show what the reference answer needs?), s_r from the full image (how
-    close is the answer to the reference?), '{"score": x}' parsed (else 0) -> (s_b, s_r, raw texts).
-    critic: (model, processor): the critic's prompts are tokenized by its own processor."""
+def critic_conversations(items):
+    """The critic's two prompts per item {question, reference, answer, shapes?}, each one user turn, the
+    picture first: s_b's (does the crop hold what the reference answer needs? it sees the crop alone) and
+    s_r's (how close is the answer to the reference? it sees the full image) -> (box convs, answer convs).
+    Real data: the released judge prompts word for word (data.VISRL_JUDGE_BOX_PROMPT, _ANSWER_PROMPT);
+    shapes world: data.CRITIC_BOX_PROMPT, CRITIC_ANSWER_PROMPT (the tiny base's)."""
+    box, ans = [], []
+    for it in items:
+        shapes = it.get("shapes", False)
+        box.append([vlm.user_turn((data.CRITIC_BOX_PROMPT if shapes else data.VISRL_JUDGE_BOX_PROMPT).format(
+            question=it["question"], answer=it["reference"]))])
+        ans.append([vlm.user_turn((data.CRITIC_ANSWER_PROMPT if shapes else data.VISRL_JUDGE_ANSWER_PROMPT).format(
+            question=it["question"], reference=it["reference"], answer=it["answer"]))])
+    return box, ans
+
+
+# A judgement is '{"score": 0.8}' (about 8 tokens; 16 with a ```json fence): 64 new tokens leave room for a
+# short preamble, and a judge that would need more is not answering in the asked format. The released
+# judge ran greedy with its server's default of 1024 new tokens.
+CRITIC_MAX_NEW_TOKENS = 64
+
+
+def critic_scores(critic, items, batch_size=32, max_new_tokens=CRITIC_MAX_NEW_TOKENS):
+    """Critic scores (greedy, sec. 3.1, app. C) of items {question, reference, answer, image, crop,
+    shapes?} (critic_conversations): s_b from the crop alone, s_r from the full image, each read by
+    rewards.parse_score: a float in [0, 1], or None when unreadable (the caller drops the candidate)
+    -> (s_b, s_r, raw texts). critic: (model, processor): the critic's prompts are tokenized by its
+    own processor."""
     model, processor = critic
     model = getattr(model, "module", model)             # a DeepSpeed inference engine under ZeRO-3
-    raw_b = generate_texts(model, processor, [[vlm.user_turn(data.CRITIC_BOX_PROMPT.format(
-        question=it["question"], answer=it["reference"]))] for it in items], [[it["crop"]] for it in items],
-        1, max_new_tokens, 0, batch_size=batch_size)
-    raw_r = generate_texts(model, processor, [[vlm.user_turn(data.CRITIC_ANSWER_PROMPT.format(
-        question=it["question"], reference=it["reference"], answer=it["answer"]))] for it in items],
-        [[it["image"]] for it in items], 1, max_new_tokens, 0, batch_size=batch_size)
+    box_convs, answer_convs = critic_conversations(items)
+    raw_b = generate_texts(model, processor, box_convs, [[it["crop"]] for it in items], 1, max_new_tokens, 0,
+                           batch_size=batch_size)
+    raw_r = generate_texts(model, processor, answer_convs, [[it["image"]] for it in items], 1, max_new_tokens, 0,
+                           batch_size=batch_size)
     return [rewards.parse_score(t) for t in raw_b], [rewards.parse_score(t) for t in raw_r], list(zip(raw_b, raw_r))
 
 
@@ -336,31 +407,34 @@ def generate_candidates(policy, critic, processor, records, args, rng):
     """Steps 1-2 (sec. 3.1) for one rank's questions: per batch ONE generate call samples K x (b1, b2)
     each, b2 is diversified, every box cropped and answered (one more call), each answer critic-scored.
     -> per question {id, question, answer, image, size, gt_box?, candidates: [{box, attempt, which,
-    diversified, answer, s_b, s_r}], dropped: {DROPPED name: count}}."""
+    diversified, answer, s_b, s_r}], dropped: {DROPPED name: count}, shapes}. Shapes-world records
+    (data.is_shapes) get the shapes world's prompts and 2-decimal boxes, the others the papers'."""
     K, B, out = args.attempts, args.gen_batch_size, []
+    mode = getattr(args, "diversity", "area")
     for s in range(0, len(records), B):
         chunk = records[s:s + B]
         images = [data.open_image(r["image_path"]) for r in chunk]
-        texts = generate_texts(policy, processor, [box_turn(r["question"]) for r in chunk],  # step 1: boxes
+        shapes = [data.is_shapes([r]) for r in chunk]
+        texts = generate_texts(policy, processor, [box_turn(r["question"], sh) for r, sh in zip(chunk, shapes)],
                                    [[im] for im in images], 2 * K, args.max_new_tokens, args.temperature,
                                    args.max_prompt_len)
         results, cands = [], []                    # cands: (question index, candidate, its crop)
         for i, (rec, im) in enumerate(zip(chunk, images)):
             res = {"id": rec["id"], "question": rec["question"], "answer": rec["answer"], "image": rec["image_path"],
-                   "size": list(im.size), "candidates": [], "dropped": dict.fromkeys(DROPPED, 0)}
+                   "size": list(im.size), "candidates": [], "dropped": dict.fromkeys(DROPPED, 0), "shapes": shapes[i]}
             if rec.get("box") is not None:
                 res["gt_box"] = [round(v, 4) for v in norm_box(rec["box"], *im.size)]
             results.append(res)
             for k in range(K):
                 j = 2 * (i * K + k)                # texts: 2K per question, b1 and b2 of each attempt
-                b1, b2 = canonical_box(texts[j])[1], canonical_box(texts[j + 1])[1]
+                b1, b2 = canonical_box(texts[j], shapes[i])[1], canonical_box(texts[j + 1], shapes[i])[1]
                 res["dropped"]["unparsable"] += (b1 is None) + (b2 is None)
                 diversified = False
                 if b1 is not None and b2 is not None:
-                    new = diversify_box(b1, b2, rng, args.iou_thresh, args.size_tol)
+                    new = diversify_box(b1, b2, rng, args.iou_thresh, args.size_tol, mode)
                     res["dropped"]["no_diverse_box"] += new is None
                     diversified = new is not None and new != b2
-                    b2 = canonical_box(new)[1] if new is not None else None
+                    b2 = canonical_box(new, shapes[i])[1] if new is not None else None
                 for which, b in (("b1", b1), ("b2", b2)):
                     c = crop(im, b) if b is not None else None
                     res["dropped"]["no_crop"] += b is not None and c is None
@@ -371,17 +445,21 @@ def generate_candidates(policy, critic, processor, records, args, rng):
         if not cands:
             continue
         answers = generate_texts(                    # step 2: answer every (box, crop), sampled
-            policy, processor, [answer_turns(chunk[i]["question"], canonical_box(c["box"])[0]) for i, c, _ in cands],
+            policy, processor, [answer_turns(chunk[i]["question"], canonical_box(c["box"], shapes[i])[0], shapes[i])
+                                for i, c, _ in cands],
             [[images[i], cr] for i, _, cr in cands], 1, args.answer_max_new_tokens, args.answer_temperature,
             args.max_prompt_len, 2 * B)
         for (i, _, _), a in zip(cands, answers):   # None: the answer prompt is over --max-prompt-len
             results[i]["dropped"]["too_long"] += a is None
         kept = [(i, c, cr, a.strip()) for (i, c, cr), a in zip(cands, answers) if a is not None]
         items = [{"question": chunk[i]["question"], "reference": chunk[i]["answer"], "answer": a,
-                  "image": images[i], "crop": cr} for i, _, cr, a in kept]
+                  "image": images[i], "crop": cr, "shapes": shapes[i]} for i, _, cr, a in kept]
         s_b, s_r = oracle_scores(items, [chunk[i] for i, *_ in kept], [c["box"] for _, c, *_ in kept]) \
             if critic == "oracle" else critic_scores(critic, items)[:2]
         for (i, c, _, a), sb, sr in zip(kept, s_b, s_r):
+            if sb is None or sr is None:           # an unreadable judgement: dropped, never a 0 (the lose set)
+                results[i]["dropped"]["critic_unparsable"] += 1
+                continue
             results[i]["candidates"].append(dict(c, answer=a, s_b=sb, s_r=sr))
     return out
 
@@ -432,7 +510,7 @@ def make_pairs(questions, win=0.8, lose=0.2, quality_iou=0.5):
         if reason != "ok":
             failed[reason] += 1
             continue
-        pair = {k: q[k] for k in ("id", "question", "answer", "image", "size") if k in q}
+        pair = {k: q[k] for k in ("id", "question", "answer", "image", "size", "shapes") if k in q}
         pair.update(chosen=q["candidates"][ci], rejected=q["candidates"][ri], gt_box=q.get("gt_box"))
         pair["quality"] = quality(pair, quality_iou)
         pairs.append(pair)
@@ -504,9 +582,9 @@ def save_examples(pairs, folder, n=8):
 
 # ============================================================================ SFT + step-level DPO
 def sft_stage(engine, processor, records, args, rank, world, out, state):
-    """SFT warm-up: the two-turn chat with the GT box, next-token loss on both assistant turns."""
+    """SFT warm-up on the GT boxes (sft_examples), next-token loss on every assistant turn."""
     def loss_fn(batch):
-        convs, images = zip(*[sft_example(r, data.open_image(r["image_path"])) for r in batch])
+        convs, images = zip(*[ex for r in batch for ex in sft_examples(r, data.open_image(r["image_path"]))])
         return vlm.sft_loss(engine, processor, list(convs), list(images)), {}
     train_stage(engine, records, loss_fn, "sft", args.sft_lr, args.sft_epochs, args.sft_batch_size, args.seed,
                 args, rank, world, out, state)
@@ -514,15 +592,17 @@ def sft_stage(engine, processor, records, args, rank, world, out, state):
 
 def box_step(pairs, images):
     """Stage 1's DPO data (eqs. 5-6): x = image + question + instruction, y = box text -> (convs, images, y_w, y_l)."""
-    convs = [box_turn(p["question"]) for p in pairs]
-    return (convs, [[im] for im in images], [canonical_box(p["chosen"]["box"])[0] for p in pairs],
-            [canonical_box(p["rejected"]["box"])[0] for p in pairs])
+    shapes = [p.get("shapes", False) for p in pairs]           # pairs of make_pairs say; a --pairs file may not
+    convs = [box_turn(p["question"], sh) for p, sh in zip(pairs, shapes)]
+    return (convs, [[im] for im in images], [canonical_box(p["chosen"]["box"], sh)[0] for p, sh in zip(pairs, shapes)],
+            [canonical_box(p["rejected"]["box"], sh)[0] for p, sh in zip(pairs, shapes)])
 
 
 def answer_step(pairs, images):
     """Stage 2's answer-step DPO data (eq. 7): x = image, question, the WINNING box and its crop for BOTH
     answers (the rejected one was produced from its own crop, but is scored in the winner's context)."""
-    convs = [answer_turns(p["question"], canonical_box(p["chosen"]["box"])[0]) for p in pairs]
+    convs = [answer_turns(p["question"], canonical_box(p["chosen"]["box"], p.get("shapes", False))[0],
+                          p.get("shapes", False)) for p in pairs]
     ims = [[im, crop(im, p["chosen"]["box"])] for p, im in zip(pairs, images)]
     return convs, ims, [p["chosen"]["answer"] for p in pairs], [p["rejected"]["answer"] for p in pairs]
 
@@ -590,9 +670,11 @@ def train_stage(engine, items, loss_fn, name, lr, epochs, per_rank, seed, args, 
 def evaluate(model, processor, records, args, rank=0, world=1, critic=None, batch_size=16):
     """Greedy two-step inference on `records` (sharded over ranks, gathered on all) -> (metrics, predictions).
     Answer accuracy: normalised exact match; for long reference answers (> 3 words) the critic's
-    s_r >= 0.5 when a critic is given. Over the records with a GT box: box accuracy (IoU >= 0.5),
-    mean IoU, box coverage (the box holds half of the GT box or more); an unparsable box is wrong
-    for all of them. A record whose prompt cannot be processed is skipped, counted and listed."""
+    s_r >= 0.5 when a critic is given (an unreadable judgement: wrong, counted in critic_unparsable).
+    Over the records with a GT box: box accuracy (IoU >= 0.5), mean IoU, box coverage (the box holds half
+    of the GT box or more), from the predicted box as written (never rounded; shapes world: 2 decimals);
+    an unparsable box is wrong for all of them. A record whose prompt cannot be processed is skipped,
+    counted and listed."""
     mine, preds, skipped = run.shard(records, rank, world), [], []
     for s in range(0, len(mine), batch_size):
         chunk, bad = run.partition(mine[s:s + batch_size], lambda r: sample_problem(r, processor, args.max_prompt_len))
@@ -600,27 +682,29 @@ def evaluate(model, processor, records, args, rank=0, world=1, critic=None, batc
         if not chunk:
             continue
         images = [data.open_image(r["image_path"]) for r in chunk]
-        texts = generate_texts(model, processor, [box_turn(r["question"]) for r in chunk],
-                                   [[im] for im in images], 1, args.max_new_tokens, 0, args.max_prompt_len)
-        boxes = [canonical_box(t) for t in texts]                          # (text, box) or (None, None)
+        shapes = [data.is_shapes([r]) for r in chunk]
+        texts = generate_texts(model, processor, [box_turn(r["question"], sh) for r, sh in zip(chunk, shapes)],
+                               [[im] for im in images], 1, args.max_new_tokens, 0, args.max_prompt_len)
+        boxes = [canonical_box(t, sh) for t, sh in zip(texts, shapes)]    # (text, box) or (None, None)
         crops = [crop(im, b) if b is not None else None for im, (_, b) in zip(images, boxes)]
         ok, answers = [i for i, c in enumerate(crops) if c is not None], {}
         if ok:
-            replies = generate_texts(model, processor, [answer_turns(chunk[i]["question"], boxes[i][0])
-                                                            for i in ok], [[images[i], crops[i]] for i in ok],
-                                         1, args.answer_max_new_tokens, 0, args.max_prompt_len)
+            replies = generate_texts(model, processor, [answer_turns(chunk[i]["question"], boxes[i][0], shapes[i])
+                                                        for i in ok], [[images[i], crops[i]] for i in ok],
+                                     1, args.answer_max_new_tokens, 0, args.max_prompt_len)
             answers = {i: r.strip() for i, r in zip(ok, replies) if r is not None}   # None: prompt too long
         long = [i for i in answers if critic not in (None, "oracle") and rewards.is_long(chunk[i]["answer"])]
         judged = dict(zip(long, critic_scores(critic, [
             {"question": chunk[i]["question"], "reference": chunk[i]["answer"], "answer": answers[i],
-             "image": images[i], "crop": crops[i]} for i in long])[1])) if long else {}
+             "image": images[i], "crop": crops[i], "shapes": shapes[i]} for i in long])[1])) if long else {}
         for i, (rec, im) in enumerate(zip(chunk, images)):
             box, ans = boxes[i][1] if i in answers else None, answers.get(i)
             gt = norm_box(rec["box"], *im.size) if rec.get("box") is not None else None
-            correct = (judged[i] >= 0.5) if i in judged else \
+            correct = (judged[i] is not None and judged[i] >= 0.5) if i in judged else \
                 (ans is not None and rewards.normalise_answer(ans) == rewards.normalise_answer(rec["answer"]))
             preds.append({"id": rec["id"], "question": rec["question"], "reference": rec["answer"],
                           "box_text": texts[i], "box": box, "answer": ans, "correct": bool(correct),
+                          **({"critic_score": judged[i]} if i in judged else {}),
                           "gt_box": gt, "box_iou": rewards.box_iou(box, gt) if box and gt else (0.0 if gt else None)})
     preds, skipped = run.gather_records(preds), run.gather_records(skipped)
     with_gt = [p for p in preds if p["gt_box"] is not None]
@@ -632,6 +716,7 @@ def evaluate(model, processor, records, args, rank=0, world=1, critic=None, batc
                "box_coverage": over_gt(p["box"] is not None and rewards.covers(p["box"], p["gt_box"])
                                        for p in with_gt),
                "unparsable": sum(p["box"] is None for p in preds), "n": len(preds), "n_with_box": len(with_gt),
+               "critic_unparsable": sum("critic_score" in p and p["critic_score"] is None for p in preds),
                "skipped_samples": len(skipped)}
     return metrics, preds + skipped
 
