@@ -1,27 +1,19 @@
-"""The test suite: every test runs offline on CPU, on a tiny model the tests build themselves.
+"""The test suite: every test runs offline on CPU, on models the tests build themselves (or the shipped tiny base).
 
-    python -m pytest -q test_all.py
+    python -m pytest -q test_all.py                    # everything
+    python -m pytest -q -m "not slow" test_all.py      # the fast loop
 
-Expected values are independent of the code under test: worked out by hand in the comments,
-computed by scipy / pycocotools on the same inputs, or a sample run alone vs in a batch.
+Expected values are independent of the code under test: worked out by hand in the comments, computed by
+scipy / pycocotools / transformers / TRL on the same inputs, or a sample run alone vs in a batch.
 
-Contents (sections in the README's file order; the shared fixtures open the first one):
-  fixtures      cache, tiny_dir / tiny (a random tiny model), clip_dir, seg_world, env_for
-  vlm.py: model I/O, sampling, log-probs, DeepSpeed
-  tiny.py: the shipped tiny base (the embedded default) and its recipe
-  grpo.py / dpo.py: losses
-  learning: the losses drive the real tiny VLM
-  rewards.py: parsers, rewards, metrics
-  data.py: manifests, shapes world, prompts
-  convert.py: converters from the original dataset layouts
-  rise_cot.py / rise_r1.py: RISE end to end
-  seg_rise.py: Seg-RISE
-  visrl.py: VisRL
-  run.py: presets, manifest paths, the guarded update (shared by the four pipelines)
-  bench.py: the benchmark runs (one repetition, structure of its JSON line)
-  tables.py: the papers' tables in miniature (statistics, one row end to end)
+The file reads top to bottom: the shared helpers and the fixtures, then one section per part of the project,
+fast to slow. Tests marked slow launch the scripts, train a model or run the full-width architectures:
+  the losses (grpo.py, dpo.py); rewards and metrics (rewards.py); data.py; convert.py; the papers' prompts on
+  real data; vlm.py on the tiny model; the pipelines' pieces in-process; the shipped tiny base; the losses
+  driving the tiny VLM; runs of the scripts on one and two CPU ranks (kill, resume, faults).
 """
 import argparse
+import ast
 import contextlib
 import hashlib
 import io
@@ -39,7 +31,6 @@ import time
 import warnings
 import zlib
 from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
@@ -48,7 +39,6 @@ from PIL import Image, PngImagePlugin
 from pytest import approx
 from pycocotools import mask as coco_api
 from safetensors.torch import load_file as safetensors_load
-
 import bench
 import convert
 import data
@@ -67,13 +57,314 @@ import vlm
 from dpo import dpo_loss, sequence_logp, step_dpo_loss
 from grpo import group_advantages, grpo_loss, zero_std_fraction
 
+
+# ====================================================================================================
+# shared helpers and constants
+# ====================================================================================================
+
 ROOT = Path(__file__).resolve().parent
+
+
 LN2 = math.log(2.0)
+# pycocotools' C extension warns under numpy 2 (its __array__ has no copy keyword): ignored where it runs
+PYCOCOTOOLS_NUMPY2 = "ignore:__array__ implementation doesn't accept a copy keyword:DeprecationWarning"
+
+
+def solid(rgb, size=56):
+    return Image.new("RGB", (size, size), rgb)
+
+
+SHIPPED_BASE = ROOT / vlm.TINY_BASE
+
+
+def t(x, grad=False):
+    return torch.tensor(x, dtype=torch.float32, requires_grad=grad)
+
+
+GT_CLS = {"red": 0.5, "blue": 0.5}
+
+
+def to_tensor(img):
+    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
+
+
+floats = st.floats(allow_nan=True, allow_infinity=True) | st.floats(-1e6, 1e6)
+
+
+N_TRAIN, N_TEST = 10, 5
+
+
+def _hashes(root):
+    root = Path(root)
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file()}
+
+
+def _records(world, task, split="train"):
+    recs, skipped = data.read_manifest(world / task / f"{split}.jsonl", data.MANIFEST_SCHEMA[task])
+    assert skipped == 0
+    return recs
+
+
+def _write(folder, lines, name="m.jsonl"):
+    path = folder / name
+    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
+    return path
+
+
+MASK_ENCODINGS = {   # the same object (a 4x6 block and one pixel) saved as public datasets save masks
+    "L 0/1": lambda m: Image.fromarray(m.astype(np.uint8)),
+    "L 0/255": lambda m: Image.fromarray(m.astype(np.uint8) * 255),
+    "1 bit": lambda m: Image.fromarray(m.astype(np.uint8) * 255).convert("1"),
+    "I;16 0/1": lambda m: Image.fromarray(m.astype(np.uint16)),
+    "palette index 1 (VOC style)": lambda m: _palette(m.astype(np.uint8)),
+    "RGB dark blue": lambda m: Image.fromarray(np.stack([np.zeros_like(m), np.zeros_like(m), m * 7], -1).astype(np.uint8)),
+    "RGBA white on transparent": lambda m: Image.fromarray(np.dstack([m * 255] * 4).astype(np.uint8), "RGBA"),
+}
+
+
+def _palette(index):
+    im = Image.fromarray(index, "P")
+    im.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)     # VOC: 0 background (black), 1 dark red
+    return im
+
+
+def _image(path, size=(8, 8), value=128):
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", size, (value, value, value)).save(path)   # format from the suffix
+    return path
+
+
+def _ids(path):
+    return [json.loads(line)["id"] for line in Path(path).read_text().splitlines()]
+
+
+EMO_HEADER = ("[image_filename]\t[valence]\t[arousal]\t[prob. anger]\t[prob. disgust]\t"
+              "[prob. fear]\t[prob. joy]\t[prob. sadness]\t[prob. surprise]\t[prob. neutral]")
+
+
+ODD = [0.4, 0.1, 0.1, 0.2, 0.095, 0.05, 0.05]          # sums to 0.995: renormalised
+
+
+def _emotion6(root, extra_lines=()):
+    lines = [EMO_HEADER]
+    for k, emotion in enumerate(convert.EMOTION6_CLASSES):
+        for n in range(1, 11):
+            _image(root / "images" / emotion / f"{n}.jpg")
+            probs = ODD if (emotion, n) == ("joy", 3) else [float(i == k) for i in range(7)]
+            lines.append("\t".join([f"{emotion}/{n}.jpg", "5.5", "4.25", *map(str, probs)]))
+    (root / "ground_truth.txt").write_text("\n".join([*lines, *extra_lines]) + "\n")
+    return root
+
+
+def _rect(x1, y1, x2, y2, label="target"):
+    return {"label": label, "points": [[x1, y1], [x2, y1], [x2, y2], [x1, y2]],
+            "shape_type": "polygon"}
+
+
+def _reasonseg(src):
+    _image(src / "a.jpg", (64, 48))
+    # target: columns 10..30, rows 10..20 (points truncated, boundary included); a smaller
+    # "ignore" shape drawn after it carves out columns 26..30.
+    a = {"text": ["what holds the soup?", "the bowl"], "is_sentence": True,
+         "shapes": [_rect(10.7, 10.2, 30.9, 20.5), _rect(26, 8, 35, 22, "ignore")]}
+    _image(src / "b.jpg", (64, 48))
+    # two targets -> one box around both; a larger ignore shape is drawn first, so the targets
+    # win over it; a "flag" shape is dropped.
+    b = {"text": ["the two cups"], "is_sentence": False,
+         "shapes": [_rect(0, 0, 20, 20, "ignore"), _rect(5, 5, 9, 9), _rect(40, 30, 50, 40),
+                    _rect(0, 0, 63, 47, "flag")]}
+    for name, ann in (("a", a), ("b", b)):
+        (src / f"{name}.json").write_text(json.dumps(ann))
+    expected = {"a": np.zeros((48, 64), bool), "b": np.zeros((48, 64), bool)}
+    expected["a"][10:21, 10:26] = True
+    expected["b"][5:10, 5:10] = True
+    expected["b"][30:41, 40:51] = True
+    return expected
+
+
+CATS = {1: "cat", 2: "dog", 3: "traffic light"}
+
+
+def _coco(root, bad_annotation=False):
+    """20 images; cat in images 1-16 (two boxes in image 1), dog in 5-20 plus a crowd region
+    in image 1, traffic light in 1-10. Returns the JSON path and {(image, cat): boxes}."""
+    images, anns, expected = [], [], {}
+
+    def add(image_id, cat, bbox, crowd=0):
+        anns.append({"id": 100 + len(anns), "image_id": image_id, "category_id": cat,
+                     "bbox": bbox, "iscrowd": crowd, "area": 1.0})
+        if not crowd:
+            x, y, w, h = bbox
+            expected.setdefault((image_id, cat), []).append([x, y, x + w, y + h])
+
+    for i in range(1, 21):
+        name = f"{i:012d}.jpg"
+        _image(root / "images" / name, (40, 30))
+        images.append({"id": i, "file_name": name, "width": 40, "height": 30})
+        if i <= 16:
+            add(i, 1, [1.5, 2.25, 10, 5])
+        if i >= 5:
+            add(i, 2, [i, 1, 20, 20.5])
+        if i <= 10:
+            add(i, 3, [30, 20, 4, 6])
+    add(1, 1, [20, 10, 3, 3])
+    add(1, 2, [0, 0, 40, 30], crowd=1)
+    if bad_annotation:
+        anns.append({"id": 999, "image_id": 2, "category_id": 1, "bbox": [5, 5, 0, 4],
+                     "iscrowd": 0})
+    path = root / "instances.json"
+    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [
+        {"id": k, "name": v, "supercategory": "x"} for k, v in CATS.items()]}))
+    return path, expected
+
+
+def _blob_mask(h, w, seed):
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[:h, :w]
+    m = np.zeros((h, w), bool)
+    for _ in range(4):
+        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(1, max(2, min(h, w) / 3))
+        m ^= (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
+    return m
+
+
+def _runs(mask):
+    """Uncompressed COCO RLE counts, computed directly: column-major runs, zeros first."""
+    flat = mask.T.ravel().astype(np.int8)
+    edges = np.flatnonzero(np.diff(flat)) + 1
+    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
+    return [0] + runs if flat[0] else runs
+
+
+def _refcoco(root, refs=None):
+    img_dir = root / "train2014"
+    _image(img_dir / "COCO_train2014_000000000001.jpg", (50, 40))
+    _image(img_dir / "COCO_train2014_000000000002.jpg", (60, 45))
+    poly = [[5.5, 4.0, 30.2, 6.0, 25.0, 30.7, 8.0, 25.0], [40, 30, 48, 30, 44, 38]]
+    blob = _blob_mask(45, 60, 7)
+    rle = coco_api.encode(np.asfortranarray(blob.astype(np.uint8)))
+    anns = [{"id": 10, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [5.5, 4, 42.5, 34],
+             "segmentation": poly},
+            {"id": 11, "image_id": 2, "category_id": 1, "iscrowd": 0, "bbox": [1, 2, 50, 40],
+             "segmentation": {"size": [45, 60], "counts": rle["counts"].decode()}},
+            {"id": 12, "image_id": 2, "category_id": 1, "iscrowd": 1, "bbox": [3, 3, 9, 9],
+             "segmentation": {"size": [45, 60], "counts": _runs(~blob)}}]
+    images = [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "width": 50, "height": 40},
+              {"id": 2, "file_name": "COCO_train2014_000000000002.jpg", "width": 60, "height": 45}]
+    inst = root / "refcoco" / "instances.json"
+    inst.parent.mkdir(parents=True)
+    inst.write_text(json.dumps({"images": images, "annotations": anns,
+                                "categories": [{"id": 1, "name": "person"}]}))
+    sents = lambda *s: [{"sent": x, "raw": x, "tokens": x.split(), "sent_id": i}   # noqa: E731
+                        for i, x in enumerate(s)]
+    refs = refs if refs is not None else [
+        {"ref_id": 100, "ann_id": 10, "image_id": 1, "split": "val", "category_id": 1,
+         "file_name": "COCO_train2014_000000000001_10.jpg", "sent_ids": [0, 1],
+         "sentences": sents("man on the left", "left guy")},
+        {"ref_id": 101, "ann_id": 11, "image_id": 2, "split": "val", "category_id": 1,
+         "file_name": "x", "sentences": sents("blobs")},
+        {"ref_id": 102, "ann_id": 12, "image_id": 2, "split": "val", "category_id": 1,
+         "file_name": "x", "sentences": sents("the background")},
+        {"ref_id": 103, "ann_id": 10, "image_id": 1, "split": "train", "category_id": 1,
+         "file_name": "x", "sentences": sents("a man")}]
+    refs_path = root / "refcoco" / "refs(unc).p"
+    with open(refs_path, "wb") as f:
+        pickle.dump(refs, f, protocol=2)                  # as the Python 2 originals
+    polys = coco_api.decode(coco_api.merge(coco_api.frPyObjects(poly, 40, 50))).astype(bool)
+    return refs_path, inst, img_dir, {10: polys, 11: blob, 12: ~blob}
+
+
+PROMPT = (" Please provide the bounding box coordinate of the region that can help you answer "
+          "the question better.")
+
+
+def _turns(question, box, answer):
+    return [{"from": "human", "value": "<image>\n" + question + PROMPT},
+            {"from": "gpt", "value": box}, {"from": "human", "value": "<image>"},
+            {"from": "gpt", "value": answer}]
+
+
+def _viscot(root):
+    _image(root / "cot" / "gqa" / "wide.jpg", (200, 100))
+    _image(root / "cot" / "gqa" / "tall.jpg", (100, 200))
+    _image(root / "flat" / "c.png", (64, 64))
+    items = [
+        {"question_id": 0, "dataset": "gqa", "image": [
+            "cot/gqa/wide.jpg", "cot/gqa/wide.jpg###[21, 31, 99, 69]"],
+         "conversations": _turns("What is on the table?", "[0.100, 0.400, 0.500, 0.600]", "A cup")},
+        {"question_id": 1, "image": "cot/gqa/wide.jpg",
+         "conversations": _turns("Which colour is the car?", "[0.100, 0.400, 0.500, 0.600]",
+                                 "red")},
+        {"question_id": 2, "image": ["cot/gqa/tall.jpg"],
+         "conversations": _turns("Who is there?", "[0.35, 0.1, 0.6, 0.5]", "a man")},
+        {"id": "flat-3", "image": "flat/c.png", "question": "What shape?", "answer": "round",
+         "bbox": [1, 2, 30, 40]},
+        {"id": "flat-4", "image": "flat/c.png", "question": "What colour?", "answer": "grey"},
+    ]
+    path = root / "viscot_363k.json"
+    path.write_text(json.dumps(items))
+    return path, items
+
+
+def ok(proc):
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+
+
+def lines(path):
+    """Complete lines of a file another process is appending to (read only: never truncates it)."""
+    return path.read_text().count("\n") if path.exists() else 0
+
+
+class StubClip(torch.nn.Module):
+    """encode_image: the mean (red, green) of the crop; encode_text: a fixed direction. Counts calls."""
+
+    def __init__(self, direction):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.direction = torch.tensor(direction, dtype=torch.float32)
+        self.image_calls = self.text_calls = 0
+        self.batch_sizes = []
+
+    def encode_image(self, x):
+        self.image_calls += 1
+        self.batch_sizes.append(len(x))
+        return x[:, :2].mean((2, 3))
+
+    def encode_text(self, tokens):
+        self.text_calls += 1
+        return self.direction.expand(len(tokens), -1).clone()
+
+
+def seg_stub_preprocess(im):   # nearest-neighbour: a half/half crop stays exactly half/half
+    a = np.asarray(im.convert("RGB").resize((10, 10), Image.NEAREST), dtype=np.float32) / 255
+    return torch.from_numpy(a).permute(2, 0, 1)
+
+
+def red_green(w=200, h=100):
+    a = np.zeros((h, w, 3), np.uint8)
+    a[:, :w // 2, 0] = 255     # left half red
+    a[:, w // 2:, 1] = 255     # right half green
+    return Image.fromarray(a)
+
+
+def square(h, w, y1, x1, y2, x2):
+    m = np.zeros((h, w), bool)
+    m[y1:y2, x1:x2] = True
+    return m
+
+
+def make_pair(image_path, chosen_box, rejected_box):
+    return {"id": "p", "question": "What colour is the shape in the top-left?", "answer": "red", "image": image_path,
+            "size": [112, 112], "shapes": True, "chosen": {"box": chosen_box, "answer": "red", "s_b": 1.0, "s_r": 1.0},
+            "rejected": {"box": rejected_box, "answer": "blue", "s_b": 0.0, "s_r": 0.0}}
 
 
 # ====================================================================================================
-# vlm.py: model I/O, sampling, log-probs, DeepSpeed
+# fixtures
 # ====================================================================================================
+
 @pytest.fixture(scope="session")
 def cache(tmp_path_factory):
     """A private cache (RISE_CACHE) so nothing is read from or written to the user's."""
@@ -94,10 +385,6 @@ def tiny(tiny_dir):
     return model, processor
 
 
-def solid(rgb, size=56):
-    return Image.new("RGB", (size, size), rgb)
-
-
 @pytest.fixture(scope="session")
 def clip_dir(cache, tmp_path_factory):
     """A shapes CLIP trained for 2 steps: the real build path, in seconds (its scores mean nothing)."""
@@ -112,459 +399,6 @@ def seg_world(tmp_path_factory):
     return out
 
 
-def env_for(cache):
-    return dict(os.environ, PYTHONPATH=str(ROOT), RISE_CACHE=str(cache), OMP_NUM_THREADS="1")
-
-
-def test_tiny_model_is_real_qwen2vl_and_tokenizer_keeps_tags(tiny):
-    model, processor = tiny
-    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
-    assert type(processor).__name__ == "Qwen2VLProcessor"
-    tok = processor.tokenizer
-    for tag in tiny_py.TAG_TOKENS + tiny_py.SPECIAL_TOKENS:        # every tag and special token is ONE token
-        assert len(tok.encode(tag, add_special_tokens=False)) == 1, tag
-    ids = tok.encode("<think>a red circle</think><answer>[1,2,3,4]</answer><|im_end|>", add_special_tokens=False)
-    assert tok.decode(ids, skip_special_tokens=True) == "<think>a red circle</think><answer>[1,2,3,4]</answer>"
-    # Qwen2's pre-tokenizer splits digits one by one: "1000" is 4 tokens
-    assert len(tok.encode("1000", add_special_tokens=False)) == 4
-
-
-def test_padded_batch_logprobs_equal_each_sample_alone(tiny):
-    model, processor = tiny
-    convs = [[vlm.user_turn("What colour is this image?")],
-             [vlm.user_turn("Give the box of the red circle as [x1,y1,x2,y2]. Think first, then answer.")]]
-    images = [[solid((220, 40, 40))], [solid((40, 80, 220), 84)]]
-    batch = vlm.chat_inputs(processor, convs, images)
-    lengths = batch["attention_mask"].sum(1)
-    assert lengths[0] < lengths[1] and batch["attention_mask"][0, 0] == 0      # sample 0 is left-padded
-    torch.manual_seed(0)
-    roll = vlm.sample(model, processor, batch, num_generations=2, max_new_tokens=10)
-    together = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"])
-    for i in range(4):
-        alone_batch = vlm.chat_inputs(processor, [convs[i // 2]], [images[i // 2]])
-        n = int(roll["completion_mask"][i].sum())
-        alone = vlm.completion_logprobs(model, dict(alone_batch), roll["completion_ids"][i:i + 1, :n],
-                                        roll["completion_mask"][i:i + 1, :n])
-        torch.testing.assert_close(together[i, :n], alone[0], atol=1e-5, rtol=0)
-
-
-def sampled_and_scored(model, processor, seed, max_new_tokens, temperature):
-    """4 samples for a green image, and our log-probs of them: (batch, rollout, our log-probs, completion mask)."""
-    batch = vlm.chat_inputs(processor, [[vlm.user_turn("Describe the image.")]], [[solid((40, 170, 60))]])
-    torch.manual_seed(seed)
-    roll = vlm.sample(model, processor, batch, num_generations=4, max_new_tokens=max_new_tokens,
-                      temperature=temperature, return_scores=True)
-    ours = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
-                                   temperature=temperature, suppress=vlm.suppressed_ids(processor))
-    return batch, roll, ours, roll["completion_mask"].bool()
-
-
-def test_logprobs_equal_the_scores_generate_sampled_with(tiny):
-    model, processor = tiny
-    _, roll, ours, mask = sampled_and_scored(model, processor, seed=1, max_new_tokens=12, temperature=0.7)
-    torch.testing.assert_close(ours[mask], roll["sampled_logp"][mask], atol=1e-4, rtol=0)
-    # and the temperature matters: at T=1 the same tokens get other log-probs
-    at_one = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
-                                     temperature=1.0, suppress=vlm.suppressed_ids(processor))
-    assert (at_one[mask] - roll["sampled_logp"][mask]).abs().max() > 1e-3
-
-
-@contextlib.contextmanager
-def shared_prefix(on):
-    saved, vlm.SHARED_PREFIX = vlm.SHARED_PREFIX, on
-    try:
-        yield
-    finally:
-        vlm.SHARED_PREFIX = saved
-
-
-def logprobs_and_grads(model, roll, processor, group_size, on):
-    """Our log-probs of a rollout (group_size as GRPO passes it) and the gradient of a fixed function
-    of them, with the shared-prefix path on or off."""
-    model.zero_grad()
-    with shared_prefix(on):
-        logp = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
-                                       1.3, vlm.suppressed_ids(processor), group_size=group_size)
-    (0.1 * logp.sum() + 0.01 * (logp ** 2).sum()).backward()
-    return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-
-
-def test_shared_prefix_logprobs_equal_the_plain_path(tiny):
-    """Issue 16: each distinct prompt run once, its KV cache shared by its G completions: log-probs
-    (fp32, <= 1e-5), gradients and the scores generate() sampled with equal the plain path's, with 2
-    prompts of different lengths (left padding) and two images of different sizes (one portrait)."""
-    model, processor = tiny
-    convs = [[vlm.user_turn("Describe the image.")],
-             [vlm.user_turn("Give the box of the blue square as [x1,y1,x2,y2], in a longer prompt.")]]
-    images = [[solid((220, 40, 40), 112)], [solid((40, 80, 220), 84).resize((84, 140))]]
-    batch = vlm.chat_inputs(processor, convs, images)
-    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()          # row 0 is left-padded
-    torch.manual_seed(0)
-    with torch.no_grad():
-        roll = vlm.sample(model, processor, batch, 3, 10, temperature=1.3, return_scores=True)
-    model.train()
-    try:
-        plain, plain_grads = logprobs_and_grads(model, roll, processor, 3, on=False)
-        shared, shared_grads = logprobs_and_grads(model, roll, processor, 3, on=True)
-    finally:
-        model.zero_grad()
-        model.eval()
-    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
-    mask = roll["completion_mask"].bool()
-    torch.testing.assert_close(shared[mask], roll["sampled_logp"][mask], atol=1e-4, rtol=0)
-    assert shared_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
-    with pytest.raises(ValueError, match="copies of one prompt"):        # rows 0-1 and 2-3 are not one prompt
-        vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"], group_size=2)
-
-
-def test_shared_prefix_dpo_pairs_equal_the_plain_path(tiny):
-    """dpo.pair_logps runs each prompt once for its chosen and rejected response: the four summed
-    log-probs equal the plain path's, and each equals a response scored alone."""
-    model, processor = tiny
-    convs = [[vlm.user_turn("Which colour?")], [vlm.user_turn("Where is the shape? Answer in one word.")]]
-    images = [[solid((220, 40, 40))], [solid((40, 170, 60), 112)]]
-    chosen, rejected = ["red", "[0.1,0.2,0.5,0.6]"], ["a green shape", "top"]
-    with torch.no_grad():
-        with shared_prefix(False):
-            plain = vlm.pair_logps(model, model, processor, convs, images, chosen, rejected, "cpu")
-        with shared_prefix(True):
-            shared = vlm.pair_logps(model, model, processor, convs, images, chosen, rejected, "cpu")
-        alone = vlm.response_logps(model, processor, convs[1:], images[1:], rejected[1:], "cpu")
-    for a, b in zip(shared, plain):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
-    assert shared[1][1].item() == approx(alone[0].item(), abs=1e-4)
-
-
-def two_prompt_batch(processor):
-    """2 prompts of different lengths (row 0 left-padded) with images of two sizes (one portrait)."""
-    convs = [[vlm.user_turn("Describe the image.")],
-             [vlm.user_turn("Give the box of the blue square as [x1,y1,x2,y2], in a longer prompt.")]]
-    images = [[solid((220, 40, 40), 112)], [solid((40, 80, 220), 84).resize((84, 140))]]
-    return vlm.chat_inputs(processor, convs, images)
-
-
-def assert_shared_rollouts_equal_plain(model, processor, batch, seen=None):
-    """sample() with and without the shared prefix, greedy and seeded sampling (G 3, 10 tokens): the same
-    tokens and texts, scores within 1e-5; `seen` (images per vision-tower call) cleared before each run
-    and checked: each image once when shared, G times when not."""
-    runs = {}
-    for on in (False, True):
-        for greedy in (True, False):
-            if seen is not None:
-                seen.clear()
-            torch.manual_seed(3)
-            with shared_prefix(on):
-                runs[on, greedy] = vlm.sample(model, processor, batch, 3, 10, temperature=1.3, do_sample=not greedy,
-                                              return_scores=True)
-            if seen is not None:
-                assert seen == ([2] if on else [6])
-    for greedy in (True, False):
-        plain, shared = runs[False, greedy], runs[True, greedy]
-        assert torch.equal(shared["completion_ids"], plain["completion_ids"]), greedy
-        assert shared["texts"] == plain["texts"]
-        mask = plain["completion_mask"].bool()
-        torch.testing.assert_close(shared["sampled_logp"][mask], plain["sampled_logp"][mask], atol=1e-5, rtol=0)
-    assert len(set(runs[False, False]["texts"])) > 1                 # sampling did sample
-
-
-def test_shared_prefix_generation_samples_what_the_plain_path_samples(tiny):
-    """Issue 16: sample() prefills each prompt once and generate() decodes its G rows from the repeated
-    cache: the vision tower sees each image once (not G times), and greedy and seeded sampling give the
-    plain path's tokens and scores (fp32, <= 1e-5), with left padding and two image sizes."""
-    model, processor = tiny
-    batch = two_prompt_batch(processor)
-    seen = []                                     # images per vision-tower call
-    hook = model.model.visual.register_forward_pre_hook(
-        lambda module, args, kwargs: seen.append(len(kwargs.get("grid_thw", args[-1]))), with_kwargs=True)
-    try:
-        assert_shared_rollouts_equal_plain(model, processor, batch, seen)
-    finally:
-        hook.remove()
-
-
-# ==== shared-prefix log-probs under gradient checkpointing (issue 31)
-@contextlib.contextmanager
-def grad_checkpointing(model):
-    """Training mode with non-reentrant gradient checkpointing (as the pipelines train); off, eval mode after."""
-    model.train()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-    try:
-        yield
-    finally:
-        model.gradient_checkpointing_disable()
-        model.zero_grad()
-        model.eval()
-
-
-@contextlib.contextmanager
-def forward_counts(model):
-    """{"images": images per vision-tower call, "attn": (rows, tokens) per call of the first text layer's
-    attention}. The attention is a submodule of the checkpointed layer, so its replays in backward count."""
-    seen = {"images": [], "attn": []}
-    hooks = [model.model.visual.register_forward_pre_hook(
-                 lambda m, args, kwargs: seen["images"].append(len(kwargs.get("grid_thw", args[-1]))),
-                 with_kwargs=True),
-             model.model.language_model.layers[0].self_attn.register_forward_pre_hook(
-                 lambda m, args, kwargs: seen["attn"].append(tuple(kwargs["hidden_states"].shape[:2])),
-                 with_kwargs=True)]
-    try:
-        yield seen
-    finally:
-        for hook in hooks:
-            hook.remove()
-
-
-def assert_checkpointed_shared_prefix_equals_plain(model, processor, batch, G=3):
-    """Under gradient checkpointing, G completions of each prompt of `batch`: the shared-prefix log-probs and
-    gradients equal the plain path's (fp32), and the shared path was taken: the vision tower saw each image
-    once, the text layers ran the B prompts once and the N = B x G completions alone, each pass twice
-    (forward, then its replay in backward)."""
-    torch.manual_seed(0)
-    roll = vlm.sample(model, processor, batch, G, 10, temperature=1.3)
-    B, P, T = batch["input_ids"].shape + roll["completion_ids"].shape[1:]
-    runs = {}
-    with grad_checkpointing(model):
-        for on in (False, True):
-            with forward_counts(model) as seen:
-                runs[on] = logprobs_and_grads(model, roll, processor, G, on)
-            runs[on] += (seen,)
-    (plain, plain_grads, plain_seen), (shared, shared_grads, shared_seen) = runs[False], runs[True]
-    assert plain_seen == {"images": [B * G], "attn": [(B * G, P + T)] * 2}
-    assert shared_seen == {"images": [B], "attn": [(B, P), (B * G, T), (B * G, T), (B, P)]}
-    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
-    assert shared_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
-    return roll
-
-
-def test_shared_prefix_logprobs_under_gradient_checkpointing_equal_the_plain_path(tiny):
-    """Issue 31: with gradient checkpointing on (how real runs train), each prompt still runs once with its
-    KV cache shared by its G completions, both passes checkpointed, the prefix replay storing nothing twice:
-    log-probs and gradients equal the plain path's, with left padding and two image sizes; and the
-    read-only-cache switch of the text layers is back to off afterwards."""
-    model, processor = tiny
-    batch = two_prompt_batch(processor)
-    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()          # row 0 is left-padded
-    roll = assert_checkpointed_shared_prefix_equals_plain(model, processor, batch)
-    assert not any(layer._can_checkpoint_with_cache for layer in model.model.language_model.layers)
-    with torch.no_grad():               # and the values are those of checkpointing off
-        off = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
-                                      1.3, vlm.suppressed_ids(processor), group_size=3)
-    with grad_checkpointing(model):
-        on = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
-                                     1.3, vlm.suppressed_ids(processor), group_size=3)
-    torch.testing.assert_close(on.detach(), off, atol=1e-5, rtol=0)
-
-
-def test_shared_prefix_under_gradient_checkpointing_on_both_real_architectures(real_arch):
-    """The same on Qwen2-VL and Qwen2.5-VL (window attention in the vision tower, its own M-RoPE)."""
-    for family, path in real_arch.items():
-        model, processor = vlm.load_model(path)
-        assert_checkpointed_shared_prefix_equals_plain(model, processor, two_prompt_batch(processor))
-
-
-def test_shared_prefix_dpo_pairs_under_gradient_checkpointing(tiny):
-    """DPO's pairs (group 2: chosen and rejected on one prompt run once) under gradient checkpointing, with
-    gradients: the DPO loss and every gradient equal the plain path's, and each prompt's image is seen once."""
-    model, processor = tiny
-    convs = [[vlm.user_turn("Which colour?")], [vlm.user_turn("Where is the shape? Answer in one word.")]]
-    images = [[solid((220, 40, 40))], [solid((40, 170, 60), 112)]]
-    chosen, rejected = ["red", "[0.1,0.2,0.5,0.6]"], ["a green shape", "top"]
-    results = {}
-    with grad_checkpointing(model):
-        for on in (False, True):
-            model.zero_grad()
-            with shared_prefix(on), forward_counts(model) as seen:
-                logps = vlm.pair_logps(model, model, processor, convs, images, chosen, rejected, "cpu")
-                loss, _ = dpo.dpo_loss(logps[0], logps[1], logps[2] - 0.3, logps[3] + 0.2)   # a non-zero margin
-                (loss + 0.01 * (logps[0] - logps[1]).square().sum()).backward()
-            results[on] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-            assert seen["images"] == ([2, 2] if on else [4, 4])          # policy (with grad), then reference
-    (plain, plain_grads), (shared, shared_grads) = results[False], results[True]
-    assert shared == approx(plain, abs=1e-6)
-    assert shared_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
-
-
-def test_shared_prefix_two_segment_update_under_gradient_checkpointing(tiny, monkeypatch):
-    """RISE-CoT's trajectory (a CoT segment of G rows on one prompt, then reconstruction rows on their own
-    prompts) under gradient checkpointing: the two-segment test below, which checks the loss, its KL and
-    every gradient against the plain path's and that the CoT segment takes the shared path (policy and
-    reference), with checkpointing on throughout (grpo_update puts the model in training mode)."""
-    with grad_checkpointing(tiny[0]):
-        test_shared_prefix_two_segment_update_equals_the_plain_path(tiny, monkeypatch)
-        assert vlm.is_checkpointing(tiny[0])
-
-
-def test_checkpoint_generation_config_never_changes_what_is_sampled(tiny):
-    # Qwen checkpoints ship a generation_config.json with repetition_penalty 1.05, top_k, top_p:
-    # generate() would apply them (it fills every unset option from it) while our log-probs do
-    # not. The sampled scores must still equal our log-probs (fp32, tight), and greedy must be argmax.
-    model, processor = tiny
-    saved = model.generation_config
-    model.generation_config = type(saved).from_dict(dict(saved.to_dict(), repetition_penalty=1.05, top_k=20,
-                                                         top_p=0.5, temperature=0.1, no_repeat_ngram_size=2))
-    try:
-        batch, roll, ours, mask = sampled_and_scored(model, processor, seed=3, max_new_tokens=16, temperature=1.0)
-        torch.testing.assert_close(ours[mask], roll["sampled_logp"][mask], atol=1e-5, rtol=0)
-        greedy = vlm.sample(model, processor, batch, max_new_tokens=8, do_sample=False)
-        ids, first = greedy["completion_ids"], greedy["completion_ids"][:, :1]
-        scored = vlm.completion_logprobs(model, greedy["prompt"], first, torch.ones_like(first),
-                                         suppress=vlm.suppressed_ids(processor))
-        # the greedy first token is the argmax: its log-prob is the row's maximum
-        logits = model(**{k: v for k, v in greedy["prompt"].items()}).logits[:, -1].float()
-        logits[:, vlm.suppressed_ids(processor)] = float("-inf")
-        assert ids[0, 0].item() == logits.argmax(-1).item()
-        assert scored[0, 0].item() == pytest.approx(logits.log_softmax(-1).max().item(), abs=1e-5)
-        assert model.generation_config.repetition_penalty == 1.05          # restored afterwards
-    finally:
-        model.generation_config = saved
-
-
-def test_chunked_logprobs_and_gradients_equal_one_piece(tiny):
-    """The row-chunked, checkpointed path (used for a 151k vocabulary) gives the same values and
-    the same gradients as scoring the whole batch at once."""
-    model, processor = tiny
-    batch = vlm.chat_inputs(processor, [[vlm.user_turn("Describe the image.")]] * 2,
-                            [[solid((200, 30, 30))], [solid((30, 30, 200))]])
-    torch.manual_seed(4)
-    roll = vlm.sample(model, processor, batch, num_generations=3, max_new_tokens=8)
-    args = (roll["prompt"], roll["completion_ids"], roll["completion_mask"], 0.9, vlm.suppressed_ids(processor))
-    results = []
-    for kwargs in ({}, {"chunk_rows": 4, "one_piece_bytes": 0}):    # 6 rows -> chunks of 4 and 2
-        model.zero_grad()
-        logp = vlm.completion_logprobs(model, *args, **kwargs)
-        logp.sum().backward()
-        results.append((logp.detach(), model.lm_head.weight.grad.clone(), model.model.visual.patch_embed.proj.weight.grad.clone()))
-    model.zero_grad()
-    for one, chunked in zip(*results):
-        torch.testing.assert_close(one, chunked, atol=1e-5, rtol=1e-5)
-
-
-def test_batch2_group3_each_completion_is_scored_under_its_own_image(tiny):
-    model, processor = tiny
-    red, blue = solid((220, 40, 40)), solid((40, 80, 220))
-    convs = [[vlm.user_turn("What colour is this image?")]] * 2
-    batch = vlm.chat_inputs(processor, convs, [[red], [blue]])
-    torch.manual_seed(2)
-    roll = vlm.sample(model, processor, batch, num_generations=3, max_new_tokens=8, return_scores=True)
-    ids, mask = roll["completion_ids"], roll["completion_mask"]
-    # prompt-major order: rows 0-2 answer the red image, rows 3-5 the blue one
-    rows = batch["image_grid_thw"][0].prod().item()
-    expanded = roll["prompt"]["pixel_values"]
-    for i in range(6):
-        own = batch["pixel_values"][:rows] if i < 3 else batch["pixel_values"][rows:]
-        torch.testing.assert_close(expanded[i * rows:(i + 1) * rows], own)
-    suppress = vlm.suppressed_ids(processor)
-    own_logp = vlm.completion_logprobs(model, roll["prompt"], ids, mask, suppress=suppress)
-    torch.testing.assert_close(own_logp[mask.bool()], roll["sampled_logp"][mask.bool()], atol=1e-4, rtol=0)
-    # the same completions scored with the images swapped: every row changes
-    swapped = vlm.repeat_batch(vlm.chat_inputs(processor, convs, [[blue], [red]]), 3,
-                               processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
-    other_logp = vlm.completion_logprobs(model, swapped, ids, mask, suppress=suppress)
-    per_row_diff = ((own_logp - other_logp).abs() * mask).sum(1)
-    assert (per_row_diff > 1e-4).all(), per_row_diff
-    # the bug this guards against: repeating pixel_values wholesale gives rows 1, 2 the wrong image
-    wholesale = batch["pixel_values"].repeat(3, 1)
-    assert not torch.equal(wholesale[rows:2 * rows], expanded[rows:2 * rows])
-
-
-def test_image_pad_token_is_never_sampled(tiny_dir):
-    model, processor = vlm.load_model(tiny_dir)
-    with torch.no_grad():                    # a uniform policy: every token equally likely
-        model.lm_head.weight.zero_()
-    batch = vlm.chat_inputs(processor, [[vlm.user_turn("Say anything.")]] * 2, [[solid((0, 0, 0))]] * 2)
-    vision = torch.tensor(vlm.suppressed_ids(processor))
-    torch.manual_seed(3)
-    roll = vlm.sample(model, processor, batch, num_generations=8, max_new_tokens=64)
-    sampled = roll["completion_ids"][roll["completion_mask"].bool()]
-    assert sampled.numel() > 500
-    assert not torch.isin(sampled, vision).any()
-    # control: without the suppression the same uniform policy does emit vision tokens
-    expanded = vlm.repeat_batch(batch, 8, processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
-    torch.manual_seed(3)
-    raw = model.generate(**expanded, max_new_tokens=64, do_sample=True, top_k=0, top_p=1.0, eos_token_id=[])
-    assert torch.isin(raw[:, expanded["input_ids"].shape[1]:], vision).any()
-
-
-def test_too_long_prompt_is_rejected_not_cut_inside_image_tokens(tiny):
-    _, processor = tiny
-    conv = [[vlm.user_turn("a long question " * 40)]]
-    full = vlm.chat_inputs(processor, conv, [[solid((1, 2, 3))]])
-    n = int(full["attention_mask"].sum())
-    with pytest.raises(vlm.PromptTooLong, match=f"{n} tokens"):
-        vlm.chat_inputs(processor, conv, [[solid((1, 2, 3))]], max_prompt_len=n - 1)
-    assert vlm.chat_inputs(processor, conv, [[solid((1, 2, 3))]], max_prompt_len=n)["input_ids"].shape[1] == n
-
-
-def test_completion_mask_stops_after_first_eos():
-    eos = [7]
-    ids = torch.tensor([[5, 7, 9, 7], [1, 2, 3, 4], [7, 0, 0, 0]])
-    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])   # EOS itself is kept
-    assert torch.equal(vlm.completion_mask_from_ids(ids, eos), expected)
-
-
-def test_save_load_gives_identical_outputs(tiny, tmp_path):
-    model, processor = tiny
-    model.save_pretrained(tmp_path)
-    processor.save_pretrained(tmp_path)
-    again, processor2 = vlm.load_model(tmp_path)
-    batch = vlm.chat_inputs(processor2, [[vlm.user_turn("Describe the image.")]], [[solid((9, 99, 199))]])
-    assert torch.equal(batch["input_ids"], vlm.chat_inputs(processor, [[vlm.user_turn("Describe the image.")]],
-                                                           [[solid((9, 99, 199))]])["input_ids"])
-    with torch.no_grad():
-        torch.testing.assert_close(model(**batch).logits, again(**batch).logits, atol=0, rtol=0)
-
-
-def test_sft_loss_counts_only_assistant_tokens(tiny):
-    model, processor = tiny
-    conv = [vlm.user_turn("What colour is this image?"), vlm.assistant_turn("red")]
-    batch = vlm.chat_inputs(processor, [conv], [[solid((220, 40, 40))]], add_generation_prompt=False)
-    mask = vlm.assistant_mask(batch["input_ids"], processor)[0]
-    tok = processor.tokenizer
-    # the target is exactly "red<|im_end|>"
-    assert tok.decode(batch["input_ids"][0][mask.bool()]) == "red<|im_end|>"
-    # independent computation: cross-entropy of the two target tokens from the logits
-    with torch.no_grad():
-        logits = model(**batch).logits[0]
-        positions = mask.nonzero().squeeze(1)
-        manual = torch.stack([-logits[p - 1].log_softmax(-1)[batch["input_ids"][0, p]] for p in positions]).mean()
-        torch.testing.assert_close(vlm.sft_loss(model, processor, [conv], [[solid((220, 40, 40))]]), manual)
-    # a different prompt with the same answer changes the loss (conditioning) but not the target
-    conv2 = [vlm.user_turn("Name the colour of the picture, please."), vlm.assistant_turn("red")]
-    b2 = vlm.chat_inputs(processor, [conv2], [[solid((220, 40, 40))]], add_generation_prompt=False)
-    assert tok.decode(b2["input_ids"][0][vlm.assistant_mask(b2["input_ids"], processor)[0].bool()]) == "red<|im_end|>"
-
-
-def test_two_assistant_turns_are_both_targets(tiny):
-    _, processor = tiny
-    conv = [vlm.user_turn("Q?"), vlm.assistant_turn("[0.1,0.2,0.3,0.4]"),
-            vlm.user_turn("Now answer."), vlm.assistant_turn("blue")]
-    batch = vlm.chat_inputs(processor, [conv], [[solid((1, 1, 1)), solid((2, 2, 2))]], add_generation_prompt=False)
-    mask = vlm.assistant_mask(batch["input_ids"], processor)[0]
-    assert processor.tokenizer.decode(batch["input_ids"][0][mask.bool()]) == "[0.1,0.2,0.3,0.4]<|im_end|>blue<|im_end|>"
-
-
-def test_box_frames_both_ways_for_both_model_families(tiny):
-    _, processor = tiny
-    # Qwen2-VL: 0..1000 of the original image. A 200x100 image: x*5, y*10.
-    assert vlm.to_model_frame([20, 10, 100, 50], "qwen2_vl", (200, 100)) == [100, 100, 500, 500]
-    assert vlm.from_model_frame([100, 100, 500, 500], "qwen2_vl", (200, 100)) == [20, 10, 100, 50]
-    # Qwen2.5-VL: pixels of the resized input. The tiny processor (patch 14 x merge 2 = 28,
-    # max 224*224 pixels) resizes 280x140 to 280x140 (both multiples of 28, 39200 <= 50176): scale 1.
-    assert vlm.to_model_frame([28, 14, 140, 70], "qwen2_5_vl", (280, 140), processor) == [28, 14, 140, 70]
-    # 560x280 has 156800 > 50176 pixels: beta = sqrt(156800/50176) = 1.7678; 560/1.7678 = 316.8 -> floor
-    # to a multiple of 28: 308; 280/1.7678 = 158.4 -> 140. So x scales by 308/560 = 0.55, y by 140/280 = 0.5.
-    assert vlm.to_model_frame([100, 100, 200, 200], "qwen2_5_vl", (560, 280), processor) == [55, 50, 110, 100]
-    back = vlm.from_model_frame([55, 50, 110, 100], "qwen2_5_vl", (560, 280), processor)
-    assert back == pytest.approx([100, 100, 200, 200])
-
-
-# ============================================================================ the real architectures
 @pytest.fixture(scope="session")
 def real_arch(tiny_dir, tmp_path_factory):
     """Random-weight Qwen2-VL-2B / Qwen2.5-VL-3B architectures (published configs, 2 blocks, widths and
@@ -575,307 +409,91 @@ def real_arch(tiny_dir, tmp_path_factory):
             for family in ("qwen2_vl", "qwen2_5_vl")}
 
 
-def test_shared_prefix_generation_on_both_real_architectures(real_arch):
-    """The shared-prefix rollouts on Qwen2-VL and Qwen2.5-VL (window attention in the vision tower, its own
-    M-RoPE offsets): the plain path's tokens and scores."""
-    for family, path in real_arch.items():
-        model, processor = vlm.load_model(path)
-        assert_shared_rollouts_equal_plain(model, processor, two_prompt_batch(processor))
+@pytest.fixture(scope="module")
+def tiny_clip():
+    open_clip = pytest.importorskip("open_clip")
+    torch.manual_seed(0)
+    model = open_clip.model.CLIP(
+        embed_dim=32, vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=8, head_width=32),
+        text_cfg=dict(context_length=16, vocab_size=64, width=32, heads=2, layers=1)).eval()
+
+    def tokenizer(texts):  # char-level: ids 1..62, padded with 0; 63 = end of text (argmax pool)
+        rows = [[1 + ord(c) % 62 for c in t[:15]] + [63] for t in texts]
+        return torch.tensor([r + [0] * (16 - len(r)) for r in rows])
+
+    preprocess = lambda im: to_tensor(im.resize((32, 32)))
+    return model, preprocess, tokenizer
 
 
-def test_real_architectures_keep_the_published_structure(real_arch):
-    for family, path in real_arch.items():
-        model, processor = vlm.load_model(path)
-        text, vision = model.config.text_config, model.config.vision_config
-        assert model.config.model_type == family and text.num_hidden_layers == 2 and vision.depth == 2
-        # published: head_dim 1536 / 12 = 2048 / 16 = 128, M-RoPE sections [16, 24, 24] summing to 128 / 2
-        head_dim = text.hidden_size // text.num_attention_heads
-        assert head_dim == 128 and sum(text.rope_parameters["mrope_section"]) == head_dim // 2
-        assert text.num_attention_heads // text.num_key_value_heads == (6 if family == "qwen2_vl" else 8)
-        if family == "qwen2_5_vl":       # window attention (112 px windows), then a full-attention block
-            assert vision.window_size == 112 and vision.fullatt_block_indexes == [1]
-            assert vision.out_hidden_size == text.hidden_size
-        ip = processor.image_processor
-        assert (ip.patch_size, ip.merge_size, ip.size["shortest_edge"], ip.size["longest_edge"]) == \
-            (14, 2, 56 * 56, 28 * 28 * 16384)
-        rendered = processor.apply_chat_template([vlm.user_turn("Hi", 0)], tokenize=False, add_generation_prompt=True)
-        assert rendered == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
-                            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
-        gen = model.generation_config
-        assert (gen.repetition_penalty, gen.top_k, gen.top_p, gen.temperature) == (1.05, 1, 0.001, 0.1)
-        # sampling = scoring on the real path too, whatever the shipped generation config says
-        batch = vlm.chat_inputs(processor, [[vlm.user_turn("What colour?")]], [[solid((200, 30, 30), 112)]])
-        torch.manual_seed(0)
-        roll = vlm.sample(model, processor, batch, 3, 6, return_scores=True)
-        ours = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
-                                       suppress=vlm.suppressed_ids(processor))
-        mask = roll["completion_mask"].bool()
-        torch.testing.assert_close(ours[mask], roll["sampled_logp"][mask], atol=1e-5, rtol=0)
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    out = tmp_path_factory.mktemp("world")
+    data.make_shapes_world(out, n_train=N_TRAIN, n_test=N_TEST, seed=0)
+    return out
 
 
-REAL_ARCH_RUNS = """
-import json, sys, time
-from pathlib import Path
-import data, rise_cot, rise_r1, seg_rise, visrl
-world, clip, root = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
-S = ["--preset", "tiny", "--batch-size", "1", "--max-new-tokens", "8", "--n-test", "2"]
-G = ["-G", "2"]
-det = world / "det"
-def go(fn, *argv):
-    fn([str(a) for a in argv])
-for model in sys.argv[4:]:                  # one process for both: the imports are most of the time
-  out = root / Path(model).name
-  go(rise_cot.main, "--model", model, "--data", det / "train.jsonl", "--out", out / "cot", "--max-steps", "1",
-     "--rec-max-new-tokens", "8", "--harvest-batch-size", "4", *G, *S[:-2])
-  go(rise_r1.main, "--model", model, "--data", det / "train.jsonl", "--cots", out / "cot" / "cots.jsonl", "--tau", "0",
-     "--sft-steps", "1", "--max-steps", "1", "--out", out / "r1", *G, *S[:-2])
-  go(rise_r1.main, "--eval", "--model", out / "r1" / "final", "--test", det / "test.jsonl", "--out", out / "r1_eval", *S)
-  go(seg_rise.main, "--model", model, "--data", world / "seg" / "train.jsonl", "--out", out / "seg", "--max-steps", "1",
-     "--clip-ckpt", clip, *G, *S[:-2])
-  go(seg_rise.main, "--eval", "--executor", "box", "--model", out / "seg" / "final", "--test", world / "seg" / "test.jsonl",
-     "--out", out / "seg_eval", "--clip-ckpt", clip, *S)
-  r = data.read_manifest(world / "vqa" / "train.jsonl", "vqa")[0][0]
-  pair = {"id": r["id"], "question": r["question"], "answer": r["answer"], "image": r["image_path"], "size": [112, 112],
-          "shapes": True,
-          "chosen": {"box": visrl.norm_box(r["box"], 112, 112), "answer": r["answer"], "s_b": 1.0, "s_r": 1.0},
-          "rejected": {"box": [0.0, 0.0, 0.1, 0.1], "answer": "x", "s_b": 0.0, "s_r": 0.0}}
-  (out / "pairs.jsonl").write_text(json.dumps(pair) + "\\n")
-  go(visrl.main, "--model", model, "--data", world / "vqa" / "train.jsonl", "--test", world / "vqa" / "test.jsonl",
-     "--out", out / "visrl", "--iters", "1", "--pairs", out / "pairs.jsonl", "--sft-fraction", "0.5",
-     "--attempts", "1", "--sft-batch-size", "1", "--dpo-epochs", "1", "--stage-eval-n", "0",
-     "--answer-max-new-tokens", "4", *(["--lora-rank", "4"] if "2_5" in model else []), *S)
-"""
+@pytest.fixture
+def folder(tmp_path):
+    Image.new("RGB", (50, 50), (9, 9, 9)).save(tmp_path / "ok.png")
+    (tmp_path / "broken.png").write_text("this is not a picture")
+    Image.new("L", (50, 50), 0).save(tmp_path / "empty_mask.png")          # no object pixel at all
+    small = np.zeros((10, 10), np.uint8)
+    small[2:5, 2:5] = 1
+    Image.fromarray(small).save(tmp_path / "small_mask.png")               # 10x10 mask for a 50x50 image
+    return tmp_path
 
 
-def test_every_pipeline_trains_and_evaluates_on_both_real_architectures(real_arch, clip_dir, cache, tmp_path):
-    """RISE-CoT (1 step + harvest), RISE-R1 (SFT + GRPO, then --eval), Seg-RISE (1 step, then --eval) and
-    VisRL (SFT, stage 1, stage 2 on a given pair, then its evaluation) on each architecture, in one process
-    (~2-4 min on 2 shared cores, mostly imports and model I/O). Detection boxes go through the model's
-    frame: 0..1000 (Qwen2-VL) / resized pixels (Qwen2.5-VL)."""
-    world = tmp_path / "world"
-    data.make_shapes_world(world, n_train=2, n_test=2, seed=0)
-    proc = subprocess.run([sys.executable, "-c", REAL_ARCH_RUNS, str(world), str(clip_dir), str(tmp_path),
-                           *(str(p) for p in real_arch.values())], cwd=tmp_path, env=env_for(cache),
-                          capture_output=True, text=True, timeout=900)
-    ok(proc)
-    for family, path in real_arch.items():
-        _check_real_arch_run(family, tmp_path / path.name)
+@pytest.fixture(scope="module")
+def rise_world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("rise_world")
+    data.make_shapes_world(root, n_train=6, n_test=4, seed=3)
+    return root
 
 
-def _check_real_arch_run(family, out):
-    for name in ("cot", "r1", "seg", "visrl"):
-        assert json.loads((out / name / "final" / "config.json").read_text())["model_type"] == family
-    assert len(run.read_jsonl(out / "cot" / "cots.jsonl")) == 2
-    assert [m.get("stage") for m in run.read_jsonl(out / "r1" / "metrics.jsonl") if "loss" in m] == ["sft", "grpo"]
-    assert json.loads((out / "r1_eval" / "eval.json").read_text())["n"] == 2
-    assert json.loads((out / "seg_eval" / "eval.json").read_text())["n"] == 2
-    stages = [m["stage"] for m in run.read_jsonl(out / "visrl" / "metrics.jsonl")]
-    assert {"sft", "iter1/stage1", "iter1/stage2"} <= set(stages)
-    assert json.loads((out / "visrl" / "eval.json").read_text())["n"] == 2
+@pytest.fixture(scope="module")
+def shapes(tmp_path_factory):
+    root = tmp_path_factory.mktemp("shapes")
+    data.make_shapes_world(root, n_train=6, n_test=4, seed=0)
+    return root
 
 
-def test_paper_presets_fit_a_megapixel_photo_in_the_prompt_limit(real_arch):
-    # Each pipeline's paper preset caps the image size (RISE: 401,408 pixels; Seg-RISE: 840x840 as Seg-Zero;
-    # VisRL: 768x768 a picture, two pictures a prompt) so an ordinary 1000x1000 photo fits its prompt limit.
-    # The tiny tokenizer spends more tokens on text than Qwen's, so this is the harder case. Without the
-    # cap the published processor makes 36 x 36 = 1296 tokens of it: over 1024 on its own.
-    photo = Image.new("RGB", (1000, 1000), (120, 90, 60))
-    det = {"target": "the dog", "boxes": [[100, 100, 300, 300], [500, 500, 700, 700]], "multi": True}
-    for family, path in real_arch.items():
-        model, _ = vlm.load_model(path)
-        cases = {"rise_cot": (rise_cot, [[vlm.user_turn(data.prompt("cot", det, boxes=det["boxes"],
-                                                                    frame=(1000, 1000)))]], [[photo]]),
-                 "rise_r1": (rise_r1, [[vlm.user_turn(data.prompt("r1", det, frame=(1000, 1000)))]], [[photo]]),
-                 "seg_rise": (S, [[vlm.user_turn(S.prompt_text("the dog on the left", frame=(1000, 1000)))]], [[photo]]),
-                 "visrl": (visrl, [visrl.answer_turns("What colour is the dog?", "[0.10,0.10,0.50,0.50]")],
-                           [[photo, photo]])}
-        for name, (script, convs, images) in cases.items():
-            args = script.parse_args(["--model", str(path), "--preset", "paper"])
-            _, processor = vlm.load_model(path, max_pixels=args.max_pixels)
-            batch = vlm.chat_inputs(processor, convs, images, max_prompt_len=args.max_prompt_len)
-            assert batch["attention_mask"].sum() <= args.max_prompt_len, (family, name)
-        _, uncapped = vlm.load_model(path)
-        with pytest.raises(vlm.PromptTooLong):
-            vlm.chat_inputs(uncapped, cases["rise_r1"][1], [[photo]], max_prompt_len=1024)
-
-
-# ============================================================================ two ranks, ZeRO-3, CPU
-def test_two_rank_zero3_step_on_cpu(tiny_dir, tmp_path):
-    """`deepspeed --num_gpus 2` on CPU (gloo): two GRPO steps under ZeRO-3 leave the same
-    parameters on both ranks (gradients were all-reduced) while each rank sampled its own
-    completions (per-rank seeds). With sharded weights, the shared-prefix log-probs of an 8-token
-    rollout and their all-reduced gradients equal the plain path's, gradient checkpointing off and on."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    out = tmp_path / "new" / "run"                       # created by the script (it was not, with --model given)
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29533", str(ROOT / "tiny.py"), "grpo", "--model", str(tiny_dir),
-           "--out", str(out), "--max-steps", "2", "--num-generations", "8", "--deepspeed",
-           str(ROOT / "ds_zero3.json"), "--dump-rank-state", "--lr", "1e-2"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
-    assert [r["world"] for r in ranks] == [2, 2]
-    assert ranks[0]["checksum"] == ranks[1]["checksum"]
-    assert ranks[0]["texts"] != ranks[1]["texts"]
-    assert max(r["shared_prefix_max_diff"] for r in ranks) <= 1e-5      # shared-prefix log-probs under ZeRO-3
-    assert ranks[0]["grad_max"] == ranks[1]["grad_max"] > 0.1           # the all-reduced gradient, not zero
-    assert max(r["shared_prefix_grad_max_diff"] for r in ranks) <= 1e-5 * ranks[0]["grad_max"]   # measured 4e-7 x
-    assert max(r["checkpointed_shared_prefix_max_diff"] for r in ranks) <= 1e-5     # and under gradient checkpointing
-    assert max(r["checkpointed_shared_prefix_grad_max_diff"] for r in ranks) <= 1e-5 * ranks[0]["grad_max"]
-    model, _ = vlm.load_model(tiny_dir)
-    initial = sum(p.detach().double().sum().item() for p in model.parameters())
-    assert abs(initial - ranks[0]["checksum"]) > 1e-3           # the step really changed the weights
+@pytest.fixture(scope="module")
+def visrl_tiny(tiny_dir):
+    model, processor = vlm.load_model(tiny_dir)
+    return tiny_dir, model.eval(), processor
 
 
 # ====================================================================================================
-# tiny.py: the shipped tiny base (the embedded default) and its recipe
+# the losses: grpo.py and dpo.py (torch only, hand-computed values)
 # ====================================================================================================
-SHIPPED_BASE = ROOT / vlm.TINY_BASE
-
-
-def test_tiny_base_is_shipped_small_and_the_default():
-    """`--model tiny-base` loads the committed build: nothing is built at first run."""
-    assert vlm.resolve_model(vlm.TINY_BASE) == str(SHIPPED_BASE)
-    shipped = [f for d in (SHIPPED_BASE, S.SHAPES_CLIP) for f in d.iterdir()]
-    assert sum(f.stat().st_size for f in shipped) < 40 * 2 ** 20
-    assert {"model.safetensors", "config.json", "tokenizer.json", "build.json"} <= {f.name for f in shipped}
-    record = json.loads((SHIPPED_BASE / "build.json").read_text())
-    chain = [record]                      # a build continued with --init keeps its parent's record under "init"
-    while chain[-1].get("init"):
-        chain.append(chain[-1]["init"])
-    curves = [r["loss_curve"] for r in chain if "loss_curve" in r]    # the oldest look stages ran as probes
-    assert record["steps"] > 0 and curves[0][-1][1] < 0.5 * curves[-1][0][1]
-    model, processor = vlm.load_model(vlm.TINY_BASE)
-    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
-    assert model.config.text_config.rope_parameters["rope_theta"] == tiny_py.ROPE_THETA
-
-
-def test_shipped_tiny_base_scores_as_its_build_record(cache):
-    """Greedy scores of the committed base on the first CHECK_N test scenes per task, recomputed here,
-    equal the ones its build recorded: within 2 samples of 16 for rates, 0.05 for JSD and box IoU,
-    0.05 nats for the grounding gap (float differences between machines can flip a greedy token)."""
-    record = json.loads((SHIPPED_BASE / "build.json").read_text())["check"]
-    model, processor = vlm.load_model(vlm.TINY_BASE)
-    root = tiny_py.scores_world()
-    got = tiny_py.task_scores(model, processor, root, n=tiny_py.CHECK_N)
-    assert tiny_py.grounding_gap(model, processor, root, n=tiny_py.CHECK_N) == approx(
-        record["grounding_gap_nats"], abs=0.05)
-    for task, metrics in got.items():
-        for name, value in metrics.items():
-            tol = {"jsd": 0.05, "box_iou": 0.05, "unparsable": 2, "n": 0}.get(name, 2 / tiny_py.CHECK_N)
-            assert value == approx(record[task][name], abs=tol), (task, name)
-
-
-def test_shipped_tiny_base_looks_at_the_image(cache):
-    """The committed base's boxes follow the image: on 32 det test scenes the mean IoU of its box with the
-    named shape's is far higher with the right image than with the next scene's (same prompts; the next
-    scene's picture has the shape elsewhere or not at all), for the answer-only prompt's answer and for
-    the think-first prompt's think, which is the box (tiny.pretrain_corpus), and its answer, which copies it.
-    Measured: answer-only 0.42 vs 0.03, think 0.39 vs 0.05, think-first answer 0.26 vs 0.06; the base
-    before (commit 1bfcb05): answer-only 0.40 vs 0.06, think-first blind; the blind base (ad8a71f): 0.09 vs 0.08."""
-    model, processor = vlm.load_model(vlm.TINY_BASE)
-    records, _ = data.read_manifest(tiny_py.scores_world() / "det" / "test.jsonl", "det")
-    records = records[:32]
-    images = [data.open_image(r["image_path"]) for r in records]
-
-    def mean_iou(style, read, shown):
-        prompts = [[vlm.user_turn(data.prompt(style, r, frame=tiny_py.FRAME))] for r in records]
-        texts = tiny_py._greedy(model, processor, prompts, [[im] for im in shown], 48)
-        boxes = [rewards.parse_boxes(read(t)) for t in texts]
-        return np.mean([rewards.box_iou(vlm.from_model_frame(b[0], "qwen2_vl", im.size), r["boxes"][0]) if b
-                        else 0.0 for b, r, im in zip(boxes, records, images)])
-
-    def part(i):    # the think (0) or the answer (1) of a think-first reply; "" if the tags are broken
-        return lambda text: (rewards.parse_think_answer(text) or ("", ""))[i]
-
-    for style, read, margin in (("plain", lambda text: text, 0.15), ("r1", part(0), 0.15), ("r1", part(1), 0.1)):
-        right, rolled = mean_iou(style, read, images), mean_iou(style, read, images[1:] + images[:1])
-        assert right > rolled + margin, (style, right, rolled)
-
-
-def test_short_tiny_build_runs_stage_by_stage(cache, tmp_path):
-    """`python tiny.py base` at toy size (6 scenes per task): each stage's loss falls, the build record says
-    how it was made (command, plan, per-stage look scores that a fresh greedy pass reproduces), a build
-    continued with --init carries its parent's record, and the saved model answers as it did when built."""
-    out = tiny_py.build_tiny(tmp_path / "base", seed=0, plan=[("where_alone", 12), ("formats", 12)], n_train=6,
-                             pixels=None, record_scores=False, look_n=4, log=lambda *a: None)
-    record = json.loads((out / "build.json").read_text())
-    assert record["steps"] == 24 and "--plan 'where_alone:12,formats:12' --n-train 6" in record["command"]
-    assert record["versions"]["torch"] == torch.__version__ and [s["stage"] for s in record["stages"]] == \
-        ["where_alone", "formats"]
-    curve = dict(record["loss_curve"])
-    assert curve[12] < curve[1] and curve[24] < curve[13]
-    more = tiny_py.build_tiny(tmp_path / "more", plan=[("alone", 2)], n_train=6, init=out, pixels=224,
-                              record_scores=False, look_n=4, log=lambda *a: None)
-    again = json.loads((more / "build.json").read_text())
-    assert again["init"]["steps"] == 24 and f"--init {out} --pixels 224" in again["command"]
-    model, processor = vlm.load_model(more)
-    assert tiny_py.look_scores(model, processor, tiny_py.scores_world(), 4) == \
-        {k: again["stages"][-1][k] for k in ("alone", "scenes")}
-    batch = vlm.chat_inputs(processor, [[vlm.user_turn(tiny_py.LOOK_COLOUR.format(shape="circle"))]],
-                            [[solid((220, 40, 40), 112)]])
-    assert batch["image_grid_thw"].tolist() == [[1, 16, 16]]           # saved at 224 px: 64 image tokens
-    with pytest.raises(ValueError, match="unknown stage"):
-        tiny_py.build_tiny(tmp_path / "bad", plan=[("boxes", 1)])
-    assert tiny_py.parse_plan("where_alone:3,formats:2") == [("where_alone", 3), ("formats", 2)]
-    for bad in ("where_alone", "alone:x", "alone:0", "boxes:3"):
-        with pytest.raises(ValueError):
-            tiny_py.parse_plan(bad)
-
-
-def test_look_pools_go_from_one_shape_to_scenes(cache):
-    """The look-question pools of the recipe: "where" pools of position questions about one shape drawn
-    alone; two shapes of two colours, one named; --pixels 224 gives 64 image tokens instead of 16."""
-    pools = tiny_py.probe_pools(tiny_py.pretrain_world(0, 6))
-    assert len(pools["where_alone"]) == 6 * len(data.SHAPE_TASKS)           # one shape per training scene
-    for conv, (image,) in pools["where_alone"]:
-        assert conv[0]["content"][-1]["text"].startswith("Where ")
-        assert len({px for px in image.getdata() if len(set(px)) > 1}) == 1  # one shape colour, grey elsewhere
-    for conv, (image,) in pools["where_pairs_colour"]:                   # two shapes, two colours, one named
-        colours = {px for px in image.getdata() if len(set(px)) > 1}
-        assert len(colours) == 2 and conv[0]["content"][-1]["text"].endswith(" shape?")
-        named = conv[0]["content"][-1]["text"].split()[3]
-        assert data.COLORS[named] in colours
-    processor = vlm.load_model(vlm.TINY_BASE)[1]
-    image = data.render([], 220)
-    after = vlm.chat_inputs(tiny_py.set_image_pixels(processor, 224), [[vlm.user_turn("Where?")]], [[image]])
-    before = vlm.chat_inputs(tiny_py.set_image_pixels(processor, 112), [[vlm.user_turn("Where?")]], [[image]])
-    assert before["image_grid_thw"].tolist() == [[1, 8, 8]] and after["image_grid_thw"].tolist() == [[1, 16, 16]]
-    assert (after["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum() == 64
-
-
-def test_look_examples_ask_only_what_the_scene_answers():
-    """Two shapes of different kinds and one duplicate pair: colour questions only for a unique kind,
-    where/box questions only for a unique (colour, kind); boxes in the 0..1000 frame."""
-    scene = [{"color": "red", "shape": "circle", "box": [0, 0, 28, 28]},
-             {"color": "blue", "shape": "square", "box": [84, 84, 112, 112]},
-             {"color": "blue", "shape": "square", "box": [84, 0, 112, 28]}]
-    image = data.render(scene, 220)
-    qa = [(conv[0]["content"][-1]["text"], conv[1]["content"][0]["text"])
-          for conv, _ in tiny_py.look_examples(scene, image)]
-    assert qa == [("What colour is the circle?", "red"), ("Where is the red circle?", "top-left"),
-                  ("Give the box of the red circle.", "[0,0,250,250]")]
-
-
-def test_tiny_chat_template_puts_the_image_after_the_text(tiny):
-    """The tiny model's own template: text, then image, in each user message (README: why)."""
-    _, processor = tiny
-    text = processor.apply_chat_template([vlm.user_turn("Q?")], add_generation_prompt=True, tokenize=False)
-    assert text == "<|im_start|>user\nQ?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
-
-
-# ====================================================================================================
-# grpo.py / dpo.py: losses
-# ====================================================================================================
-def t(x, grad=False):
-    return torch.tensor(x, dtype=torch.float32, requires_grad=grad)
-
 
 def close(a, b, tol=1e-5):
     a, b = (x.detach() if torch.is_tensor(x) else x for x in (a, b))
     return abs(float(a) - float(b)) < tol
 
 
-# --------------------------------------------------------------------------- group_advantages
+def _two_by_three():
+    """The 2x3 hand example. old_logp = 0, so logp = log(rho) and the ratios are explicit.
+    row 0: A = +1, rho = [1.0, 1.5, 0.5], mask [1,1,1]
+    row 1: A = -1, rho = [1.1, 0.5, pad], mask [1,1,0]   (pad holds NaN: must be ignored)
+    """
+    logp = t([[0.0, math.log(1.5), math.log(0.5)],
+              [math.log(1.1), math.log(0.5), float("nan")]], grad=True)
+    old = torch.zeros(2, 3)
+    adv = t([1.0, -1.0])
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    return logp, old, adv, mask
+
+
+def _single_token_grad(rho, adv):
+    logp = t([[math.log(rho)]], grad=True)
+    loss, stats = grpo_loss(logp, torch.zeros(1, 1), None, t([adv]), torch.ones(1, 1), beta=0.0)
+    loss.backward()
+    return logp.grad.item(), stats
+
+
+finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
+
 
 def test_group_advantages_two_groups_of_four():
     # group 1 = [1,0,0,1]: mean 0.5, deviations +-0.5,
@@ -922,21 +540,6 @@ def test_zero_std_fraction():
     # [.3,.3,.3] constant, [0,0,1] varies, [1,1,1] constant -> 2 of 3
     assert close(zero_std_fraction(t([.3, .3, .3, 0, 0, 1, 1, 1, 1]), 3), 2 / 3)
     assert zero_std_fraction(t([0, 1, 2, 3]), 2) == 0.0
-
-
-# --------------------------------------------------------------------------- grpo_loss
-
-def _two_by_three():
-    """The 2x3 hand example. old_logp = 0, so logp = log(rho) and the ratios are explicit.
-    row 0: A = +1, rho = [1.0, 1.5, 0.5], mask [1,1,1]
-    row 1: A = -1, rho = [1.1, 0.5, pad], mask [1,1,0]   (pad holds NaN: must be ignored)
-    """
-    logp = t([[0.0, math.log(1.5), math.log(0.5)],
-              [math.log(1.1), math.log(0.5), float("nan")]], grad=True)
-    old = torch.zeros(2, 3)
-    adv = t([1.0, -1.0])
-    mask = t([[1, 1, 1], [1, 1, 0]])
-    return logp, old, adv, mask
 
 
 def test_grpo_loss_hand_example_all_norms():
@@ -999,13 +602,6 @@ def test_grpo_loss_normalisations_length_bias():
         assert close(loss, want), norm
         assert close(logp.grad[0, 0], g0) and torch.allclose(logp.grad[1, :3], torch.full((3,), g1))
         assert (logp.grad[mask == 0] == 0).all()
-
-
-def _single_token_grad(rho, adv):
-    logp = t([[math.log(rho)]], grad=True)
-    loss, stats = grpo_loss(logp, torch.zeros(1, 1), None, t([adv]), torch.ones(1, 1), beta=0.0)
-    loss.backward()
-    return logp.grad.item(), stats
 
 
 def test_grpo_gradient_sign_follows_advantage():
@@ -1094,94 +690,15 @@ def test_grpo_bf16_inputs_computed_in_fp32():
     assert logp.grad.dtype == torch.bfloat16
 
 
-def test_accumulation_windows_close_every_phase():
+def test_accumulation_windows_close_every_stage():
     # 5 micro-steps, grad accumulation 2: windows {0,1}, {2,3}, {4}. The last, partial window is still
     # applied (boundary at 4) with its loss scaled by 2/1, because DeepSpeed divides every loss by 2.
     assert [vlm.accumulation(m, 5, 2) for m in range(5)] == [(False, 1.0), (True, 1.0), (False, 1.0),
                                                               (True, 1.0), (True, 2.0)]
-    # one micro-step with accumulation 2 (the phase that changed nothing before): a full update
+    # one micro-step with accumulation 2: the window closes at the stage's end, a full update
     assert vlm.accumulation(0, 1, 2) == (True, 2.0)
     assert [vlm.accumulation(m, 3, 1) for m in range(3)] == [(True, 1.0)] * 3
 
-
-def _segment(tiny, lengths, width, budget):
-    """Two completions (prompt-major, one prompt) of `lengths` valid tokens, padded to `width`."""
-    model, processor = tiny
-    batch = vlm.chat_inputs(processor, [[vlm.user_turn("What colour?")]], [[solid((200, 0, 0))]])
-    prompt = vlm.repeat_batch(batch, len(lengths), processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
-    ids = torch.full((len(lengths), width), processor.tokenizer.encode("red", add_special_tokens=False)[0])
-    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
-    return {"prompt": prompt, "completion_ids": ids, "completion_mask": mask, "temperature": 1.0,
-            "max_new_tokens": budget}
-
-
-def test_dr_grpo_divides_by_the_generation_budget_not_the_longest_completion(tiny):
-    # Dr. GRPO (arXiv 2503.20783) / TRL dr_grpo: loss = -sum_{i,t} A_i rho_t / (N * max_new_tokens).
-    # rewards [1, 0], unscaled -> A = [+0.5, -0.5]; rho = 1 (one update per batch).
-    # Completions of 6 and 3 tokens, all ended by token 6 of a budget of 8:
-    #   -(0.5*6 - 0.5*3) / (2*8) = -1.5/16 = -0.09375   (dividing by the longest, 6, gave -1.5/12 = -0.125)
-    model, _ = tiny
-    sgd = torch.optim.SGD(model.parameters(), lr=0.0)
-    try:
-        one = _segment(tiny, [6, 3], 6, budget=8)
-        stats = vlm.grpo_update(model, None, [one], t([1.0, 0.0]), 2, optimizer=sgd, beta=0.0, norm="fixed",
-                                scale_rewards=False)
-        assert stats["loss"] == pytest.approx(-0.09375, abs=1e-6)
-        # RISE-CoT's two-part trajectory: the budget is the sum, 8 + 4 = 12; tokens 6+2 and 3+4:
-        #   -(0.5*8 - 0.5*7) / (2*12) = -0.5/24
-        two = _segment(tiny, [2, 4], 4, budget=4)
-        stats = vlm.grpo_update(model, None, [one, two], t([1.0, 0.0]), 2, optimizer=sgd, beta=0.0, norm="fixed",
-                                scale_rewards=False)
-        assert stats["loss"] == pytest.approx(-0.5 / 24, abs=1e-6)
-        with pytest.raises(ValueError, match="max_new_tokens"):
-            vlm.grpo_update(model, None, [dict(one, max_new_tokens=None)], t([1.0, 0.0]), 2, optimizer=sgd,
-                            beta=0.0, norm="fixed")
-    finally:
-        model.eval()
-
-
-class CapturedGrads:
-    """An optimizer stand-in for grpo_update's plain-module path: keeps the gradients, changes nothing."""
-    def __init__(self, model):
-        self.model, self.grads = model, None
-
-    def step(self):
-        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
-
-    def zero_grad(self, set_to_none=True):
-        self.model.zero_grad(set_to_none=set_to_none)
-
-
-def test_shared_prefix_two_segment_update_equals_the_plain_path(tiny, monkeypatch):
-    """Issue 16: a RISE-CoT-shaped trajectory, a CoT segment whose G rows share one prompt (run once)
-    then reconstruction rows with different prompts (run plainly), with the KL to a reference: the
-    GRPO loss, its KL and every gradient equal the plain path's."""
-    model, processor = tiny
-    cot = dict(_segment(tiny, [6, 3], 6, budget=8), group_size=2)
-    convs = [[vlm.user_turn("Rebuild: a red circle.")], [vlm.user_turn("Rebuild from a much longer description.")]]
-    rec_prompt = vlm.chat_inputs(processor, convs, [[solid((200, 0, 0))], [solid((0, 0, 200), 84)]])
-    rec = dict(_segment(tiny, [2, 4], 4, budget=4), prompt=rec_prompt)         # no group_size: one row each
-    results, calls, real = {}, [], vlm.shared_prefix_hidden
-    monkeypatch.setattr(vlm, "shared_prefix_hidden", lambda *a: calls.append(a[4]) or real(*a))
-    try:
-        for on in (False, True):
-            capture = CapturedGrads(model)
-            with shared_prefix(on):
-                stats = vlm.grpo_update(model, model, [cot, rec], t([1.0, 0.0]), 2, optimizer=capture,
-                                        beta=0.04, scale_rewards=False)
-            results[on] = stats, capture.grads
-    finally:
-        model.zero_grad()
-        model.eval()
-    assert calls == [2, 2]                     # shared path on: the CoT segment, policy and reference; off: none
-    (plain, plain_grads), (shared, shared_grads) = results[False], results[True]
-    assert shared["loss"] == approx(plain["loss"], abs=1e-6) and shared["kl"] == approx(plain["kl"], abs=1e-6)
-    assert shared_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
-    for name, grad in plain_grads.items():
-        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
-
-
-# --------------------------------------------------------------------------- dpo
 
 def test_sequence_logp():
     # [-1,-2,(-3)] with mask [1,1,0] -> -3 ; [-0.5,(-inf),(nan)] with mask [1,0,0] -> -0.5
@@ -1270,11 +787,6 @@ def test_step_dpo_box_weight_one_ignores_answer():
         step_dpo_loss(box, box, box_weight=1.5)
 
 
-# --------------------------------------------------------------------------- hypothesis
-
-finite = st.floats(-1e4, 1e4, allow_nan=False, allow_infinity=False, width=32)
-
-
 @settings(max_examples=40, deadline=None, database=None)
 @given(st.data())
 def test_grpo_loss_never_nan(data):
@@ -1318,166 +830,96 @@ def test_dpo_losses_never_nan(n, data):
 
 
 # ====================================================================================================
-# learning: the losses drive the real tiny VLM
-# ====================================================================================================
-def colour_scores(model, processor, images, texts):
-    """Summed log-prob of each answer text to "What colour is this image?" for its image."""
-    batch = vlm.chat_inputs(processor, [[vlm.user_turn("What colour is this image?")]] * len(images),
-                            [[im] for im in images])
-    ids, mask = vlm.completion_tensors(processor, texts)
-    return sequence_logp(vlm.completion_logprobs(model, dict(batch), ids, mask), mask)
-
-
-def test_grpo_learns_to_name_the_colour(tiny_dir):
-    """GRPO from the *random* tiny model, reward alone (grpo.colour_reward on the first word):
-    held-out greedy reward on red / blue images rises from ~0 (a random model names no colour)
-    to >= 0.8. Same recipe as `deepspeed grpo.py`: G 16, 8 images per step (4 per colour),
-    one new token, lr 2e-3 decaying linearly to 0 over 30 steps, beta 0.05 (KL to the initial
-    model keeps the groups diverse), advantages not std-scaled.
-    Measured here (this recipe, seeds 0-7 of torch and the image stream): held-out 1.00 at steps 20 and 30
-    in 6 of 8 seeds (seed 0: 0.50 -> 1.00 -> 1.00; ~2.4 s/step on one thread); seed 4 settled on "re" for
-    red, seed 7 never sampled "blue" (0.5). With difflib-similarity credit instead of prefixes (before)
-    the policy settled on near-miss tokens ("lu" for blue) in 2 of 5 seeds."""
-    torch.manual_seed(0)
-    rng, steps, colours = random.Random(0), 30, ["red", "blue"]
-    model, processor = vlm.load_model(tiny_dir)
-    ref, _ = vlm.load_model(tiny_dir)
-    ref.requires_grad_(False)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / steps)
-    question = [vlm.user_turn("What colour is this image?")]
-    held = tiny_py.colour_task(random.Random(123), 16, ["red"]) + tiny_py.colour_task(random.Random(124), 16, ["blue"])
-
-    def held_out_reward():
-        batch = vlm.chat_inputs(processor, [question] * len(held), [[im] for im, _ in held])
-        texts = vlm.sample(model, processor, batch, 1, 1, do_sample=False)["texts"]
-        return sum(tiny_py.colour_reward(texts, range(len(held)), [c for _, c in held])) / len(held)
-
-    curve = [held_out_reward()]
-    for step in range(steps):
-        pairs = [p for c in colours for p in tiny_py.colour_task(rng, 4, [c])]
-        answers = [c for _, c in pairs]
-        stats, _, _ = vlm.grpo_step(model, ref, processor, [question] * len(pairs), [[im] for im, _ in pairs],
-                                    lambda texts, prompt_index: tiny_py.colour_reward(texts, prompt_index, answers),
-                                    optimizer=optimizer, group_size=16, max_new_tokens=1, beta=0.05,
-                                    scale_rewards=False)
-        schedule.step()
-        if step % 10 == 9:
-            curve.append(held_out_reward())
-    print(f"GRPO held-out reward every 10 steps: {[round(r, 3) for r in curve]}")
-    assert curve[0] < 0.2
-    assert curve[-1] >= 0.8
-
-
-def test_dpo_learns_to_prefer_the_colour_name(tiny_dir):
-    """DPO on (image, chosen = its colour, rejected = another colour) pairs: the chosen-vs-rejected
-    margin grows and, on held-out images, the policy ranks the right colour above every wrong one."""
-    import random
-    torch.manual_seed(0)
-    model, processor = vlm.load_model(tiny_dir)
-    ref, _ = vlm.load_model(tiny_dir)
-    ref.requires_grad_(False)
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    colours, rng = list(data.COLORS), random.Random(0)
-    held = tiny_py.colour_task(random.Random(7), 16)
-
-    def held_out_accuracy():    # fraction of (image, wrong colour) ranked below the right one; mean gap (nats)
-        with torch.no_grad():
-            images = [im for im, c in held for _ in range(3)]
-            right = colour_scores(model, processor, images, [c for _, c in held for _ in range(3)])
-            wrong = colour_scores(model, processor, images, [o for _, c in held for o in colours if o != c])
-        return (right > wrong).float().mean().item(), (right - wrong).mean().item()
-
-    before, margins = held_out_accuracy(), []
-    for step in range(12):
-        pairs = tiny_py.colour_task(rng, 8)
-        images, chosen = [im for im, _ in pairs], [c for _, c in pairs]
-        rejected = [rng.choice([o for o in colours if o != c]) for c in chosen]
-        with torch.no_grad():
-            ref_c, ref_r = colour_scores(ref, processor, images, chosen), colour_scores(ref, processor, images, rejected)
-        loss, stats = dpo_loss(colour_scores(model, processor, images, chosen),
-                               colour_scores(model, processor, images, rejected), ref_c, ref_r, beta=0.1)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-        margins.append(stats["margin"])
-    after = held_out_accuracy()
-    print(f"DPO margins per step {[round(m, 3) for m in margins]}; held-out accuracy, log-prob gap {before} -> {after}")
-    assert margins[0] == pytest.approx(0.0, abs=1e-6)      # policy == reference at the start
-    assert sum(margins[-3:]) / 3 > 0.3 > sum(margins[:3]) / 3      # measured: 0.47 vs 0.08
-    # a random init can already rank some colours right by chance (measured 0.94 with one tokenizer), so
-    # the held-out test is on the log-prob gap, which DPO must widen, and on the final ranking
-    assert after[0] >= 0.9 and after[1] > before[1] + 1.0
-
-
-def test_colour_reward_hand_cases():
-    # exact first word (case, trailing punctuation and the rest ignored) -> 1.0
-    assert tiny_py.colour_reward(["Red.", " blue sky"], [0, 1], ["red", "blue"]) == [1.0, 1.0]
-    # a prefix earns partial x its share of the word: "bl" of "blue" 0.1 * 2/4; "re" of "red" 0.5 * 2/3
-    # anything else 0: "tre" (contains "re" but is no prefix), "" (empty), "yellowish" (longer than the word)
-    got = tiny_py.colour_reward(["bl", "tre", "", "yellowish"], [0, 1, 2, 3], ["blue", "red", "green", "yellow"])
-    assert got == approx([0.05, 0.0, 0.0, 0.0])
-    assert tiny_py.colour_reward(["re"], [0], ["red"], partial=0.5) == approx([1 / 3])
-
-
-def _covered_pixels(box, crop):
-    """Brute force: how many of box's unit pixels lie inside crop (integer boxes)."""
-    grid = np.zeros((data.IMAGE_SIZE + 1, data.IMAGE_SIZE + 1), bool)
-    grid[box[1]:box[3], box[0]:box[2]] = True
-    inside = np.zeros_like(grid)
-    inside[crop[1]:crop[3], crop[0]:crop[2]] = True
-    return (grid & inside).sum(), grid.sum()
-
-
-def test_critic_examples_are_labelled_by_the_scene(world):
-    """s_b: a crop labelled 1 for a colour question shows that colour (pixels counted in the crop);
-    s_r: label 1 iff the candidate is the reference, and wrong candidates are words of the same
-    kind (a colour for a colour question). Both labels occur often."""
-    rng = np.random.default_rng(0)
-    n_box = n_hit = n_ans = n_same = positives = shows = 0
-    records = _records(world, "vqa")
-    for rec in records:
-        image = Image.open(rec["image_path"]).convert("RGB")
-        kind = "color" if rec["answer"] in data.COLORS else "shape"
-        for conv, images in tiny_py._critic_examples(rec["question"], rec["answer"], rec["scene"], image, rng):
-            prompt, label = conv[0]["content"][-1]["text"], json.loads(conv[1]["content"][0]["text"])["score"]
-            if "Candidate answer" not in prompt:
-                n_box += 1
-                n_hit += label == 1.0
-                if kind == "color" and label == 1.0:
-                    crop = np.asarray(images[0]).astype(int)
-                    positives += 1
-                    shows += (np.abs(crop - data.COLORS[rec["answer"]]).sum(-1) < 30).any()
-            else:
-                n_ans += 1
-                cand = prompt.split("Candidate answer: ")[1].split(".")[0].strip()
-                assert cand in (list(data.COLORS) if kind == "color" else data.SHAPES)
-                assert label == float(cand == rec["answer"])
-                n_same += cand == rec["answer"]
-    assert n_box == n_ans == 2 * len(records)
-    assert 0.2 < n_hit / n_box < 0.8 and 0.2 < n_same / n_ans < 0.8
-    assert positives > 0 and shows == positives
-
-
-def test_critic_box_label_matches_pixel_count():
-    """rewards.covers (the label rule) agrees with counting pixels on random integer boxes."""
-    rng = np.random.default_rng(1)
-    for _ in range(300):
-        x1, y1 = rng.integers(0, 100, 2)
-        box = [int(x1), int(y1), int(x1 + rng.integers(1, 12)), int(y1 + rng.integers(1, 12))]
-        cx, cy = rng.integers(0, 100, 2)
-        crop = [int(cx), int(cy), int(cx + rng.integers(1, 30)), int(cy + rng.integers(1, 30))]
-        covered, area = _covered_pixels(box, crop)
-        assert rewards.covers(crop, box) == (covered >= 0.5 * area)
-
-
-# ====================================================================================================
-# rewards.py: parsers, rewards, metrics
+# rewards and metrics: rewards.py (hand values, scipy / pycocotools as references, fuzzing)
 # ====================================================================================================
 
+def _random_box(rng, size=20.0):
+    x1, y1 = rng.uniform(0, size, 2)
+    return [x1, y1, x1 + rng.uniform(1, size / 2), y1 + rng.uniform(1, size / 2)]
 
-# ------------------------------------------------------------------ parse_think_answer
+
+def _coco_map50(predictions, ground_truths):
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+    labels = sorted({l for g in ground_truths for l in g["labels"]} |
+                    {l for p in predictions for l in p["labels"]})
+    cat = {l: i + 1 for i, l in enumerate(labels)}
+    xywh = lambda b: [b[0], b[1], b[2] - b[0], b[3] - b[1]]
+    anns = []
+    for i, g in enumerate(ground_truths):
+        for b, l in zip(g["boxes"], g["labels"]):
+            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat[l], "bbox": xywh(b),
+                         "area": (b[2] - b[0]) * (b[3] - b[1]), "iscrowd": 0})
+    dets = [{"image_id": i + 1, "category_id": cat[l], "bbox": xywh(b), "score": s}
+            for i, p in enumerate(predictions) for b, l, s in zip(p["boxes"], p["labels"], p["scores"])]
+    with contextlib.redirect_stdout(io.StringIO()):
+        coco = COCO()
+        coco.dataset = {"images": [{"id": i + 1} for i in range(len(ground_truths))],
+                        "annotations": anns, "categories": [{"id": c} for c in cat.values()]}
+        coco.createIndex()
+        if not dets:
+            return 0.0
+        ev = COCOeval(coco, coco.loadRes(dets), "bbox")
+        ev.params.maxDets = [1, 10, 100]
+        ev.evaluate(); ev.accumulate(); ev.summarize()
+    return max(float(ev.stats[1]), 0.0)
+
+
+GOOD_COT = "The image shows a warm bright area and an equally large cool calm area."
+
+
+SEG = '{"bbox": [10, 20, 60, 80], "points": [[30, 40], [35, 50]]}'
+
+
+class MeanColourModel(torch.nn.Module):
+    """Stub CLIP: image embedding = mean (R, G) of the crop; text embedding fixed."""
+
+    def __init__(self, text_vec):
+        super().__init__()
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+        self.text_vec = torch.tensor([text_vec], dtype=torch.float32)
+        self.image_calls = self.text_calls = 0
+
+    def encode_image(self, x):
+        self.image_calls += 1
+        return x[:, :2].mean(dim=(2, 3))
+
+    def encode_text(self, tokens):
+        self.text_calls += 1
+        return self.text_vec.repeat(len(tokens), 1)
+
+
+def stub_preprocess(img):  # nearest-neighbour resize keeps a half/half crop exactly half/half
+    return to_tensor(img.resize((10, 10), Image.NEAREST))
+
+
+def two_colour_image():
+    a = np.zeros((40, 60, 3), np.uint8)
+    a[:, :30, 0] = 255   # left half red
+    a[:, 30:, 1] = 255   # right half green
+    return Image.fromarray(a)
+
+
+FRAGMENTS = ["<think>", "</think>", "<answer>", "</answer>", "{", "}", "[", "]", "(", ")", ",",
+             ":", '"', "'", " ", "\n", "NaN", "nan", "Infinity", "inf", "1e400", "-1e400", "1e308",
+             "0", "0.5", ".25", "1.0", "-3", "99999", "30%", "percent", "zero point three",
+             '"bbox"', '"points"', '"score"', '"red"', "'blue'", "[10, 20, 5, 2]", "[0,0,100,100]",
+             '{"red": 0.5, "blue": 0.5}', '{"bbox": [1,2,3,4], "points": [[1,1],[2,2]]}',
+             "```json", "True", "None", "__import__('os')", "x" * 50]
+
+
+fuzz_text = st.one_of(
+    st.text(max_size=200),
+    st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=5)), max_size=40).map("".join),
+    st.tuples(st.sampled_from(FRAGMENTS), st.integers(1, 10000)).map(lambda t: (t[0] * t[1])[:10000]),
+)
+
+
+# derandomize: the same examples every run (reproducible CI); database=None: no .hypothesis dir
+FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
+                suppress_health_check=list(HealthCheck))
+
+
 def test_parse_think_answer_ok():
     assert R.parse_think_answer("<think>a b</think><answer>x</answer>") == ("a b", "x")
     # whitespace around and between the blocks is allowed, contents are stripped
@@ -1499,15 +941,6 @@ def test_parse_think_answer_rejects(text):
     assert R.parse_think_answer(text) is None
 
 
-def test_answer_text():
-    assert R.answer_text("blah <answer> [1,2,3,4] </answer>") == "[1,2,3,4]"
-    assert R.answer_text("<answer>a</answer><answer>b</answer>") is None  # ambiguous
-    assert R.answer_text("no tags") is None
-    assert R.answer_text("</answer>x<answer>") is None                  # wrong order
-    assert R.answer_text("<answer>a</answer></answer>") is None          # stray tag
-
-
-# ------------------------------------------------------------------ class-prob parsing
 def test_parse_class_probs():
     assert R.parse_class_probs('{"red": 0.5, "blue": 0.5}') == {"red": 0.5, "blue": 0.5}
     # Python literal with mixed quotes and a leading-dot number, inside a code fence
@@ -1540,7 +973,6 @@ def test_parsers_fast_on_10k_garbage():
     assert time.time() - t0 < 2.0
 
 
-# ------------------------------------------------------------------------ box parsing
 def test_parse_boxes():
     assert R.parse_boxes("[1, 2, 3, 4]") == [[1.0, 2.0, 3.0, 4.0]]
     assert R.parse_boxes("boxes: [[1,2,3,4], [5.5, 6, 7, 8e1]]") == [[1, 2, 3, 4], [5.5, 6, 7, 80]]
@@ -1561,7 +993,6 @@ def test_parse_boxes_rejects(text):
     assert R.parse_boxes(text) is None
 
 
-# ------------------------------------------------------------------------ seg parsing
 def test_parse_seg_answer():
     ok = '{"bbox": [1, 2, 30, 40], "points": [[5, 6], [7.5, 8]]}'
     assert R.parse_seg_answer(ok) == ([1, 2, 30, 40], [[5, 6], [7.5, 8]])
@@ -1590,7 +1021,6 @@ def test_parse_seg_box_reads_the_first_valid_box_points_optional():
     assert R.seg_answer("<think>a</think><answer>{}</answer>") == "{}" and R.seg_answer("{}") == "{}"
 
 
-# ------------------------------------------------------------------------ parse_score
 @pytest.mark.parametrize("text,expected", [
     ('{"score": 0.7}', 0.7),
     ("The crop shows the sign. {'score': 0.25} ", 0.25),
@@ -1605,7 +1035,7 @@ def test_parse_score(text, expected):
 
 
 @pytest.mark.parametrize("text,expected", [
-    ("Score: 2/10", 0.2),                    # issue 14 example: 2 on a 10-point scale, not "2 -> clamped 1.0"
+    ("Score: 2/10", 0.2),                    # 2 on a 10-point scale, not "2 -> clamped 1.0"
     ('{"score": "8/10"}', 0.8), ("score: 10/10", 1.0), ("Score: 7 out of 10", 0.7), ("score = 3 / 4", 0.75),
     ("80%", 0.8), ("Score: 80 %", 0.8), ('{"score": "45%"}', 0.45), ("2/10", 0.2), ("0.7", 0.7),
     ("score: 12/10", None), ("score: 150%", None), ("score: 3/0", None),   # outside the stated scale / no scale
@@ -1615,7 +1045,6 @@ def test_parse_score_reads_the_stated_scale(text, expected):
     assert R.parse_score(text) == (None if expected is None else approx(expected))
 
 
-# ------------------------------------------------------------------------ cls_similarity
 def test_cls_similarity_hand_values():
     # identical: KL = 0, MSE = 0, sum = 1 -> exp(0) * exp(0) = 1
     assert R.cls_similarity({"a": 0.5, "b": 0.5}, {"a": 0.5, "b": 0.5}) == approx(1.0)
@@ -1655,7 +1084,6 @@ def test_cls_similarity_invalid_is_zero(pred):
     assert R.cls_similarity(pred, {"a": 1.0, "z": 0.0}) == 0.0
 
 
-# ------------------------------------------------------------------------ box_iou
 def test_box_iou_hand_values():
     # inter 5x5 = 25, union 100 + 100 - 25 = 175 -> 1/7
     assert R.box_iou([0, 0, 10, 10], [5, 5, 15, 15]) == approx(1 / 7)
@@ -1675,7 +1103,6 @@ def test_box_iou_invalid(bad):
     assert R.box_iou([0, 0, 10, 10], bad) == 0.0
 
 
-# ------------------------------------------------------------------------ det_similarity
 def test_det_similarity_hand_values():
     assert R.det_similarity([[0, 0, 10, 10]], [[0, 0, 10, 10]]) == approx(1.0)
     # order of predictions does not matter; gt1 <-> [0,0,10,5]: IoU 50/100 = .5, gt2 exact: 1
@@ -1700,11 +1127,6 @@ def test_det_similarity_hacks():
     assert R.det_similarity(preds, [[0, 0, 10, 10]], penalize_extra=True) == approx(0.5)
 
 
-def _random_box(rng, size=20.0):
-    x1, y1 = rng.uniform(0, size, 2)
-    return [x1, y1, x1 + rng.uniform(1, size / 2), y1 + rng.uniform(1, size / 2)]
-
-
 def test_det_similarity_matches_brute_force():
     # Hungarian == best assignment over all permutations (square-padded with IoU 0)
     rng = np.random.default_rng(0)
@@ -1720,7 +1142,6 @@ def test_det_similarity_matches_brute_force():
         assert R.det_similarity(pred, gt) == approx(best / len(gt), abs=1e-12)
 
 
-# ------------------------------------------------------------------------ leaks
 @pytest.mark.parametrize("cot", [
     "The joy is 0.3 here.", "about 30% of the faces", "roughly .25 of it", "it is 1.0 sure",
     "maybe 30 percent", "3/10 of the people smile",
@@ -1769,7 +1190,6 @@ def test_leaks_bad_task():
         R.leaks("text", "seg")
 
 
-# ------------------------------------------------------------------------ jsd
 def test_jsd_hand_values():
     # disjoint: m = [.5, .5], KL(p||m) = KL(q||m) = ln 2 -> JSD = ln 2
     assert R.jsd([1, 0], [0, 1]) == approx(LN2)
@@ -1800,7 +1220,6 @@ def test_jsd_matches_scipy():
         assert 0.0 <= R.jsd(p, q) <= LN2
 
 
-# ------------------------------------------------------------------------ win rate, accuracy
 def test_win_rate_and_accuracy():
     # baseline lower only on sample 1 (0.1 < 0.2); tie on sample 2 is not a win -> 1/3
     assert R.win_rate([0.1, 0.2, 0.3], [0.2, 0.2, 0.1]) == approx(1 / 3)
@@ -1815,7 +1234,6 @@ def test_probs_vector():
     assert R.probs_vector(None, ["a"]) == [0.0]
 
 
-# ------------------------------------------------------------------------ map50
 def test_map50_hand_values():
     gt = [{"boxes": [[0, 0, 10, 10]], "labels": ["a"]}]
     # one perfect detection -> precision 1 at every recall -> AP 1
@@ -1845,33 +1263,7 @@ def test_map50_classes_and_recall():
         R.map50([{"boxes": [[0, 0, 1, 1]], "labels": []}], [{"boxes": [], "labels": []}])
 
 
-def _coco_map50(predictions, ground_truths):
-    from pycocotools.coco import COCO
-    from pycocotools.cocoeval import COCOeval
-    labels = sorted({l for g in ground_truths for l in g["labels"]} |
-                    {l for p in predictions for l in p["labels"]})
-    cat = {l: i + 1 for i, l in enumerate(labels)}
-    xywh = lambda b: [b[0], b[1], b[2] - b[0], b[3] - b[1]]
-    anns = []
-    for i, g in enumerate(ground_truths):
-        for b, l in zip(g["boxes"], g["labels"]):
-            anns.append({"id": len(anns) + 1, "image_id": i + 1, "category_id": cat[l], "bbox": xywh(b),
-                         "area": (b[2] - b[0]) * (b[3] - b[1]), "iscrowd": 0})
-    dets = [{"image_id": i + 1, "category_id": cat[l], "bbox": xywh(b), "score": s}
-            for i, p in enumerate(predictions) for b, l, s in zip(p["boxes"], p["labels"], p["scores"])]
-    with contextlib.redirect_stdout(io.StringIO()):
-        coco = COCO()
-        coco.dataset = {"images": [{"id": i + 1} for i in range(len(ground_truths))],
-                        "annotations": anns, "categories": [{"id": c} for c in cat.values()]}
-        coco.createIndex()
-        if not dets:
-            return 0.0
-        ev = COCOeval(coco, coco.loadRes(dets), "bbox")
-        ev.params.maxDets = [1, 10, 100]
-        ev.evaluate(); ev.accumulate(); ev.summarize()
-    return max(float(ev.stats[1]), 0.0)
-
-
+@pytest.mark.filterwarnings(PYCOCOTOOLS_NUMPY2)
 def test_map50_matches_pycocotools():
     rng = np.random.default_rng(2)
     for case in range(40):
@@ -1895,7 +1287,6 @@ def test_map50_matches_pycocotools():
         assert R.map50(preds, gts) == approx(_coco_map50(preds, gts), abs=1e-9), case
 
 
-# ------------------------------------------------------------------------ mask_iou_stats
 def test_mask_iou_stats_hand_values():
     g1 = np.zeros((2, 3), bool); g1[0, :2] = True            # 2 px
     p1 = np.zeros((2, 3), bool); p1[0, 1:] = True            # 2 px, 1 shared -> 1/3
@@ -1916,11 +1307,6 @@ def test_mask_iou_stats_hand_values():
     giou, ciou = R.iou_from_counts([(2, 4), (0, 0), (3, 3)], [True, True, False])
     assert giou == approx(0.5) and ciou == approx(5 / 7)
     assert R.mask_counts(None, g1) == (0, 2) and R.mask_counts(p1, g1) == (1, 3)
-
-
-# ------------------------------------------------------------------------ RISE-CoT reward
-GT_CLS = {"red": 0.5, "blue": 0.5}
-GOOD_COT = "The image shows a warm bright area and an equally large cool calm area."
 
 
 def test_rise_cot_reward_cls():
@@ -1967,7 +1353,6 @@ def test_rise_cot_reward_ablation_drops_only_the_named_factors():
             rise_cot.parse_args(["--reward", bad])
 
 
-# ------------------------------------------------------------------------ RISE-R1 reward
 def test_rise_r1_reward():
     good = '<think>Warm and cool areas are equal.</think><answer>{"red": 0.5, "blue": 0.5}</answer>'
     assert R.rise_r1_reward(good, GT_CLS, "cls") == {"reward": approx(2.0), "similarity": approx(1.0), "format": 1.0}
@@ -1985,10 +1370,6 @@ def test_rise_r1_reward():
     # duplicated answer tags: nothing parses -> 0
     assert R.rise_r1_reward("<think>a</think><answer>[0,0,1,1]</answer><answer>[0,0,1,1]</answer>",
                             [[0, 0, 1, 1]], "det")["reward"] == 0.0
-
-
-# ------------------------------------------------------------------------ Seg-RISE format
-SEG = '{"bbox": [10, 20, 60, 80], "points": [[30, 40], [35, 50]]}'
 
 
 def test_think_reward():
@@ -2009,40 +1390,6 @@ def test_seg_format_reward():
     assert R.seg_format_reward(wrap(""), 100, 100) == 0.0           # empty answer
     # points outside the box still pass: point accuracy is never rewarded
     assert R.seg_format_reward(wrap(SEG.replace("[35, 50]", "[99, 99]")), 100, 100) == 1.0
-
-
-# ------------------------------------------------------------------------ CLIP reward
-class MeanColourModel(torch.nn.Module):
-    """Stub CLIP: image embedding = mean (R, G) of the crop; text embedding fixed."""
-
-    def __init__(self, text_vec):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.text_vec = torch.tensor([text_vec], dtype=torch.float32)
-        self.image_calls = self.text_calls = 0
-
-    def encode_image(self, x):
-        self.image_calls += 1
-        return x[:, :2].mean(dim=(2, 3))
-
-    def encode_text(self, tokens):
-        self.text_calls += 1
-        return self.text_vec.repeat(len(tokens), 1)
-
-
-def to_tensor(img):
-    return torch.from_numpy(np.asarray(img.convert("RGB"), dtype=np.float32) / 255).permute(2, 0, 1)
-
-
-def stub_preprocess(img):  # nearest-neighbour resize keeps a half/half crop exactly half/half
-    return to_tensor(img.resize((10, 10), Image.NEAREST))
-
-
-def two_colour_image():
-    a = np.zeros((40, 60, 3), np.uint8)
-    a[:, :30, 0] = 255   # left half red
-    a[:, 30:, 1] = 255   # right half green
-    return Image.fromarray(a)
 
 
 def test_clip_reward_hand_values():
@@ -2081,22 +1428,6 @@ def test_clip_reward_crop_coordinates():
         np.testing.assert_array_equal(got, np.asarray(img.crop(box)))
 
 
-@pytest.fixture(scope="module")
-def tiny_clip():
-    open_clip = pytest.importorskip("open_clip")
-    torch.manual_seed(0)
-    model = open_clip.model.CLIP(
-        embed_dim=32, vision_cfg=dict(image_size=32, layers=1, width=64, patch_size=8, head_width=32),
-        text_cfg=dict(context_length=16, vocab_size=64, width=32, heads=2, layers=1)).eval()
-
-    def tokenizer(texts):  # char-level: ids 1..62, padded with 0; 63 = end of text (argmax pool)
-        rows = [[1 + ord(c) % 62 for c in t[:15]] + [63] for t in texts]
-        return torch.tensor([r + [0] * (16 - len(r)) for r in rows])
-
-    preprocess = lambda im: to_tensor(im.resize((32, 32)))
-    return model, preprocess, tokenizer
-
-
 def test_clip_reward_real_model_batch_equals_single(tiny_clip):
     model, preprocess, tokenizer = tiny_clip
     img = Image.fromarray(np.random.default_rng(4).integers(0, 255, (50, 70, 3), dtype=np.uint8))
@@ -2123,24 +1454,6 @@ def test_clip_reward_text_embedded_once_per_instruction(tiny_clip):
     R.clip_semantic_reward(model, preprocess, counting_tok, img, [[0, 0, 20, 20]], "green circle", cache)
     assert calls == [["red square"], ["green circle"]]
     assert len(set(first)) == 1 and len(again) == 1   # 8 identical crops, identical rewards
-
-
-# ------------------------------------------------------------------------ fuzzing
-FRAGMENTS = ["<think>", "</think>", "<answer>", "</answer>", "{", "}", "[", "]", "(", ")", ",",
-             ":", '"', "'", " ", "\n", "NaN", "nan", "Infinity", "inf", "1e400", "-1e400", "1e308",
-             "0", "0.5", ".25", "1.0", "-3", "99999", "30%", "percent", "zero point three",
-             '"bbox"', '"points"', '"score"', '"red"', "'blue'", "[10, 20, 5, 2]", "[0,0,100,100]",
-             '{"red": 0.5, "blue": 0.5}', '{"bbox": [1,2,3,4], "points": [[1,1],[2,2]]}',
-             "```json", "True", "None", "__import__('os')", "x" * 50]
-fuzz_text = st.one_of(
-    st.text(max_size=200),
-    st.lists(st.one_of(st.sampled_from(FRAGMENTS), st.text(max_size=5)), max_size=40).map("".join),
-    st.tuples(st.sampled_from(FRAGMENTS), st.integers(1, 10000)).map(lambda t: (t[0] * t[1])[:10000]),
-)
-# derandomize: the same examples every run (reproducible CI); database=None: no .hypothesis dir
-FUZZ = settings(max_examples=150, deadline=None, derandomize=True, database=None,
-                suppress_health_check=list(HealthCheck))
-floats = st.floats(allow_nan=True, allow_infinity=True) | st.floats(-1e6, 1e6)
 
 
 @FUZZ
@@ -2196,30 +1509,54 @@ def test_fuzz_clip_boxes(boxes):
     assert len(out) == len(boxes) and all(0.0 <= r <= 1.0 for r in out)
 
 
+def test_box_format_reward_no_points():
+    ok = '<answer>{"bbox": [0, 0, 1000, 1000]}</answer>'
+    assert R.seg_box_format_reward(ok, 1000, 1000) == 1.0
+    assert R.seg_box_format_reward(ok, 999, 1000) == 0.0                       # x2 outside the frame
+    assert R.seg_box_format_reward('<answer>{"bbox": [-1, 0, 5, 5]}</answer>', 1000, 1000) == 0.0
+    assert R.seg_box_format_reward('<answer>{"points": [[1, 2], [3, 4]]}</answer>', 1000, 1000) == 0.0
+    assert R.seg_box_format_reward(None, 10, 10) == 0.0
+
+
+def test_giou_ciou_hand_cases_match_mask_iou_stats():
+    g1, p1 = square(10, 10, 0, 0, 4, 4), square(10, 10, 0, 0, 2, 4)    # 8 of 16 pixels: IoU 0.5
+    g2 = square(10, 10, 5, 5, 7, 7)                                     # exact: 4 / 4
+    g3 = square(10, 10, 0, 0, 1, 1)                                     # missed (unparsable): 0 / 1
+    rows = []
+    for p, g, box in ((p1, g1, [0, 0, 4, 2]), (g2.copy(), g2, [5, 5, 7, 7]), (None, g3, None)):
+        inter, union = R.mask_counts(p, g)
+        rows.append({"box": box, "inter": inter, "union": union, "box_iou": 0.0})
+    assert [(r["inter"], r["union"]) for r in rows] == [(8, 16), (4, 4), (0, 1)]
+    got = S.summarise(rows)
+    # gIoU = (0.5 + 1 + 0) / 3 = 0.5;  cIoU = (8 + 4 + 0) / (16 + 4 + 1) = 12 / 21
+    assert got["giou"] == approx(0.5) and got["ciou"] == approx(12 / 21)
+    assert (got["giou"], got["ciou"]) == approx(R.mask_iou_stats([p1, g2, None], [g1, g2, g3]))
+    assert got["unparsable"] == 1 and got["n"] == 3
+    # an unparsable answer scores IoU 0 even against an empty mask (as mask_iou_stats); a parsed
+    # answer whose mask is empty vs an empty GT is a perfect answer
+    empty = np.zeros((3, 3), bool)
+    counts = dict(zip(("inter", "union"), R.mask_counts(None, empty)))
+    assert S.summarise([{"box": None, "box_iou": 0.0, **counts}])["giou"] == 0.0
+    assert S.summarise([{"box": [0, 0, 1, 1], "box_iou": 0.0, **counts}])["giou"] == 1.0
+    assert R.mask_iou_stats([None], [empty])[0] == 0.0 and R.mask_iou_stats([empty], [empty])[0] == 1.0
+
+
+def test_critic_score_parsing():
+    assert rewards.parse_score('{"score": 0.7}') == 0.7
+    assert rewards.parse_score('The answer: {"score": 1}') == 1.0
+    assert rewards.parse_score('{"score": 1.5}') is None and rewards.parse_score('{"score": -3}') is None
+    for bad in ("", "no idea", '{"score": NaN}', '{"score": "high"}', '{"scores": }', None, "9" * 5000):
+        assert rewards.parse_score(bad) is None
+
+
+def test_normalised_answer_match():
+    assert rewards.normalise_answer(" The Red. ") == "red" == rewards.normalise_answer("red")
+    assert rewards.normalise_answer("red or blue") != rewards.normalise_answer("red")
+
+
 # ====================================================================================================
-# data.py: manifests, shapes world, prompts
+# data.py: the shapes world, manifests and their checks, images, the shapes world's prompts
 # ====================================================================================================
-N_TRAIN, N_TEST = 10, 5
-
-
-def _hashes(root):
-    root = Path(root)
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
-
-
-@pytest.fixture(scope="module")
-def world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("world")
-    data.make_shapes_world(out, n_train=N_TRAIN, n_test=N_TEST, seed=0)
-    return out
-
-
-def _records(world, task, split="train"):
-    recs, skipped = data.read_manifest(world / task / f"{split}.jsonl", data.MANIFEST_SCHEMA[task])
-    assert skipped == 0
-    return recs
-
 
 def _pixels(rec):
     return np.asarray(Image.open(rec["image_path"]).convert("RGB"))
@@ -2229,7 +1566,90 @@ def _colour_mask(img, name):
     return np.all(img == np.array(data.COLORS[name], dtype=np.uint8), axis=-1)
 
 
-# ------------------------------------------------------------------ shapes world: files
+GOOD_CLS = {"id": "ok", "image": "ok.png", "classes": ["a", "b"], "probs": [0.5, 0.5]}
+
+
+GOOD_DET = {"id": "ok", "image": "ok.png", "target": "the cat", "boxes": [[1, 2, 30, 40]]}
+
+
+BAD = [  # (schema, bad line, words the message must contain)
+    ("cls", '{"id": "x", "image": ', "invalid JSON"),
+    ("cls", '["not", "an", "object"]', "not a JSON object"),
+    ("cls", {"id": "x", "image": "ok.png", "classes": ["a"]}, "missing field(s): probs"),
+    ("cls", dict(GOOD_CLS, id="x", image="nowhere.png"), "image file not found"),
+    ("cls", dict(GOOD_CLS, id="x", image="broken.png"), "unreadable image"),
+    ("cls", dict(GOOD_CLS, id="x", probs=[1.2, -0.2]), "negative probability"),
+    ("cls", dict(GOOD_CLS, id="x", probs=[0.5, 0.6]), "sum to 1.1000"),
+    ("cls", dict(GOOD_CLS, id="x", probs=[0.5, 0.3, 0.2]), "2 classes but 3 probs"),
+    ("cls", '{"id": "x", "image": "ok.png", "classes": ["a", "b"], "probs": [NaN, 1]}',
+     "non-finite"),
+    ("cls", GOOD_CLS, "duplicate id 'ok' (first on line 1)"),
+    ("det", dict(GOOD_DET, id="x", boxes=[[10, 10, 10, 20]]), "degenerate"),
+    ("det", dict(GOOD_DET, id="x", boxes=[[10, 10, 5, 20]]), "degenerate"),
+    ("det", dict(GOOD_DET, id="x", boxes=[[-1, 10, 5, 20]]), "negative coordinate"),
+    ("det", dict(GOOD_DET, id="x", boxes=[[1, 2, 3]]), "not 4 numbers"),
+    ("det", dict(GOOD_DET, id="x", boxes=[[1, 2, "3", 4]]), "not 4 numbers"),
+    ("det", dict(GOOD_DET, id="x", boxes=[]), "non-empty list"),
+    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "no.png"},
+     "mask file not found"),
+    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "box": [5, 5, 5, 9]},
+     "degenerate"),
+    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "empty_mask.png"}, "is empty"),
+    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "small_mask.png"},
+     "is 10x10 but the image is 50x50"),
+    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "broken.png"}, "unreadable mask"),
+    ("vqa", {"id": "x", "image": "ok.png", "question": "What?"}, "missing field(s): answer"),
+    ("vqa", {"id": "x", "image": "ok.png", "question": "What?", "answer": ""}, "answer"),
+]
+
+
+GOOD = {"cls": GOOD_CLS, "det": GOOD_DET,
+        "seg": {"id": "ok", "image": "ok.png", "instruction": "it"},
+        "vqa": {"id": "ok", "image": "ok.png", "question": "What?", "answer": "red"}}
+
+
+def _oriented(path, orientation):
+    """A 200x100 stored image: red top-left 40x20 block, blue bottom-right 40x20 block, grey
+    elsewhere, saved with an EXIF Orientation tag."""
+    im = Image.new("RGB", (200, 100), (128, 128, 128))
+    im.paste((255, 0, 0), (0, 0, 40, 20))
+    im.paste((0, 0, 255), (160, 80, 200, 100))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    im.save(path, exif=exif, **({"quality": 95} if path.suffix == ".jpg" else {}))
+    return path
+
+
+def _chunk(kind, body):
+    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
+
+
+def _chunks(png):
+    """A PNG file's chunks, [(type, data)], in file order."""
+    chunks, at = [], 8
+    while at < len(png):
+        length = int.from_bytes(png[at:at + 4], "big")
+        chunks.append((png[at + 4:at + 8], png[at + 8:at + 8 + length]))
+        at += 12 + length
+    return chunks
+
+
+def _bomb_png(path, side=20000):
+    """A valid 1-bit PNG whose header says side x side pixels (4e8 > 2 x PIL's MAX_IMAGE_PIXELS), ~50 KB."""
+    z, rows = zlib.compressobj(9), bytes((1 + side // 8) * 1000)       # 1000 zero rows (filter byte + pixels)
+    idat = b"".join(z.compress(rows) for _ in range(side // 1000)) + z.flush()
+    header = side.to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
+    return path
+
+
+NUMBER_WORDS = re.compile(r"\b(zero|one|two|three|four|five|six|seven|eight|nine|ten|half|"
+                          r"quarter|third|percent|hundred|dozen|single|pair|twice)\b", re.I)
+
+
+NAMES = re.compile(r"\b(" + "|".join(list(data.COLORS) + data.SHAPES) + r")s?\b", re.I)
+
+
 def test_same_seed_same_bytes_different_seed_differs(world, tmp_path):
     first = _hashes(world)
     n_images = N_TRAIN + 2 * N_TEST                                         # train, val (n_test scenes), test
@@ -2275,7 +1695,6 @@ def test_every_manifest_is_valid_and_scenes_are_sane(world, task):
                     assert data._apart(boxes[i], boxes[j])
 
 
-# ------------------------------------------------------------------ shapes world: labels
 def test_soft_cls_probs_match_pixel_areas(world):
     for r in _records(world, "soft_cls") + _records(world, "soft_cls", "test"):
         assert r["classes"] == ["red", "green", "blue", "yellow"]
@@ -2357,62 +1776,6 @@ def test_vqa_answer_matches_the_quadrant_shape(world):
             assert r["answer"] == shape["shape"]
 
 
-# ------------------------------------------------------------------ manifest validation
-GOOD_CLS = {"id": "ok", "image": "ok.png", "classes": ["a", "b"], "probs": [0.5, 0.5]}
-GOOD_DET = {"id": "ok", "image": "ok.png", "target": "the cat", "boxes": [[1, 2, 30, 40]]}
-
-
-@pytest.fixture
-def folder(tmp_path):
-    Image.new("RGB", (50, 50), (9, 9, 9)).save(tmp_path / "ok.png")
-    (tmp_path / "broken.png").write_text("this is not a picture")
-    Image.new("L", (50, 50), 0).save(tmp_path / "empty_mask.png")          # no object pixel at all
-    small = np.zeros((10, 10), np.uint8)
-    small[2:5, 2:5] = 1
-    Image.fromarray(small).save(tmp_path / "small_mask.png")               # 10x10 mask for a 50x50 image
-    return tmp_path
-
-
-def _write(folder, lines, name="m.jsonl"):
-    path = folder / name
-    path.write_text("".join((ln if isinstance(ln, str) else json.dumps(ln)) + "\n" for ln in lines))
-    return path
-
-
-BAD = [  # (schema, bad line, words the message must contain)
-    ("cls", '{"id": "x", "image": ', "invalid JSON"),
-    ("cls", '["not", "an", "object"]', "not a JSON object"),
-    ("cls", {"id": "x", "image": "ok.png", "classes": ["a"]}, "missing field(s): probs"),
-    ("cls", dict(GOOD_CLS, id="x", image="nowhere.png"), "image file not found"),
-    ("cls", dict(GOOD_CLS, id="x", image="broken.png"), "unreadable image"),
-    ("cls", dict(GOOD_CLS, id="x", probs=[1.2, -0.2]), "negative probability"),
-    ("cls", dict(GOOD_CLS, id="x", probs=[0.5, 0.6]), "sum to 1.1000"),
-    ("cls", dict(GOOD_CLS, id="x", probs=[0.5, 0.3, 0.2]), "2 classes but 3 probs"),
-    ("cls", '{"id": "x", "image": "ok.png", "classes": ["a", "b"], "probs": [NaN, 1]}',
-     "non-finite"),
-    ("cls", GOOD_CLS, "duplicate id 'ok' (first on line 1)"),
-    ("det", dict(GOOD_DET, id="x", boxes=[[10, 10, 10, 20]]), "degenerate"),
-    ("det", dict(GOOD_DET, id="x", boxes=[[10, 10, 5, 20]]), "degenerate"),
-    ("det", dict(GOOD_DET, id="x", boxes=[[-1, 10, 5, 20]]), "negative coordinate"),
-    ("det", dict(GOOD_DET, id="x", boxes=[[1, 2, 3]]), "not 4 numbers"),
-    ("det", dict(GOOD_DET, id="x", boxes=[[1, 2, "3", 4]]), "not 4 numbers"),
-    ("det", dict(GOOD_DET, id="x", boxes=[]), "non-empty list"),
-    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "no.png"},
-     "mask file not found"),
-    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "box": [5, 5, 5, 9]},
-     "degenerate"),
-    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "empty_mask.png"}, "is empty"),
-    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "small_mask.png"},
-     "is 10x10 but the image is 50x50"),
-    ("seg", {"id": "x", "image": "ok.png", "instruction": "it", "mask": "broken.png"}, "unreadable mask"),
-    ("vqa", {"id": "x", "image": "ok.png", "question": "What?"}, "missing field(s): answer"),
-    ("vqa", {"id": "x", "image": "ok.png", "question": "What?", "answer": ""}, "answer"),
-]
-GOOD = {"cls": GOOD_CLS, "det": GOOD_DET,
-        "seg": {"id": "ok", "image": "ok.png", "instruction": "it"},
-        "vqa": {"id": "ok", "image": "ok.png", "question": "What?", "answer": "red"}}
-
-
 @pytest.mark.parametrize("schema,line,words", BAD, ids=[b[2] for b in BAD])
 def test_bad_record_names_file_and_line(folder, schema, line, words):
     path = _write(folder, [GOOD[schema], "", line])          # blank line 2: the bad one is line 3
@@ -2454,9 +1817,8 @@ def test_read_manifest_keeps_fields_and_adds_absolute_paths(folder):
         data.read_manifest(path, "soft_cls")
 
 
-# ------------------------------------------------------------------ opening images
 def test_open_image_composites_transparency_on_white(tmp_path):
-    # Issue 14's example: a black drawing on a transparent background. convert("RGB") gives one
+    # A black drawing on a transparent background. convert("RGB") gives one
     # flat black image; composited on white the drawing survives.
     rgba = Image.new("RGBA", (20, 20), (0, 0, 0, 0))
     rgba.paste((0, 0, 0, 255), (5, 5, 15, 15))
@@ -2482,18 +1844,6 @@ def test_open_image_composites_transparency_on_white(tmp_path):
     assert got.shape == (4, 4, 3) and (got[2, 1] == 60).all() and (got.sum(-1) == 765).sum() == 15
     opaque = Image.new("RGB", (3, 3), (1, 2, 3))
     assert np.array_equal(np.asarray(data.open_image(opaque)), np.asarray(opaque))
-
-
-def _oriented(path, orientation):
-    """A 200x100 stored image: red top-left 40x20 block, blue bottom-right 40x20 block, grey
-    elsewhere, saved with an EXIF Orientation tag."""
-    im = Image.new("RGB", (200, 100), (128, 128, 128))
-    im.paste((255, 0, 0), (0, 0, 40, 20))
-    im.paste((0, 0, 255), (160, 80, 200, 100))
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    im.save(path, exif=exif, **({"quality": 95} if path.suffix == ".jpg" else {}))
-    return path
 
 
 @pytest.mark.parametrize("orientation, name, size, red, blue", [
@@ -2528,23 +1878,6 @@ def test_chat_inputs_see_transparent_images_on_white(tiny):
     a = vlm.chat_inputs(processor, conv, [[rgba]])["pixel_values"]
     b = vlm.chat_inputs(processor, conv, [[on_white]])["pixel_values"]
     torch.testing.assert_close(a, b)
-
-
-MASK_ENCODINGS = {   # the same object (a 4x6 block and one pixel) saved as public datasets save masks
-    "L 0/1": lambda m: Image.fromarray(m.astype(np.uint8)),
-    "L 0/255": lambda m: Image.fromarray(m.astype(np.uint8) * 255),
-    "1 bit": lambda m: Image.fromarray(m.astype(np.uint8) * 255).convert("1"),
-    "I;16 0/1": lambda m: Image.fromarray(m.astype(np.uint16)),
-    "palette index 1 (VOC style)": lambda m: _palette(m.astype(np.uint8)),
-    "RGB dark blue": lambda m: Image.fromarray(np.stack([np.zeros_like(m), np.zeros_like(m), m * 7], -1).astype(np.uint8)),
-    "RGBA white on transparent": lambda m: Image.fromarray(np.dstack([m * 255] * 4).astype(np.uint8), "RGBA"),
-}
-
-
-def _palette(index):
-    im = Image.fromarray(index, "P")
-    im.putpalette([0, 0, 0, 128, 0, 0] + [0] * 762)     # VOC: 0 background (black), 1 dark red
-    return im
 
 
 @pytest.mark.parametrize("encoding", list(MASK_ENCODINGS))
@@ -2638,20 +1971,6 @@ def test_box_past_the_displayed_image_is_a_bad_record(folder, monkeypatch):
             data.read_manifest(path, "det")
 
 
-def _chunk(kind, body):
-    return len(body).to_bytes(4, "big") + kind + body + zlib.crc32(kind + body).to_bytes(4, "big")
-
-
-def _chunks(png):
-    """A PNG file's chunks, [(type, data)], in file order."""
-    chunks, at = [], 8
-    while at < len(png):
-        length = int.from_bytes(png[at:at + 4], "big")
-        chunks.append((png[at + 4:at + 8], png[at + 8:at + 8 + length]))
-        at += 12 + length
-    return chunks
-
-
 def test_grey_images_of_more_than_8_bits_scale_to_8_bits(tmp_path):
     # 16-bit: round(v / 257); by hand 128 -> 0 (0.498), 129 -> 1 (0.502), 257 * 100 -> 100, 65535 -> 255
     a = np.array([[0, 128, 129, 25700], [40000, 65535, 1000, 7]], np.uint16)
@@ -2681,15 +2000,6 @@ def test_grey_images_of_more_than_8_bits_scale_to_8_bits(tmp_path):
     Image.fromarray(a).save(tmp_path / "keyed.png", transparency=1000)
     got = np.asarray(data.open_image(tmp_path / "keyed.png"))[..., 0]
     np.testing.assert_array_equal(got, np.where(a == 1000, 255, expected))
-
-
-def _bomb_png(path, side=20000):
-    """A valid 1-bit PNG whose header says side x side pixels (4e8 > 2 x PIL's MAX_IMAGE_PIXELS), ~50 KB."""
-    z, rows = zlib.compressobj(9), bytes((1 + side // 8) * 1000)       # 1000 zero rows (filter byte + pixels)
-    idat = b"".join(z.compress(rows) for _ in range(side // 1000)) + z.flush()
-    header = side.to_bytes(4, "big") * 2 + bytes([1, 0, 0, 0, 0])
-    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", header) + _chunk(b"IDAT", idat) + _chunk(b"IEND", b""))
-    return path
 
 
 def test_unreadable_images_one_rule_bad_header_bad_record_bad_pixels_skipped_sample(folder, tiny, monkeypatch):
@@ -2729,67 +2039,6 @@ def test_unreadable_images_one_rule_bad_header_bad_record_bad_pixels_skipped_sam
     assert all(b["reason"].startswith("UnreadableImage: unreadable image ") for b in bad)
 
 
-def test_sam2_config_by_bare_name_package_name_or_file(tmp_path, monkeypatch):
-    sam2 = pytest.importorskip("sam2")
-    torch.set_num_threads(1)
-    package = Path(sam2.__file__).resolve().parent
-    shipped = package / "configs" / "sam2.1" / "sam2.1_hiera_t.yaml"
-    assert S.sam2_config_name("sam2.1_hiera_t.yaml", package) == ("configs/sam2.1/sam2.1_hiera_t.yaml", None)
-    assert S.sam2_config_name("sam2_hiera_s", package)[0] in ("sam2_hiera_s.yaml", "configs/sam2/sam2_hiera_s.yaml")
-    assert S.sam2_config_name(str(shipped), package) == ("configs/sam2.1/sam2.1_hiera_t.yaml", None)
-    # a copy outside the package with another input size: loaded from its own folder, by relative path too
-    (tmp_path / "mine").mkdir()
-    (tmp_path / "mine" / "small_t.yaml").write_text(shipped.read_text().replace("image_size: 1024", "image_size: 512"))
-    monkeypatch.chdir(tmp_path)
-    reference = S.load_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, "cpu").model
-    shapes = {k: v.shape for k, v in reference.state_dict().items()}
-    for config, size in (("sam2.1_hiera_t.yaml", 1024), ("sam2.1_hiera_t", 1024), (str(shipped), 1024),
-                         ("mine/small_t.yaml", 512), (str(tmp_path / "mine" / "small_t.yaml"), 512),
-                         ("configs/sam2.1/sam2.1_hiera_t.yaml", 1024)):      # the package's search path is back
-        model = S.load_sam2(config, None, "cpu").model
-        assert model.image_size == size and model.sam_mask_decoder.dynamic_multimask_via_stability   # build_sam2's
-        assert {k: v.shape for k, v in model.state_dict().items() if "pos_embed" not in k} == \
-            {k: v for k, v in shapes.items() if "pos_embed" not in k}
-    with pytest.raises(SystemExit, match=r"'sam2\.1_hiera_tiny\.yaml': no such file, nor a config of the sam2 "
-                                         r"package .*configs/sam2\.1/sam2\.1_hiera_t\.yaml, .*configs/sam2/sam2_hiera_l"):
-        S.load_sam2("sam2.1_hiera_tiny.yaml", None, "cpu")
-
-
-def test_sampling_ends_at_every_eos_the_checkpoint_declares(real_arch):
-    """Qwen's generation_config ends a reply at <|im_end|> or <|endoftext|>, the tokenizer names only the
-    first: a completion that writes <|endoftext|> (forced here at step 3 of row 0, greedy) ends there."""
-    model, processor = vlm.load_model(real_arch["qwen2_vl"])
-    tok = processor.tokenizer
-    im_end, end_of_text = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
-    assert tok.eos_token_id == im_end and model.generation_config.eos_token_id == [im_end, end_of_text]
-    assert vlm.eos_ids(processor, model) == sorted([im_end, end_of_text])
-    batch = two_prompt_batch(processor)
-    free = vlm.sample(model, processor, batch, max_new_tokens=6, do_sample=False)
-    assert not torch.isin(free["completion_ids"][:, :3], torch.tensor([im_end, end_of_text])).any()
-    steps = []
-
-    def force(module, inputs, logits):              # the lm_head's logits of the third decoding step, row 0
-        steps.append(1)
-        if len(steps) == 3:
-            logits = logits.clone()
-            logits[0, -1, end_of_text] = logits[0, -1].max() + 10
-        return logits
-    hook = model.get_output_embeddings().register_forward_hook(force)
-    try:
-        forced = vlm.sample(model, processor, batch, max_new_tokens=6, do_sample=False)
-    finally:
-        hook.remove()
-    ids, mask = forced["completion_ids"], forced["completion_mask"]
-    assert ids.shape == (2, 6) and ids[0, 2] == end_of_text
-    assert torch.equal(ids[0, :2], free["completion_ids"][0, :2]) and (ids[0, 3:] == tok.pad_token_id).all()
-    assert mask.tolist() == [[1, 1, 1, 0, 0, 0], free["completion_mask"][1].tolist()]
-    assert forced["texts"] == [tok.decode(ids[0, :2]), free["texts"][1]]
-    assert torch.equal(ids[1], free["completion_ids"][1])          # the other row runs on
-    ids, mask = vlm.completion_tensors(processor, ["a box"])                # DPO's targets still end in <|im_end|>
-    assert ids[0, mask[0].sum() - 1] == im_end
-
-
-# ------------------------------------------------------------------ prompts and text
 def test_formatting_helpers():
     classes = ["red", "green", "blue", "yellow"]
     assert data.format_probs(classes, [0.5, 0.0, 0.25, 0.25]) == \
@@ -2910,11 +2159,6 @@ def test_position_word():
     assert data.position_word([60, 60, 70, 70], grid=2) == "bottom-right"
 
 
-NUMBER_WORDS = re.compile(r"\b(zero|one|two|three|four|five|six|seven|eight|nine|ten|half|"
-                          r"quarter|third|percent|hundred|dozen|single|pair|twice)\b", re.I)
-NAMES = re.compile(r"\b(" + "|".join(list(data.COLORS) + data.SHAPES) + r")s?\b", re.I)
-
-
 @settings(max_examples=25, deadline=None, database=None)
 @given(seed=st.integers(0, 2**32 - 1), task=st.sampled_from(data.SHAPE_TASKS),
        with_names=st.booleans(), use_target=st.booleans())
@@ -2935,38 +2179,37 @@ def test_describe_scene_has_no_numbers(seed, task, with_names, use_target):
 
 
 # ====================================================================================================
-# convert.py: converters from the original dataset layouts
+# convert.py: the public datasets' own layouts -> manifests
 # ====================================================================================================
-# pycocotools (used here only as the independent reference) warns under numpy 2.
-pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
-
-def _image(path, size=(8, 8), value=128):
-    path = Path(path)
+def _portrait_photo(path, object_box=(60, 10, 96, 51)):
+    """A photo displayed 100x200 with a red object at x 60..95, y 10..50, stored as a
+    200x100 JPEG with EXIF Orientation 6 (turn 90 degrees clockwise to display)."""
+    shown = Image.new("RGB", (100, 200), (128, 128, 128))
+    shown.paste((220, 40, 40), object_box)
+    exif = Image.Exif()
+    exif[0x0112] = 6
     path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, (value, value, value)).save(path)   # format from the suffix
+    shown.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, quality=95)   # 90 ccw
     return path
 
 
-def _ids(path):
-    return [json.loads(line)["id"] for line in Path(path).read_text().splitlines()]
+def _imagenet(root, per_class=4):
+    for k in range(5):
+        for n in range(per_class):
+            _image(root / f"n0000000{k}" / f"n0000000{k}_{n}.JPEG", value=10 * k + n)
+    names = root.parent / "LOC_synset_mapping.txt"
+    names.write_text("n00000000 tench, Tinca tinca\nn00000001 goldfish\nn00000002 crane\n"
+                     "n00000003 crane\nn00000004 great white shark, white shark\n")
+    return names
 
 
-# ------------------------------------------------------------------------------- Emotion6
-EMO_HEADER = ("[image_filename]\t[valence]\t[arousal]\t[prob. anger]\t[prob. disgust]\t"
-              "[prob. fear]\t[prob. joy]\t[prob. sadness]\t[prob. surprise]\t[prob. neutral]")
-ODD = [0.4, 0.1, 0.1, 0.2, 0.095, 0.05, 0.05]          # sums to 0.995: renormalised
+class _Evil:
+    def __init__(self, marker):
+        self.marker = marker
 
-
-def _emotion6(root, extra_lines=()):
-    lines = [EMO_HEADER]
-    for k, emotion in enumerate(convert.EMOTION6_CLASSES):
-        for n in range(1, 11):
-            _image(root / "images" / emotion / f"{n}.jpg")
-            probs = ODD if (emotion, n) == ("joy", 3) else [float(i == k) for i in range(7)]
-            lines.append("\t".join([f"{emotion}/{n}.jpg", "5.5", "4.25", *map(str, probs)]))
-    (root / "ground_truth.txt").write_text("\n".join([*lines, *extra_lines]) + "\n")
-    return root
+    def __reduce__(self):          # unpickling this would run: touch <marker>
+        return os.system, (f"touch '{self.marker}'",)
 
 
 def test_emotion6_probs_stratified_split_and_determinism(tmp_path):
@@ -3019,33 +2262,6 @@ def test_emotion6_cli(tmp_path, capsys):
         convert.main(["emotion6", "--root", str(tmp_path), "--out", str(tmp_path / "o")])
 
 
-# ----------------------------------------------------------------------- LISA / ReasonSeg
-def _rect(x1, y1, x2, y2, label="target"):
-    return {"label": label, "points": [[x1, y1], [x2, y1], [x2, y2], [x1, y2]],
-            "shape_type": "polygon"}
-
-
-def _reasonseg(src):
-    _image(src / "a.jpg", (64, 48))
-    # target: columns 10..30, rows 10..20 (points truncated, boundary included); a smaller
-    # "ignore" shape drawn after it carves out columns 26..30.
-    a = {"text": ["what holds the soup?", "the bowl"], "is_sentence": True,
-         "shapes": [_rect(10.7, 10.2, 30.9, 20.5), _rect(26, 8, 35, 22, "ignore")]}
-    _image(src / "b.jpg", (64, 48))
-    # two targets -> one box around both; a larger ignore shape is drawn first, so the targets
-    # win over it; a "flag" shape is dropped.
-    b = {"text": ["the two cups"], "is_sentence": False,
-         "shapes": [_rect(0, 0, 20, 20, "ignore"), _rect(5, 5, 9, 9), _rect(40, 30, 50, 40),
-                    _rect(0, 0, 63, 47, "flag")]}
-    for name, ann in (("a", a), ("b", b)):
-        (src / f"{name}.json").write_text(json.dumps(ann))
-    expected = {"a": np.zeros((48, 64), bool), "b": np.zeros((48, 64), bool)}
-    expected["a"][10:21, 10:26] = True
-    expected["b"][5:10, 5:10] = True
-    expected["b"][30:41, 40:51] = True
-    return expected
-
-
 def test_reasonseg_det_and_seg(tmp_path):
     src = tmp_path / "ReasonSeg" / "val"
     expected = _reasonseg(src)
@@ -3094,18 +2310,6 @@ def test_reasonseg_bad_file(tmp_path, name, content, has_image, where):
     assert skipped == 1 and _ids(paths["seg"]) == ["a-0", "a-1", "b-0"]
 
 
-def _portrait_photo(path, object_box=(60, 10, 96, 51)):
-    """Issue 14's photo: displayed 100x200 with a red object at x 60..95, y 10..50, stored as a
-    200x100 JPEG with EXIF Orientation 6 (turn 90 degrees clockwise to display)."""
-    shown = Image.new("RGB", (100, 200), (128, 128, 128))
-    shown.paste((220, 40, 40), object_box)
-    exif = Image.Exif()
-    exif[0x0112] = 6
-    path.parent.mkdir(parents=True, exist_ok=True)
-    shown.transpose(Image.Transpose.ROTATE_90).save(path, exif=exif, quality=95)   # 90 ccw
-    return path
-
-
 def test_reasonseg_mask_lands_on_the_object_of_an_exif_rotated_photo(tmp_path):
     src = tmp_path / "val"
     _portrait_photo(src / "p.jpg")
@@ -3140,43 +2344,7 @@ def test_reasonseg_refuses_a_labelme_size_that_is_not_the_displayed_one(tmp_path
     assert skipped == 1 and _ids(paths["seg"]) == ["ok-0"]
 
 
-# ------------------------------------------------------------------------------- COCO-Sub
-CATS = {1: "cat", 2: "dog", 3: "traffic light"}
-
-
-def _coco(root, bad_annotation=False):
-    """20 images; cat in images 1-16 (two boxes in image 1), dog in 5-20 plus a crowd region
-    in image 1, traffic light in 1-10. Returns the JSON path and {(image, cat): boxes}."""
-    images, anns, expected = [], [], {}
-
-    def add(image_id, cat, bbox, crowd=0):
-        anns.append({"id": 100 + len(anns), "image_id": image_id, "category_id": cat,
-                     "bbox": bbox, "iscrowd": crowd, "area": 1.0})
-        if not crowd:
-            x, y, w, h = bbox
-            expected.setdefault((image_id, cat), []).append([x, y, x + w, y + h])
-
-    for i in range(1, 21):
-        name = f"{i:012d}.jpg"
-        _image(root / "images" / name, (40, 30))
-        images.append({"id": i, "file_name": name, "width": 40, "height": 30})
-        if i <= 16:
-            add(i, 1, [1.5, 2.25, 10, 5])
-        if i >= 5:
-            add(i, 2, [i, 1, 20, 20.5])
-        if i <= 10:
-            add(i, 3, [30, 20, 4, 6])
-    add(1, 1, [20, 10, 3, 3])
-    add(1, 2, [0, 0, 40, 30], crowd=1)
-    if bad_annotation:
-        anns.append({"id": 999, "image_id": 2, "category_id": 1, "bbox": [5, 5, 0, 4],
-                     "iscrowd": 0})
-    path = root / "instances.json"
-    path.write_text(json.dumps({"images": images, "annotations": anns, "categories": [
-        {"id": k, "name": v, "supercategory": "x"} for k, v in CATS.items()]}))
-    return path, expected
-
-
+@pytest.mark.filterwarnings(PYCOCOTOOLS_NUMPY2)
 def test_coco_sub_sampling_and_boxes(tmp_path):
     inst, expected = _coco(tmp_path / "coco")
     out = tmp_path / "sub"
@@ -3207,6 +2375,7 @@ def test_coco_sub_sampling_and_boxes(tmp_path):
     assert len(picks) > 1
 
 
+@pytest.mark.filterwarnings(PYCOCOTOOLS_NUMPY2)
 def test_coco_sub_classes_and_bad_input(tmp_path):
     inst, _ = _coco(tmp_path / "coco", bad_annotation=True)
     images = tmp_path / "coco" / "images"
@@ -3237,6 +2406,7 @@ def test_coco_sub_classes_and_bad_input(tmp_path):
     assert len(_ids(tmp_path / "cli" / "test.jsonl")) == 4
 
 
+@pytest.mark.filterwarnings(PYCOCOTOOLS_NUMPY2)
 def test_coco_sub_refuses_a_stated_size_that_is_not_the_displayed_one(tmp_path):
     inst, _ = _coco(tmp_path / "coco")
     images = tmp_path / "coco" / "images"
@@ -3251,17 +2421,6 @@ def test_coco_sub_refuses_a_stated_size_that_is_not_the_displayed_one(tmp_path):
         convert.convert_coco(inst, images, tmp_path / "o", **kw)
     paths, skipped = convert.convert_coco(inst, images, tmp_path / "o", skip_bad=True, **kw)
     assert skipped == 1 and "coco-7-3" not in _ids(paths["train"]) + _ids(paths["test"])
-
-
-# --------------------------------------------------------------------------- ImageNet-Sub
-def _imagenet(root, per_class=4):
-    for k in range(5):
-        for n in range(per_class):
-            _image(root / f"n0000000{k}" / f"n0000000{k}_{n}.JPEG", value=10 * k + n)
-    names = root.parent / "LOC_synset_mapping.txt"
-    names.write_text("n00000000 tench, Tinca tinca\nn00000001 goldfish\nn00000002 crane\n"
-                     "n00000003 crane\nn00000004 great white shark, white shark\n")
-    return names
 
 
 def test_imagenet_sub(tmp_path):
@@ -3311,25 +2470,7 @@ def test_imagenet_bad_input(tmp_path):
     assert len(_ids(tmp_path / "cli" / "train.jsonl")) >= 1
 
 
-# ---------------------------------------------------------------- RefCOCO and COCO masks
-def _blob_mask(h, w, seed):
-    rng = np.random.default_rng(seed)
-    yy, xx = np.mgrid[:h, :w]
-    m = np.zeros((h, w), bool)
-    for _ in range(4):
-        cy, cx, r = rng.uniform(0, h), rng.uniform(0, w), rng.uniform(1, max(2, min(h, w) / 3))
-        m ^= (yy - cy) ** 2 + (xx - cx) ** 2 < r * r
-    return m
-
-
-def _runs(mask):
-    """Uncompressed COCO RLE counts, computed directly: column-major runs, zeros first."""
-    flat = mask.T.ravel().astype(np.int8)
-    edges = np.flatnonzero(np.diff(flat)) + 1
-    runs = np.diff(np.concatenate([[0], edges, [flat.size]])).tolist()
-    return [0] + runs if flat[0] else runs
-
-
+@pytest.mark.filterwarnings(PYCOCOTOOLS_NUMPY2)
 def test_coco_mask_decodes_with_pycocotools_and_refuses_bad_rle():
     # 4x4, column-major runs [3, 2, 11]: pixels 3 and 4 are (row 3, col 0) and (row 0, col 1)
     expected = np.zeros((4, 4), bool)
@@ -3354,44 +2495,7 @@ def test_coco_mask_decodes_with_pycocotools_and_refuses_bad_rle():
             convert.coco_mask(bad, 4, 4)
 
 
-def _refcoco(root, refs=None):
-    img_dir = root / "train2014"
-    _image(img_dir / "COCO_train2014_000000000001.jpg", (50, 40))
-    _image(img_dir / "COCO_train2014_000000000002.jpg", (60, 45))
-    poly = [[5.5, 4.0, 30.2, 6.0, 25.0, 30.7, 8.0, 25.0], [40, 30, 48, 30, 44, 38]]
-    blob = _blob_mask(45, 60, 7)
-    rle = coco_api.encode(np.asfortranarray(blob.astype(np.uint8)))
-    anns = [{"id": 10, "image_id": 1, "category_id": 1, "iscrowd": 0, "bbox": [5.5, 4, 42.5, 34],
-             "segmentation": poly},
-            {"id": 11, "image_id": 2, "category_id": 1, "iscrowd": 0, "bbox": [1, 2, 50, 40],
-             "segmentation": {"size": [45, 60], "counts": rle["counts"].decode()}},
-            {"id": 12, "image_id": 2, "category_id": 1, "iscrowd": 1, "bbox": [3, 3, 9, 9],
-             "segmentation": {"size": [45, 60], "counts": _runs(~blob)}}]
-    images = [{"id": 1, "file_name": "COCO_train2014_000000000001.jpg", "width": 50, "height": 40},
-              {"id": 2, "file_name": "COCO_train2014_000000000002.jpg", "width": 60, "height": 45}]
-    inst = root / "refcoco" / "instances.json"
-    inst.parent.mkdir(parents=True)
-    inst.write_text(json.dumps({"images": images, "annotations": anns,
-                                "categories": [{"id": 1, "name": "person"}]}))
-    sents = lambda *s: [{"sent": x, "raw": x, "tokens": x.split(), "sent_id": i}   # noqa: E731
-                        for i, x in enumerate(s)]
-    refs = refs if refs is not None else [
-        {"ref_id": 100, "ann_id": 10, "image_id": 1, "split": "val", "category_id": 1,
-         "file_name": "COCO_train2014_000000000001_10.jpg", "sent_ids": [0, 1],
-         "sentences": sents("man on the left", "left guy")},
-        {"ref_id": 101, "ann_id": 11, "image_id": 2, "split": "val", "category_id": 1,
-         "file_name": "x", "sentences": sents("blobs")},
-        {"ref_id": 102, "ann_id": 12, "image_id": 2, "split": "val", "category_id": 1,
-         "file_name": "x", "sentences": sents("the background")},
-        {"ref_id": 103, "ann_id": 10, "image_id": 1, "split": "train", "category_id": 1,
-         "file_name": "x", "sentences": sents("a man")}]
-    refs_path = root / "refcoco" / "refs(unc).p"
-    with open(refs_path, "wb") as f:
-        pickle.dump(refs, f, protocol=2)                  # as the Python 2 originals
-    polys = coco_api.decode(coco_api.merge(coco_api.frPyObjects(poly, 40, 50))).astype(bool)
-    return refs_path, inst, img_dir, {10: polys, 11: blob, 12: ~blob}
-
-
+@pytest.mark.filterwarnings(PYCOCOTOOLS_NUMPY2)
 def test_refcoco_records_and_masks(tmp_path):
     refs, inst, img_dir, masks = _refcoco(tmp_path)
     paths, skipped = convert.convert_refcoco(refs, inst, img_dir, tmp_path / "out", split="val")
@@ -3415,6 +2519,7 @@ def test_refcoco_records_and_masks(tmp_path):
     assert _ids(tmp_path / "cli" / "testA.jsonl") == []
 
 
+@pytest.mark.filterwarnings(PYCOCOTOOLS_NUMPY2)
 def test_refcoco_bad_refs(tmp_path):
     refs, inst, img_dir, _ = _refcoco(tmp_path)
     good = convert.load_refs(refs)
@@ -3431,14 +2536,6 @@ def test_refcoco_bad_refs(tmp_path):
     refs, inst, img_dir, _ = _refcoco(tmp_path / "d", refs=bad)
     paths, skipped = convert.convert_refcoco(refs, inst, img_dir, tmp_path / "o", skip_bad=True)
     assert skipped == 3 and len(_ids(paths["val"])) == 4   # ref 104's 2 sentences + ref 105's
-
-
-class _Evil:
-    def __init__(self, marker):
-        self.marker = marker
-
-    def __reduce__(self):          # unpickling this would run: touch <marker>
-        return os.system, (f"touch '{self.marker}'",)
 
 
 def test_refs_unpickler_refuses_code(tmp_path):
@@ -3467,39 +2564,6 @@ def test_refs_unpickler_refuses_code(tmp_path):
     evil.write_bytes(pickle.dumps({"not": "a list"}))
     with pytest.raises(data.ManifestError, match="not a list"):
         convert.load_refs(evil)
-
-
-# ------------------------------------------------------------------------------- VisCoT
-PROMPT = (" Please provide the bounding box coordinate of the region that can help you answer "
-          "the question better.")
-
-
-def _turns(question, box, answer):
-    return [{"from": "human", "value": "<image>\n" + question + PROMPT},
-            {"from": "gpt", "value": box}, {"from": "human", "value": "<image>"},
-            {"from": "gpt", "value": answer}]
-
-
-def _viscot(root):
-    _image(root / "cot" / "gqa" / "wide.jpg", (200, 100))
-    _image(root / "cot" / "gqa" / "tall.jpg", (100, 200))
-    _image(root / "flat" / "c.png", (64, 64))
-    items = [
-        {"question_id": 0, "dataset": "gqa", "image": [
-            "cot/gqa/wide.jpg", "cot/gqa/wide.jpg###[21, 31, 99, 69]"],
-         "conversations": _turns("What is on the table?", "[0.100, 0.400, 0.500, 0.600]", "A cup")},
-        {"question_id": 1, "image": "cot/gqa/wide.jpg",
-         "conversations": _turns("Which colour is the car?", "[0.100, 0.400, 0.500, 0.600]",
-                                 "red")},
-        {"question_id": 2, "image": ["cot/gqa/tall.jpg"],
-         "conversations": _turns("Who is there?", "[0.35, 0.1, 0.6, 0.5]", "a man")},
-        {"id": "flat-3", "image": "flat/c.png", "question": "What shape?", "answer": "round",
-         "bbox": [1, 2, 30, 40]},
-        {"id": "flat-4", "image": "flat/c.png", "question": "What colour?", "answer": "grey"},
-    ]
-    path = root / "viscot_363k.json"
-    path.write_text(json.dumps(items))
-    return path, items
 
 
 def test_viscot_both_forms(tmp_path):
@@ -3546,6 +2610,10 @@ def test_viscot_jsonl_and_bad_entries(tmp_path):
     assert [(r["id"], r["box"]) for r in recs] == [(1, [1, 1, 20, 12])]   # union of the boxes
 
 
+# ====================================================================================================
+# the papers' prompts and answers on real data (each dataset's layout, both model families)
+# ====================================================================================================
+
 # ==== RISE on real datasets: the authors' prompts per dataset layout, class names, repetition penalty, LISA
 # targets, ImageNet-Sub classes, R_fmt. Expected texts are typed from the RISE authors' code (HSH55/RISE at
 # 4ff62cc; the file is named at each) and Visual-RFT's (Liuziyu77/Visual-RFT at 9486633), not built from
@@ -3554,6 +2622,8 @@ IMAGENET_SUB_AUTHORS = [      # HSH55/RISE dataset_generate.py, object_classes
     "analog clock", "backpack", "ballpoint", "Band Aid", "barbell", "barber chair", "beer bottle", "beer glass",
     "binoculars", "bolo tie", "bookcase", "bottlecap", "brassiere", "broom", "bucket", "buckle", "candle",
     "can opener", "carton", "cellular telephone"]
+
+
 # RISE-R1/trainer/grpo_class_multithink_trainer_emo6.py L505-509, as rendered (only the description varies)
 E6_REC = ("Please analyze the provided image description and generate a probability distribution across the "
           "following emotion categories: 'anger', 'disgust', 'fear', 'joy', 'sadness', 'surprise', 'neutral'. "
@@ -3563,21 +2633,29 @@ E6_REC = ("Please analyze the provided image description and generate a probabil
           "floating-point errors). Example output: {'anger': 0.0, 'disgust': 0.1666667, 'fear': 0.1, 'joy': "
           "0.466667, 'sadness': 0.1, 'surprise': 0.166667, 'neutral': 0.0}. Incorrect output: {'anger': 0, "
           "'disgust': 0, 'fear': 0, 'joy': 1.0, 'sadness': 0, 'surprise': 0, 'neutral': 0}.")
+
+
 # dataset_generate.py, question (ImageNet-Sub reasoning generation)
 IMAGENET_COT = ("Analyze the image to explain how the visual elements support the object classification probability "
                 "distribution %s, concisely in under 100 words. Describe key objects, shapes, textures, and contextual "
                 "details that contribute to the inferred object category, highlighting their connection to the "
                 "classification probabilities. Avoid directly stating the object names or probabilities; instead, "
                 "focus on the visual cues and their implications.")
+
+
 # RISE-COT/trainer/grpo_lisa_trainer.py newprompt_build(): the detection reasoning-generation text
 DET_COT = ("Describe why the region is identified as the target object. The region's coordinates are %s, and it "
            "contains %s. Analyze its shape, color, texture, and contextual clues. Using these visual and contextual "
            "features, explain why this region is recognized as %s. Provide a clear Chain-of-Thought (CoT) to justify "
            "the conclusion.")
+
+
 # grpo_lisa_trainer.py L583 (LISA) and grpo_coco_trainer.py L631 (COCO-Sub): the reconstruction
 DET_REC = ('The image is of resolution %s. Based on the following reasoning, which describes the region corresponding '
            'to the target category "%s": %s, please extract and output the exact bounding box coordinates of that '
            'region.Only return the result in the following format:%s.')
+
+
 # Visual-RFT coco_evaluation/Qwen2_VL_coco_infere.py: the think-answer block (its answer format replaced)
 VRFT_THINK = ("\nOutput the thinking process in <think> </think> and final answer in <answer> </answer> tags.The "
               "output answer format should be as follows:\n<think> ... </think> <answer>%s</answer>\nPlease strictly "
@@ -3612,6 +2690,72 @@ def _real_datasets(tmp_path):
     out["ImageNet-Sub"] = next(r for r in data.read_manifest(paths["train"], "cls")[0]
                                if r["id"].startswith("n02786058"))                   # a Band Aid image
     return {name: (rec, data.open_image(rec["image_path"])) for name, rec in out.items()}
+
+
+# ==== the real-model path of Seg-RISE and VisRL: the papers' and the authors' prompts, boxes and scores
+# The expected texts are typed from the sources, not read from data.py: Seg-Zero's single-object prompt
+# (dvlab-research/Seg-Zero, verl/utils/rl_dataset.py of its first release), Qwen2.5-VL's grounding sentence,
+# VisRL's CoT sentence (arXiv 2503.07523 sec. 4) and its released judge prompts (data_gen/generate.py).
+# Records come from convert.py run on fixtures in each dataset's own layout (the converter tests' fixtures);
+# prompts are rendered with Qwen2-VL's published chat template (tiny.QWEN_CHAT_TEMPLATE).
+SEG_ZERO_TEXT = ("Please find '{}' with bbox and points.Compare the difference between objects and find the most "
+                 "closely matched one.Output the thinking process in <think> </think> and final answer in <answer> "
+                 "</answer> tags.Output the one bbox and points of two largest inscribed circles inside the "
+                 "interested object in JSON format.i.e., <think> thinking process here </think><answer>{{'bbox': "
+                 "[10,100,200,210], 'points_1': [30,110], 'points_2': [35,180]}}</answer>")
+
+
+VISRL_COT = ("Please first provide the bounding box coordinate of the region, then refer to the corresponding "
+             "sub-image to answer the question better.")
+
+
+JUDGE_SCORE = """You are responsible for proofreading the answers, you need to give the score to the model's answer by referring to the standard answer, based on the given question and image.
+    The full score is 1 point and the minimum score is 0 points. Please directly provide the score in JSON format, for example, {{"score": 0.8}}, without showing the intermediate process.
+    The evaluation criteria require that the closer the model's answer is to the standard answer, the higher the score.
+
+    Question: {} 
+    Standard answer: {}
+    Model's answer: {}
+    """
+
+
+JUDGE_BBOX = """You are responsible for verifying the relevance of the image based on the provided question and standard answer, you need to assess whether the image aligns with the standard answer.
+    The full score is 1 point and the minimum score is 0 points. Please directly provide the score in JSON format, for example, {{"score": 0.8}}, without showing the intermediate process.
+    The evaluation criteria is that, the higher score will be if the image effectively encompasses the information provided in the standard answer based on question.
+
+    Question: {} 
+    Standard answer: {}
+    """
+
+
+QWEN_USER = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
+
+
+QWEN_ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
+
+
+PICTURE = "<|vision_start|><|image_pad|><|vision_end|>"
+
+
+def qwen_rendered(processor, conv):
+    return processor.apply_chat_template(conv, chat_template=tiny_py.QWEN_CHAT_TEMPLATE, tokenize=False,
+                                         add_generation_prompt=True)
+
+
+def converted_layouts(root):
+    """Seg-RISE and VisRL records, each built by convert.py from a fixture in its dataset's own layout."""
+    refs, inst, img_dir, _ = _refcoco(root / "refcoco")
+    refcoco = convert.convert_refcoco(refs, inst, img_dir, root / "refcoco-out", split="val")[0]["val"]
+    _reasonseg(root / "ReasonSeg" / "val")
+    reasonseg = convert.convert_reasonseg(root / "ReasonSeg" / "val", root / "reasonseg-out")[0]["seg"]
+    viscot_json, _ = _viscot(root / "viscot")
+    viscot = convert.convert_viscot(viscot_json, root / "viscot", root / "viscot-out")[0]["viscot_363k"]
+    return (data.read_manifest(refcoco, "seg")[0], data.read_manifest(reasonseg, "seg")[0],
+            data.read_manifest(viscot, "vqa")[0])
+
+
+def seg_zero_answer(box, p1, p2, think="the one on the left"):
+    return f'<think>{think}</think><answer>{json.dumps({"bbox": box, "points_1": p1, "points_2": p2})}</answer>'
 
 
 def test_rise_prompts_of_every_dataset_layout_are_the_authors_for_both_model_families(real_arch, tmp_path):
@@ -3892,919 +3036,6 @@ def test_lisa_map_is_the_share_of_samples_found_whatever_their_order():
         assert got == approx(2 / 3)
 
 
-
-# ====================================================================================================
-# rise_cot.py / rise_r1.py: RISE end to end
-# ====================================================================================================
-@pytest.fixture(scope="module")
-def rise_world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rise_world")
-    data.make_shapes_world(root, n_train=6, n_test=4, seed=3)
-    return root
-
-
-SMALL = ["--preset", "tiny", "-G", "2", "--batch-size", "1", "--max-new-tokens", "8", "--rec-max-new-tokens", "8"]
-
-
-def launch(script, args, cwd, ranks=1, port=29541):
-    """Run a pipeline script as a user would: `deepspeed --num_gpus N script.py ...` (or python)."""
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    head = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port)] if ranks > 1 else [sys.executable]
-    return subprocess.run(head + [str(ROOT / script)] + [str(a) for a in args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900)
-
-
-def ok(proc):
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-
-
-def lines(path):
-    """Complete lines of a file another process is appending to (read only: never truncates it)."""
-    return path.read_text().count("\n") if path.exists() else 0
-
-
-def kill_when(script, args, cwd, condition, env=None, timeout=600):
-    """Start `python script args` and kill -9 it as soon as condition() holds; asserts it was killed."""
-    env = env or dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / script)] + [str(a) for a in args], cwd=cwd, env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not condition():
-        time.sleep(0.02)
-    proc.send_signal(signal.SIGKILL)
-    err = proc.communicate()[1]
-    assert proc.returncode == -signal.SIGKILL, "it ended before it could be killed: " + err[-3000:]
-
-
-def test_rise_cot_and_rise_r1_two_ranks(tiny_dir, rise_world, tmp_path):
-    """Both stages on two ranks under ZeRO-3. RISE-CoT runs the shipped base, whose CoTs end at
-    different lengths on the two ranks: with ZeRO-3's module hooks left on while generating, that
-    left a parameter "in flight" and the run failed (gathered() lifts them)."""
-    train = rise_world / "soft_cls" / "train.jsonl"
-    ids = [json.loads(line)["id"] for line in train.read_text().splitlines()]
-    cot_out, zero3 = tmp_path / "cot", ["--deepspeed", ROOT / "ds_zero3.json"]
-    ok(launch("rise_cot.py", ["--model", SHIPPED_BASE, "--data", train, "--out", cot_out, "--max-steps", "1",
-                              "--harvest-batch-size", "1", *zero3, *SMALL, "--max-new-tokens", "48"], tmp_path, ranks=2))
-    cots = run.read_jsonl(cot_out / "cots.jsonl")
-    assert sorted(c["id"] for c in cots) == sorted(ids)        # every sample exactly once, from two ranks
-    assert all(0 <= c["reward"] <= 1 and set(c) >= {"id", "cot", "reconstruction", "reward"} for c in cots)
-    assert len(run.read_jsonl(cot_out / "metrics.jsonl")) == 1
-    assert (cot_out / "final" / "config.json").exists() and (cot_out / "args.json").exists()
-
-    r1_out = tmp_path / "r1"
-    ok(launch("rise_r1.py", ["--model", tiny_dir, "--data", train, "--cots", cot_out / "cots.jsonl", "--tau", "0",
-                             "--out", r1_out, "--sft-steps", "1", "--max-steps", "1", "--preset", "tiny", "-G", "2",
-                             "--batch-size", "1", "--max-new-tokens", "8", "--grad-accum", "2", *zero3],
-              tmp_path, ranks=2, port=29542))
-    # --sft-steps / --max-steps count optimizer updates (as TRL/HF): 1 update = 2 micro-steps with
-    # --grad-accum 2; DeepSpeed's own count of applied updates is logged as "updates"
-    rows = [m for m in run.read_jsonl(r1_out / "metrics.jsonl") if "loss" in m]
-    assert [m["stage"] for m in rows] == ["sft", "sft", "grpo", "grpo"]
-    assert [m["updates"] for m in rows] == [0, 1, 1, 2]
-    assert (r1_out / "sft" / "config.json").exists() and (r1_out / "final" / "config.json").exists()
-
-    ok(launch("rise_r1.py", ["--eval", "--model", r1_out / "final", "--test", rise_world / "soft_cls" / "test.jsonl",
-                             "--out", tmp_path / "eval", "--preset", "tiny", "--max-new-tokens", "8"],
-              tmp_path, ranks=2, port=29543))
-    metrics = json.loads((tmp_path / "eval" / "eval.json").read_text())
-    preds = run.read_jsonl(tmp_path / "eval" / "predictions.jsonl")
-    assert metrics["n"] == 4 and len({p["id"] for p in preds}) == 4
-    assert metrics["unparsable"] == sum(not p["parsed"] for p in preds)
-
-
-def test_rise_cot_kill_and_resume_loses_and_duplicates_nothing(tiny_dir, rise_world, tmp_path):
-    manifest = rise_world / "det" / "train.jsonl"
-    ids = sorted(json.loads(line)["id"] for line in manifest.read_text().splitlines())
-    out = tmp_path / "run"
-    args = ["--model", tiny_dir, "--data", manifest, "--out", out, "--max-steps", "2", "--save-every", "1",
-            "--harvest-batch-size", "1", *SMALL]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, str(ROOT / "rise_cot.py")] + [str(a) for a in args], cwd=tmp_path,
-                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    deadline = time.time() + 600
-    while time.time() < deadline and proc.poll() is None:           # kill -9 in the middle of the harvest
-        if len(run.read_jsonl(out / "cots.jsonl")) >= 2:
-            proc.send_signal(signal.SIGKILL)
-            break
-        time.sleep(0.05)
-    proc.wait()
-    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-harvest"
-    before = run.read_jsonl(out / "cots.jsonl")
-    assert 2 <= len(before) < len(ids)
-    ok(launch("rise_cot.py", args + ["--resume"], tmp_path))
-    after = run.read_jsonl(out / "cots.jsonl")
-    assert sorted(c["id"] for c in after) == ids                    # nothing lost, nothing twice
-    assert after[:len(before)] == before                            # records written before the kill kept
-    assert [m["step"] for m in run.read_jsonl(out / "metrics.jsonl")] == [0, 1]
-    # training resumes from the checkpoint: a third step continues the log, the old two stay
-    ok(launch("rise_cot.py", [a if a != "2" else "3" for a in args] + ["--resume"], tmp_path))
-    assert [m["step"] for m in run.read_jsonl(out / "metrics.jsonl")] == [0, 1, 2]
-
-
-# ---------------------------------------------------------------- faults real runs meet (preemption, ranks)
-FAULTS = """
-import os, time
-spec = dict(item.split("=") for item in os.environ.get("RISE_FAULTS", "").split(",") if item)
-rank = int(os.environ.get("RANK", "-1"))
-if spec and rank >= 0:                       # a launched rank (not the launcher itself)
-    import torch
-    import grpo
-    if "nan_rank" in spec:                    # a non-finite loss on one rank only (a bf16 overflow on one GPU)
-        real_loss, calls = grpo.grpo_loss, [0]
-        def grpo_loss(*a, **k):
-            loss, stats = real_loss(*a, **k)
-            calls[0] += 1
-            if rank == int(spec["nan_rank"]) and calls[0] == int(spec["nan_call"]):
-                loss = loss * float("nan")
-            return loss, stats
-        grpo.grpo_loss = grpo_loss
-    if "slow_rank" in spec:                   # a slow disk on one rank: its files of one checkpoint come late
-        real_save = torch.save
-        def save(obj, f, *a, **k):
-            if rank == int(spec["slow_rank"]) and spec["slow_tag"] in str(f):
-                time.sleep(float(spec["slow_seconds"]))
-            return real_save(obj, f, *a, **k)
-        torch.save = save
-"""
-
-
-def launch_with_faults(args, cwd, faults, ranks=2, port=29551):
-    """Popen of `deepspeed --num_gpus N rise_cot.py ARGS` whose ranks import the FAULTS sitecustomize:
-    faults = "key=value,..." (nan_rank/nan_call, slow_rank/slow_tag/slow_seconds)."""
-    site = Path(cwd) / "faults"
-    site.mkdir(exist_ok=True)
-    (site / "sitecustomize.py").write_text(FAULTS)
-    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1", RISE_FAULTS=faults)
-    return subprocess.Popen(["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), str(ROOT / "rise_cot.py")]
-                            + [str(a) for a in args], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def rank_pid(launcher, rank):
-    """The pid of one rank's worker under a deepspeed launcher process."""
-    import psutil
-    for child in psutil.Process(launcher.pid).children(recursive=True):
-        if any(a == f"--local_rank={rank}" for a in child.cmdline()):
-            return child.pid
-    return None
-
-
-def wait_for(proc, condition, timeout=600):
-    deadline = time.time() + timeout
-    while time.time() < deadline and proc.poll() is None and not condition():
-        time.sleep(0.05)
-    assert proc.poll() is None, "the run ended before the fault: " + proc.communicate()[0][-3000:]
-
-
-def rewards_by_step(out):
-    return [(m["step"], round(m["reward"], 5), round(m["loss"], 5), m["skipped"])
-            for m in run.read_jsonl(out / "metrics.jsonl")]
-
-
-def test_sigterm_on_one_rank_and_nan_on_one_rank_resume_exactly(tiny_dir, rise_world, tmp_path):
-    """Two ranks (ZeRO-2), RISE-CoT. A non-finite loss on rank 1 only at step 1: both ranks skip that update
-    (the decision is all-reduced: a rank that skipped alone left the other waiting in backward forever).
-    SIGTERM (what SLURM sends before it kills) to rank 1 only after step 2: both ranks checkpoint and exit 143.
-    --resume then gives every step's reward exactly as the same run uninterrupted: each rank's own RNG comes
-    back (a checkpoint that held rank 0's only made both ranks draw alike), nothing is lost or logged twice."""
-    manifest = rise_world / "soft_cls" / "train.jsonl"
-    args = ["--model", SHIPPED_BASE, "--data", manifest, "--max-steps", "5", "--save-every", "100",
-            "--harvest-batch-size", "2", *SMALL, "--rec-max-new-tokens", "40"]   # rewards that vary: the base's
-    nan = "nan_rank=1,nan_call=2"
-    whole = launch_with_faults(args + ["--out", tmp_path / "whole"], tmp_path, nan)
-    assert whole.wait(timeout=900) == 0, whole.communicate()[0][-3000:]
-    expected = rewards_by_step(tmp_path / "whole")
-    assert [s for s, _, _, skipped in expected if skipped] == [1] and len(expected) == 5
-    assert len({r for _, r, _, _ in expected}) > 2                       # the rewards differ from step to step
-    out = tmp_path / "stopped"
-    proc = launch_with_faults(args + ["--out", out], tmp_path, nan, port=29552)
-    wait_for(proc, lambda: lines(out / "metrics.jsonl") >= 2)
-    os.kill(rank_pid(proc, 1), signal.SIGTERM)
-    log = proc.communicate(timeout=600)[0]
-    assert proc.returncode != 0 and "stopped by a signal" in log, log[-3000:]
-    state = json.loads((out / "ckpt" / "state.json").read_text())
-    assert 2 <= state["step"] < 5 and len(run.read_jsonl(out / "metrics.jsonl")) == state["step"]
-    resumed = launch_with_faults(args + ["--out", out, "--resume"], tmp_path, "", port=29553)
-    assert resumed.wait(timeout=900) == 0, resumed.communicate()[0][-3000:]
-    assert rewards_by_step(out) == expected
-
-
-def test_a_checkpoint_counts_only_once_every_rank_has_written_it(tiny_dir, rise_world, tmp_path):
-    """Two ranks (ZeRO-2), a checkpoint every step; rank 1's disk is slow for the second one and the job is
-    killed while rank 0's files of it are on disk. --resume takes the last complete checkpoint (the first),
-    says so, and the run ends with every step logged once."""
-    manifest = rise_world / "soft_cls" / "train.jsonl"
-    out = tmp_path / "run"
-    args = ["--model", tiny_dir, "--data", manifest, "--out", out, "--max-steps", "3", "--save-every", "1",
-            "--harvest-batch-size", "2", *SMALL, "--max-new-tokens", "4", "--rec-max-new-tokens", "4"]
-    proc = launch_with_faults(args, tmp_path, "slow_rank=1,slow_tag=save2,slow_seconds=120", port=29554)
-    wait_for(proc, lambda: (out / "ckpt" / "save2" / "mp_rank_00_model_states.pt").exists())
-    os.killpg(proc.pid, signal.SIGKILL)                           # the whole job, as a node failure would
-    proc.communicate()
-    assert json.loads((out / "ckpt" / "state.json").read_text())["tag"] == "save1"
-    resumed = launch_with_faults(args + ["--resume"], tmp_path, "", port=29555)
-    log = resumed.communicate(timeout=900)[0]
-    assert resumed.returncode == 0, log[-3000:]
-    assert "ignoring incomplete checkpoint(s) save2: resuming from save1 (step 1)" in log
-    assert [m["step"] for m in run.read_jsonl(out / "metrics.jsonl")] == [0, 1, 2]
-
-
-def test_resume_under_another_zero_stage_says_what_changed(tiny_dir, rise_world, tmp_path):
-    out = tmp_path / "run"
-    args = ["--model", tiny_dir, "--data", rise_world / "det" / "train.jsonl", "--out", out, "--max-steps", "1",
-            "--harvest-batch-size", "6", *SMALL, "--max-new-tokens", "4", "--rec-max-new-tokens", "4"]
-    ok(launch("rise_cot.py", args + ["--deepspeed", ROOT / "ds_zero2.json"], tmp_path))
-    proc = launch("rise_cot.py", args + ["--deepspeed", ROOT / "ds_zero3.json", "--resume"], tmp_path)
-    assert proc.returncode != 0
-    assert "saved under ZeRO-2 and this run uses ZeRO-3: resume with --deepspeed ds_zero2.json" in proc.stderr
-
-
-def test_the_default_data_is_written_once_per_machine_and_never_torn(tmp_path, monkeypatch):
-    """run.shapes_world: on a machine only LOCAL_RANK 0 writes the cache's shapes world (the other ranks
-    wait at the barrier); two machines sharing the cache both write, each into a folder of its own renamed
-    into place, so the result is the one a single writer makes, byte for byte."""
-    monkeypatch.setattr(vlm, "CACHE", tmp_path / "one")
-    monkeypatch.setenv("LOCAL_RANK", "1")
-    assert not run.shapes_world(0, n_train=2, n_test=1).exists()          # rank 1 of a machine writes nothing
-    monkeypatch.setenv("LOCAL_RANK", "0")
-    single = run.shapes_world(0, n_train=2, n_test=1)
-    code = ("import sys, run, vlm\nfrom pathlib import Path\nvlm.CACHE = Path(sys.argv[1])\n"
-            "print(run.shapes_world(0, n_train=2, n_test=1))")
-    env = dict(os.environ, PYTHONPATH=str(ROOT), LOCAL_RANK="0")
-    nodes = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "shared")], env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
-    paths = {n.communicate(timeout=300)[0].strip() for n in nodes}
-    assert all(n.returncode == 0 for n in nodes) and len(paths) == 1
-    shared = Path(paths.pop())
-    assert _hashes(shared) == _hashes(single)
-    assert [p.name for p in (tmp_path / "shared").iterdir()] == [shared.name]      # no temporary folder left
-
-
-def test_rise_samples_that_cannot_be_processed_are_skipped_counted_and_listed(tiny, rise_world, tmp_path):
-    """run.usable with each RISE script's check: a page the processor refuses (600x2, aspect ratio 300)
-    and a prompt over --max-prompt-len are skipped and listed once in OUT/skipped.jsonl (also when the
-    check runs again, as on --resume); the good samples stay, in order."""
-    model, processor = tiny
-    records = data.read_manifest(rise_world / "soft_cls" / "train.jsonl", "cls")[0][:2]
-    Image.new("RGB", (600, 2), "white").save(tmp_path / "strip.png")
-    Image.new("RGB", (1024, 768), "white").save(tmp_path / "photo.png")
-    bad = [dict(records[0], id="strip", image_path=str(tmp_path / "strip.png")),
-           dict(records[0], id="photo", image_path=str(tmp_path / "photo.png"))]
-
-    def length(rec, style):
-        image = data.open_image(rec["image_path"])
-        conv = [vlm.user_turn(rise_r1.prompt(style, rec, image, model, processor))]
-        return int(vlm.chat_inputs(processor, [conv], [[image]])["attention_mask"].sum())
-
-    limit = max(length(r, "r1") for r in records)
-    assert length(bad[1], "r1") > limit
-    for _ in range(2):
-        kept, skipped = run.usable(records[:1] + bad + records[1:],
-                                   lambda r: rise_r1.sample_problem(r, model, processor, "r1", limit), 0, 1, tmp_path)
-        assert [r["id"] for r in kept] == [r["id"] for r in records]
-    listed = run.read_jsonl(tmp_path / "skipped.jsonl")
-    assert [(r["id"], r["split"]) for r in listed] == [("strip", "train"), ("photo", "train")]
-    assert "aspect ratio" in listed[0]["reason"] and "max_prompt_len" in listed[1]["reason"]
-    args = rise_cot.parse_args(["--preset", "tiny", "--max-prompt-len", "10000"])
-    assert rise_cot.sample_problem(records[0], model, processor, args) is None
-    assert "aspect ratio" in rise_cot.sample_problem(bad[0], model, processor, args)
-    args.max_prompt_len = 20                            # shorter than any prompt with an image
-    assert "max_prompt_len" in rise_cot.sample_problem(records[0], model, processor, args)
-    with pytest.raises(SystemExit, match="every one of the 1 train samples"):
-        run.usable(bad[:1], lambda r: rise_cot.sample_problem(r, model, processor, args), 0, 1)
-
-
-def test_rise_r1_kill_in_sft_and_resume_logs_every_record_once(tiny_dir, rise_world, tmp_path):
-    """kill -9 in the SFT after its step 2 was logged (checkpoint at step 2), then --resume: the
-    D_high record, every SFT step and every GRPO step exactly once, in order."""
-    train = rise_world / "soft_cls" / "train.jsonl"
-    cots = tmp_path / "cots.jsonl"
-    cots.write_text("".join(json.dumps({"id": json.loads(line)["id"], "cot": "A large warm round shape.",
-                                        "reward": 1.0}) + "\n" for line in train.read_text().splitlines()))
-    out = tmp_path / "run"
-    args = ["--model", tiny_dir, "--data", train, "--cots", cots, "--tau", "0", "--out", out, "--sft-steps", "6",
-            "--max-steps", "2", "--save-every", "2", "--preset", "tiny", "-G", "2", "--batch-size", "1",
-            "--max-new-tokens", "8"]
-    kill_when("rise_r1.py", args, tmp_path, lambda: lines(out / "metrics.jsonl") >= 4)   # D_high + SFT 0, 1, 2
-    assert lines(out / "metrics.jsonl") < 1 + 6 + 2
-    ok(launch("rise_r1.py", args + ["--resume"], tmp_path))
-    got = [(m["stage"], m["step"], "loss" in m) for m in run.read_jsonl(out / "metrics.jsonl")]
-    assert got == [("sft", 0, False)] + [("sft", k, True) for k in range(6)] + [("grpo", k, True) for k in range(2)]
-
-
-def test_leaking_cot_gets_zero_reward_inside_the_loop(tiny, rise_world, monkeypatch):
-    """Inject two CoTs into a real rollout: the same description with and without a leaked
-    probability, both followed by a perfect reconstruction. The closed loop must give the
-    leaking one 0 and the clean one the full similarity."""
-    model, processor = tiny
-    record = data.read_manifest(rise_world / "soft_cls" / "train.jsonl", "cls")[0][0]
-    image = Image.open(record["image_path"]).convert("RGB")
-    gt = dict(zip(record["classes"], record["probs"]))
-    perfect = data.format_probs(record["classes"], record["probs"])
-    injected = {0: "There is a large round shape covering 0.5 of the picture.",   # leaks a probability
-                1: "There is a large round shape covering most of the picture."}
-    real_sample = vlm.sample
-
-    def sample_with_injection(*a, **k):
-        out = real_sample(*a, **k)
-        prompt_text = processor.tokenizer.decode(out["prompt"]["input_ids"][0])
-        for row, text in injected.items():
-            out["texts"][row] = perfect if "Description:" in prompt_text else text
-        return out
-
-    monkeypatch.setattr(rise_cot.vlm, "sample", sample_with_injection)
-    args = rise_cot.parse_args(["--preset", "tiny", "-G", "2", "--max-new-tokens", "8", "--rec-max-new-tokens", "8"])
-    cots, recs, scored = rise_cot.closed_loop(model, processor, [record], [image], [gt], args, 2)
-    assert cots["texts"] == [injected[0], injected[1]] and recs["texts"] == [perfect, perfect]
-    assert scored[0]["leak"] and scored[0]["reward"] == 0.0
-    assert not scored[1]["leak"] and scored[1]["reward"] == pytest.approx(R.cls_similarity(gt, gt))
-    assert scored[1]["reward"] > 0.99                   # exp(-0.5 KL - 0.5 MSE) * exp(-|1 - 1|) with KL = MSE = 0
-
-
-def test_rise_r1_sft_target_is_think_answer_and_masks_the_prompt(tiny, rise_world):
-    model, processor = tiny
-    record = data.read_manifest(rise_world / "det" / "train.jsonl", "det")[0][0]
-    image = Image.open(record["image_path"]).convert("RGB")
-    conv = rise_r1.sft_conversation(record, "The red circle is at the top.", image, model, processor)
-    batch = vlm.chat_inputs(processor, [conv], [[image]], add_generation_prompt=False)
-    target = processor.tokenizer.decode(batch["input_ids"][0][vlm.assistant_mask(batch["input_ids"], processor)[0].bool()])
-    # a 112x112 image: the box is written in Qwen2-VL's 0..1000 frame (x * 1000 / 112, rounded)
-    x1, y1, x2, y2 = record["boxes"][0]
-    box = [round(v * 1000 / 112) for v in (x1, y1, x2, y2)]
-    assert target == f"<think>The red circle is at the top.</think><answer>[{box[0]},{box[1]},{box[2]},{box[3]}]</answer><|im_end|>"
-    assert "Find" not in target                         # nothing of the prompt is a target
-
-
-def test_rise_r1_and_rise_cot_write_qwen25_boxes_in_resized_pixels(tiny):
-    # Qwen2.5-VL writes pixels of the processor's resized input. The tiny processor (factor 28, max
-    # 224*224 = 50176 pixels) resizes 640x480 (307200 px): beta = sqrt(307200 / 50176) = 2.4744;
-    # 480 / 2.4744 / 28 = 6.93 -> 6 * 28 = 168, 640 / 2.4744 / 28 = 9.24 -> 9 * 28 = 252.
-    # [100,100,200,200] -> x * 252/640 = 39.4, 78.75; y * 168/480 = 35, 70 -> [39, 35, 79, 70].
-    model, processor = tiny
-    qwen25 = type("M", (), {"config": type("C", (), {"model_type": "qwen2_5_vl"})()})()
-    record = {"target": "the cat", "boxes": [[100, 100, 200, 200]]}
-    image = Image.new("RGB", (640, 480))
-    assert rise_r1.annotation(record, image, qwen25, processor) == ([[39, 35, 79, 70]], "[39, 35, 79, 70]")
-    assert rise_cot.annotation(record, image, qwen25, processor) == [[39, 35, 79, 70]]
-    with pytest.raises(ValueError, match="pass the processor"):       # never an AttributeError
-        vlm.to_model_frame([100, 100, 200, 200], "qwen2_5_vl", (640, 480))
-
-
-def test_few_shot_rows_take_k_per_class_except_for_lisa():
-    # RISE (arXiv 2508.13229), Results: "LISA uses 4/16 total samples, while Emotion6 uses 4/16 samples per
-    # class"; ImageNet-Sub and COCO-Sub: "4/16 samples per class".
-    coco = [{"id": f"c{c}-{i}", "target": name, "boxes": [[0, 0, 1, 1]], "category_id": c}
-            for c, (name, n) in enumerate([("cat", 5), ("dog", 4), ("bus", 1)]) for i in range(n)]
-    picked = rise_r1.few_shot(coco, "det", 2, seed=0)
-    count = lambda rs, key: {v: sum(r[key] == v for r in rs) for v in {r[key] for r in rs}}  # noqa: E731
-    assert count(picked, "target") == {"cat": 2, "dog": 2, "bus": 1}          # 2 per class, all of a rare one
-    lisa = [{"id": f"l{i}", "target": f"the thing {i}", "boxes": [[0, 0, 1, 1]]} for i in range(10)]
-    assert len(rise_r1.few_shot(lisa, "det", 4, seed=0)) == 4                 # 4 in total
-    emotion = [{"id": f"e{i}", "classes": ["joy", "fear"], "probs": [0.9, 0.1] if i < 6 else [0.2, 0.8]}
-               for i in range(9)]
-    cls = rise_r1.few_shot(emotion, "cls", 2, seed=0)
-    assert sorted(r["probs"][0] > 0.5 for r in cls) == [False, False, True, True]   # 2 joy + 2 fear
-    assert rise_r1.few_shot(coco, "det", 2, seed=0) == picked                  # seeded
-
-
-def test_rise_r1_eval_counts_unparsable_instead_of_crashing(tiny, rise_world):
-    model, processor = tiny
-    records = data.read_manifest(rise_world / "soft_cls" / "test.jsonl", "cls")[0]
-    preds = rise_r1.predict(model, processor, records, "cls", max_new_tokens=6)   # a random model: garbage
-    metrics = rise_r1.metrics_of(preds, records, "cls")
-    assert metrics["n"] == 4 and metrics["unparsable"] == sum(not p["parsed"] for p in preds)
-    # hand-made predictions: one exact, one unparsable. JSD: 0 and ln 2 -> mean ln2 / 2
-    exact = {"id": records[0]["id"], "parsed": True, "probs": records[0]["probs"], "jsd": 0.0,
-             "label": records[0]["classes"][max(range(4), key=lambda i: records[0]["probs"][i])]}
-    broken = {"id": records[1]["id"], "parsed": False, "probs": None, "jsd": math.log(2), "label": None}
-    m = rise_r1.metrics_of([exact, broken], records[:2], "cls")
-    assert m["unparsable"] == 1 and m["jsd"] == pytest.approx(math.log(2) / 2) and m["accuracy"] == 0.5
-    # detection: an unparsable answer has no boxes -> AP counts it as a miss
-    det = data.read_manifest(rise_world / "det" / "test.jsonl", "det")[0][:2]
-    det[1] = dict(det[1], target=det[0]["target"])      # one class, two GT boxes
-    m = rise_r1.metrics_of([{"parsed": True, "boxes": det[0]["boxes"]}, {"parsed": False, "boxes": []}], det, "det")
-    # one of two GT boxes found, with precision 1 at recall 0.5: 101-point AP = 51/101
-    assert m["unparsable"] == 1 and m["map50"] == pytest.approx(51 / 101)
-
-
-# ====================================================================================================
-# seg_rise.py: Seg-RISE
-# ====================================================================================================
-# ============================================================================ answers and frames
-def test_frames_both_ways_both_families(tiny):
-    _, processor = tiny
-    wide = Image.new("RGB", (200, 100))
-    # Qwen2-VL: 0..1000 of the original image. 200x100: x_px = x / 5, y_px = y / 10.
-    assert S.frame_size(wide, "qwen2_vl") == (1000, 1000)
-    assert S.box_to_pixels([100, 100, 500, 500], wide, "qwen2_vl") == [20, 10, 100, 50]
-    assert S.point_to_pixels([250, 300], wide, "qwen2_vl") == [50, 30]
-    assert S.point_to_model_frame([50, 30], wide, "qwen2_vl") == [250, 300]
-    # Qwen2.5-VL: pixels of the resized input. The tiny processor (factor 28, max 224*224 pixels)
-    # resizes 560x280 to 308x140 (see test_all.test_box_frames_both_ways_for_both_model_families):
-    # x scales by 308/560 = 0.55, y by 140/280 = 0.5.
-    big = Image.new("RGB", (560, 280))
-    assert S.frame_size(big, "qwen2_5_vl", processor) == (308, 140)
-    assert S.box_to_pixels([55, 50, 110, 100], big, "qwen2_5_vl", processor) == approx([100, 100, 200, 200])
-    assert S.point_to_pixels([110, 70], big, "qwen2_5_vl", processor) == approx([200, 140])
-    assert S.point_to_model_frame([200, 140], big, "qwen2_5_vl", processor) == [110, 70]
-    # read_answer: the whole completion -> box and points in pixels, for both families (shapes-world format)
-    text = '<think>t</think><answer>{"bbox": [55, 50, 110, 100], "points": [[110, 70], [66, 60]]}</answer>'
-    box, pts = S.read_answer(text, big, "qwen2_5_vl", processor, shapes=True)
-    assert box == approx([100, 100, 200, 200]) and pts == [approx([200, 140]), approx([120, 120])]
-    box, pts = S.read_answer(text, wide, "qwen2_vl", shapes=True)
-    assert box == approx([11, 5, 22, 10]) and pts == [approx([22, 7]), approx([13.2, 6])]
-
-
-@pytest.mark.parametrize("text, box, n_points", [
-    ('<think>a</think><answer>{"bbox": [100, 200, 300, 400], "points": [[150, 250], [200, 300]]}</answer>',
-     [20, 20, 60, 40], 2),
-    ('<answer>{"bbox": [100, 200, 300, 400]}</answer>', [20, 20, 60, 40], 0),              # no points
-    ('{"bbox": [100, 200, 300, 400], "points": [[1, 2], [3, 4]]}', [20, 20, 60, 40], 2),  # --no-cot, no tags
-    ('<answer>{"bbox": [300, 200, 100, 400], "points": [[1, 2], [3, 4]]}</answer>', None, 0),  # inverted
-    ('<answer>{"bbox": [NaN, 200, 300, 400]}</answer>', None, 0),
-    ('<answer>{"bbox": ["1", "2", "3", "4"]}</answer>', None, 0),                         # strings
-    ('<answer>{"bbox": [true, 2, 3, 4]}</answer>', None, 0),                              # bool
-    ('<answer>{"box": [1, 2, 3, 4]}</answer>', None, 0),
-    ('<answer>a</answer><answer>{"bbox": [1, 2, 3, 4]}</answer>', None, 0),                # two blocks
-    ("", None, 0), ("{" * 5000, None, 0), ("x" * 10000, None, 0),
-])
-def test_read_answer_formats_and_garbage(text, box, n_points):
-    image = Image.new("RGB", (200, 100))            # Qwen2-VL frame: x / 5, y / 10
-    got_box, pts = S.read_answer(text, image, "qwen2_vl", shapes=True)     # the shapes world's "points"
-    assert (got_box is None) if box is None else got_box == approx(box)
-    assert len(pts) == n_points
-    assert S.read_answer(text, image, "qwen2_vl", points=False, shapes=True)[1] == []
-
-
-@pytest.mark.parametrize("text, box", [
-    ('```json\n[\n\t{"bbox_2d": [100, 250, 500, 750], "label": "the red circle"}\n]\n```', [20, 25, 100, 75]),
-    ('[{"bbox_2d": [100, 250, 500, 750]}, {"bbox_2d": [0, 0, 10, 10]}]', [20, 25, 100, 75]),   # the first
-    ('{"bbox": [100, 250, 500, 750]}', [20, 25, 100, 75]),
-    ("<|box_start|>(100,250),(500,750)<|box_end|>", [20, 25, 100, 75]),      # Qwen2-VL's own box tokens
-    ('{"bbox_2d": [500, 250, 100, 750]}', None),                             # inverted
-    ('{"bbox_2d": [100, 250, "500", 750]}', None), ("the red circle is on the left", None), ("", None),
-])
-def test_grounding_eval_prompt_and_answer(tiny, text, box):
-    """Issue 13 item 7: --eval-prompt grounding asks a real checkpoint its own grounding question word
-    for word (Qwen2.5-VL's RefCOCO prompt: no frame note, no points) and reads its "bbox_2d" JSON or
-    Qwen2-VL's box tokens; a 200x100 image in Qwen2-VL's 0..1000 frame: x / 5, y / 10."""
-    _, processor = tiny
-    image, rec = Image.new("RGB", (200, 100)), {"instruction": "the red circle"}
-    args = argparse.Namespace(eval_prompt="grounding", cot=True, points=True)
-    assert S.eval_prompt(rec, image, "qwen2_vl", processor, args) == \
-        "Locate the red circle, output its bbox coordinates using JSON format."
-    got, points = S.eval_answer(text, image, "qwen2_vl", processor, args)
-    assert (got is None if box is None else got == approx(box)) and points == []
-    args.eval_prompt = "seg"                   # the default: the training prompt and its reading
-    assert S.eval_prompt(rec, image, "qwen2_vl", processor, args) == S.prompt_text(
-        "the red circle", frame=(1000, 1000))
-    assert S.eval_answer(text, image, "qwen2_vl", processor, args) == S.read_answer(text, image, "qwen2_vl")
-
-
-def test_box_format_reward_no_points():
-    ok = '<answer>{"bbox": [0, 0, 1000, 1000]}</answer>'
-    assert R.seg_box_format_reward(ok, 1000, 1000) == 1.0
-    assert R.seg_box_format_reward(ok, 999, 1000) == 0.0                       # x2 outside the frame
-    assert R.seg_box_format_reward('<answer>{"bbox": [-1, 0, 5, 5]}</answer>', 1000, 1000) == 0.0
-    assert R.seg_box_format_reward('<answer>{"points": [[1, 2], [3, 4]]}</answer>', 1000, 1000) == 0.0
-    assert R.seg_box_format_reward(None, 10, 10) == 0.0
-
-
-def test_prompts_and_ablation_switches(tiny_dir):
-    assert S.prompt_text("the red circle", shapes=True) == data.SEG_PROMPT.format(instruction="the red circle")
-    assert S.prompt_text("x", cot=False, shapes=True) == data.SEG_PROMPT_NO_COT.format(instruction="x")
-    for cot in (True, False):
-        p = S.prompt_text("the red circle", cot=cot, points=False, shapes=True)
-        assert "bbox" in p and "points" not in p and ("<think>" in p) == cot
-    args = S.parse_args(["--model", str(tiny_dir)])
-    assert args.terms == ["sem", "think", "seg"] and args.cot and args.points
-    assert (args.lr, args.num_generations, args.beta) == (S.TINY["lr"], S.TINY["num_generations"], S.TINY["beta"])
-    args = S.parse_args(["--model", str(tiny_dir), "--reward", "think,seg", "--no-points", "--lr", "0.5"])
-    assert args.terms == ["think", "seg"] and not args.points and args.lr == 0.5
-    assert S.parse_args(["--model", str(tiny_dir), "--no-cot"]).terms == ["sem", "seg"]   # no R_think
-    # a real model gets the paper's defaults: G 8, lr 1e-6, KL 5e-3
-    args = S.parse_args(["--model", "Qwen/Qwen2.5-VL-3B-Instruct"])
-    assert (args.num_generations, args.lr, args.beta) == (8, 1e-6, 5e-3)
-    for bad in (["--reward", "sem,size"], ["--reward", ""], ["--reward", "think", "--no-cot"]):
-        with pytest.raises(SystemExit):
-            S.parse_args(["--model", str(tiny_dir), *bad])
-
-
-# ============================================================================ the reward pipeline
-class StubClip(torch.nn.Module):
-    """encode_image: the mean (red, green) of the crop; encode_text: a fixed direction. Counts calls."""
-
-    def __init__(self, direction):
-        super().__init__()
-        self.dummy = torch.nn.Parameter(torch.zeros(1))
-        self.direction = torch.tensor(direction, dtype=torch.float32)
-        self.image_calls = self.text_calls = 0
-        self.batch_sizes = []
-
-    def encode_image(self, x):
-        self.image_calls += 1
-        self.batch_sizes.append(len(x))
-        return x[:, :2].mean((2, 3))
-
-    def encode_text(self, tokens):
-        self.text_calls += 1
-        return self.direction.expand(len(tokens), -1).clone()
-
-
-def seg_stub_preprocess(im):   # nearest-neighbour: a half/half crop stays exactly half/half
-    a = np.asarray(im.convert("RGB").resize((10, 10), Image.NEAREST), dtype=np.float32) / 255
-    return torch.from_numpy(a).permute(2, 0, 1)
-
-
-def red_green(w=200, h=100):
-    a = np.zeros((h, w, 3), np.uint8)
-    a[:, :w // 2, 0] = 255     # left half red
-    a[:, w // 2:, 1] = 255     # right half green
-    return Image.fromarray(a)
-
-
-def ans(box, points=((250, 500), (100, 100)), think="the red half"):
-    body = {"bbox": list(box)} if points is None else {"bbox": list(box), "points": [list(p) for p in points]}
-    return (f"<think>{think}</think>" if think else "") + f"<answer>{json.dumps(body)}</answer>"
-
-
-TEXTS = [ans([0, 0, 500, 1000]),            # -> pixels [0, 0, 100, 100]: all red, cos 1
-         ans([500, 0, 1000, 1000]),         # -> [100, 0, 200, 100]: all green, cos 0
-         ans([250, 0, 750, 1000]),          # -> [50, 0, 150, 100]: half/half, cos .5/sqrt(.5) = 0.707107
-         ans([0, 0, 500, 1000], points=None, think=None),   # valid box, no think, no points
-         "garbage with no answer",
-         ans([0, 0, 1200, 1000])]           # beyond the frame: R_seg 0; crop clipped -> whole image, 0.707107
-# (sem, think, seg) of each, by hand
-EXPECTED = [(1.0, 1, 1), (0.0, 1, 1), (0.707107, 1, 1), (1.0, 0, 0), (0.0, 0, 0), (0.707107, 1, 0)]
-
-
-def test_seg_rewards_by_hand_crops_in_pixels():
-    model, counting = StubClip([1.0, 0.0]), []
-    tok = lambda t: (counting.append(list(t)), torch.zeros(len(t), 4, dtype=torch.long))[1]  # noqa: E731
-    clip = (model, seg_stub_preprocess, tok)
-    image = red_green()
-    out = S.seg_rewards(TEXTS, [0] * len(TEXTS), [image], ["the red half"], clip, "qwen2_vl", shapes=True)
-    for got, (sem, think, seg) in zip(out, EXPECTED):
-        assert got["sem"] == approx(sem, abs=1e-6) and got["think"] == think and got["seg"] == seg
-        assert got["reward"] == approx(sem + think + seg, abs=1e-6)
-    # the group's 5 valid crops in ONE image batch, the text once
-    assert model.image_calls == 1 and model.batch_sizes == [5] and model.text_calls == 1
-    # a reward subset sums only its terms; the components are still reported
-    out = S.seg_rewards(TEXTS, [0] * len(TEXTS), [image], ["the red half"], clip, "qwen2_vl", terms=["think", "seg"],
-                        shapes=True)
-    assert [o["reward"] for o in out] == [2, 2, 2, 0, 0, 1] and out[0]["sem"] == approx(1.0)
-    # --no-cot: no R_think; --no-points: a box alone is a valid segmentation answer
-    out = S.seg_rewards(TEXTS, [0] * len(TEXTS), [image], ["x"], clip, "qwen2_vl", cot=False, points=False)
-    assert [o["think"] for o in out] == [0] * 6 and [o["seg"] for o in out] == [1, 1, 1, 1, 0, 0]
-
-
-def test_seg_rewards_groups_batch_equals_single_and_text_cache():
-    model = StubClip([1.0, 0.0])
-    calls = []
-    tok = lambda t: (calls.append(list(t)), torch.zeros(len(t), 4, dtype=torch.long))[1]  # noqa: E731
-    clip, cache = (model, seg_stub_preprocess, tok), {}
-    images = [red_green(), red_green(120, 60)]
-    texts = TEXTS[:3] + TEXTS[:3]
-    prompt_index = [0, 0, 0, 1, 1, 1]
-    batch = S.seg_rewards(texts, prompt_index, images, ["red", "red"], clip, "qwen2_vl", text_cache=cache)
-    assert model.image_calls == 2 and calls == [["red"]]      # one crop batch per prompt, one text pass
-    plain = (model, seg_stub_preprocess, lambda t: torch.zeros(len(t), 4, dtype=torch.long))
-    single = [S.seg_rewards([t], [0], [images[o]], ["red"], plain, "qwen2_vl")[0] for t, o in zip(texts, prompt_index)]
-    assert [b["reward"] for b in batch] == approx([s["reward"] for s in single], abs=1e-6)
-    # the second image is 120x60: [0, 0, 500, 1000] -> [0, 0, 60, 60], its red half: cos 1 again
-    assert batch[3]["sem"] == approx(1.0)
-    # later steps reuse the cached text embedding; a new instruction is embedded once
-    S.seg_rewards(texts, prompt_index, images, ["red", "green"], clip, "qwen2_vl", text_cache=cache)
-    assert calls == [["red"], ["green"]]
-
-
-def test_seg_rewards_real_open_clip_batch_equals_single(clip_dir):
-    clip = S.load_clip("shapes", clip_dir)
-    image = red_green(112, 112)
-    texts = [ans([0, 0, 500, 1000]), ans([100, 100, 900, 700]), "nope", ans([10, 10, 20, 990])]
-    batch = S.seg_rewards(texts, [0] * 4, [image], ["the red square"], clip, "qwen2_vl")
-    single = [S.seg_rewards([t], [0], [image], ["the red square"], clip, "qwen2_vl")[0] for t in texts]
-    assert [b["sem"] for b in batch] == approx([s["sem"] for s in single], abs=1e-5)
-    assert batch[2]["sem"] == 0.0 and all(0.0 <= b["sem"] <= 1.0 for b in batch)
-
-
-# ============================================================================ the shapes CLIP
-def test_clip_loss_by_hand():
-    # 2 crops, both caption 0, all logits 0. image->text: CE over 2 captions = ln 2 each.
-    # text->image: caption 0's positives are both crops: -log(1/2 + 1/2) = 0; caption 1 absent.
-    loss = tiny_py.clip_loss(torch.zeros(2, 2), torch.tensor([0, 0]))
-    assert loss.item() == approx(math.log(2) / 2)
-    # a confident, correct batch has a small loss; swapping the labels makes it large
-    logits = torch.tensor([[10.0, -10.0], [-10.0, 10.0]])
-    assert tiny_py.clip_loss(logits, torch.tensor([0, 1])).item() < 1e-3
-    assert tiny_py.clip_loss(logits, torch.tensor([1, 0])).item() > 10
-
-
-def test_shapes_clip_build_save_load_and_determinism(clip_dir, tmp_path):
-    cfg = json.loads((clip_dir / "config.json").read_text())
-    assert cfg["captions"][:12] == tiny_py.CAPTIONS and len(tiny_py.CAPTIONS) == 12
-    assert 0.0 <= cfg["zero_shot_accuracy"] <= 1.0 and cfg["n_crops"] > 0
-    model, preprocess, tokenizer = S.load_clip("shapes", clip_dir)
-    assert not model.training and not any(p.requires_grad for p in model.parameters())
-    crop = Image.new("RGB", (30, 17), (220, 40, 40))
-    assert preprocess(crop).shape == (3, 64, 64)
-    assert tokenizer(["the red circle"]).shape == (1, 16)
-    # the same seed rebuilds the same weights (on one thread count: both builds here)
-    a, b = (safetensors_load(tiny_py.build_shapes_clip(tmp_path / name, seed=0, steps=2, batch_size=16, n_scenes=12,
-                                                       log=lambda *a: None) / "model.safetensors") for name in "ab")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    with pytest.raises(SystemExit, match="holds no shapes CLIP"):
-        S.load_clip("shapes", tmp_path / "missing")
-    with pytest.raises(SystemExit, match="random CLIP"):
-        S.load_clip("ViT-B-32", None)                    # never a random CLIP by accident
-
-
-def test_clip_training_crops():
-    rng = np.random.default_rng(0)
-    box = [20, 30, 60, 70]                              # size 40: sides move by [-4.8, +8]
-    for _ in range(50):
-        j = tiny_py.jitter_box(box, rng)
-        assert 20 - 9 <= j[0] <= 20 + 5 and 60 - 5 <= j[2] <= 60 + 9 and j[0] < j[2] and j[1] < j[3]
-    scene = [{"color": "red", "shape": "circle", "box": [0, 0, 60, 112]}]
-    for _ in range(20):
-        b = tiny_py.background_box(scene, rng)
-        assert b is None or b[0] >= 60                  # never touches the shape
-    crops, labels = tiny_py.clip_batch(tiny_py.clip_scenes(3, 6), rng, 26)
-    assert crops.shape == (26, 3, 64, 64) and labels.max() <= 12 and labels.min() >= 0
-
-
-# ============================================================================ metrics and executors
-def square(h, w, y1, x1, y2, x2):
-    m = np.zeros((h, w), bool)
-    m[y1:y2, x1:x2] = True
-    return m
-
-
-def test_giou_ciou_hand_cases_match_mask_iou_stats():
-    g1, p1 = square(10, 10, 0, 0, 4, 4), square(10, 10, 0, 0, 2, 4)    # 8 of 16 pixels: IoU 0.5
-    g2 = square(10, 10, 5, 5, 7, 7)                                     # exact: 4 / 4
-    g3 = square(10, 10, 0, 0, 1, 1)                                     # missed (unparsable): 0 / 1
-    rows = []
-    for p, g, box in ((p1, g1, [0, 0, 4, 2]), (g2.copy(), g2, [5, 5, 7, 7]), (None, g3, None)):
-        inter, union = R.mask_counts(p, g)
-        rows.append({"box": box, "inter": inter, "union": union, "box_iou": 0.0})
-    assert [(r["inter"], r["union"]) for r in rows] == [(8, 16), (4, 4), (0, 1)]
-    got = S.summarise(rows)
-    # gIoU = (0.5 + 1 + 0) / 3 = 0.5;  cIoU = (8 + 4 + 0) / (16 + 4 + 1) = 12 / 21
-    assert got["giou"] == approx(0.5) and got["ciou"] == approx(12 / 21)
-    assert (got["giou"], got["ciou"]) == approx(R.mask_iou_stats([p1, g2, None], [g1, g2, g3]))
-    assert got["unparsable"] == 1 and got["n"] == 3
-    # an unparsable answer scores IoU 0 even against an empty mask (as mask_iou_stats); a parsed
-    # answer whose mask is empty vs an empty GT is a perfect answer
-    empty = np.zeros((3, 3), bool)
-    counts = dict(zip(("inter", "union"), R.mask_counts(None, empty)))
-    assert S.summarise([{"box": None, "box_iou": 0.0, **counts}])["giou"] == 0.0
-    assert S.summarise([{"box": [0, 0, 1, 1], "box_iou": 0.0, **counts}])["giou"] == 1.0
-    assert R.mask_iou_stats([None], [empty])[0] == 0.0 and R.mask_iou_stats([empty], [empty])[0] == 1.0
-
-
-def test_box_mask_rounds_outwards_and_clips():
-    m = S.box_mask((8, 6), [1.5, 2.2, 3.1, 9.0])        # x 1..4 (exclusive), y 2..6 (clipped)
-    np.testing.assert_array_equal(m, square(6, 8, 2, 1, 6, 4))
-
-
-def test_sam2_random_tiny_returns_one_hxw_mask(capsys):
-    pytest.importorskip("sam2")
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    predictor = S.load_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, "cpu")   # random weights
-    assert "RANDOM WEIGHTS" in capsys.readouterr().err                           # said loudly
-    image = data.render([{"color": "red", "shape": "circle", "box": [20, 30, 60, 70]}], 220)
-    mask = S.sam2_mask(predictor, image, [20, 30, 60, 70], [[40, 50], [35, 55]])
-    assert mask.shape == (112, 112) and mask.dtype == bool
-
-
-def test_evaluate_end_to_end_with_known_answers(tiny, seg_world, monkeypatch, tmp_path):
-    """evaluate() on shapes-seg_world test records with scripted answers: the GT box itself (in the
-    model's 0..1000 frame), a box on the wrong half, and garbage."""
-    model, processor = tiny
-    records, _ = data.read_manifest(seg_world / "seg" / "test.jsonl", "seg")
-    records = records[:3]
-    to_frame = lambda b: vlm.to_model_frame(b, "qwen2_vl", (112, 112))  # noqa: E731
-    texts = [ans(to_frame(records[0]["box"]), points=((500, 500), (510, 510))),
-             ans([0, 0, 10, 10]), "I cannot tell"]
-    monkeypatch.setattr(vlm, "sample", lambda *a, **k: {"texts": texts[:len(a[2]["input_ids"])]})
-    args = S.parse_args(["--model", "x", "--executor", "box", "--n-vis", "2"])
-    clip = (StubClip([1.0, 0.0]), seg_stub_preprocess, lambda t: torch.zeros(len(t), 4, dtype=torch.long))
-    rows = S.evaluate(model, processor, records, args, S.make_executor(args, "cpu"), vis_dir=tmp_path, clip=clip)
-    got = S.summarise(rows)
-    gt = [np.asarray(Image.open(r["mask_path"])) > 127 for r in records]
-    # row 0: the filled GT box vs the GT shape: IoU = shape pixels / box pixels (1 for a square)
-    x1, y1, x2, y2 = records[0]["box"]
-    iou0 = gt[0].sum() / ((x2 - x1) * (y2 - y1))
-    assert rows[0]["box_iou"] == approx(1.0, abs=0.02) and rows[0]["inter"] / rows[0]["union"] == approx(iou0, abs=0.03)
-    assert rows[0]["points"] == [approx([56, 56]), approx([57.12, 57.12])]
-    # row 1: a small box in the top-left corner: its filled box against the GT mask
-    corner = S.box_mask((112, 112), rows[1]["box"])
-    assert rows[1]["inter"] == int((corner & gt[1]).sum())
-    assert rows[2]["box"] is None and rows[2]["inter"] == 0 and rows[2]["union"] == int(gt[2].sum())
-    assert got["unparsable"] == 1 and got["n"] == 3
-    assert got["giou"] == approx(np.mean([r["inter"] / r["union"] for r in rows]))
-    # r_sem: the training reward of each predicted box (0 when unparsable), and its mean
-    image = Image.open(records[0]["image_path"]).convert("RGB")
-    assert rows[0]["r_sem"] == approx(R.clip_semantic_reward(*clip, image, [rows[0]["box"]], "x")[0])
-    assert rows[2]["r_sem"] == 0.0 and got["r_sem"] == approx(np.mean([r["r_sem"] for r in rows]))
-    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(f"{r['id']}.png" for r in records[:2])
-
-
-def test_eval_any_mask_encoding_and_unparsable_scores_zero(tiny, monkeypatch, tmp_path):
-    """Issue 14 example: a 3-sample set with GT masks saved 0/1 (two) and 0/255 (one), every answer
-    unparsable: gIoU 0 (it was 0.667: a 0/1 mask read as empty under `> 127`, and an empty prediction
-    vs an empty GT counted 1). Ours too: the exact box on masks saved 0/1, palette and RGB: gIoU 1."""
-    model, processor = tiny
-    image = Image.new("RGB", (40, 40), "white")
-    image.paste((0, 0, 0), (10, 10, 20, 20))                       # the object: x 10..19, y 10..19
-    image.save(tmp_path / "im.png")
-    truth = square(40, 40, 10, 10, 20, 20)
-    files = {"L 0/1": "m01.png", "L 0/255": "m255.png", "palette index 1 (VOC style)": "mp.png",
-             "RGB dark blue": "mrgb.png"}
-    for name, file in files.items():
-        MASK_ENCODINGS[name](truth).save(tmp_path / file)
-    order = ["m01.png", "m01.png", "m255.png", "mp.png", "mrgb.png"]
-    manifest = _write(tmp_path, [{"id": i, "image": "im.png", "instruction": "the black square", "mask": f}
-                                 for i, f in enumerate(order)])
-    records, _ = data.read_manifest(manifest, "seg")
-    args = S.parse_args(["--model", "x", "--executor", "box"])
-    texts = []
-    monkeypatch.setattr(vlm, "sample", lambda *a, **k: {"texts": texts[:len(a[2]["input_ids"])]})
-    texts[:] = ["no idea"] * 3
-    got = S.summarise(S.evaluate(model, processor, records[:3], args, S.make_executor(args, "cpu")))
-    assert (got["giou"], got["ciou"], got["unparsable"], got["n"]) == (0.0, 0.0, 3, 3)
-    # the exact box, in Qwen2-VL's 0..1000 frame of a 40x40 image: 10 px -> 250
-    texts[:] = [ans([250, 250, 500, 500], points=None)] * 3
-    rows = S.evaluate(model, processor, [records[0], records[3], records[4]], args, S.make_executor(args, "cpu"))
-    assert [(r["inter"], r["union"]) for r in rows] == [(100, 100)] * 3      # 10x10 pixels, in every encoding
-    assert S.summarise(rows)["giou"] == 1.0
-
-
-# ============================================================================ runs
-def test_one_rank_train_then_eval(tiny_dir, clip_dir, cache, tmp_path):
-    """python seg_rise.py: one GRPO step from a random tiny model, then --eval with the box executor
-    (a random model writes garbage: every answer unparsable, nothing crashes)."""
-    env = env_for(cache)
-    out = tmp_path / "run"
-    common = ["--model", str(tiny_dir), "--clip-ckpt", str(clip_dir), "--out", str(out), "-G", "2",
-              "--max-new-tokens", "8"]
-    proc = subprocess.run([sys.executable, str(ROOT / "seg_rise.py"), *common, "--max-steps", "1"],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert len(rows) == 1 and {"step", "loss", "reward", "reward_sem", "reward_think", "reward_seg"} <= rows[0].keys()
-    assert json.loads((out / "args.json").read_text())["reward"] == "sem,think,seg"
-    assert (out / "final" / "config.json").exists()
-    vis, evaluation = tmp_path / "vis", tmp_path / "eval"
-    proc = subprocess.run([sys.executable, str(ROOT / "seg_rise.py"), *common[:2], *common[4:], "--out", str(evaluation),
-                           "--model", str(out / "final"), "--eval", "--executor", "box", "--n-test", "3",
-                           "--save-vis", str(vis)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((evaluation / "eval.json").read_text())
-    assert {"giou", "ciou", "box_iou", "unparsable"} <= result.keys() and result["n"] == 3
-    assert 0 <= result["unparsable"] <= 3 and 0.0 <= result["giou"] <= 1.0
-    assert len((evaluation / "predictions.jsonl").read_text().splitlines()) == 3
-    assert len(list(vis.glob("*.png"))) == 3
-
-
-def test_one_overlong_sample_never_aborts_training_or_evaluation(tiny, tiny_dir, clip_dir, seg_world, cache,
-                                                                 tmp_path):
-    """Issue 14: a 1024x768 photo whose prompt exceeds --max-prompt-len stopped a whole evaluation
-    (exit 1, no eval.json). Now it is skipped, counted (eval.json skipped_samples, a predictions row
-    saying why, OUT/skipped.jsonl) and the three other samples are scored; training skips it too.
-    Ours too: an image the processor refuses (aspect ratio 300) in the same manifest."""
-    _, processor = tiny
-    records = [json.loads(line) for line in (seg_world / "seg" / "test.jsonl").read_text().splitlines()][:3]
-    for r in records:
-        r["image"], r["mask"] = str(seg_world / "seg" / r["image"]), str(seg_world / "seg" / r["mask"])
-    rng = np.random.default_rng(0)
-    Image.fromarray(rng.integers(0, 255, (768, 1024, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
-    Image.new("RGB", (900, 3), "white").save(tmp_path / "strip.png")
-    photo = {"id": "photo", "image": "photo.jpg", "instruction": records[0]["instruction"]}
-    strip = {"id": "strip", "image": "strip.png", "instruction": records[0]["instruction"]}
-    manifest = _write(tmp_path, records[:2] + [photo, strip] + records[2:])
-
-    def length(image):
-        conv = [vlm.user_turn(S.prompt_text(photo["instruction"], True, True, vlm.box_frame("qwen2_vl", image.size,
-                                                                                          processor)))]
-        return int(vlm.chat_inputs(processor, [conv], [[image]])["attention_mask"].sum())
-
-    limit = max(length(data.open_image(seg_world / "seg" / r["image"])) for r in records)
-    assert length(data.open_image(tmp_path / "photo.jpg")) > limit           # the photo alone is over the limit
-    common = ["--clip-ckpt", clip_dir, "-G", "2", "--max-new-tokens", "8", "--max-prompt-len", limit]
-    out = tmp_path / "run"
-    proc = subprocess.run([sys.executable, str(ROOT / "seg_rise.py"), "--model", tiny_dir, "--data", manifest,
-                           "--out", out, "--max-steps", "2", "--batch-size", "2", *map(str, common)],
-                          cwd=tmp_path, env=env_for(cache), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert [m["step"] for m in run.read_jsonl(out / "metrics.jsonl")] == [0, 1]
-    skipped = run.read_jsonl(out / "skipped.jsonl")
-    assert [(r["id"], r["split"]) for r in skipped] == [("photo", "train"), ("strip", "train")]
-    assert "max_prompt_len" in skipped[0]["reason"] and "aspect ratio" in skipped[1]["reason"]
-    evaluation = tmp_path / "eval"
-    proc = subprocess.run([sys.executable, str(ROOT / "seg_rise.py"), "--eval", "--model", tiny_dir, "--test", manifest,
-                           "--out", evaluation, "--executor", "box", *map(str, common)],
-                          cwd=tmp_path, env=env_for(cache), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    result = json.loads((evaluation / "eval.json").read_text())
-    assert result["n"] == 3 and result["skipped_samples"] == 2 and result["giou"] is not None
-    rows = {r["id"]: r for r in run.read_jsonl(evaluation / "predictions.jsonl")}
-    assert sorted(rows) == sorted([r["id"] for r in records] + ["photo", "strip"])
-    assert "max_prompt_len" in rows["photo"]["skipped"] and "aspect ratio" in rows["strip"]["skipped"]
-
-
-def test_seg_rise_kill_and_resume_logs_every_step_once(tiny_dir, clip_dir, cache, tmp_path):
-    """Issue 14: --save-every 2, kill -9 after step 2 was logged, --resume: metrics.jsonl held step 2
-    twice. Now the log is cut back to the checkpoint (steps 0, 1) and every step appears once."""
-    out = tmp_path / "run"
-    args = ["--model", tiny_dir, "--clip-ckpt", clip_dir, "--out", out, "-G", "2", "--max-new-tokens", "8",
-            "--max-steps", "6", "--save-every", "2"]
-    kill_when("seg_rise.py", args, tmp_path, lambda: lines(out / "metrics.jsonl") >= 3, env=env_for(cache))
-    before = run.read_jsonl(out / "metrics.jsonl")
-    assert 3 <= len(before) < 6 and (out / "ckpt" / "state.json").exists()
-    proc = subprocess.run([sys.executable, str(ROOT / "seg_rise.py"), *map(str, args), "--resume"], cwd=tmp_path,
-                          env=env_for(cache), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    after = run.read_jsonl(out / "metrics.jsonl")
-    assert [m["step"] for m in after] == [0, 1, 2, 3, 4, 5]         # nothing lost, nothing twice
-    assert after[:2] == before[:2]                                   # the records before the checkpoint kept
-
-
-def test_seg_rise_two_rank_zero3_step_on_cpu(tiny_dir, clip_dir, cache, tmp_path):
-    """deepspeed --num_gpus 2 seg_rise.py on CPU (gloo), ZeRO-3, with the reference model: two steps
-    (the second is the one a stale ZeRO-3 fetch schedule broke)."""
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29561", str(ROOT / "seg_rise.py"),
-           "--model", str(tiny_dir), "--clip-ckpt", str(clip_dir), "--out", str(tmp_path / "run"),
-           "--max-steps", "2", "-G", "2", "--max-new-tokens", "8", "--deepspeed", str(ROOT / "ds_zero3.json")]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env_for(cache), capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in rows] == [0, 1] and all(math.isfinite(r["loss"]) for r in rows)
-    assert (tmp_path / "run" / "final" / "config.json").exists()
-
-
-# ====================================================================================================
-# visrl.py: VisRL
-# ====================================================================================================
-# ============================================================================ diversity controller
-@st.composite
-def norm_boxes(draw, min_size=0.01, max_size=1.0):
-    w = draw(st.floats(min_size, max_size))
-    h = draw(st.floats(min_size, max_size))
-    x1 = draw(st.floats(0.0, 1.0 - w))
-    y1 = draw(st.floats(0.0, 1.0 - h))
-    return [x1, y1, x1 + w, y1 + h]
-
-
-def overlap_area(a, b):
-    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
-
-
-class CountingRandom(random.Random):
-    calls = 0
-
-    def uniform(self, a, b):
-        self.calls += 1
-        return super().uniform(a, b)
-
-
-def within_size_bound(out, b1, tol, mode):
-    """VisRL eq. 3's size bound: the area within [1 - tol, 1 + tol] x b1's, b1's aspect ratio kept (mode
-    "area", the paper), or the width and height each within +-tol of b1's ("sides", the released code)."""
-    w1, h1, w, h = b1[2] - b1[0], b1[3] - b1[1], out[2] - out[0], out[3] - out[1]
-    if mode == "area":
-        return ((1 - tol) * w1 * h1 - 1e-9 <= w * h <= (1 + tol) * w1 * h1 + 1e-9
-                and w / h == approx(w1 / h1, rel=1e-6))
-    return w1 * (1 - tol) - 1e-9 <= w <= w1 * (1 + tol) + 1e-9 and h1 * (1 - tol) - 1e-9 <= h <= h1 * (1 + tol) + 1e-9
-
-
-@settings(max_examples=300, deadline=None)
-@given(norm_boxes(), norm_boxes(), st.integers(0, 2 ** 32 - 1), st.sampled_from(["area", "sides"]))
-def test_diversify_box_properties(b1, b2, seed, mode):
-    rng = CountingRandom(seed)
-    out = visrl.diversify_box(b1, b2, rng, mode=mode)
-    assert rng.calls <= 4 * 100                                   # terminates: 100 tries of 4 draws at most
-    if rewards.box_iou(b1, b2) <= 0.05:
-        assert out == b2 and rng.calls == 0                       # a diverse b2 is kept as it is
-        return
-    if out is None:                                               # gave up: no room around b1
-        return
-    assert 0.0 <= out[0] < out[2] <= 1.0 and 0.0 <= out[1] < out[3] <= 1.0     # inside the image
-    assert overlap_area(out, b1) == 0.0                                          # outside b1
-    assert within_size_bound(out, b1, 0.3 + 0.1 * 4, mode)       # widened 4 times in 100 tries at most
-
-
-@settings(max_examples=200, deadline=None)
-@given(norm_boxes(min_size=0.02, max_size=0.3), st.integers(0, 2 ** 32 - 1), st.sampled_from(["area", "sides"]))
-def test_diversify_box_base_tolerance_and_small_boxes_always_succeed(b1, seed, mode):
-    """With no widening (20 tries) the size stays within the +-30% bound; a small b1 always leaves room."""
-    out = visrl.diversify_box(b1, list(b1), random.Random(seed), mode=mode, max_tries=20)
-    if out is not None:
-        assert within_size_bound(out, b1, 0.3, mode)
-    assert visrl.diversify_box(b1, list(b1), random.Random(seed), mode=mode) is not None
-
-
 def test_diversify_box_area_is_the_default_and_differs_from_sides():
     """The paper's area bound by default (--diversity area); the released code's per-side bound on request:
     over 200 draws for a 0.1 x 0.1 b1 the area form keeps the aspect ratio 1, the sides form does not."""
@@ -4820,520 +3051,7 @@ def test_diversify_box_area_is_the_default_and_differs_from_sides():
     assert visrl.parse_args(["--model", "x", "--diversity", "sides"]).diversity == "sides"
 
 
-def test_diversify_box_gives_up_and_is_reproducible():
-    assert visrl.diversify_box([0.0, 0.0, 1.0, 1.0], [0.1, 0.1, 0.9, 0.9], random.Random(0)) is None
-    b1, b2 = [0.4, 0.4, 0.6, 0.6], [0.41, 0.4, 0.6, 0.62]
-    assert visrl.diversify_box(b1, b2, random.Random(7)) == visrl.diversify_box(b1, b2, random.Random(7))
-    assert visrl.diversify_box(b1, [0.0, 0.0, 0.2, 0.2], random.Random(7)) == [0.0, 0.0, 0.2, 0.2]
-
-
-def test_canonical_box():
-    """Shapes world: 2 decimals for the text and the box (the tiny base's format)."""
-    assert visrl.canonical_box("[0.123,0.4,0.5,0.61] and more", shapes=True) == (
-        "[0.12,0.40,0.50,0.61]", [0.12, 0.4, 0.5, 0.61])
-    assert visrl.canonical_box("[-0.2,0.1,1.7,0.5]", shapes=True) == ("[0.00,0.10,1.00,0.50]", [0.0, 0.1, 1.0, 0.5])
-    for bad in ("", "no box", "[0.5,0.5,0.2,0.9]", "[0.3,0.3,0.301,0.5]", "[nan,0,1,1]", "x" * 10000):
-        assert visrl.canonical_box(bad, shapes=True) == (None, None)
-
-
-# ============================================================================ filter + selection
-def cand(s_b, s_r, box=(0.1, 0.1, 0.3, 0.3), answer="red"):
-    return {"box": list(box), "answer": answer, "s_b": s_b, "s_r": s_r}
-
-
-def test_select_pair_paper_rule():
-    # VisRL eq. 4: W = {s_b >= 0.8 and s_r >= 0.8} = {1, 2}; c_w holds max s_b (0.9) and max s_r (0.95)
-    # of W: index 2. L = {s_b <= 0.2 and s_r <= 0.2} = {3, 4}: c_l holds min s_b (0.1) and min s_r (0.0): 3.
-    # Candidate 0 (s_r 1.0, s_b 0.5) is in neither set and is never the chosen one.
-    cands = [cand(0.5, 1.0), cand(0.8, 0.9), cand(0.9, 0.95), cand(0.1, 0.0), cand(0.2, 0.1), cand(0.0, 0.3)]
-    assert visrl.select_pair(cands) == (2, 3, "ok")
-    # ties: the first
-    assert visrl.select_pair([cand(1, 1), cand(1, 1), cand(0, 0), cand(0, 0)]) == (0, 2, "ok")
-    # boundaries are inclusive: both scores 0.8 are in W, both 0.2 in L
-    assert visrl.select_pair([cand(0.8, 0.8), cand(0.2, 0.2)]) == (0, 1, "ok")
-    with pytest.raises(ValueError, match="above"):
-        visrl.select_pair([cand(1, 1)], win=0.5, lose=0.5)
-
-
-@pytest.mark.parametrize("cands, reason", [
-    ([], "with_candidates"),
-    # the three examples of the issue, as (s_b, s_r): each is dropped by the paper's rule
-    ([cand(0.9, 0.5), cand(0.1, 0.9), cand(0.1, 0.1)], "win_set"),     # nobody has both >= 0.8
-    ([cand(0.9, 0.95), cand(0.9, 0.1), cand(0.1, 0.9)], "lose_set"),   # nobody has both <= 0.2
-    ([cand(0.8, 1.0), cand(1.0, 0.9), cand(0, 0)], "chosen_holds_both_max"),  # max s_b and max s_r split
-    ([cand(1, 1), cand(0.0, 0.2), cand(0.1, 0.0)], "rejected_holds_both_min"),
-    ([cand(0.7, 1.0), cand(0.79, 0.9), cand(0, 0.0)], "win_set"),
-])
-def test_select_pair_drops(cands, reason):
-    assert visrl.select_pair(cands) == (None, None, reason)
-
-
-def test_make_pairs_counts_survivors_and_quality():
-    gt = [0.1, 0.1, 0.3, 0.3]
-    far = (0.6, 0.6, 0.8, 0.8)
-    q = lambda i, cands, gt_box=gt: {"id": i, "question": "q", "answer": "red", "image": "x.png",  # noqa: E731
-                                     "size": [112, 112], "candidates": cands, "gt_box": gt_box}
-    table = [
-        q(0, [cand(1, 1), cand(0, 0, far)]),                       # pair: WP-LN
-        q(1, [cand(1, 1, far), cand(0, 0)]),                       # pair: WN-LP
-        q(2, [cand(1, 1), cand(0, 0)]),                            # pair: WP-LP
-        q(3, [cand(1, 1), cand(0, 0, far)], gt_box=None),          # pair, no GT box: not graded
-        q(4, []),                                                  # no candidate
-        q(5, [cand(1, 0.5), cand(0, 0)]),                          # W empty (s_r too low)
-        q(6, [cand(0.5, 1), cand(0, 0)]),                          # W empty (s_b too low)
-        q(7, [cand(1, 1), cand(0.5, 0)]),                          # L empty
-        q(8, [cand(0.9, 1), cand(1, 0.9), cand(0, 0)]),            # no candidate of W holds both maxima
-        q(9, [cand(1, 1), cand(0, 0.1), cand(0.1, 0)]),            # no candidate of L holds both minima
-    ]
-    pairs, survivors, quality = visrl.make_pairs(table)
-    assert [p["id"] for p in pairs] == [0, 1, 2, 3]
-    assert survivors == {"questions": 10, "with_candidates": 9, "win_set": 7, "lose_set": 6,
-                         "chosen_holds_both_max": 5, "rejected_holds_both_min": 4}
-    assert quality == {"WP-LP": pytest.approx(1 / 3), "WP-LN": pytest.approx(1 / 3),
-                       "WN-LP": pytest.approx(1 / 3), "WN-LN": 0.0, "graded": 3,
-                       "chosen_gt_iou": pytest.approx(2 / 3), "rejected_gt_iou": pytest.approx(2 / 3)}
-    assert pairs[0]["chosen"]["s_r"] == 1 and pairs[0]["rejected"]["box"] == list(far)
-    assert [p["quality"] for p in pairs] == ["WP-LN", "WN-LP", "WP-LP", None]
-
-
-# ============================================================================ critic scores
-def test_critic_score_parsing():
-    assert rewards.parse_score('{"score": 0.7}') == 0.7
-    assert rewards.parse_score('The answer: {"score": 1}') == 1.0
-    assert rewards.parse_score('{"score": 1.5}') is None and rewards.parse_score('{"score": -3}') is None
-    for bad in ("", "no idea", '{"score": NaN}', '{"score": "high"}', '{"scores": }', None, "9" * 5000):
-        assert rewards.parse_score(bad) is None
-
-
-def test_critic_scores_crop_only_for_s_b_full_image_for_s_r(monkeypatch):
-    calls = []
-
-    def fake(model, processor, convs, images, n, max_new_tokens, temperature, max_prompt_len=None, batch_size=None):
-        calls.append((convs, images, temperature))
-        return ['{"score": 0.9}', 'garbage'] if len(calls) == 1 else ['{"score": 0.1}', '{"score": 7}']
-
-    monkeypatch.setattr(visrl, "generate_texts", fake)
-    full, piece = Image.new("RGB", (112, 112)), Image.new("RGB", (20, 20))
-    items = [{"question": "What colour?", "reference": "red", "answer": a, "image": full, "crop": piece,
-              "shapes": True} for a in ("red", "blue")]
-    s_b, s_r, _ = visrl.critic_scores((torch.nn.Linear(1, 1), None), items)
-    assert s_b == [0.9, None] and s_r == [0.1, None]        # 7 is off the 0..1 scale: unparsable, not 1
-    (box_convs, box_images, t_b), (ans_convs, ans_images, t_r) = calls
-    assert t_b == 0 and t_r == 0                                              # greedy
-    assert box_images == [[piece], [piece]] and ans_images == [[full], [full]]  # s_b: crop only; s_r: image
-    assert "Reference answer: red" in box_convs[0][0]["content"][-1]["text"]
-    assert "Candidate answer: blue" in ans_convs[1][0]["content"][-1]["text"]
-
-
-# ============================================================================ generation glue (scripted model)
-@pytest.fixture(scope="module")
-def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    data.make_shapes_world(root, n_train=6, n_test=4, seed=0)
-    return root
-
-
-def test_generate_candidates_with_scripted_policy_and_critic(monkeypatch, shapes):
-    recs, _ = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")
-    rec = recs[0]
-    gt = visrl.norm_box(rec["box"], 112, 112)
-    box1 = data.format_norm_box(rec["box"], 112, 112)
-    near = visrl.canonical_box([gt[0] + 0.01, gt[1], gt[2] + 0.01, gt[3]], shapes=True)[0]   # overlaps b1
-    far = "[0.80,0.80,0.95,0.95]"
-    box_texts = [box1, near, "broken [", far]                     # K = 2 attempts x (b1, b2)
-    script = iter([box_texts, ["red ", "blue", "green"],         # answers of the 3 valid boxes
-                   ['{"score": 1}', '{"score": 0}', '{"score": 0}'],        # s_b
-                   ['{"score": 1}', '{"score": 0}', '{"score": 0.1}']])     # s_r
-    monkeypatch.setattr(visrl, "generate_texts", lambda *a, **k: next(script))
-    args = type("A", (), dict(attempts=2, gen_batch_size=4, max_new_tokens=32, temperature=1.0,
-                              answer_max_new_tokens=8,
-                              answer_temperature=1.0, max_prompt_len=None, iou_thresh=0.05, size_tol=0.3))()
-    (q,) = visrl.generate_candidates(torch.nn.Linear(1, 1), (torch.nn.Linear(1, 1), None), None, [rec], args,
-                                     random.Random(0))
-    assert q["dropped"] == {"unparsable": 1, "no_crop": 0, "no_diverse_box": 0, "too_long": 0, "critic_unparsable": 0}
-    c = q["candidates"]
-    assert [(x["attempt"], x["which"], x["diversified"]) for x in c] == [(0, "b1", False), (0, "b2", True),
-                                                                          (1, "b2", False)]
-    assert rewards.box_iou(c[1]["box"], c[0]["box"]) == 0.0 and c[2]["box"] == [0.8, 0.8, 0.95, 0.95]
-    assert [x["answer"] for x in c] == ["red", "blue", "green"] and [x["s_r"] for x in c] == [1, 0, 0.1]
-    pairs, survivors, quality = visrl.make_pairs([q])
-    assert len(pairs) == 1 and pairs[0]["chosen"]["answer"] == "red" and pairs[0]["rejected"]["answer"] == "blue"
-    assert pairs[0]["quality"] == "WP-LN" and survivors["rejected_holds_both_min"] == 1
-
-
-# ============================================================================ degenerate crops
-THIN = "[0.50,0.10,0.51,0.90]"      # issue 14: on a 400x2000 page a 4x1600 crop, aspect ratio 400
-
-
-def _page(tmp_path, size=(400, 2000)):
-    page = Image.new("RGB", size, "white")
-    page.paste((220, 40, 40), (200, 200, 204, 1800))      # a red rule exactly under THIN
-    page.save(tmp_path / "page.png")
-    rec = {"id": "page", "image": "page.png", "question": "What colour is the rule?", "answer": "red"}
-    return data.read_manifest(_write(tmp_path, [rec]), "vqa")[0]
-
-
-@pytest.mark.parametrize("box,raw_size,padded_size", [
-    (THIN, (4, 1600), (16, 1600)),                      # the issue's strip: padded to ratio 100
-    ([0.0, 0.5, 1.0, 0.5005], (400, 1), (400, 4)),      # ours: a 1-pixel-high line, ratio 400
-    ([0.0, 0.0, 0.01, 0.01], (4, 20), (4, 20)),         # ours: tiny (4 px wide), ratio 5: the processor takes it
-    ([0.1, 0.1, 0.3, 0.3], (80, 400), (80, 400)),       # fits already: unchanged
-])
-def test_degenerate_crop_is_padded_to_one_the_processor_takes(tiny, box, raw_size, padded_size):
-    _, processor = tiny
-    page = Image.new("RGB", (400, 2000), "white")
-    page.paste((220, 40, 40), (200, 200, 204, 1800))
-    b = visrl.canonical_box(box)[1] if isinstance(box, str) else box
-    raw = R.crop_box(page, visrl.pixel_box(b, 400, 2000))
-    assert raw.size == raw_size
-    if max(raw_size) / min(raw_size) > 200:         # what the issue reports: the processor refuses it
-        with pytest.raises(ValueError, match="aspect ratio"):
-            processor.image_processor(images=[raw], return_tensors="pt")
-    fitted = visrl.crop(page, b)                    # what every VisRL step feeds the processor
-    assert fitted.size == padded_size and max(fitted.size) / min(fitted.size) <= 100
-    # the crop's own pixels, centred; the rest white
-    x0, y0 = (padded_size[0] - raw_size[0]) // 2, (padded_size[1] - raw_size[1]) // 2
-    assert fitted.crop((x0, y0, x0 + raw_size[0], y0 + raw_size[1])).tobytes() == raw.tobytes()
-    assert np.asarray(fitted).sum() == np.asarray(raw).sum() + 3 * 255 * (padded_size[0] * padded_size[1]
-                                                                          - raw_size[0] * raw_size[1])
-    vlm.chat_inputs(processor, [visrl.answer_turns("What?", "[0.1,0.1,0.3,0.3]")], [[page, fitted]])   # no error
-
-
-def test_degenerate_crops_in_generation_sft_and_evaluation(visrl_tiny, monkeypatch, tmp_path):
-    """The issue's page through the real processor: data generation (policy answers + critic on the
-    crop), the SFT warm-up example, and evaluation all run; nothing is dropped for the strip."""
-    _, model, processor = visrl_tiny
-    (rec,) = _page(tmp_path)
-    script = iter([[THIN, "[0.00,0.00,0.01,0.01]"],              # K = 1: b1 the strip, b2 a 4x20 corner
-                   ["red", "blue"],                              # answers of both crops
-                   ['{"score": 1}', '{"score": 0}'], ['{"score": 1}', '{"score": 0}'],   # s_b, s_r
-                   [THIN], ["red"]])                             # evaluation: box step, answer step
-    monkeypatch.setattr(vlm, "sample", lambda *a, **k: {"texts": next(script)})
-    args = visrl.parse_args(["--model", "x", "--preset", "tiny", "-K", "1", "--gen-batch-size", "1"])
-    (q,) = visrl.generate_candidates(model, (model, processor), processor, [rec], args, random.Random(0))
-    assert q["dropped"] == {"unparsable": 0, "no_crop": 0, "no_diverse_box": 0, "too_long": 0, "critic_unparsable": 0}
-    assert [(c["box"], c["answer"], c["s_b"], c["s_r"]) for c in q["candidates"]] == [
-        ([0.5, 0.1, 0.51, 0.9], "red", 1.0, 1.0), ([0.0, 0.0, 0.01, 0.01], "blue", 0.0, 0.0)]
-    metrics, preds = visrl.evaluate(model, processor, [rec], args)
-    assert metrics["answer_accuracy"] == 1.0 and metrics["unparsable"] == 0 and preds[0]["box"] == [0.5, 0.1, 0.51, 0.9]
-    (box_conv, box_images), (conv, images) = visrl.sft_examples(dict(rec, box=[200, 200, 204, 1800]),
-                                                                data.open_image(rec["image_path"]))
-    loss = vlm.sft_loss(model, processor, [box_conv, conv], [box_images, images])
-    assert images[1].size == (16, 1600) and math.isfinite(loss.item())
-
-
-def test_visrl_skips_samples_and_candidates_that_cannot_be_processed(visrl_tiny, shapes, monkeypatch, tmp_path):
-    """Evaluation: a page the processor refuses (900x3, aspect ratio 300) is skipped, counted and listed;
-    the other question is scored. Generation: a candidate whose answer prompt (the crop of the whole
-    400x2000 page) is over --max-prompt-len is dropped and counted as too_long; the other is kept."""
-    _, model, processor = visrl_tiny
-    good = data.read_manifest(shapes / "vqa" / "test.jsonl", "vqa")[0][0]
-    Image.new("RGB", (900, 3), "white").save(tmp_path / "strip.png")
-    rec = {"id": "strip", "image": "strip.png", "question": "What colour?", "answer": "red"}
-    (strip,) = data.read_manifest(_write(tmp_path, [rec], "strip.jsonl"), "vqa")[0]
-    script = iter([["[0.00,0.00,1.00,1.00]"], [good["answer"]]])    # the good record: its box, its answer
-    monkeypatch.setattr(vlm, "sample", lambda *a, **k: {"texts": next(script)})
-    args = visrl.parse_args(["--model", "x", "--preset", "tiny", "-K", "1", "--gen-batch-size", "2"])
-    metrics, preds = visrl.evaluate(model, processor, [strip, good], args)
-    assert (metrics["n"], metrics["skipped_samples"], metrics["answer_accuracy"]) == (1, 1, 1.0)
-    assert preds[-1]["id"] == "strip" and "aspect ratio" in preds[-1]["skipped"]
-
-    (page,) = _page(tmp_path)
-    image = data.open_image(page["image_path"])
-    small = visrl.crop(image, [0.0, 0.0, 0.01, 0.01])
-    limit = int(vlm.chat_inputs(processor, [visrl.answer_turns(page["question"], "[0.00,0.00,0.01,0.01]")],
-                                [[image, small]])["attention_mask"].sum())
-    big = vlm.chat_inputs(processor, [visrl.answer_turns(page["question"], "[0.00,0.00,1.00,1.00]")],
-                          [[image, visrl.crop(image, [0.0, 0.0, 1.0, 1.0])]])["attention_mask"].sum()
-    assert big > limit                                                   # the whole-page crop has more tokens
-    script = iter([["[0.00,0.00,1.00,1.00]", "[0.00,0.00,0.01,0.01]"],  # K = 1: b1 the page, b2 a corner
-                   ["blue"], ['{"score": 0}'], ['{"score": 0}']])         # only b2 is answered and judged
-    args.max_prompt_len = limit
-    (q,) = visrl.generate_candidates(model, (model, processor), processor, [page], args, random.Random(0))
-    assert q["dropped"] == {"unparsable": 0, "no_crop": 0, "no_diverse_box": 0, "too_long": 1, "critic_unparsable": 0}
-    assert [(c["which"], c["answer"]) for c in q["candidates"]] == [("b2", "blue")]
-
-
-# ============================================================================ step DPO inputs, random model
-@pytest.fixture(scope="module")
-def visrl_tiny(tiny_dir):
-    model, processor = vlm.load_model(tiny_dir)
-    return tiny_dir, model.eval(), processor
-
-
-def make_pair(image_path, chosen_box, rejected_box):
-    return {"id": "p", "question": "What colour is the shape in the top-left?", "answer": "red", "image": image_path,
-            "size": [112, 112], "shapes": True, "chosen": {"box": chosen_box, "answer": "red", "s_b": 1.0, "s_r": 1.0},
-            "rejected": {"box": rejected_box, "answer": "blue", "s_b": 0.0, "s_r": 0.0}}
-
-
-def test_stage2_answers_are_conditioned_on_the_winning_crop(visrl_tiny, shapes):
-    _, model, processor = visrl_tiny
-    rec = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0][0]
-    image = Image.open(rec["image_path"]).convert("RGB")
-    win, lose, other = [0.05, 0.05, 0.45, 0.45], [0.55, 0.55, 0.95, 0.95], [0.5, 0.0, 1.0, 0.5]
-    convs, ims, chosen, rejected = visrl.answer_step([make_pair(rec["image_path"], win, lose)], [image])
-    assert (chosen, rejected) == (["red"], ["blue"])
-    assert convs[0][1]["content"][0]["text"] == "[0.05,0.05,0.45,0.45]"    # the winning box turn
-    assert ims[0][1].size == visrl.crop(image, win).size                   # ... and the winning crop
-
-    def logps(pair):
-        with torch.no_grad():
-            return vlm.pair_logps(model, model, processor, *visrl.answer_step([pair], [image]), "cpu")
-
-    base = logps(make_pair(rec["image_path"], win, lose))
-    moved_win = logps(make_pair(rec["image_path"], other, lose))
-    moved_lose = logps(make_pair(rec["image_path"], win, other))
-    assert base[0].item() != pytest.approx(moved_win[0].item(), abs=1e-6)   # chosen answer: new context
-    assert base[1].item() != pytest.approx(moved_win[1].item(), abs=1e-6)   # rejected answer too
-    assert torch.equal(base[0], moved_lose[0]) and torch.equal(base[1], moved_lose[1])  # loser's box: unused
-    assert torch.equal(base[0], base[2]) and torch.isfinite(base[0]).all()  # same model as ref -> equal
-
-
-def test_sequence_logps_match_per_token_sum_and_box_step(visrl_tiny, shapes):
-    _, model, processor = visrl_tiny
-    rec = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0][0]
-    image = Image.open(rec["image_path"]).convert("RGB")
-    pair = make_pair(rec["image_path"], [0.05, 0.05, 0.45, 0.45], [0.55, 0.55, 0.95, 0.95])
-    convs, ims, chosen, rejected = visrl.box_step([pair], [image])
-    assert (chosen, rejected) == (["[0.05,0.05,0.45,0.45]"], ["[0.55,0.55,0.95,0.95]"]) and len(ims[0]) == 1
-    with torch.no_grad():
-        both = vlm.response_logps(model, processor, convs * 2, ims * 2, chosen + rejected, "cpu")
-        alone = vlm.response_logps(model, processor, convs, ims, rejected, "cpu")
-    assert both[1].item() == pytest.approx(alone[0].item(), abs=1e-4)      # padding changes nothing
-    ids, mask = vlm.completion_tensors(processor, ["red", "[0.05,0.05,0.45,0.45]"], "cpu")
-    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
-    assert ids[0, mask[0].sum() - 1] == end and ids[1, -1] == end and mask[0, -1] == 0
-
-
-def test_lora_trains_only_adapters_and_its_reference_is_the_model_without_them(tiny_dir, shapes):
-    # --lora-rank (VisRL's released configs train LoRA adapters): the DPO reference is the policy with
-    # its adapters off, which must score exactly as the untouched model does; only adapter weights move.
-    base, processor = vlm.load_model(tiny_dir)
-    policy = vlm.add_lora(vlm.load_model(tiny_dir)[0], rank=4)
-    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
-    assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
-    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    rec = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0][0]
-    pair = dict(make_pair(rec["image_path"], visrl.norm_box(rec["box"], 112, 112), [0.0, 0.0, 0.1, 0.1]),
-                question=rec["question"])
-    step = visrl.box_step([pair], [data.open_image(rec["image_path"])])
-    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
-    for _ in range(2):                  # step 1 moves B (initialised to 0), step 2 also A
-        loss, _ = step_dpo_loss(vlm.pair_logps(policy, None, processor, *step, "cpu"), None, box_weight=1.0)
-        loss.backward()
-        opt.step()
-        opt.zero_grad()
-    changed = {n for n, p in policy.named_parameters() if not torch.equal(p.detach(), before[n])}
-    assert changed and changed <= trainable
-    with torch.no_grad():
-        chosen, rejected, ref_chosen, ref_rejected = vlm.pair_logps(policy, None, processor, *step, "cpu")
-        base_chosen, base_rejected, _, _ = vlm.pair_logps(base, base, processor, *step, "cpu")
-        assert ref_chosen.item() == pytest.approx(base_chosen.item(), abs=1e-5)
-        assert ref_rejected.item() == pytest.approx(base_rejected.item(), abs=1e-5)
-        assert abs(chosen.item() - ref_chosen.item()) > 1e-3          # the adapters did change the policy
-        folded = vlm.load_model(tiny_dir)[0]          # the stage's saved model: adapters folded into the weights
-        folded.load_state_dict(vlm.merged_state_dict(policy))
-        merged_chosen, _, _, _ = vlm.pair_logps(folded, folded, processor, *step, "cpu")
-        assert merged_chosen.item() == pytest.approx(chosen.item(), abs=1e-4)
-
-
-def test_sft_example_is_the_two_turn_chat(shapes):
-    rec = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0][0]
-    image = Image.open(rec["image_path"]).convert("RGB")
-    (conv, images), = visrl.sft_examples(rec, image)       # the shapes world: one two-turn chat
-    assert [m["role"] for m in conv] == ["user", "assistant", "user", "assistant"]
-    assert conv[1]["content"][0]["text"] == data.format_norm_box(rec["box"], 112, 112)
-    assert conv[3]["content"][0]["text"] == rec["answer"] and len(images) == 2
-    x1, y1, x2, y2 = rec["box"]
-    assert abs(images[1].size[0] - (x2 - x1)) <= 2 and abs(images[1].size[1] - (y2 - y1)) <= 2
-
-
-PHASES_SCRIPT = """
-import argparse, json, sys
-from pathlib import Path
-import torch
-import data, run, vlm, visrl
-tiny, shapes, out = sys.argv[1:4]
-run.init_distributed(force=True)
-args = argparse.Namespace(sft_lr=1e-3, sft_batch_size=1, sft_epochs=1.0, max_steps=None, seed=0, grad_accum=2,
-                          lr=1e-3, weight_decay=0.0, deepspeed=None, max_pixels=None, gradient_checkpointing=False,
-                          freeze_vision=False, lora_rank=0, lr_scheduler="constant", warmup_ratio=0.0)
-engine, processor = run.policy(args, tiny)
-recs = data.read_manifest(Path(shapes) / "vqa" / "train.jsonl", "vqa")[0]
-state = {"step": 0}
-for k, lr in enumerate((1e-3, 3e-4)):          # two stages of ONE micro-step each, grad accumulation 2
-    args.sft_lr = lr
-    visrl.sft_stage(engine, processor, recs[k:k + 1], args, 0, 1, Path(out), state)
-    torch.save({n: p.detach().clone() for n, p in engine.module.named_parameters()}, Path(out) / f"phase{k}.pt")
-print(json.dumps({"updates": engine.global_steps}))
-"""
-
-
-def test_each_phase_applies_its_own_partial_window_with_a_fresh_optimizer(tiny_dir, shapes, tmp_path):
-    # Two VisRL SFT phases on one DeepSpeed engine (ZeRO-2), grad accumulation 2, one micro-step each.
-    # Each phase must train as a separate run would: phase 1 = one AdamW step (lr 1e-3) on its loss;
-    # phase 2 = one step of a NEW AdamW (lr 3e-4) on its own loss from phase 1's weights. Expected
-    # values: plain torch AdamW + clip_grad_norm_(1.0) on the same examples. Before the fix phase 1
-    # changed nothing (the window was never closed) and phase 2 applied both gradients.
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-c", PHASES_SCRIPT, str(tiny_dir), str(shapes), str(tmp_path)],
-                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
-    ok(proc)
-    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"updates": 2}
-    model, processor = vlm.load_model(tiny_dir)
-    model.train()
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    recs = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0]
-    for k, lr in enumerate((1e-3, 3e-4)):
-        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
-        (conv, ims), = visrl.sft_examples(recs[k], data.open_image(recs[k]["image_path"]))
-        vlm.sft_loss(model, processor, [conv], [ims]).backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        clear = {n: p.grad.abs() > 1e-7 for n, p in model.named_parameters()}   # Adam's first step divides
-        opt.step()                                        # g by |g| + 1e-8: where g ~ 0, it is rounding noise
-        opt.zero_grad()
-        got = torch.load(tmp_path / f"phase{k}.pt")
-        for name, p in model.named_parameters():
-            torch.testing.assert_close(got[name][clear[name]], p.detach()[clear[name]], atol=lr * 1e-2, rtol=0,
-                                       msg=f"phase {k}: {name}")
-            assert (got[name] - p.detach()).abs().max() <= lr        # no step exceeds lr (Adam's bound)
-    # Adam's first step moves every weight with a gradient by ~lr: phase 1 really trained
-    assert (got["lm_head.weight"] - before["lm_head.weight"]).abs().max() > 1e-3
-
-
-def test_normalised_answer_match():
-    assert rewards.normalise_answer(" The Red. ") == "red" == rewards.normalise_answer("red")
-    assert rewards.normalise_answer("red or blue") != rewards.normalise_answer("red")
-
-
-# ============================================================================ two ranks, one iteration
-def test_two_rank_iteration_on_cpu(visrl_tiny, shapes, tmp_path):
-    """`deepspeed --num_gpus 2 visrl.py`: SFT, stage 1 + 2 on given pairs, then a generation round;
-    every question is generated exactly once across the two ranks and everything is written."""
-    path, _, _ = visrl_tiny
-    recs = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0]
-    pairs_file = tmp_path / "given_pairs.jsonl"
-    with open(pairs_file, "w") as f:
-        for i, rec in enumerate(recs[:4]):
-            p = make_pair(rec["image_path"], visrl.norm_box(rec["box"], 112, 112), [0.0, 0.0, 0.1, 0.1])
-            f.write(json.dumps(dict(p, id=rec["id"], question=rec["question"])) + "\n")
-    out = tmp_path / "run"
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RISE_CACHE=str(vlm.CACHE), OMP_NUM_THREADS="1")
-    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29571", str(ROOT / "visrl.py"), "--model", str(path),
-           "--data", str(shapes / "vqa" / "train.jsonl"), "--test", str(shapes / "vqa" / "test.jsonl"),
-           "--out", str(out), "--preset", "tiny", "--iters", "2", "--pairs", str(pairs_file),
-           "--sft-fraction", "0.34", "--attempts", "1", "--max-new-tokens", "8", "--batch-size", "1",
-           "--sft-batch-size", "1", "--dpo-epochs", "1", "--lr", "1e-3", "--stage-eval-n", "2"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    stages = {m["stage"] for m in metrics}
-    assert {"sft", "iter1/stage1", "iter1/stage2", "iter2/generate"} <= stages
-    dpo_steps = [m for m in metrics if m["stage"].startswith("iter1/stage")]
-    assert len(dpo_steps) == 2 * 2 and all(math.isfinite(m["loss"]) for m in dpo_steps)  # 4 pairs / (1 x 2 ranks)
-    assert all("answer_loss" in m for m in dpo_steps if m["stage"] == "iter1/stage2")
-    generated = [json.loads(line)["id"] for line in (out / "iter2" / "candidates.jsonl").read_text().splitlines()]
-    sft_ids = {r["id"] for r in recs} - set(generated)
-    assert len(generated) == len(set(generated)) == 4 and len(sft_ids) == 2   # each RL question once
-    assert (out / "iter2" / "pairs.jsonl").exists() and (out / "iter2" / "stats.json").exists()
-    assert len((out / "iter1" / "pairs.jsonl").read_text().splitlines()) == 4
-    for name in ("sft", "iter1/stage1", "iter1/stage2", "iter2/stage2", "final"):
-        assert (out / name / "config.json").exists(), name
-    result = json.loads((out / "eval.json").read_text())
-    assert result["n"] == 4 and result["n_with_box"] == 4 and 0 <= result["answer_accuracy"] <= 1
-    assert len(run.read_jsonl(out / "stages.jsonl")) == 1 + 5       # base, sft, 2 x (stage1, stage2)
-
-
-def test_visrl_kill_in_stage2_and_resume_logs_every_record_once(visrl_tiny, shapes, tmp_path):
-    """kill -9 in stage 2 (stage 1 finished), then --resume: the pairs come from disk (not logged
-    again), stage 2 restarts from the stage-1 model, and every metrics record appears once, in order."""
-    path, _, _ = visrl_tiny
-    recs = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0]
-    pairs_file = tmp_path / "given_pairs.jsonl"
-    pairs_file.write_text("".join(json.dumps(dict(make_pair(r["image_path"], visrl.norm_box(r["box"], 112, 112),
-                                                            [0.0, 0.0, 0.1, 0.1]), id=r["id"], question=r["question"]))
-                                  + "\n" for r in recs[:4]))
-    out = tmp_path / "run"
-    args = ["--model", path, "--data", shapes / "vqa" / "train.jsonl", "--out", out, "--preset", "tiny",
-            "--iters", "1", "--pairs", pairs_file, "--sft-fraction", "0.34", "--attempts", "1",
-            "--max-new-tokens", "8", "--batch-size", "1", "--sft-batch-size", "1", "--dpo-epochs", "1",
-            "--lr", "1e-3", "--stage-eval-n", "0"]
-    env = dict(os.environ, PYTHONPATH=str(ROOT), RISE_CACHE=str(vlm.CACHE), OMP_NUM_THREADS="1")
-    metrics = out / "metrics.jsonl"
-    kill_when("visrl.py", args, tmp_path, lambda: metrics.exists() and "iter1/stage2" in metrics.read_text(), env)
-    assert "iter1/stage1" in json.loads((out / "ckpt" / "state.json").read_text())["done"]
-    proc = subprocess.run([sys.executable, str(ROOT / "visrl.py"), *map(str, args), "--resume"], cwd=tmp_path, env=env,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    got = [(m["stage"], m["step"]) for m in run.read_jsonl(metrics)]
-    # 2 SFT records (0.34 of the 6 boxed ones), batch 1: steps 0-1; 4 pairs, batch 1: 4 steps per stage
-    assert got == ([("sft", 0), ("sft", 1), ("iter1/generate", 2)] + [("iter1/stage1", k) for k in range(2, 6)]
-                   + [("iter1/stage2", k) for k in range(6, 10)])
-    assert (out / "final" / "config.json").exists()
-
-
-def test_oracle_critic_reads_gt_box_and_exact_match():
-    full = Image.new("RGB", (100, 100))
-    items = [{"question": "q", "reference": "red", "answer": a, "image": full, "crop": full}
-             for a in ("Red.", "blue", "red")]
-    records = [{"box": [10, 10, 30, 30]}, {"box": [10, 10, 30, 30]}, {}]
-    boxes = [[0.05, 0.05, 0.25, 0.25], [0.2, 0.2, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0]]
-    s_b, s_r = visrl.oracle_scores(items, records, boxes)
-    assert s_b == [1.0, 0.0, 0.0] and s_r == [1.0, 0.0, 1.0]      # (0.2..0.3)^2 is 1/4 of the GT box
-    assert rewards.covers([0, 0, 1, 1], [0.2, 0.2, 0.4, 0.4]) and not rewards.covers([0, 0, 0.3, 0.3], [0.2, 0.2, 0.6, 0.6])
-
-
-# ==== the real-model path of Seg-RISE and VisRL: the papers' and the authors' prompts, boxes and scores
-# The expected texts are typed from the sources, not read from data.py: Seg-Zero's single-object prompt
-# (dvlab-research/Seg-Zero, verl/utils/rl_dataset.py of its first release), Qwen2.5-VL's grounding sentence,
-# VisRL's CoT sentence (arXiv 2503.07523 sec. 4) and its released judge prompts (data_gen/generate.py).
-# Records come from convert.py run on fixtures in each dataset's own layout (the converter tests' fixtures);
-# prompts are rendered with Qwen2-VL's published chat template (tiny.QWEN_CHAT_TEMPLATE).
-SEG_ZERO_TEXT = ("Please find '{}' with bbox and points.Compare the difference between objects and find the most "
-                 "closely matched one.Output the thinking process in <think> </think> and final answer in <answer> "
-                 "</answer> tags.Output the one bbox and points of two largest inscribed circles inside the "
-                 "interested object in JSON format.i.e., <think> thinking process here </think><answer>{{'bbox': "
-                 "[10,100,200,210], 'points_1': [30,110], 'points_2': [35,180]}}</answer>")
-VISRL_COT = ("Please first provide the bounding box coordinate of the region, then refer to the corresponding "
-             "sub-image to answer the question better.")
-JUDGE_SCORE = """You are responsible for proofreading the answers, you need to give the score to the model's answer by referring to the standard answer, based on the given question and image.
-    The full score is 1 point and the minimum score is 0 points. Please directly provide the score in JSON format, for example, {{"score": 0.8}}, without showing the intermediate process.
-    The evaluation criteria require that the closer the model's answer is to the standard answer, the higher the score.
-
-    Question: {} 
-    Standard answer: {}
-    Model's answer: {}
-    """
-JUDGE_BBOX = """You are responsible for verifying the relevance of the image based on the provided question and standard answer, you need to assess whether the image aligns with the standard answer.
-    The full score is 1 point and the minimum score is 0 points. Please directly provide the score in JSON format, for example, {{"score": 0.8}}, without showing the intermediate process.
-    The evaluation criteria is that, the higher score will be if the image effectively encompasses the information provided in the standard answer based on question.
-
-    Question: {} 
-    Standard answer: {}
-    """
-QWEN_USER = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\n"
-QWEN_ASSISTANT = "<|im_end|>\n<|im_start|>assistant\n"
-PICTURE = "<|vision_start|><|image_pad|><|vision_end|>"
-
-
-def qwen_rendered(processor, conv):
-    return processor.apply_chat_template(conv, chat_template=tiny_py.QWEN_CHAT_TEMPLATE, tokenize=False,
-                                         add_generation_prompt=True)
-
-
-def converted_layouts(root):
-    """Seg-RISE and VisRL records, each built by convert.py from a fixture in its dataset's own layout."""
-    refs, inst, img_dir, _ = _refcoco(root / "refcoco")
-    refcoco = convert.convert_refcoco(refs, inst, img_dir, root / "refcoco-out", split="val")[0]["val"]
-    _reasonseg(root / "ReasonSeg" / "val")
-    reasonseg = convert.convert_reasonseg(root / "ReasonSeg" / "val", root / "reasonseg-out")[0]["seg"]
-    viscot_json, _ = _viscot(root / "viscot")
-    viscot = convert.convert_viscot(viscot_json, root / "viscot", root / "viscot-out")[0]["viscot_363k"]
-    return (data.read_manifest(refcoco, "seg")[0], data.read_manifest(reasonseg, "seg")[0],
-            data.read_manifest(viscot, "vqa")[0])
-
-
+@pytest.mark.filterwarnings(PYCOCOTOOLS_NUMPY2)
 def test_real_model_prompts_of_each_dataset_layout(tiny, tmp_path):
     """What a real Qwen2-VL / Qwen2.5-VL gets for one record of RefCOCO(g), ReasonSeg and VisCoT (printed:
     pytest -s shows them), word for word against the papers' and the authors' texts."""
@@ -5392,10 +3110,6 @@ def test_real_model_prompts_of_each_dataset_layout(tiny, tmp_path):
                                          + QWEN_ASSISTANT)
     for name, text in shown.items():
         print(f"---- {name}\n{text}")
-
-
-def seg_zero_answer(box, p1, p2, think="the one on the left"):
-    return f'<think>{think}</think><answer>{json.dumps({"bbox": box, "points_1": p1, "points_2": p2})}</answer>'
 
 
 def test_seg_zero_answers_and_r_seg():
@@ -5507,6 +3221,7 @@ def test_visrl_real_boxes_keep_three_decimals_and_are_never_rounded():
     assert data.format_viscot_box([-0.0, 0.25, 1.2, 0.5]) == "[0.000, 0.250, 1.000, 0.500]"
 
 
+@pytest.mark.filterwarnings(PYCOCOTOOLS_NUMPY2)
 def test_visrl_unreadable_judgement_drops_the_candidate(monkeypatch, tmp_path):
     """A judgement the critic wrote out of format drops its candidate (the released filter.py drops a None
     score) and is counted; before, it scored 0 and made the candidate the rejected one. The real record gets
@@ -5544,8 +3259,1584 @@ def test_visrl_unreadable_judgement_drops_the_candidate(monkeypatch, tmp_path):
 
 
 # ====================================================================================================
-# run.py: presets, manifest paths, the guarded update (shared by the four pipelines)
+# vlm.py: the model side on the tiny model (sampling, log-probs, shared prefix, frames)
 # ====================================================================================================
+
+def sampled_and_scored(model, processor, seed, max_new_tokens, temperature):
+    """4 samples for a green image, and our log-probs of them: (batch, rollout, our log-probs, completion mask)."""
+    batch = vlm.chat_inputs(processor, [[vlm.user_turn("Describe the image.")]], [[solid((40, 170, 60))]])
+    torch.manual_seed(seed)
+    roll = vlm.sample(model, processor, batch, num_generations=4, max_new_tokens=max_new_tokens,
+                      temperature=temperature, return_scores=True)
+    ours = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
+                                   temperature=temperature, suppress=vlm.suppressed_ids(processor))
+    return batch, roll, ours, roll["completion_mask"].bool()
+
+
+@contextlib.contextmanager
+def shared_prefix(on):
+    saved, vlm.SHARED_PREFIX = vlm.SHARED_PREFIX, on
+    try:
+        yield
+    finally:
+        vlm.SHARED_PREFIX = saved
+
+
+def logprobs_and_grads(model, roll, processor, group_size, on):
+    """Our log-probs of a rollout (group_size as GRPO passes it) and the gradient of a fixed function
+    of them, with the shared-prefix path on or off."""
+    model.zero_grad()
+    with shared_prefix(on):
+        logp = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
+                                       1.3, vlm.suppressed_ids(processor), group_size=group_size)
+    (0.1 * logp.sum() + 0.01 * (logp ** 2).sum()).backward()
+    return logp.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def two_prompt_batch(processor):
+    """2 prompts of different lengths (row 0 left-padded) with images of two sizes (one portrait)."""
+    convs = [[vlm.user_turn("Describe the image.")],
+             [vlm.user_turn("Give the box of the blue square as [x1,y1,x2,y2], in a longer prompt.")]]
+    images = [[solid((220, 40, 40), 112)], [solid((40, 80, 220), 84).resize((84, 140))]]
+    return vlm.chat_inputs(processor, convs, images)
+
+
+def assert_shared_rollouts_equal_plain(model, processor, batch, seen=None):
+    """sample() with and without the shared prefix, greedy and seeded sampling (G 3, 10 tokens): the same
+    tokens and texts, scores within 1e-5; `seen` (images per vision-tower call) cleared before each run
+    and checked: each image once when shared, G times when not."""
+    runs = {}
+    for on in (False, True):
+        for greedy in (True, False):
+            if seen is not None:
+                seen.clear()
+            torch.manual_seed(3)
+            with shared_prefix(on):
+                runs[on, greedy] = vlm.sample(model, processor, batch, 3, 10, temperature=1.3, do_sample=not greedy,
+                                              return_scores=True)
+            if seen is not None:
+                assert seen == ([2] if on else [6])
+    for greedy in (True, False):
+        plain, shared = runs[False, greedy], runs[True, greedy]
+        assert torch.equal(shared["completion_ids"], plain["completion_ids"]), greedy
+        assert shared["texts"] == plain["texts"]
+        mask = plain["completion_mask"].bool()
+        torch.testing.assert_close(shared["sampled_logp"][mask], plain["sampled_logp"][mask], atol=1e-5, rtol=0)
+    assert len(set(runs[False, False]["texts"])) > 1                 # sampling did sample
+
+
+# shared-prefix log-probs under gradient checkpointing
+@contextlib.contextmanager
+def grad_checkpointing(model):
+    """Training mode with non-reentrant gradient checkpointing (as the pipelines train); off, eval mode after."""
+    model.train()
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    try:
+        yield
+    finally:
+        model.gradient_checkpointing_disable()
+        model.zero_grad()
+        model.eval()
+
+
+@contextlib.contextmanager
+def forward_counts(model):
+    """{"images": images per vision-tower call, "attn": (rows, tokens) per call of the first text layer's
+    attention}. The attention is a submodule of the checkpointed layer, so its replays in backward count."""
+    seen = {"images": [], "attn": []}
+    hooks = [model.model.visual.register_forward_pre_hook(
+                 lambda m, args, kwargs: seen["images"].append(len(kwargs.get("grid_thw", args[-1]))),
+                 with_kwargs=True),
+             model.model.language_model.layers[0].self_attn.register_forward_pre_hook(
+                 lambda m, args, kwargs: seen["attn"].append(tuple(kwargs["hidden_states"].shape[:2])),
+                 with_kwargs=True)]
+    try:
+        yield seen
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+def assert_checkpointed_shared_prefix_equals_plain(model, processor, batch, G=3):
+    """Under gradient checkpointing, G completions of each prompt of `batch`: the shared-prefix log-probs and
+    gradients equal the plain path's (fp32), and the shared path was taken: the vision tower saw each image
+    once, the text layers ran the B prompts once and the N = B x G completions alone, each pass twice
+    (forward, then its replay in backward)."""
+    torch.manual_seed(0)
+    roll = vlm.sample(model, processor, batch, G, 10, temperature=1.3)
+    B, P, T = batch["input_ids"].shape + roll["completion_ids"].shape[1:]
+    runs = {}
+    with grad_checkpointing(model):
+        for on in (False, True):
+            with forward_counts(model) as seen:
+                runs[on] = logprobs_and_grads(model, roll, processor, G, on)
+            runs[on] += (seen,)
+    (plain, plain_grads, plain_seen), (shared, shared_grads, shared_seen) = runs[False], runs[True]
+    assert plain_seen == {"images": [B * G], "attn": [(B * G, P + T)] * 2}
+    assert shared_seen == {"images": [B], "attn": [(B, P), (B * G, T), (B * G, T), (B, P)]}
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
+    assert shared_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    return roll
+
+
+def _segment(tiny, lengths, width, budget):
+    """Two completions (prompt-major, one prompt) of `lengths` valid tokens, padded to `width`."""
+    model, processor = tiny
+    batch = vlm.chat_inputs(processor, [[vlm.user_turn("What colour?")]], [[solid((200, 0, 0))]])
+    prompt = vlm.repeat_batch(batch, len(lengths), processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+    ids = torch.full((len(lengths), width), processor.tokenizer.encode("red", add_special_tokens=False)[0])
+    mask = (torch.arange(width)[None] < torch.tensor(lengths)[:, None]).long()
+    return {"prompt": prompt, "completion_ids": ids, "completion_mask": mask, "temperature": 1.0,
+            "max_new_tokens": budget}
+
+
+class CapturedGrads:
+    """An optimizer stand-in for grpo_update's plain-module path: keeps the gradients, changes nothing."""
+    def __init__(self, model):
+        self.model, self.grads = model, None
+
+    def step(self):
+        self.grads = {n: p.grad.clone() for n, p in self.model.named_parameters() if p.grad is not None}
+
+    def zero_grad(self, set_to_none=True):
+        self.model.zero_grad(set_to_none=set_to_none)
+
+
+def test_tiny_model_is_real_qwen2vl_and_tokenizer_keeps_tags(tiny):
+    model, processor = tiny
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert type(processor).__name__ == "Qwen2VLProcessor"
+    tok = processor.tokenizer
+    for tag in tiny_py.TAG_TOKENS + tiny_py.SPECIAL_TOKENS:        # every tag and special token is ONE token
+        assert len(tok.encode(tag, add_special_tokens=False)) == 1, tag
+    ids = tok.encode("<think>a red circle</think><answer>[1,2,3,4]</answer><|im_end|>", add_special_tokens=False)
+    assert tok.decode(ids, skip_special_tokens=True) == "<think>a red circle</think><answer>[1,2,3,4]</answer>"
+    # Qwen2's pre-tokenizer splits digits one by one: "1000" is 4 tokens
+    assert len(tok.encode("1000", add_special_tokens=False)) == 4
+
+
+@pytest.mark.slow
+def test_padded_batch_logprobs_equal_each_sample_alone(tiny):
+    model, processor = tiny
+    convs = [[vlm.user_turn("What colour is this image?")],
+             [vlm.user_turn("Give the box of the red circle as [x1,y1,x2,y2]. Think first, then answer.")]]
+    images = [[solid((220, 40, 40))], [solid((40, 80, 220), 84)]]
+    batch = vlm.chat_inputs(processor, convs, images)
+    lengths = batch["attention_mask"].sum(1)
+    assert lengths[0] < lengths[1] and batch["attention_mask"][0, 0] == 0      # sample 0 is left-padded
+    torch.manual_seed(0)
+    roll = vlm.sample(model, processor, batch, num_generations=2, max_new_tokens=10)
+    together = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"])
+    for i in range(4):
+        alone_batch = vlm.chat_inputs(processor, [convs[i // 2]], [images[i // 2]])
+        n = int(roll["completion_mask"][i].sum())
+        alone = vlm.completion_logprobs(model, dict(alone_batch), roll["completion_ids"][i:i + 1, :n],
+                                        roll["completion_mask"][i:i + 1, :n])
+        torch.testing.assert_close(together[i, :n], alone[0], atol=1e-5, rtol=0)
+
+
+def test_logprobs_equal_the_scores_generate_sampled_with(tiny):
+    model, processor = tiny
+    _, roll, ours, mask = sampled_and_scored(model, processor, seed=1, max_new_tokens=12, temperature=0.7)
+    torch.testing.assert_close(ours[mask], roll["sampled_logp"][mask], atol=1e-4, rtol=0)
+    # and the temperature matters: at T=1 the same tokens get other log-probs
+    at_one = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
+                                     temperature=1.0, suppress=vlm.suppressed_ids(processor))
+    assert (at_one[mask] - roll["sampled_logp"][mask]).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_shared_prefix_logprobs_equal_the_plain_path(tiny):
+    """Each distinct prompt run once, its KV cache shared by its G completions: log-probs
+    (fp32, <= 1e-5), gradients and the scores generate() sampled with equal the plain path's, with 2
+    prompts of different lengths (left padding) and two images of different sizes (one portrait)."""
+    model, processor = tiny
+    convs = [[vlm.user_turn("Describe the image.")],
+             [vlm.user_turn("Give the box of the blue square as [x1,y1,x2,y2], in a longer prompt.")]]
+    images = [[solid((220, 40, 40), 112)], [solid((40, 80, 220), 84).resize((84, 140))]]
+    batch = vlm.chat_inputs(processor, convs, images)
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()          # row 0 is left-padded
+    torch.manual_seed(0)
+    with torch.no_grad():
+        roll = vlm.sample(model, processor, batch, 3, 10, temperature=1.3, return_scores=True)
+    model.train()
+    try:
+        plain, plain_grads = logprobs_and_grads(model, roll, processor, 3, on=False)
+        shared, shared_grads = logprobs_and_grads(model, roll, processor, 3, on=True)
+    finally:
+        model.zero_grad()
+        model.eval()
+    torch.testing.assert_close(shared, plain, atol=1e-5, rtol=0)
+    mask = roll["completion_mask"].bool()
+    torch.testing.assert_close(shared[mask], roll["sampled_logp"][mask], atol=1e-4, rtol=0)
+    assert shared_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+    with pytest.raises(ValueError, match="copies of one prompt"):        # rows 0-1 and 2-3 are not one prompt
+        vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"], group_size=2)
+
+
+@pytest.mark.slow
+def test_shared_prefix_dpo_pairs_equal_the_plain_path(tiny):
+    """dpo.pair_logps runs each prompt once for its chosen and rejected response: the four summed
+    log-probs equal the plain path's, and each equals a response scored alone."""
+    model, processor = tiny
+    convs = [[vlm.user_turn("Which colour?")], [vlm.user_turn("Where is the shape? Answer in one word.")]]
+    images = [[solid((220, 40, 40))], [solid((40, 170, 60), 112)]]
+    chosen, rejected = ["red", "[0.1,0.2,0.5,0.6]"], ["a green shape", "top"]
+    with torch.no_grad():
+        with shared_prefix(False):
+            plain = vlm.pair_logps(model, model, processor, convs, images, chosen, rejected, "cpu")
+        with shared_prefix(True):
+            shared = vlm.pair_logps(model, model, processor, convs, images, chosen, rejected, "cpu")
+        alone = vlm.response_logps(model, processor, convs[1:], images[1:], rejected[1:], "cpu")
+    for a, b in zip(shared, plain):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
+    assert shared[1][1].item() == approx(alone[0].item(), abs=1e-4)
+
+
+@pytest.mark.slow
+def test_shared_prefix_generation_samples_what_the_plain_path_samples(tiny):
+    """sample() prefills each prompt once and generate() decodes its G rows from the repeated
+    cache: the vision tower sees each image once (not G times), and greedy and seeded sampling give the
+    plain path's tokens and scores (fp32, <= 1e-5), with left padding and two image sizes."""
+    model, processor = tiny
+    batch = two_prompt_batch(processor)
+    seen = []                                     # images per vision-tower call
+    hook = model.model.visual.register_forward_pre_hook(
+        lambda module, args, kwargs: seen.append(len(kwargs.get("grid_thw", args[-1]))), with_kwargs=True)
+    try:
+        assert_shared_rollouts_equal_plain(model, processor, batch, seen)
+    finally:
+        hook.remove()
+
+
+@pytest.mark.slow
+def test_shared_prefix_logprobs_under_gradient_checkpointing_equal_the_plain_path(tiny):
+    """With gradient checkpointing on (how real runs train), each prompt still runs once with its
+    KV cache shared by its G completions, both passes checkpointed, the prefix replay storing nothing twice:
+    log-probs and gradients equal the plain path's, with left padding and two image sizes; and the
+    read-only-cache switch of the text layers is back to off afterwards."""
+    model, processor = tiny
+    batch = two_prompt_batch(processor)
+    assert batch["attention_mask"][0].sum() < batch["attention_mask"][1].sum()          # row 0 is left-padded
+    roll = assert_checkpointed_shared_prefix_equals_plain(model, processor, batch)
+    assert not any(layer._can_checkpoint_with_cache for layer in model.model.language_model.layers)
+    with torch.no_grad():               # and the values are those of checkpointing off
+        off = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
+                                      1.3, vlm.suppressed_ids(processor), group_size=3)
+    with grad_checkpointing(model):
+        on = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
+                                     1.3, vlm.suppressed_ids(processor), group_size=3)
+    torch.testing.assert_close(on.detach(), off, atol=1e-5, rtol=0)
+
+
+@pytest.mark.slow
+def test_shared_prefix_under_gradient_checkpointing_on_both_real_architectures(real_arch):
+    """The same on Qwen2-VL and Qwen2.5-VL (window attention in the vision tower, its own M-RoPE)."""
+    for family, path in real_arch.items():
+        model, processor = vlm.load_model(path)
+        assert_checkpointed_shared_prefix_equals_plain(model, processor, two_prompt_batch(processor))
+
+
+@pytest.mark.slow
+def test_shared_prefix_dpo_pairs_under_gradient_checkpointing(tiny):
+    """DPO's pairs (group 2: chosen and rejected on one prompt run once) under gradient checkpointing, with
+    gradients: the DPO loss and every gradient equal the plain path's, and each prompt's image is seen once."""
+    model, processor = tiny
+    convs = [[vlm.user_turn("Which colour?")], [vlm.user_turn("Where is the shape? Answer in one word.")]]
+    images = [[solid((220, 40, 40))], [solid((40, 170, 60), 112)]]
+    chosen, rejected = ["red", "[0.1,0.2,0.5,0.6]"], ["a green shape", "top"]
+    results = {}
+    with grad_checkpointing(model):
+        for on in (False, True):
+            model.zero_grad()
+            with shared_prefix(on), forward_counts(model) as seen:
+                logps = vlm.pair_logps(model, model, processor, convs, images, chosen, rejected, "cpu")
+                loss, _ = dpo.dpo_loss(logps[0], logps[1], logps[2] - 0.3, logps[3] + 0.2)   # a non-zero margin
+                (loss + 0.01 * (logps[0] - logps[1]).square().sum()).backward()
+            results[on] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+            assert seen["images"] == ([2, 2] if on else [4, 4])          # policy (with grad), then reference
+    (plain, plain_grads), (shared, shared_grads) = results[False], results[True]
+    assert shared == approx(plain, abs=1e-6)
+    assert shared_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+@pytest.mark.slow
+def test_shared_prefix_two_segment_update_under_gradient_checkpointing(tiny, monkeypatch):
+    """RISE-CoT's trajectory (a CoT segment of G rows on one prompt, then reconstruction rows on their own
+    prompts) under gradient checkpointing: the two-segment test below, which checks the loss, its KL and
+    every gradient against the plain path's and that the CoT segment takes the shared path (policy and
+    reference), with checkpointing on throughout (grpo_update puts the model in training mode)."""
+    with grad_checkpointing(tiny[0]):
+        test_shared_prefix_two_segment_update_equals_the_plain_path(tiny, monkeypatch)
+        assert vlm.is_checkpointing(tiny[0])
+
+
+@pytest.mark.slow
+def test_checkpoint_generation_config_never_changes_what_is_sampled(tiny):
+    # Qwen checkpoints ship a generation_config.json with repetition_penalty 1.05, top_k, top_p:
+    # generate() would apply them (it fills every unset option from it) while our log-probs do
+    # not. The sampled scores must still equal our log-probs (fp32, tight), and greedy must be argmax.
+    model, processor = tiny
+    saved = model.generation_config
+    model.generation_config = type(saved).from_dict(dict(saved.to_dict(), repetition_penalty=1.05, top_k=20,
+                                                         top_p=0.5, temperature=0.1, no_repeat_ngram_size=2))
+    try:
+        batch, roll, ours, mask = sampled_and_scored(model, processor, seed=3, max_new_tokens=16, temperature=1.0)
+        torch.testing.assert_close(ours[mask], roll["sampled_logp"][mask], atol=1e-5, rtol=0)
+        greedy = vlm.sample(model, processor, batch, max_new_tokens=8, do_sample=False)
+        ids, first = greedy["completion_ids"], greedy["completion_ids"][:, :1]
+        scored = vlm.completion_logprobs(model, greedy["prompt"], first, torch.ones_like(first),
+                                         suppress=vlm.suppressed_ids(processor))
+        # the greedy first token is the argmax: its log-prob is the row's maximum
+        logits = model(**{k: v for k, v in greedy["prompt"].items()}).logits[:, -1].float()
+        logits[:, vlm.suppressed_ids(processor)] = float("-inf")
+        assert ids[0, 0].item() == logits.argmax(-1).item()
+        assert scored[0, 0].item() == pytest.approx(logits.log_softmax(-1).max().item(), abs=1e-5)
+        assert model.generation_config.repetition_penalty == 1.05          # restored afterwards
+    finally:
+        model.generation_config = saved
+
+
+@pytest.mark.slow
+def test_chunked_logprobs_and_gradients_equal_one_piece(tiny):
+    """The row-chunked, checkpointed path (used for a 151k vocabulary) gives the same values and
+    the same gradients as scoring the whole batch at once."""
+    model, processor = tiny
+    batch = vlm.chat_inputs(processor, [[vlm.user_turn("Describe the image.")]] * 2,
+                            [[solid((200, 30, 30))], [solid((30, 30, 200))]])
+    torch.manual_seed(4)
+    roll = vlm.sample(model, processor, batch, num_generations=3, max_new_tokens=8)
+    args = (roll["prompt"], roll["completion_ids"], roll["completion_mask"], 0.9, vlm.suppressed_ids(processor))
+    results = []
+    for kwargs in ({}, {"chunk_rows": 4, "one_piece_bytes": 0}):    # 6 rows -> chunks of 4 and 2
+        model.zero_grad()
+        logp = vlm.completion_logprobs(model, *args, **kwargs)
+        logp.sum().backward()
+        results.append((logp.detach(), model.lm_head.weight.grad.clone(), model.model.visual.patch_embed.proj.weight.grad.clone()))
+    model.zero_grad()
+    for one, chunked in zip(*results):
+        torch.testing.assert_close(one, chunked, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.slow
+def test_batch2_group3_each_completion_is_scored_under_its_own_image(tiny):
+    model, processor = tiny
+    red, blue = solid((220, 40, 40)), solid((40, 80, 220))
+    convs = [[vlm.user_turn("What colour is this image?")]] * 2
+    batch = vlm.chat_inputs(processor, convs, [[red], [blue]])
+    torch.manual_seed(2)
+    roll = vlm.sample(model, processor, batch, num_generations=3, max_new_tokens=8, return_scores=True)
+    ids, mask = roll["completion_ids"], roll["completion_mask"]
+    # prompt-major order: rows 0-2 answer the red image, rows 3-5 the blue one
+    rows = batch["image_grid_thw"][0].prod().item()
+    expanded = roll["prompt"]["pixel_values"]
+    for i in range(6):
+        own = batch["pixel_values"][:rows] if i < 3 else batch["pixel_values"][rows:]
+        torch.testing.assert_close(expanded[i * rows:(i + 1) * rows], own)
+    suppress = vlm.suppressed_ids(processor)
+    own_logp = vlm.completion_logprobs(model, roll["prompt"], ids, mask, suppress=suppress)
+    torch.testing.assert_close(own_logp[mask.bool()], roll["sampled_logp"][mask.bool()], atol=1e-4, rtol=0)
+    # the same completions scored with the images swapped: every row changes
+    swapped = vlm.repeat_batch(vlm.chat_inputs(processor, convs, [[blue], [red]]), 3,
+                               processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+    other_logp = vlm.completion_logprobs(model, swapped, ids, mask, suppress=suppress)
+    per_row_diff = ((own_logp - other_logp).abs() * mask).sum(1)
+    assert (per_row_diff > 1e-4).all(), per_row_diff
+    # the bug this guards against: repeating pixel_values wholesale gives rows 1, 2 the wrong image
+    wholesale = batch["pixel_values"].repeat(3, 1)
+    assert not torch.equal(wholesale[rows:2 * rows], expanded[rows:2 * rows])
+
+
+@pytest.mark.slow
+def test_image_pad_token_is_never_sampled(tiny_dir):
+    model, processor = vlm.load_model(tiny_dir)
+    with torch.no_grad():                    # a uniform policy: every token equally likely
+        model.lm_head.weight.zero_()
+    batch = vlm.chat_inputs(processor, [[vlm.user_turn("Say anything.")]] * 2, [[solid((0, 0, 0))]] * 2)
+    vision = torch.tensor(vlm.suppressed_ids(processor))
+    torch.manual_seed(3)
+    roll = vlm.sample(model, processor, batch, num_generations=8, max_new_tokens=64)
+    sampled = roll["completion_ids"][roll["completion_mask"].bool()]
+    assert sampled.numel() > 500
+    assert not torch.isin(sampled, vision).any()
+    # control: without the suppression the same uniform policy does emit vision tokens
+    expanded = vlm.repeat_batch(batch, 8, processor.tokenizer.convert_tokens_to_ids("<|vision_start|>"))
+    torch.manual_seed(3)
+    raw = model.generate(**expanded, max_new_tokens=64, do_sample=True, top_k=0, top_p=1.0, eos_token_id=[])
+    assert torch.isin(raw[:, expanded["input_ids"].shape[1]:], vision).any()
+
+
+def test_too_long_prompt_is_rejected_not_cut_inside_image_tokens(tiny):
+    _, processor = tiny
+    conv = [[vlm.user_turn("a long question " * 40)]]
+    full = vlm.chat_inputs(processor, conv, [[solid((1, 2, 3))]])
+    n = int(full["attention_mask"].sum())
+    with pytest.raises(vlm.PromptTooLong, match=f"{n} tokens"):
+        vlm.chat_inputs(processor, conv, [[solid((1, 2, 3))]], max_prompt_len=n - 1)
+    assert vlm.chat_inputs(processor, conv, [[solid((1, 2, 3))]], max_prompt_len=n)["input_ids"].shape[1] == n
+
+
+def test_completion_mask_stops_after_first_eos():
+    eos = [7]
+    ids = torch.tensor([[5, 7, 9, 7], [1, 2, 3, 4], [7, 0, 0, 0]])
+    expected = torch.tensor([[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0]])   # EOS itself is kept
+    assert torch.equal(vlm.completion_mask_from_ids(ids, eos), expected)
+
+
+def test_save_load_gives_identical_outputs(tiny, tmp_path):
+    model, processor = tiny
+    model.save_pretrained(tmp_path)
+    processor.save_pretrained(tmp_path)
+    again, processor2 = vlm.load_model(tmp_path)
+    batch = vlm.chat_inputs(processor2, [[vlm.user_turn("Describe the image.")]], [[solid((9, 99, 199))]])
+    assert torch.equal(batch["input_ids"], vlm.chat_inputs(processor, [[vlm.user_turn("Describe the image.")]],
+                                                           [[solid((9, 99, 199))]])["input_ids"])
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, again(**batch).logits, atol=0, rtol=0)
+
+
+def test_sft_loss_counts_only_assistant_tokens(tiny):
+    model, processor = tiny
+    conv = [vlm.user_turn("What colour is this image?"), vlm.assistant_turn("red")]
+    batch = vlm.chat_inputs(processor, [conv], [[solid((220, 40, 40))]], add_generation_prompt=False)
+    mask = vlm.assistant_mask(batch["input_ids"], processor)[0]
+    tok = processor.tokenizer
+    # the target is exactly "red<|im_end|>"
+    assert tok.decode(batch["input_ids"][0][mask.bool()]) == "red<|im_end|>"
+    # independent computation: cross-entropy of the two target tokens from the logits
+    with torch.no_grad():
+        logits = model(**batch).logits[0]
+        positions = mask.nonzero().squeeze(1)
+        manual = torch.stack([-logits[p - 1].log_softmax(-1)[batch["input_ids"][0, p]] for p in positions]).mean()
+        torch.testing.assert_close(vlm.sft_loss(model, processor, [conv], [[solid((220, 40, 40))]]), manual)
+    # a different prompt with the same answer changes the loss (conditioning) but not the target
+    conv2 = [vlm.user_turn("Name the colour of the picture, please."), vlm.assistant_turn("red")]
+    b2 = vlm.chat_inputs(processor, [conv2], [[solid((220, 40, 40))]], add_generation_prompt=False)
+    assert tok.decode(b2["input_ids"][0][vlm.assistant_mask(b2["input_ids"], processor)[0].bool()]) == "red<|im_end|>"
+
+
+def test_two_assistant_turns_are_both_targets(tiny):
+    _, processor = tiny
+    conv = [vlm.user_turn("Q?"), vlm.assistant_turn("[0.1,0.2,0.3,0.4]"),
+            vlm.user_turn("Now answer."), vlm.assistant_turn("blue")]
+    batch = vlm.chat_inputs(processor, [conv], [[solid((1, 1, 1)), solid((2, 2, 2))]], add_generation_prompt=False)
+    mask = vlm.assistant_mask(batch["input_ids"], processor)[0]
+    assert processor.tokenizer.decode(batch["input_ids"][0][mask.bool()]) == "[0.1,0.2,0.3,0.4]<|im_end|>blue<|im_end|>"
+
+
+def test_box_frames_both_ways_for_both_model_families(tiny):
+    _, processor = tiny
+    # Qwen2-VL: 0..1000 of the original image. A 200x100 image: x*5, y*10.
+    assert vlm.to_model_frame([20, 10, 100, 50], "qwen2_vl", (200, 100)) == [100, 100, 500, 500]
+    assert vlm.from_model_frame([100, 100, 500, 500], "qwen2_vl", (200, 100)) == [20, 10, 100, 50]
+    # Qwen2.5-VL: pixels of the resized input. The tiny processor (patch 14 x merge 2 = 28,
+    # max 224*224 pixels) resizes 280x140 to 280x140 (both multiples of 28, 39200 <= 50176): scale 1.
+    assert vlm.to_model_frame([28, 14, 140, 70], "qwen2_5_vl", (280, 140), processor) == [28, 14, 140, 70]
+    # 560x280 has 156800 > 50176 pixels: beta = sqrt(156800/50176) = 1.7678; 560/1.7678 = 316.8 -> floor
+    # to a multiple of 28: 308; 280/1.7678 = 158.4 -> 140. So x scales by 308/560 = 0.55, y by 140/280 = 0.5.
+    assert vlm.to_model_frame([100, 100, 200, 200], "qwen2_5_vl", (560, 280), processor) == [55, 50, 110, 100]
+    back = vlm.from_model_frame([55, 50, 110, 100], "qwen2_5_vl", (560, 280), processor)
+    assert back == pytest.approx([100, 100, 200, 200])
+
+
+@pytest.mark.slow
+def test_shared_prefix_generation_on_both_real_architectures(real_arch):
+    """The shared-prefix rollouts on Qwen2-VL and Qwen2.5-VL (window attention in the vision tower, its own
+    M-RoPE offsets): the plain path's tokens and scores."""
+    for family, path in real_arch.items():
+        model, processor = vlm.load_model(path)
+        assert_shared_rollouts_equal_plain(model, processor, two_prompt_batch(processor))
+
+
+@pytest.mark.slow
+def test_real_architectures_keep_the_published_structure(real_arch):
+    for family, path in real_arch.items():
+        model, processor = vlm.load_model(path)
+        text, vision = model.config.text_config, model.config.vision_config
+        assert model.config.model_type == family and text.num_hidden_layers == 2 and vision.depth == 2
+        # published: head_dim 1536 / 12 = 2048 / 16 = 128, M-RoPE sections [16, 24, 24] summing to 128 / 2
+        head_dim = text.hidden_size // text.num_attention_heads
+        assert head_dim == 128 and sum(text.rope_parameters["mrope_section"]) == head_dim // 2
+        assert text.num_attention_heads // text.num_key_value_heads == (6 if family == "qwen2_vl" else 8)
+        if family == "qwen2_5_vl":       # window attention (112 px windows), then a full-attention block
+            assert vision.window_size == 112 and vision.fullatt_block_indexes == [1]
+            assert vision.out_hidden_size == text.hidden_size
+        ip = processor.image_processor
+        assert (ip.patch_size, ip.merge_size, ip.size["shortest_edge"], ip.size["longest_edge"]) == \
+            (14, 2, 56 * 56, 28 * 28 * 16384)
+        rendered = processor.apply_chat_template([vlm.user_turn("Hi", 0)], tokenize=False, add_generation_prompt=True)
+        assert rendered == ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+                            "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n")
+        gen = model.generation_config
+        assert (gen.repetition_penalty, gen.top_k, gen.top_p, gen.temperature) == (1.05, 1, 0.001, 0.1)
+        # sampling = scoring on the real path too, whatever the shipped generation config says
+        batch = vlm.chat_inputs(processor, [[vlm.user_turn("What colour?")]], [[solid((200, 30, 30), 112)]])
+        torch.manual_seed(0)
+        roll = vlm.sample(model, processor, batch, 3, 6, return_scores=True)
+        ours = vlm.completion_logprobs(model, roll["prompt"], roll["completion_ids"], roll["completion_mask"],
+                                       suppress=vlm.suppressed_ids(processor))
+        mask = roll["completion_mask"].bool()
+        torch.testing.assert_close(ours[mask], roll["sampled_logp"][mask], atol=1e-5, rtol=0)
+
+
+def test_paper_presets_fit_a_megapixel_photo_in_the_prompt_limit(real_arch):
+    # Each pipeline's paper preset caps the image size (RISE: 401,408 pixels; Seg-RISE: 840x840 as Seg-Zero;
+    # VisRL: 768x768 a picture, two pictures a prompt) so an ordinary 1000x1000 photo fits its prompt limit.
+    # The tiny tokenizer spends more tokens on text than Qwen's, so this is the harder case. Without the
+    # cap the published processor makes 36 x 36 = 1296 tokens of it: over 1024 on its own.
+    photo = Image.new("RGB", (1000, 1000), (120, 90, 60))
+    det = {"target": "the dog", "boxes": [[100, 100, 300, 300], [500, 500, 700, 700]], "multi": True}
+    for family, path in real_arch.items():
+        model, _ = vlm.load_model(path)
+        cases = {"rise_cot": (rise_cot, [[vlm.user_turn(data.prompt("cot", det, boxes=det["boxes"],
+                                                                    frame=(1000, 1000)))]], [[photo]]),
+                 "rise_r1": (rise_r1, [[vlm.user_turn(data.prompt("r1", det, frame=(1000, 1000)))]], [[photo]]),
+                 "seg_rise": (S, [[vlm.user_turn(S.prompt_text("the dog on the left", frame=(1000, 1000)))]], [[photo]]),
+                 "visrl": (visrl, [visrl.answer_turns("What colour is the dog?", "[0.10,0.10,0.50,0.50]")],
+                           [[photo, photo]])}
+        for name, (script, convs, images) in cases.items():
+            args = script.parse_args(["--model", str(path), "--preset", "paper"])
+            _, processor = vlm.load_model(path, max_pixels=args.max_pixels)
+            batch = vlm.chat_inputs(processor, convs, images, max_prompt_len=args.max_prompt_len)
+            assert batch["attention_mask"].sum() <= args.max_prompt_len, (family, name)
+        _, uncapped = vlm.load_model(path)
+        with pytest.raises(vlm.PromptTooLong):
+            vlm.chat_inputs(uncapped, cases["rise_r1"][1], [[photo]], max_prompt_len=1024)
+
+
+def test_dr_grpo_divides_by_the_generation_budget_not_the_longest_completion(tiny):
+    # Dr. GRPO (arXiv 2503.20783) / TRL dr_grpo: loss = -sum_{i,t} A_i rho_t / (N * max_new_tokens).
+    # rewards [1, 0], unscaled -> A = [+0.5, -0.5]; rho = 1 (one update per batch).
+    # Completions of 6 and 3 tokens, all ended by token 6 of a budget of 8:
+    #   -(0.5*6 - 0.5*3) / (2*8) = -1.5/16 = -0.09375   (dividing by the longest, 6, gave -1.5/12 = -0.125)
+    model, _ = tiny
+    sgd = torch.optim.SGD(model.parameters(), lr=0.0)
+    try:
+        one = _segment(tiny, [6, 3], 6, budget=8)
+        stats = vlm.grpo_update(model, None, [one], t([1.0, 0.0]), 2, optimizer=sgd, beta=0.0, norm="fixed",
+                                scale_rewards=False)
+        assert stats["loss"] == pytest.approx(-0.09375, abs=1e-6)
+        # RISE-CoT's two-part trajectory: the budget is the sum, 8 + 4 = 12; tokens 6+2 and 3+4:
+        #   -(0.5*8 - 0.5*7) / (2*12) = -0.5/24
+        two = _segment(tiny, [2, 4], 4, budget=4)
+        stats = vlm.grpo_update(model, None, [one, two], t([1.0, 0.0]), 2, optimizer=sgd, beta=0.0, norm="fixed",
+                                scale_rewards=False)
+        assert stats["loss"] == pytest.approx(-0.5 / 24, abs=1e-6)
+        with pytest.raises(ValueError, match="max_new_tokens"):
+            vlm.grpo_update(model, None, [dict(one, max_new_tokens=None)], t([1.0, 0.0]), 2, optimizer=sgd,
+                            beta=0.0, norm="fixed")
+    finally:
+        model.eval()
+
+
+def test_shared_prefix_two_segment_update_equals_the_plain_path(tiny, monkeypatch):
+    """A RISE-CoT-shaped trajectory, a CoT segment whose G rows share one prompt (run once)
+    then reconstruction rows with different prompts (run plainly), with the KL to a reference: the
+    GRPO loss, its KL and every gradient equal the plain path's."""
+    model, processor = tiny
+    cot = dict(_segment(tiny, [6, 3], 6, budget=8), group_size=2)
+    convs = [[vlm.user_turn("Rebuild: a red circle.")], [vlm.user_turn("Rebuild from a much longer description.")]]
+    rec_prompt = vlm.chat_inputs(processor, convs, [[solid((200, 0, 0))], [solid((0, 0, 200), 84)]])
+    rec = dict(_segment(tiny, [2, 4], 4, budget=4), prompt=rec_prompt)         # no group_size: one row each
+    results, calls, real = {}, [], vlm.shared_prefix_hidden
+    monkeypatch.setattr(vlm, "shared_prefix_hidden", lambda *a: calls.append(a[4]) or real(*a))
+    try:
+        for on in (False, True):
+            capture = CapturedGrads(model)
+            with shared_prefix(on):
+                stats = vlm.grpo_update(model, model, [cot, rec], t([1.0, 0.0]), 2, optimizer=capture,
+                                        beta=0.04, scale_rewards=False)
+            results[on] = stats, capture.grads
+    finally:
+        model.zero_grad()
+        model.eval()
+    assert calls == [2, 2]                     # shared path on: the CoT segment, policy and reference; off: none
+    (plain, plain_grads), (shared, shared_grads) = results[False], results[True]
+    assert shared["loss"] == approx(plain["loss"], abs=1e-6) and shared["kl"] == approx(plain["kl"], abs=1e-6)
+    assert shared_grads.keys() == plain_grads.keys() and len(plain_grads) > 10
+    for name, grad in plain_grads.items():
+        torch.testing.assert_close(shared_grads[name], grad, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_sampling_ends_at_every_eos_the_checkpoint_declares(real_arch):
+    """Qwen's generation_config ends a reply at <|im_end|> or <|endoftext|>, the tokenizer names only the
+    first: a completion that writes <|endoftext|> (forced here at step 3 of row 0, greedy) ends there."""
+    model, processor = vlm.load_model(real_arch["qwen2_vl"])
+    tok = processor.tokenizer
+    im_end, end_of_text = tok.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert tok.eos_token_id == im_end and model.generation_config.eos_token_id == [im_end, end_of_text]
+    assert vlm.eos_ids(processor, model) == sorted([im_end, end_of_text])
+    batch = two_prompt_batch(processor)
+    free = vlm.sample(model, processor, batch, max_new_tokens=6, do_sample=False)
+    assert not torch.isin(free["completion_ids"][:, :3], torch.tensor([im_end, end_of_text])).any()
+    steps = []
+
+    def force(module, inputs, logits):              # the lm_head's logits of the third decoding step, row 0
+        steps.append(1)
+        if len(steps) == 3:
+            logits = logits.clone()
+            logits[0, -1, end_of_text] = logits[0, -1].max() + 10
+        return logits
+    hook = model.get_output_embeddings().register_forward_hook(force)
+    try:
+        forced = vlm.sample(model, processor, batch, max_new_tokens=6, do_sample=False)
+    finally:
+        hook.remove()
+    ids, mask = forced["completion_ids"], forced["completion_mask"]
+    assert ids.shape == (2, 6) and ids[0, 2] == end_of_text
+    assert torch.equal(ids[0, :2], free["completion_ids"][0, :2]) and (ids[0, 3:] == tok.pad_token_id).all()
+    assert mask.tolist() == [[1, 1, 1, 0, 0, 0], free["completion_mask"][1].tolist()]
+    assert forced["texts"] == [tok.decode(ids[0, :2]), free["texts"][1]]
+    assert torch.equal(ids[1], free["completion_ids"][1])          # the other row runs on
+    ids, mask = vlm.completion_tensors(processor, ["a box"])                # DPO's targets still end in <|im_end|>
+    assert ids[0, mask[0].sum() - 1] == im_end
+
+
+def test_shapes_clip_build_save_load_and_determinism(clip_dir, tmp_path):
+    cfg = json.loads((clip_dir / "config.json").read_text())
+    assert cfg["captions"][:12] == tiny_py.CAPTIONS and len(tiny_py.CAPTIONS) == 12
+    assert 0.0 <= cfg["zero_shot_accuracy"] <= 1.0 and cfg["n_crops"] > 0
+    model, preprocess, tokenizer = S.load_clip("shapes", clip_dir)
+    assert not model.training and not any(p.requires_grad for p in model.parameters())
+    crop = Image.new("RGB", (30, 17), (220, 40, 40))
+    assert preprocess(crop).shape == (3, 64, 64)
+    assert tokenizer(["the red circle"]).shape == (1, 16)
+    # the same seed rebuilds the same weights (on one thread count: both builds here)
+    a, b = (safetensors_load(tiny_py.build_shapes_clip(tmp_path / name, seed=0, steps=2, batch_size=16, n_scenes=12,
+                                                       log=lambda *a: None) / "model.safetensors") for name in "ab")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    with pytest.raises(SystemExit, match="holds no shapes CLIP"):
+        S.load_clip("shapes", tmp_path / "missing")
+    with pytest.raises(SystemExit, match="random CLIP"):
+        S.load_clip("ViT-B-32", None)                    # never a random CLIP by accident
+
+
+def test_freeze_vision_trains_the_merger_only_of_the_vision_side(tiny_dir):
+    model, _ = vlm.load_model(tiny_dir)
+    vlm.freeze_vision(model)
+    visual = model.model.visual
+    assert not any(p.requires_grad for n, p in visual.named_parameters() if not n.startswith("merger."))
+    assert all(p.requires_grad for p in visual.merger.parameters())
+    assert all(p.requires_grad for p in model.model.language_model.parameters())
+
+
+# ====================================================================================================
+# the pipelines' pieces, in-process (RISE, Seg-RISE, VisRL, run.py, tables.py, bench.py, tiny.py)
+# ====================================================================================================
+
+def _covered_pixels(box, crop):
+    """Brute force: how many of box's unit pixels lie inside crop (integer boxes)."""
+    grid = np.zeros((data.IMAGE_SIZE + 1, data.IMAGE_SIZE + 1), bool)
+    grid[box[1]:box[3], box[0]:box[2]] = True
+    inside = np.zeros_like(grid)
+    inside[crop[1]:crop[3], crop[0]:crop[2]] = True
+    return (grid & inside).sum(), grid.sum()
+
+
+def ans(box, points=((250, 500), (100, 100)), think="the red half"):
+    body = {"bbox": list(box)} if points is None else {"bbox": list(box), "points": [list(p) for p in points]}
+    return (f"<think>{think}</think>" if think else "") + f"<answer>{json.dumps(body)}</answer>"
+
+
+TEXTS = [ans([0, 0, 500, 1000]),            # -> pixels [0, 0, 100, 100]: all red, cos 1
+         ans([500, 0, 1000, 1000]),         # -> [100, 0, 200, 100]: all green, cos 0
+         ans([250, 0, 750, 1000]),          # -> [50, 0, 150, 100]: half/half, cos .5/sqrt(.5) = 0.707107
+         ans([0, 0, 500, 1000], points=None, think=None),   # valid box, no think, no points
+         "garbage with no answer",
+         ans([0, 0, 1200, 1000])]           # beyond the frame: R_seg 0; crop clipped -> whole image, 0.707107
+
+
+# (sem, think, seg) of each, by hand
+EXPECTED = [(1.0, 1, 1), (0.0, 1, 1), (0.707107, 1, 1), (1.0, 0, 0), (0.0, 0, 0), (0.707107, 1, 0)]
+
+
+@st.composite
+def norm_boxes(draw, min_size=0.01, max_size=1.0):
+    w = draw(st.floats(min_size, max_size))
+    h = draw(st.floats(min_size, max_size))
+    x1 = draw(st.floats(0.0, 1.0 - w))
+    y1 = draw(st.floats(0.0, 1.0 - h))
+    return [x1, y1, x1 + w, y1 + h]
+
+
+def overlap_area(a, b):
+    return max(0.0, min(a[2], b[2]) - max(a[0], b[0])) * max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
+
+
+class CountingRandom(random.Random):
+    calls = 0
+
+    def uniform(self, a, b):
+        self.calls += 1
+        return super().uniform(a, b)
+
+
+def within_size_bound(out, b1, tol, mode):
+    """VisRL eq. 3's size bound: the area within [1 - tol, 1 + tol] x b1's, b1's aspect ratio kept (mode
+    "area", the paper), or the width and height each within +-tol of b1's ("sides", the released code)."""
+    w1, h1, w, h = b1[2] - b1[0], b1[3] - b1[1], out[2] - out[0], out[3] - out[1]
+    if mode == "area":
+        return ((1 - tol) * w1 * h1 - 1e-9 <= w * h <= (1 + tol) * w1 * h1 + 1e-9
+                and w / h == approx(w1 / h1, rel=1e-6))
+    return w1 * (1 - tol) - 1e-9 <= w <= w1 * (1 + tol) + 1e-9 and h1 * (1 - tol) - 1e-9 <= h <= h1 * (1 + tol) + 1e-9
+
+
+def cand(s_b, s_r, box=(0.1, 0.1, 0.3, 0.3), answer="red"):
+    return {"box": list(box), "answer": answer, "s_b": s_b, "s_r": s_r}
+
+
+THIN = "[0.50,0.10,0.51,0.90]"      # on a 400x2000 page a 4x1600 crop, aspect ratio 400
+
+
+def _page(tmp_path, size=(400, 2000)):
+    page = Image.new("RGB", size, "white")
+    page.paste((220, 40, 40), (200, 200, 204, 1800))      # a red rule exactly under THIN
+    page.save(tmp_path / "page.png")
+    rec = {"id": "page", "image": "page.png", "question": "What colour is the rule?", "answer": "red"}
+    return data.read_manifest(_write(tmp_path, [rec]), "vqa")[0]
+
+
+class _EngineThatMustNotStep:
+    """Records the DeepSpeed calls of an update (backward, step); a skipped update makes none."""
+
+    def __init__(self):
+        self.calls = []
+
+    def set_gradient_accumulation_boundary(self, boundary):
+        self.calls.append(("boundary", boundary))
+
+    def backward(self, loss):
+        self.calls.append(("backward", loss.item()))
+
+    def step(self):
+        self.calls.append(("step",))
+
+
+def test_look_pools_go_from_one_shape_to_scenes(cache):
+    """The look-question pools of the recipe: "where" pools of position questions about one shape drawn
+    alone; two shapes of two colours, one named; --pixels 224 gives 64 image tokens instead of 16."""
+    pools = tiny_py.probe_pools(tiny_py.pretrain_world(0, 6))
+    assert len(pools["where_alone"]) == 6 * len(data.SHAPE_TASKS)           # one shape per training scene
+    for conv, (image,) in pools["where_alone"]:
+        assert conv[0]["content"][-1]["text"].startswith("Where ")
+        assert len({px for px in map(tuple, np.asarray(image).reshape(-1, 3).tolist()) if len(set(px)) > 1}) == 1  # one shape colour, grey elsewhere
+    for conv, (image,) in pools["where_pairs_colour"]:                   # two shapes, two colours, one named
+        colours = {px for px in map(tuple, np.asarray(image).reshape(-1, 3).tolist()) if len(set(px)) > 1}
+        assert len(colours) == 2 and conv[0]["content"][-1]["text"].endswith(" shape?")
+        named = conv[0]["content"][-1]["text"].split()[3]
+        assert data.COLORS[named] in colours
+    processor = vlm.load_model(vlm.TINY_BASE)[1]
+    image = data.render([], 220)
+    after = vlm.chat_inputs(tiny_py.set_image_pixels(processor, 224), [[vlm.user_turn("Where?")]], [[image]])
+    before = vlm.chat_inputs(tiny_py.set_image_pixels(processor, 112), [[vlm.user_turn("Where?")]], [[image]])
+    assert before["image_grid_thw"].tolist() == [[1, 8, 8]] and after["image_grid_thw"].tolist() == [[1, 16, 16]]
+    assert (after["input_ids"] == processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")).sum() == 64
+
+
+def test_look_examples_ask_only_what_the_scene_answers():
+    """Two shapes of different kinds and one duplicate pair: colour questions only for a unique kind,
+    where/box questions only for a unique (colour, kind); boxes in the 0..1000 frame."""
+    scene = [{"color": "red", "shape": "circle", "box": [0, 0, 28, 28]},
+             {"color": "blue", "shape": "square", "box": [84, 84, 112, 112]},
+             {"color": "blue", "shape": "square", "box": [84, 0, 112, 28]}]
+    image = data.render(scene, 220)
+    qa = [(conv[0]["content"][-1]["text"], conv[1]["content"][0]["text"])
+          for conv, _ in tiny_py.look_examples(scene, image)]
+    assert qa == [("What colour is the circle?", "red"), ("Where is the red circle?", "top-left"),
+                  ("Give the box of the red circle.", "[0,0,250,250]")]
+
+
+def test_tiny_chat_template_puts_the_image_after_the_text(tiny):
+    """The tiny model's own template: text, then image, in each user message (README: why)."""
+    _, processor = tiny
+    text = processor.apply_chat_template([vlm.user_turn("Q?")], add_generation_prompt=True, tokenize=False)
+    assert text == "<|im_start|>user\nQ?<|vision_start|><|image_pad|><|vision_end|><|im_end|>\n<|im_start|>assistant\n"
+
+
+def test_colour_reward_hand_cases():
+    # exact first word (case, trailing punctuation and the rest ignored) -> 1.0
+    assert tiny_py.colour_reward(["Red.", " blue sky"], [0, 1], ["red", "blue"]) == [1.0, 1.0]
+    # a prefix earns partial x its share of the word: "bl" of "blue" 0.1 * 2/4; "re" of "red" 0.5 * 2/3
+    # anything else 0: "tre" (contains "re" but is no prefix), "" (empty), "yellowish" (longer than the word)
+    got = tiny_py.colour_reward(["bl", "tre", "", "yellowish"], [0, 1, 2, 3], ["blue", "red", "green", "yellow"])
+    assert got == approx([0.05, 0.0, 0.0, 0.0])
+    assert tiny_py.colour_reward(["re"], [0], ["red"], partial=0.5) == approx([1 / 3])
+
+
+def test_critic_examples_are_labelled_by_the_scene(world):
+    """s_b: a crop labelled 1 for a colour question shows that colour (pixels counted in the crop);
+    s_r: label 1 iff the candidate is the reference, and wrong candidates are words of the same
+    kind (a colour for a colour question). Both labels occur often."""
+    rng = np.random.default_rng(0)
+    n_box = n_hit = n_ans = n_same = positives = shows = 0
+    records = _records(world, "vqa")
+    for rec in records:
+        image = Image.open(rec["image_path"]).convert("RGB")
+        kind = "color" if rec["answer"] in data.COLORS else "shape"
+        for conv, images in tiny_py._critic_examples(rec["question"], rec["answer"], rec["scene"], image, rng):
+            prompt, label = conv[0]["content"][-1]["text"], json.loads(conv[1]["content"][0]["text"])["score"]
+            if "Candidate answer" not in prompt:
+                n_box += 1
+                n_hit += label == 1.0
+                if kind == "color" and label == 1.0:
+                    crop = np.asarray(images[0]).astype(int)
+                    positives += 1
+                    shows += (np.abs(crop - data.COLORS[rec["answer"]]).sum(-1) < 30).any()
+            else:
+                n_ans += 1
+                cand = prompt.split("Candidate answer: ")[1].split(".")[0].strip()
+                assert cand in (list(data.COLORS) if kind == "color" else data.SHAPES)
+                assert label == float(cand == rec["answer"])
+                n_same += cand == rec["answer"]
+    assert n_box == n_ans == 2 * len(records)
+    assert 0.2 < n_hit / n_box < 0.8 and 0.2 < n_same / n_ans < 0.8
+    assert positives > 0 and shows == positives
+
+
+def test_critic_box_label_matches_pixel_count():
+    """rewards.covers (the label rule) agrees with counting pixels on random integer boxes."""
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        x1, y1 = rng.integers(0, 100, 2)
+        box = [int(x1), int(y1), int(x1 + rng.integers(1, 12)), int(y1 + rng.integers(1, 12))]
+        cx, cy = rng.integers(0, 100, 2)
+        crop = [int(cx), int(cy), int(cx + rng.integers(1, 30)), int(cy + rng.integers(1, 30))]
+        covered, area = _covered_pixels(box, crop)
+        assert rewards.covers(crop, box) == (covered >= 0.5 * area)
+
+
+def test_answer_text():
+    assert R.answer_text("blah <answer> [1,2,3,4] </answer>") == "[1,2,3,4]"
+    assert R.answer_text("<answer>a</answer><answer>b</answer>") is None  # ambiguous
+    assert R.answer_text("no tags") is None
+    assert R.answer_text("</answer>x<answer>") is None                  # wrong order
+    assert R.answer_text("<answer>a</answer></answer>") is None          # stray tag
+
+
+def test_sam2_config_by_bare_name_package_name_or_file(tmp_path, monkeypatch):
+    sam2 = pytest.importorskip("sam2")
+    torch.set_num_threads(1)
+    package = Path(sam2.__file__).resolve().parent
+    shipped = package / "configs" / "sam2.1" / "sam2.1_hiera_t.yaml"
+    assert S.sam2_config_name("sam2.1_hiera_t.yaml", package) == ("configs/sam2.1/sam2.1_hiera_t.yaml", None)
+    assert S.sam2_config_name("sam2_hiera_s", package)[0] in ("sam2_hiera_s.yaml", "configs/sam2/sam2_hiera_s.yaml")
+    assert S.sam2_config_name(str(shipped), package) == ("configs/sam2.1/sam2.1_hiera_t.yaml", None)
+    # a copy outside the package with another input size: loaded from its own folder, by relative path too
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "small_t.yaml").write_text(shipped.read_text().replace("image_size: 1024", "image_size: 512"))
+    monkeypatch.chdir(tmp_path)
+    reference = S.load_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, "cpu").model
+    shapes = {k: v.shape for k, v in reference.state_dict().items()}
+    for config, size in (("sam2.1_hiera_t.yaml", 1024), ("sam2.1_hiera_t", 1024), (str(shipped), 1024),
+                         ("mine/small_t.yaml", 512), (str(tmp_path / "mine" / "small_t.yaml"), 512),
+                         ("configs/sam2.1/sam2.1_hiera_t.yaml", 1024)):      # the package's search path is back
+        model = S.load_sam2(config, None, "cpu").model
+        assert model.image_size == size and model.sam_mask_decoder.dynamic_multimask_via_stability   # build_sam2's
+        assert {k: v.shape for k, v in model.state_dict().items() if "pos_embed" not in k} == \
+            {k: v for k, v in shapes.items() if "pos_embed" not in k}
+    with pytest.raises(SystemExit, match=r"'sam2\.1_hiera_tiny\.yaml': no such file, nor a config of the sam2 "
+                                         r"package .*configs/sam2\.1/sam2\.1_hiera_t\.yaml, .*configs/sam2/sam2_hiera_l"):
+        S.load_sam2("sam2.1_hiera_tiny.yaml", None, "cpu")
+
+
+def test_rise_samples_that_cannot_be_processed_are_skipped_counted_and_listed(tiny, rise_world, tmp_path):
+    """run.usable with each RISE script's check: a page the processor refuses (600x2, aspect ratio 300)
+    and a prompt over --max-prompt-len are skipped and listed once in OUT/skipped.jsonl (also when the
+    check runs again, as on --resume); the good samples stay, in order."""
+    model, processor = tiny
+    records = data.read_manifest(rise_world / "soft_cls" / "train.jsonl", "cls")[0][:2]
+    Image.new("RGB", (600, 2), "white").save(tmp_path / "strip.png")
+    Image.new("RGB", (1024, 768), "white").save(tmp_path / "photo.png")
+    bad = [dict(records[0], id="strip", image_path=str(tmp_path / "strip.png")),
+           dict(records[0], id="photo", image_path=str(tmp_path / "photo.png"))]
+
+    def length(rec, style):
+        image = data.open_image(rec["image_path"])
+        conv = [vlm.user_turn(rise_r1.prompt(style, rec, image, model, processor))]
+        return int(vlm.chat_inputs(processor, [conv], [[image]])["attention_mask"].sum())
+
+    limit = max(length(r, "r1") for r in records)
+    assert length(bad[1], "r1") > limit
+    for _ in range(2):
+        kept, skipped = run.usable(records[:1] + bad + records[1:],
+                                   lambda r: rise_r1.sample_problem(r, model, processor, "r1", limit), 0, 1, tmp_path)
+        assert [r["id"] for r in kept] == [r["id"] for r in records]
+    listed = run.read_jsonl(tmp_path / "skipped.jsonl")
+    assert [(r["id"], r["split"]) for r in listed] == [("strip", "train"), ("photo", "train")]
+    assert "aspect ratio" in listed[0]["reason"] and "max_prompt_len" in listed[1]["reason"]
+    args = rise_cot.parse_args(["--preset", "tiny", "--max-prompt-len", "10000"])
+    assert rise_cot.sample_problem(records[0], model, processor, args) is None
+    assert "aspect ratio" in rise_cot.sample_problem(bad[0], model, processor, args)
+    args.max_prompt_len = 20                            # shorter than any prompt with an image
+    assert "max_prompt_len" in rise_cot.sample_problem(records[0], model, processor, args)
+    with pytest.raises(SystemExit, match="every one of the 1 train samples"):
+        run.usable(bad[:1], lambda r: rise_cot.sample_problem(r, model, processor, args), 0, 1)
+
+
+def test_leaking_cot_gets_zero_reward_inside_the_loop(tiny, rise_world, monkeypatch):
+    """Inject two CoTs into a real rollout: the same description with and without a leaked
+    probability, both followed by a perfect reconstruction. The closed loop must give the
+    leaking one 0 and the clean one the full similarity."""
+    model, processor = tiny
+    record = data.read_manifest(rise_world / "soft_cls" / "train.jsonl", "cls")[0][0]
+    image = Image.open(record["image_path"]).convert("RGB")
+    gt = dict(zip(record["classes"], record["probs"]))
+    perfect = data.format_probs(record["classes"], record["probs"])
+    injected = {0: "There is a large round shape covering 0.5 of the picture.",   # leaks a probability
+                1: "There is a large round shape covering most of the picture."}
+    real_sample = vlm.sample
+
+    def sample_with_injection(*a, **k):
+        out = real_sample(*a, **k)
+        prompt_text = processor.tokenizer.decode(out["prompt"]["input_ids"][0])
+        for row, text in injected.items():
+            out["texts"][row] = perfect if "Description:" in prompt_text else text
+        return out
+
+    monkeypatch.setattr(rise_cot.vlm, "sample", sample_with_injection)
+    args = rise_cot.parse_args(["--preset", "tiny", "-G", "2", "--max-new-tokens", "8", "--rec-max-new-tokens", "8"])
+    cots, recs, scored = rise_cot.closed_loop(model, processor, [record], [image], [gt], args, 2)
+    assert cots["texts"] == [injected[0], injected[1]] and recs["texts"] == [perfect, perfect]
+    assert scored[0]["leak"] and scored[0]["reward"] == 0.0
+    assert not scored[1]["leak"] and scored[1]["reward"] == pytest.approx(R.cls_similarity(gt, gt))
+    assert scored[1]["reward"] > 0.99                   # exp(-0.5 KL - 0.5 MSE) * exp(-|1 - 1|) with KL = MSE = 0
+
+
+def test_rise_r1_sft_target_is_think_answer_and_masks_the_prompt(tiny, rise_world):
+    model, processor = tiny
+    record = data.read_manifest(rise_world / "det" / "train.jsonl", "det")[0][0]
+    image = Image.open(record["image_path"]).convert("RGB")
+    conv = rise_r1.sft_conversation(record, "The red circle is at the top.", image, model, processor)
+    batch = vlm.chat_inputs(processor, [conv], [[image]], add_generation_prompt=False)
+    target = processor.tokenizer.decode(batch["input_ids"][0][vlm.assistant_mask(batch["input_ids"], processor)[0].bool()])
+    # a 112x112 image: the box is written in Qwen2-VL's 0..1000 frame (x * 1000 / 112, rounded)
+    x1, y1, x2, y2 = record["boxes"][0]
+    box = [round(v * 1000 / 112) for v in (x1, y1, x2, y2)]
+    assert target == f"<think>The red circle is at the top.</think><answer>[{box[0]},{box[1]},{box[2]},{box[3]}]</answer><|im_end|>"
+    assert "Find" not in target                         # nothing of the prompt is a target
+
+
+def test_rise_r1_and_rise_cot_write_qwen25_boxes_in_resized_pixels(tiny):
+    # Qwen2.5-VL writes pixels of the processor's resized input. The tiny processor (factor 28, max
+    # 224*224 = 50176 pixels) resizes 640x480 (307200 px): beta = sqrt(307200 / 50176) = 2.4744;
+    # 480 / 2.4744 / 28 = 6.93 -> 6 * 28 = 168, 640 / 2.4744 / 28 = 9.24 -> 9 * 28 = 252.
+    # [100,100,200,200] -> x * 252/640 = 39.4, 78.75; y * 168/480 = 35, 70 -> [39, 35, 79, 70].
+    model, processor = tiny
+    qwen25 = type("M", (), {"config": type("C", (), {"model_type": "qwen2_5_vl"})()})()
+    record = {"target": "the cat", "boxes": [[100, 100, 200, 200]]}
+    image = Image.new("RGB", (640, 480))
+    assert rise_r1.annotation(record, image, qwen25, processor) == ([[39, 35, 79, 70]], "[39, 35, 79, 70]")
+    assert rise_cot.annotation(record, image, qwen25, processor) == [[39, 35, 79, 70]]
+    with pytest.raises(ValueError, match="pass the processor"):       # never an AttributeError
+        vlm.to_model_frame([100, 100, 200, 200], "qwen2_5_vl", (640, 480))
+
+
+def test_few_shot_rows_take_k_per_class_except_for_lisa():
+    # RISE (arXiv 2508.13229), Results: "LISA uses 4/16 total samples, while Emotion6 uses 4/16 samples per
+    # class"; ImageNet-Sub and COCO-Sub: "4/16 samples per class".
+    coco = [{"id": f"c{c}-{i}", "target": name, "boxes": [[0, 0, 1, 1]], "category_id": c}
+            for c, (name, n) in enumerate([("cat", 5), ("dog", 4), ("bus", 1)]) for i in range(n)]
+    picked = rise_r1.few_shot(coco, "det", 2, seed=0)
+    count = lambda rs, key: {v: sum(r[key] == v for r in rs) for v in {r[key] for r in rs}}  # noqa: E731
+    assert count(picked, "target") == {"cat": 2, "dog": 2, "bus": 1}          # 2 per class, all of a rare one
+    lisa = [{"id": f"l{i}", "target": f"the thing {i}", "boxes": [[0, 0, 1, 1]]} for i in range(10)]
+    assert len(rise_r1.few_shot(lisa, "det", 4, seed=0)) == 4                 # 4 in total
+    emotion = [{"id": f"e{i}", "classes": ["joy", "fear"], "probs": [0.9, 0.1] if i < 6 else [0.2, 0.8]}
+               for i in range(9)]
+    cls = rise_r1.few_shot(emotion, "cls", 2, seed=0)
+    assert sorted(r["probs"][0] > 0.5 for r in cls) == [False, False, True, True]   # 2 joy + 2 fear
+    assert rise_r1.few_shot(coco, "det", 2, seed=0) == picked                  # seeded
+
+
+def test_rise_r1_eval_counts_unparsable_instead_of_crashing(tiny, rise_world):
+    model, processor = tiny
+    records = data.read_manifest(rise_world / "soft_cls" / "test.jsonl", "cls")[0]
+    preds = rise_r1.predict(model, processor, records, "cls", max_new_tokens=6)   # a random model: garbage
+    metrics = rise_r1.metrics_of(preds, records, "cls")
+    assert metrics["n"] == 4 and metrics["unparsable"] == sum(not p["parsed"] for p in preds)
+    # hand-made predictions: one exact, one unparsable. JSD: 0 and ln 2 -> mean ln2 / 2
+    exact = {"id": records[0]["id"], "parsed": True, "probs": records[0]["probs"], "jsd": 0.0,
+             "label": records[0]["classes"][max(range(4), key=lambda i: records[0]["probs"][i])]}
+    broken = {"id": records[1]["id"], "parsed": False, "probs": None, "jsd": math.log(2), "label": None}
+    m = rise_r1.metrics_of([exact, broken], records[:2], "cls")
+    assert m["unparsable"] == 1 and m["jsd"] == pytest.approx(math.log(2) / 2) and m["accuracy"] == 0.5
+    # detection: an unparsable answer has no boxes -> AP counts it as a miss
+    det = data.read_manifest(rise_world / "det" / "test.jsonl", "det")[0][:2]
+    det[1] = dict(det[1], target=det[0]["target"])      # one class, two GT boxes
+    m = rise_r1.metrics_of([{"parsed": True, "boxes": det[0]["boxes"]}, {"parsed": False, "boxes": []}], det, "det")
+    # one of two GT boxes found, with precision 1 at recall 0.5: 101-point AP = 51/101
+    assert m["unparsable"] == 1 and m["map50"] == pytest.approx(51 / 101)
+
+
+def test_frames_both_ways_both_families(tiny):
+    _, processor = tiny
+    wide = Image.new("RGB", (200, 100))
+    # Qwen2-VL: 0..1000 of the original image. 200x100: x_px = x / 5, y_px = y / 10.
+    assert S.frame_size(wide, "qwen2_vl") == (1000, 1000)
+    assert S.box_to_pixels([100, 100, 500, 500], wide, "qwen2_vl") == [20, 10, 100, 50]
+    assert S.point_to_pixels([250, 300], wide, "qwen2_vl") == [50, 30]
+    assert S.point_to_model_frame([50, 30], wide, "qwen2_vl") == [250, 300]
+    # Qwen2.5-VL: pixels of the resized input. The tiny processor (factor 28, max 224*224 pixels)
+    # resizes 560x280 to 308x140 (see test_all.test_box_frames_both_ways_for_both_model_families):
+    # x scales by 308/560 = 0.55, y by 140/280 = 0.5.
+    big = Image.new("RGB", (560, 280))
+    assert S.frame_size(big, "qwen2_5_vl", processor) == (308, 140)
+    assert S.box_to_pixels([55, 50, 110, 100], big, "qwen2_5_vl", processor) == approx([100, 100, 200, 200])
+    assert S.point_to_pixels([110, 70], big, "qwen2_5_vl", processor) == approx([200, 140])
+    assert S.point_to_model_frame([200, 140], big, "qwen2_5_vl", processor) == [110, 70]
+    # read_answer: the whole completion -> box and points in pixels, for both families (shapes-world format)
+    text = '<think>t</think><answer>{"bbox": [55, 50, 110, 100], "points": [[110, 70], [66, 60]]}</answer>'
+    box, pts = S.read_answer(text, big, "qwen2_5_vl", processor, shapes=True)
+    assert box == approx([100, 100, 200, 200]) and pts == [approx([200, 140]), approx([120, 120])]
+    box, pts = S.read_answer(text, wide, "qwen2_vl", shapes=True)
+    assert box == approx([11, 5, 22, 10]) and pts == [approx([22, 7]), approx([13.2, 6])]
+
+
+@pytest.mark.parametrize("text, box, n_points", [
+    ('<think>a</think><answer>{"bbox": [100, 200, 300, 400], "points": [[150, 250], [200, 300]]}</answer>',
+     [20, 20, 60, 40], 2),
+    ('<answer>{"bbox": [100, 200, 300, 400]}</answer>', [20, 20, 60, 40], 0),              # no points
+    ('{"bbox": [100, 200, 300, 400], "points": [[1, 2], [3, 4]]}', [20, 20, 60, 40], 2),  # --no-cot, no tags
+    ('<answer>{"bbox": [300, 200, 100, 400], "points": [[1, 2], [3, 4]]}</answer>', None, 0),  # inverted
+    ('<answer>{"bbox": [NaN, 200, 300, 400]}</answer>', None, 0),
+    ('<answer>{"bbox": ["1", "2", "3", "4"]}</answer>', None, 0),                         # strings
+    ('<answer>{"bbox": [true, 2, 3, 4]}</answer>', None, 0),                              # bool
+    ('<answer>{"box": [1, 2, 3, 4]}</answer>', None, 0),
+    ('<answer>a</answer><answer>{"bbox": [1, 2, 3, 4]}</answer>', None, 0),                # two blocks
+    ("", None, 0), ("{" * 5000, None, 0), ("x" * 10000, None, 0),
+])
+def test_read_answer_formats_and_garbage(text, box, n_points):
+    image = Image.new("RGB", (200, 100))            # Qwen2-VL frame: x / 5, y / 10
+    got_box, pts = S.read_answer(text, image, "qwen2_vl", shapes=True)     # the shapes world's "points"
+    assert (got_box is None) if box is None else got_box == approx(box)
+    assert len(pts) == n_points
+    assert S.read_answer(text, image, "qwen2_vl", points=False, shapes=True)[1] == []
+
+
+@pytest.mark.parametrize("text, box", [
+    ('```json\n[\n\t{"bbox_2d": [100, 250, 500, 750], "label": "the red circle"}\n]\n```', [20, 25, 100, 75]),
+    ('[{"bbox_2d": [100, 250, 500, 750]}, {"bbox_2d": [0, 0, 10, 10]}]', [20, 25, 100, 75]),   # the first
+    ('{"bbox": [100, 250, 500, 750]}', [20, 25, 100, 75]),
+    ("<|box_start|>(100,250),(500,750)<|box_end|>", [20, 25, 100, 75]),      # Qwen2-VL's own box tokens
+    ('{"bbox_2d": [500, 250, 100, 750]}', None),                             # inverted
+    ('{"bbox_2d": [100, 250, "500", 750]}', None), ("the red circle is on the left", None), ("", None),
+])
+def test_grounding_eval_prompt_and_answer(tiny, text, box):
+    """--eval-prompt grounding asks a real checkpoint its own grounding question word
+    for word (Qwen2.5-VL's RefCOCO prompt: no frame note, no points) and reads its "bbox_2d" JSON or
+    Qwen2-VL's box tokens; a 200x100 image in Qwen2-VL's 0..1000 frame: x / 5, y / 10."""
+    _, processor = tiny
+    image, rec = Image.new("RGB", (200, 100)), {"instruction": "the red circle"}
+    args = argparse.Namespace(eval_prompt="grounding", cot=True, points=True)
+    assert S.eval_prompt(rec, image, "qwen2_vl", processor, args) == \
+        "Locate the red circle, output its bbox coordinates using JSON format."
+    got, points = S.eval_answer(text, image, "qwen2_vl", processor, args)
+    assert (got is None if box is None else got == approx(box)) and points == []
+    args.eval_prompt = "seg"                   # the default: the training prompt and its reading
+    assert S.eval_prompt(rec, image, "qwen2_vl", processor, args) == S.prompt_text(
+        "the red circle", frame=(1000, 1000))
+    assert S.eval_answer(text, image, "qwen2_vl", processor, args) == S.read_answer(text, image, "qwen2_vl")
+
+
+def test_prompts_and_ablation_switches(tiny_dir):
+    assert S.prompt_text("the red circle", shapes=True) == data.SEG_PROMPT.format(instruction="the red circle")
+    assert S.prompt_text("x", cot=False, shapes=True) == data.SEG_PROMPT_NO_COT.format(instruction="x")
+    for cot in (True, False):
+        p = S.prompt_text("the red circle", cot=cot, points=False, shapes=True)
+        assert "bbox" in p and "points" not in p and ("<think>" in p) == cot
+    args = S.parse_args(["--model", str(tiny_dir)])
+    assert args.terms == ["sem", "think", "seg"] and args.cot and args.points
+    assert (args.lr, args.num_generations, args.beta) == (S.TINY["lr"], S.TINY["num_generations"], S.TINY["beta"])
+    args = S.parse_args(["--model", str(tiny_dir), "--reward", "think,seg", "--no-points", "--lr", "0.5"])
+    assert args.terms == ["think", "seg"] and not args.points and args.lr == 0.5
+    assert S.parse_args(["--model", str(tiny_dir), "--no-cot"]).terms == ["sem", "seg"]   # no R_think
+    # a real model gets the paper's defaults: G 8, lr 1e-6, KL 5e-3
+    args = S.parse_args(["--model", "Qwen/Qwen2.5-VL-3B-Instruct"])
+    assert (args.num_generations, args.lr, args.beta) == (8, 1e-6, 5e-3)
+    for bad in (["--reward", "sem,size"], ["--reward", ""], ["--reward", "think", "--no-cot"]):
+        with pytest.raises(SystemExit):
+            S.parse_args(["--model", str(tiny_dir), *bad])
+
+
+def test_seg_rewards_by_hand_crops_in_pixels():
+    model, counting = StubClip([1.0, 0.0]), []
+    tok = lambda t: (counting.append(list(t)), torch.zeros(len(t), 4, dtype=torch.long))[1]  # noqa: E731
+    clip = (model, seg_stub_preprocess, tok)
+    image = red_green()
+    out = S.seg_rewards(TEXTS, [0] * len(TEXTS), [image], ["the red half"], clip, "qwen2_vl", shapes=True)
+    for got, (sem, think, seg) in zip(out, EXPECTED):
+        assert got["sem"] == approx(sem, abs=1e-6) and got["think"] == think and got["seg"] == seg
+        assert got["reward"] == approx(sem + think + seg, abs=1e-6)
+    # the group's 5 valid crops in ONE image batch, the text once
+    assert model.image_calls == 1 and model.batch_sizes == [5] and model.text_calls == 1
+    # a reward subset sums only its terms; the components are still reported
+    out = S.seg_rewards(TEXTS, [0] * len(TEXTS), [image], ["the red half"], clip, "qwen2_vl", terms=["think", "seg"],
+                        shapes=True)
+    assert [o["reward"] for o in out] == [2, 2, 2, 0, 0, 1] and out[0]["sem"] == approx(1.0)
+    # --no-cot: no R_think; --no-points: a box alone is a valid segmentation answer
+    out = S.seg_rewards(TEXTS, [0] * len(TEXTS), [image], ["x"], clip, "qwen2_vl", cot=False, points=False)
+    assert [o["think"] for o in out] == [0] * 6 and [o["seg"] for o in out] == [1, 1, 1, 1, 0, 0]
+
+
+def test_seg_rewards_groups_batch_equals_single_and_text_cache():
+    model = StubClip([1.0, 0.0])
+    calls = []
+    tok = lambda t: (calls.append(list(t)), torch.zeros(len(t), 4, dtype=torch.long))[1]  # noqa: E731
+    clip, cache = (model, seg_stub_preprocess, tok), {}
+    images = [red_green(), red_green(120, 60)]
+    texts = TEXTS[:3] + TEXTS[:3]
+    prompt_index = [0, 0, 0, 1, 1, 1]
+    batch = S.seg_rewards(texts, prompt_index, images, ["red", "red"], clip, "qwen2_vl", text_cache=cache)
+    assert model.image_calls == 2 and calls == [["red"]]      # one crop batch per prompt, one text pass
+    plain = (model, seg_stub_preprocess, lambda t: torch.zeros(len(t), 4, dtype=torch.long))
+    single = [S.seg_rewards([t], [0], [images[o]], ["red"], plain, "qwen2_vl")[0] for t, o in zip(texts, prompt_index)]
+    assert [b["reward"] for b in batch] == approx([s["reward"] for s in single], abs=1e-6)
+    # the second image is 120x60: [0, 0, 500, 1000] -> [0, 0, 60, 60], its red half: cos 1 again
+    assert batch[3]["sem"] == approx(1.0)
+    # later steps reuse the cached text embedding; a new instruction is embedded once
+    S.seg_rewards(texts, prompt_index, images, ["red", "green"], clip, "qwen2_vl", text_cache=cache)
+    assert calls == [["red"], ["green"]]
+
+
+def test_seg_rewards_real_open_clip_batch_equals_single(clip_dir):
+    clip = S.load_clip("shapes", clip_dir)
+    image = red_green(112, 112)
+    texts = [ans([0, 0, 500, 1000]), ans([100, 100, 900, 700]), "nope", ans([10, 10, 20, 990])]
+    batch = S.seg_rewards(texts, [0] * 4, [image], ["the red square"], clip, "qwen2_vl")
+    single = [S.seg_rewards([t], [0], [image], ["the red square"], clip, "qwen2_vl")[0] for t in texts]
+    assert [b["sem"] for b in batch] == approx([s["sem"] for s in single], abs=1e-5)
+    assert batch[2]["sem"] == 0.0 and all(0.0 <= b["sem"] <= 1.0 for b in batch)
+
+
+def test_clip_loss_by_hand():
+    # 2 crops, both caption 0, all logits 0. image->text: CE over 2 captions = ln 2 each.
+    # text->image: caption 0's positives are both crops: -log(1/2 + 1/2) = 0; caption 1 absent.
+    loss = tiny_py.clip_loss(torch.zeros(2, 2), torch.tensor([0, 0]))
+    assert loss.item() == approx(math.log(2) / 2)
+    # a confident, correct batch has a small loss; swapping the labels makes it large
+    logits = torch.tensor([[10.0, -10.0], [-10.0, 10.0]])
+    assert tiny_py.clip_loss(logits, torch.tensor([0, 1])).item() < 1e-3
+    assert tiny_py.clip_loss(logits, torch.tensor([1, 0])).item() > 10
+
+
+def test_clip_training_crops():
+    rng = np.random.default_rng(0)
+    box = [20, 30, 60, 70]                              # size 40: sides move by [-4.8, +8]
+    for _ in range(50):
+        j = tiny_py.jitter_box(box, rng)
+        assert 20 - 9 <= j[0] <= 20 + 5 and 60 - 5 <= j[2] <= 60 + 9 and j[0] < j[2] and j[1] < j[3]
+    scene = [{"color": "red", "shape": "circle", "box": [0, 0, 60, 112]}]
+    for _ in range(20):
+        b = tiny_py.background_box(scene, rng)
+        assert b is None or b[0] >= 60                  # never touches the shape
+    crops, labels = tiny_py.clip_batch(tiny_py.clip_scenes(3, 6), rng, 26)
+    assert crops.shape == (26, 3, 64, 64) and labels.max() <= 12 and labels.min() >= 0
+
+
+def test_box_mask_rounds_outwards_and_clips():
+    m = S.box_mask((8, 6), [1.5, 2.2, 3.1, 9.0])        # x 1..4 (exclusive), y 2..6 (clipped)
+    np.testing.assert_array_equal(m, square(6, 8, 2, 1, 6, 4))
+
+
+@pytest.mark.slow
+def test_sam2_random_tiny_returns_one_hxw_mask(capsys):
+    pytest.importorskip("sam2")
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    predictor = S.load_sam2("configs/sam2.1/sam2.1_hiera_t.yaml", None, "cpu")   # random weights
+    assert "RANDOM WEIGHTS" in capsys.readouterr().err                           # said loudly
+    image = data.render([{"color": "red", "shape": "circle", "box": [20, 30, 60, 70]}], 220)
+    mask = S.sam2_mask(predictor, image, [20, 30, 60, 70], [[40, 50], [35, 55]])
+    assert mask.shape == (112, 112) and mask.dtype == bool
+
+
+def test_evaluate_end_to_end_with_known_answers(tiny, seg_world, monkeypatch, tmp_path):
+    """evaluate() on shapes-seg_world test records with scripted answers: the GT box itself (in the
+    model's 0..1000 frame), a box on the wrong half, and garbage."""
+    model, processor = tiny
+    records, _ = data.read_manifest(seg_world / "seg" / "test.jsonl", "seg")
+    records = records[:3]
+    to_frame = lambda b: vlm.to_model_frame(b, "qwen2_vl", (112, 112))  # noqa: E731
+    texts = [ans(to_frame(records[0]["box"]), points=((500, 500), (510, 510))),
+             ans([0, 0, 10, 10]), "I cannot tell"]
+    monkeypatch.setattr(vlm, "sample", lambda *a, **k: {"texts": texts[:len(a[2]["input_ids"])]})
+    args = S.parse_args(["--model", "x", "--executor", "box", "--n-vis", "2"])
+    clip = (StubClip([1.0, 0.0]), seg_stub_preprocess, lambda t: torch.zeros(len(t), 4, dtype=torch.long))
+    rows = S.evaluate(model, processor, records, args, S.make_executor(args, "cpu"), vis_dir=tmp_path, clip=clip)
+    got = S.summarise(rows)
+    gt = [np.asarray(Image.open(r["mask_path"])) > 127 for r in records]
+    # row 0: the filled GT box vs the GT shape: IoU = shape pixels / box pixels (1 for a square)
+    x1, y1, x2, y2 = records[0]["box"]
+    iou0 = gt[0].sum() / ((x2 - x1) * (y2 - y1))
+    assert rows[0]["box_iou"] == approx(1.0, abs=0.02) and rows[0]["inter"] / rows[0]["union"] == approx(iou0, abs=0.03)
+    assert rows[0]["points"] == [approx([56, 56]), approx([57.12, 57.12])]
+    # row 1: a small box in the top-left corner: its filled box against the GT mask
+    corner = S.box_mask((112, 112), rows[1]["box"])
+    assert rows[1]["inter"] == int((corner & gt[1]).sum())
+    assert rows[2]["box"] is None and rows[2]["inter"] == 0 and rows[2]["union"] == int(gt[2].sum())
+    assert got["unparsable"] == 1 and got["n"] == 3
+    assert got["giou"] == approx(np.mean([r["inter"] / r["union"] for r in rows]))
+    # r_sem: the training reward of each predicted box (0 when unparsable), and its mean
+    image = Image.open(records[0]["image_path"]).convert("RGB")
+    assert rows[0]["r_sem"] == approx(R.clip_semantic_reward(*clip, image, [rows[0]["box"]], "x")[0])
+    assert rows[2]["r_sem"] == 0.0 and got["r_sem"] == approx(np.mean([r["r_sem"] for r in rows]))
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == sorted(f"{r['id']}.png" for r in records[:2])
+
+
+def test_eval_any_mask_encoding_and_unparsable_scores_zero(tiny, monkeypatch, tmp_path):
+    """A 3-sample set with GT masks saved 0/1 (two) and 0/255 (one), every answer
+    unparsable: gIoU 0 (it was 0.667: a 0/1 mask read as empty under `> 127`, and an empty prediction
+    vs an empty GT counted 1). Ours too: the exact box on masks saved 0/1, palette and RGB: gIoU 1."""
+    model, processor = tiny
+    image = Image.new("RGB", (40, 40), "white")
+    image.paste((0, 0, 0), (10, 10, 20, 20))                       # the object: x 10..19, y 10..19
+    image.save(tmp_path / "im.png")
+    truth = square(40, 40, 10, 10, 20, 20)
+    files = {"L 0/1": "m01.png", "L 0/255": "m255.png", "palette index 1 (VOC style)": "mp.png",
+             "RGB dark blue": "mrgb.png"}
+    for name, file in files.items():
+        MASK_ENCODINGS[name](truth).save(tmp_path / file)
+    order = ["m01.png", "m01.png", "m255.png", "mp.png", "mrgb.png"]
+    manifest = _write(tmp_path, [{"id": i, "image": "im.png", "instruction": "the black square", "mask": f}
+                                 for i, f in enumerate(order)])
+    records, _ = data.read_manifest(manifest, "seg")
+    args = S.parse_args(["--model", "x", "--executor", "box"])
+    texts = []
+    monkeypatch.setattr(vlm, "sample", lambda *a, **k: {"texts": texts[:len(a[2]["input_ids"])]})
+    texts[:] = ["no idea"] * 3
+    got = S.summarise(S.evaluate(model, processor, records[:3], args, S.make_executor(args, "cpu")))
+    assert (got["giou"], got["ciou"], got["unparsable"], got["n"]) == (0.0, 0.0, 3, 3)
+    # the exact box, in Qwen2-VL's 0..1000 frame of a 40x40 image: 10 px -> 250
+    texts[:] = [ans([250, 250, 500, 500], points=None)] * 3
+    rows = S.evaluate(model, processor, [records[0], records[3], records[4]], args, S.make_executor(args, "cpu"))
+    assert [(r["inter"], r["union"]) for r in rows] == [(100, 100)] * 3      # 10x10 pixels, in every encoding
+    assert S.summarise(rows)["giou"] == 1.0
+
+
+@settings(max_examples=300, deadline=None)
+@given(norm_boxes(), norm_boxes(), st.integers(0, 2 ** 32 - 1), st.sampled_from(["area", "sides"]))
+def test_diversify_box_properties(b1, b2, seed, mode):
+    rng = CountingRandom(seed)
+    out = visrl.diversify_box(b1, b2, rng, mode=mode)
+    assert rng.calls <= 4 * 100                                   # terminates: 100 tries of 4 draws at most
+    if rewards.box_iou(b1, b2) <= 0.05:
+        assert out == b2 and rng.calls == 0                       # a diverse b2 is kept as it is
+        return
+    if out is None:                                               # gave up: no room around b1
+        return
+    assert 0.0 <= out[0] < out[2] <= 1.0 and 0.0 <= out[1] < out[3] <= 1.0     # inside the image
+    assert overlap_area(out, b1) == 0.0                                          # outside b1
+    assert within_size_bound(out, b1, 0.3 + 0.1 * 4, mode)       # widened 4 times in 100 tries at most
+
+
+@settings(max_examples=200, deadline=None)
+@given(norm_boxes(min_size=0.02, max_size=0.3), st.integers(0, 2 ** 32 - 1), st.sampled_from(["area", "sides"]))
+def test_diversify_box_base_tolerance_and_small_boxes_always_succeed(b1, seed, mode):
+    """With no widening (20 tries) the size stays within the +-30% bound; a small b1 always leaves room."""
+    out = visrl.diversify_box(b1, list(b1), random.Random(seed), mode=mode, max_tries=20)
+    if out is not None:
+        assert within_size_bound(out, b1, 0.3, mode)
+    assert visrl.diversify_box(b1, list(b1), random.Random(seed), mode=mode) is not None
+
+
+def test_diversify_box_gives_up_and_is_reproducible():
+    assert visrl.diversify_box([0.0, 0.0, 1.0, 1.0], [0.1, 0.1, 0.9, 0.9], random.Random(0)) is None
+    b1, b2 = [0.4, 0.4, 0.6, 0.6], [0.41, 0.4, 0.6, 0.62]
+    assert visrl.diversify_box(b1, b2, random.Random(7)) == visrl.diversify_box(b1, b2, random.Random(7))
+    assert visrl.diversify_box(b1, [0.0, 0.0, 0.2, 0.2], random.Random(7)) == [0.0, 0.0, 0.2, 0.2]
+
+
+def test_canonical_box():
+    """Shapes world: 2 decimals for the text and the box (the tiny base's format)."""
+    assert visrl.canonical_box("[0.123,0.4,0.5,0.61] and more", shapes=True) == (
+        "[0.12,0.40,0.50,0.61]", [0.12, 0.4, 0.5, 0.61])
+    assert visrl.canonical_box("[-0.2,0.1,1.7,0.5]", shapes=True) == ("[0.00,0.10,1.00,0.50]", [0.0, 0.1, 1.0, 0.5])
+    for bad in ("", "no box", "[0.5,0.5,0.2,0.9]", "[0.3,0.3,0.301,0.5]", "[nan,0,1,1]", "x" * 10000):
+        assert visrl.canonical_box(bad, shapes=True) == (None, None)
+
+
+def test_select_pair_paper_rule():
+    # VisRL eq. 4: W = {s_b >= 0.8 and s_r >= 0.8} = {1, 2}; c_w holds max s_b (0.9) and max s_r (0.95)
+    # of W: index 2. L = {s_b <= 0.2 and s_r <= 0.2} = {3, 4}: c_l holds min s_b (0.1) and min s_r (0.0): 3.
+    # Candidate 0 (s_r 1.0, s_b 0.5) is in neither set and is never the chosen one.
+    cands = [cand(0.5, 1.0), cand(0.8, 0.9), cand(0.9, 0.95), cand(0.1, 0.0), cand(0.2, 0.1), cand(0.0, 0.3)]
+    assert visrl.select_pair(cands) == (2, 3, "ok")
+    # ties: the first
+    assert visrl.select_pair([cand(1, 1), cand(1, 1), cand(0, 0), cand(0, 0)]) == (0, 2, "ok")
+    # boundaries are inclusive: both scores 0.8 are in W, both 0.2 in L
+    assert visrl.select_pair([cand(0.8, 0.8), cand(0.2, 0.2)]) == (0, 1, "ok")
+    with pytest.raises(ValueError, match="above"):
+        visrl.select_pair([cand(1, 1)], win=0.5, lose=0.5)
+
+
+@pytest.mark.parametrize("cands, reason", [
+    ([], "with_candidates"),
+    # three question's candidates, as (s_b, s_r): each is dropped by the paper's rule
+    ([cand(0.9, 0.5), cand(0.1, 0.9), cand(0.1, 0.1)], "win_set"),     # nobody has both >= 0.8
+    ([cand(0.9, 0.95), cand(0.9, 0.1), cand(0.1, 0.9)], "lose_set"),   # nobody has both <= 0.2
+    ([cand(0.8, 1.0), cand(1.0, 0.9), cand(0, 0)], "chosen_holds_both_max"),  # max s_b and max s_r split
+    ([cand(1, 1), cand(0.0, 0.2), cand(0.1, 0.0)], "rejected_holds_both_min"),
+    ([cand(0.7, 1.0), cand(0.79, 0.9), cand(0, 0.0)], "win_set"),
+])
+def test_select_pair_drops(cands, reason):
+    assert visrl.select_pair(cands) == (None, None, reason)
+
+
+def test_make_pairs_counts_survivors_and_quality():
+    gt = [0.1, 0.1, 0.3, 0.3]
+    far = (0.6, 0.6, 0.8, 0.8)
+    q = lambda i, cands, gt_box=gt: {"id": i, "question": "q", "answer": "red", "image": "x.png",  # noqa: E731
+                                     "size": [112, 112], "candidates": cands, "gt_box": gt_box}
+    table = [
+        q(0, [cand(1, 1), cand(0, 0, far)]),                       # pair: WP-LN
+        q(1, [cand(1, 1, far), cand(0, 0)]),                       # pair: WN-LP
+        q(2, [cand(1, 1), cand(0, 0)]),                            # pair: WP-LP
+        q(3, [cand(1, 1), cand(0, 0, far)], gt_box=None),          # pair, no GT box: not graded
+        q(4, []),                                                  # no candidate
+        q(5, [cand(1, 0.5), cand(0, 0)]),                          # W empty (s_r too low)
+        q(6, [cand(0.5, 1), cand(0, 0)]),                          # W empty (s_b too low)
+        q(7, [cand(1, 1), cand(0.5, 0)]),                          # L empty
+        q(8, [cand(0.9, 1), cand(1, 0.9), cand(0, 0)]),            # no candidate of W holds both maxima
+        q(9, [cand(1, 1), cand(0, 0.1), cand(0.1, 0)]),            # no candidate of L holds both minima
+    ]
+    pairs, survivors, quality = visrl.make_pairs(table)
+    assert [p["id"] for p in pairs] == [0, 1, 2, 3]
+    assert survivors == {"questions": 10, "with_candidates": 9, "win_set": 7, "lose_set": 6,
+                         "chosen_holds_both_max": 5, "rejected_holds_both_min": 4}
+    assert quality == {"WP-LP": pytest.approx(1 / 3), "WP-LN": pytest.approx(1 / 3),
+                       "WN-LP": pytest.approx(1 / 3), "WN-LN": 0.0, "graded": 3,
+                       "chosen_gt_iou": pytest.approx(2 / 3), "rejected_gt_iou": pytest.approx(2 / 3)}
+    assert pairs[0]["chosen"]["s_r"] == 1 and pairs[0]["rejected"]["box"] == list(far)
+    assert [p["quality"] for p in pairs] == ["WP-LN", "WN-LP", "WP-LP", None]
+
+
+def test_critic_scores_crop_only_for_s_b_full_image_for_s_r(monkeypatch):
+    calls = []
+
+    def fake(model, processor, convs, images, n, max_new_tokens, temperature, max_prompt_len=None, batch_size=None):
+        calls.append((convs, images, temperature))
+        return ['{"score": 0.9}', 'garbage'] if len(calls) == 1 else ['{"score": 0.1}', '{"score": 7}']
+
+    monkeypatch.setattr(visrl, "generate_texts", fake)
+    full, piece = Image.new("RGB", (112, 112)), Image.new("RGB", (20, 20))
+    items = [{"question": "What colour?", "reference": "red", "answer": a, "image": full, "crop": piece,
+              "shapes": True} for a in ("red", "blue")]
+    s_b, s_r, _ = visrl.critic_scores((torch.nn.Linear(1, 1), None), items)
+    assert s_b == [0.9, None] and s_r == [0.1, None]        # 7 is off the 0..1 scale: unparsable, not 1
+    (box_convs, box_images, t_b), (ans_convs, ans_images, t_r) = calls
+    assert t_b == 0 and t_r == 0                                              # greedy
+    assert box_images == [[piece], [piece]] and ans_images == [[full], [full]]  # s_b: crop only; s_r: image
+    assert "Reference answer: red" in box_convs[0][0]["content"][-1]["text"]
+    assert "Candidate answer: blue" in ans_convs[1][0]["content"][-1]["text"]
+
+
+def test_generate_candidates_with_scripted_policy_and_critic(monkeypatch, shapes):
+    recs, _ = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")
+    rec = recs[0]
+    gt = visrl.norm_box(rec["box"], 112, 112)
+    box1 = data.format_norm_box(rec["box"], 112, 112)
+    near = visrl.canonical_box([gt[0] + 0.01, gt[1], gt[2] + 0.01, gt[3]], shapes=True)[0]   # overlaps b1
+    far = "[0.80,0.80,0.95,0.95]"
+    box_texts = [box1, near, "broken [", far]                     # K = 2 attempts x (b1, b2)
+    script = iter([box_texts, ["red ", "blue", "green"],         # answers of the 3 valid boxes
+                   ['{"score": 1}', '{"score": 0}', '{"score": 0}'],        # s_b
+                   ['{"score": 1}', '{"score": 0}', '{"score": 0.1}']])     # s_r
+    monkeypatch.setattr(visrl, "generate_texts", lambda *a, **k: next(script))
+    args = type("A", (), dict(attempts=2, gen_batch_size=4, max_new_tokens=32, temperature=1.0,
+                              answer_max_new_tokens=8,
+                              answer_temperature=1.0, max_prompt_len=None, iou_thresh=0.05, size_tol=0.3))()
+    (q,) = visrl.generate_candidates(torch.nn.Linear(1, 1), (torch.nn.Linear(1, 1), None), None, [rec], args,
+                                     random.Random(0))
+    assert q["dropped"] == {"unparsable": 1, "no_crop": 0, "no_diverse_box": 0, "too_long": 0, "critic_unparsable": 0}
+    c = q["candidates"]
+    assert [(x["attempt"], x["which"], x["diversified"]) for x in c] == [(0, "b1", False), (0, "b2", True),
+                                                                          (1, "b2", False)]
+    assert rewards.box_iou(c[1]["box"], c[0]["box"]) == 0.0 and c[2]["box"] == [0.8, 0.8, 0.95, 0.95]
+    assert [x["answer"] for x in c] == ["red", "blue", "green"] and [x["s_r"] for x in c] == [1, 0, 0.1]
+    pairs, survivors, quality = visrl.make_pairs([q])
+    assert len(pairs) == 1 and pairs[0]["chosen"]["answer"] == "red" and pairs[0]["rejected"]["answer"] == "blue"
+    assert pairs[0]["quality"] == "WP-LN" and survivors["rejected_holds_both_min"] == 1
+
+
+@pytest.mark.parametrize("box,raw_size,padded_size", [
+    (THIN, (4, 1600), (16, 1600)),                      # the strip: padded to ratio 100
+    ([0.0, 0.5, 1.0, 0.5005], (400, 1), (400, 4)),      # ours: a 1-pixel-high line, ratio 400
+    ([0.0, 0.0, 0.01, 0.01], (4, 20), (4, 20)),         # ours: tiny (4 px wide), ratio 5: the processor takes it
+    ([0.1, 0.1, 0.3, 0.3], (80, 400), (80, 400)),       # fits already: unchanged
+])
+def test_degenerate_crop_is_padded_to_one_the_processor_takes(tiny, box, raw_size, padded_size):
+    _, processor = tiny
+    page = Image.new("RGB", (400, 2000), "white")
+    page.paste((220, 40, 40), (200, 200, 204, 1800))
+    b = visrl.canonical_box(box)[1] if isinstance(box, str) else box
+    raw = R.crop_box(page, visrl.pixel_box(b, 400, 2000))
+    assert raw.size == raw_size
+    if max(raw_size) / min(raw_size) > 200:         # the processor refuses it
+        with pytest.raises(ValueError, match="aspect ratio"):
+            processor.image_processor(images=[raw], return_tensors="pt")
+    fitted = visrl.crop(page, b)                    # what every VisRL step feeds the processor
+    assert fitted.size == padded_size and max(fitted.size) / min(fitted.size) <= 100
+    # the crop's own pixels, centred; the rest white
+    x0, y0 = (padded_size[0] - raw_size[0]) // 2, (padded_size[1] - raw_size[1]) // 2
+    assert fitted.crop((x0, y0, x0 + raw_size[0], y0 + raw_size[1])).tobytes() == raw.tobytes()
+    assert np.asarray(fitted).sum() == np.asarray(raw).sum() + 3 * 255 * (padded_size[0] * padded_size[1]
+                                                                          - raw_size[0] * raw_size[1])
+    vlm.chat_inputs(processor, [visrl.answer_turns("What?", "[0.1,0.1,0.3,0.3]")], [[page, fitted]])   # no error
+
+
+def test_degenerate_crops_in_generation_sft_and_evaluation(visrl_tiny, monkeypatch, tmp_path):
+    """A 400x2000 page through the real processor: data generation (policy answers + critic on the
+    crop), the SFT warm-up example, and evaluation all run; nothing is dropped for the strip."""
+    _, model, processor = visrl_tiny
+    (rec,) = _page(tmp_path)
+    script = iter([[THIN, "[0.00,0.00,0.01,0.01]"],              # K = 1: b1 the strip, b2 a 4x20 corner
+                   ["red", "blue"],                              # answers of both crops
+                   ['{"score": 1}', '{"score": 0}'], ['{"score": 1}', '{"score": 0}'],   # s_b, s_r
+                   [THIN], ["red"]])                             # evaluation: box step, answer step
+    monkeypatch.setattr(vlm, "sample", lambda *a, **k: {"texts": next(script)})
+    args = visrl.parse_args(["--model", "x", "--preset", "tiny", "-K", "1", "--gen-batch-size", "1"])
+    (q,) = visrl.generate_candidates(model, (model, processor), processor, [rec], args, random.Random(0))
+    assert q["dropped"] == {"unparsable": 0, "no_crop": 0, "no_diverse_box": 0, "too_long": 0, "critic_unparsable": 0}
+    assert [(c["box"], c["answer"], c["s_b"], c["s_r"]) for c in q["candidates"]] == [
+        ([0.5, 0.1, 0.51, 0.9], "red", 1.0, 1.0), ([0.0, 0.0, 0.01, 0.01], "blue", 0.0, 0.0)]
+    metrics, preds = visrl.evaluate(model, processor, [rec], args)
+    assert metrics["answer_accuracy"] == 1.0 and metrics["unparsable"] == 0 and preds[0]["box"] == [0.5, 0.1, 0.51, 0.9]
+    (box_conv, box_images), (conv, images) = visrl.sft_examples(dict(rec, box=[200, 200, 204, 1800]),
+                                                                data.open_image(rec["image_path"]))
+    loss = vlm.sft_loss(model, processor, [box_conv, conv], [box_images, images])
+    assert images[1].size == (16, 1600) and math.isfinite(loss.item())
+
+
+def test_visrl_skips_samples_and_candidates_that_cannot_be_processed(visrl_tiny, shapes, monkeypatch, tmp_path):
+    """Evaluation: a page the processor refuses (900x3, aspect ratio 300) is skipped, counted and listed;
+    the other question is scored. Generation: a candidate whose answer prompt (the crop of the whole
+    400x2000 page) is over --max-prompt-len is dropped and counted as too_long; the other is kept."""
+    _, model, processor = visrl_tiny
+    good = data.read_manifest(shapes / "vqa" / "test.jsonl", "vqa")[0][0]
+    Image.new("RGB", (900, 3), "white").save(tmp_path / "strip.png")
+    rec = {"id": "strip", "image": "strip.png", "question": "What colour?", "answer": "red"}
+    (strip,) = data.read_manifest(_write(tmp_path, [rec], "strip.jsonl"), "vqa")[0]
+    script = iter([["[0.00,0.00,1.00,1.00]"], [good["answer"]]])    # the good record: its box, its answer
+    monkeypatch.setattr(vlm, "sample", lambda *a, **k: {"texts": next(script)})
+    args = visrl.parse_args(["--model", "x", "--preset", "tiny", "-K", "1", "--gen-batch-size", "2"])
+    metrics, preds = visrl.evaluate(model, processor, [strip, good], args)
+    assert (metrics["n"], metrics["skipped_samples"], metrics["answer_accuracy"]) == (1, 1, 1.0)
+    assert preds[-1]["id"] == "strip" and "aspect ratio" in preds[-1]["skipped"]
+
+    (page,) = _page(tmp_path)
+    image = data.open_image(page["image_path"])
+    small = visrl.crop(image, [0.0, 0.0, 0.01, 0.01])
+    limit = int(vlm.chat_inputs(processor, [visrl.answer_turns(page["question"], "[0.00,0.00,0.01,0.01]")],
+                                [[image, small]])["attention_mask"].sum())
+    big = vlm.chat_inputs(processor, [visrl.answer_turns(page["question"], "[0.00,0.00,1.00,1.00]")],
+                          [[image, visrl.crop(image, [0.0, 0.0, 1.0, 1.0])]])["attention_mask"].sum()
+    assert big > limit                                                   # the whole-page crop has more tokens
+    script = iter([["[0.00,0.00,1.00,1.00]", "[0.00,0.00,0.01,0.01]"],  # K = 1: b1 the page, b2 a corner
+                   ["blue"], ['{"score": 0}'], ['{"score": 0}']])         # only b2 is answered and judged
+    args.max_prompt_len = limit
+    (q,) = visrl.generate_candidates(model, (model, processor), processor, [page], args, random.Random(0))
+    assert q["dropped"] == {"unparsable": 0, "no_crop": 0, "no_diverse_box": 0, "too_long": 1, "critic_unparsable": 0}
+    assert [(c["which"], c["answer"]) for c in q["candidates"]] == [("b2", "blue")]
+
+
+def test_stage2_answers_are_conditioned_on_the_winning_crop(visrl_tiny, shapes):
+    _, model, processor = visrl_tiny
+    rec = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0][0]
+    image = Image.open(rec["image_path"]).convert("RGB")
+    win, lose, other = [0.05, 0.05, 0.45, 0.45], [0.55, 0.55, 0.95, 0.95], [0.5, 0.0, 1.0, 0.5]
+    convs, ims, chosen, rejected = visrl.answer_step([make_pair(rec["image_path"], win, lose)], [image])
+    assert (chosen, rejected) == (["red"], ["blue"])
+    assert convs[0][1]["content"][0]["text"] == "[0.05,0.05,0.45,0.45]"    # the winning box turn
+    assert ims[0][1].size == visrl.crop(image, win).size                   # ... and the winning crop
+
+    def logps(pair):
+        with torch.no_grad():
+            return vlm.pair_logps(model, model, processor, *visrl.answer_step([pair], [image]), "cpu")
+
+    base = logps(make_pair(rec["image_path"], win, lose))
+    moved_win = logps(make_pair(rec["image_path"], other, lose))
+    moved_lose = logps(make_pair(rec["image_path"], win, other))
+    assert base[0].item() != pytest.approx(moved_win[0].item(), abs=1e-6)   # chosen answer: new context
+    assert base[1].item() != pytest.approx(moved_win[1].item(), abs=1e-6)   # rejected answer too
+    assert torch.equal(base[0], moved_lose[0]) and torch.equal(base[1], moved_lose[1])  # loser's box: unused
+    assert torch.equal(base[0], base[2]) and torch.isfinite(base[0]).all()  # same model as ref -> equal
+
+
+def test_sequence_logps_match_per_token_sum_and_box_step(visrl_tiny, shapes):
+    _, model, processor = visrl_tiny
+    rec = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0][0]
+    image = Image.open(rec["image_path"]).convert("RGB")
+    pair = make_pair(rec["image_path"], [0.05, 0.05, 0.45, 0.45], [0.55, 0.55, 0.95, 0.95])
+    convs, ims, chosen, rejected = visrl.box_step([pair], [image])
+    assert (chosen, rejected) == (["[0.05,0.05,0.45,0.45]"], ["[0.55,0.55,0.95,0.95]"]) and len(ims[0]) == 1
+    with torch.no_grad():
+        both = vlm.response_logps(model, processor, convs * 2, ims * 2, chosen + rejected, "cpu")
+        alone = vlm.response_logps(model, processor, convs, ims, rejected, "cpu")
+    assert both[1].item() == pytest.approx(alone[0].item(), abs=1e-4)      # padding changes nothing
+    ids, mask = vlm.completion_tensors(processor, ["red", "[0.05,0.05,0.45,0.45]"], "cpu")
+    end = processor.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert ids[0, mask[0].sum() - 1] == end and ids[1, -1] == end and mask[0, -1] == 0
+
+
+def test_lora_trains_only_adapters_and_its_reference_is_the_model_without_them(tiny_dir, shapes):
+    # --lora-rank (VisRL's released configs train LoRA adapters): the DPO reference is the policy with
+    # its adapters off, which must score exactly as the untouched model does; only adapter weights move.
+    base, processor = vlm.load_model(tiny_dir)
+    policy = vlm.add_lora(vlm.load_model(tiny_dir)[0], rank=4)
+    trainable = {n for n, p in policy.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n and "language_model" in n for n in trainable)
+    before = {n: p.detach().clone() for n, p in policy.named_parameters()}
+    rec = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0][0]
+    pair = dict(make_pair(rec["image_path"], visrl.norm_box(rec["box"], 112, 112), [0.0, 0.0, 0.1, 0.1]),
+                question=rec["question"])
+    step = visrl.box_step([pair], [data.open_image(rec["image_path"])])
+    opt = torch.optim.AdamW([p for p in policy.parameters() if p.requires_grad], lr=1e-2)
+    for _ in range(2):                  # step 1 moves B (initialised to 0), step 2 also A
+        loss, _ = step_dpo_loss(vlm.pair_logps(policy, None, processor, *step, "cpu"), None, box_weight=1.0)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    changed = {n for n, p in policy.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert changed and changed <= trainable
+    with torch.no_grad():
+        chosen, rejected, ref_chosen, ref_rejected = vlm.pair_logps(policy, None, processor, *step, "cpu")
+        base_chosen, base_rejected, _, _ = vlm.pair_logps(base, base, processor, *step, "cpu")
+        assert ref_chosen.item() == pytest.approx(base_chosen.item(), abs=1e-5)
+        assert ref_rejected.item() == pytest.approx(base_rejected.item(), abs=1e-5)
+        assert abs(chosen.item() - ref_chosen.item()) > 1e-3          # the adapters did change the policy
+        folded = vlm.load_model(tiny_dir)[0]          # the stage's saved model: adapters folded into the weights
+        folded.load_state_dict(vlm.merged_state_dict(policy))
+        merged_chosen, _, _, _ = vlm.pair_logps(folded, folded, processor, *step, "cpu")
+        assert merged_chosen.item() == pytest.approx(chosen.item(), abs=1e-4)
+
+
+def test_sft_example_is_the_two_turn_chat(shapes):
+    rec = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0][0]
+    image = Image.open(rec["image_path"]).convert("RGB")
+    (conv, images), = visrl.sft_examples(rec, image)       # the shapes world: one two-turn chat
+    assert [m["role"] for m in conv] == ["user", "assistant", "user", "assistant"]
+    assert conv[1]["content"][0]["text"] == data.format_norm_box(rec["box"], 112, 112)
+    assert conv[3]["content"][0]["text"] == rec["answer"] and len(images) == 2
+    x1, y1, x2, y2 = rec["box"]
+    assert abs(images[1].size[0] - (x2 - x1)) <= 2 and abs(images[1].size[1] - (y2 - y1)) <= 2
+
+
+def test_oracle_critic_reads_gt_box_and_exact_match():
+    full = Image.new("RGB", (100, 100))
+    items = [{"question": "q", "reference": "red", "answer": a, "image": full, "crop": full}
+             for a in ("Red.", "blue", "red")]
+    records = [{"box": [10, 10, 30, 30]}, {"box": [10, 10, 30, 30]}, {}]
+    boxes = [[0.05, 0.05, 0.25, 0.25], [0.2, 0.2, 0.5, 0.5], [0.0, 0.0, 1.0, 1.0]]
+    s_b, s_r = visrl.oracle_scores(items, records, boxes)
+    assert s_b == [1.0, 0.0, 0.0] and s_r == [1.0, 0.0, 1.0]      # (0.2..0.3)^2 is 1/4 of the GT box
+    assert rewards.covers([0, 0, 1, 1], [0.2, 0.2, 0.4, 0.4]) and not rewards.covers([0, 0, 0.3, 0.3], [0.2, 0.2, 0.6, 0.6])
+
+
 def test_presets_fill_unset_options_tiny_for_a_tiny_model(tiny_dir):
     for module in (rise_cot, rise_r1, S, visrl):
         tiny_args = module.parse_args(["--model", str(tiny_dir)])          # auto: a tiny model dir
@@ -5559,51 +4850,7 @@ def test_presets_fill_unset_options_tiny_for_a_tiny_model(tiny_dir):
     assert vlm.is_tiny(vlm.TINY_BASE) and vlm.is_tiny(str(tiny_dir)) and not vlm.is_tiny("Qwen/Qwen2-VL-2B-Instruct")
 
 
-def test_help_shows_both_presets_and_config_reruns_a_run(tiny_dir, rise_world, tmp_path, capsys):
-    """--help states each preset-controlled default (paper and tiny); --config OUT/args.json takes a finished
-    run's options as the defaults, so the run repeats exactly (same rewards and loss at every step)."""
-    with pytest.raises(SystemExit):
-        rise_cot.parse_args(["--help"])
-    shown = " ".join(capsys.readouterr().out.split())
-    assert "(paper: 2e-06, tiny: 0.0002)" in shown and "(paper: 200, tiny: 40)" in shown
-    out = tmp_path / "run"
-    args = ["--model", tiny_dir, "--data", rise_world / "det" / "train.jsonl", "--stages", "grpo", "--max-steps", "2",
-            "--out", out, "--preset", "tiny", "-G", "2", "--batch-size", "1", "--max-new-tokens", "6"]
-    ok(launch("rise_r1.py", args, tmp_path))
-    ok(launch("rise_r1.py", ["--config", out / "args.json", "--out", tmp_path / "again"], tmp_path))
-    first, again = (run.read_jsonl(d / "metrics.jsonl") for d in (out, tmp_path / "again"))
-    assert [(m["reward"], m["loss"]) for m in again] == [(m["reward"], m["loss"]) for m in first] and len(first) == 2
-
-
-def test_tracker_schedule_and_completions(tiny_dir, rise_world, tmp_path):
-    """--report-to tensorboard writes metrics.jsonl's scalars (readable by tensorboard's own reader) and, every
-    --log-completions-every steps, a table of sampled completions; OUT/completions.jsonl keeps every one.
-    --lr-scheduler cosine --warmup-ratio 0.5: each update's lr is transformers' get_cosine_schedule_with_warmup."""
-    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-    from transformers import get_cosine_schedule_with_warmup
-    out = tmp_path / "run"
-    ok(launch("rise_r1.py", ["--model", tiny_dir, "--data", rise_world / "det" / "train.jsonl", "--stages", "grpo",
-                             "--max-steps", "4", "--lr", "1e-3", "--lr-scheduler", "cosine", "--warmup-ratio", "0.5",
-                             "--report-to", "tensorboard", "--log-completions-every", "2", "--out", out,
-                             "--preset", "tiny", "-G", "2", "--batch-size", "1", "--max-new-tokens", "4"], tmp_path))
-    metrics = run.read_jsonl(out / "metrics.jsonl")
-    reference = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.zeros(1)], lr=1e-3), 2, 4)
-    expected = []
-    for _ in range(4):
-        expected.append(reference.get_last_lr()[0])
-        reference.optimizer.step(), reference.step()
-    assert [m["lr"] for m in metrics] == approx(expected) and expected[0] == 0.0 and max(expected) == approx(1e-3)
-    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
-    events.Reload()
-    for key in ("reward", "loss", "lr", "kl"):
-        assert [(e.step, e.value) for e in events.Scalars(key)] == [(m["step"], approx(m[key])) for m in metrics]
-    tables = events.Tensors("completions/text_summary")
-    assert [e.step for e in tables] == [0, 2] and b"| id | completion | reward |" in tables[0].tensor_proto.string_val[0]
-    completions = run.read_jsonl(out / "completions.jsonl")
-    assert [c["step"] for c in completions] == [0, 0, 1, 1, 2, 2, 3, 3] and {"id", "completion", "reward"} <= completions[0].keys()
-    assert [sum(c["reward"] for c in completions if c["step"] == k) / 2 for k in range(4)] == approx([m["reward"] for m in metrics])
-
-
+@pytest.mark.slow
 def test_wandb_is_imported_only_when_asked_and_named_when_missing(tmp_path):
     import importlib.util
     code = "import rise_cot, rise_r1, seg_rise, visrl, sys; print('wandb' in sys.modules, 'peft' in sys.modules)"
@@ -5613,35 +4860,6 @@ def test_wandb_is_imported_only_when_asked_and_named_when_missing(tmp_path):
     if importlib.util.find_spec("wandb") is None:
         with pytest.raises(SystemExit, match="pip install wandb"):
             run.open_tracker(argparse.Namespace(report_to="wandb"), tmp_path, 0)
-
-
-@pytest.mark.parametrize("zero", [2, 3])
-def test_lora_trains_only_adapters_saves_and_resumes_on_two_ranks(tiny_dir, rise_world, tmp_path, zero):
-    """--lora-rank under ZeRO-2 and ZeRO-3 on two CPU ranks (RISE-R1's GRPO; the KL reference is the policy with
-    its adapters off): after a --resume the run ends with each step logged once; OUT/final holds the merged
-    model (loadable by --model) and OUT/final/adapter the adapters; every weight outside the adapted layers is
-    the initial model's, bit for bit, and the adapted ones moved."""
-    out = tmp_path / "run"                                     # the shipped base: rewards that differ in a group
-    args = ["--model", SHIPPED_BASE, "--data", rise_world / "det" / "train.jsonl", "--stages", "grpo", "--lr", "1e-2",
-            "--lora-rank", "4", "--save-every", "1", "--out", out, "--deepspeed", ROOT / f"ds_zero{zero}.json",
-            "--preset", "tiny", "-G", "4", "--batch-size", "1", "--max-new-tokens", "64"]
-    ok(launch("rise_r1.py", args + ["--max-steps", "1"], tmp_path, ranks=2, port=29560 + zero))
-    ok(launch("rise_r1.py", args + ["--max-steps", "2", "--resume"], tmp_path, ranks=2, port=29570 + zero))
-    assert [m["step"] for m in run.read_jsonl(out / "metrics.jsonl")] == [0, 1]
-    assert (out / "final" / "adapter" / "adapter_config.json").exists()
-    before, after = vlm.load_model(SHIPPED_BASE)[0].state_dict(), vlm.load_model(out / "final")[0].state_dict()
-    adapted = {k for k in before if k.endswith(".weight") and re.search(vlm.LORA_TARGETS, k.rsplit(".", 1)[0])}
-    assert adapted and all(torch.equal(before[k], after[k]) for k in before if k not in adapted)
-    assert all(not torch.equal(before[k], after[k]) for k in adapted)
-
-
-def test_freeze_vision_trains_the_merger_only_of_the_vision_side(tiny_dir):
-    model, _ = vlm.load_model(tiny_dir)
-    vlm.freeze_vision(model)
-    visual = model.model.visual
-    assert not any(p.requires_grad for n, p in visual.named_parameters() if not n.startswith("merger."))
-    assert all(p.requires_grad for p in visual.merger.parameters())
-    assert all(p.requires_grad for p in model.model.language_model.parameters())
 
 
 def test_an_evaluation_never_writes_into_a_training_run(tmp_path):
@@ -5676,22 +4894,6 @@ def test_manifest_path_takes_a_file_or_a_shapes_world_task(tmp_path):
     assert run.manifest_path("det", "train", 3, "seg", world=tmp_path) == tmp_path / "det" / "train.jsonl"
 
 
-class _EngineThatMustNotStep:
-    """Records the DeepSpeed calls of an update (backward, step); a skipped update makes none."""
-
-    def __init__(self):
-        self.calls = []
-
-    def set_gradient_accumulation_boundary(self, boundary):
-        self.calls.append(("boundary", boundary))
-
-    def backward(self, loss):
-        self.calls.append(("backward", loss.item()))
-
-    def step(self):
-        self.calls.append(("step",))
-
-
 def test_guarded_update_never_applies_a_non_finite_loss(capsys, tmp_path):
     engine = _EngineThatMustNotStep()
     assert vlm.update(engine, torch.tensor(2.0), window=(True, 1.5)) is False
@@ -5711,63 +4913,7 @@ def test_guarded_update_never_applies_a_non_finite_loss(capsys, tmp_path):
     assert [m["lr"] for m in run.read_jsonl(tmp_path / "metrics.jsonl")] == [0.1] * 6
 
 
-# ====================================================================================================
-# bench.py: the benchmark runs (one repetition, structure of its JSON line)
-# ====================================================================================================
-KEYS = {"ours_sps", "trl_sps", "ratio_vs_trl", "ours_peak_mb", "trl_peak_mb"}
-
-
-def run_bench(capsys, tiny_dir, *extra):
-    """bench.main on the tiny model, one measured step, no warm-up; returns its JSON line."""
-    threads = torch.get_num_threads()
-    try:
-        with warnings.catch_warnings():
-            results = bench.main(["--model", str(tiny_dir), "--quick", "--reps", "1", "--warmup", "0", "--json", *extra])
-    finally:
-        torch.set_num_threads(threads)                    # bench runs torch on one CPU thread
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert "GRPO step" in "\n".join(lines) and "DPO step" in "\n".join(lines)
-    out = json.loads(lines[-1])
-    assert set(out) == {"grpo", "dpo"} and all(set(v) == KEYS for v in out.values())
-    for algo in ("grpo", "dpo"):
-        assert out[algo]["ours_sps"] > 0 and out[algo]["ours_peak_mb"] > 0
-        r = results[algo]["ours"]
-        assert r["total"] > 0 and r["logp"] > 0 and r["update"] > 0 and r["length"] > 0
-    assert results["grpo"]["ours"]["gen"] > 0
-    return out
-
-
-def test_bench_ours_json(capsys, tiny_dir):
-    out = run_bench(capsys, tiny_dir, "--skip-trl")
-    assert all(out[a]["trl_sps"] is None and out[a]["ratio_vs_trl"] is None for a in out)
-
-
-def test_bench_scaling_json(capsys, tiny_dir):
-    """`bench.py --scaling`: a row per (image tokens, G) for GRPO and per image tokens for DPO, keyed so in the
-    JSON line, each measured on images that really give the processor that many image tokens."""
-    threads = torch.get_num_threads()
-    try:
-        table = bench.main(["--model", str(tiny_dir), "--scaling", "--tokens", "16,64", "--groups", "2", "--reps", "1",
-                            "--warmup", "0", "--max-new-tokens", "4", "--no-grad-ckpt", "--skip-trl", "--json"])
-    finally:
-        torch.set_num_threads(threads)
-    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
-    assert out == table and set(out["grpo"]) == {"16x2", "64x2"} and set(out["dpo"]) == {"16", "64"}
-    for algo, rows in out.items():
-        for key, row in rows.items():
-            assert row["image_tokens"] == int(key.split("x")[0]) and row["image_side"] in (112, 224)
-            assert row["ours_sps"] > 0 and row["trl_sps"] is None and row["ratio_vs_trl"] is None
-
-
-def test_bench_trl_json(capsys, tiny_dir):
-    pytest.importorskip("trl")
-    out = run_bench(capsys, tiny_dir)
-    for algo in ("grpo", "dpo"):
-        assert out[algo]["trl_sps"] > 0 and out[algo]["trl_peak_mb"] > 0
-        assert out[algo]["ratio_vs_trl"] == pytest.approx(out[algo]["ours_sps"] / out[algo]["trl_sps"], rel=1e-2)
-
-
-# ==== bench: memory estimate, checkpointing flag (issue 31)
+# bench: the memory estimate and the checkpointing flag
 def test_memory_estimate_by_hand():
     """bench.memory_estimate against numbers worked out by hand (bytes; GiB = 2^30 bytes)."""
     arch = dict(layers=2, hidden=10, intermediate=20, kv=4, vocab=100, vision_blocks=3, vision_width=8,
@@ -5840,9 +4986,6 @@ def test_memory_table_and_the_checkpointing_flag(capsys):
     assert not bench.p.parse_args(["--no-grad-ckpt"]).grad_ckpt
 
 
-# ====================================================================================================
-# tables.py: the papers' tables in miniature (statistics, one row end to end)
-# ====================================================================================================
 def test_roc_auc_is_the_share_of_rightly_ordered_pairs():
     # positives {0.35, 0.8} vs negatives {0.1, 0.4}: 3 of the 4 (positive, negative) pairs ordered right
     assert tables.roc_auc([0.1, 0.4, 0.35, 0.8], [False, False, True, True]) == approx(0.75)
@@ -5892,6 +5035,974 @@ def test_critic_auc_and_d_high_quality_from_run_files(tmp_path):
     assert tables.distinct_thinks(run.read_jsonl(tmp_path / "predictions.jsonl")) == 2
 
 
+def test_constant_prior_is_the_uniform_guess_scored_by_scipy(cache):
+    from scipy.spatial.distance import jensenshannon
+    test = run.read_jsonl(run.shapes_world(0) / "soft_cls" / "test.jsonl")[:5]
+    want = np.mean([jensenshannon(np.full(len(r["probs"]), 0.25), r["probs"]) ** 2 for r in test])  # natural log
+    assert tables.constant_prior(0, "soft_cls", 5) == {"JSD": approx(want)}
+
+
+# ====================================================================================================
+# the project's shape: one-way imports, the README's names
+# ====================================================================================================
+PROJECT = ["rewards", "data", "grpo", "dpo", "vlm", "run", "rise_cot", "rise_r1", "seg_rise", "visrl", "tiny",
+           "convert", "tables", "bench"]
+
+
+def project_imports(module):
+    """The project modules `module` imports (at any depth of its code: a function's import counts)."""
+    tree = ast.parse((ROOT / f"{module}.py").read_text())
+    found = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    found |= {n.module.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    return found & set(PROJECT) - {module}
+
+
+def test_imports_flow_one_way_and_the_losses_import_torch_alone():
+    """rewards, data -> grpo, dpo -> vlm -> run -> the pipelines -> tiny, tables, bench: each module imports only
+    modules of earlier layers (no cycle), grpo.py / dpo.py / rewards.py import no project module at all (copy a
+    function alone), and no pipeline imports tiny.py (a real run never touches the demo's builder)."""
+    layers = [{"rewards", "data"}, {"grpo", "dpo"}, {"vlm"}, {"run"}, {"rise_cot", "rise_r1", "seg_rise", "visrl"},
+              {"tiny", "convert"}, {"tables", "bench"}]
+    layer = {m: k for k, group in enumerate(layers) for m in group}
+    for module in PROJECT:
+        for imported in project_imports(module):
+            assert layer[imported] < layer[module] or (module, imported) == ("convert", "data"), (module, imported)
+    for module in ("grpo", "dpo", "rewards"):
+        assert project_imports(module) == set(), module
+    assert all("tiny" not in project_imports(m) for m in ("rise_cot", "rise_r1", "seg_rise", "visrl", "run", "vlm"))
+
+
+def test_every_name_the_readme_gives_exists():
+    """Each `module.name` and `module.py` the README names is there: a reader never looks for a function that is
+    gone, and every script / command-line flag it quotes exists."""
+    readme = (ROOT / "README.md").read_text()
+    modules = {m: __import__(m) for m in PROJECT}
+    named = set(re.findall(r"`(?:[^`]*?\b)?(" + "|".join(PROJECT) + r")\.([A-Za-z_]\w*)", readme))
+    missing = [f"{m}.{n}" for m, n in named if n != "py" and not hasattr(modules[m], n)]
+    assert named and not missing, missing
+    for script in re.findall(r"\b(\w+)\.py\b", readme):
+        assert (ROOT / f"{script}.py").exists() or script == "script", script          # script.py: any of them
+    flags = set(re.findall(r"(?<![\w-])(--[a-z][a-z0-9_-]+)", readme))
+    accepted = set()
+    for module in (rise_cot, rise_r1, S, visrl):
+        accepted |= {o for o in _options(module)}
+    accepted |= {"--num_gpus", "--hostfile", "--num_nodes", "--index-url", "--no-build-isolation", "--root", "--out",
+                 "--refs", "--instances", "--images", "--split", "--json", "--test", "--memory", "--full-size",
+                 "--quick", "--scaling", "--grad-ckpt", "--real-vocab", "--rows", "--seeds", "--script-args", "--jobs",
+                 "--plan", "--init", "--answer-only", "--no-scores", "--n-train", "--n-test", "--seed", "--model", "--src",
+                 "--targets", "--det-queries"}
+    assert flags <= accepted, sorted(flags - accepted)
+
+
+def _options(module):
+    """Every option string the module's parser accepts."""
+    import contextlib as _c
+    captured = {}
+    real_parse = argparse.ArgumentParser.parse_args
+
+    def grab(self, *a, **k):
+        captured.update({o: True for act in self._actions for o in act.option_strings})
+        return real_parse(self, *a, **k)
+    with _c.ExitStack() as stack:
+        stack.enter_context(pytest.MonkeyPatch.context()).setattr(argparse.ArgumentParser, "parse_args", grab)
+        module.parse_args(["--model", vlm.TINY_BASE])
+    return set(captured)
+
+
+# ====================================================================================================
+# the shipped tiny base (tiny-base/) and its recipe
+# ====================================================================================================
+
+@pytest.mark.slow
+def test_tiny_base_is_shipped_small_and_the_default():
+    """`--model tiny-base` loads the committed build: nothing is built at first run."""
+    assert vlm.resolve_model(vlm.TINY_BASE) == str(SHIPPED_BASE)
+    shipped = [f for d in (SHIPPED_BASE, S.SHAPES_CLIP) for f in d.iterdir()]
+    assert sum(f.stat().st_size for f in shipped) < 40 * 2 ** 20
+    assert {"model.safetensors", "config.json", "tokenizer.json", "build.json"} <= {f.name for f in shipped}
+    record = json.loads((SHIPPED_BASE / "build.json").read_text())
+    chain = [record]                      # a build continued with --init keeps its parent's record under "init"
+    while chain[-1].get("init"):
+        chain.append(chain[-1]["init"])
+    curves = [r["loss_curve"] for r in chain if "loss_curve" in r]    # the oldest look stages ran as probes
+    assert record["steps"] > 0 and curves[0][-1][1] < 0.5 * curves[-1][0][1]
+    model, processor = vlm.load_model(vlm.TINY_BASE)
+    assert type(model).__name__ == "Qwen2VLForConditionalGeneration"
+    assert model.config.text_config.rope_parameters["rope_theta"] == tiny_py.ROPE_THETA
+
+
+@pytest.mark.slow
+def test_shipped_tiny_base_scores_as_its_build_record(cache):
+    """Greedy scores of the committed base on the first CHECK_N test scenes per task, recomputed here,
+    equal the ones its build recorded: within 2 samples of 16 for rates, 0.05 for JSD and box IoU,
+    0.05 nats for the grounding gap (float differences between machines can flip a greedy token)."""
+    record = json.loads((SHIPPED_BASE / "build.json").read_text())["check"]
+    model, processor = vlm.load_model(vlm.TINY_BASE)
+    root = tiny_py.scores_world()
+    got = tiny_py.task_scores(model, processor, root, n=tiny_py.CHECK_N)
+    assert tiny_py.grounding_gap(model, processor, root, n=tiny_py.CHECK_N) == approx(
+        record["grounding_gap_nats"], abs=0.05)
+    for task, metrics in got.items():
+        for name, value in metrics.items():
+            tol = {"jsd": 0.05, "box_iou": 0.05, "unparsable": 2, "n": 0}.get(name, 2 / tiny_py.CHECK_N)
+            assert value == approx(record[task][name], abs=tol), (task, name)
+
+
+@pytest.mark.slow
+def test_shipped_tiny_base_looks_at_the_image(cache):
+    """The committed base's boxes follow the image: on 32 det test scenes the mean IoU of its box with the
+    named shape's is far higher with the right image than with the next scene's (same prompts; the next
+    scene's picture has the shape elsewhere or not at all), for the answer-only prompt's answer and for
+    the think-first prompt's think, which is the box (tiny.pretrain_corpus), and its answer, which copies it.
+    Measured: answer-only 0.42 vs 0.03, think 0.39 vs 0.05, think-first answer 0.26 vs 0.06."""
+    model, processor = vlm.load_model(vlm.TINY_BASE)
+    records, _ = data.read_manifest(tiny_py.scores_world() / "det" / "test.jsonl", "det")
+    records = records[:32]
+    images = [data.open_image(r["image_path"]) for r in records]
+
+    def mean_iou(style, read, shown):
+        prompts = [[vlm.user_turn(data.prompt(style, r, frame=tiny_py.FRAME))] for r in records]
+        texts = tiny_py._greedy(model, processor, prompts, [[im] for im in shown], 48)
+        boxes = [rewards.parse_boxes(read(t)) for t in texts]
+        return np.mean([rewards.box_iou(vlm.from_model_frame(b[0], "qwen2_vl", im.size), r["boxes"][0]) if b
+                        else 0.0 for b, r, im in zip(boxes, records, images)])
+
+    def part(i):    # the think (0) or the answer (1) of a think-first reply; "" if the tags are broken
+        return lambda text: (rewards.parse_think_answer(text) or ("", ""))[i]
+
+    for style, read, margin in (("plain", lambda text: text, 0.15), ("r1", part(0), 0.15), ("r1", part(1), 0.1)):
+        right, rolled = mean_iou(style, read, images), mean_iou(style, read, images[1:] + images[:1])
+        assert right > rolled + margin, (style, right, rolled)
+
+
+@pytest.mark.slow
+def test_short_tiny_build_runs_stage_by_stage(cache, tmp_path):
+    """`python tiny.py base` at toy size (6 scenes per task): each stage's loss falls, the build record says
+    how it was made (command, plan, per-stage look scores that a fresh greedy pass reproduces), a build
+    continued with --init carries its parent's record, and the saved model answers as it did when built."""
+    out = tiny_py.build_tiny(tmp_path / "base", seed=0, plan=[("where_alone", 12), ("formats", 12)], n_train=6,
+                             pixels=None, record_scores=False, look_n=4, log=lambda *a: None)
+    record = json.loads((out / "build.json").read_text())
+    assert record["steps"] == 24 and "--plan 'where_alone:12,formats:12' --n-train 6" in record["command"]
+    assert record["versions"]["torch"] == torch.__version__ and [s["stage"] for s in record["stages"]] == \
+        ["where_alone", "formats"]
+    curve = dict(record["loss_curve"])
+    assert curve[12] < curve[1] and curve[24] < curve[13]
+    more = tiny_py.build_tiny(tmp_path / "more", plan=[("alone", 2)], n_train=6, init=out, pixels=224,
+                              record_scores=False, look_n=4, log=lambda *a: None)
+    again = json.loads((more / "build.json").read_text())
+    assert again["init"]["steps"] == 24 and f"--init {out} --pixels 224" in again["command"]
+    model, processor = vlm.load_model(more)
+    assert tiny_py.look_scores(model, processor, tiny_py.scores_world(), 4) == \
+        {k: again["stages"][-1][k] for k in ("alone", "scenes")}
+    batch = vlm.chat_inputs(processor, [[vlm.user_turn(tiny_py.LOOK_COLOUR.format(shape="circle"))]],
+                            [[solid((220, 40, 40), 112)]])
+    assert batch["image_grid_thw"].tolist() == [[1, 16, 16]]           # saved at 224 px: 64 image tokens
+    with pytest.raises(ValueError, match="unknown stage"):
+        tiny_py.build_tiny(tmp_path / "bad", plan=[("boxes", 1)])
+    assert tiny_py.parse_plan("where_alone:3,formats:2") == [("where_alone", 3), ("formats", 2)]
+    for bad in ("where_alone", "alone:x", "alone:0", "boxes:3"):
+        with pytest.raises(ValueError):
+            tiny_py.parse_plan(bad)
+
+
+# ====================================================================================================
+# the losses drive the tiny VLM: GRPO and DPO learn a task from scratch
+# ====================================================================================================
+
+def colour_scores(model, processor, images, texts):
+    """Summed log-prob of each answer text to "What colour is this image?" for its image."""
+    batch = vlm.chat_inputs(processor, [[vlm.user_turn("What colour is this image?")]] * len(images),
+                            [[im] for im in images])
+    ids, mask = vlm.completion_tensors(processor, texts)
+    return sequence_logp(vlm.completion_logprobs(model, dict(batch), ids, mask), mask)
+
+
+@pytest.mark.slow
+def test_grpo_learns_to_name_the_colour(tiny_dir):
+    """GRPO from the *random* tiny model, reward alone (grpo.colour_reward on the first word):
+    held-out greedy reward on red / blue images rises from ~0 (a random model names no colour)
+    to >= 0.8. Same recipe as `deepspeed grpo.py`: G 16, 8 images per step (4 per colour),
+    one new token, lr 2e-3 decaying linearly to 0 over 30 steps, beta 0.05 (KL to the initial
+    model keeps the groups diverse), advantages not std-scaled.
+    Measured here (this recipe, seeds 0-7 of torch and the image stream): held-out 1.00 at steps 20 and 30
+    in 6 of 8 seeds (seed 0: 0.50 -> 1.00 -> 1.00; ~2.4 s/step on one thread); seed 4 settled on "re" for
+    red, seed 7 never sampled "blue" (0.5). With difflib-similarity credit instead of prefixes (before)
+    the policy settled on near-miss tokens ("lu" for blue) in 2 of 5 seeds."""
+    torch.manual_seed(0)
+    rng, steps, colours = random.Random(0), 30, ["red", "blue"]
+    model, processor = vlm.load_model(tiny_dir)
+    ref, _ = vlm.load_model(tiny_dir)
+    ref.requires_grad_(False)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: 1 - k / steps)
+    question = [vlm.user_turn("What colour is this image?")]
+    held = tiny_py.colour_task(random.Random(123), 16, ["red"]) + tiny_py.colour_task(random.Random(124), 16, ["blue"])
+
+    def held_out_reward():
+        batch = vlm.chat_inputs(processor, [question] * len(held), [[im] for im, _ in held])
+        texts = vlm.sample(model, processor, batch, 1, 1, do_sample=False)["texts"]
+        return sum(tiny_py.colour_reward(texts, range(len(held)), [c for _, c in held])) / len(held)
+
+    curve = [held_out_reward()]
+    for step in range(steps):
+        pairs = [p for c in colours for p in tiny_py.colour_task(rng, 4, [c])]
+        answers = [c for _, c in pairs]
+        stats, _, _ = vlm.grpo_step(model, ref, processor, [question] * len(pairs), [[im] for im, _ in pairs],
+                                    lambda texts, prompt_index: tiny_py.colour_reward(texts, prompt_index, answers),
+                                    optimizer=optimizer, group_size=16, max_new_tokens=1, beta=0.05,
+                                    scale_rewards=False)
+        schedule.step()
+        if step % 10 == 9:
+            curve.append(held_out_reward())
+    print(f"GRPO held-out reward every 10 steps: {[round(r, 3) for r in curve]}")
+    assert curve[0] < 0.2
+    assert curve[-1] >= 0.8
+
+
+@pytest.mark.slow
+def test_dpo_learns_to_prefer_the_colour_name(tiny_dir):
+    """DPO on (image, chosen = its colour, rejected = another colour) pairs: the chosen-vs-rejected
+    margin grows and, on held-out images, the policy ranks the right colour above every wrong one."""
+    import random
+    torch.manual_seed(0)
+    model, processor = vlm.load_model(tiny_dir)
+    ref, _ = vlm.load_model(tiny_dir)
+    ref.requires_grad_(False)
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    colours, rng = list(data.COLORS), random.Random(0)
+    held = tiny_py.colour_task(random.Random(7), 16)
+
+    def held_out_accuracy():    # fraction of (image, wrong colour) ranked below the right one; mean gap (nats)
+        with torch.no_grad():
+            images = [im for im, c in held for _ in range(3)]
+            right = colour_scores(model, processor, images, [c for _, c in held for _ in range(3)])
+            wrong = colour_scores(model, processor, images, [o for _, c in held for o in colours if o != c])
+        return (right > wrong).float().mean().item(), (right - wrong).mean().item()
+
+    before, margins = held_out_accuracy(), []
+    for step in range(12):
+        pairs = tiny_py.colour_task(rng, 8)
+        images, chosen = [im for im, _ in pairs], [c for _, c in pairs]
+        rejected = [rng.choice([o for o in colours if o != c]) for c in chosen]
+        with torch.no_grad():
+            ref_c, ref_r = colour_scores(ref, processor, images, chosen), colour_scores(ref, processor, images, rejected)
+        loss, stats = dpo_loss(colour_scores(model, processor, images, chosen),
+                               colour_scores(model, processor, images, rejected), ref_c, ref_r, beta=0.1)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        margins.append(stats["margin"])
+    after = held_out_accuracy()
+    print(f"DPO margins per step {[round(m, 3) for m in margins]}; held-out accuracy, log-prob gap {before} -> {after}")
+    assert margins[0] == pytest.approx(0.0, abs=1e-6)      # policy == reference at the start
+    assert sum(margins[-3:]) / 3 > 0.3 > sum(margins[:3]) / 3      # measured: 0.47 vs 0.08
+    # a random init can already rank some colours right by chance (measured 0.94 with one tokenizer), so
+    # the held-out test is on the log-prob gap, which DPO must widen, and on the final ranking
+    assert after[0] >= 0.9 and after[1] > before[1] + 1.0
+
+
+# ====================================================================================================
+# runs: the scripts as a user runs them (one and two CPU ranks, kill and resume, faults)
+# ====================================================================================================
+
+def env_for(cache):
+    return dict(os.environ, PYTHONPATH=str(ROOT), RISE_CACHE=str(cache), OMP_NUM_THREADS="1")
+
+
+REAL_ARCH_RUNS = """
+import json, sys, time
+from pathlib import Path
+import data, rise_cot, rise_r1, seg_rise, visrl
+world, clip, root = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+S = ["--preset", "tiny", "--batch-size", "1", "--max-new-tokens", "8", "--n-test", "2"]
+G = ["-G", "2"]
+det = world / "det"
+def go(fn, *argv):
+    fn([str(a) for a in argv])
+for model in sys.argv[4:]:                  # one process for both: the imports are most of the time
+  out = root / Path(model).name
+  go(rise_cot.main, "--model", model, "--data", det / "train.jsonl", "--out", out / "cot", "--max-steps", "1",
+     "--rec-max-new-tokens", "8", "--harvest-batch-size", "4", *G, *S[:-2])
+  go(rise_r1.main, "--model", model, "--data", det / "train.jsonl", "--cots", out / "cot" / "cots.jsonl", "--tau", "0",
+     "--sft-steps", "1", "--max-steps", "1", "--out", out / "r1", *G, *S[:-2])
+  go(rise_r1.main, "--eval", "--model", out / "r1" / "final", "--test", det / "test.jsonl", "--out", out / "r1_eval", *S)
+  go(seg_rise.main, "--model", model, "--data", world / "seg" / "train.jsonl", "--out", out / "seg", "--max-steps", "1",
+     "--clip-ckpt", clip, *G, *S[:-2])
+  go(seg_rise.main, "--eval", "--executor", "box", "--model", out / "seg" / "final", "--test", world / "seg" / "test.jsonl",
+     "--out", out / "seg_eval", "--clip-ckpt", clip, *S)
+  r = data.read_manifest(world / "vqa" / "train.jsonl", "vqa")[0][0]
+  pair = {"id": r["id"], "question": r["question"], "answer": r["answer"], "image": r["image_path"], "size": [112, 112],
+          "shapes": True,
+          "chosen": {"box": visrl.norm_box(r["box"], 112, 112), "answer": r["answer"], "s_b": 1.0, "s_r": 1.0},
+          "rejected": {"box": [0.0, 0.0, 0.1, 0.1], "answer": "x", "s_b": 0.0, "s_r": 0.0}}
+  (out / "pairs.jsonl").write_text(json.dumps(pair) + "\\n")
+  go(visrl.main, "--model", model, "--data", world / "vqa" / "train.jsonl", "--test", world / "vqa" / "test.jsonl",
+     "--out", out / "visrl", "--iters", "1", "--pairs", out / "pairs.jsonl", "--sft-fraction", "0.5",
+     "--attempts", "1", "--sft-batch-size", "1", "--dpo-epochs", "1", "--stage-eval-n", "0",
+     "--answer-max-new-tokens", "4", *(["--lora-rank", "4"] if "2_5" in model else []), *S)
+"""
+
+
+def _check_real_arch_run(family, out):
+    for name in ("cot", "r1", "seg", "visrl"):
+        assert json.loads((out / name / "final" / "config.json").read_text())["model_type"] == family
+    assert len(run.read_jsonl(out / "cot" / "cots.jsonl")) == 2
+    assert [m.get("stage") for m in run.read_jsonl(out / "r1" / "metrics.jsonl") if "loss" in m] == ["sft", "grpo"]
+    assert json.loads((out / "r1_eval" / "eval.json").read_text())["n"] == 2
+    assert json.loads((out / "seg_eval" / "eval.json").read_text())["n"] == 2
+    stages = [m["stage"] for m in run.read_jsonl(out / "visrl" / "metrics.jsonl")]
+    assert {"sft", "iter1/stage1", "iter1/stage2"} <= set(stages)
+    assert json.loads((out / "visrl" / "eval.json").read_text())["n"] == 2
+
+
+SMALL = ["--preset", "tiny", "-G", "2", "--batch-size", "1", "--max-new-tokens", "8", "--rec-max-new-tokens", "8"]
+
+
+def launch(script, args, cwd, ranks=1, port=29541):
+    """Run a pipeline script as a user would: `deepspeed --num_gpus N script.py ...` (or python)."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    head = ["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port)] if ranks > 1 else [sys.executable]
+    return subprocess.run(head + [str(ROOT / script)] + [str(a) for a in args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=900)
+
+
+def kill_when(script, args, cwd, condition, env=None, timeout=600):
+    """Start `python script args` and kill -9 it as soon as condition() holds; asserts it was killed."""
+    env = env or dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / script)] + [str(a) for a in args], cwd=cwd, env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not condition():
+        time.sleep(0.02)
+    proc.send_signal(signal.SIGKILL)
+    err = proc.communicate()[1]
+    assert proc.returncode == -signal.SIGKILL, "it ended before it could be killed: " + err[-3000:]
+
+
+FAULTS = """
+import os, time
+spec = dict(item.split("=") for item in os.environ.get("RISE_FAULTS", "").split(",") if item)
+rank = int(os.environ.get("RANK", "-1"))
+if spec and rank >= 0:                       # a launched rank (not the launcher itself)
+    import torch
+    import grpo
+    if "nan_rank" in spec:                    # a non-finite loss on one rank only (a bf16 overflow on one GPU)
+        real_loss, calls = grpo.grpo_loss, [0]
+        def grpo_loss(*a, **k):
+            loss, stats = real_loss(*a, **k)
+            calls[0] += 1
+            if rank == int(spec["nan_rank"]) and calls[0] == int(spec["nan_call"]):
+                loss = loss * float("nan")
+            return loss, stats
+        grpo.grpo_loss = grpo_loss
+    if "slow_rank" in spec:                   # a slow disk on one rank: its files of one checkpoint come late
+        real_save = torch.save
+        def save(obj, f, *a, **k):
+            if rank == int(spec["slow_rank"]) and spec["slow_tag"] in str(f):
+                time.sleep(float(spec["slow_seconds"]))
+            return real_save(obj, f, *a, **k)
+        torch.save = save
+"""
+
+
+def launch_with_faults(args, cwd, faults, ranks=2, port=29551):
+    """Popen of `deepspeed --num_gpus N rise_cot.py ARGS` whose ranks import the FAULTS sitecustomize:
+    faults = "key=value,..." (nan_rank/nan_call, slow_rank/slow_tag/slow_seconds)."""
+    site = Path(cwd) / "faults"
+    site.mkdir(exist_ok=True)
+    (site / "sitecustomize.py").write_text(FAULTS)
+    env = dict(os.environ, PYTHONPATH=f"{site}{os.pathsep}{ROOT}", OMP_NUM_THREADS="1", RISE_FAULTS=faults)
+    return subprocess.Popen(["deepspeed", "--num_gpus", str(ranks), "--master_port", str(port), str(ROOT / "rise_cot.py")]
+                            + [str(a) for a in args], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def rank_pid(launcher, rank):
+    """The pid of one rank's worker under a deepspeed launcher process."""
+    import psutil
+    for child in psutil.Process(launcher.pid).children(recursive=True):
+        if any(a == f"--local_rank={rank}" for a in child.cmdline()):
+            return child.pid
+    return None
+
+
+def wait_for(proc, condition, timeout=600):
+    deadline = time.time() + timeout
+    while time.time() < deadline and proc.poll() is None and not condition():
+        time.sleep(0.05)
+    assert proc.poll() is None, "the run ended before the fault: " + proc.communicate()[0][-3000:]
+
+
+def rewards_by_step(out):
+    return [(m["step"], round(m["reward"], 5), round(m["loss"], 5), m["skipped"])
+            for m in run.read_jsonl(out / "metrics.jsonl")]
+
+
+STAGES_SCRIPT = """
+import argparse, json, sys
+from pathlib import Path
+import torch
+import data, run, vlm, visrl
+tiny, shapes, out = sys.argv[1:4]
+run.init_distributed(force=True)
+args = argparse.Namespace(sft_lr=1e-3, sft_batch_size=1, sft_epochs=1.0, max_steps=None, seed=0, grad_accum=2,
+                          lr=1e-3, weight_decay=0.0, deepspeed=None, max_pixels=None, gradient_checkpointing=False,
+                          freeze_vision=False, lora_rank=0, lr_scheduler="constant", warmup_ratio=0.0)
+engine, processor = run.policy(args, tiny)
+recs = data.read_manifest(Path(shapes) / "vqa" / "train.jsonl", "vqa")[0]
+state = {"step": 0}
+for k, lr in enumerate((1e-3, 3e-4)):          # two stages of ONE micro-step each, grad accumulation 2
+    args.sft_lr = lr
+    visrl.sft_stage(engine, processor, recs[k:k + 1], args, 0, 1, Path(out), state)
+    torch.save({n: p.detach().clone() for n, p in engine.module.named_parameters()}, Path(out) / f"stage{k}.pt")
+print(json.dumps({"updates": engine.global_steps}))
+"""
+
+
+KEYS = {"ours_sps", "trl_sps", "ratio_vs_trl", "ours_peak_mb", "trl_peak_mb"}
+
+
+def run_bench(capsys, tiny_dir, *extra):
+    """bench.main on the tiny model, one measured step, no warm-up; returns its JSON line."""
+    threads = torch.get_num_threads()
+    try:
+        with warnings.catch_warnings():
+            results = bench.main(["--model", str(tiny_dir), "--quick", "--reps", "1", "--warmup", "0", "--json", *extra])
+    finally:
+        torch.set_num_threads(threads)                    # bench runs torch on one CPU thread
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert "GRPO step" in "\n".join(lines) and "DPO step" in "\n".join(lines)
+    out = json.loads(lines[-1])
+    assert set(out) == {"grpo", "dpo"} and all(set(v) == KEYS for v in out.values())
+    for algo in ("grpo", "dpo"):
+        assert out[algo]["ours_sps"] > 0 and out[algo]["ours_peak_mb"] > 0
+        r = results[algo]["ours"]
+        assert r["total"] > 0 and r["logp"] > 0 and r["update"] > 0 and r["length"] > 0
+    assert results["grpo"]["ours"]["gen"] > 0
+    return out
+
+
+@pytest.mark.slow
+def test_every_pipeline_trains_and_evaluates_on_both_real_architectures(real_arch, clip_dir, cache, tmp_path):
+    """RISE-CoT (1 step + harvest), RISE-R1 (SFT + GRPO, then --eval), Seg-RISE (1 step, then --eval) and
+    VisRL (SFT, stage 1, stage 2 on a given pair, then its evaluation) on each architecture, in one process
+    (~2-4 min on 2 shared cores, mostly imports and model I/O). Detection boxes go through the model's
+    frame: 0..1000 (Qwen2-VL) / resized pixels (Qwen2.5-VL)."""
+    world = tmp_path / "world"
+    data.make_shapes_world(world, n_train=2, n_test=2, seed=0)
+    proc = subprocess.run([sys.executable, "-c", REAL_ARCH_RUNS, str(world), str(clip_dir), str(tmp_path),
+                           *(str(p) for p in real_arch.values())], cwd=tmp_path, env=env_for(cache),
+                          capture_output=True, text=True, timeout=900)
+    ok(proc)
+    for family, path in real_arch.items():
+        _check_real_arch_run(family, tmp_path / path.name)
+
+
+@pytest.mark.slow
+def test_two_rank_zero3_step_on_cpu(tiny_dir, tmp_path):
+    """`deepspeed --num_gpus 2` on CPU (gloo): two GRPO steps under ZeRO-3 leave the same
+    parameters on both ranks (gradients were all-reduced) while each rank sampled its own
+    completions (per-rank seeds). With sharded weights, the shared-prefix log-probs of an 8-token
+    rollout and their all-reduced gradients equal the plain path's, gradient checkpointing off and on."""
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    out = tmp_path / "new" / "run"                       # created by the script (it was not, with --model given)
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29533", str(ROOT / "tiny.py"), "grpo", "--model", str(tiny_dir),
+           "--out", str(out), "--max-steps", "2", "--num-generations", "8", "--deepspeed",
+           str(ROOT / "ds_zero3.json"), "--dump-rank-state", "--lr", "1e-2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [r["world"] for r in ranks] == [2, 2]
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]
+    assert ranks[0]["texts"] != ranks[1]["texts"]
+    assert max(r["shared_prefix_max_diff"] for r in ranks) <= 1e-5      # shared-prefix log-probs under ZeRO-3
+    assert ranks[0]["grad_max"] == ranks[1]["grad_max"] > 0.1           # the all-reduced gradient, not zero
+    assert max(r["shared_prefix_grad_max_diff"] for r in ranks) <= 1e-5 * ranks[0]["grad_max"]   # measured 4e-7 x
+    assert max(r["checkpointed_shared_prefix_max_diff"] for r in ranks) <= 1e-5     # and under gradient checkpointing
+    assert max(r["checkpointed_shared_prefix_grad_max_diff"] for r in ranks) <= 1e-5 * ranks[0]["grad_max"]
+    model, _ = vlm.load_model(tiny_dir)
+    initial = sum(p.detach().double().sum().item() for p in model.parameters())
+    assert abs(initial - ranks[0]["checksum"]) > 1e-3           # the step really changed the weights
+
+
+@pytest.mark.slow
+def test_rise_cot_and_rise_r1_two_ranks(tiny_dir, rise_world, tmp_path):
+    """Both stages on two ranks under ZeRO-3. RISE-CoT runs the shipped base, whose CoTs end at
+    different lengths on the two ranks: with ZeRO-3's module hooks left on while generating, that
+    left a parameter "in flight" and the run failed (gathered() lifts them)."""
+    train = rise_world / "soft_cls" / "train.jsonl"
+    ids = [json.loads(line)["id"] for line in train.read_text().splitlines()]
+    cot_out, zero3 = tmp_path / "cot", ["--deepspeed", ROOT / "ds_zero3.json"]
+    ok(launch("rise_cot.py", ["--model", SHIPPED_BASE, "--data", train, "--out", cot_out, "--max-steps", "1",
+                              "--harvest-batch-size", "1", *zero3, *SMALL, "--max-new-tokens", "48"], tmp_path, ranks=2))
+    cots = run.read_jsonl(cot_out / "cots.jsonl")
+    assert sorted(c["id"] for c in cots) == sorted(ids)        # every sample exactly once, from two ranks
+    assert all(0 <= c["reward"] <= 1 and set(c) >= {"id", "cot", "reconstruction", "reward"} for c in cots)
+    assert len(run.read_jsonl(cot_out / "metrics.jsonl")) == 1
+    assert (cot_out / "final" / "config.json").exists() and (cot_out / "args.json").exists()
+
+    r1_out = tmp_path / "r1"
+    ok(launch("rise_r1.py", ["--model", tiny_dir, "--data", train, "--cots", cot_out / "cots.jsonl", "--tau", "0",
+                             "--out", r1_out, "--sft-steps", "1", "--max-steps", "1", "--preset", "tiny", "-G", "2",
+                             "--batch-size", "1", "--max-new-tokens", "8", "--grad-accum", "2", *zero3],
+              tmp_path, ranks=2, port=29542))
+    # --sft-steps / --max-steps count optimizer updates (as TRL/HF): 1 update = 2 micro-steps with
+    # --grad-accum 2; DeepSpeed's own count of applied updates is logged as "updates"
+    rows = [m for m in run.read_jsonl(r1_out / "metrics.jsonl") if "loss" in m]
+    assert [m["stage"] for m in rows] == ["sft", "sft", "grpo", "grpo"]
+    assert [m["updates"] for m in rows] == [0, 1, 1, 2]
+    assert (r1_out / "sft" / "config.json").exists() and (r1_out / "final" / "config.json").exists()
+
+    ok(launch("rise_r1.py", ["--eval", "--model", r1_out / "final", "--test", rise_world / "soft_cls" / "test.jsonl",
+                             "--out", tmp_path / "eval", "--preset", "tiny", "--max-new-tokens", "8"],
+              tmp_path, ranks=2, port=29543))
+    metrics = json.loads((tmp_path / "eval" / "eval.json").read_text())
+    preds = run.read_jsonl(tmp_path / "eval" / "predictions.jsonl")
+    assert metrics["n"] == 4 and len({p["id"] for p in preds}) == 4
+    assert metrics["unparsable"] == sum(not p["parsed"] for p in preds)
+
+
+@pytest.mark.slow
+def test_rise_cot_kill_and_resume_loses_and_duplicates_nothing(tiny_dir, rise_world, tmp_path):
+    manifest = rise_world / "det" / "train.jsonl"
+    ids = sorted(json.loads(line)["id"] for line in manifest.read_text().splitlines())
+    out = tmp_path / "run"
+    args = ["--model", tiny_dir, "--data", manifest, "--out", out, "--max-steps", "2", "--save-every", "1",
+            "--harvest-batch-size", "1", *SMALL]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(ROOT / "rise_cot.py")] + [str(a) for a in args], cwd=tmp_path,
+                            env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 600
+    while time.time() < deadline and proc.poll() is None:           # kill -9 in the middle of the harvest
+        if len(run.read_jsonl(out / "cots.jsonl")) >= 2:
+            proc.send_signal(signal.SIGKILL)
+            break
+        time.sleep(0.05)
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-harvest"
+    before = run.read_jsonl(out / "cots.jsonl")
+    assert 2 <= len(before) < len(ids)
+    ok(launch("rise_cot.py", args + ["--resume"], tmp_path))
+    after = run.read_jsonl(out / "cots.jsonl")
+    assert sorted(c["id"] for c in after) == ids                    # nothing lost, nothing twice
+    assert after[:len(before)] == before                            # records written before the kill kept
+    assert [m["step"] for m in run.read_jsonl(out / "metrics.jsonl")] == [0, 1]
+    # training resumes from the checkpoint: a third step continues the log, the old two stay
+    ok(launch("rise_cot.py", [a if a != "2" else "3" for a in args] + ["--resume"], tmp_path))
+    assert [m["step"] for m in run.read_jsonl(out / "metrics.jsonl")] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_sigterm_on_one_rank_and_nan_on_one_rank_resume_exactly(tiny_dir, rise_world, tmp_path):
+    """Two ranks (ZeRO-2), RISE-CoT. A non-finite loss on rank 1 only at step 1: both ranks skip that update
+    (the decision is all-reduced: a rank that skipped alone left the other waiting in backward forever).
+    SIGTERM (what SLURM sends before it kills) to rank 1 only after step 2: both ranks checkpoint and exit 143.
+    --resume then gives every step's reward exactly as the same run uninterrupted: each rank's own RNG comes
+    back (a checkpoint that held rank 0's only made both ranks draw alike), nothing is lost or logged twice."""
+    manifest = rise_world / "soft_cls" / "train.jsonl"
+    args = ["--model", SHIPPED_BASE, "--data", manifest, "--max-steps", "5", "--save-every", "100",
+            "--harvest-batch-size", "2", *SMALL, "--rec-max-new-tokens", "40"]   # rewards that vary: the base's
+    nan = "nan_rank=1,nan_call=2"
+    whole = launch_with_faults(args + ["--out", tmp_path / "whole"], tmp_path, nan)
+    assert whole.wait(timeout=900) == 0, whole.communicate()[0][-3000:]
+    expected = rewards_by_step(tmp_path / "whole")
+    assert [s for s, _, _, skipped in expected if skipped] == [1] and len(expected) == 5
+    assert len({r for _, r, _, _ in expected}) > 2                       # the rewards differ from step to step
+    out = tmp_path / "stopped"
+    proc = launch_with_faults(args + ["--out", out], tmp_path, nan, port=29552)
+    wait_for(proc, lambda: lines(out / "metrics.jsonl") >= 2)
+    os.kill(rank_pid(proc, 1), signal.SIGTERM)
+    log = proc.communicate(timeout=600)[0]
+    assert proc.returncode != 0 and "stopped by a signal" in log, log[-3000:]
+    state = json.loads((out / "ckpt" / "state.json").read_text())
+    assert 2 <= state["step"] < 5 and len(run.read_jsonl(out / "metrics.jsonl")) == state["step"]
+    resumed = launch_with_faults(args + ["--out", out, "--resume"], tmp_path, "", port=29553)
+    assert resumed.wait(timeout=900) == 0, resumed.communicate()[0][-3000:]
+    assert rewards_by_step(out) == expected
+
+
+@pytest.mark.slow
+def test_a_checkpoint_counts_only_once_every_rank_has_written_it(tiny_dir, rise_world, tmp_path):
+    """Two ranks (ZeRO-2), a checkpoint every step; rank 1's disk is slow for the second one and the job is
+    killed while rank 0's files of it are on disk. --resume takes the last complete checkpoint (the first),
+    says so, and the run ends with every step logged once."""
+    manifest = rise_world / "soft_cls" / "train.jsonl"
+    out = tmp_path / "run"
+    args = ["--model", tiny_dir, "--data", manifest, "--out", out, "--max-steps", "3", "--save-every", "1",
+            "--harvest-batch-size", "2", *SMALL, "--max-new-tokens", "4", "--rec-max-new-tokens", "4"]
+    proc = launch_with_faults(args, tmp_path, "slow_rank=1,slow_tag=save2,slow_seconds=120", port=29554)
+    wait_for(proc, lambda: (out / "ckpt" / "save2" / "mp_rank_00_model_states.pt").exists())
+    os.killpg(proc.pid, signal.SIGKILL)                           # the whole job, as a node failure would
+    proc.communicate()
+    assert json.loads((out / "ckpt" / "state.json").read_text())["tag"] == "save1"
+    resumed = launch_with_faults(args + ["--resume"], tmp_path, "", port=29555)
+    log = resumed.communicate(timeout=900)[0]
+    assert resumed.returncode == 0, log[-3000:]
+    assert "ignoring incomplete checkpoint(s) save2: resuming from save1 (step 1)" in log
+    assert [m["step"] for m in run.read_jsonl(out / "metrics.jsonl")] == [0, 1, 2]
+
+
+@pytest.mark.slow
+def test_resume_under_another_zero_stage_says_what_changed(tiny_dir, rise_world, tmp_path):
+    out = tmp_path / "run"
+    args = ["--model", tiny_dir, "--data", rise_world / "det" / "train.jsonl", "--out", out, "--max-steps", "1",
+            "--harvest-batch-size", "6", *SMALL, "--max-new-tokens", "4", "--rec-max-new-tokens", "4"]
+    ok(launch("rise_cot.py", args + ["--deepspeed", ROOT / "ds_zero2.json"], tmp_path))
+    proc = launch("rise_cot.py", args + ["--deepspeed", ROOT / "ds_zero3.json", "--resume"], tmp_path)
+    assert proc.returncode != 0
+    assert "saved under ZeRO-2 and this run uses ZeRO-3: resume with --deepspeed ds_zero2.json" in proc.stderr
+
+
+@pytest.mark.slow
+def test_the_default_data_is_written_once_per_machine_and_never_torn(tmp_path, monkeypatch):
+    """run.shapes_world: on a machine only LOCAL_RANK 0 writes the cache's shapes world (the other ranks
+    wait at the barrier); two machines sharing the cache both write, each into a folder of its own renamed
+    into place, so the result is the one a single writer makes, byte for byte."""
+    monkeypatch.setattr(vlm, "CACHE", tmp_path / "one")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert not run.shapes_world(0, n_train=2, n_test=1).exists()          # rank 1 of a machine writes nothing
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    single = run.shapes_world(0, n_train=2, n_test=1)
+    code = ("import sys, run, vlm\nfrom pathlib import Path\nvlm.CACHE = Path(sys.argv[1])\n"
+            "print(run.shapes_world(0, n_train=2, n_test=1))")
+    env = dict(os.environ, PYTHONPATH=str(ROOT), LOCAL_RANK="0")
+    nodes = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "shared")], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    paths = {n.communicate(timeout=300)[0].strip() for n in nodes}
+    assert all(n.returncode == 0 for n in nodes) and len(paths) == 1
+    shared = Path(paths.pop())
+    assert _hashes(shared) == _hashes(single)
+    assert [p.name for p in (tmp_path / "shared").iterdir()] == [shared.name]      # no temporary folder left
+
+
+@pytest.mark.slow
+def test_rise_r1_kill_in_sft_and_resume_logs_every_record_once(tiny_dir, rise_world, tmp_path):
+    """kill -9 in the SFT after its step 2 was logged (checkpoint at step 2), then --resume: the
+    D_high record, every SFT step and every GRPO step exactly once, in order."""
+    train = rise_world / "soft_cls" / "train.jsonl"
+    cots = tmp_path / "cots.jsonl"
+    cots.write_text("".join(json.dumps({"id": json.loads(line)["id"], "cot": "A large warm round shape.",
+                                        "reward": 1.0}) + "\n" for line in train.read_text().splitlines()))
+    out = tmp_path / "run"
+    args = ["--model", tiny_dir, "--data", train, "--cots", cots, "--tau", "0", "--out", out, "--sft-steps", "6",
+            "--max-steps", "2", "--save-every", "2", "--preset", "tiny", "-G", "2", "--batch-size", "1",
+            "--max-new-tokens", "8"]
+    kill_when("rise_r1.py", args, tmp_path, lambda: lines(out / "metrics.jsonl") >= 4)   # D_high + SFT 0, 1, 2
+    assert lines(out / "metrics.jsonl") < 1 + 6 + 2
+    ok(launch("rise_r1.py", args + ["--resume"], tmp_path))
+    got = [(m["stage"], m["step"], "loss" in m) for m in run.read_jsonl(out / "metrics.jsonl")]
+    assert got == [("sft", 0, False)] + [("sft", k, True) for k in range(6)] + [("grpo", k, True) for k in range(2)]
+
+
+@pytest.mark.slow
+def test_one_rank_train_then_eval(tiny_dir, clip_dir, cache, tmp_path):
+    """python seg_rise.py: one GRPO step from a random tiny model, then --eval with the box executor
+    (a random model writes garbage: every answer unparsable, nothing crashes)."""
+    env = env_for(cache)
+    out = tmp_path / "run"
+    common = ["--model", str(tiny_dir), "--clip-ckpt", str(clip_dir), "--out", str(out), "-G", "2",
+              "--max-new-tokens", "8"]
+    proc = subprocess.run([sys.executable, str(ROOT / "seg_rise.py"), *common, "--max-steps", "1"],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 1 and {"step", "loss", "reward", "reward_sem", "reward_think", "reward_seg"} <= rows[0].keys()
+    assert json.loads((out / "args.json").read_text())["reward"] == "sem,think,seg"
+    assert (out / "final" / "config.json").exists()
+    vis, evaluation = tmp_path / "vis", tmp_path / "eval"
+    proc = subprocess.run([sys.executable, str(ROOT / "seg_rise.py"), *common[:2], *common[4:], "--out", str(evaluation),
+                           "--model", str(out / "final"), "--eval", "--executor", "box", "--n-test", "3",
+                           "--save-vis", str(vis)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((evaluation / "eval.json").read_text())
+    assert {"giou", "ciou", "box_iou", "unparsable"} <= result.keys() and result["n"] == 3
+    assert 0 <= result["unparsable"] <= 3 and 0.0 <= result["giou"] <= 1.0
+    assert len((evaluation / "predictions.jsonl").read_text().splitlines()) == 3
+    assert len(list(vis.glob("*.png"))) == 3
+
+
+@pytest.mark.slow
+def test_one_overlong_sample_never_aborts_training_or_evaluation(tiny, tiny_dir, clip_dir, seg_world, cache,
+                                                                 tmp_path):
+    """A 1024x768 photo whose prompt exceeds --max-prompt-len is skipped, counted (eval.json skipped_samples, a
+    predictions row saying why, OUT/skipped.jsonl) and the three other samples are scored; training skips it too.
+    Ours too: an image the processor refuses (aspect ratio 300) in the same manifest."""
+    _, processor = tiny
+    records = [json.loads(line) for line in (seg_world / "seg" / "test.jsonl").read_text().splitlines()][:3]
+    for r in records:
+        r["image"], r["mask"] = str(seg_world / "seg" / r["image"]), str(seg_world / "seg" / r["mask"])
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (768, 1024, 3), dtype=np.uint8)).save(tmp_path / "photo.jpg")
+    Image.new("RGB", (900, 3), "white").save(tmp_path / "strip.png")
+    photo = {"id": "photo", "image": "photo.jpg", "instruction": records[0]["instruction"]}
+    strip = {"id": "strip", "image": "strip.png", "instruction": records[0]["instruction"]}
+    manifest = _write(tmp_path, records[:2] + [photo, strip] + records[2:])
+
+    def length(image):
+        conv = [vlm.user_turn(S.prompt_text(photo["instruction"], True, True, vlm.box_frame("qwen2_vl", image.size,
+                                                                                          processor)))]
+        return int(vlm.chat_inputs(processor, [conv], [[image]])["attention_mask"].sum())
+
+    limit = max(length(data.open_image(seg_world / "seg" / r["image"])) for r in records)
+    assert length(data.open_image(tmp_path / "photo.jpg")) > limit           # the photo alone is over the limit
+    common = ["--clip-ckpt", clip_dir, "-G", "2", "--max-new-tokens", "8", "--max-prompt-len", limit]
+    out = tmp_path / "run"
+    proc = subprocess.run([sys.executable, str(ROOT / "seg_rise.py"), "--model", tiny_dir, "--data", manifest,
+                           "--out", out, "--max-steps", "2", "--batch-size", "2", *map(str, common)],
+                          cwd=tmp_path, env=env_for(cache), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert [m["step"] for m in run.read_jsonl(out / "metrics.jsonl")] == [0, 1]
+    skipped = run.read_jsonl(out / "skipped.jsonl")
+    assert [(r["id"], r["split"]) for r in skipped] == [("photo", "train"), ("strip", "train")]
+    assert "max_prompt_len" in skipped[0]["reason"] and "aspect ratio" in skipped[1]["reason"]
+    evaluation = tmp_path / "eval"
+    proc = subprocess.run([sys.executable, str(ROOT / "seg_rise.py"), "--eval", "--model", tiny_dir, "--test", manifest,
+                           "--out", evaluation, "--executor", "box", *map(str, common)],
+                          cwd=tmp_path, env=env_for(cache), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    result = json.loads((evaluation / "eval.json").read_text())
+    assert result["n"] == 3 and result["skipped_samples"] == 2 and result["giou"] is not None
+    rows = {r["id"]: r for r in run.read_jsonl(evaluation / "predictions.jsonl")}
+    assert sorted(rows) == sorted([r["id"] for r in records] + ["photo", "strip"])
+    assert "max_prompt_len" in rows["photo"]["skipped"] and "aspect ratio" in rows["strip"]["skipped"]
+
+
+@pytest.mark.slow
+def test_seg_rise_kill_and_resume_logs_every_step_once(tiny_dir, clip_dir, cache, tmp_path):
+    """--save-every 2, kill -9 after step 2 was logged, --resume: the log is cut back to the checkpoint (steps 0,
+    1) and every step appears once."""
+    out = tmp_path / "run"
+    args = ["--model", tiny_dir, "--clip-ckpt", clip_dir, "--out", out, "-G", "2", "--max-new-tokens", "8",
+            "--max-steps", "6", "--save-every", "2"]
+    kill_when("seg_rise.py", args, tmp_path, lambda: lines(out / "metrics.jsonl") >= 3, env=env_for(cache))
+    before = run.read_jsonl(out / "metrics.jsonl")
+    assert 3 <= len(before) < 6 and (out / "ckpt" / "state.json").exists()
+    proc = subprocess.run([sys.executable, str(ROOT / "seg_rise.py"), *map(str, args), "--resume"], cwd=tmp_path,
+                          env=env_for(cache), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    after = run.read_jsonl(out / "metrics.jsonl")
+    assert [m["step"] for m in after] == [0, 1, 2, 3, 4, 5]         # nothing lost, nothing twice
+    assert after[:2] == before[:2]                                   # the records before the checkpoint kept
+
+
+@pytest.mark.slow
+def test_seg_rise_two_rank_zero3_step_on_cpu(tiny_dir, clip_dir, cache, tmp_path):
+    """deepspeed --num_gpus 2 seg_rise.py on CPU (gloo), ZeRO-3, with the reference model: two steps
+    (the second is the one a stale ZeRO-3 fetch schedule broke)."""
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29561", str(ROOT / "seg_rise.py"),
+           "--model", str(tiny_dir), "--clip-ckpt", str(clip_dir), "--out", str(tmp_path / "run"),
+           "--max-steps", "2", "-G", "2", "--max-new-tokens", "8", "--deepspeed", str(ROOT / "ds_zero3.json")]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env_for(cache), capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [0, 1] and all(math.isfinite(r["loss"]) for r in rows)
+    assert (tmp_path / "run" / "final" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_each_stage_applies_its_own_partial_window_with_a_fresh_optimizer(tiny_dir, shapes, tmp_path):
+    # Two VisRL SFT stages on one DeepSpeed engine (ZeRO-2), grad accumulation 2, one micro-step each.
+    # Each stage must train as a separate run would: stage 1 = one AdamW step (lr 1e-3) on its loss;
+    # stage 2 = one step of a NEW AdamW (lr 3e-4) on its own loss from stage 1's weights (a window left
+    # open would apply both gradients in stage 2). Expected values: plain torch AdamW +
+    # clip_grad_norm_(1.0) on the same examples.
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-c", STAGES_SCRIPT, str(tiny_dir), str(shapes), str(tmp_path)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    ok(proc)
+    assert json.loads(proc.stdout.strip().splitlines()[-1]) == {"updates": 2}
+    model, processor = vlm.load_model(tiny_dir)
+    model.train()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    recs = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0]
+    for k, lr in enumerate((1e-3, 3e-4)):
+        opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, betas=(0.9, 0.999), eps=1e-8)
+        (conv, ims), = visrl.sft_examples(recs[k], data.open_image(recs[k]["image_path"]))
+        vlm.sft_loss(model, processor, [conv], [ims]).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        clear = {n: p.grad.abs() > 1e-7 for n, p in model.named_parameters()}   # Adam's first step divides
+        opt.step()                                        # g by |g| + 1e-8: where g ~ 0, it is rounding noise
+        opt.zero_grad()
+        got = torch.load(tmp_path / f"stage{k}.pt")
+        for name, p in model.named_parameters():
+            torch.testing.assert_close(got[name][clear[name]], p.detach()[clear[name]], atol=lr * 1e-2, rtol=0,
+                                       msg=f"stage {k}: {name}")
+            assert (got[name] - p.detach()).abs().max() <= lr        # no step exceeds lr (Adam's bound)
+    # Adam's first step moves every weight with a gradient by ~lr: stage 1 really trained
+    assert (got["lm_head.weight"] - before["lm_head.weight"]).abs().max() > 1e-3
+
+
+@pytest.mark.slow
+def test_two_rank_iteration_on_cpu(visrl_tiny, shapes, tmp_path):
+    """`deepspeed --num_gpus 2 visrl.py`: SFT, stage 1 + 2 on given pairs, then a generation round;
+    every question is generated exactly once across the two ranks and everything is written."""
+    path, _, _ = visrl_tiny
+    recs = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0]
+    pairs_file = tmp_path / "given_pairs.jsonl"
+    with open(pairs_file, "w") as f:
+        for i, rec in enumerate(recs[:4]):
+            p = make_pair(rec["image_path"], visrl.norm_box(rec["box"], 112, 112), [0.0, 0.0, 0.1, 0.1])
+            f.write(json.dumps(dict(p, id=rec["id"], question=rec["question"])) + "\n")
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RISE_CACHE=str(vlm.CACHE), OMP_NUM_THREADS="1")
+    cmd = ["deepspeed", "--num_gpus", "2", "--master_port", "29571", str(ROOT / "visrl.py"), "--model", str(path),
+           "--data", str(shapes / "vqa" / "train.jsonl"), "--test", str(shapes / "vqa" / "test.jsonl"),
+           "--out", str(out), "--preset", "tiny", "--iters", "2", "--pairs", str(pairs_file),
+           "--sft-fraction", "0.34", "--attempts", "1", "--max-new-tokens", "8", "--batch-size", "1",
+           "--sft-batch-size", "1", "--dpo-epochs", "1", "--lr", "1e-3", "--stage-eval-n", "2"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    stages = {m["stage"] for m in metrics}
+    assert {"sft", "iter1/stage1", "iter1/stage2", "iter2/generate"} <= stages
+    dpo_steps = [m for m in metrics if m["stage"].startswith("iter1/stage")]
+    assert len(dpo_steps) == 2 * 2 and all(math.isfinite(m["loss"]) for m in dpo_steps)  # 4 pairs / (1 x 2 ranks)
+    assert all("answer_loss" in m for m in dpo_steps if m["stage"] == "iter1/stage2")
+    generated = [json.loads(line)["id"] for line in (out / "iter2" / "candidates.jsonl").read_text().splitlines()]
+    sft_ids = {r["id"] for r in recs} - set(generated)
+    assert len(generated) == len(set(generated)) == 4 and len(sft_ids) == 2   # each RL question once
+    assert (out / "iter2" / "pairs.jsonl").exists() and (out / "iter2" / "stats.json").exists()
+    assert len((out / "iter1" / "pairs.jsonl").read_text().splitlines()) == 4
+    for name in ("sft", "iter1/stage1", "iter1/stage2", "iter2/stage2", "final"):
+        assert (out / name / "config.json").exists(), name
+    result = json.loads((out / "eval.json").read_text())
+    assert result["n"] == 4 and result["n_with_box"] == 4 and 0 <= result["answer_accuracy"] <= 1
+    assert len(run.read_jsonl(out / "stages.jsonl")) == 1 + 5       # base, sft, 2 x (stage1, stage2)
+
+
+@pytest.mark.slow
+def test_visrl_kill_in_stage2_and_resume_logs_every_record_once(visrl_tiny, shapes, tmp_path):
+    """kill -9 in stage 2 (stage 1 finished), then --resume: the pairs come from disk (not logged
+    again), stage 2 restarts from the stage-1 model, and every metrics record appears once, in order."""
+    path, _, _ = visrl_tiny
+    recs = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")[0]
+    pairs_file = tmp_path / "given_pairs.jsonl"
+    pairs_file.write_text("".join(json.dumps(dict(make_pair(r["image_path"], visrl.norm_box(r["box"], 112, 112),
+                                                            [0.0, 0.0, 0.1, 0.1]), id=r["id"], question=r["question"]))
+                                  + "\n" for r in recs[:4]))
+    out = tmp_path / "run"
+    args = ["--model", path, "--data", shapes / "vqa" / "train.jsonl", "--out", out, "--preset", "tiny",
+            "--iters", "1", "--pairs", pairs_file, "--sft-fraction", "0.34", "--attempts", "1",
+            "--max-new-tokens", "8", "--batch-size", "1", "--sft-batch-size", "1", "--dpo-epochs", "1",
+            "--lr", "1e-3", "--stage-eval-n", "0"]
+    env = dict(os.environ, PYTHONPATH=str(ROOT), RISE_CACHE=str(vlm.CACHE), OMP_NUM_THREADS="1")
+    metrics = out / "metrics.jsonl"
+    kill_when("visrl.py", args, tmp_path, lambda: metrics.exists() and "iter1/stage2" in metrics.read_text(), env)
+    assert "iter1/stage1" in json.loads((out / "ckpt" / "state.json").read_text())["done"]
+    proc = subprocess.run([sys.executable, str(ROOT / "visrl.py"), *map(str, args), "--resume"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    got = [(m["stage"], m["step"]) for m in run.read_jsonl(metrics)]
+    # 2 SFT records (0.34 of the 6 boxed ones), batch 1: steps 0-1; 4 pairs, batch 1: 4 steps per stage
+    assert got == ([("sft", 0), ("sft", 1), ("iter1/generate", 2)] + [("iter1/stage1", k) for k in range(2, 6)]
+                   + [("iter1/stage2", k) for k in range(6, 10)])
+    assert (out / "final" / "config.json").exists()
+
+
+@pytest.mark.slow
+def test_help_shows_both_presets_and_config_reruns_a_run(tiny_dir, rise_world, tmp_path, capsys):
+    """--help states each preset-controlled default (paper and tiny); --config OUT/args.json takes a finished
+    run's options as the defaults, so the run repeats exactly (same rewards and loss at every step)."""
+    with pytest.raises(SystemExit):
+        rise_cot.parse_args(["--help"])
+    shown = " ".join(capsys.readouterr().out.split())
+    assert "(paper: 2e-06, tiny: 0.0002)" in shown and "(paper: 200, tiny: 40)" in shown
+    out = tmp_path / "run"
+    args = ["--model", tiny_dir, "--data", rise_world / "det" / "train.jsonl", "--stages", "grpo", "--max-steps", "2",
+            "--out", out, "--preset", "tiny", "-G", "2", "--batch-size", "1", "--max-new-tokens", "6"]
+    ok(launch("rise_r1.py", args, tmp_path))
+    ok(launch("rise_r1.py", ["--config", out / "args.json", "--out", tmp_path / "again"], tmp_path))
+    first, again = (run.read_jsonl(d / "metrics.jsonl") for d in (out, tmp_path / "again"))
+    assert [(m["reward"], m["loss"]) for m in again] == [(m["reward"], m["loss"]) for m in first] and len(first) == 2
+
+
+@pytest.mark.slow
+def test_tracker_schedule_and_completions(tiny_dir, rise_world, tmp_path):
+    """--report-to tensorboard writes metrics.jsonl's scalars (readable by tensorboard's own reader) and, every
+    --log-completions-every steps, a table of sampled completions; OUT/completions.jsonl keeps every one.
+    --lr-scheduler cosine --warmup-ratio 0.5: each update's lr is transformers' get_cosine_schedule_with_warmup."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    from transformers import get_cosine_schedule_with_warmup
+    out = tmp_path / "run"
+    ok(launch("rise_r1.py", ["--model", tiny_dir, "--data", rise_world / "det" / "train.jsonl", "--stages", "grpo",
+                             "--max-steps", "4", "--lr", "1e-3", "--lr-scheduler", "cosine", "--warmup-ratio", "0.5",
+                             "--report-to", "tensorboard", "--log-completions-every", "2", "--out", out,
+                             "--preset", "tiny", "-G", "2", "--batch-size", "1", "--max-new-tokens", "4"], tmp_path))
+    metrics = run.read_jsonl(out / "metrics.jsonl")
+    reference = get_cosine_schedule_with_warmup(torch.optim.SGD([torch.zeros(1)], lr=1e-3), 2, 4)
+    expected = []
+    for _ in range(4):
+        expected.append(reference.get_last_lr()[0])
+        reference.optimizer.step(), reference.step()
+    assert [m["lr"] for m in metrics] == approx(expected) and expected[0] == 0.0 and max(expected) == approx(1e-3)
+    events = EventAccumulator(str(out / "tensorboard"), size_guidance={"tensors": 0, "scalars": 0})
+    events.Reload()
+    for key in ("reward", "loss", "lr", "kl"):
+        assert [(e.step, e.value) for e in events.Scalars(key)] == [(m["step"], approx(m[key])) for m in metrics]
+    tables = events.Tensors("completions/text_summary")
+    assert [e.step for e in tables] == [0, 2] and b"| id | completion | reward |" in tables[0].tensor_proto.string_val[0]
+    completions = run.read_jsonl(out / "completions.jsonl")
+    assert [c["step"] for c in completions] == [0, 0, 1, 1, 2, 2, 3, 3] and {"id", "completion", "reward"} <= completions[0].keys()
+    assert [sum(c["reward"] for c in completions if c["step"] == k) / 2 for k in range(4)] == approx([m["reward"] for m in metrics])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("zero", [2, 3])
+def test_lora_trains_only_adapters_saves_and_resumes_on_two_ranks(tiny_dir, rise_world, tmp_path, zero):
+    """--lora-rank under ZeRO-2 and ZeRO-3 on two CPU ranks (RISE-R1's GRPO; the KL reference is the policy with
+    its adapters off): after a --resume the run ends with each step logged once; OUT/final holds the merged
+    model (loadable by --model) and OUT/final/adapter the adapters; every weight outside the adapted layers is
+    the initial model's, bit for bit, and the adapted ones moved."""
+    out = tmp_path / "run"                                     # the shipped base: rewards that differ in a group
+    args = ["--model", SHIPPED_BASE, "--data", rise_world / "det" / "train.jsonl", "--stages", "grpo", "--lr", "1e-2",
+            "--lora-rank", "4", "--save-every", "1", "--out", out, "--deepspeed", ROOT / f"ds_zero{zero}.json",
+            "--preset", "tiny", "-G", "4", "--batch-size", "1", "--max-new-tokens", "64"]
+    ok(launch("rise_r1.py", args + ["--max-steps", "1"], tmp_path, ranks=2, port=29560 + zero))
+    ok(launch("rise_r1.py", args + ["--max-steps", "2", "--resume"], tmp_path, ranks=2, port=29570 + zero))
+    assert [m["step"] for m in run.read_jsonl(out / "metrics.jsonl")] == [0, 1]
+    assert (out / "final" / "adapter" / "adapter_config.json").exists()
+    before, after = vlm.load_model(SHIPPED_BASE)[0].state_dict(), vlm.load_model(out / "final")[0].state_dict()
+    adapted = {k for k in before if k.endswith(".weight") and re.search(vlm.LORA_TARGETS, k.rsplit(".", 1)[0])}
+    assert adapted and all(torch.equal(before[k], after[k]) for k in before if k not in adapted)
+    assert all(not torch.equal(before[k], after[k]) for k in adapted)
+
+
+@pytest.mark.slow
+def test_bench_ours_json(capsys, tiny_dir):
+    out = run_bench(capsys, tiny_dir, "--skip-trl")
+    assert all(out[a]["trl_sps"] is None and out[a]["ratio_vs_trl"] is None for a in out)
+
+
+@pytest.mark.slow
+def test_bench_scaling_json(capsys, tiny_dir):
+    """`bench.py --scaling`: a row per (image tokens, G) for GRPO and per image tokens for DPO, keyed so in the
+    JSON line, each measured on images that really give the processor that many image tokens."""
+    threads = torch.get_num_threads()
+    try:
+        table = bench.main(["--model", str(tiny_dir), "--scaling", "--tokens", "16,64", "--groups", "2", "--reps", "1",
+                            "--warmup", "0", "--max-new-tokens", "4", "--no-grad-ckpt", "--skip-trl", "--json"])
+    finally:
+        torch.set_num_threads(threads)
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out == table and set(out["grpo"]) == {"16x2", "64x2"} and set(out["dpo"]) == {"16", "64"}
+    for algo, rows in out.items():
+        for key, row in rows.items():
+            assert row["image_tokens"] == int(key.split("x")[0]) and row["image_side"] in (112, 224)
+            assert row["ours_sps"] > 0 and row["trl_sps"] is None and row["ratio_vs_trl"] is None
+
+
+@pytest.mark.slow
+def test_bench_trl_json(capsys, tiny_dir):
+    pytest.importorskip("trl")
+    out = run_bench(capsys, tiny_dir)
+    for algo in ("grpo", "dpo"):
+        assert out[algo]["trl_sps"] > 0 and out[algo]["trl_peak_mb"] > 0
+        assert out[algo]["ratio_vs_trl"] == pytest.approx(out[algo]["ours_sps"] / out[algo]["trl_sps"], rel=1e-2)
+
+
+@pytest.mark.slow
 def test_a_table_row_runs_end_to_end_and_a_failed_job_is_reported(cache, tmp_path):
     out = tmp_path / "seg"
     summary = tables.main(["seg", "--seeds", "0", "--jobs", "1", "--rows", "tiny base", "--out", str(out),
@@ -5912,10 +6023,3 @@ def test_a_table_row_runs_end_to_end_and_a_failed_job_is_reported(cache, tmp_pat
     assert "unrecognized arguments: --no-such-flag" in (out / "seed0" / "seed0_broken.log").read_text()
     with pytest.raises(SystemExit):
         tables.main(["seg", "--rows", "no such row", "--out", str(out)])
-
-
-def test_constant_prior_is_the_uniform_guess_scored_by_scipy(cache):
-    from scipy.spatial.distance import jensenshannon
-    test = run.read_jsonl(run.shapes_world(0) / "soft_cls" / "test.jsonl")[:5]
-    want = np.mean([jensenshannon(np.full(len(r["probs"]), 0.25), r["probs"]) ** 2 for r in test])  # natural log
-    assert tables.constant_prior(0, "soft_cls", 5) == {"JSD": approx(want)}
