@@ -25,14 +25,13 @@ from PIL import Image, ImageDraw, ImageOps
 
 
 # ============================================================================ 1. prompts
-# The exact texts the tiny model is pretrained on; change them only together with tiny.py.
-# (Real classification and detection datasets get the RISE authors' prompts: the block after format_annotation.)
-# A real checkpoint needs what the papers' prompts tell it: the frame its boxes are written in
-# (box_frame_note), a length limit for the CoT, and for Seg-RISE that the points lie inside the object.
-# Every prompt the policy answers ENDS with what to look for (target, instruction, question, class list),
-# box prompts in the words of the tiny base's look question (": the box of the green square."): the tiny
-# chat template puts the image right after the text, and the tiny base finds a named shape only when the
-# name is the last thing before the image (README, "Status": one word after it halves the box IoU).
+# Two sets of prompts, chosen by the data (is_shapes: a shapes-world record carries its "scene"), never by
+# the model. Real datasets get the papers' prompts, word for word (RISE: the block after format_annotation;
+# Seg-RISE: Seg-Zero's; VisRL: its authors'). The shapes world gets its own, the exact texts the tiny base
+# is trained on (change them only together with a rebuild): each ENDS with what to look for (target,
+# instruction, question, class list), box prompts in the words of the tiny base's look question (": the box
+# of the green square."), because the tiny chat template puts the image right after the text and the tiny
+# base finds a named shape only when its name is the last thing before the image (tiny-base/README.md).
 COT_MAX_WORDS = 60
 COT_PROMPT_CLS = ("The answer is {annotation}. Describe the image so that someone could infer "
                   "this answer from your description alone, in at most {max_words} words. "

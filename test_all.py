@@ -2915,6 +2915,7 @@ def test_rise_cot_presets_and_class_name_options():
         rise_cot.parse_args(["--class-names", "drop"])
 
 
+@pytest.mark.slow
 def test_remove_mode_reconstructs_from_the_cleaned_cot(cache, tmp_path):
     """--class-names remove with the tiny base on shapes soft_cls: the shapes prompt does not forbid names, so the
     base names colours; the reconstruction prompt, the reward and the kept CoT all use the CoT without the
@@ -2942,6 +2943,7 @@ def test_remove_mode_reconstructs_from_the_cleaned_cot(cache, tmp_path):
         cots["sampled_texts"]
 
 
+@pytest.mark.slow
 def test_repetition_penalty_is_transformers_rule_and_off_by_default(tiny):
     """vlm.sample(repetition_penalty=p) decodes greedily as a hand loop over full forwards that divides the
     positive logits (multiplies the negative ones) of every token already in the sequence by p; None, 1.0 and
