@@ -33,7 +33,13 @@ import rise_r1
 import run
 
 ROOT = Path(__file__).resolve().parent
-SPLIT = {"eval": "test"}          # every evaluation's split: "val" while a recipe is chosen (--split val), else "test"
+SPLIT = {"eval": "test", "n_train": 64}    # the split rows are scored on ("val" to choose a recipe), training scenes
+
+
+def train_manifest(seed, dataset):
+    """The training manifest of a row: `dataset` of the shapes world of `seed` with SPLIT's number of training
+    scenes (--n-train; the validation and test scenes do not depend on it)."""
+    return str(run.shapes_world(seed, SPLIT["n_train"], 32) / dataset / "train.jsonl")
 
 
 def eval_manifest(seed, dataset, n_train=64, n_test=32):
@@ -70,7 +76,8 @@ def seg_jobs(seed, d):
         ev = ["seg_rise.py", "--eval", "--executor", "box", "--seed", str(seed), "--out", str(out / "eval"),
               "--test", eval_manifest(seed, "seg")]
         jobs[row] = ([ev + ["--model", "tiny-base"]] if flags is None else
-                     [["seg_rise.py", "--seed", str(seed), "--out", str(out)] + flags,
+                     [["seg_rise.py", "--seed", str(seed), "--out", str(out), "--data", train_manifest(seed, "seg")]
+                      + flags,
                       ev + ["--model", str(out / "final")] + [f for f in flags if f.startswith("--no-")]])
     return jobs
 
@@ -143,9 +150,9 @@ COT_FLAGS = {"soft_cls": ["--no-mask-class-names"], "det": []}
 def cot_jobs(seed, d, task="soft_cls"):
     """RISE-CoT with the row's reward, then RISE-R1 (SFT on its D_high, GRPO), then evaluation."""
     s = ["--seed", str(seed)]
-    return {row: [["rise_cot.py", "--data", task, "--reward", terms, "--out", str(d / slug(row) / "cot")]
+    return {row: [["rise_cot.py", "--data", train_manifest(seed, task), "--reward", terms, "--out", str(d / slug(row) / "cot")]
                   + COT_FLAGS[task] + s,
-                  ["rise_r1.py", "--data", task, "--cots", str(d / slug(row) / "cot" / "cots.jsonl"),
+                  ["rise_r1.py", "--data", train_manifest(seed, task), "--cots", str(d / slug(row) / "cot" / "cots.jsonl"),
                    "--out", str(d / slug(row) / "r1")] + s,
                   ["rise_r1.py", "--eval", "--test", eval_manifest(seed, task), "--model", str(d / slug(row) / "r1" / "final"),
                    "--out", str(d / slug(row) / "eval")] + s]
@@ -185,18 +192,20 @@ def rise_jobs(seed, d):
         t = d / task
         ev = lambda row, model, *extra: ["rise_r1.py", "--eval", "--test", eval_manifest(seed, task), "--model", model,  # noqa: E731
                                          "--out", str(t / row / "eval"), *extra] + s
-        r1 = lambda row, *extra: ["rise_r1.py", "--data", task, "--out", str(t / row), *extra] + s  # noqa: E731
+        r1 = lambda row, *extra: ["rise_r1.py", "--data", train_manifest(seed, task), "--out", str(t / row),  # noqa: E731
+                                  *extra] + s
         jobs[f"{task} base"] = [ev("base", "tiny-base"), ev("base_plain", "tiny-base", "--eval-prompt", "plain")]
         jobs[f"{task} sft"] = [r1("sft", "--stages", "sft", "--sft-target", "plain"),
                                ev("sft", str(t / "sft" / "final"), "--eval-prompt", "plain")]
         jobs[f"{task} grpo"] = [r1("grpo", "--stages", "grpo"), ev("grpo", str(t / "grpo" / "final"))]
         # the tau rows need the CoTs: one job, in order
         cots = str(t / "cot" / "cots.jsonl")
-        jobs[f"{task} rise"] = [["rise_cot.py", "--data", task, "--out", str(t / "cot")] + COT_FLAGS[task] + s]
+        jobs[f"{task} rise"] = [["rise_cot.py", "--data", train_manifest(seed, task), "--out", str(t / "cot")]
+                                + COT_FLAGS[task] + s]
         for tau in TAUS[task]:
             jobs[f"{task} rise"] += [r1(f"tau{tau}", "--cots", cots, "--tau", str(tau)),
                                      ev(f"tau{tau}", str(t / f"tau{tau}" / "final"))]
-        base_cot = ["rise_cot.py", "--data", task, "--max-steps", "0", "--out", str(t / "base_cot")]
+        base_cot = ["rise_cot.py", "--data", train_manifest(seed, task), "--max-steps", "0", "--out", str(t / "base_cot")]
         jobs[f"{task} base cot"] = [base_cot + COT_FLAGS[task] + s,
                                     r1("base_cot_r1", "--cots", str(t / "base_cot" / "cots.jsonl")),
                                     ev("base_cot_r1", str(t / "base_cot_r1" / "final"))]
@@ -215,7 +224,7 @@ def constant_prior(seed, task, n):
     test = run.read_jsonl(world / task / f"{SPLIT['eval']}.jsonl")[:n]
     if task == "soft_cls":
         return {"JSD": float(np.mean([rewards.jsd(np.ones(len(r["probs"])), r["probs"]) for r in test]))}
-    mean_box = np.mean([b for r in run.read_jsonl(world / task / "train.jsonl") for b in r["boxes"]], 0).tolist()
+    mean_box = np.mean([b for r in run.read_jsonl(train_manifest(seed, task)) for b in r["boxes"]], 0).tolist()
     # scored by rise_r1's own metric (its labels: one class per target), as the trained rows are
     return {"mAP@0.5": rise_r1.metrics_of([{"boxes": [mean_box], "parsed": True}] * len(test), test, "det")["map50"]}
 
@@ -371,14 +380,15 @@ def main(argv=None):
     p.add_argument("--rows", default=None, help="comma-separated job names to run (as printed), e.g. 'tiny base'")
     p.add_argument("--split", default="test", choices=["test", "val"],
                    help="what every row is scored on: val to choose a recipe, test to report it")
+    p.add_argument("--n-train", type=int, default=64, help="training scenes of the RISE and Seg-RISE rows")
     args = p.parse_args(argv)
-    SPLIT["eval"] = args.split
+    SPLIT.update(eval=args.split, n_train=args.n_train)
     seeds = [int(s) for s in args.seeds.split(",")]
     out = Path(args.out or ROOT / "runs" / "tables" / args.table)
     make_jobs, results = TABLES[args.table]
     threads = 1 if args.jobs > 1 else (os.cpu_count() or 1)
     for seed in seeds:                        # the default shapes worlds, made here once: jobs run at once
-        run.shapes_world(seed), run.shapes_world(seed, 512, 512)
+        run.shapes_world(seed), run.shapes_world(seed, 512, 512), run.shapes_world(seed, args.n_train, 32)
     todo = [(f"seed{seed} {name}", cmds, out / f"seed{seed}") for seed in seeds
             for name, cmds in make_jobs(seed, out / f"seed{seed}").items()]
     if args.rows:
@@ -399,7 +409,8 @@ def main(argv=None):
     summary = summarise([results(seed, out / f"seed{seed}") for seed in seeds])
     wall = time.time() - t0
     base = hashlib.sha256((ROOT / "tiny-base" / "model.safetensors").read_bytes()).hexdigest()
-    (out / "table.json").write_text(json.dumps({"seeds": seeds, "split": args.split, "summary": summary, "failed": failed,
+    (out / "table.json").write_text(json.dumps({"seeds": seeds, "split": args.split, "n_train": args.n_train,
+                                                "summary": summary, "failed": failed,
                                                 "seconds": round(wall), "script_args": args.script_args,
                                                 "tiny_base_sha256": base}, indent=1))
     text = markdown(summary, seeds) + (f"\nFailed jobs: {failed}\n" if failed else "")
