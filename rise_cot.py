@@ -53,7 +53,8 @@ TINY = dict(lr=2e-4, max_steps=40, num_generations=6, batch_size=2, grad_accum=1
 LOGGED = run.LOGGED + ("seen.jsonl",)      # appended per step: cut back to the checkpoint on --resume
 
 
-def parse_args(argv=None):
+def parser():
+    """The script's command line (run.common_args and its own options); parse_args fills the presets."""
     p = run.common_args("rise_cot", __doc__.split("\n")[0], evaluation=False)
     p.add_argument("--train-on", default="both", choices=["cot", "rec", "both"],
                    help="which tokens of the trajectory get the GRPO loss")
@@ -73,6 +74,11 @@ def parse_args(argv=None):
     p.add_argument("--harvest-batch-size", type=int, default=8, help="samples per rank per harvest batch")
     p.add_argument("--reward", default="sim,leak,format",
                    help="factors of R_CoT: sim (always) and the indicators leak, format (paper Table 5 drops them)")
+    return p
+
+
+def parse_args(argv=None):
+    p = parser()
     args = run.parse_args(p, argv, PAPER, TINY)
     args.reward_terms = [t.strip() for t in args.reward.split(",") if t.strip()]
     if "sim" not in args.reward_terms or set(args.reward_terms) - {"sim", "leak", "format"}:

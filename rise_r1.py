@@ -42,7 +42,8 @@ TINY = dict(lr=1e-4, max_steps=40, sft_steps=60, num_generations=6, batch_size=4
             max_pixels=None, max_new_tokens=96)
 
 
-def parse_args(argv=None):
+def parser():
+    """The script's command line (run.common_args and its own options); parse_args fills the presets."""
     p = run.common_args("rise_r1", __doc__.split("\n")[0])
     p.add_argument("--cots", default="runs/rise_cot/cots.jsonl", help="cots.jsonl from rise_cot.py")
     p.add_argument("--tau", type=float, default=0.5, help="keep CoTs with reward >= tau for SFT")
@@ -56,6 +57,11 @@ def parse_args(argv=None):
     p.add_argument("--baseline", default=None, help="--eval: predictions.jsonl of a baseline, for the win rate")
     p.add_argument("--eval-prompt", default=None, choices=["r1", "plain"],
                    help="--eval's prompt (default: the one the model was trained with, from its training_args.json)")
+    return p
+
+
+def parse_args(argv=None):
+    p = parser()
     args = run.parse_args(p, argv, PAPER, TINY)
     args.stage_list = [s for s in args.stages.split(",") if s]
     if not args.stage_list or set(args.stage_list) - {"sft", "grpo"}:

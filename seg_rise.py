@@ -70,7 +70,8 @@ TERMS = ("sem", "think", "seg")
 SHAPES_CLIP = Path(__file__).resolve().parent / "shapes-clip"     # committed; python tiny.py clip rebuilds it
 
 
-def parse_args(argv=None):
+def parser():
+    """The script's command line (run.common_args and its own options); parse_args fills the presets."""
     p = run.common_args("seg_rise", __doc__.split("\n")[0])
     p.add_argument("--reward", default="sem,think,seg",
                    help="comma-separated reward terms summed into R (paper Table 4): sem, think, seg")
@@ -105,6 +106,11 @@ def parse_args(argv=None):
     p.add_argument("--eval-max-new-tokens", type=int, default=None,
                    help="token budget of --eval's greedy answers (default 2x --max-new-tokens: a greedy CoT "
                         "can repeat itself and would otherwise be cut before its answer)")
+    return p
+
+
+def parse_args(argv=None):
+    p = parser()
     args = run.parse_args(p, argv, PAPER, TINY)
     args.eval_max_new_tokens = args.eval_max_new_tokens or 2 * args.max_new_tokens
     args.terms = [t.strip() for t in args.reward.split(",") if t.strip()]

@@ -29,8 +29,11 @@ import numpy as np
 from scipy.stats import rankdata
 
 import rewards
+import rise_cot
 import rise_r1
 import run
+import seg_rise
+import visrl
 
 ROOT = Path(__file__).resolve().parent
 SPLIT = {"eval": "test", "n_train": 64}    # the split rows are scored on ("val" to choose a recipe), training scenes
@@ -289,6 +292,20 @@ def slug(row):
     return "".join(ch if ch.isalnum() else "_" for ch in row.lower()).strip("_")
 
 
+def taken(script, extra):
+    """The `extra` arguments a script takes: an option it has no use for (--n-test for rise_cot.py, which
+    evaluates nothing) is left out with its value."""
+    module = {"rise_cot.py": rise_cot, "rise_r1.py": rise_r1, "seg_rise.py": seg_rise, "visrl.py": visrl}[script]
+    options = {o for action in module.parser()._actions for o in action.option_strings} | {"--preset"}
+    kept, k = [], 0
+    while k < len(extra):
+        value = k + 1 < len(extra) and not extra[k + 1].startswith("--")
+        if extra[k].split("=")[0] in options or not extra[k].startswith("--"):
+            kept += extra[k:k + 1 + value]
+        k += 1 + value
+    return kept
+
+
 def run_job(name, commands, folder, script_args, threads):
     """Run one job's commands in order (stop at the first failure); DONE marks a finished job.
     Returns (name, seconds, error or None)."""
@@ -301,7 +318,7 @@ def run_job(name, commands, folder, script_args, threads):
                RISE_CACHE=str(run.vlm.CACHE))                # the shapes worlds main() made
     with open(folder / f"{slug(name)}.log", "w") as log:
         for cmd in commands:
-            full = [sys.executable] + [str(ROOT / cmd[0])] + cmd[1:] + script_args
+            full = [sys.executable] + [str(ROOT / cmd[0])] + cmd[1:] + taken(cmd[0], script_args)
             log.write("$ " + shlex.join(full) + "\n")
             log.flush()
             if subprocess.run(full, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode:

@@ -62,7 +62,8 @@ LOGGED = run.LOGGED
 STAGES = ("sft", "stage1", "stage2")
 
 
-def parse_args(argv=None):
+def parser():
+    """The script's command line (run.common_args and its own options); parse_args fills the presets."""
     p = run.common_args("visrl", __doc__.split("\n")[0], grpo_options=False, beta=0.1)
     p.add_argument("--attempts", "-K", type=int, help="K: attempts per question, two sampled boxes each")
     p.add_argument("--sft-data", help="boxed VQA manifest for the SFT warm-up (default: held out of --data)")
@@ -90,6 +91,11 @@ def parse_args(argv=None):
     p.add_argument("--critic", help="default: --model (the paper); 'oracle': GT box + exact match (diagnostic)")
     p.add_argument("--stage-eval-n", type=int, help="test records scored after every stage (0: none)")
     p.add_argument("--n-examples", type=int, default=8, help="example PNGs per iteration")
+    return p
+
+
+def parse_args(argv=None):
+    p = parser()
     args = run.parse_args(p, argv, PAPER, TINY)
     args.stage_list = [s.strip() for s in args.stages.split(",") if s.strip()]
     if set(args.stage_list) - set(STAGES):
