@@ -203,7 +203,7 @@ def report(out, final):
         run.plot(out, ["reward", "reward_sem", "reward_think", "reward_seg", "diag_gt_box_iou", "kl", "completion_len"])
 
 
-# ============================================================================ 1. prompts and answers
+# ============================================================================ prompts and answers
 def prompt_text(instruction, cot=True, points=True, frame=None, shapes=False):
     """The Seg-RISE prompt (data.seg_prompt): for real data Seg-Zero's word for word, which states no
     frame; for shapes-world data (shapes=True) the shapes world's, after the sentence stating `frame`
@@ -270,7 +270,7 @@ def read_answer(text, image, model_type, processor=None, points=True, shapes=Fal
     return box_to_pixels(box, image, model_type, processor, side), pts
 
 
-# ============================================================================ 2. the reward
+# ============================================================================ the reward (paper eq. 6)
 def seg_rewards(texts, prompt_index, images, instructions, clip, model_type, processor=None, terms=TERMS,
                 cot=True, points=True, text_cache=None, shapes=False, side=None):
     """R = sum of the chosen terms of {R_sem, R_think, R_seg} for each completion (Seg-RISE eq. 6).
@@ -301,7 +301,7 @@ def seg_rewards(texts, prompt_index, images, instructions, clip, model_type, pro
     return out
 
 
-# ============================================================================ 3. the semantic scorer
+# ============================================================================ the semantic scorer
 def scorer_name(args, records):
     """(name, ckpt) of the semantic scorer: --clip, else the shapes CLIP when --clip-ckpt is a folder
     holding one or the records are the shapes world's (data.is_shapes), else the paper's ViT-B-32 with
@@ -349,7 +349,7 @@ def shapes_clip_preprocess(image, size=64):
     return (torch.from_numpy(a).permute(2, 0, 1) - 0.5) / 0.5
 
 
-# ============================================================================ 4. the segmentation executor
+# ============================================================================ the segmentation executor
 def load_sam2(config, ckpt=None, device="cpu"):
     """A frozen SAM2 image predictor. Without a checkpoint its weights are random: the masks are
     then meaningless, so this says so loudly (the plumbing still runs end to end).
@@ -430,7 +430,7 @@ def box_mask(image_size, box):
     return mask
 
 
-# ============================================================================ 5. evaluation
+# ============================================================================ evaluation
 # A run's data decide its wording: args.shapes = data.is_shapes(the records), set where they are read.
 def grounding(args):
     return getattr(args, "eval_prompt", "seg") == "grounding"
@@ -588,7 +588,7 @@ def evaluate(model, processor, records, args, executor, rank=0, world=1, vis_dir
     return run.gather_records(rows)
 
 
-# ============================================================================ 6. the run
+# ============================================================================ --eval
 def evaluate_run(args, rank, world, out):
     """`--eval`: policy -> box + points -> SAM2 (or the box) -> mask -> gIoU / cIoU / box IoU,
     written to OUT/predictions.jsonl and OUT/eval.json."""

@@ -1,15 +1,17 @@
-"""vlm.py -- everything that touches the vision-language model.
+"""vlm.py -- everything that touches the vision-language model, the same for the tiny base and Qwen2-VL-2B.
 
-  1. loading       load_model(): a hub id or local dir, Qwen2-VL / Qwen2.5-VL, sdpa or flash-attn 2
-  2. chat inputs   chat_inputs(): chat messages + images -> a left-padded batch
-  3. sampling      sample(): G completions per prompt in one generate() call
-  4. log-probs     completion_logprobs(): completion tokens only, temperature applied, masked
-  5. SFT           sft_loss(): next-token loss on the assistant turns only
-  6. coordinates   to_model_frame() / from_model_frame(): the one place boxes change frame
-  7. ZeRO-3        gathered(): full weights, module hooks lifted, while generating
-
-The default --model "tiny-base" (committed in tiny-base/, built by tiny.py) is a Qwen2-VL small enough
-for a laptop CPU, with Qwen2-VL-2B's classes: every pipeline runs the same code on both.
+  1. loading        load_model(): a hub id or local dir, Qwen2-VL / Qwen2.5-VL, sdpa or flash-attn 2
+  2. chat inputs    chat_inputs(): chat messages + images -> a left-padded batch; select_rows()
+  3. sampling       sample(): G completions per prompt in one generate() call, each prompt prefilled once
+  4. log-probs      completion_logprobs(): completion tokens only, temperature and suppression applied,
+                    each prompt run once for its group (gradient checkpointing on or off)
+  5. SFT            sft_loss(): next-token loss on the assistant turns only
+  6. coordinates    to_model_frame() / from_model_frame(): the one place boxes change frame
+  7. ZeRO-3         gathered(): full weights, module hooks lifted, while generating
+  8. DPO pairs      pair_logps(): chosen and rejected summed log-probs, each prompt run once
+  9. LoRA           add_lora(), merged_state_dict(), freeze_vision()
+ 10. the GRPO step  grpo_step() (rollout -> reward -> update), grpo_update() (advantages -> loss -> update),
+                    update() (a non-finite loss skips the update on every rank)
 """
 import contextlib
 import importlib.util
