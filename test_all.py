@@ -392,11 +392,16 @@ def clip_dir(cache, tmp_path_factory):
                                      batch_size=16, n_scenes=12, log=lambda *a: None)
 
 
+def small_world(tmp_path_factory, name, n_train, seed):
+    """A shapes world of n_train training and 4 test scenes per dataset, in a folder of its own."""
+    root = tmp_path_factory.mktemp(name)
+    data.make_shapes_world(root, n_train=n_train, n_test=4, seed=seed)
+    return root
+
+
 @pytest.fixture(scope="session")
 def seg_world(tmp_path_factory):
-    out = tmp_path_factory.mktemp("seg_world")
-    data.make_shapes_world(out, n_train=4, n_test=4, seed=0)
-    return out
+    return small_world(tmp_path_factory, "seg_world", 4, 0)
 
 
 @pytest.fixture(scope="session")
@@ -445,16 +450,12 @@ def folder(tmp_path):
 
 @pytest.fixture(scope="module")
 def rise_world(tmp_path_factory):
-    root = tmp_path_factory.mktemp("rise_world")
-    data.make_shapes_world(root, n_train=6, n_test=4, seed=3)
-    return root
+    return small_world(tmp_path_factory, "rise_world", 6, 3)
 
 
 @pytest.fixture(scope="module")
 def shapes(tmp_path_factory):
-    root = tmp_path_factory.mktemp("shapes")
-    data.make_shapes_world(root, n_train=6, n_test=4, seed=0)
-    return root
+    return small_world(tmp_path_factory, "shapes", 6, 0)
 
 
 @pytest.fixture(scope="module")
