@@ -7,7 +7,8 @@ downloaded, and no pipeline code depends on them:
   1. tokenizer and model  build_tokenizer(), tiny_model(), tiny_processor(): a ~3M-parameter
                           Qwen2VLForConditionalGeneration (the classes of Qwen2-VL-2B) with a BPE
                           tokenizer trained on shapes-world text
-  2. the tiny base        look questions (probe_pools(): one shape, two, whole scenes), pretrain_corpus()
+  2. the tiny base        look questions (probe_pools(): one shape, two, whole scenes; every shape of a
+                          kind, the shape in a quadrant), pretrain_corpus()
                           (every prompt the pipelines use, targets with label noise), pretrain_sft(),
                           build_tiny() with BASE_PLAN: the model every script starts from (--model tiny-base)
   3. scores               task_scores(): greedy scores of a model on every shapes-world test task
@@ -235,7 +236,7 @@ def build_tiny(out, seed=0, plan=BASE_PLAN, n_train=400, init=None, pixels=BASE_
     plan: [(stage, steps)], each stage trained as a run of its own (fresh AdamW, warm-up + cosine):
     a PROBE_POOLS name (look questions only, lr LOOK_LR; look_scores() on `look_n` targets after it,
     in the build record) or "formats" (pretrain_corpus(): every pipeline format, a quarter of each
-    batch look questions, lr FORMATS_LR). plan=(): random weights. From scratch (a tokenizer trained
+    batch look questions (look_mix), lr FORMATS_LR). plan=(): random weights. From scratch (a tokenizer trained
     on the corpus text) or from `init`, a saved model. pixels: set_image_pixels() (None: the
     processor's 112 px, 16 image tokens, what the random test models use). Raises ValueError for an
     unknown stage.
@@ -245,7 +246,7 @@ def build_tiny(out, seed=0, plan=BASE_PLAN, n_train=400, init=None, pixels=BASE_
     random.seed(seed), np.random.seed(seed), torch.manual_seed(seed)
     world = pretrain_world(seed, n_train)
     examples, pools = pretrain_corpus(world, seed), probe_pools(world, seed)
-    look = pools["alone"] + pools["pairs"] + pools["scenes"] * 2     # whole scenes twice: the pipelines' images
+    look = pools["mixed"]
     if init:
         model, processor = load_model(init)
     else:
@@ -439,13 +440,8 @@ def pretrain_corpus(root, seed=0):
                 box_think=True)
             add(data.prompt("plain", rec, frame=FRAME), answer)
         elif task == "seg":
-            box = _jitter_box(rec["box"], rng)
-            x1, y1, x2, y2 = rec["box"]
-            points = [[(x1 * 2 + x2) / 3, (y1 + y2 * 2) / 3], [(x1 + x2 * 2) / 3, (y1 + y2 * 2) / 3]]
-            fb = to_frame(box)
-            fp = [to_frame(p + p)[:2] for p in points]
-            # the JSON as the prompt shows it, the box written as in the think (the copy is token for token)
-            answer = f'{{"bbox": {data.format_box(fb)}, "points": {data.format_boxes(fp)}}}'
+            fb = to_frame(_jitter_box(rec["box"], rng))
+            answer = seg_answer(fb, rec["box"])
             add(data.prompt("seg", rec, frame=FRAME), f"<think>{data.format_box(fb)}</think><answer>{answer}</answer>",
                 box_think=True)
             add(data.prompt("seg_no_cot", rec, frame=FRAME), f"<answer>{answer}</answer>")
@@ -461,17 +457,30 @@ def pretrain_corpus(root, seed=0):
     return [examples[i] for i in order] + copies
 
 
+def seg_answer(frame_box, box):
+    """The tiny base's Seg-RISE answer: `frame_box` (0..1000 frame) and two points inside the shape whose pixel
+    box is `box` (the lower third, a third in from each side), as JSON the way the prompt shows it, the box
+    written as in a think-first target's think (data.format_box: the copy is token for token)."""
+    x1, y1, x2, y2 = box
+    points = [[(x1 * 2 + x2) / 3, (y1 + y2 * 2) / 3], [(x1 + x2 * 2) / 3, (y1 + y2 * 2) / 3]]
+    frame_points = [to_frame(p + p)[:2] for p in points]
+    return f'{{"bbox": {data.format_box(frame_box)}, "points": {data.format_boxes(frame_points)}}}'
+
+
 # Short questions about what is where, used only to pretrain the tiny base (the pipelines never ask
 # them): a one-word answer from the image is the fastest way for a model trained from scratch to
 # start using its image tokens, before the long formats above (README: "the tiny base").
 LOOK_COLOUR = "What colour is the {shape}?"
 LOOK_WHERE = "Where is the {color} {shape}?"
 LOOK_BOX = "Give the box of the {color} {shape}."
+LOOK_KIND = "What kind is the {color} shape?"
 
 
 def look_examples(scene, image):
     """One-word / one-box questions about the shapes of a scene whose (colour, kind) is unique;
-    LOOK_COLOUR only when the kind alone is unique. Boxes are exact (0..1000 frame)."""
+    LOOK_COLOUR only when the kind alone is unique, LOOK_KIND only when the colour alone is. Boxes are exact
+    (0..1000 frame). LOOK_KIND is the one question a shape drawn alone answers only by its outline: what
+    multi_det (all shapes of a kind) and onehot_cls (the large shape's kind) need."""
     examples = []
     for shape in scene:
         same = [s for s in scene if s["color"] == shape["color"] and s["shape"] == shape["shape"]]
@@ -480,10 +489,55 @@ def look_examples(scene, image):
         if sum(s["shape"] == shape["shape"] for s in scene) == 1:
             examples.append(([user_turn(LOOK_COLOUR.format(shape=shape["shape"])),
                               assistant_turn(shape["color"])], [image]))
+        if sum(s["color"] == shape["color"] for s in scene) == 1:
+            examples.append(([user_turn(LOOK_KIND.format(color=shape["color"])),
+                              assistant_turn(shape["shape"])], [image]))
         examples.append(([user_turn(LOOK_WHERE.format(**shape)), assistant_turn(data.position_word(shape["box"]))],
                          [image]))
         examples.append(([user_turn(LOOK_BOX.format(**shape)), assistant_turn(data.format_box(to_frame(shape["box"])))],
                          [image]))
+    return examples
+
+
+# Look questions for what the pipelines ask besides one named shape: the boxes of every shape of a kind
+# (multi_det's "...: the boxes of all circles."; the list in its answer's order, top to bottom) and the shape in a
+# quadrant (VisRL's "What colour is the shape in the top-left?": its colour, kind, and box in VisRL's 0..1 frame).
+# Each ends with what to look for, as the pipeline prompts do.
+LOOK_ALL = "Give the boxes of all {kinds}."
+LOOK_IN_COLOUR = "What colour is the shape in the {where}?"       # the VQA questions' words (data._gen_vqa)
+LOOK_IN_KIND = "What shape is in the {where}?"
+LOOK_IN_BOX = "Give the box in 0..1 of the shape in the {where}."
+LOOK_LARGE = "What kind is the large shape?"                      # onehot_cls's think: "The large shape is a ..."
+
+
+def kind_examples(scene, image):
+    """LOOK_ALL for every kind in the scene: all its boxes (0..1000 frame), sorted top to bottom as
+    multi_det's records are (data._gen_multi_det), written as its answers are (data.format_boxes); and
+    LOOK_LARGE when one shape is at least 1.5 times as wide as every other (as in onehot_cls's scenes)."""
+    examples = []
+    sides = sorted(((s["box"][2] - s["box"][0], i) for i, s in enumerate(scene)), reverse=True)
+    if len(sides) > 1 and sides[0][0] >= 1.5 * sides[1][0]:
+        examples.append(([user_turn(LOOK_LARGE), assistant_turn(scene[sides[0][1]]["shape"])], [image]))
+    for kind in data.SHAPES:
+        boxes = sorted((s["box"] for s in scene if s["shape"] == kind), key=lambda b: (b[1], b[0]))
+        if boxes:
+            examples.append(([user_turn(LOOK_ALL.format(kinds=data.PLURAL[kind])),
+                              assistant_turn(data.format_boxes([to_frame(b) for b in boxes]))], [image]))
+    return examples
+
+
+def quadrant_examples(scene, image):
+    """For each quadrant (data.position_word, grid 2) that holds the centre of exactly one shape: that
+    shape's colour, kind and box in VisRL's 0..1 frame (data.format_norm_box)."""
+    examples = []
+    for where in ("top-left", "top-right", "bottom-left", "bottom-right"):
+        inside = [s for s in scene if data.position_word(s["box"], grid=2) == where]
+        if len(inside) != 1:
+            continue
+        shape = inside[0]
+        for question, answer in ((LOOK_IN_COLOUR, shape["color"]), (LOOK_IN_KIND, shape["shape"]),
+                                 (LOOK_IN_BOX, data.format_norm_box(shape["box"], *image.size))):
+            examples.append(([user_turn(question.format(where=where)), assistant_turn(answer)], [image]))
     return examples
 
 
@@ -599,8 +653,9 @@ def grounding_examples(root, n=None, split="test"):
             elif task in ("det", "multi_det"):
                 prompt = data.prompt("plain", rec, frame=FRAME)
                 answer = data.format_annotation(rec, [to_frame(b) for b in rec["boxes"]])
-            elif task == "seg":
-                prompt, answer = data.prompt("seg_no_cot", rec, frame=FRAME), json.dumps({"bbox": to_frame(rec["box"])})
+            elif task == "seg":      # the tags and points the prompt asks for, as the tiny base writes them
+                prompt = data.prompt("seg_no_cot", rec, frame=FRAME)
+                answer = f"<answer>{seg_answer(to_frame(rec['box']), rec['box'])}</answer>"
             else:
                 prompt, answer = data.prompt("visrl", rec), data.format_norm_box(rec["box"], data.IMAGE_SIZE, data.IMAGE_SIZE)
             examples.append(([user_turn(prompt), assistant_turn(answer)], [data.open_image(rec["image_path"])]))
@@ -710,7 +765,8 @@ def task_scores(model, processor, root, n=None, batch_size=16, max_new_tokens=12
 
 
 # ---- look probes: is a curriculum teaching the tiny model to look? Minutes, not a full build.
-PROBE_POOLS = ("where_alone", "alone", "where_pairs_colour", "where_pairs", "pairs", "where_scenes", "scenes")
+PROBE_POOLS = ("where_alone", "alone", "where_pairs_colour", "where_pairs", "pairs", "where_scenes", "scenes",
+               "kinds", "quadrants", "mixed")
 LOOK_WHERE_COLOUR = "Where is the {color} shape?"
 
 
@@ -722,7 +778,9 @@ def probe_pools(root, seed=0):
     """Look questions about the training scenes at `root`, by difficulty: one shape of each scene drawn
     alone ("alone", look_scenes); two of its shapes with different colours drawn together ("pairs"; the
     target named by colour only in "where_pairs_colour"); the whole scene ("scenes"). "where_...":
-    position-word questions only."""
+    position-word questions only. "kinds": the boxes of all shapes of a kind (kind_examples), in the whole scene
+    and, where it has two or more of a kind among others, those drawn alone; "quadrants": the shape in a quadrant
+    (quadrant_examples), in the whole scenes. "mixed": all of them (look_mix)."""
     pools = {name: [] for name in PROBE_POOLS}
     for kind, examples in look_scenes(root, np.random.default_rng(seed + 1)):
         pools[kind] += examples
@@ -740,7 +798,24 @@ def probe_pools(root, seed=0):
         examples = look_examples(pair, image)
         pools["pairs"] += examples
         pools["where_pairs"] += [ex for ex in examples if _is_where(ex)]
+    rng = np.random.default_rng(seed + 3)
+    for _, rec in train_records(root):
+        image = data.open_image(rec["image_path"])
+        pools["kinds"] += kind_examples(rec["scene"], image)
+        pools["quadrants"] += quadrant_examples(rec["scene"], image)
+        for kind in data.SHAPES:         # a list without distractors: the shapes of one kind drawn alone
+            same = [s for s in rec["scene"] if s["shape"] == kind]
+            if 1 < len(same) < len(rec["scene"]):
+                pools["kinds"] += kind_examples(same, data.render(same, int(rng.integers(200, 246))))
+    pools["mixed"] = look_mix(pools)
     return pools
+
+
+def look_mix(pools):
+    """Every look question of probe_pools(): one shape, pairs, whole scenes twice (the pipelines' images), the
+    kinds questions three times and the quadrant ones twice (learnt slowest). What the "formats" stage mixes into
+    each batch, and the "mixed" stage's questions: a stage of only new questions unlearns the old ones."""
+    return pools["alone"] + pools["pairs"] + pools["scenes"] * 2 + pools["kinds"] * 3 + pools["quadrants"] * 2
 
 
 def set_image_pixels(processor, pixels):
@@ -755,7 +830,8 @@ def set_image_pixels(processor, pixels):
 def look_scores(model, processor, root, n=48):
     """Greedy look answers for the first `n` det test targets at `root`, each drawn alone and in its
     scene: {"alone" | "scenes": {"box_iou": mean IoU, "acc50": share with IoU >= 0.5, "where":
-    position-word accuracy}}. Boxes are read in the 0..1000 frame; unparsable counts IoU 0."""
+    position-word accuracy}}, and on the first `n` multi_det and vqa test scenes those of look_scores_more().
+    Boxes are read in the 0..1000 frame; unparsable counts IoU 0."""
     records = data.read_manifest(Path(root) / "det" / "test.jsonl", "det")[0][:n]
     model.eval()
     result = {}
@@ -774,6 +850,41 @@ def look_scores(model, processor, root, n=48):
                         "acc50": round(float(np.mean([v >= 0.5 for v in ious])), 3),
                         "where": round(float(np.mean([w.strip() == data.position_word(t["box"])
                                                       for w, t in zip(words, targets)])), 3)}
+    return {**result, **look_scores_more(model, processor, root, n)}
+
+
+def look_scores_more(model, processor, root, n=48):
+    """Greedy answers to the "kinds" and "quadrants" look questions on the first `n` multi_det / vqa test
+    scenes at `root`. "kinds" (LOOK_ALL for the record's target kind): "recall50" / "precision50", the share of
+    true / answered boxes matched with IoU >= 0.5, "count" the share of answers with as many boxes as the
+    truth. "quadrants" (the record's question, and LOOK_IN_BOX for its quadrant): "answer" accuracy, "box_iou"
+    and "acc50" of the 0..1 box. Unparsable answers count as wrong / IoU 0."""
+    size = (data.IMAGE_SIZE,) * 2
+    multi = data.read_manifest(Path(root) / "multi_det" / "test.jsonl", "det")[0][:n]
+    images = [[data.open_image(r["image_path"])] for r in multi]
+    texts = _greedy(model, processor, [[user_turn(LOOK_ALL.format(kinds=r["target"]))] for r in multi], images, 64)
+    hits_true = hits_said = n_said = n_true = right_count = 0
+    for text, r in zip(texts, multi):
+        said = [from_model_frame(b, "qwen2_vl", size) for b in rewards.parse_boxes(text) or []]
+        hits_true += sum(any(rewards.box_iou(b, g) >= 0.5 for b in said) for g in r["boxes"])
+        hits_said += sum(any(rewards.box_iou(b, g) >= 0.5 for g in r["boxes"]) for b in said)
+        n_said, n_true, right_count = n_said + len(said), n_true + len(r["boxes"]), right_count + (
+            len(said) == len(r["boxes"]))
+    result = {"kinds": {"recall50": round(hits_true / max(n_true, 1), 3),
+                        "precision50": round(hits_said / max(n_said, 1), 3),
+                        "count": round(right_count / max(len(multi), 1), 3)}}
+    vqa = data.read_manifest(Path(root) / "vqa" / "test.jsonl", "vqa")[0][:n]
+    images = [[data.open_image(r["image_path"])] for r in vqa]
+    answers = _greedy(model, processor, [[user_turn(r["question"])] for r in vqa], images, 8)
+    wheres = [data.position_word(r["box"], grid=2) for r in vqa]
+    texts = _greedy(model, processor, [[user_turn(LOOK_IN_BOX.format(where=w))] for w in wheres], images, 32)
+    ious = []
+    for text, r in zip(texts, vqa):
+        parsed = rewards.parse_boxes(text)
+        ious.append(rewards.box_iou([v * s for v, s in zip(parsed[0], size * 2)], r["box"]) if parsed else 0.0)
+    result["quadrants"] = {"answer": round(float(np.mean([a.strip() == r["answer"] for a, r in zip(answers, vqa)])), 3),
+                           "box_iou": round(float(np.mean(ious)), 3),
+                           "acc50": round(float(np.mean([v >= 0.5 for v in ious])), 3)}
     return result
 
 
