@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from PIL import Image
 from safetensors.torch import save_file
 from tqdm import tqdm
+from transformers import get_cosine_schedule_with_warmup
 
 import data
 import rewards
@@ -52,7 +53,7 @@ TAG_TOKENS = ["<think>", "</think>", "<answer>", "</answer>"]
 # The Qwen2-VL chat format without its default system prompt (shorter sequences on CPU), with one
 # change: a user message's images come AFTER its text. Rotary positions are relative, so the answer
 # then sits at a fixed distance from the image whatever the prompt's length, and the image tokens
-# can attend to the question's words: the tiny model learns to look far faster (see README).
+# can attend to the question's words: the tiny model learns to look far faster (tiny-base/README.md).
 CHAT_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n"
     "{% if message['content'] is string %}{{ message['content'] }}"
@@ -218,12 +219,17 @@ def build_real_arch(out, family, tokenizer_dir, layers=2, narrow=1, seed=0):
 
 
 # ============================================================================ 2. the tiny base
-# The shipped base's recipe (README "The tiny base"). Images at 224 px: 64 image tokens instead of 16 (at
-# 112 px even one shape's position was found only by chance, after 300-1250 steps). Look questions first,
-# from one shape drawn alone to two shapes to whole scenes (the box of a named shape among others came
-# only after ~3000 pair steps), then every pipeline format with look questions a quarter of each batch.
+# The shipped base's recipe (tiny-base/README.md), stage for stage as its chain of resumed builds ran
+# (tiny-base/build.json; each stage restarts AdamW with warm-up + cosine). Images at 224 px: 64 image tokens
+# instead of 16 (at 112 px even one shape's position was found only by chance, after 300-1250 steps). Look
+# questions first, from one shape drawn alone to two shapes to whole scenes (the box of a named shape among
+# others came only after ~3000 pair steps), then every pipeline format with look questions a quarter of each
+# batch. Then "mixed" stages of every look question, with those the format stages never ask alone: every shape
+# of a kind (multi_det) and the shape in a quadrant (VisRL's box turn), each followed by format stages (a
+# mixed stage costs soft_cls; the format stages bring it back).
 BASE_PLAN = (("where_alone", 300), ("where_pairs_colour", 600), ("where_pairs", 400), ("where_scenes", 400),
-             ("alone", 1000), ("pairs", 4000), ("scenes", 2000), ("formats", 3000))
+             ("alone", 1000), ("pairs", 4000), ("scenes", 2000), ("formats", 3000)) + (("formats", 1500),) * 4 + (
+             ("mixed", 2000), ("formats", 1500), ("mixed", 2500), ("formats", 1500), ("formats", 1500))
 BASE_PIXELS = 224
 LOOK_LR, FORMATS_LR = 1e-3, 5e-4
 BOX_THINK_COPIES = 3     # think-first box targets per corpus (pretrain_corpus)
@@ -399,8 +405,8 @@ def pretrain_corpus(root, seed=0):
     A think-first box target's think is its answer's box, written the same way
     (`<think>[62,339,330,670]</think><answer>[62,339,330,670]</answer>`): the box is read from the image
     at the first generated token, right after the prompt's "the box of the green square." as in the look
-    question, where the tiny base can read it, and the answer copies it. Measured (README "Status", ninth
-    session): a box written after any think stayed blind (think-first det mAP@0.5 0.003-0.005 after a scene
+    question, where the tiny base can read it, and the answer copies it. Measured (tiny-base/README.md):
+    a box written after any think stayed blind (think-first det mAP@0.5 0.003-0.005 after a scene
     description, a sentence, a constant preamble); a think that opens with the box reads it (mean IoU
     0.39-0.41 on 32 det test scenes) but the answer does not copy it across a sentence (0.14-0.24); with
     nothing after the box the copy is learnt faster (answer 0.35 after 300 det-only steps). These targets
@@ -469,7 +475,7 @@ def seg_answer(frame_box, box):
 
 # Short questions about what is where, used only to pretrain the tiny base (the pipelines never ask
 # them): a one-word answer from the image is the fastest way for a model trained from scratch to
-# start using its image tokens, before the long formats above (README: "the tiny base").
+# start using its image tokens, before the long formats above (tiny-base/README.md).
 LOOK_COLOUR = "What colour is the {shape}?"
 LOOK_WHERE = "Where is the {color} {shape}?"
 LOOK_BOX = "Give the box of the {color} {shape}."
@@ -583,12 +589,6 @@ def corpus_text(examples):
     return [part["text"] for conv, _ in examples for msg in conv for part in msg["content"] if part["type"] == "text"]
 
 
-def warmup_cosine(optimizer, steps, warmup):
-    """lr x min(1, (s+1)/warmup) x (1 + cos(pi s / steps)) / 2: linear warm-up, then cosine to 0."""
-    return torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda s: min(1.0, (s + 1) / warmup) * 0.5 * (1 + math.cos(math.pi * s / steps)))
-
-
 def sft_step(model, processor, optimizer, schedule, batch):
     """One SFT update on a batch of (conversation, images): clipped at norm 1; returns the loss."""
     convs, ims = zip(*batch)
@@ -608,7 +608,7 @@ def pretrain_sft(model, processor, examples, look=(), seed=0, steps=100, lr=1e-3
     point)], a point every 50 steps (fewer for short runs)."""
     g = torch.Generator().manual_seed(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
-    schedule = warmup_cosine(optimizer, steps, warmup=min(50, max(1, steps // 10)))
+    schedule = get_cosine_schedule_with_warmup(optimizer, min(50, max(1, steps // 10)), steps)
     model.train()
     curve, recent, every = [], [], max(1, min(50, steps // 8))
     n_look = round(look_share * batch_size) if look else 0
@@ -993,7 +993,7 @@ def build_shapes_clip(out, seed=0, steps=120, batch_size=128, n_scenes=1500, lr=
     texts = tokenizer(CAPTIONS + [BACKGROUND])
     scenes, rng = clip_scenes(5_000 + seed, n_scenes), np.random.default_rng(seed)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.1)
-    schedule = warmup_cosine(optimizer, steps, warmup=20)
+    schedule = get_cosine_schedule_with_warmup(optimizer, 20, steps)
     model.train()
     bar = tqdm(range(steps), desc="shapes CLIP", mininterval=5)
     for step in bar:
