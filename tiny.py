@@ -4,7 +4,7 @@ Why a file of its own: every pipeline runs on any Qwen2-VL / Qwen2.5-VL checkpoi
 vlm.py; this file builds the small stand-ins that let the default run work with nothing
 downloaded, and no pipeline code depends on them:
 
-  1. tokenizer and model  build_tokenizer(), tiny_model(), tiny_processor(): a ~3M-parameter
+  1. tokenizer and model  build_tokenizer(), tiny_model(), tiny_processor(): a ~2M-parameter
                           Qwen2VLForConditionalGeneration (the classes of Qwen2-VL-2B) with a BPE
                           tokenizer trained on shapes-world text
   2. the tiny base        look questions (probe_pools(): one shape, two, whole scenes; every shape of a
