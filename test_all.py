@@ -5569,6 +5569,58 @@ def test_every_pipeline_trains_and_evaluates_on_both_real_architectures(real_arc
         _check_real_arch_run(family, tmp_path / path.name)
 
 
+PAPER_PRESET_RUNS = """
+import json, sys
+from pathlib import Path
+import data, rise_cot, rise_r1, seg_rise, visrl
+world, clip, root = Path(sys.argv[1]), sys.argv[2], Path(sys.argv[3])
+budget = ["--preset", "paper", "--batch-size", "1", "--max-new-tokens", "8", "-G", "2"]
+def go(fn, *argv):
+    fn([str(a) for a in argv])
+r = data.read_manifest(world / "vqa" / "train.jsonl", "vqa")[0][0]
+pair = {"id": r["id"], "question": r["question"], "answer": r["answer"], "image": r["image_path"], "size": [112, 112],
+        "shapes": True, "chosen": {"box": visrl.norm_box(r["box"], 112, 112), "answer": r["answer"], "s_b": 1.0, "s_r": 1.0},
+        "rejected": {"box": [0.0, 0.0, 0.1, 0.1], "answer": "x", "s_b": 0.0, "s_r": 0.0}}
+(root / "pairs.jsonl").write_text(json.dumps(pair) + "\\n")
+for model in sys.argv[4:]:
+  out = root / Path(model).name
+  go(rise_cot.main, "--model", model, "--data", world / "det" / "train.jsonl", "--out", out / "cot", "--max-steps", "1",
+     "--rec-max-new-tokens", "8", "--harvest-batch-size", "2", *budget)
+  go(rise_r1.main, "--model", model, "--data", world / "det" / "train.jsonl", "--cots", out / "cot" / "cots.jsonl",
+     "--tau", "0", "--sft-steps", "1", "--max-steps", "1", "--out", out / "r1", *budget)
+  go(seg_rise.main, "--model", model, "--data", world / "seg" / "train.jsonl", "--out", out / "seg", "--max-steps", "1",
+     "--clip-ckpt", clip, *budget)
+  go(visrl.main, "--model", model, "--data", world / "vqa" / "train.jsonl", "--test", world / "vqa" / "test.jsonl",
+     "--out", out / "visrl", "--iters", "1", "--pairs", root / "pairs.jsonl", "--sft-fraction", "0.5", "--attempts", "1",
+     "--sft-batch-size", "1", "--dpo-epochs", "1", "--stage-eval-n", "0", "--answer-max-new-tokens", "4",
+     "--n-test", "2", *budget[:-2])
+"""
+
+
+@pytest.mark.slow
+def test_paper_presets_start_under_zero3_on_both_real_architectures(real_arch, clip_dir, cache, tmp_path):
+    """Every pipeline's --preset paper (ZeRO-3, gradient checkpointing, the papers' prompts, LoRA for VisRL) trains
+    one step on each toy-depth architecture with only the budget cut (batch 1, G 2, 8 new tokens): what a user with
+    a real checkpoint launches, started. The GRPO runs' checkpoints record ZeRO-3."""
+    world = tmp_path / "world"
+    data.make_shapes_world(world, n_train=2, n_test=2, seed=0)
+    proc = subprocess.run([sys.executable, "-c", PAPER_PRESET_RUNS, str(world), str(clip_dir), str(tmp_path),
+                           *(str(p) for p in real_arch.values())], cwd=tmp_path, env=env_for(cache),
+                          capture_output=True, text=True, timeout=900)
+    ok(proc)
+    for family, path in real_arch.items():
+        out = tmp_path / path.name
+        for name, expected in (("cot", rise_cot.PAPER), ("r1", rise_r1.PAPER), ("seg", S.PAPER),
+                               ("visrl", visrl.PAPER)):
+            args = json.loads((out / name / "args.json").read_text())
+            assert args["preset"] == "paper" and args["deepspeed"] == "ds_zero3.json" and args["gradient_checkpointing"]
+            assert args["lr"] == expected["lr"] and args["lora_rank"] == expected.get("lora_rank", 0)
+            assert json.loads((out / name / "final" / "config.json").read_text())["model_type"] == family
+            if name != "visrl":
+                assert json.loads((out / name / "ckpt" / "state.json").read_text())["zero_stage"] == 3
+        assert json.loads((out / "visrl" / "eval.json").read_text())["n"] == 2
+
+
 @pytest.mark.slow
 def test_two_rank_zero3_step_on_cpu(tiny_dir, tmp_path):
     """`deepspeed --num_gpus 2` on CPU (gloo): two GRPO steps under ZeRO-3 leave the same
