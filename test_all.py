@@ -4691,6 +4691,27 @@ def test_critic_scores_crop_only_for_s_b_full_image_for_s_r(monkeypatch):
     assert "Candidate answer: blue" in ans_convs[1][0]["content"][-1]["text"]
 
 
+def test_a_critic_with_its_own_vocabulary_is_prompted_through_its_own_processor(tiny):
+    """--critic may be another model with another tokenizer (VisRL's critic is a separate judge): its prompts are
+    tokenized by its processor. Here the critic's BPE has 300 tokens, so the policy's ids of the same prompt run past
+    its embedding table; critic_scores' greedy judgements equal the critic's own generate() on its own inputs."""
+    texts = ["Reference answer: red. Candidate answer: blue. What colour is the circle? score 0.8"] * 20
+    tokenizer = tiny_py.build_tokenizer(texts, vocab_size=300)
+    critic = (tiny_py.tiny_model(tokenizer, seed=1).eval(), tiny_py.tiny_processor(tokenizer))
+    full, piece = Image.new("RGB", (112, 112), "red"), Image.new("RGB", (56, 56), "blue")
+    items = [{"question": "What colour is the circle?", "reference": "red", "answer": a, "image": full, "crop": piece,
+              "shapes": True} for a in ("red", "blue")]
+    box_convs, _ = visrl.critic_conversations(items)
+    policy_ids = vlm.chat_inputs(tiny[1], box_convs, [[piece]] * 2)["input_ids"]
+    assert policy_ids.max() >= critic[0].config.text_config.vocab_size      # the policy's ids would not fit
+    *_, raw = visrl.critic_scores(critic, items, max_new_tokens=6)
+    inputs = vlm.chat_inputs(critic[1], box_convs, [[piece]] * 2)
+    with torch.no_grad():
+        out = critic[0].generate(**inputs, max_new_tokens=6, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    expected = critic[1].batch_decode(out[:, inputs["input_ids"].shape[1]:], skip_special_tokens=True)
+    assert [b for b, _ in raw] == expected
+
+
 def test_generate_candidates_with_scripted_policy_and_critic(monkeypatch, shapes):
     recs, _ = data.read_manifest(shapes / "vqa" / "train.jsonl", "vqa")
     rec = recs[0]
