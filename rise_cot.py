@@ -68,8 +68,6 @@ def parser():
                         "remove (the authors' code: sentences naming a class are deleted before the "
                         "reconstruction and from the kept CoT), forbid (naming a class is a leak: reward 0; "
                         "the shapes world's CoT prompt then asks for no class names)")
-    p.add_argument("--no-mask-class-names", dest="class_names", action="store_const", const="allow",
-                   help="the same as --class-names allow")
     p.add_argument("--harvest-generations", type=int, default=None, help="G of the harvest pass (default G)")
     p.add_argument("--harvest-batch-size", type=int, default=8, help="samples per rank per harvest batch")
     p.add_argument("--reward", default="sim,leak,format",

@@ -147,7 +147,7 @@ TAU = 0.5                      # rise_r1.py's default: D_high = CoTs with R_CoT 
 # may name them (the paper's leak check is numbers only); with names masked, D_high describes shapes and
 # places, from which no colour distribution follows, and RISE-R1 trained on it writes 14 of 32 answers
 # unparsable (16-token CoTs, one seed) against 0 with colours named.
-COT_FLAGS = {"soft_cls": ["--no-mask-class-names"], "det": []}
+COT_FLAGS = {"soft_cls": ["--class-names", "allow"], "det": []}
 
 
 def cot_jobs(seed, d, task="soft_cls"):

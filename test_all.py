@@ -2910,7 +2910,7 @@ def test_rise_cot_presets_and_class_name_options():
     assert (tiny_args.class_names, tiny_args.rec_repetition_penalty) == ("forbid", 1.0)
     paper = rise_cot.parse_args(["--preset", "paper"])
     assert (paper.class_names, paper.rec_repetition_penalty) == ("allow", 1.2)
-    assert rise_cot.parse_args(["--no-mask-class-names"]).class_names == "allow"
+    assert rise_cot.parse_args(["--class-names", "allow"]).class_names == "allow"
     assert rise_cot.parse_args(["--preset", "paper", "--class-names", "remove"]).class_names == "remove"
     with pytest.raises(SystemExit):
         rise_cot.parse_args(["--class-names", "drop"])
