@@ -43,7 +43,6 @@ import bench
 import convert
 import data
 import dpo
-import grpo
 import rewards
 import rewards as R
 import rise_cot
@@ -1922,7 +1921,7 @@ def test_manifest_task_is_told_by_every_record_not_the_first_line(folder):
     for schema, rec in GOOD.items():
         assert data.manifest_task(_write(folder, ['{"id": ', {"id": 9}, rec], f"{schema}.jsonl")) == schema
     mixed = _write(folder, [GOOD_CLS, "", dict(GOOD_DET, id="d")], "mixed.jsonl")
-    with pytest.raises(data.ManifestError, match=rf'mixed\.jsonl:3: a det record \(field "boxes"\) in a cls '
+    with pytest.raises(data.ManifestError, match=r'mixed\.jsonl:3: a det record \(field "boxes"\) in a cls '
                                                  r"manifest \(line 1\)"):
         data.manifest_task(mixed)
     seg = _write(folder, [GOOD["seg"]], "seg.jsonl")
@@ -5435,6 +5434,16 @@ for model in sys.argv[4:]:                  # one process for both: the imports 
 """
 
 
+def run_on_real_archs(script, real_arch, clip_dir, cache, tmp_path):
+    """Run `script` (argv: a 2+2-scene shapes world, the CLIP folder, the output root, then each architecture's
+    model folder) in one process: the imports are most of its time."""
+    world = tmp_path / "world"
+    data.make_shapes_world(world, n_train=2, n_test=2, seed=0)
+    ok(subprocess.run([sys.executable, "-c", script, str(world), str(clip_dir), str(tmp_path),
+                       *(str(p) for p in real_arch.values())], cwd=tmp_path, env=env_for(cache),
+                      capture_output=True, text=True, timeout=900))
+
+
 def _check_real_arch_run(family, out):
     for name in ("cot", "r1", "seg", "visrl"):
         assert json.loads((out / name / "final" / "config.json").read_text())["model_type"] == family
@@ -5580,12 +5589,7 @@ def test_every_pipeline_trains_and_evaluates_on_both_real_architectures(real_arc
     VisRL (SFT, stage 1, stage 2 on a given pair, then its evaluation) on each architecture, in one process
     (~2-4 min on 2 shared cores, mostly imports and model I/O). Detection boxes go through the model's
     frame: 0..1000 (Qwen2-VL) / resized pixels (Qwen2.5-VL)."""
-    world = tmp_path / "world"
-    data.make_shapes_world(world, n_train=2, n_test=2, seed=0)
-    proc = subprocess.run([sys.executable, "-c", REAL_ARCH_RUNS, str(world), str(clip_dir), str(tmp_path),
-                           *(str(p) for p in real_arch.values())], cwd=tmp_path, env=env_for(cache),
-                          capture_output=True, text=True, timeout=900)
-    ok(proc)
+    run_on_real_archs(REAL_ARCH_RUNS, real_arch, clip_dir, cache, tmp_path)
     for family, path in real_arch.items():
         _check_real_arch_run(family, tmp_path / path.name)
 
@@ -5623,12 +5627,7 @@ def test_paper_presets_start_under_zero3_on_both_real_architectures(real_arch, c
     """Every pipeline's --preset paper (ZeRO-3, gradient checkpointing, the papers' prompts, LoRA for VisRL) trains
     one step on each toy-depth architecture with only the budget cut (batch 1, G 2, 8 new tokens): what a user with
     a real checkpoint launches, started. The GRPO runs' checkpoints record ZeRO-3."""
-    world = tmp_path / "world"
-    data.make_shapes_world(world, n_train=2, n_test=2, seed=0)
-    proc = subprocess.run([sys.executable, "-c", PAPER_PRESET_RUNS, str(world), str(clip_dir), str(tmp_path),
-                           *(str(p) for p in real_arch.values())], cwd=tmp_path, env=env_for(cache),
-                          capture_output=True, text=True, timeout=900)
-    ok(proc)
+    run_on_real_archs(PAPER_PRESET_RUNS, real_arch, clip_dir, cache, tmp_path)
     for family, path in real_arch.items():
         out = tmp_path / path.name
         for name, expected in (("cot", rise_cot.PAPER), ("r1", rise_r1.PAPER), ("seg", S.PAPER),
