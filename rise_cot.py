@@ -23,7 +23,7 @@ For every training sample (image I, annotation a):
   5. cots.jsonl: per training sample the best CoT seen, from a final harvest pass with the trained
      policy and the best seen during training (the paper's D_CoT, which rise_r1.py filters at tau).
 
-    deepspeed rise_cot.py                                   # tiny base + shapes world, CPU, ~1.5 min
+    deepspeed rise_cot.py                                   # tiny base + shapes world, CPU, ~1 min
     deepspeed --num_gpus 8 rise_cot.py --model Qwen/Qwen2-VL-2B-Instruct --data emotion6/train.jsonl \\
         --deepspeed ds_zero3.json                           # the paper's setting (PAPER below)
 """
@@ -40,7 +40,7 @@ import run
 import vlm
 
 # The paper's setting (Qwen2-VL-2B, 8 GPUs; "Implementation Details"; the reconstruction's repetition penalty
-# 1.2 of the authors' RISE-CoT trainers, HSH55/RISE) and the tiny base's (one CPU, ~1.5 min).
+# 1.2 of the authors' RISE-CoT trainers, HSH55/RISE) and the tiny base's (one CPU, ~1 min).
 PAPER = dict(lr=2e-6, max_steps=200, num_generations=8, batch_size=1, grad_accum=2, max_pixels=401408,
              max_new_tokens=256, rec_max_new_tokens=128, save_every=50, rec_repetition_penalty=1.2,
              class_names="allow", deepspeed="ds_zero3.json", gradient_checkpointing=True)
