@@ -5259,7 +5259,8 @@ def test_shipped_tiny_base_finds_every_shape_of_a_kind_and_the_shape_in_a_quadra
     texts = tiny_py._greedy(model, processor, [[vlm.user_turn(data.prompt("visrl", r))] for r in vqa],
                             [[data.open_image(r["image_path"])] for r in vqa], 32)
     boxes = [rewards.parse_boxes(t) for t in texts]
-    inside = [b is not None and data.position_word([v * data.IMAGE_SIZE for v in b[0]], grid=2) ==
+    side = data.IMAGE_SIZE
+    inside = [b is not None and data.position_word(visrl.pixel_box(b[0], side, side), grid=2) ==
               data.position_word(r["box"], grid=2) for b, r in zip(boxes, vqa)]
     assert np.mean(inside) >= 0.75, np.mean(inside)
 

@@ -42,6 +42,7 @@ import data
 import rewards
 import run
 import seg_rise
+import visrl
 import vlm
 from vlm import (TINY_BASE, VISION_TOKENS, assistant_turn, box_frame, chat_inputs,
                  from_model_frame, load_model, sample, sft_loss, to_model_frame, user_turn)
@@ -881,7 +882,7 @@ def look_scores_more(model, processor, root, n=48):
     ious = []
     for text, r in zip(texts, vqa):
         parsed = rewards.parse_boxes(text)
-        ious.append(rewards.box_iou([v * s for v, s in zip(parsed[0], size * 2)], r["box"]) if parsed else 0.0)
+        ious.append(rewards.box_iou(visrl.pixel_box(parsed[0], *size), r["box"]) if parsed else 0.0)
     result["quadrants"] = {"answer": round(float(np.mean([a.strip() == r["answer"] for a, r in zip(answers, vqa)])), 3),
                            "box_iou": round(float(np.mean(ious)), 3),
                            "acc50": round(float(np.mean([v >= 0.5 for v in ious])), 3)}
