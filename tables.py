@@ -11,8 +11,9 @@ shapes world, into OUT/seed{k}/{row}/. A finished job leaves a DONE file and is 
 rerun the command to continue a cut-off table. A failed job is reported and its row counted as
 missing (n < seeds): one bad row never aborts a table. Writes OUT/table.md (mean +- std over
 seeds, the number of seeds each cell has), OUT/table.json and OUT/table.png (bars with std error
-bars). --script-args appends arguments to every pipeline command (e.g. "--max-steps 1 --n-test 4"
-for a plumbing check).
+bars). --script-args appends arguments to every pipeline command that takes them (e.g. "--max-steps 1
+--n-test 4" for a plumbing check); one that starts with a script's name goes to that script alone
+(`--script-args "rise_r1.py --sft-steps 200"`: RISE-R1's SFT, not RISE-CoT's steps). Repeat it for both.
 """
 import argparse
 import hashlib
@@ -306,9 +307,20 @@ def taken(script, extra):
     return kept
 
 
+def split_script_args(values):
+    """--script-args values -> {script: args}: "rise_r1.py --sft-steps 200" -> {"rise_r1.py": [...]}; one
+    without a script's name goes under None (every script, filtered by `taken`)."""
+    out = {}
+    for value in values:
+        words = shlex.split(value)
+        script = words.pop(0) if words and words[0].endswith(".py") else None
+        out.setdefault(script, []).extend(words)
+    return out
+
+
 def run_job(name, commands, folder, script_args, threads):
     """Run one job's commands in order (stop at the first failure); DONE marks a finished job.
-    Returns (name, seconds, error or None)."""
+    `script_args` as `split_script_args` returns. Returns (name, seconds, error or None)."""
     folder.mkdir(parents=True, exist_ok=True)
     done = folder / f"DONE_{slug(name)}"
     if done.exists():
@@ -318,7 +330,8 @@ def run_job(name, commands, folder, script_args, threads):
                RISE_CACHE=str(run.vlm.CACHE))                # the shapes worlds main() made
     with open(folder / f"{slug(name)}.log", "w") as log:
         for cmd in commands:
-            full = [sys.executable] + [str(ROOT / cmd[0])] + cmd[1:] + taken(cmd[0], script_args)
+            full = ([sys.executable, str(ROOT / cmd[0])] + cmd[1:] + taken(cmd[0], script_args.get(None, []))
+                    + script_args.get(cmd[0], []))
             log.write("$ " + shlex.join(full) + "\n")
             log.flush()
             if subprocess.run(full, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT).returncode:
@@ -393,7 +406,8 @@ def main(argv=None):
     p.add_argument("--seeds", default="0,1,2")
     p.add_argument("--jobs", type=int, default=2, help="pipeline runs at a time (one thread each when > 1)")
     p.add_argument("--out", default=None, help="default: runs/tables/TABLE")
-    p.add_argument("--script-args", default="", help="appended to every pipeline command")
+    p.add_argument("--script-args", action="append", default=[],
+                   help='appended to every pipeline command that takes them; "rise_r1.py ARGS" to one script alone')
     p.add_argument("--rows", default=None, help="comma-separated job names to run (as printed), e.g. 'tiny base'")
     p.add_argument("--split", default="test", choices=["test", "val"],
                    help="what every row is scored on: val to choose a recipe, test to report it")
@@ -417,7 +431,7 @@ def main(argv=None):
     t0, failed = time.time(), []
     print(f"[tables] {args.table}: {len(todo)} jobs over seeds {seeds}, {args.jobs} at a time -> {out}")
     with ThreadPoolExecutor(args.jobs) as pool:
-        futures = [pool.submit(run_job, name, cmds, folder, shlex.split(args.script_args), threads)
+        futures = [pool.submit(run_job, name, cmds, folder, split_script_args(args.script_args), threads)
                    for name, cmds, folder in todo]
         for k, f in enumerate(futures, 1):
             name, seconds, error = f.result()

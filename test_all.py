@@ -5075,6 +5075,13 @@ def test_roc_auc_is_the_share_of_rightly_ordered_pairs():
     assert tables.roc_auc(scores, positive) == approx(u / (positive.sum() * (~positive).sum()))
 
 
+def test_script_args_for_one_script_go_to_that_script_alone():
+    split = tables.split_script_args(["--n-test 4", "rise_r1.py --sft-steps 200 --lr 1e-5", "rise_r1.py --tau 0.5"])
+    assert split == {None: ["--n-test", "4"], "rise_r1.py": ["--sft-steps", "200", "--lr", "1e-5", "--tau", "0.5"]}
+    # rise_cot.py evaluates nothing: --n-test is dropped for it with its value, kept for rise_r1.py
+    assert tables.taken("rise_cot.py", split[None]) == [] and tables.taken("rise_r1.py", split[None]) == ["--n-test", "4"]
+
+
 def test_table_cells_are_the_mean_and_sample_std_over_seeds():
     per_seed = [{"T": {"a": {"x": 0.2, "y": None}}}, {"T": {"a": {"x": 0.4, "y": 1.0}, "b": {"x": 1.0}}}]
     summary = tables.summarise(per_seed)
@@ -6148,7 +6155,10 @@ def test_bench_trl_json(capsys, tiny_dir):
 def test_a_table_row_runs_end_to_end_and_a_failed_job_is_reported(cache, tmp_path):
     out = tmp_path / "seg"
     summary = tables.main(["seg", "--seeds", "0", "--jobs", "1", "--rows", "tiny base", "--out", str(out),
-                           "--script-args", "--n-test 3"])
+                           "--script-args", "--n-test 3", "--script-args", "rise_r1.py --sft-steps 7"])
+    # the untargeted flag reaches seg_rise.py, the one meant for rise_r1.py alone does not
+    assert "--n-test 3" in (out / "seed0" / "seed0_tiny_base.log").read_text()
+    assert "--sft-steps" not in (out / "seed0" / "seed0_tiny_base.log").read_text()
     eval_json = json.loads((out / "seed0" / "tiny_base" / "eval" / "eval.json").read_text())
     boxes = {tuple(p["box"]) for p in run.read_jsonl(out / "seed0" / "tiny_base" / "eval" / "predictions.jsonl")
              if p.get("box")}
@@ -6158,9 +6168,9 @@ def test_a_table_row_runs_end_to_end_and_a_failed_job_is_reported(cache, tmp_pat
     assert "| tiny base |" in (out / "table.md").read_text() and (out / "table.png").stat().st_size > 0
     assert list(summary["Seg-RISE (box executor)"]) == ["tiny base"]        # the rows not run are absent
     # a finished job is not run again
-    assert tables.run_job("seed0 tiny base", [["no_such_script.py"]], out / "seed0", [], 1) == ("seed0 tiny base", 0.0,
+    assert tables.run_job("seed0 tiny base", [["no_such_script.py"]], out / "seed0", {}, 1) == ("seed0 tiny base", 0.0,
                                                                                                  None)
-    name, _, error = tables.run_job("seed0 broken", [["seg_rise.py", "--no-such-flag"]], out / "seed0", [], 1)
+    name, _, error = tables.run_job("seed0 broken", [["seg_rise.py", "--no-such-flag"]], out / "seed0", {}, 1)
     assert error.startswith("failed: seg_rise.py --no-such-flag") and not (out / "seed0" / "DONE_seed0_broken").exists()
     assert "unrecognized arguments: --no-such-flag" in (out / "seed0" / "seed0_broken.log").read_text()
     with pytest.raises(SystemExit):
