@@ -150,8 +150,8 @@ def visrl_results(seed, d):
 
 
 # ============================================================================ RISE-CoT reward ablation
-# RISE-R1's recipe on top of rise_r1.py's tiny preset for the RISE table's rows that train on CoTs (RISE, tau 0,
-# Base-Model-CoT), chosen on validation scenes (the RISE row, 3 seeds, `tables.py rise --split val`;
+# RISE-R1's recipe on top of rise_r1.py's tiny preset for every row that trains on CoTs (here, and RISE, tau 0 and
+# Base-Model-CoT in the RISE table), chosen on validation scenes (the RISE row, 3 seeds, `tables.py rise --split val`;
 # soft_cls JSD / det mAP@0.5): the preset's 60 SFT steps 0.111 / 0.287 +- 0.27, 200 SFT steps 0.096 / 0.282 +- 0.07,
 # 256 training images 0.169 / 0.278 +- 0.34. SFT on plain answers keeps the preset: 0.019 / 0.855, against 0.026 /
 # 0.796 with 200 steps and 0.015 / 0.814 on 256 images.
@@ -172,7 +172,7 @@ def cot_jobs(seed, d, task="soft_cls"):
     return {row: [["rise_cot.py", "--data", train_manifest(seed, task), "--reward", terms, "--out", str(d / slug(row) / "cot")]
                   + COT_FLAGS[task] + s,
                   ["rise_r1.py", "--data", train_manifest(seed, task), "--cots", str(d / slug(row) / "cot" / "cots.jsonl"),
-                   "--out", str(d / slug(row) / "r1")] + s,
+                   "--out", str(d / slug(row) / "r1")] + RISE_R1_RECIPE + s,
                   ["rise_r1.py", "--eval", "--test", eval_manifest(seed, task), "--model", str(d / slug(row) / "r1" / "final"),
                    "--out", str(d / slug(row) / "eval")] + s]
             for row, terms in COT_ROWS}
