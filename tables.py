@@ -5,7 +5,8 @@
     python tables.py cot        # RISE-CoT reward ablation (RISE annotation paper, Table 5)
     python tables.py rise       # RISE-R1 against its baselines (Tables 1 and 4) + the tau sweep (Table 6)
 
-Every row is run the way a reader would run it: the pipeline scripts with their tiny defaults
+Every row is run the way a reader would run it: the pipeline scripts with their tiny defaults and the
+table's recipe (SEG_RECIPE, RISE_R1_RECIPE, VISRL_RECIPE: chosen on validation scenes with --split val)
 (subprocesses, `--jobs` at a time, one thread each), seed k for the data, the sampling and the
 shapes world, into OUT/seed{k}/{row}/. A finished job leaves a DONE file and is not run again:
 rerun the command to continue a cut-off table. A failed job is reported and its row counted as
